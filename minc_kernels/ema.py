@@ -1,0 +1,137 @@
+"""EMA (momentum-encoder) updates, SPEC §4: ``ema_update_``, ``MomentumEncoder``, schedules."""
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import _ext
+from . import reference
+from ._validation import check_choice, check_unit_interval
+
+__all__ = ["ema_update_", "MomentumEncoder", "cosine_momentum"]
+
+cosine_momentum = reference.cosine_momentum
+
+EMA_BACKENDS = ("auto", "extension", "foreach")
+
+
+def _check_lists(targets: list, onlines: list) -> None:
+    """Every check before anything is written (a bad call leaves every target untouched)."""
+    if len(targets) != len(onlines):
+        raise ValueError(f"target and online must hold the same number of tensors, got "
+                         f"{len(targets)} and {len(onlines)}")
+    for i, (t, o) in enumerate(zip(targets, onlines)):
+        if not isinstance(t, torch.Tensor) or not isinstance(o, torch.Tensor):
+            raise TypeError(f"target[{i}] and online[{i}] must be tensors, got "
+                            f"{type(t).__name__} and {type(o).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"target[{i}] must be a floating tensor to be averaged, got dtype {t.dtype}")
+        if not o.is_floating_point():
+            raise TypeError(f"online[{i}] must be a floating tensor, got dtype {o.dtype}")
+        if t.shape != o.shape:
+            raise ValueError(f"online[{i}] must have the shape of target[{i}]: expected "
+                             f"{tuple(t.shape)}, got {tuple(o.shape)}")
+        if t.device != o.device:
+            raise ValueError(f"online[{i}] must be on the device of target[{i}]: expected "
+                             f"{t.device}, got {o.device}")
+        if t.device != targets[0].device:
+            raise ValueError(f"target[{i}] is on {t.device} but target[0] on {targets[0].device}; "
+                             "one call updates tensors of one device")
+
+
+def _all_finite(tensors: list) -> bool:
+    if not tensors:
+        return True
+    norms = torch._foreach_norm([o.float() if o.dtype == torch.float16 else o for o in tensors])
+    return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+
+
+@torch.no_grad()
+def ema_update_(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], momentum: float,
+                check_finite: bool = True, backend: str = "auto") -> None:
+    """In place, for every pair: ``target ← momentum·target + (1-momentum)·online`` (fp32 math).
+
+    Args:
+        target: tensors to update (floating; fp32 recommended: bf16 rounds small updates away).
+        online: tensors of the same shapes and device (any floating dtype, e.g. bf16 into fp32).
+        momentum: in [0, 1]; 1 keeps ``target``, 0 copies ``online``.
+        check_finite: refuse NaN/Inf in ``online`` with a ``ValueError`` before writing
+            anything (one host sync per call; pass False in tight loops you trust).
+        backend: ``"auto"`` (the compiled extension when built, else ``torch._foreach_lerp_``),
+            ``"extension"`` (re-raises why it is missing) or ``"foreach"``.
+    """
+    targets, onlines = list(target), list(online)
+    momentum = check_unit_interval("momentum", momentum)
+    check_choice("backend", backend, EMA_BACKENDS)
+    _check_lists(targets, onlines)
+    if check_finite and not _all_finite(onlines):
+        raise ValueError("online holds NaN or Inf values; no target was changed "
+                         "(pass check_finite=False to skip this check)")
+    if backend != "foreach":
+        ext = _ext.load(required=backend == "extension")
+        if ext is not None:
+            ext.ema_update_(targets, onlines, momentum)
+            return
+    reference.ema_update_(targets, onlines, momentum)
+
+
+class MomentumEncoder(nn.Module):
+    """An EMA copy of an online module (BYOL/MINC target network).
+
+    ``MomentumEncoder(online)`` deep-copies ``online`` into ``self.target`` (no grads);
+    ``update(momentum)`` moves the copy towards the online weights; calling the encoder
+    runs the target under ``no_grad``.  Only the target is in ``state_dict``: the online
+    module stays owned by the caller.
+
+    Args:
+        online: the module being trained.
+        ema_buffers: lerp floating buffers (BN running stats) like parameters (default
+            True); if False they are copied.  Integer buffers are always copied.
+    """
+
+    def __init__(self, online: nn.Module, ema_buffers: bool = True):
+        super().__init__()
+        if not isinstance(online, nn.Module):
+            raise TypeError(f"online must be an nn.Module, got {type(online).__name__}")
+        self.target = copy.deepcopy(online)
+        for p in self.target.parameters():
+            p.requires_grad_(False)
+        self.ema_buffers = bool(ema_buffers)
+        # Not registered as a submodule: the caller owns (and optimises) the online module.
+        object.__setattr__(self, "_online", online)
+
+    @property
+    def online(self) -> nn.Module:
+        return self._online
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad():
+            return self.target(*args, **kwargs)
+
+    @torch.no_grad()
+    def update(self, momentum: float, check_finite: bool = True) -> None:
+        """One EMA step of parameters (and buffers) with ``momentum`` in [0, 1]."""
+        momentum = check_unit_interval("momentum", momentum)
+        tp, op = list(self.target.parameters()), list(self._online.parameters())
+        tb, ob = list(self.target.buffers()), list(self._online.buffers())
+        if len(tp) != len(op) or len(tb) != len(ob):
+            raise ValueError("the online module's parameters/buffers no longer match the target's "
+                             f"({len(op)} vs {len(tp)} parameters, {len(ob)} vs {len(tb)} buffers)")
+        lerp_t, lerp_o, copy_t, copy_o = list(tp), list(op), [], []
+        for t, o in zip(tb, ob):
+            if t.is_floating_point() and self.ema_buffers:
+                lerp_t.append(t)
+                lerp_o.append(o)
+            else:
+                copy_t.append(t)
+                copy_o.append(o)
+        for i, (t, o) in enumerate(zip(copy_t, copy_o)):
+            if t.shape != o.shape or t.device != o.device:
+                raise ValueError(f"buffer {i} of the online module does not match the target "
+                                 f"(shape {tuple(o.shape)} vs {tuple(t.shape)})")
+        ema_update_(lerp_t, lerp_o, momentum, check_finite=check_finite)
+        for t, o in zip(copy_t, copy_o):
+            t.copy_(o)
