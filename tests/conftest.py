@@ -1,0 +1,28 @@
+"""Shared test set-up.
+
+Without a CUDA device the Triton kernels run under Triton's interpreter: the
+environment variable must be set before triton (or any kernel module) is imported,
+which is why it is set here, at collection time.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def kernel_device():
+    """Where the Triton kernels run in this session: CUDA if present, else the CPU interpreter."""
+    return torch.device("cuda") if HAS_CUDA else torch.device("cpu")
