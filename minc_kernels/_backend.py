@@ -22,6 +22,8 @@ import torch
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "MINC_KERNELS_BACKEND"
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 _ops_cache: dict[str, ModuleType | BaseException] = {}
 
 
@@ -69,13 +71,17 @@ def resolve(backend: str | None, op: str, x: torch.Tensor) -> ModuleType | None:
         return None
     on_gpu = x.is_cuda
     if choice == "auto":
-        if not on_gpu:
+        # float64 is an oracle/debug dtype: the kernels serve fp32/bf16/fp16.
+        if not on_gpu or x.dtype not in KERNEL_DTYPES:
             return None
         try:
             return load_op(op)
         except BaseException:  # noqa: BLE001 - auto falls back silently; info.py says why
             return None
     # explicit "triton"
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"backend='triton' supports float32, bfloat16 and float16 inputs, got {x.dtype}; "
+                        "use backend='reference' for float64")
     if not on_gpu and not triton_interpret():
         raise RuntimeError(
             f"backend='triton' needs CUDA tensors (got a tensor on {x.device}); set "

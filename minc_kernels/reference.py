@@ -5,7 +5,8 @@ which is not the gradient of a scalar).  No input validation happens here; the
 public functions in :mod:`minc_kernels.functional` validate before calling in.
 
 Precision convention (shared by every backend): matmuls run in the input's storage
-dtype as eager PyTorch would, reductions and the returned loss are float32.
+dtype as eager PyTorch would; reductions and the returned loss are float32 (float64
+for float64 inputs, so that gradcheck can run on the references).
 """
 from __future__ import annotations
 
@@ -29,6 +30,12 @@ __all__ = [
 ]
 
 
+
+def acc(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in its accumulation dtype: float32 for half types and float32, float64 kept."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 # --------------------------------------------------------------------------- spectral
 def clip_rows(z: torch.Tensor, mu: float) -> torch.Tensor:
     """Rows with ``||z_i|| >= sqrt(mu)`` rescaled to norm exactly ``sqrt(mu)``; others unchanged.
@@ -36,24 +43,24 @@ def clip_rows(z: torch.Tensor, mu: float) -> torch.Tensor:
     Differentiable: the rescaling's Jacobian is part of the graph.
     """
     r = math.sqrt(mu)
-    norm = z.float().norm(dim=1, keepdim=True)
+    norm = acc(z).norm(dim=1, keepdim=True)
     # clamp_min keeps the unused branch finite for all-zero rows (norm 0 < r always).
     scale = torch.where(norm >= r, r / norm.clamp_min(1e-30), torch.ones_like(norm))
-    return (z.float() * scale).to(z.dtype)
+    return (acc(z) * scale).to(z.dtype)
 
 
 def spectral_pairwise_term(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
     """``Σ_{i≠j} (z1_i·z2_j)^2`` through the B×B matrix ``S = Z1 Z2ᵀ`` (O(B²k))."""
-    s = (z1 @ z2.T).float()
+    s = acc(z1 @ z2.T)
     off = s.pow(2).sum() - torch.diagonal(s).pow(2).sum()
     return off
 
 
 def spectral_gram_term(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
     """``Σ_{i≠j} (z1_i·z2_j)^2 = <Z1ᵀZ1, Z2ᵀZ2>_F - Σ_i (z1_i·z2_i)^2`` (O(Bk²))."""
-    g1 = (z1.T @ z1).float()
-    g2 = (z2.T @ z2).float()
-    diag = (z1.float() * z2.float()).sum(dim=1)
+    g1 = acc(z1.T @ z1)
+    g2 = acc(z2.T @ z2)
+    diag = (acc(z1) * acc(z2)).sum(dim=1)
     return (g1 * g2).sum() - diag.pow(2).sum()
 
 
@@ -83,14 +90,14 @@ def spectral_loss(
         off = spectral_gram_term(z1, z2)
     else:
         raise ValueError(f"algorithm must be 'auto', 'pairwise' or 'gram', got {algorithm!r}")
-    pos = (z1.float() * z2.float()).sum()
+    pos = (acc(z1) * acc(z2)).sum()
     return (-2.0 / b * pos + off / (b * (b - 1))) / mu
 
 
 # --------------------------------------------------------------------------- MINC
 def minc_batch_moment_sum(t: torch.Tensor) -> torch.Tensor:
     """``Σ_j t_j t_jᵀ`` (k×k, float32, no gradient)."""
-    t = t.detach().float()
+    t = acc(t.detach())
     return t.T @ t
 
 
@@ -113,7 +120,7 @@ class _MincGHA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, p, t, moment):
-        pf, tf = p.float(), t.float()
+        pf, tf = acc(p), acc(t)
         b = p.shape[0]
         loss = (-2.0 * (pf * tf).sum() + ((pf @ moment) * pf).sum()) / b
         ctx.save_for_backward(p, t, moment)
@@ -127,7 +134,7 @@ class _MincGHA(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             lt = torch.tril(moment)
             # (LT(M) p_i) for every row i is P LT(M)ᵀ.
-            g = (2.0 / b) * (p.float() @ lt.T - t.float())
+            g = (2.0 / b) * (acc(p) @ lt.T - acc(t))
             grad_p = (grad_out * g).to(p.dtype)
         return grad_p, None, None
 
@@ -142,12 +149,12 @@ def minc_loss(
     ``LT(M)`` (lower triangle, diagonal included) in the gradient instead.
     """
     t = t.detach()
-    moment = moment.detach().float()
+    moment = moment.detach().to(torch.float64 if p.dtype == torch.float64 else torch.float32)
     if ordering == "gha":
         return _MincGHA.apply(p, t, moment)
     if ordering != "standard":
         raise ValueError(f"ordering must be 'standard' or 'gha', got {ordering!r}")
-    pf, tf = p.float(), t.float()
+    pf, tf = acc(p), acc(t)
     b = p.shape[0]
     return (-2.0 * (pf * tf).sum() + ((pf @ moment) * pf).sum()) / b
 
@@ -171,7 +178,7 @@ def mio_loss(
     zh1 = F.normalize(z1, dim=1, eps=1e-12)
     zh2 = F.normalize(z2, dim=1, eps=1e-12)
     z = torch.cat([zh1, zh2], dim=0)
-    s = (z @ z.T).float()
+    s = acc(z @ z.T)
     idx = torch.arange(n, device=z.device)
     partner = (idx + b) % n
     pos = torch.zeros(n, n, dtype=torch.bool, device=z.device)
@@ -180,7 +187,7 @@ def mio_loss(
     neg.fill_diagonal_(False)
     l_pos = F.softplus(-s[pos] / pos_temperature).mean()
     l_neg = F.softplus(s[neg] / neg_temperature).mean()
-    reg = F.mse_loss(zh1.float(), zh2.float())
+    reg = F.mse_loss(acc(zh1), acc(zh2))
     return l_pos + l_neg + lambda_l2 * reg
 
 
