@@ -1,0 +1,127 @@
+"""ema_update_ (whatever path is live) and MomentumEncoder, against the SPEC §4 formula."""
+import pytest
+import torch
+from torch import nn
+
+import minc_kernels as mk
+
+
+def _rand(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("backend", ["auto", "foreach"])
+@pytest.mark.parametrize("momentum", [0.0, 0.37, 0.996, 1.0])
+def test_ema_update_formula(backend, momentum):
+    shapes = [(3,), (5, 7), (0,), (2, 3, 4), (1,)]
+    t = [_rand(*s, seed=i) for i, s in enumerate(shapes)]
+    o = [_rand(*s, seed=100 + i) for i, s in enumerate(shapes)]
+    want = [momentum * a.double() + (1 - momentum) * b.double() for a, b in zip(t, o)]
+    mk.ema_update_(t, o, momentum, backend=backend)
+    for a, w in zip(t, want):
+        torch.testing.assert_close(a.double(), w, rtol=2e-7, atol=2e-7)
+    if momentum == 0.0:
+        assert all(torch.equal(a, b) for a, b in zip(t, o))
+
+
+def test_ema_update_bf16_online_into_fp32_target():
+    t = [_rand(1000, seed=1)]
+    o = [_rand(1000, seed=2, dtype=torch.bfloat16)]
+    want = 0.999 * t[0].double() + 0.001 * o[0].double()
+    mk.ema_update_(t, o, 0.999)
+    assert t[0].dtype == torch.float32
+    torch.testing.assert_close(t[0].double(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: ([_rand(3)], [_rand(3), _rand(3)], 0.5), "same number"),
+        (lambda: ([_rand(3)], [_rand(4)], 0.5), r"shape .*\(3,\).*\(4,\)"),
+        (lambda: ([_rand(3)], [_rand(3)], 1.5), "momentum"),
+        (lambda: ([torch.zeros(3, dtype=torch.long)], [_rand(3)], 0.5), "target\\[1\\] must be a floating"),
+        (lambda: ([_rand(3)], [torch.ones(3, device="meta")], 0.5), "device"),
+    ],
+)
+def test_ema_update_errors_leave_targets_untouched(make, match):
+    targets, onlines, m = make()
+    good_t, good_o = _rand(5, seed=9), _rand(5, seed=10)
+    targets = [good_t] + targets
+    onlines = [good_o] + onlines
+    snap = [x.clone() for x in targets]
+    with pytest.raises((ValueError, TypeError), match=match):
+        mk.ema_update_(targets, onlines, m)
+    assert all(torch.equal(a, b) for a, b in zip(targets, snap))
+
+
+def test_ema_update_refuses_non_finite_online():
+    t = [_rand(4, seed=1), _rand(4, seed=2)]
+    o = [_rand(4, seed=3), _rand(4, seed=4)]
+    o[1][2] = float("nan")
+    snap = [x.clone() for x in t]
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        mk.ema_update_(t, o, 0.9)
+    assert all(torch.equal(a, b) for a, b in zip(t, snap))
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_momentum_encoder_copy_update_and_state_dict():
+    online = _net()
+    enc = mk.MomentumEncoder(online)
+    assert all(not p.requires_grad for p in enc.target.parameters())
+    assert all(p.requires_grad for p in online.parameters())
+    # only the target is owned: the optimizer of the online net must not see it twice
+    assert len(list(enc.parameters())) == len(list(online.parameters()))
+    assert all(k.startswith("target.") for k in enc.state_dict())
+
+    before = [p.detach().clone() for p in enc.target.parameters()]
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(1.0)
+    online.train()
+    online(torch.randn(16, 4))  # moves BN running stats and num_batches_tracked
+    enc.update(0.9)
+    for b, t, o in zip(before, enc.target.parameters(), online.parameters()):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * o.detach())
+    bn_t, bn_o = enc.target[1], online[1]
+    assert torch.equal(bn_t.num_batches_tracked, bn_o.num_batches_tracked)  # integer: copied
+    torch.testing.assert_close(bn_t.running_mean, 0.1 * bn_o.running_mean)  # float: lerped from 0
+
+    enc2 = mk.MomentumEncoder(_net())
+    enc2.load_state_dict(enc.state_dict())
+    x = torch.randn(5, 4)
+    enc.eval(), enc2.eval()
+    torch.testing.assert_close(enc(x), enc2(x))
+    assert not enc(x).requires_grad
+
+
+def test_momentum_encoder_copy_buffers_option():
+    online = _net()
+    enc = mk.MomentumEncoder(online, ema_buffers=False)
+    online.train()
+    online(torch.randn(16, 4))
+    enc.update(0.99)
+    assert torch.equal(enc.target[1].running_mean, online[1].running_mean)
+
+
+def test_momentum_encoder_errors():
+    with pytest.raises(TypeError, match="online must be an nn.Module"):
+        mk.MomentumEncoder(torch.zeros(3))
+    enc = mk.MomentumEncoder(_net())
+    snap = [p.clone() for p in enc.target.parameters()]
+    with pytest.raises(ValueError, match="momentum"):
+        enc.update(-0.1)
+    with torch.no_grad():
+        next(enc.online.parameters())[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        enc.update(0.5)
+    assert all(torch.equal(a, b) for a, b in zip(enc.target.parameters(), snap))
+
+
+def test_cosine_momentum_exported():
+    assert mk.cosine_momentum(0, 10) == pytest.approx(0.996)
+    assert mk.cosine_momentum(10, 10, base=0.99) == pytest.approx(1.0)

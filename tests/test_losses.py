@@ -1,0 +1,160 @@
+"""Loss modules: constructor checks, forward equals functional, MINC state (M) semantics."""
+import pytest
+import torch
+
+import minc_kernels as mk
+from minc_kernels import reference as R
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_spectral_module_matches_functional_and_repr():
+    loss = mk.SpectralContrastiveLoss(mu=3.0, clip=False, algorithm="gram")
+    a, b = _rand(8, 5, seed=1), _rand(8, 5, seed=2)
+    torch.testing.assert_close(loss(a, b), R.spectral_loss(a, b, 3.0, False, "gram"))
+    assert "mu=3.0" in repr(loss) and "gram" in repr(loss)
+
+
+def test_mio_module_matches_functional_and_repr():
+    loss = mk.MIOLoss(pos_temperature=0.2, neg_temperature=0.3, lambda_l2=0.0)
+    a, b = _rand(8, 5, seed=1), _rand(8, 5, seed=2)
+    torch.testing.assert_close(loss(a, b), R.mio_loss(a, b, 0.2, 0.3, 0.0))
+    assert "pos_temperature=0.2" in repr(loss)
+
+
+@pytest.mark.parametrize(
+    "ctor,match",
+    [
+        (lambda: mk.SpectralContrastiveLoss(mu=-1), "mu"),
+        (lambda: mk.SpectralContrastiveLoss(backend="gpu"), "backend"),
+        (lambda: mk.MIOLoss(pos_temperature=0), "pos_temperature"),
+        (lambda: mk.MINCLoss(0), "dim"),
+        (lambda: mk.MINCLoss(4, moment_momentum=1.5), "moment_momentum"),
+        (lambda: mk.MINCLoss(4, moment_momentum=1.0), "moment_momentum"),
+        (lambda: mk.MINCLoss(4, ordering="oja"), "ordering"),
+    ],
+)
+def test_constructor_errors(ctor, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        ctor()
+
+
+def test_minc_first_step_uses_batch_moment_and_updates_state():
+    k = 5
+    loss = mk.MINCLoss(k, moment_momentum=0.9)
+    p, t = _rand(7, k, seed=3).requires_grad_(), _rand(7, k, seed=4)
+    out = loss(p, t)
+    c = t.T @ t / 7
+    torch.testing.assert_close(loss.corrected_moment(), c)
+    torch.testing.assert_close(out, R.minc_loss(p, t, c))
+    assert loss.num_updates.item() == 1
+    out.backward()
+    torch.testing.assert_close(p.grad, 2.0 / 7 * (p.detach() @ c - t))
+
+    t2 = _rand(5, k, seed=5)
+    loss(_rand(5, k, seed=6), t2)
+    c2 = t2.T @ t2 / 5
+    want = (0.9 * 0.1 * c + 0.1 * c2) / (1 - 0.81)
+    torch.testing.assert_close(loss.corrected_moment(), want)
+
+
+def test_minc_eval_leaves_moment_unchanged():
+    loss = mk.MINCLoss(4)
+    loss(_rand(6, 4, seed=7), _rand(6, 4, seed=8))
+    before = loss.moment.clone(), loss.num_updates.clone()
+    loss.eval()
+    p = _rand(6, 4, seed=9)
+    out = loss(p, _rand(6, 4, seed=10))
+    assert torch.equal(loss.moment, before[0]) and torch.equal(loss.num_updates, before[1])
+    torch.testing.assert_close(out, R.minc_loss(p, _rand(6, 4, seed=10), loss.corrected_moment()))
+
+
+def test_minc_state_dict_round_trip():
+    a = mk.MINCLoss(4, moment_momentum=0.5)
+    for s in range(3):
+        a(_rand(6, 4, seed=s), _rand(6, 4, seed=s + 10))
+    sd = a.state_dict()
+    assert set(sd) == {"moment", "num_updates"} and sd["moment"].dtype == torch.float32
+    b = mk.MINCLoss(4, moment_momentum=0.5)
+    b.load_state_dict(sd)
+    torch.testing.assert_close(b.corrected_moment(), a.corrected_moment())
+    p, t = _rand(6, 4, seed=20), _rand(6, 4, seed=21)
+    torch.testing.assert_close(a(p, t), b(p, t))
+
+
+def test_minc_symmetric_call():
+    k = 4
+    loss = mk.MINCLoss(k, moment_momentum=0.0)
+    p1, p2 = _rand(6, k, seed=1), _rand(6, k, seed=2)
+    t1, t2 = _rand(6, k, seed=3), _rand(6, k, seed=4)
+    out, parts = loss((p1, p2), (t2, t1), return_parts=True)
+    c = (t1.T @ t1 + t2.T @ t2) / 12  # one update, C averaged over both targets
+    torch.testing.assert_close(loss.corrected_moment(), c)
+    assert loss.num_updates.item() == 1
+    torch.testing.assert_close(out, R.minc_loss(p1, t2, c) + R.minc_loss(p2, t1, c))
+    torch.testing.assert_close(parts["cross"] + parts["cov"], out)
+    torch.testing.assert_close(parts["cross"], -2 * ((p1 * t2).sum() + (p2 * t1).sum()) / 6)
+    with pytest.raises(ValueError, match="same number"):
+        loss((p1, p2), (t2,))
+
+
+def test_minc_target_never_gets_gradient():
+    loss = mk.MINCLoss(3)
+    p = _rand(5, 3, seed=1).requires_grad_()
+    t = _rand(5, 3, seed=2).requires_grad_()
+    loss(p, t).backward()
+    assert p.grad is not None and t.grad is None
+
+
+def test_minc_gha_ordering_gradient():
+    loss = mk.MINCLoss(4, moment_momentum=0.0, ordering="gha")
+    p, t = _rand(6, 4, seed=1).requires_grad_(), _rand(6, 4, seed=2)
+    loss(p, t).backward()
+    c = t.T @ t / 6
+    torch.testing.assert_close(p.grad, 2.0 / 6 * (p.detach() @ torch.tril(c).T - t))
+
+
+def test_minc_bad_input_changes_no_state():
+    loss = mk.MINCLoss(4)
+    loss(_rand(6, 4, seed=1), _rand(6, 4, seed=2))
+    snap = {k: v.clone() for k, v in loss.state_dict().items()}
+
+    def unchanged():
+        return all(torch.equal(v, loss.state_dict()[k]) for k, v in snap.items())
+
+    bad_t = _rand(6, 4, seed=3)
+    bad_t[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        loss(_rand(6, 4, seed=4), bad_t)
+    assert unchanged()
+    inf_t = _rand(6, 4, seed=3)
+    inf_t[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        loss(_rand(6, 4, seed=4), inf_t)
+    assert unchanged()
+    with pytest.raises(ValueError, match=r"k=4"):
+        loss(_rand(6, 5, seed=4), _rand(6, 5, seed=5))
+    with pytest.raises(ValueError, match="same shape"):
+        loss(_rand(6, 4, seed=4), _rand(5, 4, seed=5))
+    with pytest.raises(TypeError, match="floating"):
+        loss(torch.ones(6, 4, dtype=torch.int32), torch.ones(6, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"shape \(B, k\)"):
+        loss(_rand(6, 4, 1, seed=4), _rand(6, 4, 1, seed=5))
+    # second view bad: the first view's moment must not have been applied either
+    with pytest.raises(ValueError):
+        loss((_rand(6, 4, seed=4), _rand(6, 3, seed=4)), (_rand(6, 4, seed=5), _rand(6, 3, seed=5)))
+    assert unchanged()
+    # opt-out: the caller accepts non-finite state
+    loss_nocheck = mk.MINCLoss(4, check_finite=False)
+    loss_nocheck(_rand(6, 4, seed=4), bad_t)
+    assert torch.isnan(loss_nocheck.moment).any()
+
+
+def test_minc_module_moves_with_to():
+    loss = mk.MINCLoss(3).to(torch.float64)  # buffers follow .to like any module
+    assert loss.moment.dtype == torch.float64
+    loss = mk.MINCLoss(3)
+    with pytest.raises(ValueError, match="moment is on"):
+        loss(torch.randn(4, 3, device="meta"), torch.randn(4, 3, device="meta"))
