@@ -1,0 +1,257 @@
+"""Triton kernels of the MIO binary-contrastive loss (SPEC §3): @triton.jit code only.
+
+Notation: ``z1, z2`` (B, k); ``Z = [ẑ1; ẑ2]`` (N = 2B rows, row-normalised); ``S = Z Zᵀ``.
+The loss splits into per-pair terms (positives ``S[i, i+B] = ẑ1_i·ẑ2_i`` and the alignment
+term ``||ẑ1_i - ẑ2_i||²``), computed exactly per row, and the negatives (every other
+off-diagonal entry), streamed tile by tile, flash-attention style; S is never stored.
+
+Three launches (see :mod:`minc_kernels.ops.mio` for the launcher):
+
+1. :func:`mio_normalize_rows`: ``ẑ`` (stored in the input dtype, the tensor-core operand),
+   the row norms, the positive softplus terms and their gradient coefficients, the
+   alignment term; per-program partial sums.
+2. :func:`mio_negative_tiles`: for a block of rows and a range of column blocks,
+   ``S`` tile -> ``softplus(S/τn)`` summed (masked by index: no diagonal, no partner) and
+   ``σ(S/τn) Z_j`` accumulated (the negative part of ``dL/dẐ = 2 G Z`` up to a constant).
+3. :func:`mio_grad_finalize`: adds the positive and alignment gradients, sums the
+   column-split partials in a fixed order and applies the Jacobian of
+   ``ẑ = z / max(||z||, eps)``.
+
+Every reduction is a per-program partial, summed in a fixed order afterwards: no atomics.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _softplus_sigmoid(x):
+    """``(softplus(x), sigmoid(x))`` in fp32, stable for any x.
+
+    ``softplus(x) = max(x, 0) + log1p(exp(-|x|))``; ``log1p(e)`` via ``log(u)·e/(u-1)``,
+    ``u = 1 + e`` (exact to rounding even when ``e`` is tiny; ``tl`` has no log1p).
+    """
+    e = tl.exp(-tl.abs(x))
+    u = 1.0 + e
+    d = u - 1.0
+    l1p = tl.where(d == 0.0, e, tl.log(u) * (e / tl.where(d == 0.0, 1.0, d)))
+    sp = tl.maximum(x, 0.0) + l1p
+    r = 1.0 / u
+    sig = tl.where(x >= 0.0, r, e * r)
+    return sp, sig
+
+
+@triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b`` (fp32 accumulator).  ``UPCAST``: operands to fp32 first.
+
+    Only for bfloat16 under TRITON_INTERPRET=1, whose ``tl.dot`` multiplies the raw uint16
+    bits of bf16 (triton 3.8); bf16 products are exact in fp32, so the result is the same.
+    """
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def mio_normalize_rows(
+    z1_ptr, z2_ptr, zhat_ptr, norm_ptr, pos_coef_ptr, pos_part_ptr, reg_part_ptr,
+    B, K,
+    s1r, s1c, s2r, s2c,
+    inv_tp,
+    EPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Rows ``i`` of both views: ``ẑ = z/max(||z||, eps)`` -> ``zhat[i]``, ``zhat[i+B]``.
+
+    Also: ``norm[i], norm[i+B]`` (true norms, fp32); ``pos_coef[i] = -σ(-p_i/τp)/τp`` with
+    ``p_i = ẑ1_i·ẑ2_i`` (``d softplus(-p/τp)/dp``); per-program partials
+    ``pos_part = Σ softplus(-p_i/τp)`` and ``reg_part = Σ ||ẑ1_i - ẑ2_i||²``.
+    """
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < B
+    offs = tl.arange(0, BLOCK_K)
+    ss1 = tl.zeros([BLOCK_R], dtype=tl.float32)
+    ss2 = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = (k0 + offs).to(tl.int64)
+        m = rmask[:, None] & (cols < K)[None, :]
+        a = tl.load(z1_ptr + rows[:, None] * s1r + cols[None, :] * s1c, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(z2_ptr + rows[:, None] * s2r + cols[None, :] * s2c, mask=m, other=0.0).to(tl.float32)
+        ss1 += tl.sum(a * a, axis=1)
+        ss2 += tl.sum(b * b, axis=1)
+    n1 = tl.sqrt(ss1)
+    n2 = tl.sqrt(ss2)
+    c1 = tl.maximum(n1, EPS)
+    c2 = tl.maximum(n2, EPS)
+    dot = tl.zeros([BLOCK_R], dtype=tl.float32)
+    dsq = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = (k0 + offs).to(tl.int64)
+        m = rmask[:, None] & (cols < K)[None, :]
+        a = tl.load(z1_ptr + rows[:, None] * s1r + cols[None, :] * s1c, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(z2_ptr + rows[:, None] * s2r + cols[None, :] * s2c, mask=m, other=0.0).to(tl.float32)
+        h1 = a / c1[:, None]
+        h2 = b / c2[:, None]
+        tl.store(zhat_ptr + rows[:, None] * K + cols[None, :], h1.to(zhat_ptr.dtype.element_ty), mask=m)
+        tl.store(zhat_ptr + (rows[:, None] + B) * K + cols[None, :], h2.to(zhat_ptr.dtype.element_ty), mask=m)
+        dot += tl.sum(h1 * h2, axis=1)
+        diff = h1 - h2
+        dsq += tl.sum(diff * diff, axis=1)
+    tl.store(norm_ptr + rows, n1, mask=rmask)
+    tl.store(norm_ptr + rows + B, n2, mask=rmask)
+    sp, sig = _softplus_sigmoid(-dot * inv_tp)
+    tl.store(pos_coef_ptr + rows, -sig * inv_tp, mask=rmask)
+    tl.store(pos_part_ptr + pid, tl.sum(tl.where(rmask, sp, 0.0), axis=0))
+    tl.store(reg_part_ptr + pid, tl.sum(tl.where(rmask, dsq, 0.0), axis=0))
+
+
+@triton.jit
+def mio_negative_tiles(
+    zhat_ptr, gpart_ptr, neg_part_ptr,
+    B, N, K,
+    inv_tn, n_col_blocks, blocks_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC_IN_REGS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Negatives of a block of rows against column blocks ``[s·bps, (s+1)·bps)`` (s = program 1).
+
+    ``neg_part[s, m] = Σ softplus(S_ij/τn)`` over negative (i, j) of the tile range;
+    ``gpart[s, i, :] = Σ_j σ(S_ij/τn) ẑ_j`` (fp32; the launcher scales and sums over s).
+    ``ACC_IN_REGS``: k fits one tile (``BLOCK_K >= K``): the row tile and the gradient
+    accumulator live in registers.  Otherwise S is accumulated over k chunks and the
+    gradient accumulator lives in ``gpart`` (zero-initialised; each program owns its
+    rows of its split, so there are no races).
+    """
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_m = tl.num_programs(0)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    partner = tl.where(rows < B, rows + B, rows - B)
+    cb_start = pid_s * blocks_per_split
+    cb_end = tl.minimum(cb_start + blocks_per_split, n_col_blocks)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    gbase = gpart_ptr + pid_s.to(tl.int64) * N * K
+    loss_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if ACC_IN_REGS:
+        kk = offs_k.to(tl.int64)
+        kmask = kk < K
+        zi = tl.load(zhat_ptr + rows[:, None] * K + kk[None, :],
+                     mask=rmask[:, None] & kmask[None, :], other=0.0)
+        acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for cb in range(cb_start, cb_end):
+            cols = (cb * BLOCK_N + offs_n).to(tl.int64)
+            cmask = cols < N
+            zj = tl.load(zhat_ptr + cols[:, None] * K + kk[None, :],
+                         mask=cmask[:, None] & kmask[None, :], other=0.0)
+            s = _mma(zi, tl.trans(zj), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
+            neg = (rmask[:, None] & cmask[None, :] & (rows[:, None] != cols[None, :])
+                   & (partner[:, None] != cols[None, :]))
+            sp, sig = _softplus_sigmoid(s * inv_tn)
+            loss_acc += tl.where(neg, sp, 0.0)
+            if COMPUTE_GRAD:
+                g = tl.where(neg, sig, 0.0).to(zj.dtype)
+                acc = _mma(g, zj, acc, PRECISION, UPCAST)
+        if COMPUTE_GRAD:
+            tl.store(gbase + rows[:, None] * K + kk[None, :], acc,
+                     mask=rmask[:, None] & kmask[None, :])
+    else:
+        for cb in range(cb_start, cb_end):
+            cols = (cb * BLOCK_N + offs_n).to(tl.int64)
+            cmask = cols < N
+            s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = (k0 + offs_k).to(tl.int64)
+                kmask = kk < K
+                zi = tl.load(zhat_ptr + rows[:, None] * K + kk[None, :],
+                             mask=rmask[:, None] & kmask[None, :], other=0.0)
+                zj = tl.load(zhat_ptr + cols[:, None] * K + kk[None, :],
+                             mask=cmask[:, None] & kmask[None, :], other=0.0)
+                s = _mma(zi, tl.trans(zj), s, PRECISION, UPCAST)
+            neg = (rmask[:, None] & cmask[None, :] & (rows[:, None] != cols[None, :])
+                   & (partner[:, None] != cols[None, :]))
+            sp, sig = _softplus_sigmoid(s * inv_tn)
+            loss_acc += tl.where(neg, sp, 0.0)
+            if COMPUTE_GRAD:
+                g = tl.where(neg, sig, 0.0).to(zhat_ptr.dtype.element_ty)
+                for k0 in range(0, K, BLOCK_K):
+                    kk = (k0 + offs_k).to(tl.int64)
+                    kmask = kk < K
+                    zj = tl.load(zhat_ptr + cols[:, None] * K + kk[None, :],
+                                 mask=cmask[:, None] & kmask[None, :], other=0.0)
+                    gptrs = gbase + rows[:, None] * K + kk[None, :]
+                    gmask = rmask[:, None] & kmask[None, :]
+                    acc = tl.load(gptrs, mask=gmask, other=0.0)
+                    acc = _mma(g, zj, acc, PRECISION, UPCAST)
+                    tl.store(gptrs, acc, mask=gmask)
+    tl.store(neg_part_ptr + pid_s * n_m + pid_m, tl.sum(tl.sum(loss_acc, axis=1), axis=0))
+
+
+@triton.jit
+def mio_grad_finalize(
+    z1_ptr, z2_ptr, norm_ptr, pos_coef_ptr, gpart_ptr, dz_ptr,
+    B, N, K, n_splits,
+    s1r, s1c, s2r, s2c,
+    neg_scale, pos_scale, reg_scale,
+    EPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``dz[i], dz[i+B] = J(z)ᵀ dL/dẑ`` (fp32) for rows ``i`` of both views.
+
+    ``dL/dẑ1_i = neg_scale·Σ_s gpart[s, i] + pos_scale·pos_coef_i·ẑ2_i + reg_scale·(ẑ1_i - ẑ2_i)``
+    (and symmetrically for ẑ2_i); ``J`` is the Jacobian of ``z / max(||z||, eps)`` as
+    F.normalize's autograd computes it: ``(g - ẑ(ẑ·g))/||z||`` if ``||z|| >= eps``, else ``g/eps``.
+    """
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < B
+    offs = tl.arange(0, BLOCK_K)
+    n1 = tl.load(norm_ptr + rows, mask=rmask, other=1.0)
+    n2 = tl.load(norm_ptr + rows + B, mask=rmask, other=1.0)
+    c1 = tl.maximum(n1, EPS)
+    c2 = tl.maximum(n2, EPS)
+    pc = tl.load(pos_coef_ptr + rows, mask=rmask, other=0.0) * pos_scale
+    proj1 = tl.where(n1 >= EPS, 1.0, 0.0)
+    proj2 = tl.where(n2 >= EPS, 1.0, 0.0)
+    split_stride = N.to(tl.int64) * K
+    dot1 = tl.zeros([BLOCK_R], dtype=tl.float32)
+    dot2 = tl.zeros([BLOCK_R], dtype=tl.float32)
+    # Pass 1: ẑ·g per row (the projection needs the whole row); pass 2 recomputes g and writes.
+    for k0 in range(0, K, BLOCK_K):
+        cols = (k0 + offs).to(tl.int64)
+        m = rmask[:, None] & (cols < K)[None, :]
+        h1 = tl.load(z1_ptr + rows[:, None] * s1r + cols[None, :] * s1c, mask=m, other=0.0).to(tl.float32) / c1[:, None]
+        h2 = tl.load(z2_ptr + rows[:, None] * s2r + cols[None, :] * s2c, mask=m, other=0.0).to(tl.float32) / c2[:, None]
+        q1 = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+        q2 = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+        for sp in range(0, n_splits):
+            base = gpart_ptr + sp * split_stride
+            q1 += tl.load(base + rows[:, None] * K + cols[None, :], mask=m, other=0.0)
+            q2 += tl.load(base + (rows[:, None] + B) * K + cols[None, :], mask=m, other=0.0)
+        r = reg_scale * (h1 - h2)
+        g1 = neg_scale * q1 + pc[:, None] * h2 + r
+        g2 = neg_scale * q2 + pc[:, None] * h1 - r
+        dot1 += tl.sum(h1 * g1, axis=1)
+        dot2 += tl.sum(h2 * g2, axis=1)
+    dot1 = dot1 * proj1
+    dot2 = dot2 * proj2
+    for k0 in range(0, K, BLOCK_K):
+        cols = (k0 + offs).to(tl.int64)
+        m = rmask[:, None] & (cols < K)[None, :]
+        h1 = tl.load(z1_ptr + rows[:, None] * s1r + cols[None, :] * s1c, mask=m, other=0.0).to(tl.float32) / c1[:, None]
+        h2 = tl.load(z2_ptr + rows[:, None] * s2r + cols[None, :] * s2c, mask=m, other=0.0).to(tl.float32) / c2[:, None]
+        q1 = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+        q2 = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+        for sp in range(0, n_splits):
+            base = gpart_ptr + sp * split_stride
+            q1 += tl.load(base + rows[:, None] * K + cols[None, :], mask=m, other=0.0)
+            q2 += tl.load(base + (rows[:, None] + B) * K + cols[None, :], mask=m, other=0.0)
+        r = reg_scale * (h1 - h2)
+        g1 = neg_scale * q1 + pc[:, None] * h2 + r
+        g2 = neg_scale * q2 + pc[:, None] * h1 - r
+        d1 = (g1 - h1 * dot1[:, None]) / c1[:, None]
+        d2 = (g2 - h2 * dot2[:, None]) / c2[:, None]
+        tl.store(dz_ptr + rows[:, None] * K + cols[None, :], d1, mask=m)
+        tl.store(dz_ptr + (rows[:, None] + B) * K + cols[None, :], d2, mask=m)

@@ -1,0 +1,218 @@
+"""MIO loss (SPEC §3) on the Triton kernels of :mod:`minc_kernels.kernels.mio`.
+
+``mio_loss(z1, z2, τp, τn, λ)``: (B, k) views, B >= 2, float32/bfloat16/float16 (possibly
+non-contiguous); float32 scalar equal to :func:`minc_kernels.reference.mio_loss`.
+
+Flash-style: ``S = Z Zᵀ`` (``Z = [ẑ1; ẑ2]``, N = 2B rows) is streamed tile by tile and never
+stored; the extra memory is ``ẑ`` (N×k, input dtype), the gradient (N×k fp32) and, for small
+batches where the rows are split over column ranges to fill the GPU, ``n_splits`` fp32 N×k
+partials (``n_splits <= 8``), i.e. O(B·k).  The gradient ``dL/dz`` is computed in the
+forward pass (only when an input needs it), backward only scales it by the upstream grad.
+
+Precision: ``tl.dot`` accumulates in fp32.  float32 inputs use ``input_precision="ieee"``
+(strict fp32, no TF32: the loss is compared against an fp32 reference, and TF32's 10-bit
+mantissa would cost ~1e-3 relative error in S at no memory-traffic saving that matters here).
+bfloat16/float16 inputs: the operands ``ẑ`` and ``σ(S/τn)`` are rounded to the input dtype
+(as eager autograd rounds ``dL/dS`` before its matmul), fp32 accumulation; the precision
+flag does not apply to them.  Row norms, softplus/sigmoid, all sums: fp32.
+
+Reductions are deterministic: per-program fp32 partials, summed in a fixed order (the
+launch configuration depends only on the shape and dtype, not on the device).
+
+Registered as the custom op ``minc_kernels::mio_loss_fwd`` (``torch.library.custom_op``,
+opaque to torch.compile, with register_fake and register_autograd), so it works under
+``torch.compile(fullgraph=True)``, on CUDA and on CPU tensors with ``TRITON_INTERPRET=1``.
+Importing this module raises ImportError when triton is missing.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import triton  # noqa: F401 - ImportError here is the documented "no triton" signal
+
+from ..kernels.mio import mio_grad_finalize, mio_negative_tiles, mio_normalize_rows
+
+__all__ = ["mio_loss", "MIOConfig", "pick_config"]
+
+EPS = 1e-12  # F.normalize's eps, as in the reference
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TARGET_PROGRAMS = 256  # ~2 waves on 132 SMs; a shape constant so results do not depend on the GPU
+_MAX_SPLITS = 8
+_REG_MAX_K = 256  # largest padded k whose row tile and gradient accumulator live in registers
+
+
+@dataclass(frozen=True)
+class MIOConfig:
+    """Launch configuration of :func:`mio_negative_tiles` (+ the row kernels)."""
+
+    block_m: int
+    block_n: int
+    block_k: int  # padded k (register path) or the k chunk (streamed path)
+    acc_in_regs: bool
+    num_warps: int
+    num_stages: int
+    n_splits: int
+    block_r: int = 16  # rows per program of the row kernels
+    block_kr: int = 128  # k chunk of the row kernels
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pick_config(b: int, k: int, dtype: torch.dtype, on_gpu: bool = True,
+                block_m: int | None = None, block_n: int | None = None,
+                block_k: int | None = None, n_splits: int | None = None) -> MIOConfig:
+    """Tile sizes by shape and dtype (no autotuning: same shape, same bits).
+
+    Overrides exist for tests (multi-block, split and streamed paths at small shapes).
+    """
+    n = 2 * b
+    kp = max(16, triton.next_power_of_2(k))
+    half = dtype != torch.float32
+    if block_k is not None:
+        acc_in_regs = block_k >= k
+        bk = block_k
+    else:
+        acc_in_regs = kp <= _REG_MAX_K
+        bk = kp if acc_in_regs else (64 if half else 32)
+    if acc_in_regs:
+        if half:
+            bm, bn, nw, ns = (128, 64, 4, 3) if kp <= 64 else (128, 64, 8, 3) if kp <= 128 else (64, 64, 8, 2)
+        else:
+            bm, bn, nw, ns = (64, 64, 4, 2) if kp <= 64 else (64, 32, 8, 2) if kp <= 128 else (32, 32, 8, 2)
+    else:
+        bm, bn, nw, ns = (64, 128, 8, 2) if half else (64, 64, 8, 2)
+    if not on_gpu:
+        # Interpreter: numpy per program; moderate tiles keep padding waste small on tiny shapes.
+        bm, bn = min(bm, 32), min(bn, 32)
+    bm = block_m or bm
+    bn = block_n or bn
+    n_row_blocks = _cdiv(n, bm)
+    n_col_blocks = _cdiv(n, bn)
+    if n_splits is None:
+        n_splits = 1 if not on_gpu else max(1, min(_MAX_SPLITS, _TARGET_PROGRAMS // n_row_blocks))
+    n_splits = max(1, min(n_splits, n_col_blocks))
+    # no empty split: recompute from the number of column blocks per split
+    n_splits = _cdiv(n_col_blocks, _cdiv(n_col_blocks, n_splits))
+    return MIOConfig(bm, bn, bk, acc_in_regs, nw, ns, n_splits)
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def mio_forward(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float, neg_temperature: float,
+                lambda_l2: float, need_grad: bool, config: MIOConfig | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss (fp32 scalar) and, if ``need_grad``, ``dL/d[z1; z2]`` ((2B, k) fp32; else empty)."""
+    if z1.dtype not in _KERNEL_DTYPES or z2.dtype != z1.dtype:
+        raise TypeError(f"mio kernels take float32/bfloat16/float16 z1, z2 of one dtype, "
+                        f"got {z1.dtype} and {z2.dtype}")
+    if z1.dim() != 2 or z1.shape != z2.shape or z1.shape[0] < 2:
+        raise ValueError(f"z1, z2 must both have shape (B, k) with B >= 2, got {tuple(z1.shape)} "
+                         f"and {tuple(z2.shape)}")
+    b, k = z1.shape
+    n = 2 * b
+    dev = z1.device
+    cfg = config or pick_config(b, k, z1.dtype, on_gpu=z1.is_cuda)
+    f32 = torch.float32
+    with _device_guard(z1):
+        zhat = torch.empty((n, k), dtype=z1.dtype, device=dev)
+        norms = torch.empty((n,), dtype=f32, device=dev)
+        pos_coef = torch.empty((b,), dtype=f32, device=dev)
+        n_row_prog = _cdiv(b, cfg.block_r)
+        pos_part = torch.empty((n_row_prog,), dtype=f32, device=dev)
+        reg_part = torch.empty((n_row_prog,), dtype=f32, device=dev)
+        mio_normalize_rows[(n_row_prog,)](
+            z1, z2, zhat, norms, pos_coef, pos_part, reg_part,
+            b, k, z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1),
+            1.0 / pos_temperature,
+            EPS=EPS, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_kr,
+        )
+        n_row_blocks = _cdiv(n, cfg.block_m)
+        n_col_blocks = _cdiv(n, cfg.block_n)
+        bps = _cdiv(n_col_blocks, cfg.n_splits)
+        if need_grad:
+            alloc = torch.empty if cfg.acc_in_regs else torch.zeros
+            gpart = alloc((cfg.n_splits, n, k), dtype=f32, device=dev)
+        else:
+            gpart = torch.empty((1,), dtype=f32, device=dev)
+        neg_part = torch.empty((cfg.n_splits, n_row_blocks), dtype=f32, device=dev)
+        # fp32: strict IEEE; 16-bit operands: tl.dot ignores the flag (left at its default)
+        precision = "ieee" if z1.dtype == torch.float32 else "tf32"
+        mio_negative_tiles[(n_row_blocks, cfg.n_splits)](
+            zhat, gpart, neg_part, b, n, k,
+            1.0 / neg_temperature, n_col_blocks, bps,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            ACC_IN_REGS=cfg.acc_in_regs, COMPUTE_GRAD=need_grad, PRECISION=precision,
+            UPCAST=(not z1.is_cuda) and z1.dtype == torch.bfloat16,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        n_neg = float(n) * float(n - 2)
+        # Fixed-order sums of a few hundred fp32 partials (torch reductions are deterministic).
+        loss = (pos_part.sum() / b + neg_part.sum() / n_neg
+                + (lambda_l2 / (b * k)) * reg_part.sum())
+        if not need_grad:
+            return loss, torch.empty((0,), dtype=f32, device=dev)
+        dz = torch.empty((n, k), dtype=f32, device=dev)
+        mio_grad_finalize[(n_row_prog,)](
+            z1, z2, norms, pos_coef, gpart, dz, b, n, k, cfg.n_splits,
+            z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1),
+            2.0 / (neg_temperature * n_neg), 1.0 / b, 2.0 * lambda_l2 / (b * k),
+            EPS=EPS, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_kr,
+        )
+    return loss, dz
+
+
+# --------------------------------------------------------------------------- torch.library
+@torch.library.custom_op("minc_kernels::mio_loss_fwd", mutates_args=())
+def _mio_loss_fwd(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float,
+                  neg_temperature: float, lambda_l2: float, need_grad: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, dL/d[z1; z2] as (2B, k) fp32, or an empty tensor when ``need_grad`` is False)."""
+    return mio_forward(z1, z2, pos_temperature, neg_temperature, lambda_l2, need_grad)
+
+
+@_mio_loss_fwd.register_fake
+def _(z1, z2, pos_temperature, neg_temperature, lambda_l2, need_grad):
+    loss = z1.new_empty((), dtype=torch.float32)
+    if need_grad:
+        dz = z1.new_empty((2 * z1.shape[0], z1.shape[1]), dtype=torch.float32)
+    else:
+        dz = z1.new_empty((0,), dtype=torch.float32)
+    return loss, dz
+
+
+def _setup_context(ctx, inputs, output):
+    z1, z2, _, _, _, need_grad = inputs
+    _, dz = output
+    ctx.need_grad = need_grad
+    ctx.b = z1.shape[0]
+    ctx.dtypes = (z1.dtype, z2.dtype)
+    ctx.save_for_backward(dz)
+
+
+def _backward(ctx, grad_loss, grad_dz):
+    (dz,) = ctx.saved_tensors
+    if not ctx.need_grad:
+        raise RuntimeError("mio_loss_fwd was called with need_grad=False; its gradient was not computed")
+    b = ctx.b
+    g = grad_loss.to(torch.float32)
+    grad_z1 = (g * dz[:b]).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+    grad_z2 = (g * dz[b:]).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+    return grad_z1, grad_z2, None, None, None, None
+
+
+_mio_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def mio_loss(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float, neg_temperature: float,
+             lambda_l2: float) -> torch.Tensor:
+    """MIO loss of (B, k) views on the Triton kernels (SPEC §3); float32 scalar, differentiable."""
+    need_grad = torch.is_grad_enabled() and (z1.requires_grad or z2.requires_grad)
+    loss, _ = torch.ops.minc_kernels.mio_loss_fwd(
+        z1, z2, float(pos_temperature), float(neg_temperature), float(lambda_l2), bool(need_grad))
+    return loss
