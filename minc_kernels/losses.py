@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from . import distributed as D
 from . import functional as Fn
 from ._backend import requested_backend
 from ._validation import (
@@ -32,13 +33,21 @@ class SpectralContrastiveLoss(nn.Module):
         algorithm: ``"auto"`` | ``"pairwise"`` | ``"gram"`` evaluation of the pairwise term.
         backend: ``"auto"`` | ``"triton"`` | ``"reference"`` (default: env
             ``MINC_KERNELS_BACKEND`` or ``"auto"``).
+        gather_distributed: under ``torch.distributed`` with W > 1 ranks, compute the loss
+            of the *global* batch (every cross-rank pair included); the returned value is
+            the global loss, equal on every rank, and DDP's gradient averaging applies
+            exactly the gradient of one process holding the whole batch (default False;
+            a no-op when not distributed).  See ``docs/distributed.md``.
+        dist_comm: ``"auto"`` | ``"gram"`` (all-reduce the k×k Grams) | ``"gather"``
+            (all-gather the features); ``"auto"`` picks the fewer bytes per step.
 
     ``forward(z1, z2)``: two (B, k) views, row i of one the positive of row i of the
     other; returns a float32 scalar.
     """
 
     def __init__(self, mu: float = 1.0, clip: bool = True, algorithm: str = "auto",
-                 backend: str | None = None):
+                 backend: str | None = None, gather_distributed: bool = False,
+                 dist_comm: str = "auto"):
         super().__init__()
         self.mu = check_positive("mu", mu)
         self.clip = bool(clip)
@@ -46,12 +55,18 @@ class SpectralContrastiveLoss(nn.Module):
         if backend is not None:
             requested_backend(backend)
         self.backend = backend
+        self.gather_distributed = bool(gather_distributed)
+        self.dist_comm = check_choice("dist_comm", dist_comm, Fn.SPECTRAL_DIST_COMMS)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        return Fn.spectral_contrastive_loss(z1, z2, self.mu, self.clip, self.algorithm, self.backend)
+        return Fn.spectral_contrastive_loss(z1, z2, self.mu, self.clip, self.algorithm, self.backend,
+                                            self.gather_distributed, self.dist_comm)
 
     def extra_repr(self) -> str:
-        return f"mu={self.mu}, clip={self.clip}, algorithm={self.algorithm!r}, backend={self.backend!r}"
+        s = f"mu={self.mu}, clip={self.clip}, algorithm={self.algorithm!r}, backend={self.backend!r}"
+        if self.gather_distributed:
+            s += f", gather_distributed=True, dist_comm={self.dist_comm!r}"
+        return s
 
 
 class MIOLoss(nn.Module):
@@ -62,12 +77,18 @@ class MIOLoss(nn.Module):
         neg_temperature: τn for the negative pairs (default 0.5).
         lambda_l2: weight of the alignment term ``mse(ẑ1, ẑ2)`` (default 1.0).
         backend: as for :class:`SpectralContrastiveLoss`.
+        gather_distributed: under ``torch.distributed`` with W > 1 ranks, the loss of the
+            *global* batch: each rank's rows against the features gathered from all ranks
+            (B = Σ_r B_r in every mean); the returned value is the global loss, equal on
+            every rank, and DDP's averaging applies exactly the single-process gradient
+            (default False; a no-op when not distributed).
 
     ``forward(z1, z2)``: two (B, k) views, any B >= 2; returns a float32 scalar.
     """
 
     def __init__(self, pos_temperature: float = 0.5, neg_temperature: float = 0.5,
-                 lambda_l2: float = 1.0, backend: str | None = None):
+                 lambda_l2: float = 1.0, backend: str | None = None,
+                 gather_distributed: bool = False):
         super().__init__()
         self.pos_temperature = check_positive("pos_temperature", pos_temperature)
         self.neg_temperature = check_positive("neg_temperature", neg_temperature)
@@ -75,14 +96,18 @@ class MIOLoss(nn.Module):
         if backend is not None:
             requested_backend(backend)
         self.backend = backend
+        self.gather_distributed = bool(gather_distributed)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         return Fn.mio_loss(z1, z2, self.pos_temperature, self.neg_temperature, self.lambda_l2,
-                           self.backend)
+                           self.backend, self.gather_distributed)
 
     def extra_repr(self) -> str:
-        return (f"pos_temperature={self.pos_temperature}, neg_temperature={self.neg_temperature}, "
-                f"lambda_l2={self.lambda_l2}, backend={self.backend!r}")
+        s = (f"pos_temperature={self.pos_temperature}, neg_temperature={self.neg_temperature}, "
+             f"lambda_l2={self.lambda_l2}, backend={self.backend!r}")
+        if self.gather_distributed:
+            s += ", gather_distributed=True"
+        return s
 
 
 def _as_list(x) -> list:
@@ -112,6 +137,15 @@ class MINCLoss(nn.Module):
             untouched (default True).  Under ``torch.compile`` the update is skipped
             instead of raising, so no graph break is needed.
         backend: as for :class:`SpectralContrastiveLoss`.
+        gather_distributed: under ``torch.distributed`` with W > 1 ranks, C is the moment
+            of the *global* batch: one all-reduce of ``[Σ t tᵀ, count]`` (k²+1 numbers, no
+            gradient) before the EMA, so every rank holds the same M (default False; a
+            no-op when not distributed).  The loss stays the mean over the *local* rows:
+            with equal local batch sizes DDP's averaging is then exactly the
+            single-process gradient.  The returned value is the local mean (its mean over
+            ranks is the global loss when local sizes are equal).  With unequal local sizes
+            B_r, DDP applies ``∇ (1/W) Σ_r mean_{i∈r} ℓ_i``: rank r's samples weigh
+            ``B/(W·B_r)`` times their single-process weight (M is still exact).
 
     State: ``moment`` (k×k float32, the raw EMA) and ``num_updates`` buffers, both in
     ``state_dict``.  M is updated only in training mode; eval uses it as is.
@@ -126,7 +160,7 @@ class MINCLoss(nn.Module):
 
     def __init__(self, dim: int, moment_momentum: float = 0.99, bias_correction: bool = True,
                  ordering: str = "standard", check_finite: bool = True,
-                 backend: str | None = None):
+                 backend: str | None = None, gather_distributed: bool = False):
         super().__init__()
         if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
             raise ValueError(f"dim must be a positive int (the feature dimension k), got {dim!r}")
@@ -140,6 +174,7 @@ class MINCLoss(nn.Module):
         if backend is not None:
             requested_backend(backend)
         self.backend = backend
+        self.gather_distributed = bool(gather_distributed)
         self.register_buffer("moment", torch.zeros(dim, dim, dtype=torch.float32))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
@@ -161,7 +196,13 @@ class MINCLoss(nn.Module):
         for t in ts:
             s = Fn.minc_moment_sum(t, self.backend)
             total = s if total is None else total + s
-        count = torch.tensor(float(sum(t.shape[0] for t in ts)), device=total.device)
+        count = torch.tensor(float(sum(t.shape[0] for t in ts)), dtype=total.dtype, device=total.device)
+        if self.gather_distributed and D.is_distributed():
+            # One all-reduce of [Σ t tᵀ, count] (k²+1 numbers): every rank gets the same C, so
+            # the finite check below passes or raises on all ranks alike and M stays identical.
+            k = total.shape[0]
+            packed = D.all_reduce_sum(torch.cat([total.reshape(-1), count.reshape(1)]))
+            total, count = packed[: k * k].reshape(k, k), packed[k * k]
         return total, count
 
     @torch.no_grad()
@@ -218,4 +259,5 @@ class MINCLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, moment_momentum={self.moment_momentum}, "
                 f"bias_correction={self.bias_correction}, ordering={self.ordering!r}, "
-                f"check_finite={self.check_finite}, backend={self.backend!r}")
+                f"check_finite={self.check_finite}, backend={self.backend!r}"
+                + (", gather_distributed=True" if self.gather_distributed else ""))
