@@ -41,16 +41,30 @@ def _softplus_sigmoid(x):
 
 
 @triton.jit
-def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """``acc + a @ b`` (fp32 accumulator).  ``UPCAST``: operands to fp32 first.
+def _mma(a, b, acc, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """``acc + a @ b`` (fp32 accumulator).  ``INTERP_BF16``: operands to fp32 first.
 
     Only for bfloat16 under TRITON_INTERPRET=1, whose ``tl.dot`` multiplies the raw uint16
     bits of bf16 (triton 3.8); bf16 products are exact in fp32, so the result is the same.
     """
-    if UPCAST:
+    if INTERP_BF16:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """fp32 ``x`` to ``dtype``, round to nearest even (as compiled Triton does).
+
+    ``INTERP_BF16``: the interpreter truncates fp32 -> bf16 (a biased rounding that shrinks
+    every ẑ); round the fp32 bits to the nearest even bf16 first, so truncation is exact.
+    """
+    if INTERP_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -59,7 +73,7 @@ def mio_normalize_rows(
     B, K,
     s1r, s1c, s2r, s2c,
     inv_tp,
-    EPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    EPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     """Rows ``i`` of both views: ``ẑ = z/max(||z||, eps)`` -> ``zhat[i]``, ``zhat[i+B]``.
 
@@ -93,8 +107,8 @@ def mio_normalize_rows(
         b = tl.load(z2_ptr + rows[:, None] * s2r + cols[None, :] * s2c, mask=m, other=0.0).to(tl.float32)
         h1 = a / c1[:, None]
         h2 = b / c2[:, None]
-        tl.store(zhat_ptr + rows[:, None] * K + cols[None, :], h1.to(zhat_ptr.dtype.element_ty), mask=m)
-        tl.store(zhat_ptr + (rows[:, None] + B) * K + cols[None, :], h2.to(zhat_ptr.dtype.element_ty), mask=m)
+        tl.store(zhat_ptr + rows[:, None] * K + cols[None, :], _round_to(h1, zhat_ptr.dtype.element_ty, INTERP_BF16), mask=m)
+        tl.store(zhat_ptr + (rows[:, None] + B) * K + cols[None, :], _round_to(h2, zhat_ptr.dtype.element_ty, INTERP_BF16), mask=m)
         dot += tl.sum(h1 * h2, axis=1)
         diff = h1 - h2
         dsq += tl.sum(diff * diff, axis=1)
@@ -113,7 +127,7 @@ def mio_negative_tiles(
     inv_tn, n_col_blocks, blocks_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ACC_IN_REGS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
 ):
     """Negatives of a block of rows against column blocks ``[s·bps, (s+1)·bps)`` (s = program 1).
 
@@ -147,14 +161,14 @@ def mio_negative_tiles(
             cmask = cols < N
             zj = tl.load(zhat_ptr + cols[:, None] * K + kk[None, :],
                          mask=cmask[:, None] & kmask[None, :], other=0.0)
-            s = _mma(zi, tl.trans(zj), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
+            s = _mma(zi, tl.trans(zj), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, INTERP_BF16)
             neg = (rmask[:, None] & cmask[None, :] & (rows[:, None] != cols[None, :])
                    & (partner[:, None] != cols[None, :]))
             sp, sig = _softplus_sigmoid(s * inv_tn)
             loss_acc += tl.where(neg, sp, 0.0)
             if COMPUTE_GRAD:
-                g = tl.where(neg, sig, 0.0).to(zj.dtype)
-                acc = _mma(g, zj, acc, PRECISION, UPCAST)
+                g = _round_to(tl.where(neg, sig, 0.0), zj.dtype, INTERP_BF16)
+                acc = _mma(g, zj, acc, PRECISION, INTERP_BF16)
         if COMPUTE_GRAD:
             tl.store(gbase + rows[:, None] * K + kk[None, :], acc,
                      mask=rmask[:, None] & kmask[None, :])
@@ -170,13 +184,13 @@ def mio_negative_tiles(
                              mask=rmask[:, None] & kmask[None, :], other=0.0)
                 zj = tl.load(zhat_ptr + cols[:, None] * K + kk[None, :],
                              mask=cmask[:, None] & kmask[None, :], other=0.0)
-                s = _mma(zi, tl.trans(zj), s, PRECISION, UPCAST)
+                s = _mma(zi, tl.trans(zj), s, PRECISION, INTERP_BF16)
             neg = (rmask[:, None] & cmask[None, :] & (rows[:, None] != cols[None, :])
                    & (partner[:, None] != cols[None, :]))
             sp, sig = _softplus_sigmoid(s * inv_tn)
             loss_acc += tl.where(neg, sp, 0.0)
             if COMPUTE_GRAD:
-                g = tl.where(neg, sig, 0.0).to(zhat_ptr.dtype.element_ty)
+                g = _round_to(tl.where(neg, sig, 0.0), zhat_ptr.dtype.element_ty, INTERP_BF16)
                 for k0 in range(0, K, BLOCK_K):
                     kk = (k0 + offs_k).to(tl.int64)
                     kmask = kk < K
@@ -185,7 +199,7 @@ def mio_negative_tiles(
                     gptrs = gbase + rows[:, None] * K + kk[None, :]
                     gmask = rmask[:, None] & kmask[None, :]
                     acc = tl.load(gptrs, mask=gmask, other=0.0)
-                    acc = _mma(g, zj, acc, PRECISION, UPCAST)
+                    acc = _mma(g, zj, acc, PRECISION, INTERP_BF16)
                     tl.store(gptrs, acc, mask=gmask)
     tl.store(neg_part_ptr + pid_s * n_m + pid_m, tl.sum(tl.sum(loss_acc, axis=1), axis=0))
 

@@ -119,6 +119,8 @@ def mio_forward(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float, neg_
     dev = z1.device
     cfg = config or pick_config(b, k, z1.dtype, on_gpu=z1.is_cuda)
     f32 = torch.float32
+    # Workarounds for the CPU interpreter's bf16 (dot on raw bits, truncating casts).
+    interp_bf16 = (not z1.is_cuda) and z1.dtype == torch.bfloat16
     with _device_guard(z1):
         zhat = torch.empty((n, k), dtype=z1.dtype, device=dev)
         norms = torch.empty((n,), dtype=f32, device=dev)
@@ -130,7 +132,7 @@ def mio_forward(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float, neg_
             z1, z2, zhat, norms, pos_coef, pos_part, reg_part,
             b, k, z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1),
             1.0 / pos_temperature,
-            EPS=EPS, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_kr,
+            EPS=EPS, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_kr, INTERP_BF16=interp_bf16,
         )
         n_row_blocks = _cdiv(n, cfg.block_m)
         n_col_blocks = _cdiv(n, cfg.block_n)
@@ -148,7 +150,7 @@ def mio_forward(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float, neg_
             1.0 / neg_temperature, n_col_blocks, bps,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             ACC_IN_REGS=cfg.acc_in_regs, COMPUTE_GRAD=need_grad, PRECISION=precision,
-            UPCAST=(not z1.is_cuda) and z1.dtype == torch.bfloat16,
+            INTERP_BF16=interp_bf16,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         n_neg = float(n) * float(n - 2)
