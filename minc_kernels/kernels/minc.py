@@ -1,0 +1,177 @@
+"""Triton kernels of MINC (SPEC §2); the spectral feature-Gram path reuses both.
+
+* :func:`moment_partial_kernel`: ``Σ_j x_j x_jᵀ`` (k×k) over a slice of rows, one fp32
+  partial per row slice (the launcher sums the slices in a fixed order: no atomics).
+* :func:`rowmat_kernel`: ``Q = X Gᵀ`` (row ``i`` is ``G x_i``) for a (B, k) ``X`` in its
+  storage dtype and a fp32 (k, k) ``G``, fused with the per-tile loss partials
+  ``Σ x∘q`` and ``Σ x∘y`` and the row gradient ``α·Q + (β + γ·d_i)·y_i``.
+  For MINC: ``X = p``, ``G = M``, ``Y = t``, ``α = 2/B``, ``β = -2/B``, ``γ = 0``.
+
+Precision (``tl.dot`` input precision per input dtype; accumulation is always fp32):
+
+* both operands in the storage dtype (``Xᵀ X``): fp32 inputs use ``input_precision="ieee"``
+  (strict fp32, no TF32); bf16/fp16 inputs use the native half tensor-core dot.
+* half ``X`` times the fp32 ``G`` (``MODE``): 0 = fp32 ``X``, ``"ieee"``;
+  1 = bf16 ``X``, ``G`` split into three bf16 pieces (hi + mid + lo, 24 mantissa bits) and
+  three bf16 dots (about fp32 accuracy at bf16 tensor-core speed);
+  2 = fp16 ``X`` (exact in TF32), ``G`` split into two TF32-exact pieces and two
+  ``input_precision="tf32"`` dots (about 2^-21 relative per product).
+  Rounding ``G`` to the half dtype instead would lose the fp32 moment's precision (and can
+  overflow fp16).  The CPU interpreter computes every dot in full fp32.
+
+Offsets are int64.  No torch calls here.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot_same(a, b, acc, IS_FP32: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b``, both in the storage dtype; strict fp32 (``ieee``) for fp32.
+
+    ``UPCAST`` (set only under the CPU interpreter, whose ``tl.dot`` cannot multiply bf16)
+    runs the half dot on fp32 copies: the same products, exact in fp32 either way.
+    """
+    if UPCAST:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif IS_FP32:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _dot_rhs_f32(x, m, acc, MODE: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + x @ m`` with ``x`` in the storage dtype and ``m`` fp32 (see module docstring).
+
+    ``UPCAST``: interpreter only, see :func:`_dot_same` (the bf16 pieces are still formed).
+    """
+    if MODE == 0:
+        acc = tl.dot(x, m, acc, input_precision="ieee")
+    elif MODE == 1:
+        hi = m.to(tl.bfloat16)
+        r = m - hi.to(tl.float32)
+        mid = r.to(tl.bfloat16)
+        lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
+        # smallest pieces first: they are lost least in the fp32 accumulator
+        acc = _dot_same(x, lo, acc, False, UPCAST)
+        acc = _dot_same(x, mid, acc, False, UPCAST)
+        acc = _dot_same(x, hi, acc, False, UPCAST)
+    else:
+        xf = x.to(tl.float32)
+        # truncate to the 10 explicit mantissa bits TF32 keeps: exact in TF32 whatever
+        # the hardware's rounding, and m - hi is exact in fp32.
+        hi = (m.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        lo = m - hi
+        acc = tl.dot(xf, lo, acc, input_precision="tf32")
+        acc = tl.dot(xf, hi, acc, input_precision="tf32")
+    return acc
+
+
+@triton.jit
+def moment_partial_kernel(
+    x_ptr, out_ptr, B, K, stride_xb, stride_xk, rows_per_split,
+    IS_FP32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """``out[s] = Σ_{j in slice s} x_j x_jᵀ``; out is (S, K, K) fp32, grid (nK, nK, S).
+
+    Only tiles with ``a <= b`` compute; each also writes its mirror (the result is
+    symmetric), halving the work.
+    """
+    pid_a = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    if pid_a > pid_b:
+        return
+    ka = pid_a.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kb = pid_b.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ka_mask = ka < K
+    kb_mask = kb < K
+    row_start = pid_s.to(tl.int64) * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, B)
+    acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)
+    for r0 in range(row_start, row_end, BLOCK_B):
+        rows = r0 + tl.arange(0, BLOCK_B)
+        r_mask = rows < row_end
+        xa_t = tl.load(x_ptr + rows[None, :] * stride_xb + ka[:, None] * stride_xk,
+                       mask=ka_mask[:, None] & r_mask[None, :], other=0.0)
+        xb = tl.load(x_ptr + rows[:, None] * stride_xb + kb[None, :] * stride_xk,
+                     mask=r_mask[:, None] & kb_mask[None, :], other=0.0)
+        acc = _dot_same(xa_t, xb, acc, IS_FP32, UPCAST)
+    out = out_ptr + pid_s.to(tl.int64) * K * K
+    mask = ka_mask[:, None] & kb_mask[None, :]
+    tl.store(out + ka[:, None] * K + kb[None, :], acc, mask=mask)
+    if pid_a != pid_b:
+        tl.store(out + kb[None, :] * K + ka[:, None], acc, mask=mask)
+
+
+@triton.jit
+def rowmat_kernel(
+    x_ptr, g_ptr, y_ptr, d_ptr, out_ptr, part_ptr,
+    B, K,
+    stride_xb, stride_xk, stride_gr, stride_gc, stride_yb, stride_yk, stride_ob, stride_ok,
+    alpha, beta, gamma,
+    NEED_GRAD: tl.constexpr, GHA: tl.constexpr, HAS_D: tl.constexpr, MODE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One (BLOCK_M rows) × (BLOCK_N columns) tile of ``Q = X Gᵀ``, grid (cdiv(B, BM), cdiv(K, BN)).
+
+    Writes ``part[pid, 0] = Σ_tile x∘q`` and ``part[pid, 1] = Σ_tile x∘y`` (fp32), and with
+    ``NEED_GRAD`` ``out = α·Q' + (β + γ·d_i)·y`` (fp32) where ``Q' = Q``, or with ``GHA``
+    ``Q' = X LT(G)ᵀ`` (row ``i`` is ``LT(G) x_i``, lower triangle incl. the diagonal).  The
+    loss partial always uses the full ``G``.  Under ``GHA`` only the reduction tiles that
+    straddle the diagonal need a second (masked) dot.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_mask = rows < B
+    c_mask = cols < K
+    n0 = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_lt = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for j0 in range(0, K, BLOCK_K):
+        js = j0 + tl.arange(0, BLOCK_K)
+        j_mask = js < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xb + js[None, :] * stride_xk,
+                    mask=r_mask[:, None] & j_mask[None, :], other=0.0)
+        # gt[j, n] = G[n, j]
+        gt = tl.load(g_ptr + cols[None, :] * stride_gr + js[:, None] * stride_gc,
+                     mask=j_mask[:, None] & c_mask[None, :], other=0.0)
+        if GHA and NEED_GRAD:
+            if j0 + BLOCK_K - 1 <= n0:
+                # every j <= every n: the tile lies inside LT(G)
+                part = _dot_rhs_f32(x, gt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), MODE, UPCAST)
+                acc += part
+                acc_lt += part
+            elif j0 <= n0 + BLOCK_N - 1:
+                acc = _dot_rhs_f32(x, gt, acc, MODE, UPCAST)
+                gt_lt = tl.where(js[:, None] <= cols[None, :], gt, 0.0)
+                acc_lt = _dot_rhs_f32(x, gt_lt, acc_lt, MODE, UPCAST)
+            else:
+                acc = _dot_rhs_f32(x, gt, acc, MODE, UPCAST)
+        else:
+            acc = _dot_rhs_f32(x, gt, acc, MODE, UPCAST)
+    tile_mask = r_mask[:, None] & c_mask[None, :]
+    xn = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xk,
+                 mask=tile_mask, other=0.0).to(tl.float32)
+    yn = tl.load(y_ptr + rows[:, None] * stride_yb + cols[None, :] * stride_yk,
+                 mask=tile_mask, other=0.0).to(tl.float32)
+    pid = pid_m.to(tl.int64) * tl.num_programs(1) + pid_n
+    tl.store(part_ptr + pid * 2, tl.sum(tl.sum(xn * acc, axis=1), axis=0))
+    tl.store(part_ptr + pid * 2 + 1, tl.sum(tl.sum(xn * yn, axis=1), axis=0))
+    if NEED_GRAD:
+        if GHA:
+            q = acc_lt
+        else:
+            q = acc
+        if HAS_D:
+            d = tl.load(d_ptr + rows, mask=r_mask, other=0.0)
+            coef = beta + gamma * d
+        else:
+            coef = tl.full((BLOCK_M,), beta, dtype=tl.float32)
+        g = alpha * q + coef[:, None] * yn
+        tl.store(out_ptr + rows[:, None] * stride_ob + cols[None, :] * stride_ok, g, mask=tile_mask)

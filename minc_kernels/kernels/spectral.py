@@ -1,0 +1,142 @@
+"""Triton kernels of the spectral contrastive loss (SPEC §1).
+
+* :func:`clip_rows_dot_kernel`: per-row norm clipping to ``sqrt(mu)`` (clipped rows written
+  in the storage dtype, as the reference rounds them) and ``d_i = z1c_i·z2c_i`` (fp32).
+* :func:`pairwise_offdiag_kernel`: the pairwise-tile path.  Streams tiles of
+  ``S = X Yᵀ``, zeroes the diagonal, and reduces ``Σ_{i≠j} S_ij²`` per row block; with
+  ``NEED_GRAD`` it also forms ``α·offdiag(S) Y + β·Y`` for one chunk of output columns,
+  recomputing the S tiles (never storing a B×B matrix).  Called with ``(Z1, Z2)`` for
+  ``dZ1`` and with ``(Z2, Z1)`` for ``dZ2`` (``offdiag(S)ᵀ Z1``).
+* :func:`clip_rows_backward_kernel`: the clipping Jacobian, in place on a fp32 gradient.
+* The feature-Gram path uses :mod:`minc_kernels.kernels.minc` (``Zᵀ Z`` and ``Z G``).
+
+Precision: ``S`` tiles use ``input_precision="ieee"`` (strict fp32) for fp32 inputs and the
+native half tensor-core dot for bf16/fp16, both with fp32 accumulation; the second dot
+rounds ``offdiag(S)`` to the storage dtype first (as eager autograd does).  int64 offsets.
+"""
+import triton
+import triton.language as tl
+
+from .minc import _dot_same
+
+
+@triton.jit
+def clip_rows_dot_kernel(
+    z1_ptr, z2_ptr, z1c_ptr, z2c_ptr, d_ptr, n1_ptr, n2_ptr,
+    B, K, stride_1b, stride_1k, stride_2b, stride_2k, r,
+    CLIP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Rows ``[pid·BR, (pid+1)·BR)``: norms ``n1, n2``, clipped rows (contiguous, storage
+    dtype) when ``CLIP``, and ``d_i = z1c_i·z2c_i`` from the rounded clipped values."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = rows < B
+    if CLIP:
+        ss1 = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        ss2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            m = r_mask[:, None] & (ks < K)[None, :]
+            a = tl.load(z1_ptr + rows[:, None] * stride_1b + ks[None, :] * stride_1k, mask=m, other=0.0).to(tl.float32)
+            b = tl.load(z2_ptr + rows[:, None] * stride_2b + ks[None, :] * stride_2k, mask=m, other=0.0).to(tl.float32)
+            ss1 += tl.sum(a * a, axis=1)
+            ss2 += tl.sum(b * b, axis=1)
+        n1 = tl.sqrt_rn(ss1)
+        n2 = tl.sqrt_rn(ss2)
+        tl.store(n1_ptr + rows, n1, mask=r_mask)
+        tl.store(n2_ptr + rows, n2, mask=r_mask)
+        s1 = tl.where(n1 >= r, tl.div_rn(tl.full((BLOCK_R,), r, tl.float32), tl.maximum(n1, 1e-30)), 1.0)
+        s2 = tl.where(n2 >= r, tl.div_rn(tl.full((BLOCK_R,), r, tl.float32), tl.maximum(n2, 1e-30)), 1.0)
+    dd = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        m = r_mask[:, None] & (ks < K)[None, :]
+        a = tl.load(z1_ptr + rows[:, None] * stride_1b + ks[None, :] * stride_1k, mask=m, other=0.0)
+        b = tl.load(z2_ptr + rows[:, None] * stride_2b + ks[None, :] * stride_2k, mask=m, other=0.0)
+        if CLIP:
+            a = (a.to(tl.float32) * s1[:, None]).to(z1c_ptr.dtype.element_ty)
+            b = (b.to(tl.float32) * s2[:, None]).to(z2c_ptr.dtype.element_ty)
+            tl.store(z1c_ptr + rows[:, None] * K + ks[None, :], a, mask=m)
+            tl.store(z2c_ptr + rows[:, None] * K + ks[None, :], b, mask=m)
+        dd += tl.sum(a.to(tl.float32) * b.to(tl.float32), axis=1)
+    tl.store(d_ptr + rows, dd, mask=r_mask)
+
+
+@triton.jit
+def pairwise_offdiag_kernel(
+    x_ptr, y_ptr, out_ptr, part_ptr,
+    B, K, stride_xb, stride_xk, stride_yb, stride_yk, stride_ob, stride_ok,
+    alpha, beta,
+    NEED_GRAD: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Grid (cdiv(B, BM), nC): row block ``m`` of ``S = X Yᵀ`` against every column block.
+
+    ``part[m·nC + c] = Σ_{i in m, j≠i} S_ij²`` (every ``c`` computes the same value; the
+    launcher reads ``c = 0``).  With ``NEED_GRAD``: ``out[m, chunk c] = α·offdiag(S) Y + β·Y``
+    restricted to output columns ``[c·BC, (c+1)·BC)``.
+    """
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_mask = rows < B
+    cc = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cc_mask = cc < K
+    sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for n0 in range(0, B, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        n_mask = cols < B
+        s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < K
+            x = tl.load(x_ptr + rows[:, None] * stride_xb + ks[None, :] * stride_xk,
+                        mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            yt = tl.load(y_ptr + cols[None, :] * stride_yb + ks[:, None] * stride_yk,
+                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            s = _dot_same(x, yt, s, IS_FP32, UPCAST)
+        # masked rows/columns loaded as 0, so only the diagonal needs zeroing
+        s = tl.where(rows[:, None] != cols[None, :], s, 0.0)
+        sq += tl.sum(s * s, axis=1)
+        if NEED_GRAD:
+            yc = tl.load(y_ptr + cols[:, None] * stride_yb + cc[None, :] * stride_yk,
+                         mask=n_mask[:, None] & cc_mask[None, :], other=0.0)
+            acc = _dot_same(s.to(yc.dtype), yc, acc, IS_FP32, UPCAST)
+    tl.store(part_ptr + pid_m.to(tl.int64) * tl.num_programs(1) + pid_c, tl.sum(sq, axis=0))
+    if NEED_GRAD:
+        tile_mask = r_mask[:, None] & cc_mask[None, :]
+        y_own = tl.load(y_ptr + rows[:, None] * stride_yb + cc[None, :] * stride_yk,
+                        mask=tile_mask, other=0.0).to(tl.float32)
+        g = alpha * acc + beta * y_own
+        tl.store(out_ptr + rows[:, None] * stride_ob + cc[None, :] * stride_ok, g, mask=tile_mask)
+
+
+@triton.jit
+def clip_rows_backward_kernel(
+    z_ptr, n_ptr, g_ptr, B, K, stride_zb, stride_zk, r,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """In place on the contiguous fp32 ``g`` (B, K): rows with ``||z_i|| >= r`` get
+    ``(r/||z_i||)(g_i - z_i (z_i·g_i)/||z_i||²)``, the others are unchanged."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = rows < B
+    n = tl.load(n_ptr + rows, mask=r_mask, other=0.0)
+    clipped = n >= r
+    zg = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        m = r_mask[:, None] & (ks < K)[None, :]
+        z = tl.load(z_ptr + rows[:, None] * stride_zb + ks[None, :] * stride_zk, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + rows[:, None] * K + ks[None, :], mask=m, other=0.0)
+        zg += tl.sum(z * g, axis=1)
+    safe_n = tl.maximum(n, 1e-30)
+    scale = tl.where(clipped, tl.div_rn(tl.full((BLOCK_R,), r, tl.float32), safe_n), 1.0)
+    proj = tl.where(clipped, tl.div_rn(zg, safe_n * safe_n), 0.0)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        m = r_mask[:, None] & (ks < K)[None, :]
+        z = tl.load(z_ptr + rows[:, None] * stride_zb + ks[None, :] * stride_zk, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + rows[:, None] * K + ks[None, :], mask=m, other=0.0)
+        tl.store(g_ptr + rows[:, None] * K + ks[None, :], scale[:, None] * (g - proj[:, None] * z), mask=m)
