@@ -1,0 +1,319 @@
+"""What is benchmarked: loss inputs, providers, flop models, EMA parameter lists.
+
+Providers of a loss (one entry each in the results):
+
+* ``eager`` -- the eager reference through ``functional`` with ``backend="reference"``.
+  For the spectral loss there are two eager entries, ``eager-pairwise`` (materialises
+  the B×B matrix ``Z1 Z2ᵀ``) and ``eager-gram`` (the k×k feature Grams): both are exact
+  and which one is faster depends on B vs k, so the speed-up of the other providers is
+  taken against the *faster of the two* (the strictest eager baseline).
+* ``compile`` -- ``torch.compile`` of the same reference function (spectral with
+  ``algorithm="auto"``), one compiled object per loss, PyTorch's default dynamic-shape
+  policy unless ``--compile-dynamic`` says otherwise.
+* ``minc_kernels`` -- ``functional`` with ``backend="triton"`` (spectral: ``"auto"``).
+
+Modes: ``fwd`` is the training forward (inputs require grad, so whatever a provider
+saves for backward is part of it); ``bwd`` times ``loss.backward(retain_graph=True)``
+of one fixed forward; ``fwd+bwd`` is both.
+
+The ``minc`` case is one MINC step's loss work: the batch moment
+``M = Σ_j t_j t_jᵀ / B`` (``minc_moment_sum``) and the bilinear loss with that ``M``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import types
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from minc_kernels import functional, reference
+
+LOSSES = ("spectral", "minc", "mio")
+MODES = ("fwd+bwd", "fwd", "bwd")
+PROVIDERS = ("eager", "compile", "minc_kernels")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+OP_NAME = {"spectral": "spectral", "minc": "minc", "mio": "mio"}  # minc_kernels.ops.<name>
+
+GPU_B = (256, 512, 1024, 2048, 4096, 8192)
+GPU_K = (128, 512, 2048, 8192)
+GPU_QUICK_B = (512, 2048, 8192)
+GPU_QUICK_K = (128, 2048)
+CPU_B = (128, 256, 512)
+CPU_K = (64, 256)
+CPU_QUICK_B = (128, 512)
+CPU_QUICK_K = (64, 256)
+MIO_MEMORY_CASE = (32768, 128)  # (B, k): the eager 2B×2B matrices do not fit
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+# --------------------------------------------------------------------------- flop models
+def loss_flops(loss: str, algorithm: str | None, b: int, k: int, mode: str) -> float:
+    """Useful matmul flops of one call (the model that achieved TFLOP/s divides by).
+
+    * spectral, pairwise: fwd ``2B²k`` (``S = Z1 Z2ᵀ``), bwd ``4B²k`` (``G Z2`` and ``Gᵀ Z1``).
+    * spectral, gram: fwd ``4Bk²`` (``Z1ᵀZ1``, ``Z2ᵀZ2``), bwd ``4Bk²`` (``Z1 G2``, ``Z2 G1``).
+    * spectral, auto (compile, minc_kernels): the cheaper of the two for the mode.
+    * minc: fwd ``4Bk²`` (moment ``TᵀT`` and ``P M``), bwd ``2Bk²`` (``M P``; a kernel
+      that forms it in the forward is still credited in bwd only).
+    * mio: fwd ``8B²k`` (``S = Z Zᵀ`` with 2B rows), bwd ``8B²k`` (``dZ = 2 G Z``).
+
+    Elementwise work (norms, softplus, clipping) is not counted.
+    """
+    fwd_bwd = {"fwd": (1, 0), "bwd": (0, 1), "fwd+bwd": (1, 1)}[mode]
+
+    def pick(fwd: float, bwd: float) -> float:
+        return fwd_bwd[0] * fwd + fwd_bwd[1] * bwd
+
+    if loss == "spectral":
+        pairwise = pick(2.0 * b * b * k, 4.0 * b * b * k)
+        gram = pick(4.0 * b * k * k, 4.0 * b * k * k)
+        if algorithm == "pairwise":
+            return pairwise
+        if algorithm == "gram":
+            return gram
+        return min(pairwise, gram)
+    if loss == "minc":
+        return pick(4.0 * b * k * k, 2.0 * b * k * k)
+    if loss == "mio":
+        return pick(8.0 * b * b * k, 8.0 * b * b * k)
+    raise ValueError(f"unknown loss {loss!r}")
+
+
+# --------------------------------------------------------------------------- inputs
+@dataclass
+class LossInputs:
+    args: tuple
+    grad_tensors: list = field(default_factory=list)  # inputs whose .grad backward fills
+
+
+def make_inputs(loss: str, b: int, k: int, dtype: torch.dtype, device: torch.device,
+                seed: int = 0) -> LossInputs:
+    """Random (B, k) features; scaled so that some rows exceed the spectral clip radius."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def feats(grad: bool) -> torch.Tensor:
+        x = torch.randn(b, k, device=device, dtype=torch.float32, generator=gen)
+        x = (x * (1.2 / math.sqrt(k))).to(dtype)
+        return x.requires_grad_(grad)
+
+    if loss in ("spectral", "mio"):
+        z1, z2 = feats(True), feats(True)
+        return LossInputs((z1, z2), [z1, z2])
+    if loss == "minc":
+        p, t = feats(True), feats(False)
+        return LossInputs((p, t), [p])
+    raise ValueError(f"unknown loss {loss!r}")
+
+
+# --------------------------------------------------------------------------- loss functions
+def minc_step_reference(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The reference MINC step: ``M = TᵀT/B`` then the bilinear loss (what ``compile`` compiles)."""
+    moment = reference.minc_batch_moment_sum(t) / t.shape[0]
+    return reference.minc_loss(p, t, moment)
+
+
+def _functional_fn(loss: str, backend: str, algorithm: str | None) -> Callable:
+    if loss == "spectral":
+        algo = algorithm or "auto"
+        return lambda z1, z2: functional.spectral_contrastive_loss(z1, z2, algorithm=algo,
+                                                                   backend=backend)
+    if loss == "minc":
+        def minc_step(p, t):
+            moment = functional.minc_moment_sum(t, backend=backend) / t.shape[0]
+            return functional.minc_loss(p, t, moment, backend=backend)
+        return minc_step
+    if loss == "mio":
+        return lambda z1, z2: functional.mio_loss(z1, z2, backend=backend)
+    raise ValueError(f"unknown loss {loss!r}")
+
+
+REFERENCE_FN = {
+    "spectral": reference.spectral_loss,  # algorithm="auto"
+    "minc": minc_step_reference,
+    "mio": reference.mio_loss,
+}
+
+
+@dataclass
+class ProviderEntry:
+    """One column of the results: a provider label and how to build its loss function."""
+
+    label: str  # "eager", "eager-pairwise", "compile", "minc_kernels"
+    family: str  # "eager" | "compile" | "minc_kernels"
+    algorithm: str | None  # spectral only
+
+
+def provider_entries(loss: str, providers: tuple[str, ...]) -> list[ProviderEntry]:
+    out = []
+    for prov in providers:
+        if prov == "eager" and loss == "spectral":
+            out.append(ProviderEntry("eager-pairwise", "eager", "pairwise"))
+            out.append(ProviderEntry("eager-gram", "eager", "gram"))
+        elif prov == "eager":
+            out.append(ProviderEntry("eager", "eager", None))
+        else:
+            out.append(ProviderEntry(prov, prov, "auto" if loss == "spectral" else None))
+    return out
+
+
+def _fresh_function(fn: Callable, tag: str) -> Callable:
+    """A wrapper of ``fn`` with its own code object, so that dynamo caches it separately."""
+    def wrapper(*args):
+        return fn(*args)
+    code = wrapper.__code__.replace(co_name=f"{fn.__name__}_{tag}")
+    return types.FunctionType(code, wrapper.__globals__, code.co_name, None, wrapper.__closure__)
+
+
+class CompiledCache:
+    """``torch.compile`` objects of the references, one per loss (two for ``bwd``).
+
+    ``bwd`` replays ``backward(retain_graph=True)``, which AOTAutograd's donated buffers
+    forbid (backward may reuse saved tensors' memory).  That mode therefore gets its own
+    compiled object, compiled and run under ``donated_buffer=False`` (see
+    :meth:`mode_context`), while ``fwd`` and ``fwd+bwd`` keep PyTorch's defaults.
+    A compile failure is remembered per loss so that it costs one attempt.
+    """
+
+    def __init__(self, dynamic: bool | None = None):
+        self.dynamic = dynamic
+        self.fns: dict[tuple[str, bool], Callable] = {}
+        self.broken: dict[str, str] = {}
+        for name in ("recompile_limit", "cache_size_limit"):
+            # Grids visit dozens of shapes; the default limit (8) would fall back to eager.
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+
+    def get(self, loss: str, mode: str = "fwd+bwd") -> Callable:
+        replay = mode == "bwd"
+        if (loss, replay) not in self.fns:
+            fn = REFERENCE_FN[loss]
+            if replay:
+                fn = _fresh_function(fn, "replay")
+            self.fns[(loss, replay)] = torch.compile(fn, dynamic=self.dynamic)
+        return self.fns[(loss, replay)]
+
+    @staticmethod
+    def mode_context(mode: str):
+        if mode == "bwd" and hasattr(torch._functorch.config, "donated_buffer"):
+            return torch._functorch.config.patch(donated_buffer=False)
+        return contextlib.nullcontext()
+
+
+def loss_fn(loss: str, entry: ProviderEntry, compiled: CompiledCache, mode: str = "fwd+bwd"
+            ) -> Callable:
+    if entry.family == "eager":
+        return _functional_fn(loss, "reference", entry.algorithm)
+    if entry.family == "compile":
+        return compiled.get(loss, mode)
+    if entry.family == "minc_kernels":
+        return _functional_fn(loss, "triton", entry.algorithm)
+    raise ValueError(f"unknown provider {entry.family!r}")
+
+
+def mode_runner(fn: Callable, inputs: LossInputs, mode: str) -> Callable[[], None]:
+    """A no-argument callable doing one ``mode`` step (``bwd`` runs one forward now)."""
+    args, grads = inputs.args, inputs.grad_tensors
+
+    def clear() -> None:
+        for x in grads:
+            x.grad = None
+
+    if mode == "fwd":
+        def run_fwd() -> None:
+            fn(*args)
+        return run_fwd
+    if mode == "fwd+bwd":
+        def run_fwd_bwd() -> None:
+            clear()
+            fn(*args).backward()
+        return run_fwd_bwd
+    if mode == "bwd":
+        loss = fn(*args)
+
+        def run_bwd() -> None:
+            clear()
+            loss.backward(retain_graph=True)
+        return run_bwd
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+# --------------------------------------------------------------------------- EMA
+def byol_target_shapes(scale: str = "resnet50") -> tuple[str, list[torch.Size]]:
+    """Shapes of the tensors one BYOL/MINC EMA step updates: backbone + projector.
+
+    ``"resnet50"``: torchvision ResNet-50 parameters and floating BN buffers, plus the
+    projector MLP 2048→4096 (BN, ReLU)→256 (about 35 M values, 360 tensors).  The
+    predictor (256→4096→256) has no EMA copy in BYOL/MINC, so it is not in the list.
+    ``"resnet18"``: the CPU-sized list, ResNet-18 + projector 512→1024→128.
+    """
+    import torchvision
+    from torch import nn
+
+    if scale == "resnet50":
+        ctor, feat, hidden, out = torchvision.models.resnet50, 2048, 4096, 256
+    elif scale == "resnet18":
+        ctor, feat, hidden, out = torchvision.models.resnet18, 512, 1024, 128
+    else:
+        raise ValueError(f"unknown EMA model {scale!r}")
+    with torch.device("meta"):
+        backbone = ctor()
+        backbone.fc = nn.Identity()
+        projector = nn.Sequential(nn.Linear(feat, hidden), nn.BatchNorm1d(hidden),
+                                  nn.ReLU(inplace=True), nn.Linear(hidden, out))
+        model = nn.Sequential(backbone, projector)
+    shapes = [p.shape for p in model.parameters()]
+    shapes += [b.shape for b in model.buffers() if b.is_floating_point()]
+    name = f"{scale}+projector {feat}-{hidden}-{out}"
+    return name, shapes
+
+
+def ema_tensors(shapes: list[torch.Size], online_dtype: torch.dtype, device: torch.device,
+                seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    targets = [torch.randn(s, device=device, generator=gen) for s in shapes]
+    onlines = [torch.randn(s, device=device, generator=gen).to(online_dtype) for s in shapes]
+    return targets, onlines
+
+
+def ema_bytes_per_param(online_dtype: torch.dtype) -> int:
+    """Read target (4) + read online (4 or 2) + write target (4)."""
+    return 8 + torch.empty((), dtype=online_dtype).element_size()
+
+
+EMA_PROVIDERS = ("loop", "foreach", "minc_kernels", "extension-raw")
+
+
+def ema_fn(provider: str, targets: list, onlines: list, momentum: float) -> Callable[[], None]:
+    """One EMA step by ``provider``.
+
+    ``loop``: per-tensor ``lerp_`` (upcasting a bf16 online tensor first);
+    ``foreach``: ``torch._foreach_lerp_`` (the reference, the baseline);
+    ``minc_kernels``: ``ema_update_(..., check_finite=False, backend="extension")``
+    (argument validation included); ``extension-raw``: the extension's entry point alone.
+    """
+    from minc_kernels import _ext, ema
+
+    weight = 1.0 - momentum
+    if provider == "loop":
+        def loop() -> None:
+            for t, o in zip(targets, onlines):
+                t.lerp_(o if o.dtype == t.dtype else o.to(t.dtype), weight)
+        return loop
+    if provider == "foreach":
+        return lambda: reference.ema_update_(targets, onlines, momentum)
+    if provider in ("minc_kernels", "extension-raw"):
+        ext = _ext.load()
+        if ext is None:
+            ok, why = _ext.status()
+            raise RuntimeError(f"extension unavailable: {why}")
+        if provider == "minc_kernels":
+            return lambda: ema.ema_update_(targets, onlines, momentum, check_finite=False,
+                                           backend="extension")
+        return lambda: ext.ema_update_(targets, onlines, momentum)
+    raise ValueError(f"unknown EMA provider {provider!r}")

@@ -1,0 +1,44 @@
+"""The machine's measured limits, so each case can be read as a fraction of them.
+
+* copy: ``dst.copy_(src)`` of a large buffer, GB/s counting read + write (``2·bytes/t``);
+* matmul: a large square ``torch.mm`` in the benchmark dtype, TFLOP/s (``2n³/t``).
+"""
+from __future__ import annotations
+
+import torch
+
+from .timing import Budget, measure
+
+
+def copy_gbps(device: torch.device, nbytes: int | None = None) -> dict:
+    if nbytes is None:
+        nbytes = 2**30 if device.type == "cuda" else 2**28
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    res = measure(lambda: dst.copy_(src), device, Budget(warmup_ms=50, measure_ms=200,
+                                                       min_reps=5, max_reps=50))
+    del src, dst
+    gbps = 2 * nbytes / (res["median_ms"] * 1e-3) / 1e9
+    return {"gbps": gbps, "bytes": nbytes, "median_ms": res["median_ms"],
+            "how": "dst.copy_(src), read + write counted"}
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None) -> dict:
+    if n is None:
+        n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    res = measure(lambda: torch.mm(a, b, out=c), device, Budget(warmup_ms=50, measure_ms=300,
+                                                               min_reps=3, max_reps=50))
+    del a, b, c
+    tflops = 2.0 * n**3 / (res["median_ms"] * 1e-3) / 1e12
+    return {"tflops": tflops, "n": n, "dtype": str(dtype).replace("torch.", ""),
+            "median_ms": res["median_ms"], "how": f"torch.mm {n}x{n}x{n}"}
+
+
+def measure_ceilings(device: torch.device, dtypes: list[torch.dtype]) -> dict:
+    out = {"copy": copy_gbps(device), "matmul": {}}
+    for dt in dtypes:
+        out["matmul"][str(dt).replace("torch.", "")] = matmul_tflops(device, dt)
+    return out

@@ -1,0 +1,378 @@
+"""Tables and plots from ``results.json``.
+
+``python -m benchmarks.report DIR`` rebuilds ``DIR/results.md`` and the plots from
+``DIR/results.json`` (e.g. after a run was cut short) and prints the summary.
+
+Derived numbers (added to every record by :func:`add_derived`):
+
+* ``tflops`` = ``flops / median`` (the flop model is :func:`benchmarks.cases.loss_flops`),
+  ``frac_matmul`` = that over the measured matmul ceiling of the case's dtype;
+* ``speedup_vs_eager`` = best eager median / this median, on the same loss, shape,
+  dtype and mode (spectral: the faster of ``eager-pairwise`` and ``eager-gram``);
+* EMA: ``gbps`` = bytes per parameter × parameters / median, ``frac_copy`` = that over
+  the measured copy ceiling, ``speedup_vs_foreach``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+DTYPE_FULL = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+PROVIDER_ORDER = ("eager", "eager-pairwise", "eager-gram", "compile", "minc_kernels")
+STATUS_CELL = {"oom": "OOM", "error": "error", "skipped": "–"}
+
+
+def _ok(rec: dict) -> bool:
+    return rec.get("status") == "ok" and rec.get("median_ms")
+
+
+def add_derived(data: dict) -> dict:
+    ceil = data.get("ceilings") or {}
+    matmul = {k: v.get("tflops") for k, v in (ceil.get("matmul") or {}).items()}
+    copy = (ceil.get("copy") or {}).get("gbps")
+    best: dict = {}
+    for rec in data.get("cases", []):
+        if rec.get("family") == "eager" and _ok(rec):
+            key = (rec["loss"], rec["B"], rec["k"], rec["dtype"], rec["mode"])
+            if key not in best or rec["median_ms"] < best[key][0]:
+                best[key] = (rec["median_ms"], rec["provider"], rec.get("peak_mb"))
+    for rec in data.get("cases", []):
+        rec["tflops"] = rec["frac_matmul"] = rec["speedup_vs_eager"] = None
+        rec["eager_baseline"] = rec["memory_vs_eager"] = None
+        if not _ok(rec):
+            continue
+        rec["tflops"] = rec["flops"] / (rec["median_ms"] * 1e-3) / 1e12
+        peak = matmul.get(DTYPE_FULL.get(rec["dtype"], rec["dtype"]))
+        if peak:
+            rec["frac_matmul"] = rec["tflops"] / peak
+        base = best.get((rec["loss"], rec["B"], rec["k"], rec["dtype"], rec["mode"]))
+        if base:
+            rec["speedup_vs_eager"] = base[0] / rec["median_ms"]
+            rec["eager_baseline"] = base[1]
+            if base[2] and rec.get("peak_mb") is not None:
+                rec["memory_vs_eager"] = rec["peak_mb"] / base[2]
+    foreach = {}
+    for rec in data.get("ema", []):
+        if rec["provider"] == "foreach" and _ok(rec):
+            foreach[rec["online_dtype"]] = rec["median_ms"]
+    for rec in data.get("ema", []):
+        rec["gbps"] = rec["frac_copy"] = rec["speedup_vs_foreach"] = None
+        if not _ok(rec):
+            continue
+        rec["gbps"] = rec["bytes_per_param"] * rec["n_params"] / (rec["median_ms"] * 1e-3) / 1e9
+        if copy:
+            rec["frac_copy"] = rec["gbps"] / copy
+        if rec["online_dtype"] in foreach:
+            rec["speedup_vs_foreach"] = foreach[rec["online_dtype"]] / rec["median_ms"]
+    return data
+
+
+# --------------------------------------------------------------------------- text helpers
+def _fmt_ms(rec: dict | None) -> str:
+    if rec is None:
+        return ""
+    if not _ok(rec):
+        return STATUS_CELL.get(rec.get("status"), "?")
+    ms = rec["median_ms"]
+    return f"{ms:.3f}" if ms < 10 else f"{ms:.1f}"
+
+
+def _fmt_mb(rec: dict | None) -> str:
+    if rec is None or not _ok(rec) or rec.get("peak_mb") is None:
+        return STATUS_CELL.get(rec.get("status"), "") if rec and not _ok(rec) else ""
+    return f"{rec['peak_mb']:.0f}" if rec["peak_mb"] >= 10 else f"{rec['peak_mb']:.1f}"
+
+
+def _fmt_num(value: float) -> str:
+    """Three significant digits, no exponent for the usual ranges (0.0123, 1.23, 123)."""
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.3g}"
+
+
+def _fmt_x(value) -> str:
+    return "" if value is None else f"{value:.2f}×"
+
+
+def _geomean(values) -> float | None:
+    values = [v for v in values if v and v > 0]
+    if not values:
+        return None
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def _providers(recs) -> list[str]:
+    seen = {r["provider"] for r in recs}
+    return [p for p in PROVIDER_ORDER if p in seen] + sorted(seen - set(PROVIDER_ORDER))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def _groups(data: dict) -> dict:
+    groups: dict = defaultdict(list)
+    for rec in data.get("cases", []):
+        groups[(rec["loss"], rec["mode"], rec["dtype"])].append(rec)
+    return groups
+
+
+# --------------------------------------------------------------------------- summary
+def summary_rows(data: dict) -> list[list[str]]:
+    rows = []
+    for (loss, mode, dt), recs in _groups(data).items():
+        grid = [r for r in recs if r.get("tag") != "memory"]
+        for prov in _providers(grid):
+            if prov.startswith("eager"):
+                continue
+            mine = [r for r in grid if r["provider"] == prov]
+            ok = [r for r in mine if _ok(r) and r.get("speedup_vs_eager")]
+            sp = [r["speedup_vs_eager"] for r in ok]
+            frac = [r["frac_matmul"] for r in ok if r.get("frac_matmul") is not None]
+            why = ""
+            if not ok:
+                reasons = {r.get("reason") or r.get("status") for r in mine if not _ok(r)}
+                why = "; ".join(sorted(str(x) for x in reasons))[:90]
+            rows.append([loss, mode, dt, prov, f"{len(ok)}/{len(mine)}",
+                         _fmt_x(_geomean(sp)), _fmt_x(min(sp) if sp else None),
+                         _fmt_x(max(sp) if sp else None),
+                         f"{100 * max(frac):.0f}%" if frac else "", why])
+    return rows
+
+
+SUMMARY_HEADER = ["loss", "mode", "dtype", "provider", "cases ok", "geomean speed-up",
+                  "min", "max", "best % of matmul peak", "note"]
+
+
+def _ceiling_lines(data: dict) -> list[str]:
+    ceil = data.get("ceilings") or {}
+    lines = []
+    if ceil.get("copy"):
+        c = ceil["copy"]
+        lines.append(f"- copy ceiling: **{c['gbps']:.0f} GB/s** ({c['how']}, "
+                     f"{c['bytes'] / 2**20:.0f} MiB)")
+    for dt, m in (ceil.get("matmul") or {}).items():
+        lines.append(f"- matmul ceiling ({dt}): **{_fmt_num(m['tflops'])} TFLOP/s** ({m['how']})")
+    return lines or ["- ceilings not measured"]
+
+
+def _ema_rows(data: dict) -> list[list[str]]:
+    rows = []
+    for rec in data.get("ema", []):
+        ok = _ok(rec)
+        rows.append([rec["model"], f"{rec['n_params'] / 1e6:.1f} M / {rec['n_tensors']}",
+                     f"{rec['online_dtype']}→{rec['target_dtype']}", rec["provider"],
+                     _fmt_ms(rec), f"{rec['gbps']:.0f}" if ok else "",
+                     f"{100 * rec['frac_copy']:.0f}%" if ok and rec.get("frac_copy") else "",
+                     _fmt_x(rec.get("speedup_vs_foreach")),
+                     "" if ok else (rec.get("reason") or "")[:80]])
+    return rows
+
+
+EMA_HEADER = ["params", "values / tensors", "online→target", "provider", "median ms",
+              "GB/s", "% of copy", "vs foreach", "note"]
+
+
+def _memory_rows(data: dict) -> list[list[str]]:
+    rows = []
+    for rec in data.get("cases", []):
+        if rec.get("tag") == "memory":
+            rows.append([rec["loss"], str(rec["B"]), str(rec["k"]), rec["dtype"], rec["provider"],
+                         _fmt_ms(rec), _fmt_mb(rec),
+                         "" if _ok(rec) else (rec.get("reason") or "")[:100]])
+    return rows
+
+
+def summary_text(data: dict) -> str:
+    meta = data.get("meta", {})
+    lines = [f"== benchmark summary: {meta.get('device')} | torch {meta.get('torch')} | "
+             f"triton {meta.get('triton')} | commit {str(meta.get('git_commit'))[:10]}"]
+    lines += _ceiling_lines(data)
+    if data.get("ema"):
+        lines += ["", "EMA:"] + _table(EMA_HEADER, _ema_rows(data))
+    mem = _memory_rows(data)
+    if mem:
+        lines += ["", "memory case:"] + _table(["loss", "B", "k", "dtype", "provider", "ms",
+                                                "peak MB", "note"], mem)
+    lines += ["", "losses (speed-up vs the best eager provider):"]
+    lines += _table(SUMMARY_HEADER, summary_rows(data))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- markdown
+def markdown(data: dict, plots: list[str]) -> str:
+    meta = data.get("meta", {})
+    settings = data.get("settings", {})
+    lines = [f"# minc_kernels benchmarks: {meta.get('device')}", ""]
+    lines += [f"- date (UTC): {meta.get('date_utc')}; wall time {meta.get('wall_s')} s"
+              + (f"; **interrupted**: {meta['interrupted']}" if meta.get("interrupted") else ""),
+              f"- torch {meta.get('torch')}, triton {meta.get('triton')}, CUDA {meta.get('cuda')}, "
+              f"python {meta.get('python')}",
+              f"- git commit `{meta.get('git_commit')}`"
+              + (" (uncommitted changes)" if meta.get("git_dirty") else ""),
+              f"- settings: `{json.dumps(settings)}`",
+              f"- triton ops: `{json.dumps(meta.get('ops'))}`; EMA extension: "
+              f"`{meta.get('extension')}`"]
+    lines += _ceiling_lines(data)
+    lines += ["", "Times are medians (ms); peak MB is the CUDA allocator's peak above the "
+              "inputs (blank on the CPU); × is the speed-up over the best eager provider; "
+              "TFLOP/s uses the flop model in `benchmarks/cases.py`, % is of the matmul "
+              "ceiling. `–` skipped (see `reason` in results.json), OOM out of memory.", ""]
+    lines += ["## Summary", ""] + _table(SUMMARY_HEADER, summary_rows(data))
+    if data.get("ema"):
+        lines += ["", "## EMA update (BYOL/MINC target network)", "",
+                  "GB/s counts 12 bytes per parameter for fp32 online (read target, read "
+                  "online, write target) and 10 for bf16 online.", ""]
+        lines += _table(EMA_HEADER, _ema_rows(data))
+    mem = _memory_rows(data)
+    if mem:
+        lines += ["", "## Memory case", ""]
+        lines += _table(["loss", "B", "k", "dtype", "provider", "ms", "peak MB", "note"], mem)
+    for (loss, mode, dt), recs in _groups(data).items():
+        grid = [r for r in recs if r.get("tag") != "memory"]
+        if not grid:
+            continue
+        provs = _providers(grid)
+        fast = [p for p in provs if not p.startswith("eager")]
+        header = (["B", "k"] + [f"{p} ms" for p in provs] + [f"{p} MB" for p in provs]
+                  + [f"{p} ×" for p in fast] + [f"{p} TFLOP/s (%)" for p in fast])
+        by_shape: dict = defaultdict(dict)
+        for r in grid:
+            by_shape[(r["B"], r["k"])][r["provider"]] = r
+        rows = []
+        for (b, k) in sorted(by_shape):
+            cell = by_shape[(b, k)]
+            row = [str(b), str(k)] + [_fmt_ms(cell.get(p)) for p in provs]
+            row += [_fmt_mb(cell.get(p)) for p in provs]
+            row += [_fmt_x((cell.get(p) or {}).get("speedup_vs_eager")) for p in fast]
+            for p in fast:
+                r = cell.get(p) or {}
+                if r.get("tflops") is None:
+                    row.append("")
+                else:
+                    frac = r.get("frac_matmul")
+                    row.append(_fmt_num(r["tflops"]) + (f" ({100 * frac:.0f}%)" if frac else ""))
+            rows.append(row)
+        lines += ["", f"## {loss}, {mode}, {dt}", ""] + _table(header, rows)
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- plots
+def make_plots(data: dict, out: Path) -> list[str]:
+    """``time_<loss>_<mode>_<dtype>.png`` (ms vs B, one panel per k), ``speedup_<loss>_<dtype>.png``
+    and ``ema.png``; returns the file names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    groups = _groups(data)
+    for (loss, mode, dt), recs in groups.items():
+        grid = [r for r in recs if r.get("tag") != "memory"]
+        ks = sorted({r["k"] for r in grid})
+        if not ks:
+            continue
+        fig, axes = plt.subplots(1, len(ks), figsize=(4 * len(ks), 3.4), squeeze=False)
+        for ax, k in zip(axes[0], ks):
+            for prov in _providers(grid):
+                pts = sorted((r["B"], r["median_ms"]) for r in grid
+                             if r["k"] == k and r["provider"] == prov and _ok(r))
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=prov)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"k = {k}")
+            ax.set_xlabel("B")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0][0].set_ylabel("median ms")
+        axes[0][-1].legend(fontsize=8)
+        fig.suptitle(f"{loss} {mode} ({dt}), {data['meta'].get('device')}", fontsize=10)
+        fig.tight_layout()
+        name = f"time_{loss}_{mode.replace('+', '_')}_{dt}.png"
+        fig.savefig(out / name, dpi=90)
+        plt.close(fig)
+        names.append(name)
+    by_loss: dict = defaultdict(list)
+    for (loss, mode, dt), recs in groups.items():
+        by_loss[(loss, dt)].append((mode, recs))
+    for (loss, dt), items in by_loss.items():
+        fig, axes = plt.subplots(1, len(items), figsize=(4 * len(items), 3.4), squeeze=False)
+        drew = False
+        for ax, (mode, recs) in zip(axes[0], items):
+            for prov in ("compile", "minc_kernels"):
+                for k in sorted({r["k"] for r in recs if r.get("tag") != "memory"}):
+                    pts = sorted((r["B"], r["speedup_vs_eager"]) for r in recs
+                                 if r["provider"] == prov and r["k"] == k
+                                 and r.get("speedup_vs_eager") and r.get("tag") != "memory")
+                    if pts:
+                        drew = True
+                        ax.plot(*zip(*pts), marker="o" if prov == "minc_kernels" else "x",
+                                linestyle="-" if prov == "minc_kernels" else ":",
+                                label=f"{prov} k={k}")
+            ax.axhline(1.0, color="k", linewidth=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(mode)
+            ax.set_xlabel("B")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0][0].set_ylabel("speed-up vs best eager")
+        if drew:
+            axes[0][-1].legend(fontsize=7)
+        fig.suptitle(f"{loss} ({dt}) speed-up, {data['meta'].get('device')}", fontsize=10)
+        fig.tight_layout()
+        name = f"speedup_{loss}_{dt}.png"
+        fig.savefig(out / name, dpi=90)
+        plt.close(fig)
+        names.append(name)
+    ema = [r for r in data.get("ema", []) if _ok(r)]
+    if ema:
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        labels = [f"{r['provider']}\n{r['online_dtype']}" for r in ema]
+        ax.bar(range(len(ema)), [r["gbps"] for r in ema])
+        ax.set_xticks(range(len(ema)), labels, fontsize=7)
+        copy = ((data.get("ceilings") or {}).get("copy") or {}).get("gbps")
+        if copy:
+            ax.axhline(copy, color="r", linestyle="--", label=f"copy ceiling {copy:.0f} GB/s")
+            ax.legend(fontsize=8)
+        ax.set_ylabel("GB/s")
+        ax.set_title(f"EMA update, {ema[0]['model']}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "ema.png", dpi=90)
+        plt.close(fig)
+        names.append("ema.png")
+    return names
+
+
+def write_report(data: dict, out: Path, plots: bool = True) -> None:
+    add_derived(data)
+    names = []
+    if plots:
+        try:
+            names = make_plots(data, out)
+        except Exception as exc:  # noqa: BLE001 - a table without plots beats nothing
+            print(f"plots failed: {type(exc).__name__}: {exc}")
+    (out / "results.md").write_text(markdown(data, names))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report")
+    p.add_argument("dir", type=Path, help="folder holding results.json")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    data = json.loads((args.dir / "results.json").read_text())
+    write_report(data, args.dir, plots=not args.no_plots)
+    (args.dir / "results.json").write_text(json.dumps(data, indent=1, default=str))
+    print(summary_text(data))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
