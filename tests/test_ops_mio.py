@@ -138,16 +138,17 @@ def test_collapsed_batch_sanity_value(kernel_device):
     assert abs(loss.item() - expected) < 1e-6
 
 
-def test_zero_row_matches_normalize_gradient(kernel_device):
-    """A zero row: F.normalize clamps the norm at eps, its gradient is g/eps (no projection)."""
+def test_tiny_and_zero_rows_match_normalize_gradient(kernel_device):
+    """Norm below eps: F.normalize clamps it at eps, its gradient is g/eps (no projection)."""
     z1, z2 = _inputs(4, 6, "cpu", seed=2)
     z1[1] = 0.0
+    z2[2] = z2[2] * (3e-13 / z2[2].norm())  # 0 < ||z|| < eps: ẑ has norm 0.3, not 1
     up = torch.tensor(1.0, dtype=torch.float64)
     lo, g1o, g2o = _loss_and_grads(_ref(0.5, 0.5, 1.0), z1, z2, up)
     lt, g1t, g2t = _loss_and_grads(_triton(0.5, 0.5, 1.0), z1.float().to(kernel_device),
                                    z2.float().to(kernel_device), up.float().to(kernel_device))
     assert abs(lt.item() - lo.item()) <= 2e-6 * abs(lo.item())
-    assert g1o[1].abs().max() > 1e6  # the eps branch is exercised
+    assert g1o[1].abs().max() > 1e6 and g2o[2].abs().max() > 1e6  # the eps branch is exercised
     assert _rel(g1t, g1o) < 2e-5 and _rel(g2t, g2o) < 2e-5
 
 
