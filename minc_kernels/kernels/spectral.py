@@ -45,8 +45,8 @@ def clip_rows_dot_kernel(
         n2 = tl.sqrt_rn(ss2)
         tl.store(n1_ptr + rows, n1, mask=r_mask)
         tl.store(n2_ptr + rows, n2, mask=r_mask)
-        s1 = tl.where(n1 >= r, tl.div_rn(tl.full((BLOCK_R,), r, tl.float32), tl.maximum(n1, 1e-30)), 1.0)
-        s2 = tl.where(n2 >= r, tl.div_rn(tl.full((BLOCK_R,), r, tl.float32), tl.maximum(n2, 1e-30)), 1.0)
+        s1 = tl.where(n1 >= r, tl.div_rn(tl.full((BLOCK_R,), r, tl.float32), tl.maximum(n1, r)), 1.0)
+        s2 = tl.where(n2 >= r, tl.div_rn(tl.full((BLOCK_R,), r, tl.float32), tl.maximum(n2, r)), 1.0)
     dd = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -131,7 +131,7 @@ def clip_rows_backward_kernel(
         z = tl.load(z_ptr + rows[:, None] * stride_zb + ks[None, :] * stride_zk, mask=m, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + rows[:, None] * K + ks[None, :], mask=m, other=0.0)
         zg += tl.sum(z * g, axis=1)
-    safe_n = tl.maximum(n, 1e-30)
+    safe_n = tl.maximum(n, r)  # equals n on clipped rows; keeps the unused branch finite
     scale = tl.where(clipped, tl.div_rn(tl.full((BLOCK_R,), r, tl.float32), safe_n), 1.0)
     proj = tl.where(clipped, tl.div_rn(zg, safe_n * safe_n), 0.0)
     for k0 in range(0, K, BLOCK_K):

@@ -29,8 +29,8 @@ __all__ = ["minc_loss", "moment_sum", "minc_loss_fwd", "minc_moment_sum", "rowma
 
 
 # ----------------------------------------------------------------------------- launchers
-def _rowmat_config(k: int) -> dict:
-    if interpreting():
+def _rowmat_config(k: int, for_device: bool = False) -> dict:
+    if interpreting() and not for_device:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4)
     return dict(BLOCK_M=64, BLOCK_N=min(64, max(16, next_pow2(k))),
                 BLOCK_K=min(32, max(16, next_pow2(k))), num_warps=4, num_stages=3)
@@ -59,8 +59,8 @@ def rowmat(x: torch.Tensor, g: torch.Tensor, y: torch.Tensor, d: torch.Tensor | 
     return sums[0], sums[1], (out if need_grad else None)
 
 
-def _gram_config(k: int, dtype: torch.dtype) -> dict:
-    if interpreting():
+def _gram_config(k: int, dtype: torch.dtype, for_device: bool = False) -> dict:
+    if interpreting() and not for_device:
         return dict(BLOCK_K=16, BLOCK_B=16, num_warps=4)
     return dict(BLOCK_K=min(64, max(16, next_pow2(k))), BLOCK_B=32 if is_fp32(dtype) else 64,
                 num_warps=4, num_stages=3)

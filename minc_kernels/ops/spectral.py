@@ -1,0 +1,232 @@
+"""Spectral contrastive loss launchers and ``torch.library`` op (SPEC §1).
+
+Op ``minc_kernels::spectral_loss_fwd(z1, z2, mu, clip, algorithm, need_grad)
+-> (loss, grad_z1, grad_z2)``: the fp32 loss and, with ``need_grad``, the fp32 gradients
+for a unit upstream gradient (empty otherwise; non-differentiable outputs).  Backward only
+scales them.  ``algorithm`` is ``"pairwise"`` or ``"gram"`` here; ``"auto"`` is resolved
+by :func:`choose_algorithm` before the op is called.
+
+Passes:
+
+1. :func:`~minc_kernels.kernels.spectral.clip_rows_dot_kernel`: clipped rows (storage
+   dtype, like the reference) and ``d_i = z1c_i·z2c_i``.
+2. pairwise: :func:`~minc_kernels.kernels.spectral.pairwise_offdiag_kernel` on
+   ``(Z1c, Z2c)`` (loss partials, ``dZ1c``) and, for the gradient, on ``(Z2c, Z1c)``
+   (``dZ2c``), recomputing ``S`` tiles; gram: ``G1 = Z1cᵀZ1c``, ``G2 = Z2cᵀZ2c`` and, for the
+   gradient, ``Z1c G2 - d∘Z2c`` / ``Z2c G1 - d∘Z1c`` (:mod:`minc_kernels.ops.minc` launchers),
+   whose fused partial ``Σ z1cᵀ G2 z1c = <G1, G2>_F`` also gives the loss.
+3. :func:`~minc_kernels.kernels.spectral.clip_rows_backward_kernel`: the clipping Jacobian.
+
+``tl.dot`` precision: fp32 inputs ``input_precision="ieee"`` (strict fp32, no TF32) in
+every dot; bf16/fp16 inputs: native half dots for ``Z Zᵀ``/``Zᵀ Z``/``offdiag(S) Z``
+(``S`` rounded to the storage dtype for that second dot, as eager autograd does), and
+``Z G`` with the fp32 Gram as three bf16 dots (bf16) or two TF32 dots (fp16).  fp32
+accumulation and fp32 partials throughout; no atomics (deterministic).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from ..kernels.spectral import clip_rows_backward_kernel, clip_rows_dot_kernel, pairwise_offdiag_kernel
+from ._common import (DEVICE_BW, DEVICE_FLOPS, device_guard, interpreting, is_fp32, next_pow2,
+                      upcast_bf16_dot)
+from .minc import _gram_config, _rowmat_config, gram, rowmat
+
+__all__ = ["spectral_loss", "spectral_loss_fwd", "choose_algorithm", "estimate_seconds"]
+
+_LAUNCH_S = 4e-6  # rough cost of one kernel launch / small torch op
+
+
+# ----------------------------------------------------------------------------- configs
+def _pairwise_config(k: int, dtype: torch.dtype, for_device: bool = False) -> dict:
+    if interpreting() and not for_device:
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_C=16, num_warps=4)
+    kk = max(16, next_pow2(k))
+    if is_fp32(dtype):
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(32, kk), BLOCK_C=min(64, kk),
+                    num_warps=4, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(64, kk), BLOCK_C=min(128, kk),
+                num_warps=4, num_stages=3)
+
+
+def _rows_config(k: int) -> dict:
+    if interpreting():
+        return dict(BLOCK_R=16, BLOCK_K=min(64, max(16, next_pow2(k))), num_warps=4)
+    return dict(BLOCK_R=8, BLOCK_K=min(512, max(16, next_pow2(k))), num_warps=4)
+
+
+# ----------------------------------------------------------------------------- cost model
+def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> dict[str, float]:
+    """Rough H100 time of each algorithm: Σ over passes of flops/peak + bytes/bandwidth + launches.
+
+    Uses the device tile sizes (not the interpreter's), so the choice depends only on
+    (B, k, dtype, need_grad).  Pairwise: ``S`` tiles cost ``2B²k``; with gradients each of the
+    two passes recomputes them once per ``BLOCK_C``-wide chunk of output columns and adds
+    ``2B²k`` for ``offdiag(S) Z``.  Gram: two symmetric Grams (``Bk²`` each) and, with
+    gradients, two ``Z G`` products (``2Bk²`` each, split dots).
+    """
+    isz = torch.empty((), dtype=dtype).element_size()
+    half = not is_fp32(dtype)
+    rate_same = DEVICE_FLOPS["half"] if half else DEVICE_FLOPS["fp32"]
+    rate_rhs = DEVICE_FLOPS["half_x_f32"] if half else DEVICE_FLOPS["fp32"]
+
+    pc = _pairwise_config(k, dtype, for_device=True)
+    n_m = triton.cdiv(b, pc["BLOCK_M"])
+    if need_grad:
+        n_c = triton.cdiv(k, pc["BLOCK_C"])
+        flops = 2 * (n_c * 2.0 * b * b * k + 2.0 * b * b * k)
+        bytes_ = 2 * isz * n_c * n_m * (b * k + b * pc["BLOCK_C"]) + 2 * 4 * b * k
+        launches = 2
+    else:
+        flops = 2.0 * b * b * k
+        bytes_ = isz * n_m * b * k
+        launches = 1
+    pairwise = flops / rate_same + bytes_ / DEVICE_BW + launches * _LAUNCH_S
+
+    gc = _gram_config(k, dtype, for_device=True)
+    n_k = triton.cdiv(k, gc["BLOCK_K"])
+    flops = 2 * (b * k * k + b * k * gc["BLOCK_K"])
+    bytes_ = 2 * isz * (n_k + 1) * b * k + 2 * 4 * k * k
+    t_gram = flops / rate_same + bytes_ / DEVICE_BW + 3 * _LAUNCH_S
+    if need_grad:
+        rc = _rowmat_config(k, for_device=True)
+        flops = 2 * 2.0 * b * k * k
+        bytes_ = 2 * (triton.cdiv(b, rc["BLOCK_M"]) * 4 * k * k
+                      + triton.cdiv(k, rc["BLOCK_N"]) * isz * b * k + 4 * b * k)
+        t_gram += flops / rate_rhs + bytes_ / DEVICE_BW + 2 * _LAUNCH_S
+    return {"pairwise": pairwise, "gram": t_gram}
+
+
+def choose_algorithm(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> str:
+    """``"pairwise"`` or ``"gram"``, whichever :func:`estimate_seconds` says is faster."""
+    est = estimate_seconds(b, k, dtype, need_grad)
+    return "pairwise" if est["pairwise"] <= est["gram"] else "gram"
+
+
+# ----------------------------------------------------------------------------- launchers
+def _pairwise(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float, need_grad: bool):
+    """``(Σ_{i≠j} (x_i·y_j)², α·offdiag(X Yᵀ) Y + β·Y or None)``."""
+    b, k = x.shape
+    cfg = _pairwise_config(k, x.dtype)
+    n_c = triton.cdiv(k, cfg["BLOCK_C"]) if need_grad else 1
+    grid = (triton.cdiv(b, cfg["BLOCK_M"]), n_c)
+    part = torch.empty(grid[0], n_c, dtype=torch.float32, device=x.device)
+    out = torch.empty((b, k) if need_grad else (1, 1), dtype=torch.float32, device=x.device)
+    with device_guard(x):
+        pairwise_offdiag_kernel[grid](
+            x, y, out, part, b, k,
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1),
+            float(alpha), float(beta),
+            NEED_GRAD=bool(need_grad), IS_FP32=is_fp32(x.dtype), UPCAST=upcast_bf16_dot(x.dtype),
+            **cfg,
+        )
+    return part[:, 0].sum(), (out if need_grad else None)
+
+
+def _clip_rows_dot(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool):
+    b, k = z1.shape
+    d = torch.empty(b, dtype=torch.float32, device=z1.device)
+    if clip:
+        z1c = torch.empty((b, k), dtype=z1.dtype, device=z1.device)
+        z2c = torch.empty((b, k), dtype=z2.dtype, device=z2.device)
+        n1 = torch.empty(b, dtype=torch.float32, device=z1.device)
+        n2 = torch.empty(b, dtype=torch.float32, device=z1.device)
+    else:
+        z1c, z2c, n1, n2 = z1, z2, d, d  # unused by the kernel without CLIP
+    cfg = _rows_config(k)
+    with device_guard(z1):
+        clip_rows_dot_kernel[(triton.cdiv(b, cfg["BLOCK_R"]),)](
+            z1, z2, z1c, z2c, d, n1, n2, b, k,
+            z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1), math.sqrt(mu),
+            CLIP=bool(clip), **cfg,
+        )
+    return z1c, z2c, d, n1, n2
+
+
+def _clip_rows_backward_(z: torch.Tensor, norms: torch.Tensor, g: torch.Tensor, mu: float) -> None:
+    b, k = z.shape
+    cfg = _rows_config(k)
+    with device_guard(z):
+        clip_rows_backward_kernel[(triton.cdiv(b, cfg["BLOCK_R"]),)](
+            z, norms, g, b, k, z.stride(0), z.stride(1), math.sqrt(mu), **cfg,
+        )
+
+
+# ----------------------------------------------------------------------------- op
+@torch.library.custom_op("minc_kernels::spectral_loss_fwd", mutates_args=())
+def spectral_loss_fwd(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool, algorithm: str,
+                      need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(L, dL/dz1, dL/dz2)``: fp32 scalar and fp32 (B, k) gradients ((0,) without ``need_grad``)."""
+    if algorithm not in ("pairwise", "gram"):
+        raise ValueError(f"algorithm must be 'pairwise' or 'gram' here, got {algorithm!r}")
+    b, k = z1.shape
+    z1c, z2c, d, n1, n2 = _clip_rows_dot(z1, z2, mu, clip)
+    inv = 1.0 / (b * (b - 1) * mu)  # weight of Σ_{i≠j} S_ij²
+    pos = -2.0 / (b * mu)  # weight of Σ_i d_i
+    g1 = g2 = None
+    if algorithm == "pairwise":
+        off, g1 = _pairwise(z1c, z2c, 2.0 * inv, pos, need_grad)
+        if need_grad:
+            _, g2 = _pairwise(z2c, z1c, 2.0 * inv, pos, True)
+    else:
+        gram1, gram2 = gram(z1c), gram(z2c)
+        if need_grad:
+            # Z1c G2 - d∘Z2c = offdiag(S) Z2c; its fused partial Σ z1cᵀ G2 z1c = <G1, G2>_F.
+            frob, _, g1 = rowmat(z1c, gram2, z2c, d, 2.0 * inv, pos, -2.0 * inv, False, True)
+            _, _, g2 = rowmat(z2c, gram1, z1c, d, 2.0 * inv, pos, -2.0 * inv, False, True)
+        else:
+            frob = (gram1 * gram2).sum()
+        off = frob - (d * d).sum()
+    if need_grad and clip:
+        _clip_rows_backward_(z1, n1, g1, mu)
+        _clip_rows_backward_(z2, n2, g2, mu)
+    loss = pos * d.sum() + inv * off
+    if not need_grad:
+        # two tensors: outputs of a custom op must not alias each other
+        g1 = z1.new_empty((0,), dtype=torch.float32)
+        g2 = z1.new_empty((0,), dtype=torch.float32)
+    return loss, g1, g2
+
+
+@spectral_loss_fwd.register_fake
+def _spectral_loss_fwd_fake(z1, z2, mu, clip, algorithm, need_grad):
+    shape = tuple(z1.shape) if need_grad else (0,)
+    return (z1.new_empty((), dtype=torch.float32), z1.new_empty(shape, dtype=torch.float32),
+            z1.new_empty(shape, dtype=torch.float32))
+
+
+def _spectral_setup_context(ctx, inputs, output):
+    z1, z2, _mu, _clip, _algorithm, need_grad = inputs
+    _, g1, g2 = output
+    ctx.mark_non_differentiable(g1, g2)
+    ctx.need_grad = need_grad
+    ctx.dtypes = (z1.dtype, z2.dtype)
+    ctx.save_for_backward(g1, g2)
+
+
+def _spectral_backward(ctx, grad_loss, _g1, _g2):
+    g1, g2 = ctx.saved_tensors
+    if (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]) and not ctx.need_grad:
+        raise RuntimeError("minc_kernels::spectral_loss_fwd was called with need_grad=False; "
+                           "it has no gradient to return")
+    grad_z1 = (grad_loss * g1).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+    grad_z2 = (grad_loss * g2).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+    return grad_z1, grad_z2, None, None, None, None
+
+
+spectral_loss_fwd.register_autograd(_spectral_backward, setup_context=_spectral_setup_context)
+
+
+# ----------------------------------------------------------------------------- API
+def spectral_loss(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool,
+                  algorithm: str) -> torch.Tensor:
+    """Fp32 scalar spectral contrastive loss (SPEC §1), differentiable wrt ``z1`` and ``z2``."""
+    need_grad = torch.is_grad_enabled() and (z1.requires_grad or z2.requires_grad)
+    if algorithm == "auto":
+        b, k = z1.shape
+        algorithm = choose_algorithm(b, k, z1.dtype, need_grad)
+    loss, _, _ = spectral_loss_fwd(z1, z2, float(mu), bool(clip), algorithm, need_grad)
+    return loss
