@@ -38,6 +38,7 @@ from .minc import _gram_config, _rowmat_config, gram, rowmat
 __all__ = ["spectral_loss", "spectral_loss_fwd", "choose_algorithm", "estimate_seconds"]
 
 _LAUNCH_S = 4e-6  # rough cost of one kernel launch / small torch op
+_RESIDENT_PROGRAMS = 132 * 2  # H100 SMs × programs per SM the tile sizes allow
 
 
 # ----------------------------------------------------------------------------- configs
@@ -60,43 +61,46 @@ def _rows_config(k: int) -> dict:
 
 # ----------------------------------------------------------------------------- cost model
 def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> dict[str, float]:
-    """Rough H100 time of each algorithm: Σ over passes of flops/peak + bytes/bandwidth + launches.
+    """Rough H100 time of each algorithm: Σ over launches of flops/peak + DRAM bytes/bandwidth.
 
     Uses the device tile sizes (not the interpreter's), so the choice depends only on
-    (B, k, dtype, need_grad).  Pairwise: ``S`` tiles cost ``2B²k``; with gradients each of the
-    two passes recomputes them once per ``BLOCK_C``-wide chunk of output columns and adds
-    ``2B²k`` for ``offdiag(S) Z``.  Gram: two symmetric Grams (``Bk²`` each) and, with
-    gradients, two ``Z G`` products (``2Bk²`` each, split dots).
+    (B, k, dtype, need_grad).  DRAM bytes = compulsory traffic + re-streamed operand tiles
+    divided by the number of programs resident at once (they stream the same tiles in the
+    same order, so L2 serves the rest).  Pairwise: ``S`` tiles cost ``2B²k``; with gradients
+    each of the two passes recomputes them once per ``BLOCK_C``-wide chunk of output columns
+    and adds ``2B²k`` for ``offdiag(S) Z``.  Gram: two symmetric Grams (``≈Bk²`` each) and,
+    with gradients, two ``Z G`` products (``2Bk²`` each, split dots).
     """
     isz = torch.empty((), dtype=dtype).element_size()
     half = not is_fp32(dtype)
     rate_same = DEVICE_FLOPS["half"] if half else DEVICE_FLOPS["fp32"]
     rate_rhs = DEVICE_FLOPS["half_x_f32"] if half else DEVICE_FLOPS["fp32"]
 
+    def launch(flops, rate, compulsory, streamed, programs):
+        reuse = max(1, min(programs, _RESIDENT_PROGRAMS))
+        return flops / rate + (compulsory + streamed / reuse) / DEVICE_BW + _LAUNCH_S
+
     pc = _pairwise_config(k, dtype, for_device=True)
     n_m = triton.cdiv(b, pc["BLOCK_M"])
     if need_grad:
         n_c = triton.cdiv(k, pc["BLOCK_C"])
-        flops = 2 * (n_c * 2.0 * b * b * k + 2.0 * b * b * k)
-        bytes_ = 2 * isz * n_c * n_m * (b * k + b * pc["BLOCK_C"]) + 2 * 4 * b * k
-        launches = 2
+        pairwise = 2 * launch(n_c * 2.0 * b * b * k + 2.0 * b * b * k, rate_same,
+                              2 * isz * b * k + 4 * b * k,
+                              n_m * n_c * (b * k + b * pc["BLOCK_C"]) * isz, n_m * n_c)
     else:
-        flops = 2.0 * b * b * k
-        bytes_ = isz * n_m * b * k
-        launches = 1
-    pairwise = flops / rate_same + bytes_ / DEVICE_BW + launches * _LAUNCH_S
+        pairwise = launch(2.0 * b * b * k, rate_same, 2 * isz * b * k, n_m * b * k * isz, n_m)
 
     gc = _gram_config(k, dtype, for_device=True)
     n_k = triton.cdiv(k, gc["BLOCK_K"])
-    flops = 2 * (b * k * k + b * k * gc["BLOCK_K"])
-    bytes_ = 2 * isz * (n_k + 1) * b * k + 2 * 4 * k * k
-    t_gram = flops / rate_same + bytes_ / DEVICE_BW + 3 * _LAUNCH_S
+    t_gram = 2 * launch(b * k * (k + gc["BLOCK_K"]), rate_same, isz * b * k + 2 * 4 * k * k,
+                        (n_k + 1) * b * k * isz, n_k * (n_k + 1) // 2)
     if need_grad:
         rc = _rowmat_config(k, for_device=True)
-        flops = 2 * 2.0 * b * k * k
-        bytes_ = 2 * (triton.cdiv(b, rc["BLOCK_M"]) * 4 * k * k
-                      + triton.cdiv(k, rc["BLOCK_N"]) * isz * b * k + 4 * b * k)
-        t_gram += flops / rate_rhs + bytes_ / DEVICE_BW + 2 * _LAUNCH_S
+        n_rm, n_rn = triton.cdiv(b, rc["BLOCK_M"]), triton.cdiv(k, rc["BLOCK_N"])
+        t_gram += 2 * launch(2.0 * b * k * k, rate_rhs, 4 * k * k + 2 * isz * b * k + 4 * b * k,
+                             n_rm * 4 * k * k + n_rn * isz * b * k, n_rm * n_rn)
+    else:
+        t_gram += _LAUNCH_S  # <G1, G2>_F
     return {"pairwise": pairwise, "gram": t_gram}
 
 
