@@ -4,6 +4,8 @@ On a machine without CUDA the kernels run under TRITON_INTERPRET=1 (set in conft
 on CPU tensors; the GPU-marked tests add large shapes and memory bounds.
 """
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -261,3 +263,9 @@ def test_gpu_large_batch_peak_memory():
     extra = torch.cuda.max_memory_allocated() - base
     assert torch.isfinite(loss) and torch.isfinite(z1.grad).all()
     assert extra < 2**30, f"peak extra memory {extra / 2**20:.0f} MiB"
+
+
+def test_import_fails_with_importerror_without_triton():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "try:\n    import minc_kernels.ops.mio\nexcept ImportError:\n    sys.exit(0)\nsys.exit(1)\n")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
