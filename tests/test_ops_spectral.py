@@ -1,0 +1,236 @@
+"""Triton spectral-contrastive kernels (minc_kernels.ops.spectral) against reference.py.
+
+Runs under TRITON_INTERPRET=1 on the CPU (conftest), on CUDA when present.  Shapes are
+tiny on purpose: the interpreter is slow.  Every comparison is against a float64 oracle
+(the reference evaluated on float64 copies), with a random upstream gradient.
+"""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from minc_kernels import _backend, reference  # noqa: E402
+from minc_kernels import functional as Fn  # noqa: E402
+from minc_kernels.ops import spectral as ops  # noqa: E402
+
+MU = 0.7
+
+
+def _inputs(b, k, dtype, device, seed=0, noncontig=False):
+    """Rows alternate between norms well above and well below sqrt(MU), so that clipping
+    changes some rows and leaves others (checked by the caller where it matters)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(2):
+        z = torch.randn(b, k, generator=gen, dtype=torch.float64)
+        z = z / z.norm(dim=1, keepdim=True)
+        norms = torch.where(torch.arange(b) % 2 == 0, 2.0, 0.4) * math.sqrt(MU)
+        norms = norms * (1 + 0.2 * torch.rand(b, generator=gen, dtype=torch.float64))
+        z = (z * norms[:, None]).to(dtype)
+        if noncontig:
+            # a transposed view of a (k, B) buffer and a column slice of a wider one
+            z = z.T.contiguous().T if not out else torch.cat([z, z], dim=1)[:, ::2]
+            assert not z.is_contiguous()
+        out.append(z.to(device).requires_grad_())
+    return out
+
+
+def _oracle(z1, z2, mu, clip, g):
+    a = z1.detach().cpu().double().requires_grad_()
+    b = z2.detach().cpu().double().requires_grad_()
+    loss = reference.spectral_loss(a, b, mu=mu, clip=clip, algorithm="pairwise")
+    ga, gb = torch.autograd.grad(loss * g, (a, b))
+    return loss.detach(), ga, gb
+
+
+def _run(fn, z1, z2, g):
+    loss = fn(z1, z2)
+    g1, g2 = torch.autograd.grad(loss * g, (z1, z2))
+    return loss.detach().cpu().double(), g1.cpu().double(), g2.cpu().double()
+
+
+def _kernel(mu, clip, algorithm):
+    return lambda z1, z2: ops.spectral_loss(z1, z2, mu, clip, algorithm)
+
+
+def _errors(got, want):
+    return [float((a - b).abs().max()) for a, b in zip(got, want)]
+
+
+@pytest.mark.parametrize("b,k", [(2, 5), (7, 33), (37, 5)])
+@pytest.mark.parametrize("algorithm", ["pairwise", "gram", "auto"])
+@pytest.mark.parametrize("clip", [True, False])
+def test_fp32_matches_float64_oracle(kernel_device, b, k, algorithm, clip):
+    z1, z2 = _inputs(b, k, torch.float32, kernel_device)
+    g = 1.7
+    want = _oracle(z1, z2, MU, clip, g)
+    got = _run(_kernel(MU, clip, algorithm), z1, z2, g)
+    for name, a, w in zip(("loss", "dz1", "dz2"), got, want):
+        scale = float(w.abs().max())
+        assert float((a - w).abs().max()) <= 2e-6 * scale + 1e-7, name
+
+
+def test_clip_changes_some_rows_and_not_others():
+    z1, z2 = _inputs(37, 5, torch.float32, "cpu")
+    norms = z1.detach().norm(dim=1)
+    assert (norms > math.sqrt(MU) * 1.5).any() and (norms < math.sqrt(MU) * 0.6).any()
+    # clipping matters: the loss with and without it differ clearly
+    with torch.no_grad():
+        diff = reference.spectral_loss(z1, z2, MU, True) - reference.spectral_loss(z1, z2, MU, False)
+    assert abs(float(diff)) > 1e-2
+
+
+def test_output_is_fp32_scalar(kernel_device):
+    z1, z2 = _inputs(7, 5, torch.bfloat16, kernel_device)
+    loss = ops.spectral_loss(z1, z2, MU, True, "pairwise")
+    assert loss.dtype == torch.float32 and loss.shape == () and loss.device == z1.device
+    g1, g2 = torch.autograd.grad(loss, (z1, z2))
+    assert g1.dtype == torch.bfloat16 and g1.shape == z1.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("algorithm", ["pairwise", "gram"])
+@pytest.mark.parametrize("b,k", [(7, 33), (37, 5)])
+def test_half_error_within_3x_of_eager(kernel_device, dtype, algorithm, b, k):
+    z1, z2 = _inputs(b, k, dtype, kernel_device, seed=1)
+    g = -0.6
+    want = _oracle(z1, z2, MU, True, g)
+    got = _run(_kernel(MU, True, algorithm), z1, z2, g)
+    eager = _run(lambda a, c: reference.spectral_loss(a, c, MU, True, algorithm), z1, z2, g)
+    eps = torch.finfo(dtype).eps
+    for name, a, e, w in zip(("loss", "dz1", "dz2"), got, eager, want):
+        err, err_eager = float((a - w).abs().max()), float((e - w).abs().max())
+        floor = 0.5 * eps * float(w.abs().max())  # half an ulp of the largest value
+        assert err <= 3 * err_eager + floor, (name, err, err_eager, floor)
+
+
+@pytest.mark.parametrize("algorithm", ["pairwise", "gram"])
+def test_noncontiguous_inputs(kernel_device, algorithm):
+    z1, z2 = _inputs(7, 33, torch.float32, kernel_device, seed=2, noncontig=True)
+    want = _oracle(z1, z2, MU, True, 0.9)
+    got = _run(_kernel(MU, True, algorithm), z1, z2, 0.9)
+    for a, w in zip(got, want):
+        assert float((a - w).abs().max()) <= 2e-6 * float(w.abs().max()) + 1e-7
+
+
+def test_pairwise_and_gram_agree(kernel_device):
+    z1, z2 = _inputs(37, 33, torch.float32, kernel_device, seed=3)
+    a = _run(_kernel(1.0, False, "pairwise"), z1, z2, 1.0)
+    b = _run(_kernel(1.0, False, "gram"), z1, z2, 1.0)
+    for x, y in zip(a, b):
+        assert float((x - y).abs().max()) <= 1e-6 * float(y.abs().max())
+
+
+def test_k_one_and_b_two(kernel_device):
+    for b, k in [(2, 1), (3, 1)]:
+        z1, z2 = _inputs(b, k, torch.float32, kernel_device, seed=4)
+        for algorithm in ("pairwise", "gram"):
+            got = _run(_kernel(MU, True, algorithm), z1, z2, 1.3)
+            want = _oracle(z1, z2, MU, True, 1.3)
+            for a, w in zip(got, want):
+                assert float((a - w).abs().max()) <= 2e-6 * float(w.abs().max()) + 1e-7
+
+
+@pytest.mark.parametrize("algorithm", ["pairwise", "gram"])
+def test_deterministic_bits(kernel_device, algorithm):
+    z1, z2 = _inputs(37, 33, torch.float32, kernel_device, seed=5)
+    a = _run(_kernel(MU, True, algorithm), z1, z2, 1.0)
+    b = _run(_kernel(MU, True, algorithm), z1, z2, 1.0)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_forward_only_skips_gradient_and_matches(kernel_device):
+    z1, z2 = _inputs(7, 33, torch.float32, kernel_device, seed=6)
+    for algorithm in ("pairwise", "gram"):
+        loss, g1, g2 = ops.spectral_loss_fwd(z1.detach(), z2.detach(), MU, True, algorithm, False)
+        assert g1.numel() == 0 and g2.numel() == 0
+        with torch.no_grad():
+            loss2 = ops.spectral_loss(z1, z2, MU, True, algorithm)
+        want = _oracle(z1, z2, MU, True, 1.0)[0]
+        assert abs(float(loss) - float(want)) <= 2e-6 * abs(float(want))
+        assert torch.equal(loss, loss2)
+
+
+def test_backward_without_saved_gradient_raises(kernel_device):
+    z1, z2 = _inputs(7, 5, torch.float32, kernel_device)
+    loss, _, _ = ops.spectral_loss_fwd(z1, z2, MU, True, "gram", False)
+    with pytest.raises(RuntimeError, match="need_grad=False"):
+        loss.backward()
+
+
+def test_cost_model_picks_by_shape():
+    for dtype in (torch.float32, torch.bfloat16):
+        for need_grad in (False, True):
+            assert ops.choose_algorithm(64, 8192, dtype, need_grad) == "pairwise"
+            assert ops.choose_algorithm(8192, 64, dtype, need_grad) == "gram"
+    est = ops.estimate_seconds(1024, 1024, torch.bfloat16, True)
+    assert set(est) == {"pairwise", "gram"} and all(v > 0 for v in est.values())
+
+
+def test_auto_runs_the_cost_model_choice(kernel_device):
+    z1, z2 = _inputs(37, 5, torch.float32, kernel_device, seed=7)
+    choice = ops.choose_algorithm(37, 5, torch.float32, True)
+    a = _run(_kernel(MU, True, "auto"), z1, z2, 1.0)
+    b = _run(_kernel(MU, True, choice), z1, z2, 1.0)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_functional_triton_backend(kernel_device):
+    z1, z2 = _inputs(7, 5, torch.float32, kernel_device, seed=8)
+    got = Fn.spectral_contrastive_loss(z1, z2, mu=MU, backend="triton")
+    want = reference.spectral_loss(z1.detach().cpu().double(), z2.detach().cpu().double(), MU)
+    assert abs(float(got) - float(want)) <= 2e-6 * abs(float(want))
+
+
+@pytest.mark.parametrize("algorithm", ["pairwise", "gram"])
+def test_opcheck(kernel_device, algorithm):
+    z1, z2 = _inputs(7, 5, torch.float32, kernel_device, seed=9)
+    torch.library.opcheck(ops.spectral_loss_fwd, (z1, z2, MU, True, algorithm, True))
+    torch.library.opcheck(ops.spectral_loss_fwd, (z1.detach(), z2.detach(), MU, False, algorithm, False))
+
+
+def test_torch_compile_fullgraph(kernel_device):
+    _backend.load_op("spectral")  # the lazy import happens outside the compiled region
+
+    def f(a, b):
+        return Fn.spectral_contrastive_loss(a, b, mu=MU, clip=True, algorithm="auto", backend="triton")
+
+    z1, z2 = _inputs(7, 5, torch.float32, kernel_device, seed=10)
+    torch._dynamo.reset()
+    got = _run(torch.compile(f, fullgraph=True), z1, z2, 1.1)
+    want = _run(f, z1, z2, 1.1)
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+
+
+def test_import_without_triton_raises_importerror():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "try:\n    import minc_kernels.ops.spectral\nexcept ImportError:\n    print('IMPORTERROR')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "IMPORTERROR" in out.stdout, out.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,k", [(1024, 256), (256, 2048), (4099, 130)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("algorithm", ["pairwise", "gram", "auto"])
+def test_gpu_large_shapes(b, k, dtype, algorithm):
+    z1, z2 = _inputs(b, k, dtype, torch.device("cuda"), seed=11)
+    g = 0.8
+    want = _oracle(z1, z2, MU, True, g)
+    got = _run(_kernel(MU, True, algorithm), z1, z2, g)
+    if dtype == torch.float32:
+        for a, w in zip(got, want):
+            assert float((a - w).abs().max()) <= 1e-5 * float(w.abs().max()) + 1e-7
+    else:
+        eager = _run(lambda a, c: reference.spectral_loss(a, c, MU, True, "pairwise"), z1, z2, g)
+        eps = torch.finfo(dtype).eps
+        for a, e, w in zip(got, eager, want):
+            err, err_eager = float((a - w).abs().max()), float((e - w).abs().max())
+            assert err <= 3 * err_eager + 0.5 * eps * float(w.abs().max())
