@@ -247,9 +247,10 @@ def mode_runner(fn: Callable, inputs: LossInputs, mode: str) -> Callable[[], Non
 def byol_target_shapes(scale: str = "resnet50") -> tuple[str, list[torch.Size]]:
     """Shapes of the tensors one BYOL/MINC EMA step updates: backbone + projector.
 
-    ``"resnet50"``: torchvision ResNet-50 parameters and floating BN buffers, plus the
-    projector MLP 2048→4096 (BN, ReLU)→256 (about 35 M values, 360 tensors).  The
-    predictor (256→4096→256) has no EMA copy in BYOL/MINC, so it is not in the list.
+    ``"resnet50"``: torchvision ResNet-50 (without its classifier) parameters and floating
+    BN buffers, plus the projector MLP 2048→4096 (BN, ReLU)→256: 33.0 M values in 273
+    tensors.  The predictor (256→4096→256, 2.1 M) has no EMA copy in BYOL/MINC (the
+    training engine averages ``model.encoder``), so it is not in the list.
     ``"resnet18"``: the CPU-sized list, ResNet-18 + projector 512→1024→128.
     """
     import torchvision

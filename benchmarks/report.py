@@ -94,7 +94,7 @@ def _fmt_num(value: float) -> str:
 
 
 def _fmt_x(value) -> str:
-    return "" if value is None else f"{value:.2f}×"
+    return "" if value is None else f"{_fmt_num(value)}×"
 
 
 def _geomean(values) -> float | None:
@@ -265,6 +265,13 @@ def markdown(data: dict, plots: list[str]) -> str:
 
 
 # --------------------------------------------------------------------------- plots
+def _legend(axes, fontsize: int) -> None:
+    """Legend on the panel with the most labelled lines (the last panel may be empty)."""
+    best = max(axes, key=lambda ax: len(ax.get_legend_handles_labels()[1]))
+    if best.get_legend_handles_labels()[1]:
+        best.legend(fontsize=fontsize)
+
+
 def make_plots(data: dict, out: Path) -> list[str]:
     """``time_<loss>_<mode>_<dtype>.png`` (ms vs B, one panel per k), ``speedup_<loss>_<dtype>.png``
     and ``ema.png``; returns the file names written."""
@@ -293,7 +300,7 @@ def make_plots(data: dict, out: Path) -> list[str]:
             ax.set_xlabel("B")
             ax.grid(True, which="both", alpha=0.3)
         axes[0][0].set_ylabel("median ms")
-        axes[0][-1].legend(fontsize=8)
+        _legend(axes[0], 8)
         fig.suptitle(f"{loss} {mode} ({dt}), {data['meta'].get('device')}", fontsize=10)
         fig.tight_layout()
         name = f"time_{loss}_{mode.replace('+', '_')}_{dt}.png"
@@ -325,7 +332,7 @@ def make_plots(data: dict, out: Path) -> list[str]:
             ax.grid(True, which="both", alpha=0.3)
         axes[0][0].set_ylabel("speed-up vs best eager")
         if drew:
-            axes[0][-1].legend(fontsize=7)
+            _legend(axes[0], 7)
         fig.suptitle(f"{loss} ({dt}) speed-up, {data['meta'].get('device')}", fontsize=10)
         fig.tight_layout()
         name = f"speedup_{loss}_{dt}.png"
@@ -366,11 +373,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.report")
     p.add_argument("dir", type=Path, help="folder holding results.json")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--summary-only", action="store_true", help="print the summary, write nothing")
+    p.add_argument("--quiet", action="store_true", help="write the files, print nothing")
     args = p.parse_args(argv)
     data = json.loads((args.dir / "results.json").read_text())
-    write_report(data, args.dir, plots=not args.no_plots)
-    (args.dir / "results.json").write_text(json.dumps(data, indent=1, default=str))
-    print(summary_text(data))
+    if args.summary_only:
+        add_derived(data)
+    else:
+        write_report(data, args.dir, plots=not args.no_plots)
+        (args.dir / "results.json").write_text(json.dumps(data, indent=1, default=str))
+    if not args.quiet:
+        print(summary_text(data))
     return 0
 
 

@@ -1,0 +1,204 @@
+"""The benchmark runner works end to end on the CPU (tiny grid) and its numbers are consistent."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# benchmarks/ is a top-level folder of the repository, not part of the installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import cases, report, run
+from benchmarks.timing import Budget, is_oom, measure
+from minc_kernels import _backend
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["--B", "8,16", "--k", "4", "--case-ms", "5", "--max-reps", "5", "--no-progress"]
+
+
+def _load(out):
+    return json.loads((out / "results.json").read_text())
+
+
+def test_runner_end_to_end_writes_json_markdown_plots(tmp_path):
+    out = tmp_path / "res"
+    rc = run.main(["--out", str(out), *TINY, "--providers", "eager", "--modes", "fwd+bwd,bwd",
+                   "--ema", "resnet18", "--ema-providers", "loop,foreach,minc_kernels"])
+    assert rc == 0
+    data = _load(out)
+    meta = data["meta"]
+    assert meta["device"].startswith("CPU") and meta["device_type"] == "cpu"
+    for key in ("torch", "triton", "cuda", "git_commit", "date_utc", "extension", "ops"):
+        assert key in meta
+    assert data["ceilings"]["copy"]["gbps"] > 0
+    assert data["ceilings"]["matmul"]["float32"]["tflops"] > 0
+
+    recs = data["cases"]
+    # 2 modes × (spectral: 2 eager entries + minc + mio) × 2 batch sizes
+    assert len(recs) == 2 * 4 * 2
+    assert {r["provider"] for r in recs} == {"eager", "eager-pairwise", "eager-gram"}
+    assert [r["mode"] for r in recs[:8]] == ["fwd+bwd"] * 8  # most important mode first
+    for r in recs:
+        assert r["status"] == "ok", r
+        assert r["median_ms"] > 0 and r["reps"] >= 1 and r["peak_mb"] is None
+        assert r["flops"] == cases.loss_flops(r["loss"], r["algorithm"], r["B"], r["k"], r["mode"])
+        assert math.isclose(r["tflops"], r["flops"] / (r["median_ms"] * 1e-3) / 1e12)
+        assert r["frac_matmul"] == pytest.approx(
+            r["tflops"] / data["ceilings"]["matmul"]["float32"]["tflops"])
+    for (loss, mode, b) in {(r["loss"], r["mode"], r["B"]) for r in recs}:
+        same = [r for r in recs if (r["loss"], r["mode"], r["B"]) == (loss, mode, b)]
+        best = min(same, key=lambda r: r["median_ms"])
+        assert best["speedup_vs_eager"] == pytest.approx(1.0)
+        assert all(r["speedup_vs_eager"] <= 1.0 + 1e-12 for r in same)
+
+    ema = data["ema"]
+    assert len(ema) == 2 * 3
+    for r in ema:
+        assert r["bytes_per_param"] == (12 if r["online_dtype"] == "fp32" else 10)
+        if r["provider"] == "minc_kernels" and r["status"] != "ok":
+            assert r["status"] == "skipped" and "extension" in r["reason"]
+        else:
+            assert r["status"] == "ok", r
+            expect = r["bytes_per_param"] * r["n_params"] / (r["median_ms"] * 1e-3) / 1e9
+            assert r["gbps"] == pytest.approx(expect)
+            assert r["frac_copy"] == pytest.approx(expect / data["ceilings"]["copy"]["gbps"])
+
+    md = (out / "results.md").read_text()
+    for loss in ("spectral", "minc", "mio"):
+        for mode in ("fwd+bwd", "bwd"):
+            assert f"## {loss}, {mode}, fp32" in md
+    assert "| B | k | eager-pairwise ms | eager-gram ms |" in md
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert "time_spectral_fwd_bwd_fp32.png" in pngs and "speedup_mio_fp32.png" in pngs
+    assert "ema.png" in pngs
+    for name in pngs:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+        assert f"({name})" in md
+
+    # The report CLI rebuilds the same tables from the JSON alone.
+    (out / "results.md").unlink()
+    assert report.main([str(out), "--no-plots", "--quiet"]) == 0
+    assert "## mio, bwd, fp32" in (out / "results.md").read_text()
+
+
+def test_compile_provider_times_forward_and_replayed_backward(tmp_path):
+    out = tmp_path / "res"
+    run.main(["--out", str(out), *TINY, "--B", "8", "--losses", "minc", "--providers",
+              "eager,compile", "--modes", "fwd+bwd,bwd", "--ema", "off", "--no-ceilings",
+              "--no-plots"])
+    recs = _load(out)["cases"]
+    comp = [r for r in recs if r["provider"] == "compile"]
+    assert [r["mode"] for r in comp] == ["fwd+bwd", "bwd"]
+    # bwd replays backward(retain_graph=True): needs the donated-buffer-free compile.
+    for r in comp:
+        assert r["status"] == "ok", r["reason"]
+        assert r["median_ms"] > 0 and r["speedup_vs_eager"] > 0
+
+
+def test_minc_kernels_provider_skipped_or_run_under_interpreter(tmp_path):
+    out = tmp_path / "res"
+    run.main(["--out", str(out), *TINY, "--B", "8", "--modes", "fwd+bwd", "--providers",
+              "minc_kernels", "--ema", "off", "--no-ceilings", "--no-plots"])
+    for r in _load(out)["cases"]:
+        # Without CUDA and without --interpret the kernels are never run on the CPU.
+        assert r["status"] == "skipped" and "--interpret" in r["reason"]
+
+    out2 = tmp_path / "res2"
+    run.main(["--out", str(out2), *TINY, "--B", "8", "--modes", "fwd+bwd", "--providers",
+              "eager,minc_kernels", "--interpret", "--ema", "off", "--no-ceilings", "--no-plots"])
+    recs = _load(out2)["cases"]
+    for r in recs:
+        if r["family"] != "minc_kernels":
+            continue
+        ok, why = _backend.op_status(cases.OP_NAME[r["loss"]])
+        if ok:
+            assert r["status"] == "ok", r["reason"]
+            assert r["speedup_vs_eager"] is not None
+        else:
+            assert r["status"] == "skipped" and "triton op unavailable" in r["reason"]
+
+
+def test_out_of_memory_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    real = cases.loss_fn
+
+    def fake(loss, entry, compiled, mode="fwd+bwd"):
+        if loss == "mio":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
+        return real(loss, entry, compiled, mode)
+
+    monkeypatch.setattr(cases, "loss_fn", fake)
+    out = tmp_path / "res"
+    run.main(["--out", str(out), *TINY, "--B", "8", "--providers", "eager", "--modes", "fwd",
+              "--ema", "off", "--no-ceilings"])
+    recs = _load(out)["cases"]
+    by_loss = {r["loss"]: r for r in recs}
+    assert by_loss["mio"]["status"] == "oom" and "out of memory" in by_loss["mio"]["reason"]
+    assert by_loss["minc"]["status"] == "ok"
+    assert "OOM" in (out / "results.md").read_text()
+
+
+def test_time_budget_skips_cases_but_still_writes_tables(tmp_path):
+    out = tmp_path / "res"
+    run.main(["--out", str(out), *TINY, "--providers", "eager", "--modes", "fwd",
+              "--ema", "off", "--no-ceilings", "--time-budget", "1e-9", "--no-plots"])
+    recs = _load(out)["cases"]
+    assert recs and all(r["status"] == "skipped" and "budget" in r["reason"] for r in recs)
+    assert (out / "results.md").exists()
+
+
+def test_plan_order_and_memory_case():
+    args = run.parse_args(["--B", "8", "--k", "4", "--memory-case", "on"])
+    plan = run.loss_plan(args, torch.device("cpu"), ["fp32"])
+    modes = [p[0] for p in plan]
+    first_fwd = modes.index("fwd")
+    assert set(modes[:first_fwd]) == {"fwd+bwd"}
+    # The MIO memory case comes right after the fwd+bwd grid, before fwd/bwd.
+    assert plan[first_fwd - 1] == ("fwd+bwd", "mio", 32768, 128, "fp32", "memory")
+    assert not [p for p in run.loss_plan(run.parse_args([]), torch.device("cpu"), ["fp32"])
+                if p[5] == "memory"]
+    with pytest.raises(SystemExit):
+        run.parse_args(["--losses", "nope"])
+
+
+def test_flop_models():
+    b, k = 1024, 256
+    assert cases.loss_flops("spectral", "pairwise", b, k, "fwd") == 2 * b * b * k
+    assert cases.loss_flops("spectral", "pairwise", b, k, "fwd+bwd") == 6 * b * b * k
+    assert cases.loss_flops("spectral", "gram", b, k, "bwd") == 4 * b * k * k
+    for mode in ("fwd", "bwd", "fwd+bwd"):
+        assert cases.loss_flops("spectral", "auto", b, k, mode) == min(
+            cases.loss_flops("spectral", "pairwise", b, k, mode),
+            cases.loss_flops("spectral", "gram", b, k, mode))
+    assert cases.loss_flops("minc", None, b, k, "fwd+bwd") == 6 * b * k * k
+    assert cases.loss_flops("mio", None, b, k, "fwd") == 8 * b * b * k
+
+
+def test_ema_shapes_and_bytes():
+    name, shapes = cases.byol_target_shapes("resnet50")
+    n = sum(torch.Size(s).numel() for s in shapes)
+    # ResNet-50 without fc (23.51 M) + projector 2048-4096(BN)-256 (9.45 M) + BN running stats.
+    assert 32.9e6 < n < 33.1e6 and len(shapes) == 273, (n, len(shapes))
+    assert cases.ema_bytes_per_param(torch.float32) == 12
+    assert cases.ema_bytes_per_param(torch.bfloat16) == 10
+    t, o = cases.ema_tensors(shapes[:3], torch.bfloat16, torch.device("cpu"))
+    before = [x.clone() for x in t]
+    cases.ema_fn("loop", t, o, 0.9)()
+    for x, x0, y in zip(t, before, o):
+        torch.testing.assert_close(x, 0.9 * x0 + 0.1 * y.float())
+
+
+def test_measure_and_oom_detection():
+    calls = []
+    res = measure(lambda: calls.append(1), torch.device("cpu"),
+                  Budget(warmup_ms=1, measure_ms=2, min_reps=3, max_reps=7))
+    assert 3 <= res["reps"] <= 7 and res["median_ms"] >= 0
+    assert len(calls) >= 1 + 2 + res["reps"]
+    assert is_oom(torch.OutOfMemoryError("CUDA out of memory."))
+    assert is_oom(RuntimeError("CUDA error: out of memory"))
+    assert not is_oom(RuntimeError("shape mismatch"))
+    assert run.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert run.slugify("CPU AMD EPYC (2 threads)") == "cpu-amd-epyc"
