@@ -8,8 +8,9 @@ Providers of a loss (one entry each in the results):
   and which one is faster depends on B vs k, so the speed-up of the other providers is
   taken against the *faster of the two* (the strictest eager baseline).
 * ``compile`` -- ``torch.compile`` of the same reference function (spectral with
-  ``algorithm="auto"``), one compiled object per loss, PyTorch's default dynamic-shape
-  policy unless ``--compile-dynamic`` says otherwise.
+  ``algorithm="auto"``), one compiled object per loss, ``dynamic=True`` by default so
+  that a grid of 24 shapes costs one compilation per loss (and per spectral branch)
+  instead of 24; ``--compile-dynamic false`` gives per-shape static graphs.
 * ``minc_kernels`` -- ``functional`` with ``backend="triton"`` (spectral: ``"auto"``).
 
 Modes: ``fwd`` is the training forward (inputs require grad, so whatever a provider

@@ -331,8 +331,10 @@ def make_plots(data: dict, out: Path) -> list[str]:
             ax.set_xlabel("B")
             ax.grid(True, which="both", alpha=0.3)
         axes[0][0].set_ylabel("speed-up vs best eager")
-        if drew:
-            _legend(axes[0], 7)
+        _legend(axes[0], 7)
+        if not drew:
+            plt.close(fig)
+            continue
         fig.suptitle(f"{loss} ({dt}) speed-up, {data['meta'].get('device')}", fontsize=10)
         fig.tight_layout()
         name = f"speedup_{loss}_{dt}.png"

@@ -56,11 +56,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-ceilings", action="store_true")
     p.add_argument("--interpret", action="store_true",
                    help="on the CPU, run the Triton kernels under TRITON_INTERPRET=1 (tiny shapes)")
-    p.add_argument("--compile-dynamic", choices=("auto", "true", "false"), default="auto",
-                   help="torch.compile(dynamic=...): auto = PyTorch's default (None)")
+    p.add_argument("--compile-dynamic", choices=("true", "default", "false"), default="true",
+                   help="torch.compile(dynamic=...): true (default) compiles each loss once for "
+                        "all shapes; default = PyTorch's policy (static first, then dynamic); "
+                        "false = one compilation per shape (slow on a full grid)")
     p.add_argument("--case-ms", type=float, default=None,
-                   help="measurement time per case in ms (default 60 on a GPU, 100 on the CPU)")
-    p.add_argument("--max-reps", type=int, default=100)
+                   help="measurement time per case in ms (default 40 on a GPU, 100 on the CPU)")
+    p.add_argument("--max-reps", type=int, default=50)
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; cases not started by then are recorded as skipped")
     p.add_argument("--no-plots", action="store_true")
@@ -253,10 +255,10 @@ def run_loss_cases(args, device, dtypes, results: Results, deadline: float | Non
     from . import cases
     from .timing import Budget, is_oom, measure, peak_memory_mb
 
-    budget = Budget(warmup_ms=20.0 if device.type == "cuda" else 30.0,
-                    measure_ms=args.case_ms or (60.0 if device.type == "cuda" else 100.0),
-                    min_reps=5 if device.type == "cuda" else 3, max_reps=args.max_reps)
-    dynamic = {"auto": None, "true": True, "false": False}[args.compile_dynamic]
+    budget = Budget(warmup_ms=10.0 if device.type == "cuda" else 30.0,
+                    measure_ms=args.case_ms or (40.0 if device.type == "cuda" else 100.0),
+                    min_reps=3, max_reps=args.max_reps)
+    dynamic = {"default": None, "true": True, "false": False}[args.compile_dynamic]
     compiled = cases.CompiledCache(dynamic)
     records = results.data["cases"]
     plan = loss_plan(args, device, dtypes)
