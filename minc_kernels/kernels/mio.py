@@ -71,12 +71,14 @@ def _round_to(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
 @triton.jit
 def mio_normalize_rows(
     z1_ptr, z2_ptr, zhat_ptr, norm_ptr, pos_coef_ptr, pos_part_ptr, reg_part_ptr,
-    B, K,
+    B, K, KS,
     s1r, s1c, s2r, s2c,
     inv_tp,
     EPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     """Rows ``i`` of both views: ``ẑ = z/max(||z||, eps)`` -> ``zhat[i]``, ``zhat[i+B]``.
+
+    ``zhat`` is (2B, KS), columns ``K..KS-1`` written as zeros (the tile kernel's padding).
 
     Also: ``norm[i], norm[i+B]`` (true norms, fp32); ``pos_coef[i] = -σ(-p_i/τp)/τp`` with
     ``p_i = ẑ1_i·ẑ2_i`` (``d softplus(-p/τp)/dp``); per-program partials
@@ -101,15 +103,18 @@ def mio_normalize_rows(
     c2 = tl.maximum(n2, EPS)
     dot = tl.zeros([BLOCK_R], dtype=tl.float32)
     dsq = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, KS, BLOCK_K):
         cols = (k0 + offs).to(tl.int64)
         m = rmask[:, None] & (cols < K)[None, :]
         a = tl.load(z1_ptr + rows[:, None] * s1r + cols[None, :] * s1c, mask=m, other=0.0).to(tl.float32)
         b = tl.load(z2_ptr + rows[:, None] * s2r + cols[None, :] * s2c, mask=m, other=0.0).to(tl.float32)
         h1 = a / c1[:, None]
         h2 = b / c2[:, None]
-        tl.store(zhat_ptr + rows[:, None] * K + cols[None, :], _round_to(h1, zhat_ptr.dtype.element_ty, INTERP_BF16), mask=m)
-        tl.store(zhat_ptr + (rows[:, None] + B) * K + cols[None, :], _round_to(h2, zhat_ptr.dtype.element_ty, INTERP_BF16), mask=m)
+        ms = rmask[:, None] & (cols < KS)[None, :]
+        tl.store(zhat_ptr + rows[:, None] * KS + cols[None, :],
+                 _round_to(h1, zhat_ptr.dtype.element_ty, INTERP_BF16), mask=ms)
+        tl.store(zhat_ptr + (rows[:, None] + B) * KS + cols[None, :],
+                 _round_to(h2, zhat_ptr.dtype.element_ty, INTERP_BF16), mask=ms)
         dot += tl.sum(h1 * h2, axis=1)
         diff = h1 - h2
         dsq += tl.sum(diff * diff, axis=1)
@@ -124,7 +129,7 @@ def mio_normalize_rows(
 @triton.jit
 def mio_negative_tiles(
     zhat_ptr, gpart_ptr, neg_part_ptr,
-    B, N, K,
+    B, N, KS,
     inv_tn, n_col_blocks, blocks_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ACC_IN_REGS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, PRECISION: tl.constexpr,
@@ -132,12 +137,13 @@ def mio_negative_tiles(
 ):
     """Negatives of a block of rows against column blocks ``[s·bps, (s+1)·bps)`` (s = program 1).
 
-    ``neg_part[s, m] = Σ softplus(S_ij/τn)`` over negative (i, j) of the tile range;
-    ``gpart[s, i, :] = Σ_j σ(S_ij/τn) ẑ_j`` (fp32; the launcher scales and sums over s).
-    ``ACC_IN_REGS``: k fits one tile (``BLOCK_K >= K``): the row tile and the gradient
-    accumulator live in registers.  Otherwise S is accumulated over k chunks and the
-    gradient accumulator lives in ``gpart`` (zero-initialised; each program owns its
-    rows of its split, so there are no races).
+    ``zhat`` is (N, KS), zero-padded beyond k to ``KS``, a multiple of ``BLOCK_K`` (so no
+    k masks, aligned vector loads).  ``neg_part[s, m] = Σ softplus(S_ij/τn)`` over the
+    negative (i, j) of the tile range; ``gpart[s, i, :] = Σ_j σ(S_ij/τn) ẑ_j`` (fp32, (N, KS)
+    per split; the launcher scales and sums over s).
+    ``ACC_IN_REGS`` (``KS == BLOCK_K``): the row tile and the gradient accumulator live in
+    registers.  Otherwise S is accumulated over k chunks and the gradient accumulator
+    lives in ``gpart`` (zero-initialised; each program owns its rows of its split: no races).
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -149,19 +155,21 @@ def mio_negative_tiles(
     cb_end = tl.minimum(cb_start + blocks_per_split, n_col_blocks)
     offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    gbase = gpart_ptr + pid_s.to(tl.int64) * N * K
+    # int64 only in the scalar block bases; in-tile offsets (< BLOCK·KS) stay int32.
+    row_base = zhat_ptr + pid_m.to(tl.int64) * BLOCK_M * KS
+    tile_offs_m = tl.arange(0, BLOCK_M)[:, None] * KS + offs_k[None, :]
+    tile_offs_n = offs_n[:, None] * KS + offs_k[None, :]
+    gbase = gpart_ptr + pid_s.to(tl.int64) * N * KS + pid_m.to(tl.int64) * BLOCK_M * KS
     loss_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if ACC_IN_REGS:
-        kk = offs_k.to(tl.int64)
-        kmask = kk < K
-        zi = tl.load(zhat_ptr + rows[:, None] * K + kk[None, :],
-                     mask=rmask[:, None] & kmask[None, :], other=0.0)
+        zi = tl.load(row_base + tile_offs_m, mask=rmask[:, None], other=0.0)
         acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
         for cb in range(cb_start, cb_end):
-            cols = (cb * BLOCK_N + offs_n).to(tl.int64)
+            col0 = cb * BLOCK_N
+            cols = col0 + offs_n
             cmask = cols < N
-            zj = tl.load(zhat_ptr + cols[:, None] * K + kk[None, :],
-                         mask=cmask[:, None] & kmask[None, :], other=0.0)
+            col_base = zhat_ptr + col0.to(tl.int64) * KS
+            zj = tl.load(col_base + tile_offs_n, mask=cmask[:, None], other=0.0)
             s = _mma(zi, tl.trans(zj), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, INTERP_BF16)
             neg = (rmask[:, None] & cmask[None, :] & (rows[:, None] != cols[None, :])
                    & (partner[:, None] != cols[None, :]))
@@ -171,20 +179,17 @@ def mio_negative_tiles(
                 g = _round_to(tl.where(neg, sig, 0.0), zj.dtype, INTERP_BF16)
                 acc = _mma(g, zj, acc, PRECISION, INTERP_BF16)
         if COMPUTE_GRAD:
-            tl.store(gbase + rows[:, None] * K + kk[None, :], acc,
-                     mask=rmask[:, None] & kmask[None, :])
+            tl.store(gbase + tile_offs_m, acc, mask=rmask[:, None])
     else:
         for cb in range(cb_start, cb_end):
-            cols = (cb * BLOCK_N + offs_n).to(tl.int64)
+            col0 = cb * BLOCK_N
+            cols = col0 + offs_n
             cmask = cols < N
+            col_base = zhat_ptr + col0.to(tl.int64) * KS
             s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kk = (k0 + offs_k).to(tl.int64)
-                kmask = kk < K
-                zi = tl.load(zhat_ptr + rows[:, None] * K + kk[None, :],
-                             mask=rmask[:, None] & kmask[None, :], other=0.0)
-                zj = tl.load(zhat_ptr + cols[:, None] * K + kk[None, :],
-                             mask=cmask[:, None] & kmask[None, :], other=0.0)
+            for k0 in range(0, KS, BLOCK_K):
+                zi = tl.load(row_base + k0 + tile_offs_m, mask=rmask[:, None], other=0.0)
+                zj = tl.load(col_base + k0 + tile_offs_n, mask=cmask[:, None], other=0.0)
                 s = _mma(zi, tl.trans(zj), s, PRECISION, INTERP_BF16)
             neg = (rmask[:, None] & cmask[None, :] & (rows[:, None] != cols[None, :])
                    & (partner[:, None] != cols[None, :]))
@@ -192,28 +197,25 @@ def mio_negative_tiles(
             loss_acc += tl.where(neg, sp, 0.0)
             if COMPUTE_GRAD:
                 g = _round_to(tl.where(neg, sig, 0.0), zhat_ptr.dtype.element_ty, INTERP_BF16)
-                for k0 in range(0, K, BLOCK_K):
-                    kk = (k0 + offs_k).to(tl.int64)
-                    kmask = kk < K
-                    zj = tl.load(zhat_ptr + cols[:, None] * K + kk[None, :],
-                                 mask=cmask[:, None] & kmask[None, :], other=0.0)
-                    gptrs = gbase + rows[:, None] * K + kk[None, :]
-                    gmask = rmask[:, None] & kmask[None, :]
-                    acc = tl.load(gptrs, mask=gmask, other=0.0)
+                for k0 in range(0, KS, BLOCK_K):
+                    zj = tl.load(col_base + k0 + tile_offs_n, mask=cmask[:, None], other=0.0)
+                    acc = tl.load(gbase + k0 + tile_offs_m, mask=rmask[:, None], other=0.0)
                     acc = _mma(g, zj, acc, PRECISION, INTERP_BF16)
-                    tl.store(gptrs, acc, mask=gmask)
+                    tl.store(gbase + k0 + tile_offs_m, acc, mask=rmask[:, None])
     tl.store(neg_part_ptr + pid_s * n_m + pid_m, tl.sum(tl.sum(loss_acc, axis=1), axis=0))
 
 
 @triton.jit
 def mio_grad_finalize(
     z1_ptr, z2_ptr, norm_ptr, pos_coef_ptr, gpart_ptr, dz_ptr,
-    B, N, K, n_splits,
+    B, N, K, KS, n_splits,
     s1r, s1c, s2r, s2c,
     neg_scale, pos_scale, reg_scale,
     EPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``dz[i], dz[i+B] = J(z)ᵀ dL/dẑ`` (fp32) for rows ``i`` of both views.
+    """``dz[i], dz[i+B] = J(z)ᵀ dL/dẑ`` (fp32, (2B, K)) for rows ``i`` of both views.
+
+    ``gpart`` is (n_splits, 2B, KS) fp32, summed over splits in order.
 
     ``dL/dẑ1_i = neg_scale·Σ_s gpart[s, i] + pos_scale·pos_coef_i·ẑ2_i + reg_scale·(ẑ1_i - ẑ2_i)``
     (and symmetrically for ẑ2_i); ``J`` is the Jacobian of ``z / max(||z||, eps)`` as
@@ -230,7 +232,7 @@ def mio_grad_finalize(
     pc = tl.load(pos_coef_ptr + rows, mask=rmask, other=0.0) * pos_scale
     proj1 = tl.where(n1 >= EPS, 1.0, 0.0)
     proj2 = tl.where(n2 >= EPS, 1.0, 0.0)
-    split_stride = N.to(tl.int64) * K
+    split_stride = N.to(tl.int64) * KS
     dot1 = tl.zeros([BLOCK_R], dtype=tl.float32)
     dot2 = tl.zeros([BLOCK_R], dtype=tl.float32)
     # Pass 1: ẑ·g per row (the projection needs the whole row); pass 2 recomputes g and writes.
@@ -243,8 +245,8 @@ def mio_grad_finalize(
         q2 = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
         for sp in range(0, n_splits):
             base = gpart_ptr + sp * split_stride
-            q1 += tl.load(base + rows[:, None] * K + cols[None, :], mask=m, other=0.0)
-            q2 += tl.load(base + (rows[:, None] + B) * K + cols[None, :], mask=m, other=0.0)
+            q1 += tl.load(base + rows[:, None] * KS + cols[None, :], mask=m, other=0.0)
+            q2 += tl.load(base + (rows[:, None] + B) * KS + cols[None, :], mask=m, other=0.0)
         r = reg_scale * (h1 - h2)
         g1 = neg_scale * q1 + pc[:, None] * h2 + r
         g2 = neg_scale * q2 + pc[:, None] * h1 - r
@@ -261,8 +263,8 @@ def mio_grad_finalize(
         q2 = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
         for sp in range(0, n_splits):
             base = gpart_ptr + sp * split_stride
-            q1 += tl.load(base + rows[:, None] * K + cols[None, :], mask=m, other=0.0)
-            q2 += tl.load(base + (rows[:, None] + B) * K + cols[None, :], mask=m, other=0.0)
+            q1 += tl.load(base + rows[:, None] * KS + cols[None, :], mask=m, other=0.0)
+            q2 += tl.load(base + (rows[:, None] + B) * KS + cols[None, :], mask=m, other=0.0)
         r = reg_scale * (h1 - h2)
         g1 = neg_scale * q1 + pc[:, None] * h2 + r
         g2 = neg_scale * q2 + pc[:, None] * h1 - r

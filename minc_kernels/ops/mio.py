@@ -79,10 +79,11 @@ def pick_config(b: int, k: int, dtype: torch.dtype, on_gpu: bool = True,
         acc_in_regs = kp <= _REG_MAX_K
         bk = kp if acc_in_regs else (64 if half else 32)
     if acc_in_regs:
+        # Chosen from ptxas -v of sm_90 builds (no spills or a few bytes); see the report.
         if half:
-            bm, bn, nw, ns = (128, 64, 4, 3) if kp <= 64 else (128, 64, 8, 3) if kp <= 128 else (64, 64, 8, 2)
+            bm, bn, nw, ns = (128, 64, 8, 3) if kp <= 128 else (64, 64, 8, 2)
         else:
-            bm, bn, nw, ns = (64, 64, 4, 2) if kp <= 64 else (64, 32, 8, 2) if kp <= 128 else (32, 32, 8, 2)
+            bm, bn, nw, ns = (64, 32, 8, 2) if kp <= 128 else (32, 32, 8, 2)
     else:
         bm, bn, nw, ns = (64, 128, 8, 2) if half else (64, 64, 8, 2)
     if not on_gpu:
@@ -122,7 +123,9 @@ def mio_forward(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float, neg_
     # Workarounds for the CPU interpreter's bf16 (dot on raw bits, truncating casts).
     interp_bf16 = (not z1.is_cuda) and z1.dtype == torch.bfloat16
     with _device_guard(z1):
-        zhat = torch.empty((n, k), dtype=z1.dtype, device=dev)
+        # Row stride of ẑ and of the gradient partials: k padded to the tile's k (zeros).
+        ks = _cdiv(k, cfg.block_k) * cfg.block_k
+        zhat = torch.empty((n, ks), dtype=z1.dtype, device=dev)
         norms = torch.empty((n,), dtype=f32, device=dev)
         pos_coef = torch.empty((b,), dtype=f32, device=dev)
         n_row_prog = _cdiv(b, cfg.block_r)
@@ -130,7 +133,7 @@ def mio_forward(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float, neg_
         reg_part = torch.empty((n_row_prog,), dtype=f32, device=dev)
         mio_normalize_rows[(n_row_prog,)](
             z1, z2, zhat, norms, pos_coef, pos_part, reg_part,
-            b, k, z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1),
+            b, k, ks, z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1),
             1.0 / pos_temperature,
             EPS=EPS, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_kr, INTERP_BF16=interp_bf16,
         )
@@ -139,14 +142,14 @@ def mio_forward(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float, neg_
         bps = _cdiv(n_col_blocks, cfg.n_splits)
         if need_grad:
             alloc = torch.empty if cfg.acc_in_regs else torch.zeros
-            gpart = alloc((cfg.n_splits, n, k), dtype=f32, device=dev)
+            gpart = alloc((cfg.n_splits, n, ks), dtype=f32, device=dev)
         else:
             gpart = torch.empty((1,), dtype=f32, device=dev)
         neg_part = torch.empty((cfg.n_splits, n_row_blocks), dtype=f32, device=dev)
         # fp32: strict IEEE; 16-bit operands: tl.dot ignores the flag (left at its default)
         precision = "ieee" if z1.dtype == torch.float32 else "tf32"
         mio_negative_tiles[(n_row_blocks, cfg.n_splits)](
-            zhat, gpart, neg_part, b, n, k,
+            zhat, gpart, neg_part, b, n, ks,
             1.0 / neg_temperature, n_col_blocks, bps,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             ACC_IN_REGS=cfg.acc_in_regs, COMPUTE_GRAD=need_grad, PRECISION=precision,
@@ -161,7 +164,7 @@ def mio_forward(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float, neg_
             return loss, torch.empty((0,), dtype=f32, device=dev)
         dz = torch.empty((n, k), dtype=f32, device=dev)
         mio_grad_finalize[(n_row_prog,)](
-            z1, z2, norms, pos_coef, gpart, dz, b, n, k, cfg.n_splits,
+            z1, z2, norms, pos_coef, gpart, dz, b, n, k, ks, cfg.n_splits,
             z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1),
             2.0 / (neg_temperature * n_neg), 1.0 / b, 2.0 * lambda_l2 / (b * k),
             EPS=EPS, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_kr,
