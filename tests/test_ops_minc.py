@@ -198,3 +198,64 @@ def test_gpu_large_shapes(b, k, dtype, ordering):
     mom = ops.moment_sum(t)
     want_m = reference.minc_batch_moment_sum(t.cpu().double())
     assert float((mom.cpu().double() - want_m).abs().max()) <= 1e-5 * float(want_m.abs().max())
+
+
+_SM90_COMPILE = r'''
+import re, shutil, subprocess, sys, tempfile, os
+import torch, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from minc_kernels.kernels import minc as km, spectral as ks
+from minc_kernels.ops import minc as om, spectral as osp
+target = GPUTarget("cuda", 90, 32)
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+TY = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+def build(kernel, dtype, storage_ptrs, consts, cfg):
+    cfg = dict(cfg)
+    opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages", 3)}
+    consts = {**consts, **cfg}
+    sig = {}
+    for n in kernel.arg_names:
+        if n in consts: sig[n] = "constexpr"
+        elif n in storage_ptrs: sig[n] = TY[dtype]
+        elif n.endswith("_ptr"): sig[n] = "*fp32"
+        elif n in ("r", "alpha", "beta", "gamma"): sig[n] = "fp32"
+        else: sig[n] = "i32"
+    k = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=target, options=opts)
+    stack = -1
+    if os.path.exists(cuobjdump):
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(k.asm["cubin"])
+        out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        stack = int(re.search(r"STACK:(\d+)", out).group(1))
+    print(kernel.fn.__name__, dtype, consts.get("GHA"), consts.get("NEED_GRAD"), "STACK", stack, flush=True)
+    return stack
+bad = 0
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    f32 = dtype == torch.float32
+    bad += build(km.moment_partial_kernel, dtype, {"x_ptr"}, dict(IS_FP32=f32, UPCAST=False), om._gram_config(1024, dtype)) > 0
+    for gha in (False, True):
+        bad += build(km.rowmat_kernel, dtype, {"x_ptr", "y_ptr"}, dict(NEED_GRAD=True, GHA=gha, HAS_D=True,
+                     MODE=om.rhs_f32_mode(dtype), UPCAST=False), om._rowmat_config(1024)) > 0
+    for ng in (False, True):
+        bad += build(ks.pairwise_offdiag_kernel, dtype, {"x_ptr", "y_ptr"}, dict(NEED_GRAD=ng, IS_FP32=f32,
+                     UPCAST=False), osp._pairwise_config(1024, dtype)) > 0
+    bad += build(ks.clip_rows_dot_kernel, dtype, {"z1_ptr", "z2_ptr", "z1c_ptr", "z2c_ptr"}, dict(CLIP=True), osp._rows_config(1024)) > 0
+    bad += build(ks.clip_rows_backward_kernel, dtype, {"z_ptr"}, {}, osp._rows_config(1024)) > 0
+print("SPILLING", bad)
+'''
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_without_spills():
+    """Compile every kernel for Hopper (sm_90) with ptxas, no GPU needed: catches what the
+    interpreter cannot (type/lowering errors) and register spills of the chosen tiles."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True,
+                         env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "SPILLING 0" in out.stdout, out.stdout

@@ -134,7 +134,7 @@ def rowmat_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_lt = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for j0 in range(0, K, BLOCK_K):
-        js = j0 + tl.arange(0, BLOCK_K)
+        js = j0 + tl.arange(0, BLOCK_K).to(tl.int64)
         j_mask = js < K
         x = tl.load(x_ptr + rows[:, None] * stride_xb + js[None, :] * stride_xk,
                     mask=r_mask[:, None] & j_mask[None, :], other=0.0)

@@ -35,7 +35,7 @@ def clip_rows_dot_kernel(
         ss1 = tl.zeros((BLOCK_R,), dtype=tl.float32)
         ss2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
+            ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
             m = r_mask[:, None] & (ks < K)[None, :]
             a = tl.load(z1_ptr + rows[:, None] * stride_1b + ks[None, :] * stride_1k, mask=m, other=0.0).to(tl.float32)
             b = tl.load(z2_ptr + rows[:, None] * stride_2b + ks[None, :] * stride_2k, mask=m, other=0.0).to(tl.float32)
@@ -49,7 +49,7 @@ def clip_rows_dot_kernel(
         s2 = tl.where(n2 >= r, tl.div_rn(tl.full((BLOCK_R,), r, tl.float32), tl.maximum(n2, r)), 1.0)
     dd = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
+        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         m = r_mask[:, None] & (ks < K)[None, :]
         a = tl.load(z1_ptr + rows[:, None] * stride_1b + ks[None, :] * stride_1k, mask=m, other=0.0)
         b = tl.load(z2_ptr + rows[:, None] * stride_2b + ks[None, :] * stride_2k, mask=m, other=0.0)
@@ -89,7 +89,7 @@ def pairwise_offdiag_kernel(
         n_mask = cols < B
         s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
+            ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
             k_mask = ks < K
             x = tl.load(x_ptr + rows[:, None] * stride_xb + ks[None, :] * stride_xk,
                         mask=r_mask[:, None] & k_mask[None, :], other=0.0)
@@ -126,7 +126,7 @@ def clip_rows_backward_kernel(
     clipped = n >= r
     zg = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
+        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         m = r_mask[:, None] & (ks < K)[None, :]
         z = tl.load(z_ptr + rows[:, None] * stride_zb + ks[None, :] * stride_zk, mask=m, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + rows[:, None] * K + ks[None, :], mask=m, other=0.0)
@@ -135,7 +135,7 @@ def clip_rows_backward_kernel(
     scale = tl.where(clipped, tl.div_rn(tl.full((BLOCK_R,), r, tl.float32), safe_n), 1.0)
     proj = tl.where(clipped, tl.div_rn(zg, safe_n * safe_n), 0.0)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
+        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         m = r_mask[:, None] & (ks < K)[None, :]
         z = tl.load(z_ptr + rows[:, None] * stride_zb + ks[None, :] * stride_zk, mask=m, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + rows[:, None] * K + ks[None, :], mask=m, other=0.0)
