@@ -332,3 +332,11 @@ def test_gpu_launch_configs_in_interpreter(kernel_device, b, k, dtype):
     tol = 2e-5 if dtype == torch.float32 else 1e-2
     assert abs(loss.item() - lo.item()) <= tol * abs(lo.item())
     assert _rel(dz[:b].double().cpu(), g1o) < tol and _rel(dz[b:].double().cpu(), g2o) < tol
+
+
+def test_double_backward_raises_instead_of_silent_zero(kernel_device):
+    z1, z2 = _inputs(4, 6, kernel_device, seed=3, dtype=torch.float32)
+    z1.requires_grad_()
+    loss = Fn.mio_loss(z1, z2, 0.5, 0.5, 1.0, backend="triton")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, z1, create_graph=True)

@@ -7,7 +7,8 @@ Flash-style: ``S = Z Zᵀ`` (``Z = [ẑ1; ẑ2]``, N = 2B rows) is streamed tile
 stored; the extra memory is ``ẑ`` (N×k, input dtype), the gradient (N×k fp32) and, for small
 batches where the rows are split over column ranges to fill the GPU, ``n_splits`` fp32 N×k
 partials (``n_splits <= 8``), i.e. O(B·k).  The gradient ``dL/dz`` is computed in the
-forward pass (only when an input needs it), backward only scales it by the upstream grad.
+forward pass (only when an input needs it), backward only scales it by the upstream grad
+(so there is no double backward: ``create_graph=True`` raises).
 
 Precision: ``tl.dot`` accumulates in fp32.  float32 inputs use ``input_precision="ieee"``
 (strict fp32, no TF32: the loss is compared against an fp32 reference, and TF32's 10-bit
@@ -204,6 +205,10 @@ def _backward(ctx, grad_loss, grad_dz):
     (dz,) = ctx.saved_tensors
     if not ctx.need_grad:
         raise RuntimeError("mio_loss_fwd was called with need_grad=False; its gradient was not computed")
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # dz is a constant here: a second derivative through it would be silently zero.
+        raise RuntimeError("mio_loss (backend='triton') does not support double backward "
+                           "(create_graph=True); use backend='reference'")
     b = ctx.b
     g = grad_loss.to(torch.float32)
     grad_z1 = (g * dz[:b]).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
