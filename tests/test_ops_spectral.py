@@ -117,6 +117,20 @@ def test_noncontiguous_inputs(kernel_device, algorithm):
         assert float((a - w).abs().max()) <= 2e-6 * float(w.abs().max()) + 1e-7
 
 
+@pytest.mark.parametrize("tiles", [(16, 32, 16, 32), (32, 16, 32, 16)])
+def test_pairwise_with_rectangular_tiles(kernel_device, monkeypatch, tiles):
+    """GPU tiles are not the interpreter's 16-squares: diagonal masking and column chunks
+    must hold for BLOCK_M != BLOCK_N and BLOCK_K != BLOCK_C."""
+    bm, bn, bk, bc = tiles
+    monkeypatch.setattr(ops, "_pairwise_config", lambda k, dtype, for_device=False: dict(
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_C=bc, num_warps=4))
+    z1, z2 = _inputs(37, 33, torch.float32, kernel_device, seed=13)
+    want = _oracle(z1, z2, MU, True, 0.8)
+    got = _run(_kernel(MU, True, "pairwise"), z1, z2, 0.8)
+    for a, w in zip(got, want):
+        assert float((a - w).abs().max()) <= 2e-6 * float(w.abs().max()) + 1e-7
+
+
 def test_pairwise_and_gram_agree(kernel_device):
     z1, z2 = _inputs(37, 33, torch.float32, kernel_device, seed=3)
     a = _run(_kernel(1.0, False, "pairwise"), z1, z2, 1.0)

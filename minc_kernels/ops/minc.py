@@ -15,6 +15,9 @@ Inputs are validated by :mod:`minc_kernels.functional`; any strides are accepted
 (``M`` split hi/mid/lo); fp16 ``p`` × ``M`` as two TF32 dots (``M`` split hi/lo); ``tᵀt``
 in the storage dtype (fp32: ``"ieee"``), fp32 accumulation everywhere.  Deterministic:
 no atomics, partial buffers reduced by ``torch.sum`` in a fixed order.
+
+Double backward is not supported: backward scales a saved, non-differentiable gradient,
+so second derivatives through these ops would come out as zero (use the reference).
 """
 from __future__ import annotations
 

@@ -22,6 +22,9 @@ every dot; bf16/fp16 inputs: native half dots for ``Z Zᵀ``/``Zᵀ Z``/``offdia
 (``S`` rounded to the storage dtype for that second dot, as eager autograd does), and
 ``Z G`` with the fp32 Gram as three bf16 dots (bf16) or two TF32 dots (fp16).  fp32
 accumulation and fp32 partials throughout; no atomics (deterministic).
+
+Double backward is not supported: backward scales a saved, non-differentiable gradient,
+so second derivatives through these ops would come out as zero (use the reference).
 """
 from __future__ import annotations
 
