@@ -295,6 +295,9 @@ build(K.mio_normalize_rows, dict(z1_ptr="*bf16", z2_ptr="*bf16", zhat_ptr="*bf16
 build(K.mio_grad_finalize, dict(z1_ptr="*fp16", z2_ptr="*fp16", norm_ptr="*fp32", pos_coef_ptr="*fp32",
       gpart_ptr="*fp32", dz_ptr="*fp32", N="i32", n_splits="i32", neg_scale="fp32", pos_scale="fp32",
       reg_scale="fp32", **rowsig), dict(EPS=1e-12, BLOCK_R=16, BLOCK_K=128))
+build(K.mio_loss_combine, dict(pos_part_ptr="*fp32", n_pos="i32", neg_part_ptr="*fp32", n_neg="i32",
+      reg_part_ptr="*fp32", out_ptr="*fp32", pos_scale="fp32", neg_scale="fp32", reg_scale="fp32"),
+      dict(BLOCK=256))
 for dt, tdt, k in (("bf16", torch.bfloat16, 128), ("fp32", torch.float32, 300)):
     cfg = pick_config(4096, k, tdt)
     build(K.mio_negative_tiles, dict(zhat_ptr="*" + dt, gpart_ptr="*fp32", neg_part_ptr="*fp32", B="i32",

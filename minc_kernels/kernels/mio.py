@@ -272,3 +272,30 @@ def mio_grad_finalize(
         d2 = (g2 - h2 * dot2[:, None]) / c2[:, None]
         tl.store(dz_ptr + rows[:, None] * K + cols[None, :], d1, mask=m)
         tl.store(dz_ptr + (rows[:, None] + B) * K + cols[None, :], d2, mask=m)
+
+
+@triton.jit
+def mio_loss_combine(
+    pos_part_ptr, n_pos, neg_part_ptr, n_neg, reg_part_ptr, out_ptr,
+    pos_scale, neg_scale, reg_scale,
+    BLOCK: tl.constexpr,
+):
+    """``out = pos_scale·Σ pos_part + neg_scale·Σ neg_part + reg_scale·Σ reg_part`` (one program).
+
+    Fixed-order sums of the per-program partials (``reg_part`` has ``n_pos`` entries, like
+    ``pos_part``): one launch instead of a handful of tiny torch ops.
+    """
+    offs = tl.arange(0, BLOCK)
+    pos = tl.zeros([BLOCK], dtype=tl.float32)
+    reg = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, n_pos, BLOCK):
+        m = i + offs < n_pos
+        pos += tl.load(pos_part_ptr + i + offs, mask=m, other=0.0)
+        reg += tl.load(reg_part_ptr + i + offs, mask=m, other=0.0)
+    neg = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, n_neg, BLOCK):
+        m = i + offs < n_neg
+        neg += tl.load(neg_part_ptr + i + offs, mask=m, other=0.0)
+    total = (pos_scale * tl.sum(pos, axis=0) + neg_scale * tl.sum(neg, axis=0)
+             + reg_scale * tl.sum(reg, axis=0))
+    tl.store(out_ptr, total)

@@ -33,7 +33,12 @@ from dataclasses import dataclass
 import torch
 import triton  # noqa: F401 - ImportError here is the documented "no triton" signal
 
-from ..kernels.mio import mio_grad_finalize, mio_negative_tiles, mio_normalize_rows
+from ..kernels.mio import (
+    mio_grad_finalize,
+    mio_loss_combine,
+    mio_negative_tiles,
+    mio_normalize_rows,
+)
 
 __all__ = ["mio_loss", "MIOConfig", "pick_config"]
 
@@ -158,9 +163,11 @@ def mio_forward(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float, neg_
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         n_neg = float(n) * float(n - 2)
-        # Fixed-order sums of a few hundred fp32 partials (torch reductions are deterministic).
-        loss = (pos_part.sum() / b + neg_part.sum() / n_neg
-                + (lambda_l2 / (b * k)) * reg_part.sum())
+        loss = torch.empty((), dtype=f32, device=dev)
+        mio_loss_combine[(1,)](
+            pos_part, n_row_prog, neg_part, neg_part.numel(), reg_part, loss,
+            1.0 / b, 1.0 / n_neg, lambda_l2 / (b * k), BLOCK=256,
+        )
         if not need_grad:
             return loss, torch.empty((0,), dtype=f32, device=dev)
         dz = torch.empty((n, k), dtype=f32, device=dev)
