@@ -52,6 +52,7 @@ __all__ = [
     "all_reduce_sum",
     "all_gather",
     "gather_sizes",
+    "sync_buffers_",
 ]
 
 
@@ -186,3 +187,43 @@ def all_gather(x: torch.Tensor, group=None, sizes: Sequence[int] | None = None) 
         raise ValueError(f"sizes[{rank(group)}] = {sizes[rank(group)]} does not match this rank's "
                          f"x.shape[0] = {x.shape[0]}")
     return _AllGather.apply(x, group, sizes)
+
+
+# --------------------------------------------------------------------------- buffers
+@torch.no_grad()
+def sync_buffers_(module: torch.nn.Module, op: str = "mean", src: int = 0, group=None) -> torch.nn.Module:
+    """Make ``module``'s buffers equal on every rank, in place; returns ``module``.
+
+    Why: DDP keeps *parameters* identical, but BatchNorm running statistics are updated
+    from each rank's local batch during the forward (DDP re-broadcasts rank 0's at the
+    next forward only), so a :class:`~minc_kernels.MomentumEncoder` that averages buffers
+    drifts apart across ranks.  Call this on ``encoder.target`` after ``update()`` (or use
+    ``nn.SyncBatchNorm`` in the online network, which makes the statistics global).
+
+    ``op="mean"``: floating buffers are averaged over ranks (one all-reduce per dtype);
+    ``op="broadcast"``: rank ``src``'s floating buffers are copied (DDP's convention).
+    Non-floating buffers (``num_batches_tracked``) are always broadcast from ``src``
+    (a global rank).  A no-op when not distributed.
+    """
+    if op not in ("mean", "broadcast"):
+        raise ValueError(f"op must be 'mean' or 'broadcast', got {op!r}")
+    if not is_distributed(group):
+        return module
+    buffers = [b for b in module.buffers()]
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for b in buffers:
+        floating = b.is_floating_point() and op == "mean"
+        groups.setdefault((floating, b.dtype, b.device), []).append(b)
+    w = world_size(group)
+    for (floating, _, _), bs in groups.items():
+        flat = torch.cat([b.reshape(-1) for b in bs])
+        if floating:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+            flat.div_(w)
+        else:
+            dist.broadcast(flat, src=src, group=group)
+        start = 0
+        for b in bs:
+            b.copy_(flat[start: start + b.numel()].view_as(b))
+            start += b.numel()
+    return module

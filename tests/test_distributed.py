@@ -118,6 +118,26 @@ def _train_minc(sizes, rank, ddp=True, gather=True, steps=3, seed=1):
     return out
 
 
+def _train_ema_bn(rank, sync=None, steps=2):
+    """MomentumEncoder of a DDP-trained net with BatchNorm; ``sync``: D.sync_buffers_ op."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(D_IN, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, K)).to(DT)
+    model = nn.parallel.DistributedDataParallel(net)
+    target = mk.MomentumEncoder(net)
+    opt = torch.optim.SGD(net.parameters(), lr=LR)
+    for step in range(steps):
+        x, _ = _data(300 + step, 8)
+        loss = model(x[4 * rank: 4 * rank + 4]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        target.update(0.9)
+        if sync is not None:
+            D.sync_buffers_(target.target, op=sync)
+    return {"params": [p.clone() for p in target.target.parameters()],
+            "buffers": [b.clone() for b in target.target.buffers()]}
+
+
 # --------------------------------------------------------------------------- mis-scaled backwards
 def _identity_all_reduce_backward(ctx, grad):
     return grad, None  # the classic bug: no sum over ranks, so the update is 1/W too small
@@ -193,6 +213,8 @@ def _worker(rank, port, outdir):
     run("minc", lambda: _train_minc(EQUAL, rank))
     run("minc_unequal", lambda: _train_minc(UNEQUAL, rank, steps=1))
     run("minc_local_moment", lambda: _train_minc(EQUAL, rank, gather=False, steps=1))
+    for sync in (None, "mean", "broadcast"):
+        run(f"ema_bn_{sync}", lambda sync=sync: _train_ema_bn(rank, sync))
     torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -413,3 +435,28 @@ def test_minc_unequal_local_batches_documented_weighting(dist_results):
     # ... which is not the full-batch single-process update.
     single = _train_minc(sizes, 0, ddp=False, gather=False, steps=1)
     assert _max_diff(ranks[0]["params"], single["params"]) > 1e-6
+
+
+def test_ema_targets_with_batchnorm_buffers(dist_results):
+    """Target parameters are identical across ranks; BN running stats are not (each rank's
+    forward updates them from its local batch) unless synced with ``D.sync_buffers_``."""
+    raw = _get(dist_results, "ema_bn_None")
+    _assert_params(raw[1]["params"], raw[0]["params"], rtol=0, atol=0)
+    assert _max_diff(raw[0]["buffers"], raw[1]["buffers"]) > 1e-3  # the pitfall is real
+    mean = _get(dist_results, "ema_bn_mean")
+    bcast = _get(dist_results, "ema_bn_broadcast")
+    for synced in (mean, bcast):
+        _assert_params(synced[1]["buffers"], synced[0]["buffers"], rtol=0, atol=0)
+        _assert_params(synced[0]["params"], raw[0]["params"], rtol=0, atol=0)
+    # The EMA is linear, so syncing by mean after every update equals the mean of the
+    # unsynced per-rank targets; broadcasting gives rank 0's.
+    avg = [(a + b) / 2 if a.is_floating_point() else a for a, b in zip(raw[0]["buffers"], raw[1]["buffers"])]
+    _assert_params(mean[0]["buffers"], avg)
+    _assert_params(bcast[0]["buffers"], raw[0]["buffers"], rtol=0, atol=0)
+
+
+def test_sync_buffers_without_process_group():
+    m = nn.BatchNorm1d(3)
+    assert D.sync_buffers_(m) is m
+    with pytest.raises(ValueError, match="op"):
+        D.sync_buffers_(m, op="max")
