@@ -28,6 +28,7 @@ Importing this module raises ImportError when triton is missing.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +108,11 @@ def pick_config(b: int, k: int, dtype: torch.dtype, on_gpu: bool = True,
     return MIOConfig(bm, bn, bk, acc_in_regs, nw, ns, n_splits)
 
 
+@functools.lru_cache(maxsize=256)
+def _default_config(b: int, k: int, dtype: torch.dtype, on_gpu: bool) -> MIOConfig:
+    return pick_config(b, k, dtype, on_gpu=on_gpu)
+
+
 def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
@@ -124,7 +130,7 @@ def mio_forward(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float, neg_
     b, k = z1.shape
     n = 2 * b
     dev = z1.device
-    cfg = config or pick_config(b, k, z1.dtype, on_gpu=z1.is_cuda)
+    cfg = config or _default_config(b, k, z1.dtype, z1.is_cuda)
     f32 = torch.float32
     # Workarounds for the CPU interpreter's bf16 (dot on raw bits, truncating casts).
     interp_bf16 = (not z1.is_cuda) and z1.dtype == torch.bfloat16
