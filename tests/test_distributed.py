@@ -39,47 +39,48 @@ if not (dist.is_available() and dist.is_gloo_available()):  # pragma: no cover
 
 
 # --------------------------------------------------------------------------- shared problem
-def _data(seed: int, n: int):
+def _data(seed: int, n: int, dtype=DT):
     g = torch.Generator().manual_seed(seed)
     x1 = torch.randn(n, D_IN, generator=g, dtype=DT)
     x2 = x1 + 0.5 * torch.randn(n, D_IN, generator=g, dtype=DT)
-    return x1, x2
+    return x1.to(dtype), x2.to(dtype)
 
 
 class _Net(nn.Module):
     """Encoder (MomentumEncoder target) + predictor; ``forward`` returns the projection."""
 
-    def __init__(self, seed: int, predictor: bool = False):
+    def __init__(self, seed: int, predictor: bool = False, dtype=DT):
         super().__init__()
         torch.manual_seed(seed)
-        self.enc = nn.Sequential(nn.Linear(D_IN, 8), nn.Tanh(), nn.Linear(8, K)).to(DT)
-        self.pred = nn.Linear(K, K).to(DT) if predictor else nn.Identity()
+        self.enc = nn.Sequential(nn.Linear(D_IN, 8), nn.Tanh(), nn.Linear(8, K)).to(dtype)
+        self.pred = nn.Linear(K, K).to(dtype) if predictor else nn.Identity()
 
     def forward(self, x):
         return self.pred(self.enc(x))
 
 
-def _make_loss(kind: str, gather: bool, comm: str = "auto"):
+def _make_loss(kind: str, gather: bool, comm: str = "auto", backend=None):
     if kind == "spectral":
         # mu=0.5: with these shapes some rows are clipped and some are not (checked below).
-        return mk.SpectralContrastiveLoss(mu=0.5, gather_distributed=gather, dist_comm=comm)
+        return mk.SpectralContrastiveLoss(mu=0.5, gather_distributed=gather, dist_comm=comm,
+                                          backend=backend)
     if kind == "mio":
         return mk.MIOLoss(pos_temperature=0.5, neg_temperature=0.3, lambda_l2=0.7,
                           gather_distributed=gather)
     raise ValueError(kind)
 
 
-def _train(kind, sizes, rank, comm="auto", steps=2, ddp=True, seed=0):
+def _train(kind, sizes, rank, comm="auto", steps=2, ddp=True, seed=0, dtype=DT, backend=None):
     """``steps`` SGD steps of ``_Net`` on the rows of ``rank`` (all rows when not ddp)."""
-    net = _Net(seed)
+    net = _Net(seed, dtype=dtype)
     model = nn.parallel.DistributedDataParallel(net) if ddp else net
-    loss_fn = _make_loss(kind, gather=ddp, comm=comm)
+    loss_fn = _make_loss(kind, gather=ddp, comm=comm, backend=backend)
     opt = torch.optim.SGD(net.parameters(), lr=LR)
     lo = sum(sizes[:rank]) if ddp else 0
     hi = lo + sizes[rank] if ddp else sum(sizes)
     losses = []
     for step in range(steps):
-        x1, x2 = _data(100 + step, sum(sizes))
+        x1, x2 = _data(100 + step, sum(sizes), dtype)
         n = hi - lo
         z = model(torch.cat([x1[lo:hi], x2[lo:hi]]))
         loss = loss_fn(z[:n], z[n:])
@@ -90,18 +91,18 @@ def _train(kind, sizes, rank, comm="auto", steps=2, ddp=True, seed=0):
     return {"loss": losses, "params": [p.detach().clone() for p in net.parameters()]}
 
 
-def _train_minc(sizes, rank, ddp=True, gather=True, steps=3, seed=1):
+def _train_minc(sizes, rank, ddp=True, gather=True, steps=3, seed=1, dtype=DT, backend=None):
     """Symmetric MINC with an EMA target; returns losses, params, targets and M per step."""
-    net = _Net(seed, predictor=True)
+    net = _Net(seed, predictor=True, dtype=dtype)
     model = nn.parallel.DistributedDataParallel(net) if ddp else net
     target = mk.MomentumEncoder(net.enc)
-    loss_fn = mk.MINCLoss(K, moment_momentum=0.5, gather_distributed=gather)
+    loss_fn = mk.MINCLoss(K, moment_momentum=0.5, gather_distributed=gather, backend=backend)
     opt = torch.optim.SGD(net.parameters(), lr=LR)
     lo = sum(sizes[:rank]) if ddp else 0
     hi = lo + sizes[rank] if ddp else sum(sizes)
     out = {"loss": [], "moment": []}
     for step in range(steps):
-        x1, x2 = _data(200 + step, sum(sizes))
+        x1, x2 = _data(200 + step, sum(sizes), dtype)
         x1, x2 = x1[lo:hi], x2[lo:hi]
         n = hi - lo
         p = model(torch.cat([x1, x2]))
@@ -213,6 +214,11 @@ def _worker(rank, port, outdir):
     run("minc", lambda: _train_minc(EQUAL, rank))
     run("minc_unequal", lambda: _train_minc(UNEQUAL, rank, steps=1))
     run("minc_local_moment", lambda: _train_minc(EQUAL, rank, gather=False, steps=1))
+    # The Triton kernels (interpreted on the CPU) composed on gathered/all-reduced tensors.
+    f32 = torch.float32
+    run("spectral_gather_triton", lambda: _train("spectral", EQUAL, rank, "gather", dtype=f32,
+                                                 backend="triton"))
+    run("minc_triton", lambda: _train_minc(EQUAL, rank, steps=2, dtype=f32, backend="triton"))
     for sync in (None, "mean", "broadcast"):
         run(f"ema_bn_{sync}", lambda sync=sync: _train_ema_bn(rank, sync))
     torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
@@ -460,3 +466,22 @@ def test_sync_buffers_without_process_group():
     assert D.sync_buffers_(m) is m
     with pytest.raises(ValueError, match="op"):
         D.sync_buffers_(m, op="max")
+
+
+F32_TOL = dict(rtol=2e-5, atol=1e-6)
+
+
+def test_ddp_parity_triton_backend(dist_results):
+    """float32, Triton kernels (interpreter) under DDP vs the single-process reference path."""
+    f32 = torch.float32
+    single = _train("spectral", EQUAL, 0, ddp=False, dtype=f32, backend="reference")
+    for res in _get(dist_results, "spectral_gather_triton"):
+        torch.testing.assert_close(torch.tensor(res["loss"]), torch.tensor(single["loss"]), **F32_TOL)
+        _assert_params(res["params"], single["params"], **F32_TOL)
+    single = _train_minc(EQUAL, 0, ddp=False, gather=False, steps=2, dtype=f32, backend="reference")
+    ranks = _get(dist_results, "minc_triton")
+    torch.testing.assert_close(ranks[1]["moment"][-1], ranks[0]["moment"][-1], rtol=0, atol=0)
+    torch.testing.assert_close(ranks[0]["moment"][-1], single["moment"][-1], **F32_TOL)
+    for res in ranks:
+        _assert_params(res["params"], single["params"], **F32_TOL)
+        _assert_params(res["target"], single["target"], **F32_TOL)
