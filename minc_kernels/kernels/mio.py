@@ -88,13 +88,15 @@ def mio_normalize_rows(
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < B
     offs = tl.arange(0, BLOCK_K)
+    z1_row = z1_ptr + rows * s1r
+    z2_row = z2_ptr + rows * s2r
     ss1 = tl.zeros([BLOCK_R], dtype=tl.float32)
     ss2 = tl.zeros([BLOCK_R], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = (k0 + offs).to(tl.int64)
         m = rmask[:, None] & (cols < K)[None, :]
-        a = tl.load(z1_ptr + rows[:, None] * s1r + cols[None, :] * s1c, mask=m, other=0.0).to(tl.float32)
-        b = tl.load(z2_ptr + rows[:, None] * s2r + cols[None, :] * s2c, mask=m, other=0.0).to(tl.float32)
+        a = tl.load(z1_row[:, None] + cols[None, :] * s1c, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(z2_row[:, None] + cols[None, :] * s2c, mask=m, other=0.0).to(tl.float32)
         ss1 += tl.sum(a * a, axis=1)
         ss2 += tl.sum(b * b, axis=1)
     n1 = tl.sqrt(ss1)
@@ -106,8 +108,8 @@ def mio_normalize_rows(
     for k0 in range(0, KS, BLOCK_K):
         cols = (k0 + offs).to(tl.int64)
         m = rmask[:, None] & (cols < K)[None, :]
-        a = tl.load(z1_ptr + rows[:, None] * s1r + cols[None, :] * s1c, mask=m, other=0.0).to(tl.float32)
-        b = tl.load(z2_ptr + rows[:, None] * s2r + cols[None, :] * s2c, mask=m, other=0.0).to(tl.float32)
+        a = tl.load(z1_row[:, None] + cols[None, :] * s1c, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(z2_row[:, None] + cols[None, :] * s2c, mask=m, other=0.0).to(tl.float32)
         h1 = a / c1[:, None]
         h2 = b / c2[:, None]
         ms = rmask[:, None] & (cols < KS)[None, :]
@@ -170,7 +172,8 @@ def mio_negative_tiles(
             cmask = cols < N
             col_base = zhat_ptr + col0.to(tl.int64) * KS
             zj = tl.load(col_base + tile_offs_n, mask=cmask[:, None], other=0.0)
-            s = _mma(zi, tl.trans(zj), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, INTERP_BF16)
+            s = _mma(zi, tl.trans(zj), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
+                     PRECISION, INTERP_BF16)
             neg = (rmask[:, None] & cmask[None, :] & (rows[:, None] != cols[None, :])
                    & (partner[:, None] != cols[None, :]))
             sp, sig = _softplus_sigmoid(s * inv_tn)
@@ -206,6 +209,25 @@ def mio_negative_tiles(
 
 
 @triton.jit
+def _grad_hat_chunk(z1_row, z2_row, s1c, s2c, g1_row, g2_row, n_splits, split_stride,
+                    cols, m, c1, c2, pc, neg_scale, reg_scale):
+    """One k chunk of rows i: ``(ẑ1, ẑ2, dL/dẑ1, dL/dẑ2)`` in fp32 (see mio_grad_finalize)."""
+    h1 = tl.load(z1_row[:, None] + cols[None, :] * s1c, mask=m, other=0.0).to(tl.float32)
+    h2 = tl.load(z2_row[:, None] + cols[None, :] * s2c, mask=m, other=0.0).to(tl.float32)
+    h1 = h1 / c1[:, None]
+    h2 = h2 / c2[:, None]
+    q1 = tl.zeros(h1.shape, dtype=tl.float32)
+    q2 = tl.zeros(h1.shape, dtype=tl.float32)
+    for sp in range(0, n_splits):  # fixed order
+        q1 += tl.load(g1_row[:, None] + sp * split_stride + cols[None, :], mask=m, other=0.0)
+        q2 += tl.load(g2_row[:, None] + sp * split_stride + cols[None, :], mask=m, other=0.0)
+    r = reg_scale * (h1 - h2)
+    g1 = neg_scale * q1 + pc[:, None] * h2 + r
+    g2 = neg_scale * q2 + pc[:, None] * h1 - r
+    return h1, h2, g1, g2
+
+
+@triton.jit
 def mio_grad_finalize(
     z1_ptr, z2_ptr, norm_ptr, pos_coef_ptr, gpart_ptr, dz_ptr,
     B, N, K, KS, n_splits,
@@ -216,10 +238,9 @@ def mio_grad_finalize(
     """``dz[i], dz[i+B] = J(z)ᵀ dL/dẑ`` (fp32, (2B, K)) for rows ``i`` of both views.
 
     ``gpart`` is (n_splits, 2B, KS) fp32, summed over splits in order.
-
     ``dL/dẑ1_i = neg_scale·Σ_s gpart[s, i] + pos_scale·pos_coef_i·ẑ2_i + reg_scale·(ẑ1_i - ẑ2_i)``
-    (and symmetrically for ẑ2_i); ``J`` is the Jacobian of ``z / max(||z||, eps)`` as
-    F.normalize's autograd computes it: ``(g - ẑ(ẑ·g))/||z||`` if ``||z|| >= eps``, else ``g/eps``.
+    (symmetrically for ẑ2_i).  ``J`` is the Jacobian of ``z / max(||z||, eps)`` as
+    F.normalize's autograd has it: ``(g - ẑ(ẑ·g))/||z||`` if ``||z|| >= eps``, else ``g/eps``.
     """
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -230,44 +251,28 @@ def mio_grad_finalize(
     c1 = tl.maximum(n1, EPS)
     c2 = tl.maximum(n2, EPS)
     pc = tl.load(pos_coef_ptr + rows, mask=rmask, other=0.0) * pos_scale
-    proj1 = tl.where(n1 >= EPS, 1.0, 0.0)
-    proj2 = tl.where(n2 >= EPS, 1.0, 0.0)
+    z1_row = z1_ptr + rows * s1r
+    z2_row = z2_ptr + rows * s2r
+    g1_row = gpart_ptr + rows * KS
+    g2_row = gpart_ptr + (rows + B) * KS
     split_stride = N.to(tl.int64) * KS
     dot1 = tl.zeros([BLOCK_R], dtype=tl.float32)
     dot2 = tl.zeros([BLOCK_R], dtype=tl.float32)
     # Pass 1: ẑ·g per row (the projection needs the whole row); pass 2 recomputes g and writes.
     for k0 in range(0, K, BLOCK_K):
-        cols = (k0 + offs).to(tl.int64)
+        cols = k0 + offs
         m = rmask[:, None] & (cols < K)[None, :]
-        h1 = tl.load(z1_ptr + rows[:, None] * s1r + cols[None, :] * s1c, mask=m, other=0.0).to(tl.float32) / c1[:, None]
-        h2 = tl.load(z2_ptr + rows[:, None] * s2r + cols[None, :] * s2c, mask=m, other=0.0).to(tl.float32) / c2[:, None]
-        q1 = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-        q2 = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-        for sp in range(0, n_splits):
-            base = gpart_ptr + sp * split_stride
-            q1 += tl.load(base + rows[:, None] * KS + cols[None, :], mask=m, other=0.0)
-            q2 += tl.load(base + (rows[:, None] + B) * KS + cols[None, :], mask=m, other=0.0)
-        r = reg_scale * (h1 - h2)
-        g1 = neg_scale * q1 + pc[:, None] * h2 + r
-        g2 = neg_scale * q2 + pc[:, None] * h1 - r
+        h1, h2, g1, g2 = _grad_hat_chunk(z1_row, z2_row, s1c, s2c, g1_row, g2_row, n_splits,
+                                         split_stride, cols, m, c1, c2, pc, neg_scale, reg_scale)
         dot1 += tl.sum(h1 * g1, axis=1)
         dot2 += tl.sum(h2 * g2, axis=1)
-    dot1 = dot1 * proj1
-    dot2 = dot2 * proj2
+    dot1 = tl.where(n1 >= EPS, dot1, 0.0)  # clamped norm: no projection term
+    dot2 = tl.where(n2 >= EPS, dot2, 0.0)
     for k0 in range(0, K, BLOCK_K):
-        cols = (k0 + offs).to(tl.int64)
+        cols = k0 + offs
         m = rmask[:, None] & (cols < K)[None, :]
-        h1 = tl.load(z1_ptr + rows[:, None] * s1r + cols[None, :] * s1c, mask=m, other=0.0).to(tl.float32) / c1[:, None]
-        h2 = tl.load(z2_ptr + rows[:, None] * s2r + cols[None, :] * s2c, mask=m, other=0.0).to(tl.float32) / c2[:, None]
-        q1 = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-        q2 = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-        for sp in range(0, n_splits):
-            base = gpart_ptr + sp * split_stride
-            q1 += tl.load(base + rows[:, None] * KS + cols[None, :], mask=m, other=0.0)
-            q2 += tl.load(base + (rows[:, None] + B) * KS + cols[None, :], mask=m, other=0.0)
-        r = reg_scale * (h1 - h2)
-        g1 = neg_scale * q1 + pc[:, None] * h2 + r
-        g2 = neg_scale * q2 + pc[:, None] * h1 - r
+        h1, h2, g1, g2 = _grad_hat_chunk(z1_row, z2_row, s1c, s2c, g1_row, g2_row, n_splits,
+                                         split_stride, cols, m, c1, c2, pc, neg_scale, reg_scale)
         d1 = (g1 - h1 * dot1[:, None]) / c1[:, None]
         d2 = (g2 - h2 * dot2[:, None]) / c2[:, None]
         tl.store(dz_ptr + rows[:, None] * K + cols[None, :], d1, mask=m)
