@@ -77,7 +77,8 @@ def is_distributed(group=None) -> bool:
 
 
 # torch >= 2.12 renamed the single-tensor collectives (the old names warn); 2.11 has only the old.
-_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+_all_gather_single = (getattr(dist, "all_gather_single", None)
+                      or getattr(dist, "all_gather_into_tensor", None))
 _reduce_scatter_single = (getattr(dist, "reduce_scatter_single", None)
                           or getattr(dist, "reduce_scatter_tensor", None))
 
@@ -182,7 +183,8 @@ def all_gather(x: torch.Tensor, group=None, sizes: Sequence[int] | None = None) 
         sizes = gather_sizes(x.shape[0], x.device, group)
     sizes = [int(s) for s in sizes]
     if len(sizes) != world_size(group):
-        raise ValueError(f"sizes must hold one entry per rank ({world_size(group)}), got {len(sizes)}")
+        raise ValueError(f"sizes must hold one entry per rank ({world_size(group)}), "
+                         f"got {len(sizes)}")
     if sizes[rank(group)] != x.shape[0]:
         raise ValueError(f"sizes[{rank(group)}] = {sizes[rank(group)]} does not match this rank's "
                          f"x.shape[0] = {x.shape[0]}")
@@ -191,7 +193,8 @@ def all_gather(x: torch.Tensor, group=None, sizes: Sequence[int] | None = None) 
 
 # --------------------------------------------------------------------------- buffers
 @torch.no_grad()
-def sync_buffers_(module: torch.nn.Module, op: str = "mean", src: int = 0, group=None) -> torch.nn.Module:
+def sync_buffers_(module: torch.nn.Module, op: str = "mean", src: int = 0,
+                  group=None) -> torch.nn.Module:
     """Make ``module``'s buffers equal on every rank, in place; returns ``module``.
 
     Why: DDP keeps *parameters* identical, but BatchNorm running statistics are updated

@@ -147,7 +147,8 @@ def mio_loss(
 
 
 # --------------------------------------------------------------------------- distributed (SPEC §5)
-def spectral_dist_comm_choice(k: int, global_batch: int, feature_bytes: int, acc_bytes: int = 4) -> str:
+def spectral_dist_comm_choice(k: int, global_batch: int, feature_bytes: int,
+                              acc_bytes: int = 4) -> str:
     """``"gram"`` or ``"gather"``: the distributed spectral communication with fewer bytes per step.
 
     Per rank, forward + backward, ring collectives, up to the common factor (W-1)/W:

@@ -59,11 +59,12 @@ class SpectralContrastiveLoss(nn.Module):
         self.dist_comm = check_choice("dist_comm", dist_comm, Fn.SPECTRAL_DIST_COMMS)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        return Fn.spectral_contrastive_loss(z1, z2, self.mu, self.clip, self.algorithm, self.backend,
-                                            self.gather_distributed, self.dist_comm)
+        return Fn.spectral_contrastive_loss(z1, z2, self.mu, self.clip, self.algorithm,
+                                            self.backend, self.gather_distributed, self.dist_comm)
 
     def extra_repr(self) -> str:
-        s = f"mu={self.mu}, clip={self.clip}, algorithm={self.algorithm!r}, backend={self.backend!r}"
+        s = (f"mu={self.mu}, clip={self.clip}, algorithm={self.algorithm!r}, "
+             f"backend={self.backend!r}")
         if self.gather_distributed:
             s += f", gather_distributed=True, dist_comm={self.dist_comm!r}"
         return s

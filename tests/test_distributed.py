@@ -150,8 +150,10 @@ def _local_slice_all_gather_backward(ctx, grad):
 
 
 def _broken():
-    return (mock.patch.object(D._AllReduceSum, "backward", staticmethod(_identity_all_reduce_backward)),
-            mock.patch.object(D._AllGather, "backward", staticmethod(_local_slice_all_gather_backward)))
+    return (mock.patch.object(D._AllReduceSum, "backward",
+                              staticmethod(_identity_all_reduce_backward)),
+            mock.patch.object(D._AllGather, "backward",
+                              staticmethod(_local_slice_all_gather_backward)))
 
 
 # --------------------------------------------------------------------------- worker
@@ -246,7 +248,8 @@ def dist_results():
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
-        yield [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(W)]
+        yield [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False)
+               for r in range(W)]
 
 
 def _get(results, name):
@@ -269,7 +272,7 @@ def _max_diff(a, b):
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
-# --------------------------------------------------------------------------- tests: no process group
+# ------------------------------------------------------------------ tests: no process group
 def test_helpers_without_process_group():
     assert not dist.is_initialized()
     assert D.is_distributed() is False and D.world_size() == 1 and D.rank() == 0
@@ -358,7 +361,8 @@ def test_ddp_parity(dist_results, name, kind, sizes):
     single = _train(kind, sizes, 0, ddp=False)
     ranks = _get(dist_results, name)
     for r in range(W):
-        torch.testing.assert_close(torch.tensor(ranks[r]["loss"]), torch.tensor(single["loss"]), **TOL)
+        torch.testing.assert_close(torch.tensor(ranks[r]["loss"]), torch.tensor(single["loss"]),
+                                   **TOL)
         _assert_params(ranks[r]["params"], single["params"])
     # DDP keeps the replicas bit-identical.
     _assert_params(ranks[1]["params"], ranks[0]["params"], rtol=0, atol=0)
@@ -389,7 +393,8 @@ def test_minc_ddp_parity_moment_and_targets(dist_results):
     ranks = _get(dist_results, "minc")
     for step in range(len(single["loss"])):
         # Every rank holds the same M, bit for bit, equal to the single-process M.
-        torch.testing.assert_close(ranks[1]["moment"][step], ranks[0]["moment"][step], rtol=0, atol=0)
+        torch.testing.assert_close(ranks[1]["moment"][step], ranks[0]["moment"][step],
+                                   rtol=0, atol=0)
         torch.testing.assert_close(ranks[0]["moment"][step], single["moment"][step], **TOL)
         # Each rank returns its local mean; with equal local sizes their mean is the global loss.
         mean = sum(ranks[r]["loss"][step] for r in range(W)) / W
@@ -456,7 +461,8 @@ def test_ema_targets_with_batchnorm_buffers(dist_results):
         _assert_params(synced[0]["params"], raw[0]["params"], rtol=0, atol=0)
     # The EMA is linear, so syncing by mean after every update equals the mean of the
     # unsynced per-rank targets; broadcasting gives rank 0's.
-    avg = [(a + b) / 2 if a.is_floating_point() else a for a, b in zip(raw[0]["buffers"], raw[1]["buffers"])]
+    avg = [(a + b) / 2 if a.is_floating_point() else a
+           for a, b in zip(raw[0]["buffers"], raw[1]["buffers"])]
     _assert_params(mean[0]["buffers"], avg)
     _assert_params(bcast[0]["buffers"], raw[0]["buffers"], rtol=0, atol=0)
 
@@ -476,7 +482,8 @@ def test_ddp_parity_triton_backend(dist_results):
     f32 = torch.float32
     single = _train("spectral", EQUAL, 0, ddp=False, dtype=f32, backend="reference")
     for res in _get(dist_results, "spectral_gather_triton"):
-        torch.testing.assert_close(torch.tensor(res["loss"]), torch.tensor(single["loss"]), **F32_TOL)
+        torch.testing.assert_close(torch.tensor(res["loss"]), torch.tensor(single["loss"]),
+                                   **F32_TOL)
         _assert_params(res["params"], single["params"], **F32_TOL)
     single = _train_minc(EQUAL, 0, ddp=False, gather=False, steps=2, dtype=f32, backend="reference")
     ranks = _get(dist_results, "minc_triton")
