@@ -150,7 +150,8 @@ def mio_negative_tiles(
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_m = tl.num_programs(0)
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Indices (< N < 2^31) stay int32 for the per-element masks; pointers use int64 bases.
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
     partner = tl.where(rows < B, rows + B, rows - B)
     cb_start = pid_s * blocks_per_split
