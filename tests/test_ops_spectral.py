@@ -225,9 +225,14 @@ def test_torch_compile_fullgraph(kernel_device):
 
 def test_import_without_triton_raises_importerror():
     code = ("import sys; sys.modules['triton'] = None\n"
-            "try:\n    import minc_kernels.ops.spectral\nexcept ImportError:\n    print('IMPORTERROR')\n")
+            "for name in ('spectral', 'minc'):\n"
+            "    try:\n        __import__('minc_kernels.ops.' + name)\n"
+            "    except ImportError:\n        print('IMPORTERROR', name)\n"
+            "from minc_kernels import _backend\n"
+            "print('STATUS', _backend.op_status('spectral')[0], _backend.op_status('minc')[0])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert "IMPORTERROR" in out.stdout, out.stderr
+    assert "IMPORTERROR spectral" in out.stdout and "IMPORTERROR minc" in out.stdout, out.stderr
+    assert "STATUS False False" in out.stdout, out.stderr
 
 
 @pytest.mark.gpu
