@@ -180,6 +180,8 @@ def _collective_checks(rank):
     (y * torch.arange(y.numel(), dtype=DT).reshape(y.shape) * (rank + 1)).sum().backward()
     res["tdnn_gather_equal"] = (y.detach(), xi.grad.clone())
     res["helpers"] = (D.is_distributed(), D.world_size(), D.rank())
+    t = _data(400, 4)[0][2 * rank: 2 * rank + 2]
+    res["moment_sum"] = Fn.minc_moment_sum(t, gather_distributed=True)
     return res
 
 
@@ -326,6 +328,9 @@ def test_collectives_forward_and_backward(dist_results):
     res = _get(dist_results, "collectives")
     c_sum = torch.tensor([1.0, 2.0, 3.0], dtype=DT) * 3  # Σ_r c_r, c_r = c·(r+1)
     x_sum = torch.arange(3, dtype=DT) * 2 + 10
+    t = _data(400, 4)[0]
+    for r in range(W):
+        torch.testing.assert_close(res[r]["moment_sum"], t.T @ t, **TOL)
     for r in range(W):
         assert res[r]["helpers"] == (True, W, r)
         for name in ("ours_reduce", "tdnn_reduce"):
