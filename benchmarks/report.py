@@ -213,6 +213,8 @@ def markdown(data: dict, plots: list[str]) -> str:
               + (f"; **interrupted**: {meta['interrupted']}" if meta.get("interrupted") else ""),
               f"- torch {meta.get('torch')}, triton {meta.get('triton')}, CUDA {meta.get('cuda')}, "
               f"python {meta.get('python')}",
+              f"- load average (1/5/15 min) at start {meta.get('load_average_start')}, at end "
+              f"{meta.get('load_average_end')} ({meta.get('cpu_threads')} CPU threads)",
               f"- git commit `{meta.get('git_commit')}`"
               + (" (uncommitted changes)" if meta.get("git_dirty") else ""),
               f"- settings: `{json.dumps(settings)}`",
@@ -239,7 +241,9 @@ def markdown(data: dict, plots: list[str]) -> str:
             continue
         provs = _providers(grid)
         fast = [p for p in provs if not p.startswith("eager")]
-        header = (["B", "k"] + [f"{p} ms" for p in provs] + [f"{p} MB" for p in provs]
+        has_mb = any(r.get("peak_mb") is not None for r in grid)  # never on the CPU
+        mb_provs = provs if has_mb else []
+        header = (["B", "k"] + [f"{p} ms" for p in provs] + [f"{p} MB" for p in mb_provs]
                   + [f"{p} ×" for p in fast] + [f"{p} TFLOP/s (%)" for p in fast])
         by_shape: dict = defaultdict(dict)
         for r in grid:
@@ -248,7 +252,7 @@ def markdown(data: dict, plots: list[str]) -> str:
         for (b, k) in sorted(by_shape):
             cell = by_shape[(b, k)]
             row = [str(b), str(k)] + [_fmt_ms(cell.get(p)) for p in provs]
-            row += [_fmt_mb(cell.get(p)) for p in provs]
+            row += [_fmt_mb(cell.get(p)) for p in mb_provs]
             row += [_fmt_x((cell.get(p) or {}).get("speedup_vs_eager")) for p in fast]
             for p in fast:
                 r = cell.get(p) or {}
@@ -270,6 +274,20 @@ def _legend(axes, fontsize: int) -> None:
     best = max(axes, key=lambda ax: len(ax.get_legend_handles_labels()[1]))
     if best.get_legend_handles_labels()[1]:
         best.legend(fontsize=fontsize)
+
+
+def _tidy_axes(ax, xs) -> None:
+    """Plain numbers on log axes: the B values on x, ``%g`` on y (minor labels if < 1.5 decades)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator
+
+    if xs:
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(sorted(xs), [str(x) for x in sorted(xs)], fontsize=7)
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    lo, hi = ax.get_ylim()
+    ax.yaxis.set_minor_formatter(plain if lo > 0 and hi / lo < 30 else NullFormatter())
+    ax.tick_params(axis="y", which="both", labelsize=7)
 
 
 def make_plots(data: dict, out: Path) -> list[str]:
@@ -299,6 +317,7 @@ def make_plots(data: dict, out: Path) -> list[str]:
             ax.set_title(f"k = {k}")
             ax.set_xlabel("B")
             ax.grid(True, which="both", alpha=0.3)
+            _tidy_axes(ax, {r["B"] for r in grid if r["k"] == k})
         axes[0][0].set_ylabel("median ms")
         _legend(axes[0], 8)
         fig.suptitle(f"{loss} {mode} ({dt}), {data['meta'].get('device')}", fontsize=10)
@@ -330,6 +349,7 @@ def make_plots(data: dict, out: Path) -> list[str]:
             ax.set_title(mode)
             ax.set_xlabel("B")
             ax.grid(True, which="both", alpha=0.3)
+            _tidy_axes(ax, {r["B"] for r in recs if r.get("tag") != "memory"})
         axes[0][0].set_ylabel("speed-up vs best eager")
         _legend(axes[0], 7)
         if not drew:
@@ -346,7 +366,7 @@ def make_plots(data: dict, out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 3.4))
         labels = [f"{r['provider']}\n{r['online_dtype']}" for r in ema]
         ax.bar(range(len(ema)), [r["gbps"] for r in ema])
-        ax.set_xticks(range(len(ema)), labels, fontsize=7)
+        ax.set_xticks(range(len(ema)), labels, fontsize=6, rotation=25)
         copy = ((data.get("ceilings") or {}).get("copy") or {}).get("gbps")
         if copy:
             ax.axhline(copy, color="r", linestyle="--", label=f"copy ceiling {copy:.0f} GB/s")

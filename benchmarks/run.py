@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-reps", type=int, default=50)
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; cases not started by then are recorded as skipped")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (CPU); 1 avoids OpenMP stalls on a busy machine")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -94,7 +96,8 @@ def device_name(device) -> str:
                 break
     except OSError:
         pass
-    return f"CPU {model} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"CPU {model} ({n} thread{'s' if n != 1 else ''})"
 
 
 def slugify(text: str) -> str:
@@ -115,6 +118,14 @@ def git_commit() -> tuple[str | None, bool | None]:
         return sha, dirty
     except Exception:  # noqa: BLE001 - a copied tree without .git
         return None, None
+
+
+def _loadavg() -> list[float] | None:
+    """1/5/15-minute load averages: CPU timings on a shared machine need this context."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
 
 
 def probe_extension(timeout: float = 180.0) -> tuple[bool, str]:
@@ -162,6 +173,7 @@ def environment(device, extension: tuple[bool, str] | None = None) -> dict:
         "git_dirty": dirty,
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "cpu_threads": torch.get_num_threads(),
+        "load_average_start": _loadavg(),
         "triton_interpret": _backend.triton_interpret(),
         "ops": {name: _backend.op_status(name)[1] for name in ("spectral", "minc", "mio")},
         "extension": (extension or _ext.status())[1],
@@ -386,6 +398,8 @@ def main(argv=None) -> int:
     from .ceilings import measure_ceilings
     from .report import summary_text, write_report
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -412,7 +426,7 @@ def main(argv=None) -> int:
                      "providers": list(args.providers), "quick": args.quick,
                      "compile_dynamic": args.compile_dynamic, "case_ms": args.case_ms,
                      "max_reps": args.max_reps, "time_budget_s": args.time_budget,
-                     "interpret": args.interpret, "seed": args.seed},
+                     "interpret": args.interpret, "seed": args.seed, "threads": args.threads},
         "ceilings": None,
         "ema": [],
         "cases": [],
@@ -445,6 +459,7 @@ def main(argv=None) -> int:
         if bar is not None:
             bar.close()
         data["meta"]["wall_s"] = round(time.monotonic() - started, 1)
+        data["meta"]["load_average_end"] = _loadavg()
         results.save()
         write_report(data, out, plots=not args.no_plots)
     print(summary_text(data), flush=True)
