@@ -184,7 +184,7 @@ class CompiledCache:
     def __init__(self, dynamic: bool | None = None):
         self.dynamic = dynamic
         self.fns: dict[tuple[str, bool], Callable] = {}
-        self.broken: dict[str, str] = {}
+        self.broken: dict[tuple[str, bool], str] = {}  # (loss, bwd replay copy) -> error
         for name in ("recompile_limit", "cache_size_limit"):
             # Grids visit dozens of shapes; the default limit (8) would fall back to eager.
             if hasattr(torch._dynamo.config, name):
@@ -314,8 +314,16 @@ def ema_fn(provider: str, targets: list, onlines: list, momentum: float) -> Call
         if ext is None:
             ok, why = _ext.status()
             raise RuntimeError(f"extension unavailable: {why}")
+        device = targets[0].device
+        supports = getattr(_ext, "supports", None)
+        if supports is not None and not supports(device):
+            raise RuntimeError(f"the extension has no kernel for {device.type} tensors "
+                               f"(built with {_ext.build_info()})")
         if provider == "minc_kernels":
             return lambda: ema.ema_update_(targets, onlines, momentum, check_finite=False,
                                            backend="extension")
-        return lambda: ext.ema_update_(targets, onlines, momentum)
+        # The registered op (what ema_update_ calls after its checks), else the module's.
+        op = getattr(getattr(torch.ops, "minc", None), "ema_update_", None)
+        raw = op if op is not None else ext.ema_update_
+        return lambda: raw(targets, onlines, momentum)
     raise ValueError(f"unknown EMA provider {provider!r}")

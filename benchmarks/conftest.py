@@ -5,7 +5,9 @@ import torch
 
 @pytest.fixture(scope="session")
 def bench_device():
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def sync(device: torch.device) -> None:

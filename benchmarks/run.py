@@ -297,8 +297,9 @@ def run_loss_cases(args, device, dtypes, results: Results, deadline: float | Non
                 reason = "time budget exhausted before this case started"
             elif entry.family == "minc_kernels":
                 reason = minc_kernels_unavailable(loss, device, args.interpret)
-            elif entry.family == "compile" and loss in compiled.broken:
-                reason = f"torch.compile failed earlier for {loss}: {compiled.broken[loss]}"
+            elif entry.family == "compile" and (loss, mode == "bwd") in compiled.broken:
+                reason = (f"torch.compile failed earlier for {loss}: "
+                          f"{compiled.broken[(loss, mode == 'bwd')]}")
             if reason:
                 rec.update(status="skipped", reason=reason)
                 continue
@@ -324,7 +325,7 @@ def run_loss_cases(args, device, dtypes, results: Results, deadline: float | Non
                 else:
                     rec.update(status="error", reason=_short(exc))
                     if entry.family == "compile":
-                        compiled.broken[loss] = _short(exc)
+                        compiled.broken[(loss, mode == "bwd")] = _short(exc)
             if inputs is not None:
                 for x in inputs.grad_tensors:
                     x.grad = None
@@ -407,8 +408,9 @@ def main(argv=None) -> int:
         if device.type == "cuda" and not torch.cuda.is_available():
             print("--device cuda: no CUDA device", file=sys.stderr)
             return 2
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    if device.type == "cuda" and device.index is None:
+        # An explicit index: some torch.cuda calls reject a bare torch.device("cuda").
+        device = torch.device("cuda", torch.cuda.current_device())
     dtypes = list(args.dtype or (("bf16",) if device.type == "cuda" else ("fp32",)))
     started = time.monotonic()
     deadline = started + args.time_budget if args.time_budget else None
