@@ -132,10 +132,11 @@ def test_backward_without_saved_gradient_raises(kernel_device):
         loss.backward()
 
 
-@pytest.mark.parametrize("b,k", [(1, 5), (37, 5), (7, 33), (100, 3)])
+@pytest.mark.parametrize("b,k", [(1, 5), (37, 5), (7, 33), (100, 3), (50, 20)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_moment_sum(kernel_device, b, k, dtype):
-    # (37, 5) and (100, 3) split the rows over several programs (partials summed after)
+    # (37, 5), (100, 3) and (50, 20) split the rows over several programs (partials summed
+    # after); (7, 33) and (50, 20) have off-diagonal (mirrored) tiles
     _, t, _ = _inputs(b, k, dtype, kernel_device, seed=6)
     got = ops.moment_sum(t)
     assert got.dtype == torch.float32 and got.shape == (k, k) and not got.requires_grad
@@ -143,6 +144,15 @@ def test_moment_sum(kernel_device, b, k, dtype):
     # half inputs are exact; products exact in fp32: only fp32 accumulation error remains
     tol = 4 * b * torch.finfo(torch.float32).eps * float(want.abs().max())
     assert float((got.cpu().double() - want).abs().max()) <= tol
+
+
+@pytest.mark.parametrize("b,k", [(50, 20), (7, 33), (1, 3)])
+def test_gram_dot(kernel_device, b, k):
+    """<G, XᵀX>_F reduced tile by tile (mirrored tiles counted twice, row slices summed)."""
+    _, t, m = _inputs(b, k, torch.float32, kernel_device, seed=13)
+    got = float(ops.gram_dot(t, m))
+    want = float((m.cpu().double() * reference.minc_batch_moment_sum(t.cpu().double())).sum())
+    assert abs(got - want) <= 1e-5 * abs(want)
 
 
 def test_moment_sum_noncontiguous(kernel_device):
@@ -244,7 +254,9 @@ def build(kernel, dtype, storage_ptrs, consts, cfg):
 bad = 0
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     f32 = dtype == torch.float32
-    bad += build(km.moment_partial_kernel, dtype, {"x_ptr"}, dict(IS_FP32=f32, UPCAST=False), om._gram_config(1024, dtype)) > 0
+    for dot in (False, True):
+        bad += build(km.moment_partial_kernel, dtype, {"x_ptr"}, dict(IS_FP32=f32, UPCAST=False, DOT_WITH_OTHER=dot),
+                     om._gram_config(1024, dtype)) > 0
     for gha in (False, True):
         bad += build(km.rowmat_kernel, dtype, {"x_ptr", "y_ptr"}, dict(NEED_GRAD=True, GHA=gha, HAS_D=True,
                      MODE=om.rhs_f32_mode(dtype), UPCAST=False), om._rowmat_config(1024)) > 0

@@ -158,8 +158,9 @@ def test_deterministic_bits(kernel_device, algorithm):
         assert torch.equal(x, y)
 
 
-def test_forward_only_skips_gradient_and_matches(kernel_device):
-    z1, z2 = _inputs(7, 33, torch.float32, kernel_device, seed=6)
+@pytest.mark.parametrize("b,k", [(7, 33), (37, 5)])
+def test_forward_only_skips_gradient_and_matches(kernel_device, b, k):
+    z1, z2 = _inputs(b, k, torch.float32, kernel_device, seed=6)
     for algorithm in ("pairwise", "gram"):
         loss, g1, g2 = ops.spectral_loss_fwd(z1.detach(), z2.detach(), MU, True, algorithm, False)
         assert g1.numel() == 0 and g2.numel() == 0

@@ -71,13 +71,18 @@ def _dot_rhs_f32(x, m, acc, MODE: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def moment_partial_kernel(
-    x_ptr, out_ptr, B, K, stride_xb, stride_xk, rows_per_split,
-    IS_FP32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+    x_ptr, out_ptr, other_ptr, B, K, stride_xb, stride_xk, rows_per_split,
+    IS_FP32: tl.constexpr, UPCAST: tl.constexpr, DOT_WITH_OTHER: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """``out[s] = Σ_{j in slice s} x_j x_jᵀ``; out is (S, K, K) fp32, grid (nK, nK, S).
+    """``C_s = Σ_{j in slice s} x_j x_jᵀ`` over row slices; grid (nK, nK, S).
 
-    Only tiles with ``a <= b`` compute; each also writes its mirror (the result is
-    symmetric), halving the work.
+    Default: ``out[s] = C_s``, out (S, K, K) fp32.  Only tiles with ``a <= b`` compute; each
+    also writes its mirror (the result is symmetric), halving the work.
+    ``DOT_WITH_OTHER``: ``C_s`` is never stored; instead ``out[pid] = <other, C_s>_F`` restricted
+    to this tile and its mirror (``other`` a symmetric, contiguous (K, K) fp32 matrix; the
+    slots of skipped ``a > b`` programs must be pre-zeroed).  Summing ``out`` gives
+    ``<other, XᵀX>_F`` without a k×k write.
     """
     pid_a = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -99,11 +104,19 @@ def moment_partial_kernel(
         xb = tl.load(x_ptr + rows[:, None] * stride_xb + kb[None, :] * stride_xk,
                      mask=r_mask[:, None] & kb_mask[None, :], other=0.0)
         acc = _dot_same(xa_t, xb, acc, IS_FP32, UPCAST)
-    out = out_ptr + pid_s.to(tl.int64) * K * K
     mask = ka_mask[:, None] & kb_mask[None, :]
-    tl.store(out + ka[:, None] * K + kb[None, :], acc, mask=mask)
-    if pid_a != pid_b:
-        tl.store(out + kb[None, :] * K + ka[:, None], acc, mask=mask)
+    if DOT_WITH_OTHER:
+        other = tl.load(other_ptr + ka[:, None] * K + kb[None, :], mask=mask, other=0.0)
+        part = tl.sum(tl.sum(acc * other, axis=1), axis=0)
+        if pid_a != pid_b:
+            part = part * 2.0  # the mirrored tile contributes the same amount
+        pid = (pid_s.to(tl.int64) * tl.num_programs(1) + pid_b) * tl.num_programs(0) + pid_a
+        tl.store(out_ptr + pid, part)
+    else:
+        out = out_ptr + pid_s.to(tl.int64) * K * K
+        tl.store(out + ka[:, None] * K + kb[None, :], acc, mask=mask)
+        if pid_a != pid_b:
+            tl.store(out + kb[None, :] * K + ka[:, None], acc, mask=mask)
 
 
 @triton.jit

@@ -28,7 +28,7 @@ from ..kernels.minc import moment_partial_kernel, rowmat_kernel
 from ._common import (device_guard, interpreting, is_fp32, next_pow2, num_sms, rhs_f32_mode,
                       upcast_bf16_dot)
 
-__all__ = ["minc_loss", "moment_sum", "minc_loss_fwd", "minc_moment_sum", "rowmat", "gram"]
+__all__ = ["minc_loss", "moment_sum", "minc_loss_fwd", "minc_moment_sum", "rowmat", "gram", "gram_dot"]
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -71,8 +71,7 @@ def _gram_config(k: int, dtype: torch.dtype, for_device: bool = False) -> dict:
                 num_warps=4, num_stages=3)
 
 
-def gram(x: torch.Tensor) -> torch.Tensor:
-    """``Xᵀ X`` = ``Σ_j x_j x_jᵀ`` as fp32 (k, k), from the storage dtype of ``x``."""
+def _gram_launch(x: torch.Tensor, other: torch.Tensor | None):
     b, k = x.shape
     cfg = _gram_config(k, x.dtype)
     nk = triton.cdiv(k, cfg["BLOCK_K"])
@@ -82,13 +81,30 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     split = max(1, min(nb, triton.cdiv(2 * num_sms(x.device), tiles)))
     rows_per_split = triton.cdiv(nb, split) * cfg["BLOCK_B"]
     split = triton.cdiv(b, rows_per_split)
-    out = torch.empty(split, k, k, dtype=torch.float32, device=x.device)
+    if other is None:
+        out = torch.empty(split, k, k, dtype=torch.float32, device=x.device)
+    else:
+        out = torch.zeros(split * nk * nk, dtype=torch.float32, device=x.device)
     with device_guard(x):
         moment_partial_kernel[(nk, nk, split)](
-            x, out, b, k, x.stride(0), x.stride(1), rows_per_split,
-            IS_FP32=is_fp32(x.dtype), UPCAST=upcast_bf16_dot(x.dtype), **cfg,
+            x, out, other if other is not None else out, b, k, x.stride(0), x.stride(1),
+            rows_per_split, IS_FP32=is_fp32(x.dtype), UPCAST=upcast_bf16_dot(x.dtype),
+            DOT_WITH_OTHER=other is not None, **cfg,
         )
+    return out, split
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """``Xᵀ X`` = ``Σ_j x_j x_jᵀ`` as fp32 (k, k), from the storage dtype of ``x``."""
+    out, split = _gram_launch(x, None)
     return out[0] if split == 1 else out.sum(dim=0)
+
+
+def gram_dot(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``<other, Xᵀ X>_F`` (fp32 scalar) for a symmetric contiguous fp32 (k, k) ``other``,
+    without writing ``Xᵀ X``."""
+    out, _ = _gram_launch(x, other.contiguous())
+    return out.sum()
 
 
 # ----------------------------------------------------------------------------- ops

@@ -36,7 +36,7 @@ import triton
 from ..kernels.spectral import clip_rows_backward_kernel, clip_rows_dot_kernel, pairwise_offdiag_kernel
 from ._common import (DEVICE_BW, DEVICE_FLOPS, device_guard, interpreting, is_fp32, next_pow2,
                       upcast_bf16_dot)
-from .minc import _gram_config, _rowmat_config, gram, rowmat
+from .minc import _gram_config, _rowmat_config, gram, gram_dot, rowmat
 
 __all__ = ["spectral_loss", "spectral_loss_fwd", "choose_algorithm", "estimate_seconds"]
 
@@ -97,15 +97,14 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> dic
 
     gc = _gram_config(k, dtype, for_device=True)
     n_k = triton.cdiv(k, gc["BLOCK_K"])
-    t_gram = 2 * launch(b * k * (k + gc["BLOCK_K"]), rate_same, isz * b * k + 2 * 4 * k * k,
+    # G1 written; G2 only reduced against G1 (read) when no gradient is needed
+    t_gram = 2 * launch(b * k * (k + gc["BLOCK_K"]), rate_same, isz * b * k + 4 * k * k,
                         (n_k + 1) * b * k * isz, n_k * (n_k + 1) // 2)
     if need_grad:
         rc = _rowmat_config(k, for_device=True)
         n_rm, n_rn = triton.cdiv(b, rc["BLOCK_M"]), triton.cdiv(k, rc["BLOCK_N"])
         t_gram += 2 * launch(2.0 * b * k * k, rate_rhs, 4 * k * k + 2 * isz * b * k + 4 * b * k,
                              n_rm * 4 * k * k + n_rn * isz * b * k, n_rm * n_rn)
-    else:
-        t_gram += _LAUNCH_S  # <G1, G2>_F
     return {"pairwise": pairwise, "gram": t_gram}
 
 
@@ -181,13 +180,15 @@ def spectral_loss_fwd(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool,
         if need_grad:
             _, g2 = _pairwise(z2c, z1c, 2.0 * inv, pos, True)
     else:
-        gram1, gram2 = gram(z1c), gram(z2c)
+        gram1 = gram(z1c)
         if need_grad:
+            gram2 = gram(z2c)
             # Z1c G2 - d∘Z2c = offdiag(S) Z2c; its fused partial Σ z1cᵀ G2 z1c = <G1, G2>_F.
             frob, _, g1 = rowmat(z1c, gram2, z2c, d, 2.0 * inv, pos, -2.0 * inv, False, True)
             _, _, g2 = rowmat(z2c, gram1, z1c, d, 2.0 * inv, pos, -2.0 * inv, False, True)
         else:
-            frob = (gram1 * gram2).sum()
+            # <G1, G2>_F reduced tile by tile while G2 is formed: G2 is never written.
+            frob = gram_dot(z2c, gram1)
         off = frob - (d * d).sum()
     if need_grad and clip:
         _clip_rows_backward_(z1, n1, g1, mu)
