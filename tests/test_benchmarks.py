@@ -214,7 +214,7 @@ def test_runner_on_cuda(tmp_path):
     out = tmp_path / "res"
     run.main(["--out", str(out), "--B", "256,1024", "--k", "128", "--providers",
               "eager,minc_kernels", "--modes", "fwd+bwd", "--ema", "off", "--no-plots",
-              "--no-progress", "--case-ms", "5"])
+              "--no-progress", "--case-ms", "5", "--memory-case", "off"])
     data = _load(out)
     assert data["meta"]["device_type"] == "cuda" and data["settings"]["dtypes"] == ["bf16"]
     assert data["ceilings"]["copy"]["gbps"] > 100
