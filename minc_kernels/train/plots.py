@@ -1,0 +1,44 @@
+"""PNG plots of the training history (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+import math
+import os
+
+PLOTS = (("loss", "training loss", "loss.png"),
+         ("knn_acc", "kNN accuracy (%) on held-out data", "knn_acc.png"),
+         ("eff_rank", "effective rank of backbone features", "eff_rank.png"))
+
+
+def plot_history(history: list[dict], out_dir: str, title: str = "") -> list[str]:
+    """One PNG per curve (loss, kNN accuracy, effective rank) vs epoch; returns the paths
+    written (none if matplotlib is missing or there is nothing to plot)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    for key, label, name in PLOTS:
+        pts = [(r["epoch"], r[key]) for r in history
+               if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.5), dpi=110)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+        if key == "eff_rank" and any(isinstance(r.get("proj_eff_rank"), float) for r in history):
+            q = [(r["epoch"], r["proj_eff_rank"]) for r in history
+                 if isinstance(r.get("proj_eff_rank"), float) and math.isfinite(r["proj_eff_rank"])]
+            ax.plot([p[0] for p in q], [p[1] for p in q], marker="s", label="projector output")
+            ax.lines[0].set_label("backbone")
+            ax.legend()
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.set_title(title or label, fontsize=9)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = os.path.join(out_dir, name)
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,215 @@
+"""The reference training program (minc_kernels.train): smoke runs of every method on a
+tiny generated image folder, exact resume, 2-process DDP (gloo), argument errors, and
+the metrics/optimiser/augmentation building blocks."""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("torchvision")
+from PIL import Image  # noqa: E402  (torchvision depends on Pillow)
+
+from minc_kernels.train import cli, data as D  # noqa: E402
+from minc_kernels.train.metrics import effective_rank, knn_accuracy, linear_probe  # noqa: E402
+from minc_kernels.train.optim import LARS, param_groups, warmup_cosine  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """3 classes x 12 RGB images of 20 px: a bright blob at a class-specific place + noise."""
+    root = tmp_path_factory.mktemp("imgs")
+    g = torch.Generator().manual_seed(0)
+    for c in range(3):
+        d = root / f"class{c}"
+        d.mkdir()
+        for i in range(12):
+            img = (torch.rand(20, 20, 3, generator=g) * 80).to(torch.uint8)
+            img[2 + 5 * c: 8 + 5 * c, 4:16, c] = 230
+            Image.fromarray(img.numpy()).save(d / f"{i}.png")
+    return str(root)
+
+
+def tiny_args(folder, out, *extra):
+    return ["--dataset", "folder", "--data-dir", folder, "--loader", "memory", "--image-size", "16",
+            "--arch", "convnet", "--width", "4", "--pool", "1", "--batch-size", "8",
+            "--epochs", "1", "--proj-hidden", "16", "--proj-dim", "8", "--pred-hidden", "16",
+            "--knn-k", "5", "--probe-iters", "5", "--threads", "1", "--no-progress",
+            "--ema-backend", "foreach", "--out-dir", str(out), *extra]
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("minc", ["--optimizer", "lars", "--lr", "0.2", "--augment", "byol"]),
+    ("spectral", ["--optimizer", "sgd", "--lr", "0.05", "--arch", "resnet18", "--stem", "s2"]),
+    ("mio", ["--optimizer", "adamw", "--lr", "1e-3", "--loader", "stream", "--augment", "weak"]),
+])
+def test_smoke_every_method(folder, tmp_path, method, extra):
+    out = tmp_path / "run"
+    rep = cli.run(tiny_args(folder, out, "--method", method, "--epochs", "2", *extra))
+    assert len(rep["history"]) == 2
+    for row in rep["history"]:
+        assert math.isfinite(row["loss"])
+        assert 0.0 <= row["knn_acc"] <= 100.0
+        assert row["eff_rank"] >= 1.0
+    probes = rep["probes"]
+    for name in ("ssl", "random_init", "raw_pixels"):
+        assert 0.0 <= probes[name]["test_acc"] <= 100.0, name
+    for f in ("log.csv", "checkpoint.pt", "report.json", "report.txt", "loss.png", "knn_acc.png",
+              "eff_rank.png"):
+        assert (out / f).is_file(), f
+    with open(out / "log.csv") as fh:
+        assert len(fh.read().strip().splitlines()) == 3  # header + 2 epochs
+    # the checkpoint loads with weights_only=True
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] == 1 and ck["step"] == rep["history"][-1]["step"]
+    if method == "minc":
+        assert ck["loss"]["num_updates"].item() == ck["step"]
+        assert ck["target"]
+
+
+def _state(path):
+    ck = torch.load(path, weights_only=True)
+    return ck
+
+
+def test_resume_is_exact(folder, tmp_path):
+    args = ["--method", "minc", "--epochs", "2", "--no-probe", "--lr", "0.1"]
+    cli.run(tiny_args(folder, tmp_path / "a", *args))
+    cli.run(tiny_args(folder, tmp_path / "b", *args, "--stop-after", "1"))
+    half = _state(tmp_path / "b" / "checkpoint.pt")
+    assert half["epoch"] == 0
+    cli.run(["--resume", str(tmp_path / "b"), "--no-progress", "--no-probe"])
+    a, b = _state(tmp_path / "a" / "checkpoint.pt"), _state(tmp_path / "b" / "checkpoint.pt")
+    assert a["epoch"] == b["epoch"] == 1 and a["step"] == b["step"]
+    for part in ("model", "target", "loss"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k]["momentum_buffer"], sb[k]["momentum_buffer"])
+    # and the state did change during the second epoch
+    assert not torch.equal(half["model"]["encoder.backbone.features.0.weight"],
+                           b["model"]["encoder.backbone.features.0.weight"])
+    assert [r["loss"] for r in a["history"]] == [r["loss"] for r in b["history"]]
+
+
+def test_ddp_two_processes_gloo(folder, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           "0", os.path.join(ROOT, "examples", "train.py"),
+           *tiny_args(folder, out, "--method", "minc", "--device", "cpu", "--probe-iters", "3")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["history"][-1]["step"] == 3  # 32 training images // batch 8 (2 x 4 per rank)
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["loss"]["num_updates"].item() == 3
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--method", "byol"], "--method"),
+    (["--dataset", "folder"], "--data-dir"),
+    (["--dataset", "folder", "--data-dir", "/nonexistent/dir"], "--data-dir"),
+    (["--optimizer", "adam"], "--optimizer"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--resume", "/nonexistent/ckpt.pt"], "--resume"),
+])
+def test_bad_arguments(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.run(argv)
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_empty_folder_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    with pytest.raises(SystemExit):
+        cli.run(tiny_args(str(tmp_path), tmp_path / "o"))
+    assert "--data-dir" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- building blocks
+def test_effective_rank():
+    assert effective_rank(torch.eye(7)) == pytest.approx(7.0, rel=1e-6)
+    x = torch.randn(50, 1) @ torch.randn(1, 9)
+    assert effective_rank(x) == pytest.approx(1.0, abs=1e-3)
+    # exp(entropy) of singular values (3, 1): p = (.75, .25)
+    v = torch.diag(torch.tensor([3.0, 1.0]))
+    h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert effective_rank(v) == pytest.approx(math.exp(h), rel=1e-6)
+    assert effective_rank(torch.zeros(4, 3)) == 0.0
+    with pytest.raises(ValueError, match="features"):
+        effective_rank(torch.zeros(3))
+
+
+def test_knn_and_probe_separate_easy_classes():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g) * 4
+    y = torch.arange(400) % 4
+    x = centers[y] + torch.randn(400, 16, generator=g)
+    assert knn_accuracy(x[:300], y[:300], x[300:], y[300:], k=10) > 95
+    assert linear_probe(x[:300], y[:300], x[300:], y[300:], max_iter=50)["test_acc"] > 95
+    # random labels: near chance
+    yr = torch.randint(0, 4, (400,), generator=g)
+    assert knn_accuracy(x[:300], yr[:300], x[300:], yr[300:], k=10) < 50
+
+
+def test_lars_excludes_bias_and_bn_and_schedule():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    groups = param_groups(net, 0.1)
+    assert [len(g["params"]) for g in groups] == [1, 3]
+    assert groups[1]["weight_decay"] == 0.0 and groups[1]["lars_exclude"]
+    opt = LARS(groups, lr=1.0, momentum=0.0, trust_coefficient=0.01)
+    w0, b0 = net[0].weight.detach().clone(), net[0].bias.detach().clone()
+    net[0].weight.grad = torch.ones_like(w0)
+    net[0].bias.grad = torch.ones_like(b0)
+    opt.step()
+    d = w0 + 0.1 * w0 * 0  # wd applies to the weight: update = trust * (g + wd w)
+    gw = torch.ones_like(w0) + 0.1 * w0
+    trust = 0.01 * w0.norm() / gw.norm()
+    assert torch.allclose(net[0].weight, d - trust * gw, atol=1e-6)
+    assert torch.allclose(net[0].bias, b0 - 1.0)  # excluded: plain SGD, no adaptation
+    assert warmup_cosine(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert warmup_cosine(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert warmup_cosine(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert warmup_cosine(100, 100, 10, 1.0) == pytest.approx(0.0)
+
+
+def test_batch_augment_reproducible_and_shaped():
+    x = (torch.rand(6, 3, 24, 24) * 255).to(torch.uint8)
+    v1, v2 = D.view_configs("byol", 40, 3)
+    assert v1.blur_p == 1.0 and v2.solarize_p == 0.2
+    aug = D.BatchAugment(v1, 20, D.IMAGENET_MEAN, D.IMAGENET_STD)
+    a = aug(x, torch.Generator().manual_seed(3))
+    b = aug(x, torch.Generator().manual_seed(3))
+    c = aug(x, torch.Generator().manual_seed(4))
+    assert a.shape == (6, 3, 20, 20) and torch.isfinite(a).all()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # identity-like view: full crop, no flip/jitter -> the normalised image itself
+    ident = D.BatchAugment(D.ViewConfig(scale=(1, 1), ratio=(1, 1), flip=0, jitter_p=0, grey_p=0),
+                           24, (0.0,) * 3, (1.0,) * 3)
+    assert torch.allclose(ident(x, torch.Generator()), x.float() / 255, atol=1e-5)
+
+
+def test_fashion_mnist_idx_reader(tmp_path):
+    imgs = (torch.arange(2 * 28 * 28) % 256).to(torch.uint8).view(2, 28, 28)
+    for split, (fi, fl) in D.FASHION_MNIST_FILES.items():
+        with gzip.open(tmp_path / fi, "wb") as f:
+            f.write(bytes([0, 0, 8, 3]) + (2).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+                    + imgs.numpy().tobytes())
+        with gzip.open(tmp_path / fl, "wb") as f:
+            f.write(bytes([0, 0, 8, 1]) + (2).to_bytes(4, "big") + bytes([3, 7]))
+    train, test = D.load_fashion_mnist(str(tmp_path), download=False)
+    assert train.images.shape == (2, 1, 28, 28) and torch.equal(train.images[:, 0], imgs)
+    assert train.labels.tolist() == [3, 7]
