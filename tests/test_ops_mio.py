@@ -68,6 +68,8 @@ def test_fp32_matches_float64_oracle(kernel_device, b, k, tp, tn, lam):
     dict(block_m=16, block_n=16, n_splits=1),             # register path, many row/col blocks
     dict(block_m=16, block_n=32, n_splits=3),             # column splits, summed in order
     dict(block_m=16, block_n=16, block_k=16, n_splits=2),  # streamed k, accumulator in memory
+    dict(block_m=16, block_n=16, block_k=16, strip_rows=16),  # strips of S + GEMM, 3 groups
+    dict(block_m=16, block_n=32, block_k=16, strip_rows=48),  # last group partly outside N
 ])
 def test_launch_paths_match(kernel_device, overrides):
     b, k, (tp, tn, lam) = 21, 40, (0.2, 0.1, 0.8)
@@ -82,11 +84,11 @@ def test_launch_paths_match(kernel_device, overrides):
     assert _rel(dz[b:].double().cpu(), g2o) < 2e-5
 
 
-def test_large_k_streamed_path(kernel_device):
-    """k > 256 (not a power of two): S accumulates over k chunks, gradient in memory."""
+def test_large_k_strip_path(kernel_device):
+    """k > 256 (not a power of two): S over k chunks into a strip, gradient by a GEMM."""
     b, k = 5, 300
     cfg = mio_ops.pick_config(b, k, torch.float32, on_gpu=kernel_device.type == "cuda")
-    assert not cfg.acc_in_regs
+    assert not cfg.acc_in_regs and cfg.strip_rows > 0
     z1, z2 = _inputs(b, k, "cpu", seed=3)
     up = torch.tensor(-1.3, dtype=torch.float64)
     lo, g1o, g2o = _loss_and_grads(_ref(0.5, 0.5, 1.0), z1, z2, up)
@@ -94,6 +96,10 @@ def test_large_k_streamed_path(kernel_device):
                                    z2.float().to(kernel_device), up.float().to(kernel_device))
     assert abs(lt.item() - lo.item()) <= 2e-6 * abs(lo.item())
     assert _rel(g1t, g1o) < 2e-5 and _rel(g2t, g2o) < 2e-5
+    with torch.no_grad():
+        ln = Fn.mio_loss(z1.float().to(kernel_device), z2.float().to(kernel_device), 0.5, 0.5, 1.0,
+                         backend="triton")
+    assert torch.equal(ln.cpu().double(), lt)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -226,6 +232,9 @@ def test_pick_config_never_leaves_an_empty_split():
                 assert cfg.acc_in_regs == (k <= 256)
                 if cfg.acc_in_regs:
                     assert cfg.block_k >= k
+                else:  # strip path: whole row blocks per group, strip <= max(2048, 2k) rows
+                    assert cfg.strip_rows % cfg.block_m == 0 and cfg.n_splits == 1
+                    assert cfg.strip_rows <= max(2048, 2 * k + cfg.block_k)
 
 
 # --------------------------------------------------------------------------- GPU only
@@ -298,8 +307,20 @@ build(K.mio_grad_finalize, dict(z1_ptr="*fp16", z2_ptr="*fp16", norm_ptr="*fp32"
 build(K.mio_loss_combine, dict(pos_part_ptr="*fp32", n_pos="i32", neg_part_ptr="*fp32", n_neg="i32",
       reg_part_ptr="*fp32", out_ptr="*fp32", pos_scale="fp32", neg_scale="fp32", reg_scale="fp32"),
       dict(BLOCK=256))
-for dt, tdt, k in (("bf16", torch.bfloat16, 128), ("fp32", torch.float32, 300)):
+for dt, tdt, k in (("bf16", torch.bfloat16, 1024), ("fp32", torch.float32, 300)):
     cfg = pick_config(4096, k, tdt)
+    assert cfg.strip_rows
+    prec = "ieee" if dt == "fp32" else "tf32"
+    blocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=prec,
+                  INTERP_BF16=False)
+    build(K.mio_negative_strip, dict(zhat_ptr="*" + dt, strip_ptr="*" + dt, neg_part_ptr="*fp32",
+          B="i32", N="i32", KS="i32", NP="i32", row0="i32", inv_tn="fp32"),
+          dict(COMPUTE_GRAD=True, **blocks), cfg.num_warps, cfg.num_stages)
+    build(K.mio_strip_matmul, dict(strip_ptr="*" + dt, zhat_ptr="*" + dt, gpart_ptr="*fp32",
+          N="i32", KS="i32", NP="i32", row0="i32", n_rows="i32"), blocks,
+          cfg.num_warps, cfg.num_stages)
+for dt, tdt, k, bk in (("bf16", torch.bfloat16, 128, None), ("fp32", torch.float32, 300, 32)):
+    cfg = pick_config(4096, k, tdt, block_k=bk)
     build(K.mio_negative_tiles, dict(zhat_ptr="*" + dt, gpart_ptr="*fp32", neg_part_ptr="*fp32", B="i32",
           N="i32", KS="i32", inv_tn="fp32", n_col_blocks="i32", blocks_per_split="i32"),
           dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ACC_IN_REGS=cfg.acc_in_regs,
@@ -326,7 +347,7 @@ def test_kernels_compile_for_sm90():
 def test_gpu_launch_configs_in_interpreter(kernel_device, b, k, dtype):
     """The exact tile sizes and column splits a GPU gets, run here (interpreter) vs the oracle."""
     cfg = mio_ops.pick_config(b, k, dtype, on_gpu=True)
-    assert cfg.n_splits > 1
+    assert cfg.n_splits > 1 if k <= 256 else cfg.strip_rows > 0
     z1, z2 = _inputs(b, k, "cpu", seed=21)
     z1o, z2o = z1.to(dtype).double(), z2.to(dtype).double()
     lo, g1o, g2o = _loss_and_grads(_ref(0.1, 0.2, 1.0), z1o, z2o, torch.tensor(1.0, dtype=torch.float64))

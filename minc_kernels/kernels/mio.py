@@ -210,6 +210,86 @@ def mio_negative_tiles(
 
 
 @triton.jit
+def mio_negative_strip(
+    zhat_ptr, strip_ptr, neg_part_ptr,
+    B, N, KS, NP, row0,
+    inv_tn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+):
+    """Large k: one tile of ``S`` (rows ``row0 + program 0``, columns ``program 1``) over k chunks.
+
+    ``neg_part[row block, column block] = Σ softplus(S_ij/τn)`` over its negatives and
+    ``strip[i - row0, j] = σ(S_ij/τn)`` (0 off the negatives; input dtype; row stride NP).
+    The launcher then forms ``strip @ Ẑ`` (:func:`mio_strip_matmul`): S is computed once
+    and the gradient is a plain GEMM, with a strip of at most a few·k rows alive at a time.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    local0 = pid_m * BLOCK_M
+    rows = row0 + local0 + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    partner = tl.where(rows < B, rows + B, rows - B)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    offs_k = tl.arange(0, BLOCK_K)
+    row_base = zhat_ptr + (row0 + local0).to(tl.int64) * KS
+    col_base = zhat_ptr + (pid_n * BLOCK_N).to(tl.int64) * KS
+    tile_offs_m = tl.arange(0, BLOCK_M)[:, None] * KS + offs_k[None, :]
+    tile_offs_n = tl.arange(0, BLOCK_N)[:, None] * KS + offs_k[None, :]
+    s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, KS, BLOCK_K):
+        zi = tl.load(row_base + k0 + tile_offs_m, mask=rmask[:, None], other=0.0)
+        zj = tl.load(col_base + k0 + tile_offs_n, mask=cmask[:, None], other=0.0)
+        s = _mma(zi, tl.trans(zj), s, PRECISION, INTERP_BF16)
+    neg = (rmask[:, None] & cmask[None, :] & (rows[:, None] != cols[None, :])
+           & (partner[:, None] != cols[None, :]))
+    sp, sig = _softplus_sigmoid(s * inv_tn)
+    part = tl.sum(tl.sum(tl.where(neg, sp, 0.0), axis=1), axis=0)
+    tl.store(neg_part_ptr + (row0 // BLOCK_M + pid_m).to(tl.int64) * tl.num_programs(1) + pid_n,
+             part)
+    if COMPUTE_GRAD:
+        g = _round_to(tl.where(neg, sig, 0.0), zhat_ptr.dtype.element_ty, INTERP_BF16)
+        out = (strip_ptr + local0.to(tl.int64) * NP + pid_n * BLOCK_N
+               + tl.arange(0, BLOCK_M)[:, None] * NP + tl.arange(0, BLOCK_N)[None, :])
+        tl.store(out, g, mask=rmask[:, None])
+
+
+@triton.jit
+def mio_strip_matmul(
+    strip_ptr, zhat_ptr, gpart_ptr,
+    N, KS, NP, row0, n_rows,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+):
+    """``gpart[row0 + r, d] = Σ_j strip[r, j] ẑ_j[d]`` (fp32) for ``r < n_rows``.
+
+    Program 0: a block of strip rows, program 1: a block of feature columns ``d``; a plain
+    tiled GEMM over the N columns of the strip (fp32 accumulation, fixed order).
+    """
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    lmask = local < n_rows
+    offs_j = tl.arange(0, BLOCK_K)
+    d = pid_d * BLOCK_N + tl.arange(0, BLOCK_N)
+    dmask = d < KS
+    a_ptrs = strip_ptr + (pid_m * BLOCK_M).to(tl.int64) * NP + (
+        tl.arange(0, BLOCK_M)[:, None] * NP + offs_j[None, :])
+    b_ptrs = zhat_ptr + (offs_j[:, None] * KS + d[None, :])
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for j0 in range(0, N, BLOCK_K):
+        a = tl.load(a_ptrs, mask=lmask[:, None], other=0.0)
+        b = tl.load(b_ptrs, mask=(j0 + offs_j < N)[:, None] & dmask[None, :], other=0.0)
+        acc = _mma(a, b, acc, PRECISION, INTERP_BF16)
+        a_ptrs += BLOCK_K  # pointer increments: 64-bit, no int32 overflow of j·KS
+        b_ptrs += BLOCK_K * KS
+    out = (gpart_ptr + (row0 + pid_m * BLOCK_M).to(tl.int64) * KS
+           + (tl.arange(0, BLOCK_M)[:, None] * KS + d[None, :]))
+    tl.store(out, acc, mask=lmask[:, None] & dmask[None, :])
+
+
+@triton.jit
 def _grad_hat_chunk(z1_row, z2_row, s1c, s2c, g1_row, g2_row, n_splits, split_stride,
                     cols, m, c1, c2, pc, neg_scale, reg_scale):
     """One k chunk of rows i: ``(ẑ1, ẑ2, dL/dẑ1, dL/dẑ2)`` in fp32 (see mio_grad_finalize)."""

@@ -37,8 +37,10 @@ import triton  # noqa: F401 - ImportError here is the documented "no triton" sig
 from ..kernels.mio import (
     mio_grad_finalize,
     mio_loss_combine,
+    mio_negative_strip,
     mio_negative_tiles,
     mio_normalize_rows,
+    mio_strip_matmul,
 )
 
 __all__ = ["mio_loss", "MIOConfig", "pick_config"]
@@ -63,6 +65,7 @@ class MIOConfig:
     n_splits: int
     block_r: int = 16  # rows per program of the row kernels
     block_kr: int = 128  # k chunk of the row kernels
+    strip_rows: int = 0  # > 0: the large-k "strip" path, rows of S per group (see mio_forward)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -71,14 +74,29 @@ def _cdiv(a: int, b: int) -> int:
 
 def pick_config(b: int, k: int, dtype: torch.dtype, on_gpu: bool = True,
                 block_m: int | None = None, block_n: int | None = None,
-                block_k: int | None = None, n_splits: int | None = None) -> MIOConfig:
+                block_k: int | None = None, n_splits: int | None = None,
+                strip_rows: int | None = None) -> MIOConfig:
     """Tile sizes by shape and dtype (no autotuning: same shape, same bits).
 
-    Overrides exist for tests (multi-block, split and streamed paths at small shapes).
+    Paths: k <= 256 (padded): "registers" (row tile and gradient accumulator in registers,
+    one pass); larger k: "strip" (S tiles over k chunks -> a strip of σ(S/τn) of
+    ``strip_rows`` rows -> a GEMM with Ẑ), or "streamed" (accumulator in memory; only
+    when ``block_k < k`` is forced with ``strip_rows=0``).
+    Overrides exist for tests (multi-block, splits, every path at small shapes).
     """
     n = 2 * b
     kp = max(16, triton.next_power_of_2(k))
     half = dtype != torch.float32
+    default_strip = strip_rows is None and block_k is None and kp > _REG_MAX_K
+    if default_strip or strip_rows:
+        bm, bn, bk, nw, ns = (128, 128, 64, 8, 3) if half else (64, 64, 32, 8, 2)
+        if not on_gpu:
+            bm, bn, bk = 32, 32, 32
+        bm, bn, bk = block_m or bm, block_n or bn, block_k or bk
+        if strip_rows is None:
+            strip_rows = max(2048, 2 * _cdiv(k, bk) * bk)
+        strip_rows = min(_cdiv(strip_rows, bm) * bm, _cdiv(n, bm) * bm)
+        return MIOConfig(bm, bn, bk, False, nw, ns, 1, strip_rows=strip_rows)
     if block_k is not None:
         acc_in_regs = block_k >= k
         bk = block_k
@@ -118,6 +136,65 @@ def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _negatives_in_one_pass(zhat, b, n, ks, neg_temperature, need_grad, cfg, precision,
+                           interp_bf16):
+    """Registers / streamed path: ``(gpart (n_splits, N, KS), neg_part)`` in one launch."""
+    dev, f32 = zhat.device, torch.float32
+    n_row_blocks = _cdiv(n, cfg.block_m)
+    n_col_blocks = _cdiv(n, cfg.block_n)
+    bps = _cdiv(n_col_blocks, cfg.n_splits)
+    if need_grad:
+        alloc = torch.empty if cfg.acc_in_regs else torch.zeros
+        gpart = alloc((cfg.n_splits, n, ks), dtype=f32, device=dev)
+    else:
+        gpart = torch.empty((1,), dtype=f32, device=dev)
+    neg_part = torch.empty((cfg.n_splits, n_row_blocks), dtype=f32, device=dev)
+    mio_negative_tiles[(n_row_blocks, cfg.n_splits)](
+        zhat, gpart, neg_part, b, n, ks,
+        1.0 / neg_temperature, n_col_blocks, bps,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        ACC_IN_REGS=cfg.acc_in_regs, COMPUTE_GRAD=need_grad, PRECISION=precision,
+        INTERP_BF16=interp_bf16,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return gpart, neg_part
+
+
+def _negatives_by_strips(zhat, b, n, ks, neg_temperature, need_grad, cfg, precision,
+                         interp_bf16):
+    """Large-k path: per group of ``strip_rows`` rows, S tiles -> σ strip -> strip @ Ẑ.
+
+    S is computed once and the gradient is a GEMM (both compute-bound at large k), instead
+    of a read-modify-write of an fp32 accumulator per column block.  The strip
+    (``strip_rows`` × N, input dtype, ``strip_rows <= max(2048, 2k)``) is the only extra
+    buffer: O(B·k).
+    """
+    dev, f32 = zhat.device, torch.float32
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    n_col_blocks = _cdiv(n, bn)
+    np_ = n_col_blocks * bn
+    neg_part = torch.empty((_cdiv(n, bm), n_col_blocks), dtype=f32, device=dev)
+    if need_grad:
+        strip = torch.empty((cfg.strip_rows, np_), dtype=zhat.dtype, device=dev)
+        gpart = torch.empty((1, n, ks), dtype=f32, device=dev)
+    else:
+        strip = gpart = torch.empty((1,), dtype=f32, device=dev)
+    for row0 in range(0, n, cfg.strip_rows):
+        rows_here = min(cfg.strip_rows, n - row0)
+        mio_negative_strip[(_cdiv(rows_here, bm), n_col_blocks)](
+            zhat, strip, neg_part, b, n, ks, np_, row0, 1.0 / neg_temperature,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, COMPUTE_GRAD=need_grad, PRECISION=precision,
+            INTERP_BF16=interp_bf16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        if need_grad:
+            mio_strip_matmul[(_cdiv(rows_here, bm), _cdiv(ks, bn))](
+                strip, zhat, gpart, n, ks, np_, row0, rows_here,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision,
+                INTERP_BF16=interp_bf16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+    return gpart, neg_part
+
+
 def mio_forward(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float, neg_temperature: float,
                 lambda_l2: float, need_grad: bool, config: MIOConfig | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,25 +227,14 @@ def mio_forward(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float, neg_
             1.0 / pos_temperature,
             EPS=EPS, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_kr, INTERP_BF16=interp_bf16,
         )
-        n_row_blocks = _cdiv(n, cfg.block_m)
-        n_col_blocks = _cdiv(n, cfg.block_n)
-        bps = _cdiv(n_col_blocks, cfg.n_splits)
-        if need_grad:
-            alloc = torch.empty if cfg.acc_in_regs else torch.zeros
-            gpart = alloc((cfg.n_splits, n, ks), dtype=f32, device=dev)
-        else:
-            gpart = torch.empty((1,), dtype=f32, device=dev)
-        neg_part = torch.empty((cfg.n_splits, n_row_blocks), dtype=f32, device=dev)
         # fp32: strict IEEE; 16-bit operands: tl.dot ignores the flag (left at its default)
         precision = "ieee" if z1.dtype == torch.float32 else "tf32"
-        mio_negative_tiles[(n_row_blocks, cfg.n_splits)](
-            zhat, gpart, neg_part, b, n, ks,
-            1.0 / neg_temperature, n_col_blocks, bps,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            ACC_IN_REGS=cfg.acc_in_regs, COMPUTE_GRAD=need_grad, PRECISION=precision,
-            INTERP_BF16=interp_bf16,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        if cfg.strip_rows:
+            gpart, neg_part = _negatives_by_strips(zhat, b, n, ks, neg_temperature, need_grad,
+                                                   cfg, precision, interp_bf16)
+        else:
+            gpart, neg_part = _negatives_in_one_pass(zhat, b, n, ks, neg_temperature, need_grad,
+                                                     cfg, precision, interp_bf16)
         n_neg = float(n) * float(n - 2)
         loss = torch.empty((), dtype=f32, device=dev)
         mio_loss_combine[(1,)](
