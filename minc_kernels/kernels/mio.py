@@ -5,17 +5,22 @@ The loss splits into per-pair terms (positives ``S[i, i+B] = ẑ1_i·ẑ2_i`` an
 term ``||ẑ1_i - ẑ2_i||²``), computed exactly per row, and the negatives (every other
 off-diagonal entry), streamed tile by tile, flash-attention style; S is never stored.
 
-Three launches (see :mod:`minc_kernels.ops.mio` for the launcher):
+Launches (see :mod:`minc_kernels.ops.mio` for the launcher):
 
-1. :func:`mio_normalize_rows`: ``ẑ`` (stored in the input dtype, the tensor-core operand),
-   the row norms, the positive softplus terms and their gradient coefficients, the
-   alignment term; per-program partial sums.
-2. :func:`mio_negative_tiles`: for a block of rows and a range of column blocks,
-   ``S`` tile -> ``softplus(S/τn)`` summed (masked by index: no diagonal, no partner) and
-   ``σ(S/τn) Z_j`` accumulated (the negative part of ``dL/dẐ = 2 G Z`` up to a constant).
-3. :func:`mio_grad_finalize`: adds the positive and alignment gradients, sums the
-   column-split partials in a fixed order and applies the Jacobian of
-   ``ẑ = z / max(||z||, eps)``.
+1. :func:`mio_normalize_rows`: ``ẑ`` (stored in the input dtype, the tensor-core operand,
+   zero-padded to a row stride KS), the row norms, the positive softplus terms and their
+   gradient coefficients, the alignment term; per-program partial sums.
+2. Negatives, masked by index (no diagonal, no partner), either
+   - k <= 256: :func:`mio_negative_tiles`, one pass: for a block of rows and a range of
+     column blocks, ``S`` tile -> ``softplus(S/τn)`` summed and ``σ(S/τn) Ẑ_j``
+     accumulated in registers (the negative part of ``dL/dẐ = 2 G Ẑ`` up to a constant); or
+   - larger k: :func:`mio_negative_strip` (S tiles over k chunks -> loss partials and a
+     strip of ``σ(S/τn)`` for a group of rows) then :func:`mio_strip_matmul`
+     (``strip @ Ẑ``), group after group.
+3. :func:`mio_loss_combine`: the loss from the partials (one program, fixed order).
+4. :func:`mio_grad_finalize` (only when a gradient is needed): adds the positive and
+   alignment gradients, sums the column-split partials in a fixed order and applies the
+   Jacobian of ``ẑ = z / max(||z||, eps)``.
 
 Every reduction is a per-program partial, summed in a fixed order afterwards: no atomics.
 """

@@ -4,9 +4,10 @@
 non-contiguous); float32 scalar equal to :func:`minc_kernels.reference.mio_loss`.
 
 Flash-style: ``S = Z Zᵀ`` (``Z = [ẑ1; ẑ2]``, N = 2B rows) is streamed tile by tile and never
-stored; the extra memory is ``ẑ`` (N×k, input dtype), the gradient (N×k fp32) and, for small
-batches where the rows are split over column ranges to fill the GPU, ``n_splits`` fp32 N×k
-partials (``n_splits <= 8``), i.e. O(B·k).  The gradient ``dL/dz`` is computed in the
+stored.  Extra memory, all O(B·k): ``ẑ`` (N×k, input dtype), the gradient (N×k fp32) and
+either (k <= 256) ``n_splits <= 8`` fp32 N×k partials, when the rows are split over column
+ranges to fill the GPU at small B, or (k > 256) a strip of ``σ(S/τn)`` of at most
+``max(2048, 2k)`` rows × N in the input dtype.  The gradient ``dL/dz`` is computed in the
 forward pass (only when an input needs it), backward only scales it by the upstream grad
 (so there is no double backward: ``create_graph=True`` raises).
 
