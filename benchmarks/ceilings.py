@@ -4,7 +4,8 @@
 * matmul: a large square ``torch.mm`` in the benchmark dtype, TFLOP/s (``2n³/t``).
 
 A ceiling is the machine's best, so it uses the fastest repeat (``min_ms``), where the
-cases report medians.
+cases report medians; the runner measures them at the start and again at the end of a
+run and keeps the better (:func:`merge_best`).
 """
 from __future__ import annotations
 
@@ -48,4 +49,19 @@ def measure_ceilings(device: torch.device, dtypes: list[torch.dtype]) -> dict:
     out = {"copy": copy_gbps(device), "matmul": {}}
     for dt in dtypes:
         out["matmul"][str(dt).replace("torch.", "")] = matmul_tflops(device, dt)
+    return out
+
+
+def merge_best(first: dict, second: dict) -> dict:
+    """Ceilings measured at the start and at the end of a run: keep the better of each
+    (a busy or still-warming machine only ever makes a ceiling look lower); both kept."""
+    out = {"copy": dict(first["copy"]), "matmul": {}}
+    runs = [first["copy"]["gbps"], second["copy"]["gbps"]]
+    if runs[1] > runs[0]:
+        out["copy"] = dict(second["copy"])
+    out["copy"]["runs_gbps"] = runs
+    for dt, m in first["matmul"].items():
+        other = second["matmul"].get(dt, m)
+        best = other if other["tflops"] > m["tflops"] else m
+        out["matmul"][dt] = dict(best, runs_tflops=[m["tflops"], other["tflops"]])
     return out

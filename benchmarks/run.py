@@ -396,7 +396,7 @@ def main(argv=None) -> int:
     import torch
 
     from . import cases
-    from .ceilings import measure_ceilings
+    from .ceilings import measure_ceilings, merge_best
     from .report import summary_text, write_report
 
     if args.threads:
@@ -452,6 +452,9 @@ def main(argv=None) -> int:
         if args.ema != "off":
             run_ema_cases(args, device, results, (ext_ok, ext_why), bar)
         run_loss_cases(args, device, dtypes, results, deadline, bar)
+        if data["ceilings"] is not None:
+            again = measure_ceilings(device, [cases.DTYPES[d] for d in dtypes])
+            data["ceilings"] = merge_best(data["ceilings"], again)
     except KeyboardInterrupt as exc:
         data["meta"]["interrupted"] = str(exc) or "KeyboardInterrupt"
         print(f"\ninterrupted ({data['meta']['interrupted']}); writing what was measured",
