@@ -434,7 +434,10 @@ def main(argv=None) -> int:
         "cases": [],
     }
     results = Results(out, data)
-    old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:  # `timeout` sends SIGTERM: stop like on Ctrl-C and write what was measured
+        old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread
+        old_handler = None
     n_loss = sum(len(cases.provider_entries(loss, tuple(args.providers)))
                  for (_, loss, *_rest) in loss_plan(args, device, dtypes))
     n_ema = 0 if args.ema == "off" else 2 * len(args.ema_providers)
@@ -460,7 +463,8 @@ def main(argv=None) -> int:
         print(f"\ninterrupted ({data['meta']['interrupted']}); writing what was measured",
               file=sys.stderr)
     finally:
-        signal.signal(signal.SIGTERM, old_handler)
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
         if bar is not None:
             bar.close()
         data["meta"]["wall_s"] = round(time.monotonic() - started, 1)
