@@ -315,7 +315,7 @@ for dt, tdt, k in (("bf16", torch.bfloat16, 1024), ("fp32", torch.float32, 300))
                   INTERP_BF16=False)
     build(K.mio_negative_strip, dict(zhat_ptr="*" + dt, strip_ptr="*" + dt, neg_part_ptr="*fp32",
           B="i32", N="i32", KS="i32", NP="i32", row0="i32", inv_tn="fp32"),
-          dict(COMPUTE_GRAD=True, **blocks), cfg.num_warps, cfg.num_stages)
+          dict(COMPUTE_GRAD=True, FAST_MATH=True, **blocks), cfg.num_warps, cfg.num_stages)
     build(K.mio_strip_matmul, dict(strip_ptr="*" + dt, zhat_ptr="*" + dt, gpart_ptr="*fp32",
           N="i32", KS="i32", NP="i32", row0="i32", n_rows="i32"), blocks,
           cfg.num_warps, cfg.num_stages)
@@ -324,7 +324,8 @@ for dt, tdt, k, bk in (("bf16", torch.bfloat16, 128, None), ("fp32", torch.float
     build(K.mio_negative_tiles, dict(zhat_ptr="*" + dt, gpart_ptr="*fp32", neg_part_ptr="*fp32", B="i32",
           N="i32", KS="i32", inv_tn="fp32", n_col_blocks="i32", blocks_per_split="i32"),
           dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ACC_IN_REGS=cfg.acc_in_regs,
-               COMPUTE_GRAD=True, PRECISION="ieee" if dt == "fp32" else "tf32", INTERP_BF16=False),
+               COMPUTE_GRAD=True, PRECISION="ieee" if dt == "fp32" else "tf32", INTERP_BF16=False,
+               FAST_MATH=True),
           cfg.num_warps, cfg.num_stages)
 print("ok")
 """

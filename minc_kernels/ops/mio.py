@@ -133,6 +133,11 @@ def _default_config(b: int, k: int, dtype: torch.dtype, on_gpu: bool) -> MIOConf
     return pick_config(b, k, dtype, on_gpu=on_gpu)
 
 
+def _fast_math(t: torch.Tensor) -> bool:
+    """PTX ``.approx`` MUFU ops in the tile epilogue: NVIDIA GPUs only (not the interpreter/ROCm)."""
+    return t.is_cuda and torch.version.hip is None
+
+
 def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
@@ -155,7 +160,7 @@ def _negatives_in_one_pass(zhat, b, n, ks, neg_temperature, need_grad, cfg, prec
         1.0 / neg_temperature, n_col_blocks, bps,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         ACC_IN_REGS=cfg.acc_in_regs, COMPUTE_GRAD=need_grad, PRECISION=precision,
-        INTERP_BF16=interp_bf16,
+        INTERP_BF16=interp_bf16, FAST_MATH=_fast_math(zhat),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return gpart, neg_part
@@ -185,7 +190,8 @@ def _negatives_by_strips(zhat, b, n, ks, neg_temperature, need_grad, cfg, precis
         mio_negative_strip[(_cdiv(rows_here, bm), n_col_blocks)](
             zhat, strip, neg_part, b, n, ks, np_, row0, 1.0 / neg_temperature,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, COMPUTE_GRAD=need_grad, PRECISION=precision,
-            INTERP_BF16=interp_bf16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            INTERP_BF16=interp_bf16, FAST_MATH=_fast_math(zhat),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if need_grad:
             mio_strip_matmul[(_cdiv(rows_here, bm), _cdiv(ks, bn))](
