@@ -225,3 +225,25 @@ def test_runner_on_cuda(tmp_path):
         elif _backend.op_status(cases.OP_NAME[r["loss"]])[0]:
             assert r["status"] == "ok", r["reason"]
             assert r["peak_mb"] is not None and r["speedup_vs_eager"] > 0
+
+
+def test_gpu_check_script_runs_its_bench_step(tmp_path):
+    """benchmarks/gpu_check.sh (the GPU visit's script) end to end, bench step only, tiny."""
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+    env = dict(os.environ, PYTHON=sys.executable, STEPS="bench", TOTAL_S="300",
+               BENCH_ARGS="--device cpu --B 8 --k 4 --providers eager --modes fwd --ema off "
+                          "--no-ceilings --no-plots --case-ms 5")
+    proc = subprocess.run(["bash", str(script), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    assert "bench      rc=0" in (out / "steps.txt").read_text()
+    data = _load(out)
+    assert {r["loss"] for r in data["cases"]} == {"spectral", "minc", "mio"}
+    assert all(r["status"] == "ok" for r in data["cases"])
+    assert (out / "results.md").exists() and (out / "summary.txt").exists()
+    # The summary is printed last, after the steps table.
+    assert proc.stdout.index("bench      rc=0") < proc.stdout.index("== benchmark summary")
