@@ -18,6 +18,35 @@ cosine_momentum = reference.cosine_momentum
 EMA_BACKENDS = ("auto", "extension", "foreach")
 
 
+def _same_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Both dense (contiguous in some dimension order, e.g. channels_last) with the same
+    strides wherever a dimension has more than one element: element k of one's memory
+    pairs with element k of the other's, which is what the fused kernels rely on."""
+    if not (_is_dense(a) and _is_dense(b)):
+        return False
+    return a.numel() == 0 or all(n <= 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """No gaps and no overlap: the strides, sorted, are the running products of the sizes."""
+    if t.numel() <= 1:
+        return True
+    expected = 1
+    for size, stride in sorted(((n, s) for n, s in zip(t.shape, t.stride()) if n != 1),
+                               key=lambda p: p[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _check_layout(t: torch.Tensor, o: torch.Tensor, t_name: str, o_name: str) -> None:
+    if not _same_dense_layout(t, o):
+        raise ValueError(f"{t_name} and {o_name} must be dense (contiguous, or channels_last "
+                         f"like parameters) with the same strides, got strides {t.stride()} and "
+                         f"{o.stride()}; pass .contiguous() tensors, not strided views")
+
+
 def _check_lists(targets: list, onlines: list) -> None:
     """Every check before anything is written (a bad call leaves every target untouched)."""
     if len(targets) != len(onlines):
@@ -40,6 +69,7 @@ def _check_lists(targets: list, onlines: list) -> None:
         if t.device != targets[0].device:
             raise ValueError(f"target[{i}] is on {t.device} but target[0] on {targets[0].device}; "
                              "one call updates tensors of one device")
+        _check_layout(t, o, f"target[{i}]", f"online[{i}]")
 
 
 def _all_finite(tensors: list) -> bool:
@@ -55,27 +85,50 @@ def ema_update_(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], 
     """In place, for every pair: ``target ← momentum·target + (1-momentum)·online`` (fp32 math).
 
     Args:
-        target: tensors to update (floating; fp32 recommended: bf16 rounds small updates away).
-        online: tensors of the same shapes and device (any floating dtype, e.g. bf16 into fp32).
+        target: tensors to update (floating; fp32 recommended: bf16 rounds small updates away),
+            dense (contiguous or channels_last), all on one device.
+        online: tensors of the same shapes, strides and device (any floating dtype, e.g. bf16
+            into fp32).
         momentum: in [0, 1]; 1 keeps ``target``, 0 copies ``online``.
         check_finite: refuse NaN/Inf in ``online`` with a ``ValueError`` before writing
             anything (one host sync per call; pass False in tight loops you trust).
-        backend: ``"auto"`` (the compiled extension when built, else ``torch._foreach_lerp_``),
-            ``"extension"`` (re-raises why it is missing) or ``"foreach"``.
+        backend: ``"auto"`` (the compiled extension ``torch.ops.minc.ema_update_`` when built
+            for the tensors' device, else ``torch._foreach_lerp_``), ``"extension"``
+            (re-raises why it is missing) or ``"foreach"``.
     """
-    targets, onlines = list(target), list(online)
+    _ema_update(list(target), list(online), momentum, check_finite, backend)
+
+
+def _ema_update(targets: list, onlines: list, momentum: float, check_finite: bool, backend: str,
+                copy_targets: list = (), copy_sources: list = ()) -> None:
+    """ema_update_ plus ``copy_targets[j] ← copy_sources[j]`` (same dtype, shape, layout and
+    device as the lerped tensors; checked by the caller), in one extension call if live."""
     momentum = check_unit_interval("momentum", momentum)
     check_choice("backend", backend, EMA_BACKENDS)
     _check_lists(targets, onlines)
+    copy_targets, copy_sources = list(copy_targets), list(copy_sources)
     if check_finite and not _all_finite(onlines):
         raise ValueError("online holds NaN or Inf values; no target was changed "
                          "(pass check_finite=False to skip this check)")
+    if not targets and not copy_targets:
+        return
+    device = (targets or copy_targets)[0].device
     if backend != "foreach":
         ext = _ext.load(required=backend == "extension")
-        if ext is not None:
-            ext.ema_update_(targets, onlines, momentum)
+        if ext is not None and _ext.supports(device):
+            if copy_targets:
+                torch.ops.minc.ema_update_.with_copy(targets, onlines, momentum, copy_targets,
+                                                     copy_sources)
+            else:
+                torch.ops.minc.ema_update_(targets, onlines, momentum)
             return
+        if backend == "extension":
+            raise RuntimeError(f"the minc_kernels extension has no kernel for {device} tensors "
+                               f"(built with {_ext.build_info()}); rebuild it with CUDA "
+                               "(CUDA_HOME set, MINC_KERNELS_BUILD=cuda) or use backend='foreach'")
     reference.ema_update_(targets, onlines, momentum)
+    if copy_targets:
+        torch._foreach_copy_(copy_targets, copy_sources)
 
 
 class MomentumEncoder(nn.Module):
@@ -112,8 +165,13 @@ class MomentumEncoder(nn.Module):
             return self.target(*args, **kwargs)
 
     @torch.no_grad()
-    def update(self, momentum: float, check_finite: bool = True) -> None:
-        """One EMA step of parameters (and buffers) with ``momentum`` in [0, 1]."""
+    def update(self, momentum: float, check_finite: bool = True, backend: str = "auto") -> None:
+        """One EMA step of parameters (and buffers) with ``momentum`` in [0, 1].
+
+        With the compiled extension live, parameters, lerped buffers and copied buffers
+        are all updated by one call of ``torch.ops.minc.ema_update_.with_copy``;
+        ``backend`` is that of :func:`ema_update_`.
+        """
         momentum = check_unit_interval("momentum", momentum)
         tp, op = list(self.target.parameters()), list(self._online.parameters())
         tb, ob = list(self.target.buffers()), list(self._online.buffers())
@@ -132,6 +190,17 @@ class MomentumEncoder(nn.Module):
             if t.shape != o.shape or t.device != o.device:
                 raise ValueError(f"buffer {i} of the online module does not match the target "
                                  f"(shape {tuple(o.shape)} vs {tuple(t.shape)})")
-        ema_update_(lerp_t, lerp_o, momentum, check_finite=check_finite)
+        # Copies the fused call can do (same dtype and layout, on the device of the update);
+        # any other (a dtype cast, a strided buffer) is done by copy_ after it.
+        device = (lerp_t or copy_t or [None])[0]
+        device = device.device if device is not None else None
+        fused_t, fused_o, late = [], [], []
         for t, o in zip(copy_t, copy_o):
+            if t.dtype == o.dtype and t.device == device and _same_dense_layout(t, o):
+                fused_t.append(t)
+                fused_o.append(o)
+            else:
+                late.append((t, o))
+        _ema_update(lerp_t, lerp_o, momentum, check_finite, backend, fused_t, fused_o)
+        for t, o in late:
             t.copy_(o)
