@@ -84,6 +84,20 @@ def test_launch_paths_match(kernel_device, overrides):
     assert _rel(dz[b:].double().cpu(), g2o) < 2e-5
 
 
+@pytest.mark.parametrize("b", [64, 70])
+def test_interior_tiles_skip_masks_exactly(kernel_device, b):
+    """Many 16×16 tiles: most meet neither diagonal nor edge and take the unmasked branch."""
+    k = 24
+    cfg = mio_ops.pick_config(b, k, torch.float32, on_gpu=kernel_device.type == "cuda",
+                              block_m=16, block_n=16, n_splits=2)
+    z1, z2 = _inputs(b, k, "cpu", seed=b)
+    lo, g1o, g2o = _loss_and_grads(_ref(0.05, 0.3, 0.7), z1, z2, torch.tensor(1.0, dtype=torch.float64))
+    loss, dz = mio_ops.mio_forward(z1.float().to(kernel_device), z2.float().to(kernel_device),
+                                   0.05, 0.3, 0.7, True, cfg)
+    assert abs(loss.item() - lo.item()) <= 2e-6 * abs(lo.item())
+    assert _rel(dz[:b].double().cpu(), g1o) < 2e-5 and _rel(dz[b:].double().cpu(), g2o) < 2e-5
+
+
 def test_large_k_strip_path(kernel_device):
     """k > 256 (not a power of two): S over k chunks into a strip, gradient by a GEMM."""
     b, k = 5, 300

@@ -154,6 +154,28 @@ def mio_normalize_rows(
 
 
 @triton.jit
+def _masked_logits(s, inv_tn, rows, partner, col0, r_lo, B, N,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``S/τn`` on the negatives, ``-1e4`` elsewhere (softplus and sigmoid of it are exactly 0).
+
+    The index masks are built only for tiles that meet the diagonal, the partner diagonals
+    (``j = i ± B``) or the edge N; interior tiles (almost all at large N) skip them.
+    """
+    x = s * inv_tn
+    c_hi = col0 + BLOCK_N
+    r_hi = r_lo + BLOCK_M
+    special = ((r_hi > N) | (c_hi > N) | ((col0 < r_hi) & (c_hi > r_lo))
+               | ((col0 < r_hi + B) & (c_hi > r_lo + B))
+               | ((col0 < r_hi - B) & (c_hi > r_lo - B)))
+    if special:
+        cols = col0 + tl.arange(0, BLOCK_N)
+        neg = ((rows < N)[:, None] & (cols < N)[None, :] & (rows[:, None] != cols[None, :])
+               & (partner[:, None] != cols[None, :]))
+        x = tl.where(neg, x, -1.0e4)
+    return x
+
+
+@triton.jit
 def mio_negative_tiles(
     zhat_ptr, gpart_ptr, neg_part_ptr,
     B, N, KS,
@@ -200,12 +222,12 @@ def mio_negative_tiles(
             zj = tl.load(col_base + tile_offs_n, mask=cmask[:, None], other=0.0)
             s = _mma(zi, tl.trans(zj), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
                      PRECISION, INTERP_BF16)
-            neg = (rmask[:, None] & cmask[None, :] & (rows[:, None] != cols[None, :])
-                   & (partner[:, None] != cols[None, :]))
-            sp, sig = _softplus_sigmoid(s * inv_tn, FAST_MATH)
-            loss_acc += tl.where(neg, sp, 0.0)
+            x = _masked_logits(s, inv_tn, rows, partner, col0, pid_m * BLOCK_M, B, N,
+                               BLOCK_M, BLOCK_N)
+            sp, sig = _softplus_sigmoid(x, FAST_MATH)
+            loss_acc += sp
             if COMPUTE_GRAD:
-                g = _round_to(tl.where(neg, sig, 0.0), zj.dtype, INTERP_BF16)
+                g = _round_to(sig, zj.dtype, INTERP_BF16)
                 acc = _mma(g, zj, acc, PRECISION, INTERP_BF16)
         if COMPUTE_GRAD:
             tl.store(gbase + tile_offs_m, acc, mask=rmask[:, None])
@@ -220,12 +242,12 @@ def mio_negative_tiles(
                 zi = tl.load(row_base + k0 + tile_offs_m, mask=rmask[:, None], other=0.0)
                 zj = tl.load(col_base + k0 + tile_offs_n, mask=cmask[:, None], other=0.0)
                 s = _mma(zi, tl.trans(zj), s, PRECISION, INTERP_BF16)
-            neg = (rmask[:, None] & cmask[None, :] & (rows[:, None] != cols[None, :])
-                   & (partner[:, None] != cols[None, :]))
-            sp, sig = _softplus_sigmoid(s * inv_tn, FAST_MATH)
-            loss_acc += tl.where(neg, sp, 0.0)
+            x = _masked_logits(s, inv_tn, rows, partner, col0, pid_m * BLOCK_M, B, N,
+                               BLOCK_M, BLOCK_N)
+            sp, sig = _softplus_sigmoid(x, FAST_MATH)
+            loss_acc += sp
             if COMPUTE_GRAD:
-                g = _round_to(tl.where(neg, sig, 0.0), zhat_ptr.dtype.element_ty, INTERP_BF16)
+                g = _round_to(sig, zhat_ptr.dtype.element_ty, INTERP_BF16)
                 for k0 in range(0, KS, BLOCK_K):
                     zj = tl.load(col_base + k0 + tile_offs_n, mask=cmask[:, None], other=0.0)
                     acc = tl.load(gbase + k0 + tile_offs_m, mask=rmask[:, None], other=0.0)
