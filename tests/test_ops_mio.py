@@ -242,7 +242,7 @@ def test_pick_config_never_leaves_an_empty_split():
                 cfg = mio_ops.pick_config(b, k, dt, on_gpu=True)
                 n_col = -(-2 * b // cfg.block_n)
                 bps = -(-n_col // cfg.n_splits)
-                assert 1 <= cfg.n_splits <= 8 and (cfg.n_splits - 1) * bps < n_col
+                assert 1 <= cfg.n_splits <= 16 and (cfg.n_splits - 1) * bps < n_col
                 assert cfg.acc_in_regs == (k <= 256)
                 if cfg.acc_in_regs:
                     assert cfg.block_k >= k

@@ -5,7 +5,7 @@ non-contiguous); float32 scalar equal to :func:`minc_kernels.reference.mio_loss`
 
 Flash-style: ``S = Z Zᵀ`` (``Z = [ẑ1; ẑ2]``, N = 2B rows) is streamed tile by tile and never
 stored.  Extra memory, all O(B·k): ``ẑ`` (N×k, input dtype), the gradient (N×k fp32) and
-either (k <= 256) ``n_splits <= 8`` fp32 N×k partials, when the rows are split over column
+either (k <= 256) ``n_splits <= 16`` fp32 N×k partials, when the rows are split over column
 ranges to fill the GPU at small B, or (k > 256) a strip of ``σ(S/τn)`` of at most
 ``max(2048, 2k)`` rows × N in the input dtype.  The gradient ``dL/dz`` is computed in the
 forward pass (only when an input needs it), backward only scales it by the upstream grad
@@ -49,7 +49,7 @@ __all__ = ["mio_loss", "MIOConfig", "pick_config"]
 EPS = 1e-12  # F.normalize's eps, as in the reference
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TARGET_PROGRAMS = 256  # ~2 waves on 132 SMs; a shape constant so results do not depend on the GPU
-_MAX_SPLITS = 8
+_MAX_SPLITS = 16
 _REG_MAX_K = 256  # largest padded k whose row tile and gradient accumulator live in registers
 
 
