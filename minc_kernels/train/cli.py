@@ -27,19 +27,18 @@ _COMMON = dict(dataset="fashion-mnist", data_dir=None, loader="memory", image_si
                eval_every=1, knn_k=20, knn_bank=10000, knn_queries=2000, eval_batch_size=512,
                probe_iters=200, probe_train_limit=0, probe_eval_limit=0, log_every=10)
 PRESET_DEFAULTS = {
-    "cpu": dict(arch="convnet", width=32, pool=2, batch_size=256, epochs=10, epoch_size=20000,
+    "cpu": dict(arch="convnet", width=32, pool=2, batch_size=256, epochs=8, epoch_size=20000,
                 warmup_epochs=1.0, augment="mild", proj_hidden=1024, proj_dim=128, pred_hidden=1024,
-                amp="none"),
+                amp="none", knn_bank=5000, knn_queries=1000, ema_backend="foreach"),
     "gpu": dict(arch="resnet18", batch_size=512, epochs=100, epoch_size=0, warmup_epochs=10.0,
                 augment="byol", proj_hidden=4096, proj_dim=256, pred_hidden=4096, amp="auto",
                 workers=8, knn_bank=0, knn_queries=0, eval_every=5),
 }
 METHOD_DEFAULTS = {
-    "cpu": {"minc": dict(optimizer="lars", lr=2.0, weight_decay=1.5e-6, ema_base=0.99),
-            "spectral": dict(optimizer="sgd", lr=0.1, weight_decay=5e-4, mu=1.0),
-            "mio": dict(optimizer="lars", lr=1.5, lr_scaling="none", weight_decay=1e-6,
-                        proj_dim=128)},
-    "gpu": {"minc": dict(optimizer="lars", lr=0.2, weight_decay=1.5e-6, augment="byol"),
+    "cpu": {"minc": dict(optimizer="adamw", lr=1e-3, weight_decay=1e-4, ema_base=0.99),
+            "spectral": dict(optimizer="adamw", lr=1e-3, weight_decay=1e-4, mu=1.0),
+            "mio": dict(optimizer="adamw", lr=1e-3, weight_decay=1e-4)},
+    "gpu": {"minc": dict(optimizer="lars", lr=0.2, weight_decay=1.5e-6, augment="byol", normalize=True),
             "spectral": dict(optimizer="sgd", lr=0.03, weight_decay=5e-4, augment="simclr",
                              proj_hidden=2048, proj_dim=1000, mu=1.0),
             "mio": dict(optimizer="lars", lr=1.5, lr_scaling="none", weight_decay=1e-6,

@@ -348,7 +348,7 @@ class Trainer:
                     if self.cuda:
                         x = x.contiguous(memory_format=torch.channels_last)
                     with self.autocast():
-                        feats.append(net(x).float().cpu())
+                        feats.append(net(x).float().flatten(1).cpu())
                 labels.append(ds.labels[s:s + bs])
         else:
             ds = self.stream["train_eval" if which == "train" else "eval"]
@@ -365,7 +365,7 @@ class Trainer:
                     if self.cuda:
                         x = x.contiguous(memory_format=torch.channels_last)
                     with self.autocast():
-                        feats.append(net(x).float().cpu())
+                        feats.append(net(x).float().flatten(1).cpu())
                 labels.append(y)
         if net is not None:
             net.train(was)
