@@ -235,6 +235,17 @@ void ema_update_autograd(at::TensorList target, at::TensorList online, double mo
   for (const auto& t : copy_target) torch::autograd::impl::bump_version(t);
 }
 
+// Runs when no backend kernel matches: lists without any tensor (checks, then nothing to
+// do), or tensors of a device this build has no kernel for (a clear error).
+void ema_update_no_backend(at::TensorList target, at::TensorList online, double momentum,
+                           at::TensorList copy_target, at::TensorList copy_source) {
+  check_ema_args(target, online, momentum, copy_target, copy_source);
+  const at::TensorList any = !target.empty() ? target : copy_target;
+  TORCH_CHECK(any.empty(), "minc::ema_update_: this build of minc_kernels._C has no kernel for ",
+              any.empty() ? std::string() : any[0].device().str(),
+              " tensors (built without CUDA?); rebuild with a CUDA toolkit, see setup.py");
+}
+
 // The plain overload (no copy lists) is the with_copy one with empty lists.
 void ema_update_plain(at::TensorList target, at::TensorList online, double momentum) {
   ema_op().call(target, online, momentum, {}, {});
@@ -301,6 +312,10 @@ TORCH_LIBRARY_FRAGMENT(minc, m) {
 }
 
 TORCH_LIBRARY_IMPL(minc, CPU, m) { m.impl("ema_update_.with_copy", &minc::ema_update_cpu); }
+
+TORCH_LIBRARY_IMPL(minc, CompositeExplicitAutograd, m) {
+  m.impl("ema_update_.with_copy", &minc::ema_update_no_backend);
+}
 
 TORCH_LIBRARY_IMPL(minc, Autograd, m) {
   m.impl("ema_update_.with_copy", &minc::ema_update_autograd);

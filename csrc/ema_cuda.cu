@@ -53,6 +53,7 @@ struct alignas(sizeof(T) * N) Vec {
 
 template <typename acc_t>
 struct LerpOp {
+  static constexpr bool kReadsTarget = true;
   acc_t w;  // 1 - momentum
   template <typename T, typename S>
   __device__ __forceinline__ T operator()(T target, S online) const {
@@ -61,6 +62,7 @@ struct LerpOp {
 };
 
 struct CopyOp {
+  static constexpr bool kReadsTarget = false;  // whole vectors are moved, never unpacked
   template <typename T>
   __device__ __forceinline__ T operator()(T, T source) const { return source; }
 };
@@ -94,7 +96,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t k = base + static_cast<int64_t>(u) * kThreads;
         if (k < nvec) {
-          d[u] = dv[k];
+          if constexpr (Op::kReadsTarget) d[u] = dv[k];
           s[u] = sv[k];
         }
       }
@@ -102,9 +104,13 @@ __global__ void __launch_bounds__(kThreads)
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t k = base + static_cast<int64_t>(u) * kThreads;
         if (k < nvec) {
+          if constexpr (Op::kReadsTarget) {
 #pragma unroll
-          for (int e = 0; e < N; ++e) d[u].v[e] = op(d[u].v[e], s[u].v[e]);
-          dv[k] = d[u];
+            for (int e = 0; e < N; ++e) d[u].v[e] = op(d[u].v[e], s[u].v[e]);
+            dv[k] = d[u];
+          } else {
+            dv[k] = s[u];
+          }
         }
       }
     }

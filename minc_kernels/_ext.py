@@ -54,7 +54,9 @@ def _import():
                 f"minc_kernels._C does not link against the running torch {torch.__version__} "
                 f"({exc}); it was probably built against another torch: {REBUILD_HINT}") from exc
         raise
-    _check_versions(_C.build_info(), "its build_info()")
+    info = dict(_C.build_info())
+    _check_versions(info, "its build_info()")
+    _state["info"] = info  # plain Python data: torch.compile traces supports() without a break
     _register_fake()
     return _C
 
@@ -82,8 +84,7 @@ def status() -> tuple[bool, str]:
 
 def build_info() -> dict:
     """``_C.build_info()`` (versions built against, ``cuda_compiled``), or ``{}`` if not loaded."""
-    mod = load()
-    return dict(mod.build_info()) if mod is not None else {}
+    return dict(_state["info"]) if load() is not None else {}
 
 
 def supports(device: torch.device) -> bool:
@@ -93,7 +94,7 @@ def supports(device: torch.device) -> bool:
         return False
     if device.type == "cpu":
         return True
-    return device.type == "cuda" and bool(build_info().get("cuda_compiled"))
+    return device.type == "cuda" and bool(_state["info"].get("cuda_compiled"))
 
 
 # ----------------------------------------------------------------- fake implementation
