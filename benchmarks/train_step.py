@@ -177,7 +177,10 @@ def main(argv=None) -> int:
         e, k = results[m]["eager"], results[m]["minc_kernels"]
         results[m]["step_speedup"] = e["step_ms"] / k["step_ms"]
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-            "torch": torch.__version__, "config": vars(cfg), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "torch": torch.__version__, "config": vars(cfg),
+            "note": ("on the CPU both providers run the eager code (backend auto -> reference, EMA "
+                     "auto -> foreach without a built extension): a smoke run, not a comparison"
+                     if dev.type == "cpu" else "GPU: Triton kernels / extension vs eager"), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "train_step.json")
     with open(path, "w") as f:

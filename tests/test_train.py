@@ -217,3 +217,16 @@ def test_fashion_mnist_idx_reader(tmp_path):
     train, test = D.load_fashion_mnist(str(tmp_path), download=False)
     assert train.images.shape == (2, 1, 28, 28) and torch.equal(train.images[:, 0], imgs)
     assert train.labels.tolist() == [3, 7]
+
+
+def test_train_step_benchmark_writes_json(tmp_path):
+    sys.path.insert(0, ROOT)
+    from benchmarks import train_step
+    assert train_step.main(["--out", str(tmp_path), "--device", "cpu", "--methods", "minc,mio",
+                            "--steps", "1", "--warmup", "0", "--batch", "8", "--threads", "1"]) == 0
+    res = json.loads((tmp_path / "train_step.json").read_text())["results"]
+    for m in ("minc", "mio"):
+        for prov in ("eager", "minc_kernels"):
+            r = res[m][prov]
+            assert r["step_ms"] > 0 and 0 <= r["loss_share"] and r["steps_timed"] == 1
+    assert res["minc"]["eager"]["ema_ms"] > 0 and res["mio"]["eager"]["ema_ms"] == 0
