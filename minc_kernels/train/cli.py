@@ -27,7 +27,7 @@ _COMMON = dict(dataset="fashion-mnist", data_dir=None, loader="memory", image_si
                eval_every=1, knn_k=20, knn_bank=10000, knn_queries=2000, eval_batch_size=512,
                probe_iters=200, probe_train_limit=0, probe_eval_limit=0, log_every=10)
 PRESET_DEFAULTS = {
-    "cpu": dict(arch="convnet", width=32, pool=2, batch_size=256, epochs=8, epoch_size=20000,
+    "cpu": dict(arch="convnet", width=32, pool=2, batch_size=256, epochs=12, epoch_size=20000,
                 warmup_epochs=1.0, augment="mild", proj_hidden=1024, proj_dim=128, pred_hidden=1024,
                 amp="none", knn_bank=5000, knn_queries=1000, ema_backend="foreach"),
     "gpu": dict(arch="resnet18", batch_size=512, epochs=100, epoch_size=0, warmup_epochs=10.0,
@@ -152,6 +152,9 @@ def resolve_config(argv=None) -> argparse.Namespace:
     if not args.resume:
         cfg.update(PRESET_DEFAULTS[preset])
         cfg.update(METHOD_DEFAULTS[preset][method])
+    if not args.resume and cfg.get("dataset") == "fashion-mnist" and "augment" not in explicit \
+            and explicit.get("dataset", "fashion-mnist") == "fashion-mnist":
+        cfg["augment"] = "mild"  # 28-px greyscale: mild views whatever the preset (RECIPES.md)
     cfg.update(explicit)
     cfg["method"], cfg["preset"] = method, preset
     cfg = argparse.Namespace(**cfg)

@@ -6,7 +6,7 @@ import os
 
 PLOTS = (("loss", "training loss", "loss.png"),
          ("knn_acc", "kNN accuracy (%) on held-out data", "knn_acc.png"),
-         ("eff_rank", "effective rank of backbone features", "eff_rank.png"))
+         ("eff_rank", "effective rank of held-out features", "eff_rank.png"))
 
 
 def plot_history(history: list[dict], out_dir: str, title: str = "") -> list[str]:
