@@ -17,12 +17,18 @@ import time
 from .engine import METHODS
 
 PRESETS = ("cpu", "gpu")
+ORDERINGS = ("standard", "gha")
+MINC_ABLATIONS = ("none", "no-moment")
+LR_SCALINGS = ("linear", "sqrt", "none")
+# options that define the loss: a resumed run must keep the checkpoint's values
+_LOSS_OPTIONS = ("method", "ordering", "minc_ablation")
 DATASETS = ("fashion-mnist", "folder")
 
 # Defaults per preset, then per method (explicit command-line values always win).
 _COMMON = dict(dataset="fashion-mnist", data_dir=None, loader="memory", image_size=None, holdout=0.1,
                stem="auto", width=32, pool=1, proj_layers=2, lr_scaling="linear",
                momentum=0.9, lars_eta=0.001, final_lr_ratio=0.0, ema_base=0.996, moment_momentum=0.99, normalize=False, stop_after=0, mu=1.0,
+               ordering="standard", minc_ablation="none",
                backend=None, ema_backend="auto", amp="auto", device="auto", threads=0, workers=0, seed=0,
                eval_every=1, knn_k=20, knn_bank=10000, knn_queries=2000, eval_batch_size=512,
                probe_iters=200, probe_train_limit=0, probe_eval_limit=0, log_every=10)
@@ -84,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=("lars", "sgd", "adamw"))
     g.add_argument("--lr", type=float, help="base learning rate (times batch/256 with --lr-scaling linear)")
-    g.add_argument("--lr-scaling", choices=("linear", "none"))
+    g.add_argument("--lr-scaling", choices=LR_SCALINGS,
+                   help="lr = base lr x batch/256 (linear), x sqrt(batch/256) (sqrt, the rule for "
+                   "adaptive optimisers such as AdamW), or as given (none)")
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--momentum", type=float, help="SGD/LARS momentum")
     g.add_argument("--lars-eta", type=float, help="LARS trust coefficient (0.001)")
@@ -96,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--normalize", action=argparse.BooleanOptionalAction,
                    help="MINC: L2-normalise predictions and targets before the loss")
     g.add_argument("--moment-momentum", type=float, help="MINC: beta of the moment EMA M")
+    g.add_argument("--ordering", choices=ORDERINGS,
+                   help="MINC: gradient with the full moment M (standard, default) or its lower "
+                   "triangle (gha: Generalized Hebbian ordering of the eigenfunctions)")
+    g.add_argument("--minc-ablation", choices=MINC_ABLATIONS,
+                   help="MINC ablation: none (default) or no-moment: drop the covariance term "
+                   "p^T M p and train on the cross-correlation term alone, "
+                   "-(2/B) sum_i (p1_i.t2_i + p2_i.t1_i) (the collapse study's control)")
     g.add_argument("--mu", type=float, help="spectral: mu")
     g.add_argument("--backend", choices=("auto", "triton", "reference"), help="minc_kernels loss backend")
     g.add_argument("--ema-backend", choices=("auto", "extension", "foreach"),
@@ -143,6 +158,10 @@ def resolve_config(argv=None) -> argparse.Namespace:
         for k in ("resume", "progress", "probe", "stop_after"):
             saved.pop(k, None)
         base.update(saved)
+        for k in _LOSS_OPTIONS:
+            if k in explicit and k in saved and explicit[k] != saved[k]:
+                parser.error(f"--{k.replace('_', '-')} {explicit[k]!r} differs from the checkpoint's "
+                             f"{saved[k]!r}; a resumed run keeps its loss (start a new run instead)")
         if not args.out_dir:
             explicit["out_dir"] = os.path.dirname(os.path.abspath(path))
     method = explicit.get("method", base.get("method", "minc"))
@@ -198,6 +217,10 @@ def format_report(cfg, report: dict, history: list, plots: list, wall_s: float) 
     import torch
     threads = torch.get_num_threads()
     names = {"minc": "MINC", "spectral": "Spectral contrastive", "mio": "MIO"}
+    if cfg.method == "minc" and getattr(cfg, "ordering", "standard") == "gha":
+        names["minc"] = "MINC (GHA ordering)"
+    if cfg.method == "minc" and getattr(cfg, "minc_ablation", "none") == "no-moment":
+        names["minc"] = "MINC without the moment term (ablation)"
     last = history[-1] if history else {}
     lines = [f"{names[cfg.method]} pre-training on {cfg.dataset}: {cfg.arch}, {len(history)} epochs "
              f"({last.get('step', 0)} steps of batch {cfg.batch_size}), wall time {wall_s / 60:.1f} min, "

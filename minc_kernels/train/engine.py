@@ -80,6 +80,24 @@ def ema_step(enc: MomentumEncoder, momentum: float, backend: str = "auto", check
         t.copy_(o)
 
 
+def minc_no_moment_loss(p, t) -> torch.Tensor:
+    """MINC without its covariance term: ``-(2/B) Σ_i p_i·t_i`` per pair, summed over the
+    pairs when ``p`` and ``t`` are tuples (symmetric use: ``((p1, p2), (t2, t1))``).
+    ``t`` is treated as stop-gradient.  Unbounded below (nothing stops the norms growing)."""
+    if isinstance(p, torch.Tensor):
+        p, t = (p,), (t,)
+    if len(p) != len(t):
+        raise ValueError(f"p and t must pair up, got {len(p)} predictions and {len(t)} targets")
+    total = None
+    for pi, ti in zip(p, t):
+        if pi.dim() != 2 or pi.shape != ti.shape:
+            raise ValueError(f"p and t must be (B, k) of the same shape, got {tuple(pi.shape)} and "
+                             f"{tuple(ti.shape)}")
+        term = -2.0 * (pi.float() * ti.detach().float()).sum(1).mean()
+        total = term if total is None else total + term
+    return total
+
+
 def _supports(cls, name: str) -> bool:
     return name in inspect.signature(cls.__init__).parameters
 
@@ -210,8 +228,9 @@ class Trainer:
         gather = {"gather_distributed": True} if self.distributed else {}
         if cfg.method == "minc":
             kw = {k: v for k, v in gather.items() if _supports(MINCLoss, k)}
+            ordering = getattr(cfg, "ordering", "standard") or "standard"
             self.loss_fn = MINCLoss(cfg.proj_dim, moment_momentum=cfg.moment_momentum,
-                                    backend=cfg.backend, **kw)
+                                    ordering=ordering, backend=cfg.backend, **kw)
         elif cfg.method == "spectral":
             kw = {k: v for k, v in gather.items() if _supports(SpectralContrastiveLoss, k)}
             self.loss_fn = SpectralContrastiveLoss(mu=cfg.mu, backend=cfg.backend, **kw)
@@ -226,7 +245,10 @@ class Trainer:
 
     def _build_optim(self):
         cfg = self.cfg
-        scale = cfg.batch_size / 256 if cfg.lr_scaling == "linear" else 1.0
+        if cfg.lr_scaling not in ("linear", "sqrt", "none"):
+            raise ValueError(f"--lr-scaling must be 'linear', 'sqrt' or 'none', got {cfg.lr_scaling!r}")
+        scale = {"linear": cfg.batch_size / 256, "sqrt": math.sqrt(cfg.batch_size / 256),
+                 "none": 1.0}[cfg.lr_scaling]
         self.base_lr = cfg.lr * scale
         self.optimizer = build_optimizer(cfg.optimizer, self.model, self.base_lr, cfg.weight_decay,
                                          cfg.momentum, cfg.lars_eta)
@@ -291,7 +313,12 @@ class Trainer:
             t1, t2 = t1.to(p1.dtype), t2.to(p1.dtype)
             if cfg.normalize:  # BYOL-style: compare directions (unit-norm p and t)
                 p1, p2, t1, t2 = (nn.functional.normalize(v, dim=1) for v in (p1, p2, t1, t2))
-            loss = self.loss_fn((p1, p2), (t2, t1))
+            if getattr(cfg, "minc_ablation", "none") == "no-moment":
+                # the cross-correlation term alone (no p^T M p): what MINC is without the
+                # summary of the other samples; M is neither used nor updated
+                loss = minc_no_moment_loss((p1, p2), (t2.detach(), t1.detach()))
+            else:
+                loss = self.loss_fn((p1, p2), (t2, t1))
         else:
             loss = self.loss_fn(z1, z2)
         self.optimizer.zero_grad(set_to_none=True)
