@@ -9,7 +9,10 @@
 * ``"reference"``: eager PyTorch (:mod:`minc_kernels.reference`).
 
 Op modules (``minc_kernels.ops.<name>``) import lazily and only once; the reason an
-import failed is kept so that an explicit request can re-raise it.
+import failed is kept so that an explicit request can re-raise it.  TorchDynamo cannot
+trace an import, so the loss modules call :func:`preload` in their constructors (outside
+any compiled region): the first call of ``torch.compile(loss, fullgraph=True)`` then
+finds its op already loaded.
 """
 from __future__ import annotations
 
@@ -45,6 +48,25 @@ def load_op(name: str) -> ModuleType:
     if isinstance(cached, BaseException):
         raise cached
     return cached
+
+
+def preload(op: str, backend: str | None = None) -> None:
+    """Import ``minc_kernels.ops.<op>`` now if ``backend`` could select it later.
+
+    Called eagerly (module construction), never inside a compiled region.  Skipped for
+    ``backend="reference"`` and on machines where the kernels can never run (no CUDA and
+    no ``TRITON_INTERPRET``), so CPU users do not pay Triton's import time.  Failures are
+    cached, not raised: ``resolve`` re-raises them when the kernels are requested.
+    """
+    choice = requested_backend(backend)
+    if choice == "reference" or op in _ops_cache:
+        return
+    if choice == "triton" or triton_interpret() or torch.cuda.is_available():
+        try:
+            load_op(op)
+        except BaseException as exc:  # noqa: BLE001 - kept in the cache for resolve()
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
 
 
 def op_status(name: str) -> tuple[bool, str]:

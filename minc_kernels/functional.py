@@ -3,6 +3,10 @@
 Every loss returns a float32 scalar whatever the input dtype (matmuls run in the
 input's dtype, reductions in float32).  The backend is chosen per call, see
 :mod:`minc_kernels._backend`.
+
+The op modules import lazily on first use; TorchDynamo cannot trace that import, so
+before calling these functions inside ``torch.compile(fullgraph=True)`` call
+:func:`load_kernels` once (the loss modules do it in their constructors).
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import torch.nn.functional as F
 
 from . import distributed as D
 from . import reference
-from ._backend import requested_backend, resolve
+from ._backend import preload, requested_backend, resolve
 from ._validation import (
     check_choice,
     check_moment,
@@ -26,7 +30,18 @@ __all__ = [
     "minc_loss",
     "minc_moment_sum",
     "mio_loss",
+    "load_kernels",
 ]
+
+
+def load_kernels(backend: str | None = None) -> None:
+    """Import the Triton ops now (outside any compiled region) if ``backend`` may use them.
+
+    A no-op for ``backend="reference"`` and on machines without CUDA (unless
+    ``TRITON_INTERPRET=1``); an unavailable op is remembered and reported when requested.
+    """
+    for op in ("spectral", "minc", "mio"):
+        preload(op, backend)
 
 SPECTRAL_ALGORITHMS = ("auto", "pairwise", "gram")
 SPECTRAL_DIST_COMMS = ("auto", "gram", "gather")

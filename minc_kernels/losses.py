@@ -12,7 +12,7 @@ from torch import nn
 
 from . import distributed as D
 from . import functional as Fn
-from ._backend import requested_backend
+from ._backend import preload, requested_backend
 from ._validation import (
     check_choice,
     check_nonnegative,
@@ -55,6 +55,7 @@ class SpectralContrastiveLoss(nn.Module):
         if backend is not None:
             requested_backend(backend)
         self.backend = backend
+        preload("spectral", backend)
         self.gather_distributed = bool(gather_distributed)
         self.dist_comm = check_choice("dist_comm", dist_comm, Fn.SPECTRAL_DIST_COMMS)
 
@@ -97,6 +98,7 @@ class MIOLoss(nn.Module):
         if backend is not None:
             requested_backend(backend)
         self.backend = backend
+        preload("mio", backend)
         self.gather_distributed = bool(gather_distributed)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
@@ -175,6 +177,7 @@ class MINCLoss(nn.Module):
         if backend is not None:
             requested_backend(backend)
         self.backend = backend
+        preload("minc", backend)
         self.gather_distributed = bool(gather_distributed)
         self.register_buffer("moment", torch.zeros(dim, dim, dtype=torch.float32))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))

@@ -1,4 +1,6 @@
 """Loss modules: constructor checks, forward equals functional, MINC state (M) semantics."""
+import os
+
 import pytest
 import torch
 
@@ -158,3 +160,29 @@ def test_minc_module_moves_with_to():
     loss = mk.MINCLoss(3)
     with pytest.raises(ValueError, match="moment is on"):
         loss(torch.randn(4, 3, device="meta"), torch.randn(4, 3, device="meta"))
+
+
+def test_first_call_under_compile_fullgraph_in_a_fresh_process():
+    """TorchDynamo cannot trace the lazy import of an op module: each loss loads its op in
+    its constructor, so the very first call of a fullgraph-compiled loss works."""
+    import subprocess
+    import sys
+    import textwrap
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import torch, minc_kernels as mk
+        torch.manual_seed(0)
+        for cls, args in [(mk.SpectralContrastiveLoss, ()), (mk.MIOLoss, ()), (mk.MINCLoss, (8,))]:
+            eager, fn = cls(*args, backend="reference"), cls(*args, backend="triton")
+            z1 = torch.randn(6, 8, requires_grad=True)
+            z2 = torch.randn(6, 8)
+            got = torch.compile(fn, fullgraph=True, backend="eager")(z1, z2)
+            want = eager(z1.detach(), z2)
+            torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+            got.backward()
+            assert z1.grad is not None and torch.isfinite(z1.grad).all()
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

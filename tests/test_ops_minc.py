@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from minc_kernels import _backend, reference  # noqa: E402
+from minc_kernels import reference  # noqa: E402
 from minc_kernels import functional as Fn  # noqa: E402
 from minc_kernels.ops import minc as ops  # noqa: E402
 
@@ -182,7 +182,7 @@ def test_opcheck(kernel_device, gha):
 
 
 def test_torch_compile_fullgraph(kernel_device):
-    _backend.load_op("minc")  # the lazy import happens outside the compiled region
+    Fn.load_kernels("triton")  # functional form: import the op outside the compiled region
 
     def f(p, t, m):
         c = Fn.minc_moment_sum(t, backend="triton") / t.shape[0]
