@@ -15,12 +15,14 @@ PYTEST_ARGS ?=
 
 .PHONY: setup data demo test bench info clean
 
+# MINC_KERNELS_BUILD_EXT=1: the project's own install must build the extension (CUDA objects
+# too when a toolkit is there); a failed build stops here instead of silently falling back.
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q setuptools wheel ninja pybind11
-	CUDA_HOME=$(CUDA_HOME) MAX_JOBS=2 $(PIP) install -q --no-build-isolation -e ".[test]"
+	$(PIP) install -q "setuptools>=77" wheel ninja pybind11
+	MINC_KERNELS_BUILD_EXT=1 CUDA_HOME=$(CUDA_HOME) MAX_JOBS=2 $(PIP) install -q --no-build-isolation -e ".[test]"
 	touch $@
 
 setup: $(VENV)/.installed
