@@ -190,6 +190,14 @@ def resolve_config(argv=None) -> argparse.Namespace:
     if cfg.method == "mio" or cfg.method == "spectral":
         if cfg.batch_size < 2:
             parser.error("--batch-size must be >= 2 for the spectral and MIO losses")
+    if cfg.method != "minc":
+        for name, default in (("ordering", "standard"), ("minc_ablation", "none")):
+            if getattr(cfg, name) != default:
+                parser.error(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} applies to --method minc "
+                             f"only (got --method {cfg.method})")
+    if cfg.minc_ablation == "no-moment" and cfg.ordering != "standard":
+        parser.error("--ordering gha has no effect with --minc-ablation no-moment (the ordering "
+                     "acts on the moment term, which the ablation drops)")
     if not cfg.out_dir:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         cfg.out_dir = os.path.join("runs", f"{cfg.method}-{cfg.dataset}-{stamp}")
