@@ -60,7 +60,8 @@ def test_normalized_std_collapsed_vs_isotropic():
     assert st["norm_std_x_sqrt_d"] == pytest.approx(1.0, rel=0.03)
     assert st["eff_rank"] > 0.9 * d
     direction = torch.randn(1, d, generator=g, dtype=torch.float64)
-    collapsed = torch.rand(500, 1, generator=g, dtype=torch.float64).add(0.5) * direction  # same direction, any norm
+    # the same direction, any norm
+    collapsed = torch.rand(500, 1, generator=g, dtype=torch.float64).add(0.5) * direction
     assert collapse.normalized_std(collapsed) < 1e-6
     st = collapse.embedding_stats(collapsed)
     assert st["eff_rank"] == pytest.approx(1.0, abs=1e-6) and st["norm_std_x_sqrt_d"] < 1e-5

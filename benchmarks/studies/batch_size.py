@@ -182,7 +182,8 @@ def one_run(a, method: str, batch: int, seed: int, need_baseline: bool) -> tuple
     if need_baseline:
         rand = copy.deepcopy(trainer.model.backbone)
         rand.load_state_dict(trainer.init_backbone_state)
-        base = {"seed": seed, "random_init": _probe(trainer, rand), "raw_pixels": _probe(trainer, None, raw=True)}
+        base = {"seed": seed, "random_init": _probe(trainer, rand),
+                "raw_pixels": _probe(trainer, None, raw=True)}
         del rand
     del trainer
     torch.set_num_threads(max(a.threads, 1))
@@ -224,7 +225,8 @@ def write_table(summary: dict, meta: dict, methods, sizes, path: str) -> None:
              "| method | " + " | ".join(f"batch {b}" for b in sizes) + " |",
              "|---|" + "---|" * len(sizes)]
     for m in methods:
-        lines.append(f"| {LABELS[m]} | " + " | ".join(fmt(summary["methods"][m][str(b)]) for b in sizes) + " |")
+        cells = [fmt(summary["methods"][m][str(b)]) for b in sizes]
+        lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
     for key, label in (("random_init", "same net, random init"), ("raw_pixels", "raw pixels")):
         s = summary["baselines"][key]
         if s["n"]:

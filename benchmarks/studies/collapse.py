@@ -47,7 +47,7 @@ DEFAULT_METHODS = ("minc", "spectral", "minc-no-moment")
 
 # steps = epochs x epoch_size / batch; the lr schedule (warm-up + cosine) spans exactly them.
 BUDGETS = {
-    "cpu": dict(preset="cpu", batch=256, epochs=3, steps_per_epoch=100, eval_every=10, probe_batch=1024,
+    "cpu": dict(preset="cpu", batch=256, epochs=2, steps_per_epoch=100, eval_every=10, probe_batch=1024,
                 warmup_epochs=0.2, args=[]),
     "gpu": dict(preset="gpu", batch=512, epochs=20, steps_per_epoch=117, eval_every=50, probe_batch=2048,
                 warmup_epochs=2.0, args=["--arch", "resnet18"]),
@@ -87,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.studies.collapse", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", choices=("cpu", "gpu"), default="cpu",
-                   help="cpu: the CPU preset's conv net, 300 steps of batch 256 per method; "
+                   help="cpu: the CPU preset's conv net, 200 steps of batch 256 per method; "
                    "gpu: ResNet-18, 2340 steps of batch 512 (untested here)")
     p.add_argument("--quick", action="store_true", help="a few steps of a tiny net (for tests)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
@@ -202,7 +202,8 @@ def write_table(results: dict, path: str) -> None:
     meta = results["meta"]
     lines = [f"Collapse study on Fashion-MNIST: {meta['steps']} steps of batch {meta['batch_size']}, "
              f"metrics on {meta['probe_batch']} fixed held-out images at the last step.", "",
-             "| method | status | eff. rank z (of d) | std(z/‖z‖)·√d | mean ‖z‖ | eff. rank h (of d) "
+             "| method | status | eff. rank z (of d) | std(z/‖z‖)·√d | mean ‖z‖ "
+             "| eff. rank h (of d) "
              "| std(h/‖h‖)·√d | final loss | kNN acc (%) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for m, r in results["methods"].items():
@@ -215,7 +216,8 @@ def write_table(results: dict, path: str) -> None:
     first = {m: r["records"][0]["proj"] for m, r in results["methods"].items()}
     lines += ["", "At step 0 (random init): " + "; ".join(
         f"{results['methods'][m]['label']}: eff. rank z {_fmt(v['eff_rank'], '.1f')}, "
-        f"std·√d {_fmt(v['norm_std_x_sqrt_d'])}, ‖z‖ {_fmt(v['mean_norm'])}" for m, v in first.items()) + ".",
+        f"std·√d {_fmt(v['norm_std_x_sqrt_d'])}, ‖z‖ {_fmt(v['mean_norm'])}"
+        for m, v in first.items()) + ".",
               "", "std(z/‖z‖)·√d is 1 for isotropic embeddings and 0 for fully collapsed ones "
               "(SimSiam's per-dimension std of the L2-normalised output, times √d)."]
     with open(path, "w") as f:
@@ -239,7 +241,8 @@ def plot(results: dict, path: str) -> str | None:
         for m, r in results["methods"].items():
             recs = r["records"]
             if key == "loss":
-                pts = [(q["step"], q["loss"]) for q in recs if q["loss"] is not None and math.isfinite(q["loss"])]
+                pts = [(q["step"], q["loss"]) for q in recs
+                       if q["loss"] is not None and math.isfinite(q["loss"])]
             else:
                 pts = [(q["step"], q["proj"][key]) for q in recs if q["proj"][key] is not None]
             if not pts:
@@ -292,7 +295,8 @@ def main(argv=None) -> int:
         "batch_size": b["batch"], "probe_batch": b["probe_batch"], "seed": a.seed, "threads": a.threads,
         "arch": "ResNet-18" if a.budget == "gpu" and not a.quick else "conv net (CPU preset)",
         "proj_dim": any_run["proj_dim"], "feat_dim": any_run["feat_dim"],
-        "command": "python -m benchmarks.studies.collapse " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.studies.collapse "
+                   + " ".join(argv if argv is not None else sys.argv[1:]),
         "wall_s": time.time() - t0, "python": platform.python_version(), "torch": torch.__version__,
         "cpu_count": os.cpu_count()}
     with open(os.path.join(a.out, "results.json"), "w") as f:
