@@ -219,3 +219,17 @@ def test_batch_size_quick_is_resumable(fmnist, tmp_path, capsys):
     assert "epoch=" not in capsys.readouterr().out
     with pytest.raises(SystemExit):
         batch_size.main(["--batch-sizes", "64,abc"])
+
+
+def test_gpu_budgets_resolve_to_valid_configs(tmp_path):
+    """The GPU presets are not run here, but each run's options must form a valid config."""
+    a = batch_size.parse_args(["--budget", "gpu", "--device", "cpu"])
+    for m in a.method_list:
+        cfg = cli.resolve_config(batch_size.train_argv(a, m, 1024, 0, str(tmp_path / m)))
+        assert cfg.arch == "resnet18" and cfg.preset == "gpu" and cfg.epochs == 50
+        assert cfg.ordering == ("gha" if m == "minc-gha" else "standard")
+    a = collapse.parse_args(["--budget", "gpu"])
+    for m in a.method_list:
+        cfg = cli.resolve_config(collapse.train_argv(a, m, str(tmp_path / m)))
+        assert cfg.arch == "resnet18" and cfg.epoch_size == 512 * 117
+    assert cfg.minc_ablation == "no-moment"
