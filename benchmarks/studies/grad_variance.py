@@ -117,7 +117,8 @@ class DeviationGram:
                 raise ValueError(f"ref_grads[{i}] must be a 1-D floating tensor, got "
                                  f"{type(r).__name__ if not isinstance(r, torch.Tensor) else tuple(r.shape)}")
             if r.shape != refs[0].shape:
-                raise ValueError(f"ref_grads[{i}] has shape {tuple(r.shape)}, expected {tuple(refs[0].shape)}")
+                raise ValueError(f"ref_grads[{i}] has shape {tuple(r.shape)}, "
+                                 f"expected {tuple(refs[0].shape)}")
         r64 = torch.stack([r.detach().double() for r in refs])
         self.ref_gram = r64 @ r64.T
         self.center = r64.mean(0).to(refs[0].dtype)
@@ -219,7 +220,8 @@ def gradient_noise(grad_fn: Callable[[int], torch.Tensor], draws: int, ref_grads
     if not isinstance(draws, int) or isinstance(draws, bool) or draws < 3:
         raise ValueError(f"draws must be an int >= 3 (the jackknife needs n - 2 >= 1), got {draws!r}")
     if not callable(grad_fn):
-        raise TypeError(f"grad_fn must be callable (draw index -> 1-D gradient), got {type(grad_fn).__name__}")
+        raise TypeError("grad_fn must be callable (draw index -> 1-D gradient), "
+                        f"got {type(grad_fn).__name__}")
     acc = DeviationGram(ref_grads)
     it = range(draws)
     if progress:
@@ -260,12 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-batch", type=int, help="batch size of the warm-up")
     p.add_argument("--dataset", choices=("fashion-mnist", "folder"), default="fashion-mnist")
     p.add_argument("--data-dir", help="fashion-mnist: where the idx files are; folder: ImageFolder root")
-    p.add_argument("--image-size", type=int, help="crop size (default: 28 for Fashion-MNIST, 224 for folders)")
+    p.add_argument("--image-size", type=int,
+                   help="crop size (default: 28 for Fashion-MNIST, 224 for folders)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=DEFAULT_OUT, help="output folder")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
+    p.add_argument("--from-json", metavar="RESULTS_JSON",
+                   help="only re-write table.md and the PNGs (into --out) from an existing results.json")
     return p
 
 
@@ -284,7 +289,8 @@ def resolve_args(argv=None) -> argparse.Namespace:
     if len(draws) == 1:
         draws = draws * len(args.batch_sizes)
     if len(draws) != len(args.batch_sizes):
-        parser.error(f"--draws must be one int or one per batch size ({len(args.batch_sizes)}), got {len(draws)}")
+        parser.error(f"--draws must be one int or one per batch size ({len(args.batch_sizes)}), "
+                     f"got {len(draws)}")
     args.draws = draws
     for name in ("ref_batch", "warmup_steps", "warmup_batch"):
         if getattr(args, name) is None:
@@ -294,18 +300,21 @@ def resolve_args(argv=None) -> argparse.Namespace:
     if any(n < 3 for n in args.draws):
         parser.error(f"--draws must all be >= 3 (the jackknife needs them), got {args.draws}")
     if args.ref_batch < max(args.batch_sizes):
-        parser.error(f"--ref-batch ({args.ref_batch}) must be >= the largest batch size ({max(args.batch_sizes)})")
+        parser.error(f"--ref-batch ({args.ref_batch}) must be >= the largest batch size "
+                     f"({max(args.batch_sizes)})")
     if args.ref_draws < 1:
         parser.error(f"--ref-draws must be >= 1, got {args.ref_draws}")
     if args.warmup_steps < 1 or args.warmup_batch < 2:
-        parser.error(f"--warmup-steps must be >= 1 (MINC's M comes from it) and --warmup-batch >= 2, got {args.warmup_steps}, "
+        parser.error("--warmup-steps must be >= 1 (MINC's M comes from it) and --warmup-batch >= 2, "
+                     f"got {args.warmup_steps}, "
                      f"{args.warmup_batch}")
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
-        parser.error(f"--methods must be a comma-separated subset of {','.join(METHODS)}, got {args.methods!r}")
+        parser.error(f"--methods must be a comma-separated subset of {','.join(METHODS)}, "
+                     f"got {args.methods!r}")
     args.methods = [m for m in METHODS if m in methods]
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was requested but no CUDA device is available")
@@ -369,7 +378,8 @@ def build_warm_state(args, work_dir: str):
             "ema_base": cfg.ema_base, "moment_momentum": cfg.moment_momentum,
             "moment_updates": int(trainer.loss_fn.num_updates), "moment_trace": float(torch.trace(m)),
             "moment_eff_rank": _eff_rank_psd(m), "proj_dim": k,
-            "network": {"arch": cfg.arch, "width": cfg.width, "pool": cfg.pool, "proj_hidden": cfg.proj_hidden,
+            "network": {"arch": cfg.arch, "width": cfg.width, "pool": cfg.pool,
+                        "proj_hidden": cfg.proj_hidden,
                         "proj_dim": cfg.proj_dim, "pred_hidden": cfg.pred_hidden,
                         "proj_layers": cfg.proj_layers, "augment": cfg.augment, "normalize": cfg.normalize,
                         "image_size": cfg.image_size}}
@@ -488,8 +498,8 @@ def run_study(args) -> dict:
     phases["reference_s"] = time.time() - t0
 
     # ---- draws at each batch size
-    results = {m: {"label": LABELS[m], "per_batch": [], "with_predictor": [] if m.startswith("minc") else None}
-               for m in args.methods}
+    results = {m: {"label": LABELS[m], "per_batch": [],
+                   "with_predictor": [] if m.startswith("minc") else None} for m in args.methods}
     comparisons = []
     t0 = time.time()
     total_images = sum(b * n for b, n in zip(args.batch_sizes, args.draws))
@@ -570,7 +580,8 @@ def run_study(args) -> dict:
             "reference": f"ḡ = mean of {args.ref_draws} independent batches of {args.ref_batch}; its noise "
                          "(spread of the references) removed from total_variance and bias_sq; signal = mean "
                          "<r_k, r_l>, k != l",
-            "draws": "independent: fresh images (without replacement within a batch) and fresh augmentations; "
+            "draws": "independent: fresh images (without replacement within a batch) and fresh "
+                     "augmentations; "
                      "the same draws for every method at a given b (paired comparisons)",
             "standard_errors": "delete-one jackknife over draws, references held fixed; signal_se_bound is "
                                "an upper bound of the reference signal's own SE (common to all b)",
@@ -605,8 +616,9 @@ def format_table(res: dict) -> str:
     ref = res["config"]["ref_batch"]
     lines = [f"Gradient noise vs batch size b on one warmed-up state ({res['state']['warmup']['steps']} MINC "
              f"steps), {res['device']}, {res['threads']} thread(s), wall {res['wall_s'] / 60:.1f} min.",
-             f"ḡ from {res['config']['ref_draws']} independent batches of {ref}; ± = jackknife SE over draws.", "",
-             "**SNR = ||ḡ||² / E||g_b − ḡ||²** (comparable across methods; higher is better)", "",
+             f"ḡ from {res['config']['ref_draws']} independent batches of {ref}; "
+             "± = jackknife SE over draws.", "",
+             "**SNR = ‖ḡ‖² / E‖g_b − ḡ‖²** (comparable across methods; higher is better)", "",
              "| b | draws | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(methods)]
     for i, (b, n) in enumerate(zip(bs, ns)):
         cells = [_pm(res["methods"][m]["per_batch"][i]["snr"], res["methods"][m]["per_batch"][i]["snr_se"])
@@ -620,14 +632,16 @@ def format_table(res: dict) -> str:
         for row in res["snr_vs_spectral"]:
             lines.append(f"| {row['batch_size']} | " + " | ".join(
                 _pm(row[m]["snr_ratio"], row[m]["snr_ratio_se"]) for m in others) + " |")
-    lines += ["", "**Total variance × b = b · E||g_b − ḡ||²** (per loss; levels differ by the loss's scale, "
+    lines += ["", "**Total variance × b = b · E‖g_b − ḡ‖²** (per loss; levels differ by the "
+              "loss's scale, "
               "compare the trend in b)", "",
               "| b | " + " | ".join(labels) + " |", "|---|" + "---|" * len(methods)]
     for i, b in enumerate(bs):
         cells = [_pm(res["methods"][m]["per_batch"][i]["total_variance_times_b"],
                      res["methods"][m]["per_batch"][i]["total_variance_times_b_se"]) for m in methods]
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
-    lines += ["", "**Decomposition × b: sample variance tr Cov(g_b) · b / bias² ||E g_b − ḡ||² · b**", "",
+    lines += ["", "**Decomposition × b: sample variance tr Cov(g_b) · b / bias² ‖E g_b − ḡ‖² · b**"
+              "\n(bias² estimates are unbiased, so they can come out negative)", "",
               "| b | " + " | ".join(labels) + " |", "|---|" + "---|" * len(methods)]
     for i, b in enumerate(bs):
         cells = []
@@ -636,8 +650,9 @@ def format_table(res: dict) -> str:
             cells.append(f"{_pm(r['sample_variance_times_b'], r['sample_variance_times_b_se'])} / "
                          f"{_pm(r['bias_sq_times_b'], r['bias_sq_times_b_se'], 2)}")
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
-    lines += ["", "**References** (signal ||ḡ||², its SE bound, cosine between the independent reference "
-              "gradients)", "", "| method | ||ḡ||² | SE bound | cos(r1, r2) | ref loss |", "|---|---|---|---|---|"]
+    lines += ["", "**References** (signal ‖ḡ‖², its SE bound, cosine between the independent "
+              "reference gradients)", "", "| method | ‖ḡ‖² | SE bound | cos(r1, r2) | ref loss |",
+              "|---|---|---|---|---|"]
     for m in methods:
         r0 = res["methods"][m]["per_batch"][0]
         rf = res["methods"][m]["reference"]
@@ -686,6 +701,18 @@ def make_plots(res: dict, out_dir: str) -> list[str]:
 
 def main(argv=None) -> int:
     args = resolve_args(argv)
+    if args.from_json:
+        if not os.path.isfile(args.from_json):
+            build_parser().error(f"--from-json {args.from_json!r}: no such file")
+        with open(args.from_json) as f:
+            res = json.load(f)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "table.md"), "w") as f:
+            f.write(format_table(res))
+        paths = make_plots(res, args.out)
+        print(format_table(res))
+        print("wrote table.md, " + ", ".join(os.path.basename(p) for p in paths))
+        return 0
     try:
         res = run_study(args)
     except (ValueError, FileNotFoundError) as exc:
