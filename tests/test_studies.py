@@ -191,6 +191,8 @@ def test_collapse_quick_writes_json_and_png(fmnist, tmp_path):
         assert last["backbone"]["dim"] == r["feat_dim"] and math.isfinite(last["loss"])
     assert (out / "collapse.png").stat().st_size > 5000
     assert "MINC without M" in (out / "table.md").read_text()
+    (out / "collapse.png").unlink()
+    assert collapse.main(["--replot", "--out", str(out)]) == 0 and (out / "collapse.png").is_file()
     with pytest.raises(SystemExit):
         collapse.main(["--methods", "minc,byol"])
 

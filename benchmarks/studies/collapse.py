@@ -102,6 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=DEFAULT_OUT, help="folder for results.json, table.md, collapse.png")
     p.add_argument("--work-dir", default=DEFAULT_WORK, help="scratch run folders")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar")
+    p.add_argument("--replot", action="store_true",
+                   help="only redraw table.md and collapse.png from the results.json in --out")
     a = p.parse_args(argv)
     a.method_list = [m.strip() for m in a.methods.split(",") if m.strip()]
     bad = [m for m in a.method_list if m not in METHODS]
@@ -253,6 +255,9 @@ def plot(results: dict, path: str) -> str | None:
                 q = [(q["step"], q["backbone"][key]) for q in recs if q["backbone"][key] is not None]
                 ax.plot([p[0] for p in q], [p[1] for p in q], ls="--", color=colors[m], alpha=0.7,
                         label=f"{r['label']}: backbone h")
+        if key == "norm_std_x_sqrt_d":
+            ax.axhline(1.0, ls=":", color="grey", lw=1)
+            ax.text(0, 1.0, "isotropic", fontsize=7, color="grey", va="bottom")
         if key == "loss":
             ax.set_yscale("symlog", linthresh=1.0)
         elif logy:
@@ -277,6 +282,16 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)
+    if a.replot:
+        path = os.path.join(a.out, "results.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"--replot: no results.json in --out {a.out!r}")
+        with open(path) as f:
+            results = json.load(f)
+        write_table(results, os.path.join(a.out, "table.md"))
+        plot(results, os.path.join(a.out, "collapse.png"))
+        print(open(os.path.join(a.out, "table.md")).read())
+        return 0
     b = a.budget_cfg
     steps = b["epochs"] * b["steps_per_epoch"]
     t0 = time.time()
