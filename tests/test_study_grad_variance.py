@@ -207,7 +207,11 @@ def test_quick_cli_writes_json_table_and_plots(folder, tmp_path):
                 assert math.isfinite(p[key]), (m, key)
             assert p["sample_variance"] > 0
         assert (r["with_predictor"] is not None) == m.startswith("minc")
-    assert [row["batch_size"] for row in res["snr_vs_spectral"]] == [4, 8]
+    assert [row["batch_size"] for row in res["paired_ratios"]] == [4, 8]
+    assert set(res["paired_ratios"][0]) == {"batch_size"} | {f"{a}/{b}" for a, b in GV.PAIRS}
+    for m in GV.METHODS:
+        assert math.isfinite(res["flatness"][m]["alpha"])
+    assert res["state"]["population_moment"]["batch_size"] == 16
     table = (out / "table.md").read_text()
     assert "SNR" in table and "| 8 |" in table
     for name in ("variance_times_b.png", "snr.png"):

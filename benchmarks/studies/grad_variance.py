@@ -19,6 +19,18 @@ MINC loss in eval mode (its ``M`` held fixed), BatchNorm momentum set to 0.
 *this* batch's targets); ``mio`` (:class:`minc_kernels.MIOLoss`, tau=0.5, lambda=1).
 Backend ``auto``.
 
+These four are different objectives: their expected gradients differ, and the state (trained
+with MINC) sits nearer a stationary point of some of them than of others, which moves the
+SNR through the signal, not the noise.  So a *controlled pair* is measured as well, one
+objective with two estimators of it: ``spectral_noclip`` (the spectral loss without norm
+clipping: the pairwise U-statistic, SPEC §1) and ``spectral_moment`` (the same population
+objective with its pairwise term replaced by ``zᵀ M z``, M = E[z zᵀ] of the projections held
+fixed, estimated once from an independent batch of ``--ref-batch`` images: a
+``MINCLoss((z1, z2), (z2, z1))`` in eval mode with that M, no predictor, no target network).
+By SPEC §2 the two have the same expected gradient, ``(2/B)(M z1_i − z2_i)`` per row; they
+differ only in comparing each sample with every other one vs with the summary M, which is
+the paper's claim in isolation.
+
 **BatchNorm.**  Measured in *training* mode, i.e. with batch statistics, because that is the
 gradient training actually applies.  Consequence: even for MINC with a fixed ``M`` the batch
 gradient is not exactly a mean of per-sample gradients (BN couples the samples), so
@@ -47,9 +59,12 @@ from the ``g_i``.  Reported, per method and b:
 * ``snr`` = signal / total_variance.
 * Standard errors: delete-one jackknife over the n draws (the ḡ / signal estimates are
   held fixed; their own uncertainty, common to every b of a method, is reported separately
-  as ``signal_se_bound``).  ``vs_spectral`` holds SNR ratios against spectral with a
-  *paired* jackknife (the methods share the mini-batches), so its SE is the one to use for
-  "is this method's SNR higher than spectral's at this b".
+  as ``signal_se_bound``).  ``paired_ratios`` holds SNR and variance ratios of the pairs in
+  ``PAIRS`` with a *paired* jackknife (the methods share the mini-batches), so its SE is the
+  one to use for "is this method's SNR higher than that one's at this b".
+* ``flatness``: per method, the exponent α of a weighted fit total_variance ∝ b^α (α = -1:
+  like a per-sample mean; α < -1: extra 1/b² terms) and the ratio of variance·b at the
+  smallest b to that at the largest b, with SEs (the b's use independent draws).
 
 Losses have different scales, so ``variance`` levels are not comparable across methods:
 compare SNR across methods, and the slope of ``variance x b`` within a method (flat: a
@@ -76,18 +91,24 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_OUT = os.path.join("benchmarks", "results", "studies", "grad_variance")
-METHODS = ("spectral", "minc_ema", "minc_batch", "mio")
+METHODS = ("spectral", "minc_ema", "minc_batch", "mio", "spectral_noclip", "spectral_moment")
 LABELS = {"spectral": "spectral contrastive", "minc_ema": "MINC, EMA M (fixed)",
-          "minc_batch": "MINC, batch M (β=0)", "mio": "MIO"}
-STYLE = {"spectral": ("tab:blue", "o"), "minc_ema": ("tab:red", "s"),
-         "minc_batch": ("tab:orange", "^"), "mio": ("tab:green", "D")}
+          "minc_batch": "MINC, batch M (β=0)", "mio": "MIO",
+          "spectral_noclip": "spectral, no clip (pairwise)",
+          "spectral_moment": "spectral objective via fixed M (no pairs)"}
+STYLE = {"spectral": ("tab:blue", "o", "-"), "minc_ema": ("tab:red", "s", "-"),
+         "minc_batch": ("tab:orange", "^", "-"), "mio": ("tab:green", "D", "-"),
+         "spectral_noclip": ("tab:purple", "v", "--"), "spectral_moment": ("tab:brown", "P", "--")}
+# (method, baseline) pairs whose SNR / variance ratios get a paired jackknife SE
+PAIRS = (("minc_ema", "spectral"), ("minc_batch", "spectral"), ("mio", "spectral"),
+         ("spectral_moment", "spectral_noclip"))
 
 # Draws per batch size: fewer at large b (each costs ~b).  CPU: measured ~9-14 ms per image
 # for one draw of all four methods on one thread (shared forward, four backward passes), so
 # the cpu budget is ~45k images of draws (~8 min) + 2 x 4096 reference images (~2.5 min)
 # + 150 warm-up steps of 256 (~2 min).
 BUDGETS = {
-    "cpu": dict(batch_sizes="32,64,128,256,512,1024", draws="64,64,48,32,20,12", ref_batch=4096,
+    "cpu": dict(batch_sizes="32,64,128,256,512,1024", draws="64,64,48,32,18,10", ref_batch=4096,
                 warmup_steps=150, warmup_batch=256, train_args=[]),
     "gpu": dict(batch_sizes="32,64,128,256,512,1024", draws="400,400,300,250,200,150",
                 ref_batch=16384, warmup_steps=1000, warmup_batch=256, train_args=[]),
@@ -414,8 +435,25 @@ class GradientSampler:
         self.minc_ema = trainer.loss_fn.eval()  # eval: M is used, never updated
         self.minc_batch = MINCLoss(trainer.loss_fn.dim, moment_momentum=0.0).to(self.device).train()
         self.spectral = SpectralContrastiveLoss(mu=float(trainer.cfg.mu)).to(self.device)
+        self.spectral_noclip = SpectralContrastiveLoss(mu=1.0, clip=False).to(self.device)
+        # no bias correction: the buffer is the M used (set by set_population_moment)
+        self.spectral_moment = MINCLoss(trainer.loss_fn.dim, bias_correction=False).to(self.device).eval()
         self.mio = MIOLoss().to(self.device)
         self.images = trainer.train_ds.images
+        self.population_moment_info = None
+
+    @torch.no_grad()
+    def set_population_moment(self, size: int, seed: int) -> None:
+        """M = E[z zᵀ] of the online projections (both views, BN in training mode) from one
+        batch of ``size`` images, for ``spectral_moment``."""
+        x1, x2 = self.batch(size, seed)
+        z1, z2 = self.tr.model.encoder(x1).float(), self.tr.model.encoder(x2).float()
+        m = (z1.T @ z1 + z2.T @ z2) / (2 * size)
+        self.spectral_moment.moment.copy_(m)
+        self.spectral_moment.num_updates.fill_(1)
+        self.population_moment_info = {"batch_size": size, "trace": float(torch.trace(m)),
+                                       "eff_rank": _eff_rank_psd(m),
+                                       "mean_row_norm": float(torch.cat([z1, z2]).norm(dim=1).mean())}
 
     def batch(self, size: int, seed: int):
         """Two augmented views of ``size`` training images drawn without replacement."""
@@ -440,6 +478,10 @@ class GradientSampler:
                 out[m] = self.minc_ema((p1, p2), (t2, t1))
             elif m == "minc_batch":
                 out[m] = self.minc_batch((p1, p2), (t2, t1))
+            elif m == "spectral_noclip":
+                out[m] = self.spectral_noclip(z1, z2)
+            elif m == "spectral_moment":
+                out[m] = self.spectral_moment((z1, z2), (z2, z1))
         return out
 
     def grads(self, size: int, seed: int) -> tuple[dict, dict]:
@@ -448,7 +490,7 @@ class GradientSampler:
         losses = self.losses(x1, x2)
         out = {}
         for i, (m, loss) in enumerate(losses.items()):
-            minc = m.startswith("minc")
+            minc = m.startswith("minc")  # the predictor is used by the MINC losses only
             params = self.enc_params + (self.pred_params if minc else [])
             gs = torch.autograd.grad(loss, params, retain_graph=i < len(losses) - 1, allow_unused=True)
             flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
@@ -481,6 +523,10 @@ def run_study(args) -> dict:
         raise ValueError(f"--ref-batch ({args.ref_batch}) exceeds the {n_train} training images")
     sampler = GradientSampler(trainer, args.methods)
     phases = {"warmup_s": warm["wall_s"]}
+    if "spectral_moment" in args.methods:
+        t0 = time.time()
+        sampler.set_population_moment(args.ref_batch, _seed(args.seed, 3))
+        phases["population_moment_s"] = time.time() - t0
 
     # ---- reference gradients: K independent large batches
     t0 = time.time()
@@ -531,16 +577,18 @@ def run_study(args) -> dict:
                 full.pop("_loo")
                 full["batch_size"] = b
                 results[m]["with_predictor"].append(full)
-        if "spectral" in args.methods:
-            base = results["spectral"]["per_batch"][-1]
-            row = {"batch_size": b}
-            for m in args.methods:
-                if m == "spectral":
-                    continue
-                st = results[m]["per_batch"][-1]
-                ratio = st["snr"] / base["snr"]
-                ratio_l = loo[m]["snr"] / loo["spectral"]["snr"]  # paired: same draws left out
-                row[m] = {"snr_ratio": ratio, "snr_ratio_se": _jackknife_se(ratio_l)}
+        row = {"batch_size": b}
+        for m, base in PAIRS:
+            if m not in args.methods or base not in args.methods:
+                continue
+            st, bs = results[m]["per_batch"][-1], results[base]["per_batch"][-1]
+            # paired: the methods share the draws, so leave the same draw out of both
+            snr_l = loo[m]["snr"] / loo[base]["snr"]
+            var_l = loo[m]["total_variance"] / loo[base]["total_variance"]
+            row[f"{m}/{base}"] = {"snr_ratio": st["snr"] / bs["snr"], "snr_ratio_se": _jackknife_se(snr_l),
+                                  "total_variance_ratio": st["total_variance"] / bs["total_variance"],
+                                  "total_variance_ratio_se": _jackknife_se(var_l)}
+        if len(row) > 1:
             comparisons.append(row)
         del acc
         phases[f"draws_b{b}_s"] = time.time() - tb
@@ -569,7 +617,8 @@ def run_study(args) -> dict:
                                  "projector), MINC's predictor and EMA target, and MINC's EMA moment M, "
                                  "after a MINC warm-up; spectral and MIO use the same online encoder's "
                                  "projections (the predictor is unused by them)",
-                  "warmup": warm, "encoder_params": sampler.n_enc, "predictor_params": sampler.n_pred},
+                  "warmup": warm, "encoder_params": sampler.n_enc, "predictor_params": sampler.n_pred,
+                  "population_moment": sampler.population_moment_info},
         "measurement": {
             "batchnorm": "training mode (batch statistics), as training applies it; BN momentum set to 0 so "
                          "running statistics stay fixed; the EMA target also in training mode as in Trainer",
@@ -587,13 +636,39 @@ def run_study(args) -> dict:
                                "an upper bound of the reference signal's own SE (common to all b)",
         },
         "methods": results,
-        "snr_vs_spectral": comparisons,
+        "paired_ratios": comparisons,
+        "flatness": _flatness(results),
     }
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(out, f, indent=1, default=_json_default)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(format_table(out))
     out["plots"] = make_plots(out, args.out)
+    return out
+
+
+def _flatness(results: dict) -> dict:
+    """Per method: α of a weighted least-squares fit log total_variance = c + α log b, and
+    variance·b at the smallest b over that at the largest b, with SEs (independent b's)."""
+    out = {}
+    for m, r in results.items():
+        pts = [p for p in r["per_batch"] if p["total_variance"] > 0 and p["total_variance_se"] > 0]
+        if len(pts) < 2:
+            continue
+        x = torch.tensor([math.log(p["batch_size"]) for p in pts], dtype=torch.float64)
+        y = torch.tensor([math.log(p["total_variance"]) for p in pts], dtype=torch.float64)
+        w = torch.tensor([(p["total_variance"] / p["total_variance_se"]) ** 2 for p in pts],
+                         dtype=torch.float64)  # 1 / Var(log v) by the delta method
+        xm = (w * x).sum() / w.sum()
+        sxx = (w * (x - xm) ** 2).sum()
+        alpha = float((w * (x - xm) * y).sum() / sxx)
+        lo, hi = pts[0], pts[-1]
+        ratio = lo["total_variance_times_b"] / hi["total_variance_times_b"]
+        rel = math.hypot(lo["total_variance_se"] / lo["total_variance"],
+                         hi["total_variance_se"] / hi["total_variance"])
+        out[m] = {"alpha": alpha, "alpha_se": float(1 / sxx.sqrt()), "ratio_small_to_large": ratio,
+                  "ratio_small_to_large_se": ratio * rel, "b_small": lo["batch_size"],
+                  "b_large": hi["batch_size"]}
     return out
 
 
@@ -624,14 +699,20 @@ def format_table(res: dict) -> str:
         cells = [_pm(res["methods"][m]["per_batch"][i]["snr"], res["methods"][m]["per_batch"][i]["snr_se"])
                  for m in methods]
         lines.append(f"| {b} | {n} | " + " | ".join(cells) + " |")
-    if res.get("snr_vs_spectral"):
-        others = [m for m in methods if m != "spectral"]
-        lines += ["", "**SNR ratio vs spectral** (paired jackknife SE: the methods share the draws)", "",
-                  "| b | " + " | ".join(res["methods"][m]["label"] for m in others) + " |",
-                  "|---|" + "---|" * len(others)]
-        for row in res["snr_vs_spectral"]:
+    pairs = [k for k in (res.get("paired_ratios") or [{}])[0] if k != "batch_size"]
+    if pairs:
+        def name(pair):
+            a, b = pair.split("/")
+            return f"{res['methods'][a]['label']} ÷ {res['methods'][b]['label']}"
+        lines += ["", "**Paired ratios: SNR ratio / total-variance ratio** (paired jackknife SE: the "
+                  "methods share the draws; the variance ratio is meaningful only within the controlled "
+                  "pair, which has one objective and one scale)", "",
+                  "| b | " + " | ".join(name(p) for p in pairs) + " |", "|---|" + "---|" * len(pairs)]
+        for row in res["paired_ratios"]:
             lines.append(f"| {row['batch_size']} | " + " | ".join(
-                _pm(row[m]["snr_ratio"], row[m]["snr_ratio_se"]) for m in others) + " |")
+                f"{_pm(row[p]['snr_ratio'], row[p]['snr_ratio_se'])} / "
+                f"{_pm(row[p]['total_variance_ratio'], row[p]['total_variance_ratio_se'])}"
+                for p in pairs) + " |")
     lines += ["", "**Total variance × b = b · E‖g_b − ḡ‖²** (per loss; levels differ by the "
               "loss's scale, "
               "compare the trend in b)", "",
@@ -640,7 +721,18 @@ def format_table(res: dict) -> str:
         cells = [_pm(res["methods"][m]["per_batch"][i]["total_variance_times_b"],
                      res["methods"][m]["per_batch"][i]["total_variance_times_b_se"]) for m in methods]
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
-    lines += ["", "**Decomposition × b: sample variance tr Cov(g_b) · b / bias² ‖E g_b − ḡ‖² · b**"
+    if res.get("flatness"):
+        lines += ["", "**Scaling with b**: α of total variance ∝ b^α (weighted fit; -1 = per-sample "
+                  "mean), "
+                  f"and variance·b at b={bs[0]} ÷ at b={bs[-1]}", "",
+                  "| method | α | ratio |", "|---|---|---|"]
+        for m in methods:
+            f = res["flatness"].get(m)
+            if f:
+                lines.append(f"| {res['methods'][m]['label']} | {_pm(f['alpha'], f['alpha_se'])} | "
+                             f"{_pm(f['ratio_small_to_large'], f['ratio_small_to_large_se'])} |")
+    lines += ["", "**Decomposition × b: sample variance tr Cov(g_b) · b / bias² "
+              "‖E g_b − ḡ‖² · b**"
               "\n(bias² estimates are unbiased, so they can come out negative)", "",
               "| b | " + " | ".join(labels) + " |", "|---|" + "---|" * len(methods)]
     for i, b in enumerate(bs):
@@ -681,9 +773,9 @@ def make_plots(res: dict, out_dir: str) -> list[str]:
                    if math.isfinite(p[key]) and p[key] > 0]
             if not pts:
                 continue
-            color, marker = STYLE[m]
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], label=r["label"],
-                        color=color, marker=marker, capsize=3, lw=1.5, ms=5)
+            color, marker, ls = STYLE[m]
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                        label=r["label"], color=color, marker=marker, ls=ls, capsize=3, lw=1.5, ms=5)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch size b")
