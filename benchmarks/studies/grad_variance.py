@@ -602,6 +602,12 @@ def run_study(args) -> dict:
         results[m]["reference"] = {"batch_size": args.ref_batch, "n_refs": args.ref_draws,
                                    "losses": ref_losses[m], "cosine_between_refs": cos,
                                    "norm_sq_each": [float((r * r).sum()) for r in r0]}
+    # cosine between the methods' ḡ (encoder parameters): ~1 for the controlled pair if the two
+    # estimators share their expected gradient, as SPEC §2 says they do
+    means = {m: torch.stack(refs[m][0]).double().mean(0) for m in args.methods}
+    ref_cos = {f"{a}/{b}": float(torch.nn.functional.cosine_similarity(means[a], means[b], dim=0))
+               for i, a in enumerate(args.methods) for b in args.methods[i + 1:]}
+    del means
     dev = sampler.device
     device_name = (torch.cuda.get_device_name(dev) if dev.type == "cuda" else
                    (platform.processor() or platform.machine()))
@@ -637,6 +643,7 @@ def run_study(args) -> dict:
         },
         "methods": results,
         "paired_ratios": comparisons,
+        "reference_cosines": ref_cos,
         "flatness": _flatness(results),
     }
     with open(os.path.join(args.out, "results.json"), "w") as f:
