@@ -763,21 +763,26 @@ def format_table(res: dict) -> str:
 
 
 def make_plots(res: dict, out_dir: str) -> list[str]:
-    """variance_times_b.png and snr.png (log-log, one line per method, jackknife error bars)."""
+    """variance_times_b.png (left: b·E‖g_b − ḡ‖² in each loss's own units; right: the same
+    divided by its value at the largest b, so the trends of all losses share one axis) and
+    snr.png; log-log, one line per method, jackknife error bars."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    paths = []
-    specs = (("total_variance_times_b", "b · E‖g_b − ḡ‖²  (loss-specific scale)",
-              "Gradient variance × batch size", "variance_times_b.png"),
-             ("snr", "SNR = ‖ḡ‖² / E‖g_b − ḡ‖²", "Gradient signal-to-noise ratio", "snr.png"))
-    title_sfx = (f"\n{res['state']['warmup']['steps']}-step MINC warm-up, same state for all; "
-                 f"ḡ from {res['config']['ref_draws']}×{res['config']['ref_batch']} images")
-    for key, ylabel, title, name in specs:
-        fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
+    title_sfx = (f"{res['state']['warmup']['steps']}-step MINC warm-up, same state for all; "
+                 f"ḡ from {res['config']['ref_draws']}×{res['config']['ref_batch']} images; ±1 SE")
+
+    def series(r, key, norm=False):
+        pts = [(p["batch_size"], p[key], p[f"{key}_se"]) for p in r["per_batch"]
+               if math.isfinite(p[key]) and p[key] > 0]
+        if norm and pts:
+            ref = pts[-1][1]
+            pts = [(b, v / ref, se / ref) for b, v, se in pts]
+        return pts
+
+    def draw(ax, key, norm=False):
         for m, r in res["methods"].items():
-            pts = [(p["batch_size"], p[key], p[f"{key}_se"]) for p in r["per_batch"]
-                   if math.isfinite(p[key]) and p[key] > 0]
+            pts = series(r, key, norm)
             if not pts:
                 continue
             color, marker, ls = STYLE[m]
@@ -786,15 +791,40 @@ def make_plots(res: dict, out_dir: str) -> list[str]:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch size b")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title + title_sfx, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(out_dir, name)
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
+
+    paths = []
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 5.2), dpi=110)
+    draw(a1, "total_variance_times_b")
+    a1.set_ylabel("b · E‖g_b − ḡ‖²  (each loss in its own units)")
+    a1.set_title("variance × b", fontsize=10)
+    draw(a2, "total_variance_times_b", norm=True)
+    bmax = max(p["batch_size"] for r in res["methods"].values() for p in r["per_batch"])
+    a2.axhline(1.0, color="grey", lw=0.8)
+    from matplotlib.ticker import FormatStrFormatter
+    a2.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    a2.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    a2.set_ylabel(f"variance × b  ÷  its value at b = {bmax}")
+    a2.set_title("the same, normalised: flat = 1/b like a per-sample mean", fontsize=10)
+    handles, labels = a1.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8.5, frameon=False)
+    fig.suptitle("Gradient variance × batch size\n" + title_sfx, fontsize=10)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    path = os.path.join(out_dir, "variance_times_b.png")
+    fig.savefig(path)
+    plt.close(fig)
+    paths.append(path)
+
+    fig, ax = plt.subplots(figsize=(7.5, 5.6), dpi=110)
+    draw(ax, "snr")
+    ax.set_ylabel("SNR = ‖ḡ‖² / E‖g_b − ḡ‖²")
+    ax.set_title("Gradient signal-to-noise ratio\n" + title_sfx, fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    path = os.path.join(out_dir, "snr.png")
+    fig.savefig(path)
+    plt.close(fig)
+    paths.append(path)
     return paths
 
 
