@@ -234,7 +234,7 @@ def plot(results: dict, path: str) -> str | None:
     except ImportError:
         return None
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=110)
-    panels = [("eff_rank", "effective rank of embeddings", False),
+    panels = [("eff_rank", "effective rank of embeddings (log scale)", True),
               ("norm_std_x_sqrt_d", "std of L2-normalised embeddings × √d", False),
               ("mean_norm", "mean embedding norm ‖z‖", True),
               ("loss", "training loss (mean since last point)", False)]
