@@ -265,7 +265,8 @@ def plot(results: dict, path: str) -> str | None:
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=7)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    axes.flat[2].legend(handles, labels, fontsize=7, loc="lower right")  # the emptiest corner
     meta = results["meta"]
     fig.suptitle(f"Collapse study, Fashion-MNIST, {meta['arch']}, batch {meta['batch_size']}, "
                  f"metrics on {meta['probe_batch']} held-out images (solid: projector z, dashed: backbone h)",
