@@ -216,3 +216,8 @@ def test_quick_cli_writes_json_table_and_plots(folder, tmp_path):
     assert "SNR" in table and "| 8 |" in table
     for name in ("variance_times_b.png", "snr.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    # the table and plots can be re-drawn from the JSON alone
+    again = tmp_path / "again"
+    assert GV.main(["--from-json", str(out / "results.json"), "--out", str(again)]) == 0
+    assert (again / "table.md").read_text() == table
+    assert (again / "snr.png").read_bytes()[:4] == b"\x89PNG"

@@ -71,8 +71,10 @@ compare SNR across methods, and the slope of ``variance x b`` within a method (f
 per-sample mean, as 1/b; falling with b: extra 1/b² terms from pairwise comparisons).
 
 Writes ``results.json``, ``table.md``, ``variance_times_b.png`` and ``snr.png`` under
-``--out``.  ``--budget cpu`` (default) takes about 10-15 min on one CPU thread; ``--budget
-gpu`` is sized for one GPU; ``--quick`` is a seconds-long smoke run for tests.
+``--out``.  ``--budget cpu`` (default) takes about 14 min of CPU time on one thread;
+``--budget gpu`` is sized for one GPU (not run here: no GPU was available to this work);
+``--quick`` is a seconds-long smoke run for tests.  ``--from-json`` re-draws the table and
+plots from a results.json.
 """
 from __future__ import annotations
 
@@ -103,10 +105,10 @@ STYLE = {"spectral": ("tab:blue", "o", "-"), "minc_ema": ("tab:red", "s", "-"),
 PAIRS = (("minc_ema", "spectral"), ("minc_batch", "spectral"), ("mio", "spectral"),
          ("spectral_moment", "spectral_noclip"))
 
-# Draws per batch size: fewer at large b (each costs ~b).  CPU: measured ~9-14 ms per image
-# for one draw of all four methods on one thread (shared forward, four backward passes), so
-# the cpu budget is ~45k images of draws (~8 min) + 2 x 4096 reference images (~2.5 min)
-# + 150 warm-up steps of 256 (~2 min).
+# Draws per batch size: fewer at large b (each costs ~b).  Measured for the default cpu budget
+# (all six methods: one shared forward, six backward passes per draw), one thread: 844 s of
+# CPU time (14.1 min; 21.8 min wall on 2 cores shared with other jobs): warm-up 150 x 256,
+# M from one batch of 4096, 2 x 4096 reference images, 39,936 images of draws.
 BUDGETS = {
     "cpu": dict(batch_sizes="32,64,128,256,512,1024", draws="64,64,48,32,18,10", ref_batch=4096,
                 warmup_steps=150, warmup_batch=256, train_args=[]),
@@ -415,7 +417,7 @@ def _eff_rank_psd(m: torch.Tensor) -> float:
 
 
 class GradientSampler:
-    """Gradients of the four losses on one fixed warmed-up state (see the module docstring)."""
+    """Gradients of every method's loss on one fixed warmed-up state (see the module docstring)."""
 
     def __init__(self, trainer, methods: Sequence[str]):
         from minc_kernels import MINCLoss, MIOLoss, SpectralContrastiveLoss
@@ -764,7 +766,7 @@ def format_table(res: dict) -> str:
 
 def make_plots(res: dict, out_dir: str) -> list[str]:
     """variance_times_b.png (left: b·E‖g_b − ḡ‖² in each loss's own units; right: the same
-    divided by its value at the largest b, so the trends of all losses share one axis) and
+    divided by its inverse-variance-weighted mean over b, so the trends of all losses share one axis) and
     snr.png; log-log, one line per method, jackknife error bars."""
     import matplotlib
     matplotlib.use("Agg")
@@ -776,7 +778,9 @@ def make_plots(res: dict, out_dir: str) -> list[str]:
         pts = [(p["batch_size"], p[key], p[f"{key}_se"]) for p in r["per_batch"]
                if math.isfinite(p[key]) and p[key] > 0]
         if norm and pts:
-            ref = pts[-1][1]
+            # divide by the inverse-variance-weighted mean over b (stabler than any one point)
+            w = [1 / se ** 2 if se > 0 else 0.0 for _, _, se in pts]
+            ref = sum(wi * v for wi, (_, v, _) in zip(w, pts)) / sum(w) if sum(w) > 0 else pts[-1][1]
             pts = [(b, v / ref, se / ref) for b, v, se in pts]
         return pts
 
@@ -799,12 +803,11 @@ def make_plots(res: dict, out_dir: str) -> list[str]:
     a1.set_ylabel("b · E‖g_b − ḡ‖²  (each loss in its own units)")
     a1.set_title("variance × b", fontsize=10)
     draw(a2, "total_variance_times_b", norm=True)
-    bmax = max(p["batch_size"] for r in res["methods"].values() for p in r["per_batch"])
     a2.axhline(1.0, color="grey", lw=0.8)
     from matplotlib.ticker import FormatStrFormatter
     a2.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     a2.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
-    a2.set_ylabel(f"variance × b  ÷  its value at b = {bmax}")
+    a2.set_ylabel("variance × b  ÷  its weighted mean over b")
     a2.set_title("the same, normalised: flat = 1/b like a per-sample mean", fontsize=10)
     handles, labels = a1.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8.5, frameon=False)
@@ -819,7 +822,7 @@ def make_plots(res: dict, out_dir: str) -> list[str]:
     draw(ax, "snr")
     ax.set_ylabel("SNR = ‖ḡ‖² / E‖g_b − ḡ‖²")
     ax.set_title("Gradient signal-to-noise ratio\n" + title_sfx, fontsize=9)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     path = os.path.join(out_dir, "snr.png")
     fig.savefig(path)
