@@ -17,12 +17,14 @@ PYTEST_ARGS ?=
 
 # MINC_KERNELS_BUILD_EXT=1: the project's own install must build the extension (CUDA objects
 # too when a toolkit is there); a failed build stops here instead of silently falling back.
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*) examples/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q "setuptools>=77" wheel ninja pybind11
 	MINC_KERNELS_BUILD_EXT=1 CUDA_HOME=$(CUDA_HOME) MAX_JOBS=2 $(PIP) install -q --no-build-isolation -e ".[test]"
+	# the training program and studies (an application on the library: minc-train)
+	$(PIP) install -q --no-build-isolation -e examples
 	touch $@
 
 setup: $(VENV)/.installed

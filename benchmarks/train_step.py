@@ -33,9 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minc_kernels import MINCLoss, MIOLoss, MomentumEncoder, SpectralContrastiveLoss, cosine_momentum  # noqa: E402
-from minc_kernels.train.engine import ema_step  # noqa: E402
-from minc_kernels.train.models import SSLModel, build_backbone, mlp  # noqa: E402
-from minc_kernels.train.optim import build_optimizer  # noqa: E402
+from minc_train.engine import ema_step  # noqa: E402
+from minc_train.models import SSLModel, build_backbone, mlp  # noqa: E402
+from minc_train.optim import build_optimizer  # noqa: E402
 
 PROVIDERS = {"eager": ("reference", "foreach"), "minc_kernels": ("auto", "auto")}
 

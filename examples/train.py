@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Same as the ``minc-train`` console script: ``python examples/train.py --help``."""
+"""Same as the ``minc-train`` console script (``pip install -e examples``): ``python examples/train.py --help``."""
 import sys
 
-from minc_kernels.train.cli import main
+from minc_train.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,13 +13,13 @@ import sys
 import pytest
 import torch
 
-from minc_kernels.train import cli, data as D
-from minc_kernels.train.engine import Trainer, minc_no_moment_loss
-from minc_kernels.train.metrics import effective_rank
+from minc_train import cli, data as D
+from minc_train.engine import Trainer, minc_no_moment_loss
+from minc_train.metrics import effective_rank
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.studies import batch_size, collapse  # noqa: E402
+from minc_train.studies import batch_size, collapse  # noqa: E402
 
 
 # ---------------------------------------------------------------------- metrics

@@ -1,4 +1,4 @@
-"""The gradient-noise estimator of benchmarks/studies/grad_variance.py on a toy problem with a
+"""The gradient-noise estimator of examples/minc_train/studies/grad_variance.py on a toy problem with a
 closed-form answer, and a smoke run of the study's CLI (--quick) on a generated image folder.
 
 Toy problem: linear regression with x ~ N(0, I_k), y = w*·x + σε, ε ~ N(0, 1), loss
@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from benchmarks.studies import grad_variance as GV
+from minc_train.studies import grad_variance as GV
 
 K, SIGMA = 10, 1.0
 

@@ -1,4 +1,4 @@
-"""The reference training program (minc_kernels.train): smoke runs of every method on a
+"""The reference training program (minc_train): smoke runs of every method on a
 tiny generated image folder, exact resume, 2-process DDP (gloo), argument errors, and
 the metrics/optimiser/augmentation building blocks."""
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 pytest.importorskip("torchvision")
 from PIL import Image  # noqa: E402  (torchvision depends on Pillow)
 
-from minc_kernels.train import cli, data as D  # noqa: E402
-from minc_kernels.train.metrics import effective_rank, knn_accuracy, linear_probe  # noqa: E402
-from minc_kernels.train.optim import LARS, param_groups, warmup_cosine  # noqa: E402
+from minc_train import cli, data as D  # noqa: E402
+from minc_train.metrics import effective_rank, knn_accuracy, linear_probe  # noqa: E402
+from minc_train.optim import LARS, param_groups, warmup_cosine  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..ema import MomentumEncoder, cosine_momentum, ema_update_
-from ..losses import MINCLoss, MIOLoss, SpectralContrastiveLoss
+from minc_kernels.ema import MomentumEncoder, cosine_momentum, ema_update_
+from minc_kernels.losses import MINCLoss, MIOLoss, SpectralContrastiveLoss
 from . import data as D
 from .metrics import CSVLogger, effective_rank, knn_accuracy, linear_probe
 from .models import SSLModel, build_backbone, mlp

@@ -1,6 +1,6 @@
 """Study 2 (issue 8): does keeping the MI formulation prevent collapse?
 
-``python -m benchmarks.studies.collapse [--budget cpu|gpu] [--threads 1] [--seed 0]``
+``python -m minc_train.studies.collapse [--budget cpu|gpu] [--threads 1] [--seed 0]``
 
 Trains MINC, the spectral contrastive loss, and the MINC ablation without the moment
 (covariance) term, ``L = -(2/B) Σ_i (p1_i·t2_i + p2_i·t1_i)`` (``--minc-ablation
@@ -9,7 +9,7 @@ Every ``--eval-every`` steps, on one fixed held-out batch (no augmentation, eval
 records for the projector outputs ``z`` (the embeddings the losses see) and the backbone
 features ``h``:
 
-* the effective rank ``exp(H(σ/Σσ))`` (:func:`minc_kernels.train.metrics.effective_rank`);
+* the effective rank ``exp(H(σ/Σσ))`` (:func:`minc_train.metrics.effective_rank`);
 * the per-dimension std of the L2-normalised embeddings, averaged over dimensions
   (SimSiam's collapse signal: about ``1/sqrt(d)`` for spread-out embeddings, -> 0 when all
   embeddings point the same way), reported also times ``sqrt(d)`` (1 = isotropic);
@@ -31,7 +31,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the repository root (examples/minc_train/studies/ -> ../../..): results land beside the benchmarks
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "studies", "collapse")
 DEFAULT_WORK = os.path.join(ROOT, "runs", "studies", "collapse")
 
@@ -71,7 +72,7 @@ def normalized_std(z: torch.Tensor) -> float:
 
 def embedding_stats(z: torch.Tensor) -> dict:
     """Effective rank, normalised per-dimension std (raw and x sqrt(d)) and mean norm of (N, d) z."""
-    from minc_kernels.train.metrics import effective_rank
+    from minc_train.metrics import effective_rank
     z = z.detach().double()
     finite = bool(torch.isfinite(z).all())
     if not finite:
@@ -84,7 +85,7 @@ def embedding_stats(z: torch.Tensor) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.studies.collapse", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m minc_train.studies.collapse", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", choices=("cpu", "gpu"), default="cpu",
                    help="cpu: the CPU preset's conv net, 200 steps of batch 256 per method; "
@@ -156,8 +157,8 @@ def measure(trainer, x: torch.Tensor) -> dict:
 
 
 def run_method(a, method: str, bar=None) -> dict:
-    from minc_kernels.train import cli
-    from minc_kernels.train.engine import Trainer
+    from minc_train import cli
+    from minc_train.engine import Trainer
     out_dir = os.path.join(a.work_dir, method)
     os.makedirs(out_dir, exist_ok=True)
     argv = train_argv(a, method, out_dir)
@@ -311,7 +312,7 @@ def main(argv=None) -> int:
         "batch_size": b["batch"], "probe_batch": b["probe_batch"], "seed": a.seed, "threads": a.threads,
         "arch": "ResNet-18" if a.budget == "gpu" and not a.quick else "conv net (CPU preset)",
         "proj_dim": any_run["proj_dim"], "feat_dim": any_run["feat_dim"],
-        "command": "python -m benchmarks.studies.collapse "
+        "command": "python -m minc_train.studies.collapse "
                    + " ".join(argv if argv is not None else sys.argv[1:]),
         "wall_s": time.time() - t0, "python": platform.python_version(), "torch": torch.__version__,
         "cpu_count": os.cpu_count()}

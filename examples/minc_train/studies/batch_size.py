@@ -1,10 +1,10 @@
 """Study 3 (issue 8): linear-probe accuracy vs batch size at a fixed budget.
 
-``python -m benchmarks.studies.batch_size [--budget cpu|gpu] [--threads 1] [--seeds 2]``
+``python -m minc_train.studies.batch_size [--budget cpu|gpu] [--threads 1] [--seeds 2]``
 
 Pre-trains spectral, MINC (ordering standard and gha) and MIO on Fashion-MNIST at each
 batch size with the same number of images seen (``epochs x epoch_size``), through the
-training program (``minc_kernels.train.cli.resolve_config`` + ``Trainer``), then fits a
+training program (``minc_train.cli.resolve_config`` + ``Trainer``), then fits a
 linear probe (L-BFGS logistic regression on standardised backbone features, train split ->
 the 10k test split).  Raw-pixel and random-init probes are computed once per seed.
 
@@ -32,7 +32,8 @@ import statistics
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the repository root (examples/minc_train/studies/ -> ../../..): results land beside the benchmarks
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "studies", "batch_size")
 DEFAULT_WORK = os.path.join(ROOT, "runs", "studies", "batch_size")
 
@@ -64,7 +65,7 @@ BUDGETS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.studies.batch_size", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m minc_train.studies.batch_size", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", choices=("cpu", "gpu"), default="cpu",
                    help="cpu: width-16 conv net, 4 x 10240 images per run (~30 min for 24 runs on 1 "
@@ -131,7 +132,7 @@ def train_argv(a, method: str, batch: int, seed: int, out_dir: str) -> list[str]
 
 
 def _probe(trainer, net, raw=False) -> dict:
-    from minc_kernels.train.metrics import effective_rank, linear_probe
+    from minc_train.metrics import effective_rank, linear_probe
     cfg = trainer.cfg
     ftr, ytr = trainer.features(net, "train", cfg.probe_train_limit, raw=raw)
     fte, yte = trainer.features(net, "eval", cfg.probe_eval_limit, raw=raw)
@@ -146,8 +147,8 @@ def one_run(a, method: str, batch: int, seed: int, need_baseline: bool) -> tuple
     import copy
 
     import torch
-    from minc_kernels.train import cli
-    from minc_kernels.train.engine import Trainer
+    from minc_train import cli
+    from minc_train.engine import Trainer
     name = run_name(method, batch, seed)
     out_dir = os.path.join(a.work_dir, name)
     os.makedirs(out_dir, exist_ok=True)
@@ -327,7 +328,7 @@ def main(argv=None) -> int:
                  and int(f[len("baselines-s"):-5]) < a.seeds]
     summary = summarize(runs, baselines, a.method_list, a.sizes)
     bcfg = a.budget_cfg
-    from minc_kernels.train.data import find_fashion_mnist
+    from minc_train.data import find_fashion_mnist
     meta = {"budget": "quick" if a.quick else a.budget, "budget_config": bcfg,
             "images_per_run": bcfg["epochs"] * bcfg["epoch_size"] if bcfg["epoch_size"] else
             f"{bcfg['epochs']} epochs of the training set",
@@ -339,7 +340,7 @@ def main(argv=None) -> int:
             "methods": a.method_list, "batch_sizes": a.sizes, "seeds": a.seeds,
             "runs_done": len(runs), "runs_planned": len(plan),
             "dataset": find_fashion_mnist(a.data_dir), "threads": a.threads,
-            "command": "python -m benchmarks.studies.batch_size " + " ".join(argv if argv is not None
+            "command": "python -m minc_train.studies.batch_size " + " ".join(argv if argv is not None
                                                                               else sys.argv[1:]),
             "this_invocation_wall_s": time.time() - t0,
             "sum_run_wall_s": sum(r.get("wall_s", 0) for r in runs),
@@ -358,8 +359,8 @@ def main(argv=None) -> int:
 def baseline_only(a, method, batch, seed):
     """Baselines for a seed whose runs were all saved already: build a Trainer, no training."""
     import copy
-    from minc_kernels.train import cli
-    from minc_kernels.train.engine import Trainer
+    from minc_train import cli
+    from minc_train.engine import Trainer
     out_dir = os.path.join(a.work_dir, "baselines-s" + str(seed))
     os.makedirs(out_dir, exist_ok=True)
     trainer = Trainer(cli.resolve_config(train_argv(a, method, batch, seed, out_dir)))

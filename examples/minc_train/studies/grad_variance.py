@@ -1,12 +1,12 @@
 """Study 1 (issue 8): gradient variance and signal-to-noise ratio vs batch size.
 
-``python -m benchmarks.studies.grad_variance [--budget cpu|gpu] [--device auto|cpu|cuda]``
+``python -m minc_train.studies.grad_variance [--budget cpu|gpu] [--device auto|cpu|cuda]``
 
 The MINC paper claims that comparing each sample with a summary ``M`` of the others, instead
 of with every other sample, lowers the variance of the training signal.  This measures it.
 
 **One fixed network state.**  The CPU preset's conv net (backbone + projector + predictor,
-``minc_kernels.train``) is warmed up with MINC on Fashion-MNIST for ``--warmup-steps`` steps
+``minc_train``) is warmed up with MINC on Fashion-MNIST for ``--warmup-steps`` steps
 (``Trainer.train_step``: AdamW, EMA target, MINC's EMA moment ``M``).  Every method is then
 measured on that *same* online network: spectral and MIO on the projections ``z`` of the two
 views, MINC on the predictions ``p`` against the EMA target's projections ``t`` (symmetric,
@@ -91,7 +91,8 @@ from typing import Callable, Sequence
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the repository root (examples/minc_train/studies/ -> ../../..): results land beside the benchmarks
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 DEFAULT_OUT = os.path.join("benchmarks", "results", "studies", "grad_variance")
 METHODS = ("spectral", "minc_ema", "minc_batch", "mio", "spectral_noclip", "spectral_moment")
 LABELS = {"spectral": "spectral contrastive", "minc_ema": "MINC, EMA M (fixed)",
@@ -269,7 +270,7 @@ def _int_list(name: str, text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.studies.grad_variance",
+    p = argparse.ArgumentParser(prog="python -m minc_train.studies.grad_variance",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--budget", choices=("cpu", "gpu"), default="cpu",
@@ -357,8 +358,8 @@ def _git_commit() -> str | None:
 def build_warm_state(args, work_dir: str):
     """The training program's MINC Trainer (CPU preset), trained for ``warmup_steps`` steps.
     Returns (trainer, warm-up info dict)."""
-    from minc_kernels.train import cli
-    from minc_kernels.train.engine import Trainer
+    from minc_train import cli
+    from minc_train.engine import Trainer
     train_argv = ["--method", "minc", "--preset", "cpu", "--dataset", args.dataset, "--device", args.device,
                   "--threads", str(args.threads), "--seed", str(args.seed), "--amp", "none",
                   "--batch-size", str(args.warmup_batch), "--epochs", "1",
@@ -616,7 +617,7 @@ def run_study(args) -> dict:
     cfg_json = {k: v for k, v in vars(args).items()}
     out = {
         "study": "gradient variance vs batch size (issue 8, study 1)",
-        "command": "python -m benchmarks.studies.grad_variance " + " ".join(sys.argv[1:]),
+        "command": "python -m minc_train.studies.grad_variance " + " ".join(sys.argv[1:]),
         "config": cfg_json,
         "torch": torch.__version__, "python": platform.python_version(), "device": str(dev),
         "device_name": device_name, "threads": torch.get_num_threads(), "git_commit": _git_commit(),

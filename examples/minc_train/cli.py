@@ -55,7 +55,7 @@ METHOD_DEFAULTS = {
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="minc-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Defaults not shown depend on --preset and --method (see minc_kernels/train/cli.py).")
+        epilog="Defaults not shown depend on --preset and --method (see examples/minc_train/cli.py).")
     a = p.add_argument
     g = p.add_argument_group("what to train")
     g.add_argument("--method", choices=METHODS, default="minc", help="loss (default: minc)")

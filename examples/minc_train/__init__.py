@@ -3,5 +3,7 @@
 Modules: :mod:`.data` (datasets, batched augmentations), :mod:`.models` (backbones, heads),
 :mod:`.optim` (LARS, schedules), :mod:`.engine` (training loop, checkpoints),
 :mod:`.metrics` (kNN, linear probe, effective rank), :mod:`.plots`, :mod:`.cli` (``main``).
-Needs ``torchvision`` (and ``matplotlib`` for plots): ``pip install minc_kernels[train]``.
+An application on the public API of ``minc_kernels``, installed apart with its own
+dependencies (torchvision, tqdm, numpy, matplotlib): ``pip install -e examples``.
+The studies live in :mod:`.studies`.
 """
