@@ -12,6 +12,7 @@ pytest.importorskip("triton")
 
 from minc_kernels import reference  # noqa: E402
 from minc_kernels import functional as Fn  # noqa: E402
+from minc_kernels.ops import configs, gram  # noqa: E402
 from minc_kernels.ops import minc as ops  # noqa: E402
 
 
@@ -94,7 +95,7 @@ def test_gha_with_rectangular_tiles(kernel_device, monkeypatch, tiles):
     """The GPU tiles have BLOCK_K != BLOCK_N: the inside/straddling/outside tile tests of the
     lower triangle must hold for any shape, not only for the interpreter's square tiles."""
     bm, bn, bk = tiles
-    monkeypatch.setattr(ops, "_rowmat_config",
+    monkeypatch.setattr(configs, "rowmat_config",
                         lambda k, for_device=False: dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4))
     p, t, m = _inputs(7, 70, torch.float32, kernel_device, seed=12)
     _assert_close_fp32(_run(_kernel("gha"), p, t, m, 1.1), _oracle(p, t, m, "gha", 1.1))
@@ -150,7 +151,7 @@ def test_moment_sum(kernel_device, b, k, dtype):
 def test_gram_dot(kernel_device, b, k):
     """<G, XᵀX>_F reduced tile by tile (mirrored tiles counted twice, row slices summed)."""
     _, t, m = _inputs(b, k, torch.float32, kernel_device, seed=13)
-    got = float(ops.gram_dot(t, m))
+    got = float(gram.gram_dot(t, m))
     want = float((m.cpu().double() * reference.minc_batch_moment_sum(t.cpu().double())).sum())
     assert abs(got - want) <= 1e-5 * abs(want)
 
@@ -219,66 +220,3 @@ def test_gpu_large_shapes(b, k, dtype, ordering):
     mom = ops.moment_sum(t)
     want_m = reference.minc_batch_moment_sum(t.cpu().double())
     assert float((mom.cpu().double() - want_m).abs().max()) <= 1e-5 * float(want_m.abs().max())
-
-
-_SM90_COMPILE = r'''
-import re, shutil, subprocess, sys, tempfile, os
-import torch, triton
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
-from minc_kernels.kernels import minc as km, spectral as ks
-from minc_kernels.ops import minc as om, spectral as osp
-target = GPUTarget("cuda", 90, 32)
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-TY = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
-def build(kernel, dtype, storage_ptrs, consts, cfg):
-    cfg = dict(cfg)
-    opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages", 3)}
-    consts = {**consts, **cfg}
-    sig = {}
-    for n in kernel.arg_names:
-        if n in consts: sig[n] = "constexpr"
-        elif n in storage_ptrs: sig[n] = TY[dtype]
-        elif n.endswith("_ptr"): sig[n] = "*fp32"
-        elif n in ("r", "alpha", "beta", "gamma"): sig[n] = "fp32"
-        else: sig[n] = "i32"
-    k = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=target, options=opts)
-    stack = -1
-    if os.path.exists(cuobjdump):
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-            f.write(k.asm["cubin"])
-        out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-        stack = int(re.search(r"STACK:(\d+)", out).group(1))
-    print(kernel.fn.__name__, dtype, consts.get("GHA"), consts.get("NEED_GRAD"), "STACK", stack, flush=True)
-    return stack
-bad = 0
-for dtype in (torch.float32, torch.bfloat16, torch.float16):
-    f32 = dtype == torch.float32
-    for dot in (False, True):
-        bad += build(km.moment_partial_kernel, dtype, {"x_ptr"}, dict(IS_FP32=f32, UPCAST=False, DOT_WITH_OTHER=dot),
-                     om._gram_config(1024, dtype)) > 0
-    for gha in (False, True):
-        bad += build(km.rowmat_kernel, dtype, {"x_ptr", "y_ptr"}, dict(NEED_GRAD=True, GHA=gha, HAS_D=True,
-                     MODE=om.rhs_f32_mode(dtype), UPCAST=False), om._rowmat_config(1024)) > 0
-    for ng in (False, True):
-        bad += build(ks.pairwise_offdiag_kernel, dtype, {"x_ptr", "y_ptr"}, dict(NEED_GRAD=ng, IS_FP32=f32,
-                     UPCAST=False), osp._pairwise_config(1024, dtype)) > 0
-    bad += build(ks.clip_rows_dot_kernel, dtype, {"z1_ptr", "z2_ptr", "z1c_ptr", "z2c_ptr"}, dict(CLIP=True), osp._rows_config(1024)) > 0
-    bad += build(ks.clip_rows_backward_kernel, dtype, {"z_ptr"}, {}, osp._rows_config(1024)) > 0
-print("SPILLING", bad)
-'''
-
-
-@pytest.mark.slow
-def test_kernels_compile_for_sm90_without_spills():
-    """Compile every kernel for Hopper (sm_90) with ptxas, no GPU needed: catches what the
-    interpreter cannot (type/lowering errors) and register spills of the chosen tiles."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True,
-                         env=env, timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert "SPILLING 0" in out.stdout, out.stdout

@@ -27,6 +27,8 @@ Every reduction is a per-program partial, summed in a fixed order afterwards: no
 import triton
 import triton.language as tl
 
+from .gram import dot_same
+
 
 @triton.jit
 def _ptx_unary(x, op: tl.constexpr):
@@ -64,19 +66,6 @@ def _softplus_sigmoid(x, FAST_MATH: tl.constexpr):
     sp = tl.maximum(x, 0.0) + l1p
     sig = tl.where(x >= 0.0, inv_u, e * inv_u)
     return sp, sig
-
-
-@triton.jit
-def _mma(a, b, acc, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
-    """``acc + a @ b`` (fp32 accumulator).  ``INTERP_BF16``: operands to fp32 first.
-
-    Only for bfloat16 under TRITON_INTERPRET=1, whose ``tl.dot`` multiplies the raw uint16
-    bits of bf16 (triton 3.8); bf16 products are exact in fp32, so the result is the same.
-    """
-    if INTERP_BF16:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -181,7 +170,7 @@ def mio_negative_tiles(
     B, N, KS,
     inv_tn, n_col_blocks, blocks_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ACC_IN_REGS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+    ACC_IN_REGS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, IS_FP32: tl.constexpr,
     INTERP_BF16: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
     """Negatives of a block of rows against column blocks ``[s·bps, (s+1)·bps)`` (s = program 1).
@@ -220,15 +209,15 @@ def mio_negative_tiles(
             cmask = cols < N
             col_base = zhat_ptr + col0.to(tl.int64) * KS
             zj = tl.load(col_base + tile_offs_n, mask=cmask[:, None], other=0.0)
-            s = _mma(zi, tl.trans(zj), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
-                     PRECISION, INTERP_BF16)
+            s = dot_same(zi, tl.trans(zj), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
+                     IS_FP32, INTERP_BF16)
             x = _masked_logits(s, inv_tn, rows, partner, col0, pid_m * BLOCK_M, B, N,
                                BLOCK_M, BLOCK_N)
             sp, sig = _softplus_sigmoid(x, FAST_MATH)
             loss_acc += sp
             if COMPUTE_GRAD:
                 g = _round_to(sig, zj.dtype, INTERP_BF16)
-                acc = _mma(g, zj, acc, PRECISION, INTERP_BF16)
+                acc = dot_same(g, zj, acc, IS_FP32, INTERP_BF16)
         if COMPUTE_GRAD:
             tl.store(gbase + tile_offs_m, acc, mask=rmask[:, None])
     else:
@@ -241,7 +230,7 @@ def mio_negative_tiles(
             for k0 in range(0, KS, BLOCK_K):
                 zi = tl.load(row_base + k0 + tile_offs_m, mask=rmask[:, None], other=0.0)
                 zj = tl.load(col_base + k0 + tile_offs_n, mask=cmask[:, None], other=0.0)
-                s = _mma(zi, tl.trans(zj), s, PRECISION, INTERP_BF16)
+                s = dot_same(zi, tl.trans(zj), s, IS_FP32, INTERP_BF16)
             x = _masked_logits(s, inv_tn, rows, partner, col0, pid_m * BLOCK_M, B, N,
                                BLOCK_M, BLOCK_N)
             sp, sig = _softplus_sigmoid(x, FAST_MATH)
@@ -251,7 +240,7 @@ def mio_negative_tiles(
                 for k0 in range(0, KS, BLOCK_K):
                     zj = tl.load(col_base + k0 + tile_offs_n, mask=cmask[:, None], other=0.0)
                     acc = tl.load(gbase + k0 + tile_offs_m, mask=rmask[:, None], other=0.0)
-                    acc = _mma(g, zj, acc, PRECISION, INTERP_BF16)
+                    acc = dot_same(g, zj, acc, IS_FP32, INTERP_BF16)
                     tl.store(gbase + k0 + tile_offs_m, acc, mask=rmask[:, None])
     tl.store(neg_part_ptr + pid_s * n_m + pid_m, tl.sum(tl.sum(loss_acc, axis=1), axis=0))
 
@@ -262,7 +251,7 @@ def mio_negative_strip(
     B, N, KS, NP, row0,
     inv_tn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, IS_FP32: tl.constexpr, INTERP_BF16: tl.constexpr,
     FAST_MATH: tl.constexpr,
 ):
     """Large k: one tile of ``S`` (rows ``row0 + program 0``, columns ``program 1``) over k chunks.
@@ -289,7 +278,7 @@ def mio_negative_strip(
     for k0 in range(0, KS, BLOCK_K):
         zi = tl.load(row_base + k0 + tile_offs_m, mask=rmask[:, None], other=0.0)
         zj = tl.load(col_base + k0 + tile_offs_n, mask=cmask[:, None], other=0.0)
-        s = _mma(zi, tl.trans(zj), s, PRECISION, INTERP_BF16)
+        s = dot_same(zi, tl.trans(zj), s, IS_FP32, INTERP_BF16)
     neg = (rmask[:, None] & cmask[None, :] & (rows[:, None] != cols[None, :])
            & (partner[:, None] != cols[None, :]))
     sp, sig = _softplus_sigmoid(s * inv_tn, FAST_MATH)
@@ -308,7 +297,7 @@ def mio_strip_matmul(
     strip_ptr, zhat_ptr, gpart_ptr,
     N, KS, NP, row0, n_rows,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    IS_FP32: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     """``gpart[row0 + r, d] = Σ_j strip[r, j] ẑ_j[d]`` (fp32) for ``r < n_rows``.
 
@@ -329,7 +318,7 @@ def mio_strip_matmul(
     for j0 in range(0, N, BLOCK_K):
         a = tl.load(a_ptrs, mask=lmask[:, None], other=0.0)
         b = tl.load(b_ptrs, mask=(j0 + offs_j < N)[:, None] & dmask[None, :], other=0.0)
-        acc = _mma(a, b, acc, PRECISION, INTERP_BF16)
+        acc = dot_same(a, b, acc, IS_FP32, INTERP_BF16)
         a_ptrs += BLOCK_K  # pointer increments: 64-bit, no int32 overflow of j·KS
         b_ptrs += BLOCK_K * KS
     out = (gpart_ptr + (row0 + pid_m * BLOCK_M).to(tl.int64) * KS

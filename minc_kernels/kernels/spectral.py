@@ -8,7 +8,7 @@
   recomputing the S tiles (never storing a B×B matrix).  Called with ``(Z1, Z2)`` for
   ``dZ1`` and with ``(Z2, Z1)`` for ``dZ2`` (``offdiag(S)ᵀ Z1``).
 * :func:`clip_rows_backward_kernel`: the clipping Jacobian, in place on a fp32 gradient.
-* The feature-Gram path uses :mod:`minc_kernels.kernels.minc` (``Zᵀ Z`` and ``Z G``).
+* The feature-Gram path uses :mod:`minc_kernels.kernels.gram` (``Zᵀ Z`` and ``Z G``).
 
 Precision: ``S`` tiles use ``input_precision="ieee"`` (strict fp32) for fp32 inputs and the
 native half tensor-core dot for bf16/fp16, both with fp32 accumulation; the second dot
@@ -17,7 +17,7 @@ rounds ``offdiag(S)`` to the storage dtype first (as eager autograd does).  int6
 import triton
 import triton.language as tl
 
-from .minc import _dot_same
+from .gram import dot_same
 
 
 @triton.jit
@@ -95,14 +95,14 @@ def pairwise_offdiag_kernel(
                         mask=r_mask[:, None] & k_mask[None, :], other=0.0)
             yt = tl.load(y_ptr + cols[None, :] * stride_yb + ks[:, None] * stride_yk,
                          mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            s = _dot_same(x, yt, s, IS_FP32, UPCAST)
+            s = dot_same(x, yt, s, IS_FP32, UPCAST)
         # masked rows/columns loaded as 0, so only the diagonal needs zeroing
         s = tl.where(rows[:, None] != cols[None, :], s, 0.0)
         sq += tl.sum(s * s, axis=1)
         if NEED_GRAD:
             yc = tl.load(y_ptr + cols[:, None] * stride_yb + cc[None, :] * stride_yk,
                          mask=n_mask[:, None] & cc_mask[None, :], other=0.0)
-            acc = _dot_same(s.to(yc.dtype), yc, acc, IS_FP32, UPCAST)
+            acc = dot_same(s.to(yc.dtype), yc, acc, IS_FP32, UPCAST)
     tl.store(part_ptr + pid_m.to(tl.int64) * tl.num_programs(1) + pid_c, tl.sum(sq, axis=0))
     if NEED_GRAD:
         tile_mask = r_mask[:, None] & cc_mask[None, :]

@@ -1,7 +1,16 @@
-"""Helpers shared by the Triton launchers (device guard, dtype facts, rough device ceilings).
+"""Helpers shared by every Triton launcher: the one device guard, dtype facts, the one
+interpreter check, ``cdiv``, and the rough device ceilings of the cost models.
 
-Importing this module imports triton, so an op module that uses it fails with
-``ImportError`` when triton is missing (``_backend`` then falls back to the reference).
+Tile configurations live in :mod:`minc_kernels.ops.configs`; the shared Gram launchers in
+:mod:`minc_kernels.ops.gram`.  Importing this module imports triton, so an op module that
+uses it fails with ``ImportError`` when triton is missing (``_backend`` then falls back to
+the reference).
+
+Meta tensors: the static sm_90 suite (``python -m benchmarks.static_sm90``) runs the real
+launchers on ``device="meta"`` tensors with Triton's driver pointed at an sm_90 target, so
+every launch is compiled, never run.  Here a meta tensor therefore stands for a CUDA tensor
+on the target GPU (an H100: 132 SMs); nothing else sends meta tensors to the launchers
+(``torch.compile`` and ``opcheck`` use the ops' ``register_fake`` instead).
 """
 from __future__ import annotations
 
@@ -9,10 +18,15 @@ import contextlib
 import os
 
 import torch
-import triton  # noqa: F401  - the ImportError that disables the kernels when triton is missing
+import triton
 
 __all__ = [
+    "KERNEL_DTYPES",
+    "TARGET_SMS",
+    "cdiv",
+    "check_kernel_dtype",
     "device_guard",
+    "fast_math",
     "interpreting",
     "is_fp32",
     "rhs_f32_mode",
@@ -23,6 +37,21 @@ __all__ = [
     "DEVICE_FLOPS",
 ]
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TARGET_SMS = 132  # H100 SXM; what a meta tensor's "device" has (see the module docstring)
+
+cdiv = triton.cdiv
+next_pow2 = triton.next_power_of_2
+
+
+def check_kernel_dtype(name: str, *tensors: torch.Tensor) -> None:
+    """Raise ``TypeError`` unless every tensor is float32/bfloat16/float16, all of one dtype."""
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in KERNEL_DTYPES:
+        got = ", ".join(str(t.dtype) for t in tensors)
+        raise TypeError(f"{name}: the Triton kernels take float32, bfloat16 or float16 inputs "
+                        f"of one dtype, got {got}")
+
 
 def device_guard(x: torch.Tensor):
     """Make ``x``'s CUDA device current for the launch (its current stream is then used)."""
@@ -30,7 +59,8 @@ def device_guard(x: torch.Tensor):
 
 
 def interpreting() -> bool:
-    """Kernels run under Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    """Kernels run under Triton's CPU interpreter (``TRITON_INTERPRET=1``): the one check
+    every launcher uses (interpreter tile sizes, the bf16 dot workaround)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -39,7 +69,7 @@ def is_fp32(dtype: torch.dtype) -> bool:
 
 
 def rhs_f32_mode(dtype: torch.dtype) -> int:
-    """MODE of ``minc_kernels.kernels.minc._dot_rhs_f32`` for a storage dtype times a fp32 matrix:
+    """MODE of ``minc_kernels.kernels.gram.dot_rhs_f32`` for a storage dtype times a fp32 matrix:
     0 fp32 (``ieee``), 1 bf16 (three bf16 dots), 2 fp16 (two TF32 dots)."""
     if dtype == torch.float32:
         return 0
@@ -56,15 +86,18 @@ def upcast_bf16_dot(dtype: torch.dtype) -> bool:
     return interpreting() and dtype == torch.bfloat16
 
 
+def fast_math(t: torch.Tensor) -> bool:
+    """PTX ``.approx`` MUFU ops may be used: NVIDIA GPUs only (not the interpreter/ROCm)."""
+    return (t.is_cuda or t.is_meta) and torch.version.hip is None and not interpreting()
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (a small stand-in on the CPU interpreter)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
+    if device.type == "meta":
+        return TARGET_SMS
     return 2
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 # Rough H100 ceilings for the cost models (only ratios matter): bytes/s, and flop/s per

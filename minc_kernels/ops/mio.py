@@ -28,12 +28,9 @@ Importing this module raises ImportError when triton is missing.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-from dataclasses import dataclass
 
 import torch
-import triton  # noqa: F401 - ImportError here is the documented "no triton" signal
 
 from ..kernels.mio import (
     mio_grad_finalize,
@@ -43,89 +40,12 @@ from ..kernels.mio import (
     mio_normalize_rows,
     mio_strip_matmul,
 )
+from ._common import cdiv, check_kernel_dtype, device_guard, fast_math, interpreting, upcast_bf16_dot
+from .configs import MIOConfig, pick_config
 
-__all__ = ["mio_loss", "MIOConfig", "pick_config"]
+__all__ = ["mio_loss", "mio_forward", "MIOConfig", "pick_config"]
 
 EPS = 1e-12  # F.normalize's eps, as in the reference
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_TARGET_PROGRAMS = 256  # ~2 waves on 132 SMs; a shape constant so results do not depend on the GPU
-_MAX_SPLITS = 16
-_REG_MAX_K = 256  # largest padded k whose row tile and gradient accumulator live in registers
-
-
-@dataclass(frozen=True)
-class MIOConfig:
-    """Launch configuration of :func:`mio_negative_tiles` (+ the row kernels)."""
-
-    block_m: int
-    block_n: int
-    block_k: int  # padded k (register path) or the k chunk (streamed path)
-    acc_in_regs: bool
-    num_warps: int
-    num_stages: int
-    n_splits: int
-    block_r: int = 16  # rows per program of the row kernels
-    block_kr: int = 128  # k chunk of the row kernels
-    strip_rows: int = 0  # > 0: the large-k "strip" path, rows of S per group (see mio_forward)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def pick_config(b: int, k: int, dtype: torch.dtype, on_gpu: bool = True,
-                block_m: int | None = None, block_n: int | None = None,
-                block_k: int | None = None, n_splits: int | None = None,
-                strip_rows: int | None = None) -> MIOConfig:
-    """Tile sizes by shape and dtype (no autotuning: same shape, same bits).
-
-    Paths: k <= 256 (padded): "registers" (row tile and gradient accumulator in registers,
-    one pass); larger k: "strip" (S tiles over k chunks -> a strip of σ(S/τn) of
-    ``strip_rows`` rows -> a GEMM with Ẑ), or "streamed" (accumulator in memory; only
-    when ``block_k < k`` is forced with ``strip_rows=0``).
-    Overrides exist for tests (multi-block, splits, every path at small shapes).
-    """
-    n = 2 * b
-    kp = max(16, triton.next_power_of_2(k))
-    half = dtype != torch.float32
-    default_strip = strip_rows is None and block_k is None and kp > _REG_MAX_K
-    if default_strip or strip_rows:
-        bm, bn, bk, nw, ns = (128, 128, 64, 8, 3) if half else (64, 64, 32, 8, 2)
-        if not on_gpu:
-            bm, bn, bk = 32, 32, 32
-        bm, bn, bk = block_m or bm, block_n or bn, block_k or bk
-        if strip_rows is None:
-            strip_rows = max(2048, 2 * _cdiv(k, bk) * bk)
-        strip_rows = min(_cdiv(strip_rows, bm) * bm, _cdiv(n, bm) * bm)
-        return MIOConfig(bm, bn, bk, False, nw, ns, 1, strip_rows=strip_rows)
-    if block_k is not None:
-        acc_in_regs = block_k >= k
-        bk = block_k
-    else:
-        acc_in_regs = kp <= _REG_MAX_K
-        bk = kp if acc_in_regs else (64 if half else 32)
-    if acc_in_regs:
-        # From ptxas -v of sm_90a builds (triton 3.8, contiguous inputs): no register spills
-        # except a few dozen bytes at k=256 (bf16) and on the streamed path; 1 CTA of 8 warps/SM.
-        if half:
-            bm, bn, nw, ns = (128, 64, 8, 3) if kp <= 128 else (64, 64, 8, 2)
-        else:
-            bm, bn, nw, ns = (64, 32, 8, 2) if kp <= 128 else (32, 32, 8, 2)
-    else:
-        bm, bn, nw, ns = (64, 128, 8, 2) if half else (64, 64, 8, 2)
-    if not on_gpu:
-        # Interpreter: numpy per program; moderate tiles keep padding waste small on tiny shapes.
-        bm, bn = min(bm, 32), min(bn, 32)
-    bm = block_m or bm
-    bn = block_n or bn
-    n_row_blocks = _cdiv(n, bm)
-    n_col_blocks = _cdiv(n, bn)
-    if n_splits is None:
-        n_splits = 1 if not on_gpu else max(1, min(_MAX_SPLITS, _TARGET_PROGRAMS // n_row_blocks))
-    n_splits = max(1, min(n_splits, n_col_blocks))
-    # no empty split: recompute from the number of column blocks per split
-    n_splits = _cdiv(n_col_blocks, _cdiv(n_col_blocks, n_splits))
-    return MIOConfig(bm, bn, bk, acc_in_regs, nw, ns, n_splits)
 
 
 @functools.lru_cache(maxsize=256)
@@ -133,22 +53,13 @@ def _default_config(b: int, k: int, dtype: torch.dtype, on_gpu: bool) -> MIOConf
     return pick_config(b, k, dtype, on_gpu=on_gpu)
 
 
-def _fast_math(t: torch.Tensor) -> bool:
-    """PTX ``.approx`` MUFU ops in the tile epilogue: NVIDIA GPUs only (not the interpreter/ROCm)."""
-    return t.is_cuda and torch.version.hip is None
-
-
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _negatives_in_one_pass(zhat, b, n, ks, neg_temperature, need_grad, cfg, precision,
+def _negatives_in_one_pass(zhat, b, n, ks, neg_temperature, need_grad, cfg, is_f32,
                            interp_bf16):
     """Registers / streamed path: ``(gpart (n_splits, N, KS), neg_part)`` in one launch."""
     dev, f32 = zhat.device, torch.float32
-    n_row_blocks = _cdiv(n, cfg.block_m)
-    n_col_blocks = _cdiv(n, cfg.block_n)
-    bps = _cdiv(n_col_blocks, cfg.n_splits)
+    n_row_blocks = cdiv(n, cfg.block_m)
+    n_col_blocks = cdiv(n, cfg.block_n)
+    bps = cdiv(n_col_blocks, cfg.n_splits)
     if need_grad:
         alloc = torch.empty if cfg.acc_in_regs else torch.zeros
         gpart = alloc((cfg.n_splits, n, ks), dtype=f32, device=dev)
@@ -159,14 +70,14 @@ def _negatives_in_one_pass(zhat, b, n, ks, neg_temperature, need_grad, cfg, prec
         zhat, gpart, neg_part, b, n, ks,
         1.0 / neg_temperature, n_col_blocks, bps,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        ACC_IN_REGS=cfg.acc_in_regs, COMPUTE_GRAD=need_grad, PRECISION=precision,
-        INTERP_BF16=interp_bf16, FAST_MATH=_fast_math(zhat),
+        ACC_IN_REGS=cfg.acc_in_regs, COMPUTE_GRAD=need_grad, IS_FP32=is_f32,
+        INTERP_BF16=interp_bf16, FAST_MATH=fast_math(zhat),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return gpart, neg_part
 
 
-def _negatives_by_strips(zhat, b, n, ks, neg_temperature, need_grad, cfg, precision,
+def _negatives_by_strips(zhat, b, n, ks, neg_temperature, need_grad, cfg, is_f32,
                          interp_bf16):
     """Large-k path: per group of ``strip_rows`` rows, S tiles -> σ strip -> strip @ Ẑ.
 
@@ -177,9 +88,9 @@ def _negatives_by_strips(zhat, b, n, ks, neg_temperature, need_grad, cfg, precis
     """
     dev, f32 = zhat.device, torch.float32
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
-    n_col_blocks = _cdiv(n, bn)
+    n_col_blocks = cdiv(n, bn)
     np_ = n_col_blocks * bn
-    neg_part = torch.empty((_cdiv(n, bm), n_col_blocks), dtype=f32, device=dev)
+    neg_part = torch.empty((cdiv(n, bm), n_col_blocks), dtype=f32, device=dev)
     if need_grad:
         strip = torch.empty((cfg.strip_rows, np_), dtype=zhat.dtype, device=dev)
         gpart = torch.empty((1, n, ks), dtype=f32, device=dev)
@@ -187,16 +98,16 @@ def _negatives_by_strips(zhat, b, n, ks, neg_temperature, need_grad, cfg, precis
         strip = gpart = torch.empty((1,), dtype=f32, device=dev)
     for row0 in range(0, n, cfg.strip_rows):
         rows_here = min(cfg.strip_rows, n - row0)
-        mio_negative_strip[(_cdiv(rows_here, bm), n_col_blocks)](
+        mio_negative_strip[(cdiv(rows_here, bm), n_col_blocks)](
             zhat, strip, neg_part, b, n, ks, np_, row0, 1.0 / neg_temperature,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, COMPUTE_GRAD=need_grad, PRECISION=precision,
-            INTERP_BF16=interp_bf16, FAST_MATH=_fast_math(zhat),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, COMPUTE_GRAD=need_grad, IS_FP32=is_f32,
+            INTERP_BF16=interp_bf16, FAST_MATH=fast_math(zhat),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if need_grad:
-            mio_strip_matmul[(_cdiv(rows_here, bm), _cdiv(ks, bn))](
+            mio_strip_matmul[(cdiv(rows_here, bm), cdiv(ks, bn))](
                 strip, zhat, gpart, n, ks, np_, row0, rows_here,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IS_FP32=is_f32,
                 INTERP_BF16=interp_bf16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
     return gpart, neg_part
@@ -206,26 +117,24 @@ def mio_forward(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float, neg_
                 lambda_l2: float, need_grad: bool, config: MIOConfig | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss (fp32 scalar) and, if ``need_grad``, ``dL/d[z1; z2]`` ((2B, k) fp32; else empty)."""
-    if z1.dtype not in _KERNEL_DTYPES or z2.dtype != z1.dtype:
-        raise TypeError(f"mio kernels take float32/bfloat16/float16 z1, z2 of one dtype, "
-                        f"got {z1.dtype} and {z2.dtype}")
+    check_kernel_dtype("mio_loss", z1, z2)
     if z1.dim() != 2 or z1.shape != z2.shape or z1.shape[0] < 2:
         raise ValueError(f"z1, z2 must both have shape (B, k) with B >= 2, got {tuple(z1.shape)} "
                          f"and {tuple(z2.shape)}")
     b, k = z1.shape
     n = 2 * b
     dev = z1.device
-    cfg = config or _default_config(b, k, z1.dtype, z1.is_cuda)
+    cfg = config or _default_config(b, k, z1.dtype, not interpreting())
     f32 = torch.float32
     # Workarounds for the CPU interpreter's bf16 (dot on raw bits, truncating casts).
-    interp_bf16 = (not z1.is_cuda) and z1.dtype == torch.bfloat16
-    with _device_guard(z1):
+    interp_bf16 = upcast_bf16_dot(z1.dtype)
+    with device_guard(z1):
         # Row stride of ẑ and of the gradient partials: k padded to the tile's k (zeros).
-        ks = _cdiv(k, cfg.block_k) * cfg.block_k
+        ks = cdiv(k, cfg.block_k) * cfg.block_k
         zhat = torch.empty((n, ks), dtype=z1.dtype, device=dev)
         norms = torch.empty((n,), dtype=f32, device=dev)
         pos_coef = torch.empty((b,), dtype=f32, device=dev)
-        n_row_prog = _cdiv(b, cfg.block_r)
+        n_row_prog = cdiv(b, cfg.block_r)
         pos_part = torch.empty((n_row_prog,), dtype=f32, device=dev)
         reg_part = torch.empty((n_row_prog,), dtype=f32, device=dev)
         mio_normalize_rows[(n_row_prog,)](
@@ -234,14 +143,14 @@ def mio_forward(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float, neg_
             1.0 / pos_temperature,
             EPS=EPS, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_kr, INTERP_BF16=interp_bf16,
         )
-        # fp32: strict IEEE; 16-bit operands: tl.dot ignores the flag (left at its default)
-        precision = "ieee" if z1.dtype == torch.float32 else "tf32"
+        # fp32: strict IEEE (dot_same); 16-bit operands: the native half dot
+        is_f32 = z1.dtype == torch.float32
         if cfg.strip_rows:
             gpart, neg_part = _negatives_by_strips(zhat, b, n, ks, neg_temperature, need_grad,
-                                                   cfg, precision, interp_bf16)
+                                                   cfg, is_f32, interp_bf16)
         else:
             gpart, neg_part = _negatives_in_one_pass(zhat, b, n, ks, neg_temperature, need_grad,
-                                                     cfg, precision, interp_bf16)
+                                                     cfg, is_f32, interp_bf16)
         n_neg = float(n) * float(n - 2)
         loss = torch.empty((), dtype=f32, device=dev)
         mio_loss_combine[(1,)](

@@ -13,7 +13,7 @@ Passes:
 2. pairwise: :func:`~minc_kernels.kernels.spectral.pairwise_offdiag_kernel` on
    ``(Z1c, Z2c)`` (loss partials, ``dZ1c``) and, for the gradient, on ``(Z2c, Z1c)``
    (``dZ2c``), recomputing ``S`` tiles; gram: ``G1 = Z1cᵀZ1c``, ``G2 = Z2cᵀZ2c`` and, for the
-   gradient, ``Z1c G2 - d∘Z2c`` / ``Z2c G1 - d∘Z1c`` (:mod:`minc_kernels.ops.minc` launchers),
+   gradient, ``Z1c G2 - d∘Z2c`` / ``Z2c G1 - d∘Z1c`` (:mod:`minc_kernels.ops.gram` launchers),
    whose fused partial ``Σ z1cᵀ G2 z1c = <G1, G2>_F`` also gives the loss.
 3. :func:`~minc_kernels.kernels.spectral.clip_rows_backward_kernel`: the clipping Jacobian.
 
@@ -31,37 +31,17 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 
 from ..kernels.spectral import clip_rows_backward_kernel, clip_rows_dot_kernel, pairwise_offdiag_kernel
-from ._common import (DEVICE_BW, DEVICE_FLOPS, device_guard, interpreting, is_fp32, next_pow2,
-                      upcast_bf16_dot)
-from .minc import _gram_config, _rowmat_config, gram, gram_dot, rowmat
+from . import configs
+from ._common import DEVICE_BW, DEVICE_FLOPS, cdiv, device_guard, is_fp32, upcast_bf16_dot
+from .gram import gram, gram_dot, rowmat
 
-__all__ = ["spectral_loss", "spectral_loss_fwd", "choose_algorithm", "estimate_seconds"]
+__all__ = ["spectral_loss", "spectral_loss_fwd", "spectral_forward", "choose_algorithm",
+           "estimate_seconds"]
 
 _LAUNCH_S = 4e-6  # rough cost of one kernel launch / small torch op
 _RESIDENT_PROGRAMS = 132 * 2  # H100 SMs × programs per SM the tile sizes allow
-
-
-# ----------------------------------------------------------------------------- configs
-def _pairwise_config(k: int, dtype: torch.dtype, for_device: bool = False) -> dict:
-    if interpreting() and not for_device:
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_C=16, num_warps=4)
-    kk = max(16, next_pow2(k))
-    # 8 warps: 4 spill registers on sm_90 (S tile + output chunk accumulators), checked
-    # with ptxas through triton.compile for GPUTarget("cuda", 90, 32).
-    if is_fp32(dtype):
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(32, kk), BLOCK_C=min(64, kk),
-                    num_warps=8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(64, kk), BLOCK_C=min(128, kk),
-                num_warps=8, num_stages=3)
-
-
-def _rows_config(k: int) -> dict:
-    if interpreting():
-        return dict(BLOCK_R=16, BLOCK_K=min(64, max(16, next_pow2(k))), num_warps=4)
-    return dict(BLOCK_R=8, BLOCK_K=min(512, max(16, next_pow2(k))), num_warps=8)  # 4 warps spill (sm_90)
 
 
 # ----------------------------------------------------------------------------- cost model
@@ -85,24 +65,24 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> dic
         reuse = max(1, min(programs, _RESIDENT_PROGRAMS))
         return flops / rate + (compulsory + streamed / reuse) / DEVICE_BW + _LAUNCH_S
 
-    pc = _pairwise_config(k, dtype, for_device=True)
-    n_m = triton.cdiv(b, pc["BLOCK_M"])
+    pc = configs.pairwise_config(k, dtype, for_device=True)
+    n_m = cdiv(b, pc["BLOCK_M"])
     if need_grad:
-        n_c = triton.cdiv(k, pc["BLOCK_C"])
+        n_c = cdiv(k, pc["BLOCK_C"])
         pairwise = 2 * launch(n_c * 2.0 * b * b * k + 2.0 * b * b * k, rate_same,
                               2 * isz * b * k + 4 * b * k,
                               n_m * n_c * (b * k + b * pc["BLOCK_C"]) * isz, n_m * n_c)
     else:
         pairwise = launch(2.0 * b * b * k, rate_same, 2 * isz * b * k, n_m * b * k * isz, n_m)
 
-    gc = _gram_config(k, dtype, for_device=True)
-    n_k = triton.cdiv(k, gc["BLOCK_K"])
+    gc = configs.gram_config(k, dtype, for_device=True)
+    n_k = cdiv(k, gc["BLOCK_K"])
     # G1 written; G2 only reduced against G1 (read) when no gradient is needed
     t_gram = 2 * launch(b * k * (k + gc["BLOCK_K"]), rate_same, isz * b * k + 4 * k * k,
                         (n_k + 1) * b * k * isz, n_k * (n_k + 1) // 2)
     if need_grad:
-        rc = _rowmat_config(k, for_device=True)
-        n_rm, n_rn = triton.cdiv(b, rc["BLOCK_M"]), triton.cdiv(k, rc["BLOCK_N"])
+        rc = configs.rowmat_config(k, for_device=True)
+        n_rm, n_rn = cdiv(b, rc["BLOCK_M"]), cdiv(k, rc["BLOCK_N"])
         t_gram += 2 * launch(2.0 * b * k * k, rate_rhs, 4 * k * k + 2 * isz * b * k + 4 * b * k,
                              n_rm * 4 * k * k + n_rn * isz * b * k, n_rm * n_rn)
     return {"pairwise": pairwise, "gram": t_gram}
@@ -118,9 +98,9 @@ def choose_algorithm(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> str
 def _pairwise(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float, need_grad: bool):
     """``(Σ_{i≠j} (x_i·y_j)², α·offdiag(X Yᵀ) Y + β·Y or None)``."""
     b, k = x.shape
-    cfg = _pairwise_config(k, x.dtype)
-    n_c = triton.cdiv(k, cfg["BLOCK_C"]) if need_grad else 1
-    grid = (triton.cdiv(b, cfg["BLOCK_M"]), n_c)
+    cfg = configs.pairwise_config(k, x.dtype)
+    n_c = cdiv(k, cfg["BLOCK_C"]) if need_grad else 1
+    grid = (cdiv(b, cfg["BLOCK_M"]), n_c)
     part = torch.empty(grid[0], n_c, dtype=torch.float32, device=x.device)
     out = torch.empty((b, k) if need_grad else (1, 1), dtype=torch.float32, device=x.device)
     with device_guard(x):
@@ -144,9 +124,9 @@ def _clip_rows_dot(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool):
         n2 = torch.empty(b, dtype=torch.float32, device=z1.device)
     else:
         z1c, z2c, n1, n2 = z1, z2, d, d  # unused by the kernel without CLIP
-    cfg = _rows_config(k)
+    cfg = configs.rows_config(k)
     with device_guard(z1):
-        clip_rows_dot_kernel[(triton.cdiv(b, cfg["BLOCK_R"]),)](
+        clip_rows_dot_kernel[(cdiv(b, cfg["BLOCK_R"]),)](
             z1, z2, z1c, z2c, d, n1, n2, b, k,
             z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1), math.sqrt(mu),
             CLIP=bool(clip), **cfg,
@@ -156,18 +136,18 @@ def _clip_rows_dot(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool):
 
 def _clip_rows_backward_(z: torch.Tensor, norms: torch.Tensor, g: torch.Tensor, mu: float) -> None:
     b, k = z.shape
-    cfg = _rows_config(k)
+    cfg = configs.rows_config(k)
     with device_guard(z):
-        clip_rows_backward_kernel[(triton.cdiv(b, cfg["BLOCK_R"]),)](
+        clip_rows_backward_kernel[(cdiv(b, cfg["BLOCK_R"]),)](
             z, norms, g, b, k, z.stride(0), z.stride(1), math.sqrt(mu), **cfg,
         )
 
 
 # ----------------------------------------------------------------------------- op
-@torch.library.custom_op("minc_kernels::spectral_loss_fwd", mutates_args=())
-def spectral_loss_fwd(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool, algorithm: str,
-                      need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(L, dL/dz1, dL/dz2)``: fp32 scalar and fp32 (B, k) gradients ((0,) without ``need_grad``)."""
+def spectral_forward(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool, algorithm: str,
+                     need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The body of :func:`spectral_loss_fwd` (plain function: the static sm_90 suite calls it
+    on meta tensors, which the custom op would send to its fake)."""
     if algorithm not in ("pairwise", "gram"):
         raise ValueError(f"algorithm must be 'pairwise' or 'gram' here, got {algorithm!r}")
     b, k = z1.shape
@@ -199,6 +179,13 @@ def spectral_loss_fwd(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool,
         g1 = z1.new_empty((0,), dtype=torch.float32)
         g2 = z1.new_empty((0,), dtype=torch.float32)
     return loss, g1, g2
+
+
+@torch.library.custom_op("minc_kernels::spectral_loss_fwd", mutates_args=())
+def spectral_loss_fwd(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool, algorithm: str,
+                      need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(L, dL/dz1, dL/dz2)``: fp32 scalar and fp32 (B, k) gradients ((0,) without ``need_grad``)."""
+    return spectral_forward(z1, z2, mu, clip, algorithm, need_grad)
 
 
 @spectral_loss_fwd.register_fake

@@ -1,5 +1,10 @@
-"""Triton kernels of MINC (SPEC §2); the spectral feature-Gram path reuses both.
+"""The shared Gram layer (kernels side): dot-precision helpers and the two Gram kernels.
 
+Every loss on the Gram kernels uses these: MINC (SPEC §2) is ``rowmat_kernel`` plus
+``moment_partial_kernel``; the spectral feature-Gram path uses both; the spectral pairwise
+and MIO tile kernels use :func:`dot_same` for every ``tl.dot``.
+
+* :func:`dot_same` / :func:`dot_rhs_f32`: the one family of dot-precision helpers.
 * :func:`moment_partial_kernel`: ``Σ_j x_j x_jᵀ`` (k×k) over a slice of rows, one fp32
   partial per row slice (the launcher sums the slices in a fixed order: no atomics).
 * :func:`rowmat_kernel`: ``Q = X Gᵀ`` (row ``i`` is ``G x_i``) for a (B, k) ``X`` in its
@@ -26,7 +31,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _dot_same(a, b, acc, IS_FP32: tl.constexpr, UPCAST: tl.constexpr):
+def dot_same(a, b, acc, IS_FP32: tl.constexpr, UPCAST: tl.constexpr):
     """``acc + a @ b``, both in the storage dtype; strict fp32 (``ieee``) for fp32.
 
     ``UPCAST`` (set only under the CPU interpreter, whose ``tl.dot`` cannot multiply bf16)
@@ -42,10 +47,10 @@ def _dot_same(a, b, acc, IS_FP32: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _dot_rhs_f32(x, m, acc, MODE: tl.constexpr, UPCAST: tl.constexpr):
+def dot_rhs_f32(x, m, acc, MODE: tl.constexpr, UPCAST: tl.constexpr):
     """``acc + x @ m`` with ``x`` in the storage dtype and ``m`` fp32 (see module docstring).
 
-    ``UPCAST``: interpreter only, see :func:`_dot_same` (the bf16 pieces are still formed).
+    ``UPCAST``: interpreter only, see :func:`dot_same` (the bf16 pieces are still formed).
     """
     if MODE == 0:
         acc = tl.dot(x, m, acc, input_precision="ieee")
@@ -55,9 +60,9 @@ def _dot_rhs_f32(x, m, acc, MODE: tl.constexpr, UPCAST: tl.constexpr):
         mid = r.to(tl.bfloat16)
         lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
         # smallest pieces first: they are lost least in the fp32 accumulator
-        acc = _dot_same(x, lo, acc, False, UPCAST)
-        acc = _dot_same(x, mid, acc, False, UPCAST)
-        acc = _dot_same(x, hi, acc, False, UPCAST)
+        acc = dot_same(x, lo, acc, False, UPCAST)
+        acc = dot_same(x, mid, acc, False, UPCAST)
+        acc = dot_same(x, hi, acc, False, UPCAST)
     else:
         xf = x.to(tl.float32)
         # truncate to the 10 explicit mantissa bits TF32 keeps: exact in TF32 whatever
@@ -103,7 +108,7 @@ def moment_partial_kernel(
                        mask=ka_mask[:, None] & r_mask[None, :], other=0.0)
         xb = tl.load(x_ptr + rows[:, None] * stride_xb + kb[None, :] * stride_xk,
                      mask=r_mask[:, None] & kb_mask[None, :], other=0.0)
-        acc = _dot_same(xa_t, xb, acc, IS_FP32, UPCAST)
+        acc = dot_same(xa_t, xb, acc, IS_FP32, UPCAST)
     mask = ka_mask[:, None] & kb_mask[None, :]
     if DOT_WITH_OTHER:
         other = tl.load(other_ptr + ka[:, None] * K + kb[None, :], mask=mask, other=0.0)
@@ -157,17 +162,17 @@ def rowmat_kernel(
         if GHA and NEED_GRAD:
             if j0 + BLOCK_K - 1 <= n0:
                 # every j <= every n: the tile lies inside LT(G)
-                part = _dot_rhs_f32(x, gt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), MODE, UPCAST)
+                part = dot_rhs_f32(x, gt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), MODE, UPCAST)
                 acc += part
                 acc_lt += part
             elif j0 <= n0 + BLOCK_N - 1:
-                acc = _dot_rhs_f32(x, gt, acc, MODE, UPCAST)
+                acc = dot_rhs_f32(x, gt, acc, MODE, UPCAST)
                 gt_lt = tl.where(js[:, None] <= cols[None, :], gt, 0.0)
-                acc_lt = _dot_rhs_f32(x, gt_lt, acc_lt, MODE, UPCAST)
+                acc_lt = dot_rhs_f32(x, gt_lt, acc_lt, MODE, UPCAST)
             else:
-                acc = _dot_rhs_f32(x, gt, acc, MODE, UPCAST)
+                acc = dot_rhs_f32(x, gt, acc, MODE, UPCAST)
         else:
-            acc = _dot_rhs_f32(x, gt, acc, MODE, UPCAST)
+            acc = dot_rhs_f32(x, gt, acc, MODE, UPCAST)
     tile_mask = r_mask[:, None] & c_mask[None, :]
     xn = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xk,
                  mask=tile_mask, other=0.0).to(tl.float32)

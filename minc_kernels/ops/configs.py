@@ -1,0 +1,133 @@
+"""Every tile configuration of the Triton launchers, in one place.
+
+Each function maps a shape class (and dtype) to the constexpr tile sizes, ``num_warps`` and
+``num_stages`` of one kernel.  No autotuning: the configuration depends only on the shape
+and dtype, so the same input gives the same bits on any GPU.  ``for_device=True`` gives the
+GPU tiles even under the CPU interpreter (the cost model must not depend on where it runs).
+The sm_90 facts quoted in the comments come from the static suite
+(``python -m benchmarks.static_sm90``, table in ``benchmarks/results/static-sm90/``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._common import cdiv, interpreting, is_fp32, next_pow2
+
+__all__ = ["rowmat_config", "gram_config", "pairwise_config", "rows_config", "MIOConfig",
+           "pick_config"]
+
+
+# ----------------------------------------------------------------------------- Gram layer
+def rowmat_config(k: int, for_device: bool = False) -> dict:
+    """:func:`~minc_kernels.kernels.gram.rowmat_kernel` (``X Gᵀ`` fused)."""
+    if interpreting() and not for_device:
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4)
+    # 8 warps: with 4, the GHA variant (two accumulators) spills registers on sm_90.
+    return dict(BLOCK_M=64, BLOCK_N=min(64, max(16, next_pow2(k))),
+                BLOCK_K=min(32, max(16, next_pow2(k))), num_warps=8, num_stages=3)
+
+
+def gram_config(k: int, dtype: torch.dtype, for_device: bool = False) -> dict:
+    """:func:`~minc_kernels.kernels.gram.moment_partial_kernel` (``Xᵀ X`` by row slices)."""
+    if interpreting() and not for_device:
+        return dict(BLOCK_K=16, BLOCK_B=16, num_warps=4)
+    return dict(BLOCK_K=min(64, max(16, next_pow2(k))), BLOCK_B=32 if is_fp32(dtype) else 64,
+                num_warps=4, num_stages=3)
+
+
+# ----------------------------------------------------------------------------- spectral
+def pairwise_config(k: int, dtype: torch.dtype, for_device: bool = False) -> dict:
+    """:func:`~minc_kernels.kernels.spectral.pairwise_offdiag_kernel`."""
+    if interpreting() and not for_device:
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_C=16, num_warps=4)
+    kk = max(16, next_pow2(k))
+    # 8 warps: 4 spill registers on sm_90 (S tile + output chunk accumulators).
+    if is_fp32(dtype):
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(32, kk), BLOCK_C=min(64, kk),
+                    num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(64, kk), BLOCK_C=min(128, kk),
+                num_warps=8, num_stages=3)
+
+
+def rows_config(k: int) -> dict:
+    """The spectral row kernels (clipping, its Jacobian)."""
+    if interpreting():
+        return dict(BLOCK_R=16, BLOCK_K=min(64, max(16, next_pow2(k))), num_warps=4)
+    return dict(BLOCK_R=8, BLOCK_K=min(512, max(16, next_pow2(k))), num_warps=8)  # 4 warps spill (sm_90)
+
+
+# ----------------------------------------------------------------------------- MIO
+_MIO_TARGET_PROGRAMS = 256  # ~2 waves on 132 SMs; a shape constant so results do not depend on the GPU
+_MIO_MAX_SPLITS = 16
+MIO_REG_MAX_K = 256  # largest padded k whose row tile and gradient accumulator live in registers
+
+
+@dataclass(frozen=True)
+class MIOConfig:
+    """Launch configuration of the MIO negative-tile kernels (+ the row kernels)."""
+
+    block_m: int
+    block_n: int
+    block_k: int  # padded k (register path) or the k chunk (streamed path)
+    acc_in_regs: bool
+    num_warps: int
+    num_stages: int
+    n_splits: int
+    block_r: int = 16  # rows per program of the row kernels
+    block_kr: int = 128  # k chunk of the row kernels
+    strip_rows: int = 0  # > 0: the large-k "strip" path, rows of S per group (see mio_forward)
+
+
+def pick_config(b: int, k: int, dtype: torch.dtype, on_gpu: bool = True,
+                block_m: int | None = None, block_n: int | None = None,
+                block_k: int | None = None, n_splits: int | None = None,
+                strip_rows: int | None = None) -> MIOConfig:
+    """MIO tile sizes by shape and dtype.
+
+    Paths: k <= 256 (padded): "registers" (row tile and gradient accumulator in registers,
+    one pass); larger k: "strip" (S tiles over k chunks -> a strip of σ(S/τn) of
+    ``strip_rows`` rows -> a GEMM with Ẑ), or "streamed" (accumulator in memory; only
+    when ``block_k < k`` is forced with ``strip_rows=0``).
+    Overrides exist for tests (multi-block, splits, every path at small shapes).
+    """
+    n = 2 * b
+    kp = max(16, next_pow2(k))
+    half = dtype != torch.float32
+    default_strip = strip_rows is None and block_k is None and kp > MIO_REG_MAX_K
+    if default_strip or strip_rows:
+        bm, bn, bk, nw, ns = (128, 128, 64, 8, 3) if half else (64, 64, 32, 8, 2)
+        if not on_gpu:
+            bm, bn, bk = 32, 32, 32
+        bm, bn, bk = block_m or bm, block_n or bn, block_k or bk
+        if strip_rows is None:
+            strip_rows = max(2048, 2 * cdiv(k, bk) * bk)
+        strip_rows = min(cdiv(strip_rows, bm) * bm, cdiv(n, bm) * bm)
+        return MIOConfig(bm, bn, bk, False, nw, ns, 1, strip_rows=strip_rows)
+    if block_k is not None:
+        acc_in_regs = block_k >= k
+        bk = block_k
+    else:
+        acc_in_regs = kp <= MIO_REG_MAX_K
+        bk = kp if acc_in_regs else (64 if half else 32)
+    if acc_in_regs:
+        if half:
+            bm, bn, nw, ns = (128, 64, 8, 3) if kp <= 128 else (64, 64, 8, 2)
+        else:
+            bm, bn, nw, ns = (64, 32, 8, 2) if kp <= 128 else (32, 32, 8, 2)
+    else:
+        bm, bn, nw, ns = (64, 128, 8, 2) if half else (64, 64, 8, 2)
+    if not on_gpu:
+        # Interpreter: numpy per program; moderate tiles keep padding waste small on tiny shapes.
+        bm, bn = min(bm, 32), min(bn, 32)
+    bm = block_m or bm
+    bn = block_n or bn
+    n_row_blocks = cdiv(n, bm)
+    n_col_blocks = cdiv(n, bn)
+    if n_splits is None:
+        n_splits = 1 if not on_gpu else max(1, min(_MIO_MAX_SPLITS, _MIO_TARGET_PROGRAMS // n_row_blocks))
+    n_splits = max(1, min(n_splits, n_col_blocks))
+    # no empty split: recompute from the number of column blocks per split
+    n_splits = cdiv(n_col_blocks, cdiv(n_col_blocks, n_splits))
+    return MIOConfig(bm, bn, bk, acc_in_regs, nw, ns, n_splits)
