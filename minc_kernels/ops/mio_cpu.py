@@ -1,0 +1,223 @@
+"""MIO loss (SPEC §3) without a 2B×2B matrix, for devices without the Triton path (the CPU).
+
+``mio_loss_blocked(z1, z2, τp, τn, λ)``: (B, k) views, B >= 2, float16/bfloat16/float32/float64
+(possibly non-contiguous); the scalar :func:`minc_kernels.reference.mio_loss` computes, in
+float32 (float64 for float64 inputs).
+
+``S = Z Zᵀ`` (``Z = [ẑ1; ẑ2]``, N = 2B rows) is visited in square tiles of ``block_rows``
+rows and columns, never stored.  S is symmetric and so is the negatives' mask, so only the
+tiles on and above the block diagonal are computed: an off-diagonal tile counts twice in the
+sum and feeds the gradient of both its row and its column block (``dL/dZ = 2 G Z`` with
+``G = dL/dS`` symmetric).  That is 3 tile matmuls per pair of mirrored tiles instead of 4,
+and half the softplus/sigmoid work.  In a tile the diagonal ``(i, i)`` and positive
+``(i, i±B)`` entries are set to ``-inf`` before the softplus (``softplus(-inf) =
+sigmoid(-inf) = 0``); the positives themselves are the row dots ``ẑ1_i·ẑ2_i`` (O(Bk)).
+
+The gradient ``dL/dz`` is computed in the forward pass (only when an input needs it: the
+loss is a scalar, so backward only scales it) and then taken through the normalisation's
+Jacobian ``(g - ẑ (ẑ·g)) / ||z||`` (``g / eps`` for rows with ``||z|| < eps``, as
+``F.normalize``'s autograd gives).  No double backward.
+
+Extra memory: O(N·k) (ẑ, the gradient) plus one tile and its softplus/sigmoid buffer,
+``2 · block_rows² · itemsize`` (see :func:`tile_bytes`), independent of B.
+
+Precision: float16/bfloat16 inputs are computed in float32 (the CPU has no faster half
+matmul to trade for accuracy); float32 in float32 with per-tile sums accumulated in float64;
+float64 in float64 (gradcheck).  Same input, same bits: the tile order is fixed.
+
+Registered as ``minc_kernels::mio_loss_blocked_fwd`` (``torch.library.custom_op`` with
+register_fake and register_autograd), so it also runs under ``torch.compile(fullgraph=True)``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["mio_loss_blocked", "mio_blocked_forward", "default_block_rows", "tile_bytes",
+           "MEMORY_BUDGET_BYTES"]
+
+EPS = 1e-12  # F.normalize's eps, as in the reference
+# The tile (and its buffers) must stay far below this at any B; the O(N·k) buffers come on top.
+MEMORY_BUDGET_BYTES = 1 << 30
+# Tile side, from the block sweep in benchmarks/results/cpu-memory-* (2-core AMD EPYC, k=128):
+# large enough that the three tile matmuls run at full MKL speed and that a busy machine's
+# OpenMP barriers (a few per tile) stay rare; the tile's buffers are then 8 MiB (fp32).
+_DEFAULT_BLOCK = 1024
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def default_block_rows(b: int, k: int, dtype: torch.dtype = torch.float32) -> int:
+    """Tile side for a batch of ``b`` pairs of ``k`` features: at most ``N = 2b``."""
+    return max(1, min(_DEFAULT_BLOCK, 2 * b))
+
+
+def tile_bytes(block_rows: int, dtype: torch.dtype = torch.float32) -> int:
+    """Peak bytes of the per-tile buffers: the tile of S and its softplus/sigmoid buffer."""
+    itemsize = torch.empty((), dtype=_compute_dtype(dtype)).element_size()
+    return 2 * block_rows * block_rows * itemsize
+
+
+def _mask_tile(x: torch.Tensor, r0: int, c0: int, b: int) -> None:
+    """Set the entries (i, i) and (i, i±B) of the tile ``S[r0:r0+h, c0:c0+w]`` to -inf.
+
+    Each set is a run of one diagonal of the tile: global row r maps to column r (offset
+    ``r0 - c0``), rows r < B to r + B, rows r >= B to r - B.  Plain index arithmetic.
+    """
+    h, w = x.shape
+    r1, c1 = r0 + h, c0 + w
+    n = 2 * b
+    for shift, lo, hi in ((0, 0, n), (b, 0, b), (-b, b, n)):
+        # rows r in [lo, hi) ∩ [r0, r1) whose column r + shift lies in [c0, c1)
+        a = max(r0, lo, c0 - shift)
+        e = min(r1, hi, c1 - shift)
+        if a < e:
+            # tile row i = r - r0 sits at column i + d; diagonal d starts at row max(0, -d)
+            d = (r0 + shift) - c0
+            start = (a - r0) - max(0, -d)
+            x.diagonal(offset=d)[start:start + (e - a)].fill_(float("-inf"))
+
+
+def mio_blocked_forward(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float,
+                        neg_temperature: float, lambda_l2: float, need_grad: bool,
+                        block_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss (scalar) and, if ``need_grad``, ``dL/d[z1; z2]`` ((2B, k); else an empty tensor).
+
+    Both in float32 (float64 for float64 inputs).
+    """
+    if z1.dtype not in _FLOAT_DTYPES or z2.dtype != z1.dtype:
+        raise TypeError(f"z1, z2 must be floating tensors of one dtype, got {z1.dtype} and {z2.dtype}")
+    if z1.dim() != 2 or z1.shape != z2.shape or z1.shape[0] < 2 or z1.shape[1] < 1:
+        raise ValueError(f"z1, z2 must both have shape (B, k) with B >= 2, k >= 1, got "
+                         f"{tuple(z1.shape)} and {tuple(z2.shape)}")
+    b, k = z1.shape
+    n = 2 * b
+    if block_rows is None or block_rows <= 0:
+        block_rows = default_block_rows(b, k, z1.dtype)
+    block_rows = int(block_rows)
+    cdt = _compute_dtype(z1.dtype)
+    acc_dt = torch.float64  # tile sums are added across up to ~10^4 tiles: keep them exact-ish
+
+    z = torch.cat([z1, z2], dim=0).to(cdt)                      # (N, k), contiguous copy
+    norm = torch.linalg.vector_norm(z, dim=1, keepdim=True)
+    denom = norm.clamp_min(EPS)
+    zh = z / denom                                               # ẑ, as F.normalize
+    zh1, zh2 = zh[:b], zh[b:]
+
+    # Positives (each pair appears twice in S, mean over N = 2B entries) and the L2 term.
+    s_pos = (zh1 * zh2).sum(dim=1)                               # (B,)
+    loss_pos = F.softplus(s_pos / (-pos_temperature)).sum() / b
+    diff = zh1 - zh2
+    loss_reg = diff.pow(2).sum() * (lambda_l2 / (b * k))
+
+    # Negatives: tiles of S/τn on and above the block diagonal.
+    zs = zh * (1.0 / neg_temperature)                            # x = (ẑ_R/τn) ẑ_Cᵀ = S_RC/τn
+    gz = torch.zeros_like(zh) if need_grad else None             # Σ_j σ(S_ij/τn) ẑ_j
+    neg_sum = torch.zeros((), dtype=acc_dt, device=z.device)
+    starts = list(range(0, n, block_rows))
+    for bi, r0 in enumerate(starts):
+        r1 = min(r0 + block_rows, n)
+        zs_r, zh_r = zs[r0:r1], zh[r0:r1]
+        for c0 in starts[bi:]:
+            c1 = min(c0 + block_rows, n)
+            zh_c = zh[c0:c1]
+            x = torch.mm(zs_r, zh_c.T)
+            _mask_tile(x, r0, c0, b)
+            buf = F.softplus(x)
+            # torch's float32 sum is a cascade (accurate over a tile); summing in float64
+            # would first copy the tile to float64, a pass as costly as the softplus.
+            tile_sum = buf.sum().to(acc_dt)
+            neg_sum += tile_sum if c0 == r0 else 2.0 * tile_sum
+            if need_grad:
+                sig = torch.sigmoid(x, out=buf)
+                gz[r0:r1].addmm_(sig, zh_c)
+                if c0 != r0:
+                    gz[c0:c1].addmm_(sig.T, zh_r)
+    n_neg = float(n) * float(n - 2)
+    loss = (loss_pos.to(acc_dt) + loss_reg.to(acc_dt) + neg_sum / n_neg).to(cdt)
+    if not need_grad:
+        return loss, torch.empty((0,), dtype=cdt, device=z.device)
+
+    # dL/dẑ: negatives 2 G Z; positives; the L2 term.
+    g = gz.mul_(2.0 / (neg_temperature * n_neg))
+    coef = torch.sigmoid(s_pos / (-pos_temperature)) * (-1.0 / (pos_temperature * b))
+    coef = coef.unsqueeze(1)
+    g[:b].addcmul_(coef, zh2)
+    g[b:].addcmul_(coef, zh1)
+    reg_coef = 2.0 * lambda_l2 / (b * k)
+    g[:b].add_(diff, alpha=reg_coef)
+    g[b:].sub_(diff, alpha=reg_coef)
+    # Through ẑ = z / max(||z||, eps): (g - ẑ(ẑ·g)) / ||z|| above eps, g / eps below.
+    radial = (zh * g).sum(dim=1, keepdim=True)
+    dz = torch.where(norm > EPS, (g - zh * radial) / denom, g / denom)
+    return loss, dz
+
+
+# --------------------------------------------------------------------------- torch.library
+@torch.library.custom_op("minc_kernels::mio_loss_blocked_fwd", mutates_args=())
+def _mio_loss_blocked_fwd(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float,
+                          neg_temperature: float, lambda_l2: float, need_grad: bool,
+                          block_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, dL/d[z1; z2] as (2B, k), or an empty tensor when ``need_grad`` is False)."""
+    return mio_blocked_forward(z1, z2, pos_temperature, neg_temperature, lambda_l2, need_grad,
+                               block_rows)
+
+
+@_mio_loss_blocked_fwd.register_fake
+def _(z1, z2, pos_temperature, neg_temperature, lambda_l2, need_grad, block_rows):
+    cdt = _compute_dtype(z1.dtype)
+    loss = z1.new_empty((), dtype=cdt)
+    if need_grad:
+        dz = z1.new_empty((2 * z1.shape[0], z1.shape[1]), dtype=cdt)
+    else:
+        dz = z1.new_empty((0,), dtype=cdt)
+    return loss, dz
+
+
+def _setup_context(ctx, inputs, output):
+    z1, z2, _, _, _, need_grad, _ = inputs
+    _, dz = output
+    ctx.need_grad = need_grad
+    ctx.b = z1.shape[0]
+    ctx.dtypes = (z1.dtype, z2.dtype)
+    ctx.save_for_backward(dz)
+
+
+def _backward(ctx, grad_loss, grad_dz):
+    (dz,) = ctx.saved_tensors
+    if not ctx.need_grad:
+        raise RuntimeError("mio_loss_blocked_fwd was called with need_grad=False; "
+                           "its gradient was not computed")
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # dz is a constant here: a second derivative through it would be silently zero.
+        raise RuntimeError("the blocked MIO loss does not support double backward "
+                           "(create_graph=True); use backend='reference'")
+    b = ctx.b
+    g = grad_loss.to(dz.dtype)
+    grad_z1 = (g * dz[:b]).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+    grad_z2 = (g * dz[b:]).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+    return grad_z1, grad_z2, None, None, None, None, None
+
+
+_mio_loss_blocked_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def mio_loss_blocked(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float = 0.5,
+                     neg_temperature: float = 0.5, lambda_l2: float = 1.0,
+                     block_rows: int | None = None) -> torch.Tensor:
+    """MIO loss of (B, k) views (SPEC §3) in tiles of ``block_rows``² entries of S; differentiable.
+
+    ``block_rows=None``: :func:`default_block_rows`.  Returns a float32 scalar (float64 for
+    float64 inputs), equal to :func:`minc_kernels.reference.mio_loss` up to rounding.
+    """
+    if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int)
+                                   or block_rows < 1):
+        raise ValueError(f"block_rows must be a positive int or None, got {block_rows!r}")
+    need_grad = torch.is_grad_enabled() and (z1.requires_grad or z2.requires_grad)
+    loss, _ = torch.ops.minc_kernels.mio_loss_blocked_fwd(
+        z1, z2, float(pos_temperature), float(neg_temperature), float(lambda_l2),
+        bool(need_grad), int(block_rows or 0))
+    return loss
