@@ -2,21 +2,28 @@
 
 ``backend`` (argument) or ``MINC_KERNELS_BACKEND`` (env var) is one of:
 
-* ``"auto"`` (default): the Triton kernels for CUDA tensors when Triton and the op
-  are available, the reference otherwise (always on the CPU);
+* ``"auto"`` (default): the Triton kernels for CUDA fp32/bf16/fp16 tensors when Triton and
+  the op are available, the reference otherwise (always on the CPU, even under
+  ``TRITON_INTERPRET=1``);
 * ``"triton"``: the kernels, or a clear error saying why they cannot run.  On the
   CPU this needs ``TRITON_INTERPRET=1`` (the Triton interpreter; tests use it);
 * ``"reference"``: eager PyTorch (:mod:`minc_kernels.reference`).
 
-Op modules (``minc_kernels.ops.<name>``) import lazily and only once; the reason an
-import failed is kept so that an explicit request can re-raise it.  TorchDynamo cannot
-trace an import, so the loss modules call :func:`preload` in their constructors (outside
-any compiled region): the first call of ``torch.compile(loss, fullgraph=True)`` then
-finds its op already loaded.
+Two steps, each done once:
+
+1. :func:`requested_backend` validates the argument (or reads the env var).  The loss
+   modules call it in their constructors; the functional forms at their boundary.
+2. :func:`select` makes the choice that depends on the tensors (device, dtype), once per
+   call, and returns the op module or ``None`` for the reference.
+
+The one lazy seam: :func:`load_op` imports ``minc_kernels.ops.<name>`` on first use, because
+importing an op imports Triton (seconds on the CPU, where ``auto`` never runs a kernel).
+The imports are spelt out in :func:`_import_op`.  The reason an import failed is kept, so
+an explicit ``backend="triton"`` re-raises it.  TorchDynamo cannot trace an import, so the
+loss modules call :func:`preload` in their constructors (outside any compiled region).
 """
 from __future__ import annotations
 
-import importlib
 import os
 from types import ModuleType
 
@@ -24,6 +31,7 @@ import torch
 
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "MINC_KERNELS_BACKEND"
+OP_NAMES = ("spectral", "minc", "mio")
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -34,12 +42,25 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _import_op(name: str) -> ModuleType:
+    # Explicit imports (a reader can follow them); each one imports triton.
+    if name == "spectral":
+        from .ops import spectral as mod
+    elif name == "minc":
+        from .ops import minc as mod
+    elif name == "mio":
+        from .ops import mio as mod
+    else:
+        raise ValueError(f"unknown op {name!r}; expected one of {OP_NAMES}")
+    return mod
+
+
 def load_op(name: str) -> ModuleType:
     """Import ``minc_kernels.ops.<name>`` once; re-raise the original error on failure."""
     cached = _ops_cache.get(name)
     if cached is None:
         try:
-            cached = importlib.import_module(f"minc_kernels.ops.{name}")
+            cached = _import_op(name)
         except BaseException as exc:  # noqa: BLE001 - kept and re-raised on request
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -50,27 +71,26 @@ def load_op(name: str) -> ModuleType:
     return cached
 
 
-def preload(op: str, backend: str | None = None) -> None:
-    """Import ``minc_kernels.ops.<op>`` now if ``backend`` could select it later.
+def preload(op: str, choice: str) -> None:
+    """Import ``minc_kernels.ops.<op>`` now if the validated ``choice`` could select it later.
 
     Called eagerly (module construction), never inside a compiled region.  Skipped for
-    ``backend="reference"`` and on machines where the kernels can never run (no CUDA and
-    no ``TRITON_INTERPRET``), so CPU users do not pay Triton's import time.  Failures are
-    cached, not raised: ``resolve`` re-raises them when the kernels are requested.
+    ``"reference"`` and on machines where the kernels can never run (no CUDA and no
+    ``TRITON_INTERPRET``), so CPU users do not pay Triton's import time.  Failures are
+    cached, not raised: :func:`select` re-raises them when the kernels are requested.
     """
-    choice = requested_backend(backend)
     if choice == "reference" or op in _ops_cache:
         return
     if choice == "triton" or triton_interpret() or torch.cuda.is_available():
         try:
             load_op(op)
-        except BaseException as exc:  # noqa: BLE001 - kept in the cache for resolve()
+        except BaseException as exc:  # noqa: BLE001 - kept in the cache for select()
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
 
 
 def op_status(name: str) -> tuple[bool, str]:
-    """(available, reason) for ``minc_kernels.ops.<name>``."""
+    """(importable, reason) for ``minc_kernels.ops.<name>``."""
     try:
         load_op(name)
     except BaseException as exc:  # noqa: BLE001
@@ -79,6 +99,7 @@ def op_status(name: str) -> tuple[bool, str]:
 
 
 def requested_backend(backend: str | None) -> str:
+    """The validated backend name: ``backend``, or the env var when ``backend`` is None."""
     value = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
     if value not in BACKENDS:
         where = "backend" if backend is not None else f"environment variable {ENV_VAR}"
@@ -86,15 +107,19 @@ def requested_backend(backend: str | None) -> str:
     return value
 
 
-def resolve(backend: str | None, op: str, x: torch.Tensor) -> ModuleType | None:
-    """The op module to run for tensor ``x``, or ``None`` for the reference."""
-    choice = requested_backend(backend)
+def auto_runs_kernels(x: torch.Tensor) -> bool:
+    """Whether ``"auto"`` would pick the kernels for ``x`` (if the op imports)."""
+    # float64 is an oracle/debug dtype: the kernels serve fp32/bf16/fp16.
+    return x.is_cuda and x.dtype in KERNEL_DTYPES
+
+
+def select(choice: str, op: str, x: torch.Tensor) -> ModuleType | None:
+    """The op module to run for tensor ``x`` under a validated ``choice``, or ``None``
+    for the reference."""
     if choice == "reference":
         return None
-    on_gpu = x.is_cuda
     if choice == "auto":
-        # float64 is an oracle/debug dtype: the kernels serve fp32/bf16/fp16.
-        if not on_gpu or x.dtype not in KERNEL_DTYPES:
+        if not auto_runs_kernels(x):
             return None
         try:
             return load_op(op)
@@ -104,7 +129,7 @@ def resolve(backend: str | None, op: str, x: torch.Tensor) -> ModuleType | None:
     if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"backend='triton' supports float32, bfloat16 and float16 inputs, got {x.dtype}; "
                         "use backend='reference' for float64")
-    if not on_gpu and not triton_interpret():
+    if not x.is_cuda and not triton_interpret():
         raise RuntimeError(
             f"backend='triton' needs CUDA tensors (got a tensor on {x.device}); set "
             "TRITON_INTERPRET=1 to run the kernels on the CPU through Triton's interpreter, "
@@ -114,3 +139,8 @@ def resolve(backend: str | None, op: str, x: torch.Tensor) -> ModuleType | None:
         return load_op(op)
     except BaseException as exc:
         raise RuntimeError(f"backend='triton' requested but the {op!r} kernels are unavailable: {exc}") from exc
+
+
+def resolve(backend: str | None, op: str, x: torch.Tensor) -> ModuleType | None:
+    """:func:`requested_backend` then :func:`select`: for one-off calls (the functional forms)."""
+    return select(requested_backend(backend), op, x)

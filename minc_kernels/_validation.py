@@ -1,4 +1,7 @@
-"""Argument checks shared by every public entry point (SPEC §6).
+"""Argument checks shared by every public entry point (docs/math.md §6).
+
+Shapes, dtypes and devices only: no check here reads a tensor's values (that would be a
+device-to-host sync on the training path).
 
 Every check runs before any kernel launch or state mutation and raises a
 ``TypeError``/``ValueError`` that names the argument and what was expected.
@@ -6,6 +9,7 @@ Every check runs before any kernel launch or state mutation and raises a
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -31,8 +35,8 @@ def check_features(name: str, x, min_batch: int = 1) -> None:
         raise ValueError(f"{name} must have a feature dimension k >= 1, got shape {tuple(x.shape)}")
 
 
-def check_pair(name_a: str, a, name_b: str, b, min_batch: int = 1) -> None:
-    """Both (B, k), same shape, device and dtype."""
+def check_pair(name_a: str, a, name_b: str, b, min_batch: int = 1, same_dtype: bool = True) -> None:
+    """Both (B, k), same shape and device (and dtype unless ``same_dtype=False``)."""
     check_features(name_a, a, min_batch)
     check_features(name_b, b, min_batch)
     if a.shape != b.shape:
@@ -44,7 +48,7 @@ def check_pair(name_a: str, a, name_b: str, b, min_batch: int = 1) -> None:
         raise ValueError(
             f"{name_b} must be on the same device as {name_a}: expected {a.device}, got {b.device}"
         )
-    if a.dtype != b.dtype:
+    if same_dtype and a.dtype != b.dtype:
         raise TypeError(
             f"{name_b} must have the same dtype as {name_a}: expected {a.dtype}, got {b.dtype}"
         )
@@ -65,31 +69,33 @@ def check_moment(name: str, moment, k: int, device: torch.device) -> None:
         raise ValueError(f"{name} must be on device {device}, got {moment.device}")
 
 
+def _real(name: str, value, expected: str) -> float:
+    """``value`` as a float if it is a real number (int, float, numpy scalar, 0-d tensor);
+    strings and bools are refused rather than coerced (``mu='1'`` is a bug, not 1.0)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_complex \
+            and value.dtype != torch.bool:
+        value = value.item()  # a hyper-parameter at construction, not the training path
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
 def check_positive(name: str, value) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a positive number, got {value!r}") from None
+    v = _real(name, value, "a positive number")
     if not (v > 0 and math.isfinite(v)):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return v
 
 
 def check_nonnegative(name: str, value) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a non-negative number, got {value!r}") from None
+    v = _real(name, value, "a non-negative number")
     if not (v >= 0 and math.isfinite(v)):
         raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
     return v
 
 
 def check_unit_interval(name: str, value) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}") from None
+    v = _real(name, value, "a number in [0, 1]")
     if not 0.0 <= v <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
     return v

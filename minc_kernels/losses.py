@@ -1,18 +1,23 @@
 """Loss modules: hyper-parameters in the constructor, ``forward(a, b)`` returns a scalar.
 
-The modules hold hyper-parameters and state (MINC's moment buffer) and call
-:mod:`minc_kernels.functional`; they never see a kernel.
+The modules hold hyper-parameters and state (MINC's moment buffer), validate them once
+at construction (the backend included: ``MINC_KERNELS_BACKEND`` is read then), check the
+tensors once per call, and call the checked core of :mod:`minc_kernels.functional`; they
+never see a kernel.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
 from torch import nn
+from torch.nn.parameter import UninitializedBuffer, is_lazy
 
 from . import distributed as D
 from . import functional as Fn
-from ._backend import preload, requested_backend
+from . import reference
+from ._backend import preload, requested_backend, select
 from ._validation import (
     check_choice,
     check_nonnegative,
@@ -21,28 +26,34 @@ from ._validation import (
     check_unit_interval,
 )
 
-__all__ = ["SpectralContrastiveLoss", "MIOLoss", "MINCLoss"]
+__all__ = ["SpectralContrastiveLoss", "MIOLoss", "MINCLoss", "MINC_DEFAULT_FEATURE_NORM"]
+
+#: The feature map MINCLoss applies by default (see MINCLoss's docstring).  One constant so
+#: that the study deciding it (issue 12) can change it in one place.  "l2" because the raw
+#: form diverged in lightly's BYOL recipe (SGD lr 0.06) while L2-normalised inputs trained.
+MINC_DEFAULT_FEATURE_NORM = "l2"
 
 
 class SpectralContrastiveLoss(nn.Module):
-    """Spectral contrastive loss (HaoChen et al. 2021), SPEC §1.
+    """Spectral contrastive loss (HaoChen et al. 2021), docs/math.md §1.
 
     Args:
         mu: the loss's scale; rows are clipped to norm ``sqrt(mu)`` (default 1.0).
         clip: apply the norm clipping (default True, as the authors' code).
         algorithm: ``"auto"`` | ``"pairwise"`` | ``"gram"`` evaluation of the pairwise term.
         backend: ``"auto"`` | ``"triton"`` | ``"reference"`` (default: env
-            ``MINC_KERNELS_BACKEND`` or ``"auto"``).
+            ``MINC_KERNELS_BACKEND``, read here, or ``"auto"``).
         gather_distributed: under ``torch.distributed`` with W > 1 ranks, compute the loss
             of the *global* batch (every cross-rank pair included); the returned value is
             the global loss, equal on every rank, and DDP's gradient averaging applies
             exactly the gradient of one process holding the whole batch (default False;
             a no-op when not distributed).  See ``docs/distributed.md``.
-        dist_comm: ``"auto"`` | ``"gram"`` (all-reduce the k×k Grams) | ``"gather"``
-            (all-gather the features); ``"auto"`` picks the fewer bytes per step.
+        dist_comm: ``"auto"`` | ``"gram"`` (all-reduce the k×k Grams; eager PyTorch, so
+            refused with ``backend="triton"``) | ``"gather"`` (all-gather the features);
+            ``"auto"`` picks the fewer bytes per step (``"gather"`` under ``backend="triton"``).
 
-    ``forward(z1, z2)``: two (B, k) views, row i of one the positive of row i of the
-    other; returns a float32 scalar.
+    ``forward(z1, z2)``: two (B, k) views of one dtype, row i of one the positive of row i
+    of the other; returns a scalar (float32; float64 for float64 inputs).
     """
 
     def __init__(self, mu: float = 1.0, clip: bool = True, algorithm: str = "auto",
@@ -52,16 +63,18 @@ class SpectralContrastiveLoss(nn.Module):
         self.mu = check_positive("mu", mu)
         self.clip = bool(clip)
         self.algorithm = check_choice("algorithm", algorithm, Fn.SPECTRAL_ALGORITHMS)
-        if backend is not None:
-            requested_backend(backend)
         self.backend = backend
-        preload("spectral", backend)
+        self._choice = requested_backend(backend)
         self.gather_distributed = bool(gather_distributed)
         self.dist_comm = check_choice("dist_comm", dist_comm, Fn.SPECTRAL_DIST_COMMS)
+        Fn.check_spectral_config(self._choice, self.gather_distributed, self.dist_comm)
+        preload("spectral", self._choice)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        return Fn.spectral_contrastive_loss(z1, z2, self.mu, self.clip, self.algorithm,
-                                            self.backend, self.gather_distributed, self.dist_comm)
+        gather = self.gather_distributed and D.is_distributed()
+        check_pair("z1", z1, "z2", z2, min_batch=1 if gather else 2)
+        return Fn._spectral(z1, z2, self.mu, self.clip, self.algorithm, self._choice, gather,
+                            self.dist_comm)
 
     def extra_repr(self) -> str:
         s = (f"mu={self.mu}, clip={self.clip}, algorithm={self.algorithm!r}, "
@@ -72,7 +85,7 @@ class SpectralContrastiveLoss(nn.Module):
 
 
 class MIOLoss(nn.Module):
-    """MIO binary contrastive mutual-information loss (Manna et al. 2021), SPEC §3.
+    """MIO binary contrastive mutual-information loss (Manna et al. 2021), docs/math.md §3.
 
     Args:
         pos_temperature: τp for the positive pairs (default 0.5).
@@ -83,27 +96,44 @@ class MIOLoss(nn.Module):
             *global* batch: each rank's rows against the features gathered from all ranks
             (B = Σ_r B_r in every mean); the returned value is the global loss, equal on
             every rank, and DDP's averaging applies exactly the single-process gradient
-            (default False; a no-op when not distributed).
+            (default False; a no-op when not distributed).  Composed in eager PyTorch, so
+            refused with ``backend="triton"``.
+        temperature: one value for both τp and τn (as lightly's ``NTXentLoss(temperature=)``);
+            combining it with a different explicit ``pos_temperature``/``neg_temperature``
+            is an error.
 
-    ``forward(z1, z2)``: two (B, k) views, any B >= 2; returns a float32 scalar.
+    ``forward(z1, z2)``: two (B, k) views, any B >= 2; returns a scalar (float32; float64
+    for float64 inputs).
     """
 
-    def __init__(self, pos_temperature: float = 0.5, neg_temperature: float = 0.5,
+    def __init__(self, pos_temperature: float | None = None, neg_temperature: float | None = None,
                  lambda_l2: float = 1.0, backend: str | None = None,
-                 gather_distributed: bool = False):
+                 gather_distributed: bool = False, *, temperature: float | None = None):
         super().__init__()
-        self.pos_temperature = check_positive("pos_temperature", pos_temperature)
-        self.neg_temperature = check_positive("neg_temperature", neg_temperature)
+        if temperature is not None:
+            temperature = check_positive("temperature", temperature)
+            for name, value in (("pos_temperature", pos_temperature),
+                                ("neg_temperature", neg_temperature)):
+                if value is not None and check_positive(name, value) != temperature:
+                    raise ValueError(f"temperature={temperature} sets both temperatures, but "
+                                     f"{name}={value} was also given; pass one or the other")
+            pos_temperature = neg_temperature = temperature
+        self.pos_temperature = check_positive(
+            "pos_temperature", 0.5 if pos_temperature is None else pos_temperature)
+        self.neg_temperature = check_positive(
+            "neg_temperature", 0.5 if neg_temperature is None else neg_temperature)
         self.lambda_l2 = check_nonnegative("lambda_l2", lambda_l2)
-        if backend is not None:
-            requested_backend(backend)
         self.backend = backend
-        preload("mio", backend)
+        self._choice = requested_backend(backend)
         self.gather_distributed = bool(gather_distributed)
+        Fn.check_mio_config(self._choice, self.gather_distributed)
+        preload("mio", self._choice)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        return Fn.mio_loss(z1, z2, self.pos_temperature, self.neg_temperature, self.lambda_l2,
-                           self.backend, self.gather_distributed)
+        gather = self.gather_distributed and D.is_distributed()
+        check_pair("z1", z1, "z2", z2, min_batch=1 if gather else 2)
+        return Fn._mio(z1, z2, self.pos_temperature, self.neg_temperature, self.lambda_l2,
+                       self._choice, gather)
 
     def extra_repr(self) -> str:
         s = (f"pos_temperature={self.pos_temperature}, neg_temperature={self.neg_temperature}, "
@@ -121,27 +151,55 @@ def _as_list(x) -> list:
     raise TypeError(f"expected a tensor or a sequence of tensors, got {type(x).__name__}")
 
 
-class MINCLoss(nn.Module):
-    """MINC: mutual-information non-contrastive loss (Guo et al. 2025), SPEC §2.
+_CHECK_FINITE = {True: "raise", False: "ignore", "skip": "skip", "raise": "raise", "ignore": "ignore"}
 
-    Compares each online prediction ``p_i`` with its target ``t_i`` and with a running
-    summary ``M ≈ E[t tᵀ]`` of all targets instead of with every other sample:
-    ``L = (1/B) Σ_i [-2 p_i·t_i + p_iᵀ M p_i]``, gradient ``(2/B)(M p_i - t_i)``.
+
+class MINCLoss(nn.Module):
+    """MINC: mutual-information non-contrastive loss (Guo et al. 2025), docs/math.md §2.
+
+    Compares each online prediction with its target and with a running summary
+    ``M ≈ E[t̃ t̃ᵀ]`` of all (mapped) targets instead of with every other sample.  With
+    ``p̃ = φ(p)``, ``t̃ = φ(t)`` (the row map of ``feature_norm``, times ``scale``)::
+
+        L = (1/B) Σ_i [-2 p̃_i·t̃_i + p̃_iᵀ M p̃_i] / d,   dL/dp̃_i = (2/B)(M p̃_i - t̃_i) / d
+
+    chained exactly through ``φ`` to ``p``; ``t`` and ``M`` are stop-gradient.
+
+    ``feature_norm`` (the map φ, applied to ``p`` and ``t`` alike; ``d`` the divisor):
+
+    * ``"l2"`` (default, :data:`MINC_DEFAULT_FEATURE_NORM`): ``φ(x) = s·x/‖x‖``; M is the
+      moment of unit targets (trace ``s²``), and with ``s = 1`` the loss lies in [-2, 1];
+      ``d = 1``.  Scale-free, so it trains under recipes tuned for a cosine loss (lightly's
+      BYOL at SGD lr 0.06), where the raw form diverges.
+    * ``"clip"``: rows with ``‖x‖ ≥ √mu`` rescaled to norm ``√mu`` (the spectral loss's
+      clipping, :func:`minc_kernels.reference.clip_rows`), times ``s``; ``d = mu``.
+    * ``"none"``: ``φ(x) = s·x``, the raw form of the paper's derivation; ``d = 1``.
 
     Args:
-        dim: feature dimension k (M is k×k).
+        dim: feature dimension k (M is k×k), or None (default) to infer it at the first
+            call, as ``nn.LazyLinear`` does: ``moment`` is then an ``UninitializedBuffer``
+            until the first forward (or a ``load_state_dict``), and is created on the
+            device of that call's ``p``.  Run one forward (or pass ``dim``) before wrapping
+            a module holding the loss in DDP or ``torch.compile``.  Not an axis (lightly's
+            ``NegativeCosineSimilarity(dim=1)`` is): the features are always dim 1.
         moment_momentum: β of the EMA ``M ← βM + (1-β)C`` (default 0.99; β=0 uses the
             batch moment only).  Our choice, not the paper's (not published).
         bias_correction: use ``M / (1 - β^n)`` after n updates, so step 1 uses C
             (default True; our choice).
         ordering: ``"standard"`` or ``"gha"`` (Generalized Hebbian ordering: the
             gradient uses the lower triangle of M; the reported loss is unchanged).
-        check_finite: refuse (``ValueError``) targets whose moment is NaN/Inf, leaving M
-            untouched (default True).  Under ``torch.compile`` the update is skipped
-            instead of raising, so no graph break is needed.
+        feature_norm: ``"l2"`` | ``"clip"`` | ``"none"``, see above.
+        mu: clip radius² for ``"clip"`` (default 1.0; ignored otherwise).
+        scale: ``s`` above (default 1.0).
+        check_finite: what a step whose targets give a NaN/Inf batch moment C does:
+            ``"skip"`` (default): M and ``num_updates`` keep their values, decided on the
+            device (``torch.where``, no host sync), and the buffer ``nonfinite_skips``
+            counts the skipped steps; ``"raise"`` (or True): a ``ValueError``, M untouched
+            (one host sync per step); ``"ignore"`` (or False): no check, M may turn NaN.
+            Under ``torch.compile``, ``"raise"`` skips instead of raising.
         backend: as for :class:`SpectralContrastiveLoss`.
         gather_distributed: under ``torch.distributed`` with W > 1 ranks, C is the moment
-            of the *global* batch: one all-reduce of ``[Σ t tᵀ, count]`` (k²+1 numbers, no
+            of the *global* batch: one all-reduce of ``[Σ t̃ t̃ᵀ, count]`` (k²+1 numbers, no
             gradient) before the EMA, so every rank holds the same M (default False; a
             no-op when not distributed).  The loss stays the mean over the *local* rows:
             with equal local batch sizes DDP's averaging is then exactly the
@@ -150,118 +208,206 @@ class MINCLoss(nn.Module):
             B_r, DDP applies ``∇ (1/W) Σ_r mean_{i∈r} ℓ_i``: rank r's samples weigh
             ``B/(W·B_r)`` times their single-process weight (M is still exact).
 
-    State: ``moment`` (k×k float32, the raw EMA) and ``num_updates`` buffers, both in
-    ``state_dict``.  M is updated only in training mode; eval uses it as is.
+    State: ``moment`` (k×k float32, the raw EMA) and ``num_updates`` in ``state_dict``;
+    ``nonfinite_skips`` (not saved).  M is updated only in training mode; eval uses it as
+    is, and warns once if it was never updated nor loaded (M = 0: the loss is then only
+    the cross term).
 
     ``forward(p, t)``: ``p`` (B, k) online predictions, ``t`` (B, k) targets of the other
-    view (always treated as stop-gradient).  Symmetric BYOL-style use (SPEC §2.5):
-    ``forward((p1, p2), (t2, t1))`` returns ``minc(p1, t2) + minc(p2, t1)`` and updates M
-    once with C averaged over both targets.  ``return_parts=True`` also returns a dict
-    of detached parts for logging: ``cross`` (``-2 tr(PᵀT)/B``), ``cov``
-    (``<M, PᵀP/B>``) and ``moment_trace``.
+    view (always stop-gradient).  If ``t`` requires grad and ``p`` does not, the arguments
+    are most likely swapped (lightly's SimSiam examples call ``criterion(z0, p1)``): a
+    ``ValueError`` says so.  Mixed floating dtypes are accepted: each pair is promoted to
+    ``torch.promote_types(p.dtype, t.dtype)`` (fp32 ``p`` with a bf16 target gives fp32).
+    The value is a scalar, float32 (float64 for float64 inputs).
+
+    **One EMA step per call.** Each training-mode call updates M once.  The symmetric
+    BYOL use (docs/math.md §2.5) is one call, ``forward((p1, p2), (t2, t1))``: it returns
+    ``minc(p1, t2) + minc(p2, t1)`` and updates M once with C averaged over both targets.
+    lightly's form ``0.5 * (c(p0, z1) + c(p1, z0))`` makes two calls, so two EMA steps per
+    optimizer step (an effective β² per step, the first on one view only); write
+    ``0.5 * c((p0, p1), (z1, z0))`` instead.
+
+    ``return_parts=True`` also returns a dict of detached parts for logging: ``cross``
+    (``-2 tr(P̃ᵀT̃)/(B d)``), ``cov`` (``<M, P̃ᵀP̃/B>/d``) and ``moment_trace``.
     """
 
-    def __init__(self, dim: int, moment_momentum: float = 0.99, bias_correction: bool = True,
-                 ordering: str = "standard", check_finite: bool = True,
-                 backend: str | None = None, gather_distributed: bool = False):
+    def __init__(self, dim: int | None = None, moment_momentum: float = 0.99,
+                 bias_correction: bool = True, ordering: str = "standard",
+                 check_finite: bool | str = "skip", backend: str | None = None,
+                 gather_distributed: bool = False, *,
+                 feature_norm: str = MINC_DEFAULT_FEATURE_NORM, mu: float = 1.0,
+                 scale: float = 1.0):
         super().__init__()
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-            raise ValueError(f"dim must be a positive int (the feature dimension k), got {dim!r}")
+        if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool) or dim < 1):
+            raise ValueError(f"dim must be a positive int (the feature dimension k; None infers it "
+                             f"at the first call), got {dim!r}")
         self.dim = dim
         self.moment_momentum = check_unit_interval("moment_momentum", moment_momentum)
         if self.moment_momentum == 1.0:
             raise ValueError("moment_momentum must be < 1 (with 1 the moment never changes), got 1.0")
         self.bias_correction = bool(bias_correction)
         self.ordering = check_choice("ordering", ordering, Fn.MINC_ORDERINGS)
-        self.check_finite = bool(check_finite)
-        if backend is not None:
-            requested_backend(backend)
+        self.feature_norm, self.mu, self.scale = Fn.check_minc_features(feature_norm, mu, scale)
+        self._divisor = reference.minc_loss_divisor(self.feature_norm, self.mu)
+        if not isinstance(check_finite, (bool, str)) or check_finite not in _CHECK_FINITE:
+            raise ValueError(f"check_finite must be 'skip', 'raise' (or True) or 'ignore' (or "
+                             f"False), got {check_finite!r}")
+        self.check_finite = _CHECK_FINITE[check_finite]
         self.backend = backend
-        preload("minc", backend)
+        self._choice = requested_backend(backend)
+        preload("minc", self._choice)
         self.gather_distributed = bool(gather_distributed)
-        self.register_buffer("moment", torch.zeros(dim, dim, dtype=torch.float32))
+        if dim is None:
+            self.register_buffer("moment", UninitializedBuffer(dtype=torch.float32))
+        else:
+            self.register_buffer("moment", torch.zeros(dim, dim, dtype=torch.float32))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("nonfinite_skips", torch.zeros((), dtype=torch.long), persistent=False)
+        # Host-side facts (no sync needed to read them): M not created yet (dim=None); M was
+        # updated or loaded; eval warned.
+        self._lazy = dim is None
+        self._moment_set = False
+        self._warned_eval = False
+
+    # ------------------------------------------------------------------ lazy state
+    def _materialize(self, k: int, device: torch.device) -> None:
+        self.moment.materialize((k, k), device=device)
+        with torch.no_grad():
+            self.moment.zero_()
+        self.num_updates = self.num_updates.to(device)
+        self.nonfinite_skips = self.nonfinite_skips.to(device)
+        self.dim = k
+        self._lazy = False
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "moment"
+        if key in state_dict:
+            loaded = state_dict[key]
+            if self._lazy and not is_lazy(loaded):
+                if loaded.dim() != 2 or loaded.shape[0] != loaded.shape[1]:
+                    error_msgs.append(f"{key} must have shape (k, k), got {tuple(loaded.shape)}")
+                    return
+                self._materialize(loaded.shape[0], self.moment.device)
+            self._moment_set = True
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     # ------------------------------------------------------------------ state
     def corrected_moment(self) -> torch.Tensor:
         """The M the loss uses now: bias-corrected raw EMA (raw if no correction/updates)."""
         if not self.bias_correction:
             return self.moment
-        beta = self.moment_momentum
-        n = self.num_updates.to(torch.float32)
-        corr = 1.0 - torch.pow(torch.tensor(beta, dtype=torch.float32, device=n.device), n)
-        # n == 0 (never updated): corr is 0; use the raw (zero) moment as is.
-        return torch.where(n > 0, self.moment / torch.where(n > 0, corr, torch.ones_like(corr)),
-                           self.moment)
-
-    def _moment_sums(self, ts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Σ t tᵀ over all targets, their row count) for this step's C."""
-        total = None
-        for t in ts:
-            s = Fn.minc_moment_sum(t, self.backend)
-            total = s if total is None else total + s
-        count = torch.tensor(float(sum(t.shape[0] for t in ts)), dtype=total.dtype, device=total.device)
-        if self.gather_distributed and D.is_distributed():
-            # One all-reduce of [Σ t tᵀ, count] (k²+1 numbers): every rank gets the same C, so
-            # the finite check below passes or raises on all ranks alike and M stays identical.
-            k = total.shape[0]
-            packed = D.all_reduce_sum(torch.cat([total.reshape(-1), count.reshape(1)]))
-            total, count = packed[: k * k].reshape(k, k), packed[k * k]
-        return total, count
+        return reference.minc_corrected_moment(self.moment, self.moment_momentum, self.num_updates)
 
     @torch.no_grad()
     def update_moment(self, ts: Sequence[torch.Tensor]) -> None:
-        """One EMA step of M with the batch moment of targets ``ts`` (training only)."""
-        total, count = self._moment_sums(ts)
-        c = total / count
+        """One EMA step of M with the batch moment of the (unmapped) targets ``ts``.
+
+        What a training-mode ``forward`` does before the loss; for callers that want to
+        drive the update themselves.  The targets are mapped by ``feature_norm`` first.
+        """
+        ts = [t.detach() for t in _as_list(ts)]
+        for i, ti in enumerate(ts):
+            check_pair(f"t[{i}]", ti, "t[0]", ts[0], min_batch=1, same_dtype=False)
+        self._check_state(ts[0], "t")
+        op = select(self._choice, "minc", ts[0])
+        self._update(op, [reference.minc_features(t, self.feature_norm, self.mu, self.scale)
+                          for t in ts])
+
+    def _update(self, op, ts: list) -> None:
+        """The EMA step on mapped targets; the moment path is functional._batch_moment and
+        reference.minc_moment_update (the oracle's own functions)."""
+        gather = self.gather_distributed and D.is_distributed()
+        c = Fn._batch_moment(op, ts, gather)
         beta = self.moment_momentum
-        new = beta * self.moment + (1.0 - beta) * c
-        if self.check_finite:
-            finite = torch.isfinite(c).all()
-            if torch.compiler.is_compiling():
-                # No data-dependent raise under compile: keep the old state instead.
-                self.moment.copy_(torch.where(finite, new, self.moment))
-                self.num_updates.add_(finite.to(self.num_updates.dtype))
-                return
+        self._moment_set = True
+        if self.check_finite == "ignore":
+            self.moment.copy_(reference.minc_moment_update(self.moment, c, beta))
+            self.num_updates.add_(1)
+            return
+        finite = torch.isfinite(c).all()
+        if self.check_finite == "raise" and not torch.compiler.is_compiling():
+            # Opt-in: a host sync.  Under compile (no data-dependent raise) it skips instead.
             if not bool(finite):
                 raise ValueError("t contains NaN or Inf values; MINCLoss.moment was left unchanged "
-                                 "(pass check_finite=False to skip this check)")
-        self.moment.copy_(new)
-        self.num_updates.add_(1)
+                                 "(check_finite='skip' skips such steps without a host sync)")
+            self.moment.copy_(reference.minc_moment_update(self.moment, c, beta))
+            self.num_updates.add_(1)
+            return
+        # Same values whatever C holds: a non-finite C is swapped for M itself (M unchanged).
+        self.moment.copy_(reference.minc_moment_update(self.moment, torch.where(finite, c, self.moment),
+                                                       beta))
+        self.num_updates.add_(finite)
+        self.nonfinite_skips.add_(~finite)
+
+    def _check_state(self, x: torch.Tensor, name: str) -> None:
+        """Create M at the first call (dim=None), then check k and the device."""
+        if self._lazy:  # a Python flag, not is_lazy(): TorchDynamo traces it
+            self._materialize(x.shape[1], x.device)
+        if x.shape[1] != self.dim:
+            raise ValueError(f"{name} must have feature dimension k={self.dim} (MINCLoss(dim=...) "
+                             f"or the first call's k), got shape {tuple(x.shape)}")
+        if x.device != self.moment.device:
+            raise ValueError(f"{name} is on {x.device} but MINCLoss.moment is on "
+                             f"{self.moment.device}; move the loss with .to(device)")
 
     # ------------------------------------------------------------------ forward
     def forward(self, p, t, return_parts: bool = False):
         ps, ts = _as_list(p), _as_list(t)
         if len(ps) != len(ts) or not ps:
             raise ValueError(f"p and t must hold the same number (>= 1) of views, got {len(ps)} and {len(ts)}")
+        grad_on = torch.is_grad_enabled()
+        pairs = []
         for i, (pi, ti) in enumerate(zip(ps, ts)):
             sfx = f"[{i}]" if len(ps) > 1 else ""
-            check_pair(f"p{sfx}", pi, f"t{sfx}", ti, min_batch=1)
+            check_pair(f"p{sfx}", pi, f"t{sfx}", ti, min_batch=1, same_dtype=False)
+            if grad_on and ti.requires_grad and not pi.requires_grad:
+                raise ValueError(
+                    f"t{sfx} requires grad but p{sfx} does not: the arguments look swapped. "
+                    "MINCLoss is called as loss(p, t) with p the online prediction (gets the "
+                    "gradient) and t the target (stop-gradient), e.g. criterion(p0, z1), not "
+                    "criterion(z1, p0)")
+            dtype = torch.promote_types(pi.dtype, ti.dtype)
+            pairs.append((pi.to(dtype), ti.detach().to(dtype)))
+            if dtype != pairs[0][0].dtype:
+                raise TypeError(f"p{sfx}/t{sfx} promote to {dtype} but p[0]/t[0] to "
+                                f"{pairs[0][0].dtype}; pass every view in one dtype")
+        self._check_state(pairs[0][0], "p[0]" if len(ps) > 1 else "p")
+        for i, (pi, _) in enumerate(pairs[1:], 1):
             if pi.shape[1] != self.dim:
-                raise ValueError(f"p{sfx} must have feature dimension k={self.dim} (MINCLoss(dim=...)), "
-                                 f"got shape {tuple(pi.shape)}")
-            if pi.device != self.moment.device:
-                raise ValueError(f"p{sfx} is on {pi.device} but MINCLoss.moment is on "
-                                 f"{self.moment.device}; move the loss with .to(device)")
-            if pi.dtype != ps[0].dtype:
-                raise TypeError(f"p{sfx} must have the same dtype as p[0]: expected {ps[0].dtype}, got {pi.dtype}")
-        ts = [ti.detach() for ti in ts]
+                raise ValueError(f"p[{i}] must have feature dimension k={self.dim}, got shape "
+                                 f"{tuple(pi.shape)}")
+        op = select(self._choice, "minc", pairs[0][0])
+        pairs = [Fn._minc_features(pi, ti, self.feature_norm, self.mu, self.scale)
+                 for pi, ti in pairs]
         if self.training:
-            self.update_moment(ts)
+            self._update(op, [ti for _, ti in pairs])
+        elif not self._moment_set and not self._warned_eval:
+            self._warned_eval = True
+            warnings.warn("MINCLoss is in eval mode but its moment M was never updated (no "
+                          "training-mode call) nor loaded: M = 0, so the loss is only the "
+                          "cross term", RuntimeWarning, stacklevel=2)
         m = self.corrected_moment()
         loss = None
-        for pi, ti in zip(ps, ts):
-            li = Fn.minc_loss(pi, ti, m, self.ordering, self.backend)
+        for pi, ti in pairs:
+            li = Fn._minc_bilinear(op, pi, ti, m, self.ordering)
             loss = li if loss is None else loss + li
+        if self._divisor != 1.0:
+            loss = loss / self._divisor
         if not return_parts:
             return loss
         with torch.no_grad():
-            cross = sum(-2.0 * (pi.float() * ti.float()).sum() / pi.shape[0] for pi, ti in zip(ps, ts))
+            cross = sum(-2.0 * (reference.acc(pi) * reference.acc(ti)).sum() / pi.shape[0]
+                        for pi, ti in pairs) / self._divisor
             parts = {"cross": cross, "cov": loss.detach() - cross, "moment_trace": torch.trace(m)}
         return loss, parts
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, moment_momentum={self.moment_momentum}, "
                 f"bias_correction={self.bias_correction}, ordering={self.ordering!r}, "
-                f"check_finite={self.check_finite}, backend={self.backend!r}"
+                f"feature_norm={self.feature_norm!r}"
+                + (f", mu={self.mu}" if self.feature_norm == "clip" else "")
+                + (f", scale={self.scale}" if self.scale != 1.0 else "")
+                + f", check_finite={self.check_finite!r}, backend={self.backend!r}"
                 + (", gather_distributed=True" if self.gather_distributed else ""))

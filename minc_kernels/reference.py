@@ -1,4 +1,4 @@
-"""Eager PyTorch references of SPEC.md: the one oracle for tests, benchmarks and the CPU path.
+"""Eager PyTorch references of ``docs/math.md``: the one oracle for tests, benchmarks and the CPU path.
 
 Everything here is plain differentiable PyTorch (except the ``gha`` custom backward,
 which is not the gradient of a scalar).  No input validation happens here; the
@@ -21,8 +21,12 @@ __all__ = [
     "spectral_loss",
     "spectral_pairwise_term",
     "spectral_gram_term",
+    "MINC_FEATURE_NORMS",
+    "minc_features",
     "minc_loss",
     "minc_batch_moment_sum",
+    "minc_moment_update",
+    "minc_corrected_moment",
     "minc_ema_moment",
     "mio_loss",
     "ema_update_",
@@ -95,24 +99,68 @@ def spectral_loss(
 
 
 # --------------------------------------------------------------------------- MINC
+MINC_FEATURE_NORMS = ("l2", "clip", "none")
+
+
+def minc_features(x: torch.Tensor, feature_norm: str = "none", mu: float = 1.0,
+                  scale: float = 1.0) -> torch.Tensor:
+    """The per-row map MINC applies to both ``p`` and ``t`` before the moment and the loss.
+
+    ``"l2"``: ``s·x_i/max(‖x_i‖, 1e-12)``; ``"clip"``: ``s·x_i·min(1, √μ/‖x_i‖)``
+    (:func:`clip_rows`); ``"none"``: ``s·x_i``.  ``s = scale``.  Differentiable (the map's
+    Jacobian is part of the graph); the output keeps ``x``'s dtype.
+    """
+    if feature_norm == "l2":
+        x = F.normalize(x, dim=1, eps=1e-12)
+    elif feature_norm == "clip":
+        x = clip_rows(x, mu)
+    elif feature_norm != "none":
+        raise ValueError(f"feature_norm must be one of {MINC_FEATURE_NORMS}, got {feature_norm!r}")
+    return x if scale == 1.0 else x * scale
+
+
+def minc_loss_divisor(feature_norm: str, mu: float) -> float:
+    """``μ`` for ``"clip"`` (the loss is divided by μ as the spectral loss is), else 1."""
+    return float(mu) if feature_norm == "clip" else 1.0
+
+
 def minc_batch_moment_sum(t: torch.Tensor) -> torch.Tensor:
     """``Σ_j t_j t_jᵀ`` (k×k, float32, no gradient)."""
     t = acc(t.detach())
     return t.T @ t
 
 
+def minc_moment_update(moment: torch.Tensor, batch_moment: torch.Tensor, beta: float) -> torch.Tensor:
+    """One EMA step of the raw moment: ``β M + (1-β) C`` (a new tensor; no gradient)."""
+    dtype = torch.promote_types(moment.dtype, batch_moment.dtype)
+    return torch.lerp(moment.to(dtype), batch_moment.to(dtype), 1.0 - beta)
+
+
+def minc_corrected_moment(moment: torch.Tensor, beta: float, num_updates) -> torch.Tensor:
+    """The bias-corrected moment ``M / (1 - β^n)`` after ``n = num_updates`` EMA steps.
+
+    ``num_updates`` may be an int or a 0-d tensor (then nothing leaves the device).
+    ``n = 0`` (never updated) gives the raw moment (zeros), not 0/0.
+    """
+    if isinstance(num_updates, torch.Tensor):
+        n = num_updates.to(moment.dtype)
+        # n = 0: divide by 1, not by 1 - β⁰ = 0 (a 0-d where: nothing leaves the device).
+        corr = torch.where(n > 0, 1.0 - torch.pow(beta, n), 1.0)
+        return moment / corr
+    corr = 1.0 - beta ** num_updates
+    return moment / corr if corr > 0 else moment
+
+
 def minc_ema_moment(
     moment: torch.Tensor, batch_moment: torch.Tensor, beta: float, num_updates: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One EMA step of the raw moment and its bias-corrected value (SPEC §2 step 2).
+    """One EMA step of the raw moment and its bias-corrected value (math.md §2 step 2).
 
     ``moment`` is the raw EMA after ``num_updates`` updates; returns
     ``(raw_new, raw_new / (1 - beta^(num_updates+1)))``.  With ``beta == 0`` both equal C.
     """
-    raw = beta * moment + (1.0 - beta) * batch_moment
-    n = num_updates + 1
-    corr = 1.0 - beta**n
-    return raw, raw / corr
+    raw = minc_moment_update(moment, batch_moment, beta)
+    return raw, minc_corrected_moment(raw, beta, num_updates + 1)
 
 
 class _MincGHA(torch.autograd.Function):
@@ -139,14 +187,12 @@ class _MincGHA(torch.autograd.Function):
         return grad_p, None, None
 
 
-def minc_loss(
-    p: torch.Tensor, t: torch.Tensor, moment: torch.Tensor, ordering: str = "standard"
-) -> torch.Tensor:
-    """MINC bilinear loss ``(1/B) Σ_i [-2 p_i·t_i + p_iᵀ M p_i]`` (SPEC §2 step 3), float32.
+def minc_bilinear(p: torch.Tensor, t: torch.Tensor, moment: torch.Tensor,
+                  ordering: str = "standard") -> torch.Tensor:
+    """``(1/B) Σ_i [-2 p_i·t_i + p_iᵀ M p_i]`` on the (already mapped) features, float32.
 
-    ``t`` and ``moment`` are stop-gradient.  ``M`` must be symmetric (it is, by
-    construction), so ``dL/dp_i = (2/B)(M p_i - t_i)``; ``ordering="gha"`` uses
-    ``LT(M)`` (lower triangle, diagonal included) in the gradient instead.
+    ``t`` and ``moment`` are stop-gradient; ``dL/dp_i = (2/B)(M p_i - t_i)`` (M symmetric),
+    or ``(2/B)(LT(M) p_i - t_i)`` with ``ordering="gha"``.
     """
     t = t.detach()
     moment = moment.detach().to(torch.float64 if p.dtype == torch.float64 else torch.float32)
@@ -157,6 +203,26 @@ def minc_loss(
     pf, tf = acc(p), acc(t)
     b = p.shape[0]
     return (-2.0 * (pf * tf).sum() + ((pf @ moment) * pf).sum()) / b
+
+
+def minc_loss(
+    p: torch.Tensor, t: torch.Tensor, moment: torch.Tensor, ordering: str = "standard",
+    feature_norm: str = "none", mu: float = 1.0, scale: float = 1.0,
+) -> torch.Tensor:
+    """MINC loss for a given moment (math.md §2 step 3 and "Scale"), float32.
+
+    ``p̃ = φ(p)``, ``t̃ = φ(t)`` with ``φ`` = :func:`minc_features` (``feature_norm``,
+    ``mu``, ``scale``), then ``L = (1/B) Σ_i [-2 p̃_i·t̃_i + p̃_iᵀ M p̃_i] / d`` with
+    ``d = μ`` for ``"clip"``, else 1.  ``M`` must be the moment of the *mapped* targets.
+    ``t`` and ``moment`` are stop-gradient; the gradient flows through ``φ(p)`` exactly.
+    """
+    t = t.detach()
+    if feature_norm != "none" or scale != 1.0:
+        p = minc_features(p, feature_norm, mu, scale)
+        t = minc_features(t, feature_norm, mu, scale)
+    loss = minc_bilinear(p, t, moment, ordering)
+    div = minc_loss_divisor(feature_norm, mu)
+    return loss if div == 1.0 else loss / div
 
 
 # --------------------------------------------------------------------------- MIO
@@ -181,12 +247,13 @@ def mio_loss(
     s = acc(z @ z.T)
     idx = torch.arange(n, device=z.device)
     partner = (idx + b) % n
-    pos = torch.zeros(n, n, dtype=torch.bool, device=z.device)
-    pos[idx, partner] = True
-    neg = ~pos
-    neg.fill_diagonal_(False)
-    l_pos = F.softplus(-s[pos] / pos_temperature).mean()
-    l_neg = F.softplus(s[neg] / neg_temperature).mean()
+    # Masks by torch.where, not boolean indexing: indexing needs the mask's values on the
+    # host (nonzero), which meta/fake tensors and torch.compile cannot provide.
+    pos = idx[None, :] == partner[:, None]
+    neg = ~pos & (idx[None, :] != idx[:, None])
+    zero = s.new_zeros(())
+    l_pos = torch.where(pos, F.softplus(-s / pos_temperature), zero).sum() / n
+    l_neg = torch.where(neg, F.softplus(s / neg_temperature), zero).sum() / (n * (n - 2))
     reg = F.mse_loss(acc(zh1), acc(zh2))
     return l_pos + l_neg + lambda_l2 * reg
 

@@ -96,7 +96,9 @@ def _train_minc(sizes, rank, ddp=True, gather=True, steps=3, seed=1, dtype=DT, b
     net = _Net(seed, predictor=True, dtype=dtype)
     model = nn.parallel.DistributedDataParallel(net) if ddp else net
     target = mk.MomentumEncoder(net.enc)
-    loss_fn = mk.MINCLoss(K, moment_momentum=0.5, gather_distributed=gather, backend=backend)
+    # feature_norm="none": the parity checks below emulate the raw form with Fn.minc_loss.
+    loss_fn = mk.MINCLoss(K, moment_momentum=0.5, gather_distributed=gather, backend=backend,
+                          feature_norm="none")
     opt = torch.optim.SGD(net.parameters(), lr=LR)
     lo = sum(sizes[:rank]) if ddp else 0
     hi = lo + sizes[rank] if ddp else sum(sizes)
@@ -431,7 +433,7 @@ def test_minc_unequal_local_batches_documented_weighting(dist_results):
     # Emulate in one process: global M, then (1/W) Σ_r mean over rank r's rows.
     net = _Net(1, predictor=True)
     target = mk.MomentumEncoder(net.enc)
-    loss_fn = mk.MINCLoss(K, moment_momentum=0.5)
+    loss_fn = mk.MINCLoss(K, moment_momentum=0.5, feature_norm="none")
     x1, x2 = _data(200, sum(sizes))
     p1, p2 = net(x1), net(x2)
     t1, t2 = target(x1), target(x2)

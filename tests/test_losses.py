@@ -45,7 +45,7 @@ def test_constructor_errors(ctor, match):
 
 def test_minc_first_step_uses_batch_moment_and_updates_state():
     k = 5
-    loss = mk.MINCLoss(k, moment_momentum=0.9)
+    loss = mk.MINCLoss(k, moment_momentum=0.9, feature_norm="none")
     p, t = _rand(7, k, seed=3).requires_grad_(), _rand(7, k, seed=4)
     out = loss(p, t)
     c = t.T @ t / 7
@@ -63,7 +63,7 @@ def test_minc_first_step_uses_batch_moment_and_updates_state():
 
 
 def test_minc_eval_leaves_moment_unchanged():
-    loss = mk.MINCLoss(4)
+    loss = mk.MINCLoss(4, feature_norm="none")
     loss(_rand(6, 4, seed=7), _rand(6, 4, seed=8))
     before = loss.moment.clone(), loss.num_updates.clone()
     loss.eval()
@@ -88,7 +88,7 @@ def test_minc_state_dict_round_trip():
 
 def test_minc_symmetric_call():
     k = 4
-    loss = mk.MINCLoss(k, moment_momentum=0.0)
+    loss = mk.MINCLoss(k, moment_momentum=0.0, feature_norm="none")
     p1, p2 = _rand(6, k, seed=1), _rand(6, k, seed=2)
     t1, t2 = _rand(6, k, seed=3), _rand(6, k, seed=4)
     out, parts = loss((p1, p2), (t2, t1), return_parts=True)
@@ -111,7 +111,7 @@ def test_minc_target_never_gets_gradient():
 
 
 def test_minc_gha_ordering_gradient():
-    loss = mk.MINCLoss(4, moment_momentum=0.0, ordering="gha")
+    loss = mk.MINCLoss(4, moment_momentum=0.0, ordering="gha", feature_norm="none")
     p, t = _rand(6, 4, seed=1).requires_grad_(), _rand(6, 4, seed=2)
     loss(p, t).backward()
     c = t.T @ t / 6
@@ -119,7 +119,7 @@ def test_minc_gha_ordering_gradient():
 
 
 def test_minc_bad_input_changes_no_state():
-    loss = mk.MINCLoss(4)
+    loss = mk.MINCLoss(4, check_finite="raise")
     loss(_rand(6, 4, seed=1), _rand(6, 4, seed=2))
     snap = {k: v.clone() for k, v in loss.state_dict().items()}
 
@@ -186,3 +186,70 @@ def test_first_call_under_compile_fullgraph_in_a_fresh_process():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- feature maps (issue 12)
+VARIANTS = [dict(feature_norm="l2"), dict(feature_norm="l2", scale=2.0),
+            dict(feature_norm="clip", mu=2.0), dict(feature_norm="none")]
+
+
+def test_minc_default_variant_is_the_documented_constant():
+    assert mk.MINCLoss(4).feature_norm == mk.losses.MINC_DEFAULT_FEATURE_NORM == "l2"
+
+
+@pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: "-".join(map(str, kw.values())))
+def test_minc_module_variants_match_reference(kw):
+    """Two training steps of the module = the reference composition: M is the EMA of the
+    moments of φ(t), the loss and its gradient those of R.minc_loss on the same M."""
+    k, beta = 5, 0.8
+    loss = mk.MINCLoss(k, moment_momentum=beta, **kw)
+    raw = torch.zeros(k, k)
+    for step in range(2):
+        p = (2.0 * _rand(9, k, seed=30 + step)).requires_grad_()
+        t = 2.0 * _rand(9, k, seed=40 + step)
+        out = loss(p, t)
+        tm = R.minc_features(t, kw["feature_norm"], kw.get("mu", 1.0), kw.get("scale", 1.0))
+        raw, m = R.minc_ema_moment(raw, R.minc_batch_moment_sum(tm) / 9, beta, step)
+        torch.testing.assert_close(loss.corrected_moment(), m)
+        ref_p = p.detach().clone().requires_grad_()
+        want = R.minc_loss(ref_p, t, m, **kw)
+        torch.testing.assert_close(out, want)
+        out.backward()
+        want.backward()
+        torch.testing.assert_close(p.grad, ref_p.grad)
+        # the functional form with the same M agrees too
+        torch.testing.assert_close(mk.minc_loss(p.detach(), t, m, **kw), want.detach())
+
+
+@pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: "-".join(map(str, kw.values())))
+@pytest.mark.parametrize("ordering", ["standard", "gha"])
+def test_minc_variants_triton_path_matches_reference(kw, ordering):
+    """The Triton op (interpreted on the CPU) receives the mapped rows: same value, same
+    gradient through φ, same M as the reference backend."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    k = 6
+    fast = mk.MINCLoss(k, moment_momentum=0.5, ordering=ordering, backend="triton", **kw)
+    ref = mk.MINCLoss(k, moment_momentum=0.5, ordering=ordering, backend="reference", **kw)
+    for step in range(2):
+        p = (1.7 * _rand(11, k, seed=50 + step)).requires_grad_()
+        p_ref = p.detach().clone().requires_grad_()
+        t = 1.7 * _rand(11, k, seed=60 + step)
+        a, b = fast((p, p * 0.5), (t, t.flip(0))), ref((p_ref, p_ref * 0.5), (t, t.flip(0)))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        a.backward()
+        b.backward()
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast.moment, ref.moment, rtol=1e-5, atol=1e-6)
+
+
+def test_minc_variant_argument_errors():
+    with pytest.raises(ValueError, match="feature_norm"):
+        mk.MINCLoss(4, feature_norm="cosine")
+    with pytest.raises((ValueError, TypeError), match="scale"):
+        mk.MINCLoss(4, scale=0)
+    with pytest.raises((ValueError, TypeError), match="mu"):
+        mk.MINCLoss(4, feature_norm="clip", mu=-1.0)
+    with pytest.raises(ValueError, match="feature_norm"):
+        mk.minc_loss(torch.randn(3, 2), torch.randn(3, 2), torch.eye(2), feature_norm="l1")

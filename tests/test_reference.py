@@ -216,3 +216,69 @@ def test_cosine_momentum_schedule():
     assert R.cosine_momentum(k, K) == pytest.approx(1 - 0.004 * (math.cos(math.pi * k / K) + 1) / 2)
     with pytest.raises(ValueError, match="total"):
         R.cosine_momentum(0, 0)
+
+
+# ---------------------------------------------------------------- MINC feature maps (issue 12)
+@pytest.mark.parametrize("feature_norm,scale", [("l2", 1.0), ("l2", 2.5), ("clip", 1.0),
+                                                ("clip", 3.0), ("none", 1.0), ("none", 0.5)])
+def test_minc_variants_value_and_gradcheck(feature_norm, scale):
+    """Each variant = the bilinear loss on φ(p), φ(t) with M the moment of φ(t) (divided by μ
+    for clip), against a hand-written oracle; gradcheck through φ in float64."""
+    b, k, mu = 7, 5, 5.0
+    g = torch.Generator().manual_seed(11)
+    p = torch.randn(b, k, generator=g, dtype=torch.float64).requires_grad_()
+    t = torch.randn(b, k, generator=g, dtype=torch.float64)
+    # mixed row norms around √μ, so clip takes both branches
+    assert ((t.norm(dim=1) > mu ** 0.5).any() and (t.norm(dim=1) < mu ** 0.5).any())
+
+    def phi(x):
+        n = x.norm(dim=1, keepdim=True)
+        if feature_norm == "l2":
+            return scale * x / n
+        if feature_norm == "clip":
+            return scale * x * torch.clamp(mu ** 0.5 / n, max=1.0)
+        return scale * x
+
+    pt, tt = phi(p), phi(t)
+    m = tt.T @ tt / b
+    d = mu if feature_norm == "clip" else 1.0
+    want = ((-2 * (pt * tt).sum(1) + ((pt @ m) * pt).sum(1)).mean() / d)
+    got = R.minc_loss(p, t, m, feature_norm=feature_norm, mu=mu, scale=scale)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(R.minc_batch_moment_sum(R.minc_features(t, feature_norm, mu, scale)) / b, m)
+    torch.autograd.gradcheck(lambda x: R.minc_loss(x, t, m, feature_norm=feature_norm, mu=mu,
+                                                   scale=scale), (p,))
+    gp, = torch.autograd.grad(got, p)
+    gw, = torch.autograd.grad(want, p)
+    torch.testing.assert_close(gp, gw)
+    if feature_norm == "l2" and scale == 1.0:
+        assert -2.0 <= got.item() <= 1.0  # bounded, as math.md says
+
+
+def test_minc_l2_variant_gha_gradient_chains_through_normalisation():
+    b, k = 6, 4
+    g = torch.Generator().manual_seed(12)
+    p = torch.randn(b, k, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(b, k, generator=g, dtype=torch.float64)
+    th = t / t.norm(dim=1, keepdim=True)
+    m = th.T @ th / b
+    R.minc_loss(p, t, m, ordering="gha", feature_norm="l2").backward()
+    ph = (p / p.norm(dim=1, keepdim=True)).detach().requires_grad_()
+    g_hat = 2.0 / b * (ph @ torch.tril(m).T - th)  # the GHA gradient wrt p̂
+    ph_val = p / p.norm(dim=1, keepdim=True)
+    want, = torch.autograd.grad(ph_val, p, g_hat)
+    torch.testing.assert_close(p.grad, want)
+
+
+def test_minc_corrected_moment_tensor_and_int_counts_agree():
+    m = torch.rand(3, 3)
+    for n in (0, 1, 5):
+        torch.testing.assert_close(R.minc_corrected_moment(m, 0.9, torch.tensor(n)),
+                                   R.minc_corrected_moment(m, 0.9, n))
+    assert torch.equal(R.minc_corrected_moment(torch.zeros(2, 2), 0.9, torch.tensor(0)),
+                       torch.zeros(2, 2))
+
+
+def test_mio_reference_runs_on_meta_tensors():
+    out = R.mio_loss(torch.randn(4, 3, device="meta"), torch.randn(4, 3, device="meta"))
+    assert out.device.type == "meta" and out.shape == ()
