@@ -32,9 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from minc_kernels import MINCLoss, MIOLoss, MomentumEncoder, SpectralContrastiveLoss, cosine_momentum  # noqa: E402
-from minc_train.engine import ema_step  # noqa: E402
-from minc_train.models import SSLModel, build_backbone, mlp  # noqa: E402
+# The training program's wiring of each method (heads, symmetric MINC call, EMA step):
+# the example package, `pip install -e examples`.
+from minc_train import methods as M  # noqa: E402
+from minc_train.models import build_backbone  # noqa: E402
 from minc_train.optim import build_optimizer  # noqa: E402
 
 PROVIDERS = {"eager": ("reference", "foreach"), "minc_kernels": ("auto", "auto")}
@@ -56,18 +57,11 @@ def _timeit(fn, dev):
 def build(cfg, method, dev, loss_backend):
     torch.manual_seed(0)
     bb, dim = build_backbone(cfg.arch, 3, cfg.stem, cfg.image_size, cfg.width, 1)
-    proj = mlp(dim, cfg.hidden, cfg.dim, 2, last_bn=method == "mio")
-    pred = mlp(cfg.dim, cfg.hidden, cfg.dim, 2) if method == "minc" else None
-    model = SSLModel(bb, proj, pred).to(dev)
+    model = M.build_model(method, bb, dim, cfg.hidden, cfg.dim, 2, cfg.hidden).to(dev)
     if dev.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    target = MomentumEncoder(model.encoder) if method == "minc" else None
-    if method == "minc":
-        loss = MINCLoss(cfg.dim, backend=loss_backend).to(dev)
-    elif method == "spectral":
-        loss = SpectralContrastiveLoss(backend=loss_backend)
-    else:
-        loss = MIOLoss(backend=loss_backend)
+    target = M.build_target(method, model)
+    loss = M.build_loss(method, cfg.dim, backend=loss_backend).to(dev)
     opt = build_optimizer("lars", model, 0.1, 1e-6)
     return model, target, loss, opt
 
@@ -91,39 +85,32 @@ def bench(cfg, method, provider, dev):
         return _forward()
 
     def _forward():
-        z1, p1 = model(x1)
-        z2, p2 = model(x2)
-        ts = (target(x1), target(x2)) if target is not None else None
-        return z1, p1, z2, p2, ts
+        return M.forward_views(model, target, x1, x2)
 
-    def loss_of(z1, p1, z2, p2, ts):
-        if method == "minc":
-            return loss_fn((p1, p2), (ts[1].to(p1.dtype), ts[0].to(p1.dtype)))
-        return loss_fn(z1, z2)
+    def loss_of(out):
+        return M.compute_loss(method, loss_fn, out)
 
     steps, losses, emas = [], [], []
     for i in range(total):
         _sync(dev)
         t0 = time.perf_counter()
         outs = forward()
-        loss = loss_of(*outs)
+        loss = loss_of(outs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if target is not None:
-            _, ema_ms = _timeit(lambda: ema_step(target, cosine_momentum(i, total), ema_backend,
-                                                 check_finite=False), dev)
+            _, ema_ms = _timeit(lambda: M.update_target(target, i, total, backend=ema_backend,
+                                                        check_finite=False), dev)
         else:
             ema_ms = 0.0
         _sync(dev)
         step_ms = (time.perf_counter() - t0) * 1e3
         # the loss alone, forward + backward, on this step's (detached) outputs
-        z1, p1, z2, p2, ts = (o.detach().requires_grad_() if isinstance(o, torch.Tensor) else o
-                              for o in outs)
-        if method == "minc":
-            p1 = p1.detach().requires_grad_()
-            p2 = p2.detach().requires_grad_()
-        _, loss_ms = _timeit(lambda: loss_of(z1, p1, z2, p2, ts).backward(), dev)
+        # (targets stay without grad, as in the step)
+        detached = M.ViewOutputs(*(None if o is None else o.detach().requires_grad_(k < 4)
+                                   for k, o in enumerate(outs)))
+        _, loss_ms = _timeit(lambda: loss_of(detached).backward(), dev)
         if i >= cfg.warmup:
             steps.append(step_ms)
             losses.append(loss_ms)

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from minc_train import cli, data as D
-from minc_train.engine import Trainer, minc_no_moment_loss
+from minc_train.engine import Trainer
+from minc_train.methods import minc_no_moment_loss
 from minc_train.metrics import effective_rank
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,9 +109,8 @@ def tiny(fmnist, out, *extra):
 # ---------------------------------------------------------------------- training-program options
 def _one_step(fmnist, tmp_path, *extra):
     tr = Trainer(cli.resolve_config(tiny(fmnist, tmp_path, "--method", "minc", "--seed", "3", *extra)))
-    tr.ddp_model.train()
-    tr.loss_fn.train()
-    x1, x2 = next(tr._batches(0))
+    tr.train_mode()
+    x1, x2 = next(tr.batches(0))
     return tr, x1, x2
 
 

@@ -14,11 +14,10 @@ import os
 import sys
 import time
 
-from .engine import METHODS
+from .methods import MINC_ABLATIONS, METHODS
 
 PRESETS = ("cpu", "gpu")
 ORDERINGS = ("standard", "gha")
-MINC_ABLATIONS = ("none", "no-moment")
 LR_SCALINGS = ("linear", "sqrt", "none")
 # options that define the loss: a resumed run must keep the checkpoint's values
 _LOSS_OPTIONS = ("method", "ordering", "minc_ablation")
@@ -205,17 +204,13 @@ def resolve_config(argv=None) -> argparse.Namespace:
 
 
 def _init_distributed(cfg) -> None:
-    """Under torchrun (WORLD_SIZE > 1): init the process group (nccl on GPU, gloo on CPU) and
-    agree on rank 0's output directory."""
+    """Under torchrun (WORLD_SIZE > 1): init the process group (the engine's one place for it)
+    and agree on rank 0's output directory."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
-    import torch
     import torch.distributed as dist
-    if not dist.is_initialized():
-        cuda = cfg.device != "cpu" and torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    from .engine import init_distributed
+    init_distributed(cfg.device)
     obj = [cfg.out_dir]
     dist.broadcast_object_list(obj, src=0)
     cfg.out_dir = obj[0]
@@ -225,9 +220,9 @@ def format_report(cfg, report: dict, history: list, plots: list, wall_s: float) 
     import torch
     threads = torch.get_num_threads()
     names = {"minc": "MINC", "spectral": "Spectral contrastive", "mio": "MIO"}
-    if cfg.method == "minc" and getattr(cfg, "ordering", "standard") == "gha":
+    if cfg.method == "minc" and cfg.ordering == "gha":
         names["minc"] = "MINC (GHA ordering)"
-    if cfg.method == "minc" and getattr(cfg, "minc_ablation", "none") == "no-moment":
+    if cfg.method == "minc" and cfg.minc_ablation == "no-moment":
         names["minc"] = "MINC without the moment term (ablation)"
     last = history[-1] if history else {}
     lines = [f"{names[cfg.method]} pre-training on {cfg.dataset}: {cfg.arch}, {len(history)} epochs "

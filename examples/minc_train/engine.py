@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
-import json
 import math
 import os
 import random
@@ -16,14 +14,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minc_kernels.ema import MomentumEncoder, cosine_momentum, ema_update_
-from minc_kernels.losses import MINCLoss, MIOLoss, SpectralContrastiveLoss
 from . import data as D
+from . import methods as M
 from .metrics import CSVLogger, effective_rank, knn_accuracy, linear_probe
-from .models import SSLModel, build_backbone, mlp
+from .models import build_backbone
 from .optim import build_optimizer, warmup_cosine
 
-METHODS = ("minc", "spectral", "mio")
 LOG_FIELDS = ["epoch", "step", "loss", "lr", "ema_momentum", "knn_acc", "eff_rank", "proj_eff_rank",
               "epoch_time_s", "step_time_s", "elapsed_s", "cpu_time_s"]
 
@@ -65,41 +61,23 @@ def atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-@torch.no_grad()
-def ema_step(enc: MomentumEncoder, momentum: float, backend: str = "auto", check_finite: bool = True) -> None:
-    """``enc.update(momentum)`` with a choice of :func:`minc_kernels.ema_update_` backend
-    (``auto``: the compiled extension if built, ``foreach``: ``torch._foreach_lerp_``).
-    Parameters and floating buffers are averaged, integer buffers copied."""
-    tp, op = list(enc.target.parameters()), list(enc.online.parameters())
-    lt, lo, ct, co = list(tp), list(op), [], []
-    for t, o in zip(enc.target.buffers(), enc.online.buffers()):
-        (lt if t.is_floating_point() else ct).append(t)
-        (lo if t.is_floating_point() else co).append(o)
-    ema_update_(lt, lo, momentum, check_finite=check_finite, backend=backend)
-    for t, o in zip(ct, co):
-        t.copy_(o)
-
-
-def minc_no_moment_loss(p, t) -> torch.Tensor:
-    """MINC without its covariance term: ``-(2/B) Σ_i p_i·t_i`` per pair, summed over the
-    pairs when ``p`` and ``t`` are tuples (symmetric use: ``((p1, p2), (t2, t1))``).
-    ``t`` is treated as stop-gradient.  Unbounded below (nothing stops the norms growing)."""
-    if isinstance(p, torch.Tensor):
-        p, t = (p,), (t,)
-    if len(p) != len(t):
-        raise ValueError(f"p and t must pair up, got {len(p)} predictions and {len(t)} targets")
-    total = None
-    for pi, ti in zip(p, t):
-        if pi.dim() != 2 or pi.shape != ti.shape:
-            raise ValueError(f"p and t must be (B, k) of the same shape, got {tuple(pi.shape)} and "
-                             f"{tuple(ti.shape)}")
-        term = -2.0 * (pi.float() * ti.detach().float()).sum(1).mean()
-        total = term if total is None else total + term
-    return total
-
-
-def _supports(cls, name: str) -> bool:
-    return name in inspect.signature(cls.__init__).parameters
+def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
+    """Under torchrun (``WORLD_SIZE`` > 1) initialise the process group once (nccl on GPU,
+    gloo on CPU).  Returns (rank, world size, this process's device).  ``device``: auto,
+    cpu or cuda."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but no CUDA device is available")
+    want_cuda = device in ("cuda", "auto") and torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(f"cuda:{local}" if want_cuda else "cpu")
+    if want_cuda:
+        torch.cuda.set_device(dev)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), dev
+    return 0, 1, dev
 
 
 def _plain(v):
@@ -129,18 +107,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _init_distributed(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        want_cuda = self.cfg.device in ("cuda", "auto") and torch.cuda.is_available()
-        if self.cfg.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda was requested but no CUDA device is available")
-        self.device = torch.device(f"cuda:{local}" if want_cuda else "cpu")
-        if want_cuda:
-            torch.cuda.set_device(self.device)
+        # a no-op when the caller (cli.run) has initialised the process group already
+        self.rank, self.world, self.device = init_distributed(self.cfg.device)
         self.distributed = self.world > 1
-        if self.distributed and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if want_cuda else "gloo")
         if self.cfg.batch_size % self.world:
             raise ValueError(f"--batch-size {self.cfg.batch_size} must be divisible by the number "
                              f"of processes ({self.world})")
@@ -212,33 +181,18 @@ class Trainer:
         self.feat_dim = feat_dim
         # The randomly initialised backbone: the baseline of the final report.
         self.init_backbone_state = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
-        projector = mlp(feat_dim, cfg.proj_hidden, cfg.proj_dim, cfg.proj_layers,
-                        last_bn=cfg.method == "mio")
-        predictor = (mlp(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim, 2) if cfg.method == "minc" else None)
-        model = SSLModel(backbone, projector, predictor)
+        model = M.build_model(cfg.method, backbone, feat_dim, cfg.proj_hidden, cfg.proj_dim,
+                              cfg.proj_layers, cfg.pred_hidden)
         if self.distributed and cfg.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(self.device)
         if self.cuda:
             model.to(memory_format=torch.channels_last)
         self.model = model
-        self.target = MomentumEncoder(model.encoder) if cfg.method == "minc" else None
-        # Under DDP the losses see the global batch (gather_distributed, SPEC §5) when the
-        # installed minc_kernels supports it.
-        gather = {"gather_distributed": True} if self.distributed else {}
-        if cfg.method == "minc":
-            kw = {k: v for k, v in gather.items() if _supports(MINCLoss, k)}
-            ordering = getattr(cfg, "ordering", "standard") or "standard"
-            self.loss_fn = MINCLoss(cfg.proj_dim, moment_momentum=cfg.moment_momentum,
-                                    ordering=ordering, backend=cfg.backend, **kw)
-        elif cfg.method == "spectral":
-            kw = {k: v for k, v in gather.items() if _supports(SpectralContrastiveLoss, k)}
-            self.loss_fn = SpectralContrastiveLoss(mu=cfg.mu, backend=cfg.backend, **kw)
-        elif cfg.method == "mio":
-            kw = {k: v for k, v in gather.items() if _supports(MIOLoss, k)}
-            self.loss_fn = MIOLoss(backend=cfg.backend, **kw)
-        else:
-            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+        self.target = M.build_target(cfg.method, model)
+        self.loss_fn = M.build_loss(cfg.method, cfg.proj_dim, backend=cfg.backend, mu=cfg.mu,
+                                    moment_momentum=cfg.moment_momentum, ordering=cfg.ordering,
+                                    gather_distributed=self.distributed)
         self.loss_fn.to(self.device)
         self.ddp_model = (nn.parallel.DistributedDataParallel(
             model, device_ids=[self.device.index] if self.cuda else None) if self.distributed else model)
@@ -263,8 +217,28 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def set_schedule(self, total_steps: int, warmup_steps: int) -> None:
+        """Run the lr and EMA schedules over ``total_steps`` steps (``warmup_steps`` of them
+        linear lr warm-up), for callers that drive :meth:`train_step` themselves."""
+        if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
+            raise ValueError(f"need total_steps >= 1 and 0 <= warmup_steps <= total_steps, got "
+                             f"{total_steps} and {warmup_steps}")
+        self.total_steps, self.warmup_steps = int(total_steps), int(warmup_steps)
+
+    def train_mode(self) -> None:
+        """Online network and loss in training mode (BN batch statistics, MINC's M updated)."""
+        self.ddp_model.train()
+        self.loss_fn.train()
+
     # ------------------------------------------------------------------ data iteration
-    def _batches(self, epoch: int):
+    def two_views(self, x: torch.Tensor, generator: torch.Generator):
+        """The two augmented views of a batch ``x`` of in-memory training images (memory
+        loader only), drawn with ``generator``."""
+        if self.stream is not None:
+            raise ValueError("two_views needs the in-memory loader (--loader memory)")
+        return self.augs[0](x, generator, self.device), self.augs[1](x, generator, self.device)
+
+    def batches(self, epoch: int):
         """Yields (x1, x2) views of this rank for one epoch, reproducible from (seed, epoch)."""
         cfg = self.cfg
         torch.manual_seed(_epoch_seed(cfg.seed, epoch, self.rank))
@@ -276,7 +250,7 @@ class Trainer:
             for s in range(self.steps_per_epoch):
                 idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size][lo:hi]
                 x = self.train_ds.images[idx]
-                yield self.augs[0](x, ga, self.device), self.augs[1](x, ga, self.device)
+                yield self.two_views(x, ga)
             return
         ds = self.stream["train"]
         if self.distributed:
@@ -305,40 +279,25 @@ class Trainer:
             x1 = x1.contiguous(memory_format=torch.channels_last)
             x2 = x2.contiguous(memory_format=torch.channels_last)
         with self.autocast():
-            z1, p1 = self.ddp_model(x1)
-            z2, p2 = self.ddp_model(x2)
-            if self.target is not None:
-                t1, t2 = self.target(x1), self.target(x2)
-        if cfg.method == "minc":
-            t1, t2 = t1.to(p1.dtype), t2.to(p1.dtype)
-            if cfg.normalize:  # BYOL-style: compare directions (unit-norm p and t)
-                p1, p2, t1, t2 = (nn.functional.normalize(v, dim=1) for v in (p1, p2, t1, t2))
-            if getattr(cfg, "minc_ablation", "none") == "no-moment":
-                # the cross-correlation term alone (no p^T M p): what MINC is without the
-                # summary of the other samples; M is neither used nor updated
-                loss = minc_no_moment_loss((p1, p2), (t2.detach(), t1.detach()))
-            else:
-                loss = self.loss_fn((p1, p2), (t2, t1))
-        else:
-            loss = self.loss_fn(z1, z2)
+            out = M.forward_views(self.ddp_model, self.target, x1, x2)
+        loss = M.compute_loss(cfg.method, self.loss_fn, out, cfg.normalize, cfg.minc_ablation)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self.target is not None:
-            self.momentum_now = cosine_momentum(self.step, self.total_steps, cfg.ema_base)
-            ema_step(self.target, self.momentum_now, cfg.ema_backend, check_finite=not self.cuda)
+        # check_finite on the CPU only: on the GPU it would wait on the device every step
+        self.momentum_now = M.update_target(self.target, self.step, self.total_steps, cfg.ema_base,
+                                            backend=cfg.ema_backend, check_finite=not self.cuda)
         self.last_lr = lr
         self.step += 1
         return loss.detach()
 
     def train_epoch(self, epoch: int) -> dict:
         from tqdm import tqdm
-        self.ddp_model.train()
-        self.loss_fn.train()
+        self.train_mode()
         self.momentum_now = float("nan")
         total, n, t0 = torch.zeros((), device=self.device), 0, time.time()
-        bar = tqdm(self._batches(epoch), total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+        bar = tqdm(self.batches(epoch), total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
                    disable=not self.is_main or not self.cfg.progress, leave=False, dynamic_ncols=True)
         for x1, x2 in bar:
             loss = self.train_step(x1, x2)
@@ -351,8 +310,11 @@ class Trainer:
                                              "or check the data")
                 bar.set_postfix(loss=f"{val:.4f}", lr=f"{self.last_lr:.3g}")
         dt = time.time() - t0
-        return {"loss": float(total) / max(n, 1), "lr": self.last_lr, "ema_momentum": self.momentum_now,
-                "epoch_time_s": dt, "step_time_s": dt / max(n, 1)}
+        row = {"loss": float(total) / max(n, 1), "lr": self.last_lr,
+               "epoch_time_s": dt, "step_time_s": dt / max(n, 1)}
+        if self.target is not None:  # methods without an EMA target have no momentum to log
+            row["ema_momentum"] = self.momentum_now
+        return row
 
     # ------------------------------------------------------------------ features / evaluation
     @torch.no_grad()

@@ -170,10 +170,9 @@ def run_method(a, method: str, bar=None) -> dict:
     t0 = time.time()
     records = [{"step": 0, "loss": None, **measure(trainer, x)}]
     status, losses = "ok", []
-    trainer.ddp_model.train()
-    trainer.loss_fn.train()
+    trainer.train_mode()
     for epoch in range(cfg.epochs):
-        for x1, x2 in trainer._batches(epoch):
+        for x1, x2 in trainer.batches(epoch):
             losses.append(float(trainer.train_step(x1, x2)))
             if bar is not None:
                 bar.update(1)

@@ -91,6 +91,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from minc_train import methods as M
+
 # the repository root (examples/minc_train/studies/ -> ../../..): results land beside the benchmarks
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 DEFAULT_OUT = os.path.join("benchmarks", "results", "studies", "grad_variance")
@@ -377,15 +379,14 @@ def build_warm_state(args, work_dir: str):
     if trainer.stream is not None:
         raise ValueError("the gradient-variance study needs the in-memory loader")
     # the whole warm-up is one lr/EMA schedule of warmup_steps steps, however many epochs
-    trainer.total_steps = max(args.warmup_steps, 1)
-    trainer.warmup_steps = max(1, int(round(0.2 * trainer.total_steps)))
+    total = max(args.warmup_steps, 1)
+    trainer.set_schedule(total, max(1, int(round(0.2 * total))))
     from tqdm import tqdm
     losses, t0, epoch = [], time.time(), 0
     bar = tqdm(total=args.warmup_steps, desc="warm-up (MINC)", disable=not args.progress, leave=False)
-    trainer.ddp_model.train()
-    trainer.loss_fn.train()
+    trainer.train_mode()
     while len(losses) < args.warmup_steps:
-        for x1, x2 in trainer._batches(epoch):
+        for x1, x2 in trainer.batches(epoch):
             losses.append(float(trainer.train_step(x1, x2)))
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -421,7 +422,7 @@ class GradientSampler:
     """Gradients of every method's loss on one fixed warmed-up state (see the module docstring)."""
 
     def __init__(self, trainer, methods: Sequence[str]):
-        from minc_kernels import MINCLoss, MIOLoss, SpectralContrastiveLoss
+        from minc_kernels import MINCLoss, SpectralContrastiveLoss
         self.tr, self.methods = trainer, list(methods)
         self.device = trainer.device
         model = trainer.model
@@ -436,12 +437,13 @@ class GradientSampler:
         self.n_enc = sum(p.numel() for p in self.enc_params)
         self.n_pred = sum(p.numel() for p in self.pred_params)
         self.minc_ema = trainer.loss_fn.eval()  # eval: M is used, never updated
-        self.minc_batch = MINCLoss(trainer.loss_fn.dim, moment_momentum=0.0).to(self.device).train()
-        self.spectral = SpectralContrastiveLoss(mu=float(trainer.cfg.mu)).to(self.device)
+        k = trainer.loss_fn.dim
+        self.minc_batch = M.build_loss("minc", k, moment_momentum=0.0).to(self.device).train()
+        self.spectral = M.build_loss("spectral", k, mu=float(trainer.cfg.mu)).to(self.device)
         self.spectral_noclip = SpectralContrastiveLoss(mu=1.0, clip=False).to(self.device)
         # no bias correction: the buffer is the M used (set by set_population_moment)
         self.spectral_moment = MINCLoss(trainer.loss_fn.dim, bias_correction=False).to(self.device).eval()
-        self.mio = MIOLoss().to(self.device)
+        self.mio = M.build_loss("mio", k).to(self.device)
         self.images = trainer.train_ds.images
         self.population_moment_info = None
 
@@ -463,28 +465,28 @@ class GradientSampler:
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(self.images.shape[0], generator=g)[:size]
         x = self.images[idx]
-        return self.tr.augs[0](x, g, self.device), self.tr.augs[1](x, g, self.device)
+        return self.tr.two_views(x, g)
 
     def losses(self, x1, x2) -> dict:
-        z1, p1 = self.tr.model(x1)
-        z2, p2 = self.tr.model(x2)
-        t1, t2 = self.tr.target(x1), self.tr.target(x2)
-        if self.tr.cfg.normalize:
-            p1, p2, t1, t2 = (torch.nn.functional.normalize(v, dim=1) for v in (p1, p2, t1, t2))
+        # the training program's wiring (minc_train.methods): the same views, heads and
+        # symmetric MINC call as Trainer.train_step
+        v = M.forward_views(self.tr.model, self.tr.target, x1, x2)
+        normalize = self.tr.cfg.normalize
         out = {}
         for m in self.methods:
             if m == "spectral":
-                out[m] = self.spectral(z1, z2)
+                out[m] = M.compute_loss("spectral", self.spectral, v)
             elif m == "mio":
-                out[m] = self.mio(z1, z2)
+                out[m] = M.compute_loss("mio", self.mio, v)
             elif m == "minc_ema":
-                out[m] = self.minc_ema((p1, p2), (t2, t1))
+                out[m] = M.compute_loss("minc", self.minc_ema, v, normalize)
             elif m == "minc_batch":
-                out[m] = self.minc_batch((p1, p2), (t2, t1))
+                out[m] = M.compute_loss("minc", self.minc_batch, v, normalize)
             elif m == "spectral_noclip":
-                out[m] = self.spectral_noclip(z1, z2)
+                out[m] = M.compute_loss("spectral", self.spectral_noclip, v)
             elif m == "spectral_moment":
-                out[m] = self.spectral_moment((z1, z2), (z2, z1))
+                # the spectral objective through a fixed M: a MINC module on (z1, z2) pairs
+                out[m] = self.spectral_moment((v.z1, v.z2), (v.z2, v.z1))
         return out
 
     def grads(self, size: int, seed: int) -> tuple[dict, dict]:
