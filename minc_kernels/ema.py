@@ -1,4 +1,10 @@
-"""EMA (momentum-encoder) updates, SPEC §4: ``ema_update_``, ``MomentumEncoder``, schedules."""
+"""EMA (momentum-encoder) updates, docs/math.md §4: ``ema_update_``, ``MomentumEncoder``, schedules.
+
+The defaults never wait on the device: arguments are checked on shapes, dtypes, devices
+and layouts only.  The NaN/Inf check of the online values is opt-in (``check_finite=True``):
+it reads every online value once more and syncs with the host, which costs more than the
+update itself on the memory-bound CPU path (issue 13 measured 0.41x of ``_foreach_lerp_``).
+"""
 from __future__ import annotations
 
 import copy
@@ -81,7 +87,7 @@ def _all_finite(tensors: list) -> bool:
 
 @torch.no_grad()
 def ema_update_(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], momentum: float,
-                check_finite: bool = True, backend: str = "auto") -> None:
+                check_finite: bool = False, backend: str = "auto") -> None:
     """In place, for every pair: ``target ← momentum·target + (1-momentum)·online`` (fp32 math).
 
     Args:
@@ -90,8 +96,10 @@ def ema_update_(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], 
         online: tensors of the same shapes, strides and device (any floating dtype, e.g. bf16
             into fp32).
         momentum: in [0, 1]; 1 keeps ``target``, 0 copies ``online``.
-        check_finite: refuse NaN/Inf in ``online`` with a ``ValueError`` before writing
-            anything (one host sync per call; pass False in tight loops you trust).
+        check_finite: opt-in: refuse NaN/Inf in ``online`` with a ``ValueError`` before
+            writing anything (an extra read of ``online`` and one host sync per call).
+            Default False: no value is read on the host, so NaN/Inf online values reach
+            the targets (a diverged online network shows in its loss first).
         backend: ``"auto"`` (the compiled extension ``torch.ops.minc.ema_update_`` when built
             for the tensors' device, else ``torch._foreach_lerp_``), ``"extension"``
             (re-raises why it is missing) or ``"foreach"``.
@@ -123,7 +131,7 @@ def _ema_update(targets: list, onlines: list, momentum: float, check_finite: boo
         _check_lists(targets, onlines)
     if check_finite and not _all_finite(onlines):
         raise ValueError("online holds NaN or Inf values; no target was changed "
-                         "(pass check_finite=False to skip this check)")
+                         "(check_finite=True was passed; the default does not read values)")
     if not targets and not copy_targets:
         return
     device = first.device
@@ -178,12 +186,12 @@ class MomentumEncoder(nn.Module):
             return self.target(*args, **kwargs)
 
     @torch.no_grad()
-    def update(self, momentum: float, check_finite: bool = True, backend: str = "auto") -> None:
+    def update(self, momentum: float, check_finite: bool = False, backend: str = "auto") -> None:
         """One EMA step of parameters (and buffers) with ``momentum`` in [0, 1].
 
         With the compiled extension live, parameters, lerped buffers and copied buffers
         are all updated by one call of ``torch.ops.minc.ema_update_.with_copy``;
-        ``backend`` is that of :func:`ema_update_`.
+        ``check_finite`` (opt-in, a host sync) and ``backend`` are those of :func:`ema_update_`.
         """
         momentum = check_unit_interval("momentum", momentum)
         tp, op = list(self.target.parameters()), list(self._online.parameters())
