@@ -253,3 +253,180 @@ def test_minc_variant_argument_errors():
         mk.MINCLoss(4, feature_norm="clip", mu=-1.0)
     with pytest.raises(ValueError, match="feature_norm"):
         mk.minc_loss(torch.randn(3, 2), torch.randn(3, 2), torch.eye(2), feature_norm="l1")
+
+
+# ---------------------------------------------------------------- drop-in ergonomics (issue 13)
+def test_minc_infers_dim_lazily_and_state_dict_round_trips():
+    loss = mk.MINCLoss(moment_momentum=0.5)
+    assert loss.dim is None and "dim=None" in repr(loss)
+    p, t = _rand(6, 5, seed=1), _rand(6, 5, seed=2)
+    loss(p, t)
+    assert loss.dim == 5 and loss.moment.shape == (5, 5) and loss.moment.dtype == torch.float32
+    ref = mk.MINCLoss(5, moment_momentum=0.5)
+    ref(p, t)
+    torch.testing.assert_close(loss.moment, ref.moment)
+    with pytest.raises(ValueError, match="k=5"):
+        loss(_rand(6, 4), _rand(6, 4))
+    # a lazy loss takes its size from a checkpoint, and continues identically
+    fresh = mk.MINCLoss(moment_momentum=0.5)
+    fresh.load_state_dict(loss.state_dict())
+    assert fresh.dim == 5 and fresh.num_updates.item() == 1
+    p2, t2 = _rand(6, 5, seed=3), _rand(6, 5, seed=4)
+    torch.testing.assert_close(fresh(p2, t2), loss(p2, t2))
+    # explicit dim and a lazy module move with .to like any module
+    lazy64 = mk.MINCLoss().to(torch.float64)
+    lazy64(_rand(3, 2), _rand(3, 2))
+    assert lazy64.moment.dtype == torch.float64 and lazy64.moment.shape == (2, 2)
+
+
+def test_minc_lazy_state_dict_keys_and_bad_checkpoint():
+    a = mk.MINCLoss()
+    a(_rand(4, 3), _rand(4, 3))
+    assert set(a.state_dict()) == {"moment", "num_updates"}
+    with pytest.raises(RuntimeError, match=r"\(k, k\)"):
+        mk.MINCLoss().load_state_dict({"moment": torch.zeros(3, 4), "num_updates": torch.tensor(1)})
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        mk.MINCLoss(4).load_state_dict(a.state_dict())
+
+
+def test_minc_dim_is_not_an_axis_message():
+    loss = mk.MINCLoss(dim=1)  # lightly's NegativeCosineSimilarity(dim=1) habit
+    with pytest.raises(ValueError, match="k=1"):
+        loss(_rand(4, 8), _rand(4, 8))
+
+
+def test_minc_swapped_arguments_named_at_forward():
+    loss = mk.MINCLoss()
+    z = _rand(6, 4).requires_grad_()      # an online projection (carries grad)
+    target = _rand(6, 4)                  # a target (no grad)
+    with pytest.raises(ValueError, match="swapped"):
+        loss(target, z)
+    assert loss.num_updates.item() == 0  # refused before any state change
+    loss(z, target)  # the right order works
+    with torch.no_grad():
+        loss(target, z)  # no autograd, nothing to swap
+
+
+def test_minc_two_calls_per_step_are_two_ema_updates_symmetric_form_is_one():
+    """lightly's 0.5*(c(p0,z1)+c(p1,z0)) = two EMA steps (documented); the tuple form = one
+    step with C averaged over both targets."""
+    k, beta = 4, 0.9
+    p0, p1, z0, z1 = (_rand(6, k, seed=s) for s in range(4))
+    two = mk.MINCLoss(k, moment_momentum=beta, feature_norm="none", bias_correction=False)
+    0.5 * (two(p0, z1) + two(p1, z0))
+    c0, c1 = z0.T @ z0 / 6, z1.T @ z1 / 6
+    assert two.num_updates.item() == 2
+    torch.testing.assert_close(two.moment, beta * (1 - beta) * c1 + (1 - beta) * c0)
+    one = mk.MINCLoss(k, moment_momentum=beta, feature_norm="none", bias_correction=False)
+    out = 0.5 * one((p0, p1), (z1, z0))
+    assert one.num_updates.item() == 1
+    torch.testing.assert_close(one.moment, (1 - beta) * (c0 + c1) / 2)
+    m = one.moment
+    torch.testing.assert_close(out, 0.5 * (R.minc_loss(p0, z1, m) + R.minc_loss(p1, z0, m)))
+
+
+@pytest.mark.parametrize("pd,td", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                   (torch.float16, torch.bfloat16)])
+def test_minc_mixed_dtypes_promote(pd, td):
+    want_dtype = torch.promote_types(pd, td)
+    p = _rand(6, 4, seed=1).to(pd).requires_grad_()
+    t = _rand(6, 4, seed=2).to(td)
+    out = mk.MINCLoss(4)(p, t)
+    p_ref = p.detach().to(want_dtype).requires_grad_()
+    want = mk.MINCLoss(4)(p_ref, t.to(want_dtype))
+    torch.testing.assert_close(out, want)
+    out.backward()
+    want.backward()
+    assert p.grad.dtype == pd
+    torch.testing.assert_close(p.grad, p_ref.grad.to(pd))
+
+
+def test_minc_eval_before_training_warns_once():
+    loss = mk.MINCLoss(4).eval()
+    with pytest.warns(RuntimeWarning, match="never updated"):
+        loss(_rand(5, 4), _rand(5, 4))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss(_rand(5, 4), _rand(5, 4))  # once
+        trained = mk.MINCLoss(4)
+        trained(_rand(5, 4), _rand(5, 4))
+        trained.eval()(_rand(5, 4), _rand(5, 4))  # updated: no warning
+        loaded = mk.MINCLoss(4)
+        loaded.load_state_dict(trained.state_dict())
+        loaded.eval()(_rand(5, 4), _rand(5, 4))  # loaded: no warning
+
+
+def test_minc_non_finite_target_skipped_on_device_by_default():
+    loss = mk.MINCLoss(4)
+    loss(_rand(6, 4, seed=1), _rand(6, 4, seed=2))
+    snap = loss.moment.clone()
+    bad = _rand(6, 4, seed=3)
+    bad[1, 2] = float("inf")
+    loss(_rand(6, 4, seed=4), bad)  # no error, M and the count unchanged, the skip counted
+    assert torch.equal(loss.moment, snap)
+    assert loss.num_updates.item() == 1 and loss.nonfinite_skips.item() == 1
+    loss(_rand(6, 4, seed=5), _rand(6, 4, seed=6))
+    assert loss.num_updates.item() == 2 and loss.nonfinite_skips.item() == 1
+    assert "nonfinite_skips" not in loss.state_dict()
+    with pytest.raises(ValueError, match="check_finite"):
+        mk.MINCLoss(4, check_finite="warn")
+
+
+@pytest.mark.parametrize(
+    "ctor,match",
+    [
+        (lambda: mk.SpectralContrastiveLoss(mu="1"), "mu"),
+        (lambda: mk.SpectralContrastiveLoss(mu=True), "mu"),
+        (lambda: mk.MINCLoss(4, moment_momentum="0.9"), "moment_momentum"),
+        (lambda: mk.MIOLoss(lambda_l2="1"), "lambda_l2"),
+        (lambda: mk.MIOLoss(temperature="0.1"), "temperature"),
+        (lambda: mk.MIOLoss(temperature=0.1, pos_temperature=0.2), "temperature"),
+        (lambda: mk.MIOLoss(temperature=0.1, neg_temperature=0.3), "temperature"),
+    ],
+)
+def test_hyper_parameters_must_be_numbers(ctor, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        ctor()
+
+
+def test_numeric_hyper_parameters_still_accepted():
+    import numpy as np
+    assert mk.SpectralContrastiveLoss(mu=np.float32(2.0)).mu == 2.0
+    assert mk.SpectralContrastiveLoss(mu=torch.tensor(3.0)).mu == 3.0
+    assert mk.SpectralContrastiveLoss(mu=2).mu == 2.0
+
+
+def test_mio_temperature_sets_both():
+    a, b = _rand(8, 5, seed=1), _rand(8, 5, seed=2)
+    loss = mk.MIOLoss(temperature=0.2)
+    assert loss.pos_temperature == loss.neg_temperature == 0.2
+    torch.testing.assert_close(loss(a, b), R.mio_loss(a, b, 0.2, 0.2, 1.0))
+    assert mk.MIOLoss(0.2, temperature=0.2).neg_temperature == 0.2  # same value: fine
+    assert mk.MIOLoss().pos_temperature == 0.5
+
+
+def test_mio_on_meta_tensors():
+    out = mk.MIOLoss()(torch.randn(6, 4, device="meta"), torch.randn(6, 4, device="meta"))
+    assert out.device.type == "meta" and out.shape == ()
+
+
+def test_explicit_triton_that_cannot_be_honoured_raises():
+    with pytest.raises(ValueError, match="triton"):
+        mk.MIOLoss(backend="triton", gather_distributed=True)
+    with pytest.raises(ValueError, match="triton"):
+        mk.SpectralContrastiveLoss(backend="triton", gather_distributed=True, dist_comm="gram")
+    with pytest.raises(ValueError, match="triton"):
+        mk.mio_loss(_rand(4, 3), _rand(4, 3), backend="triton", gather_distributed=True)
+    mk.SpectralContrastiveLoss(backend="triton", gather_distributed=True)  # auto: gathers
+    mk.MIOLoss(backend="auto", gather_distributed=True)
+
+
+def test_backend_env_var_read_at_construction(monkeypatch):
+    monkeypatch.setenv("MINC_KERNELS_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="MINC_KERNELS_BACKEND"):
+        mk.MINCLoss(4)
+    monkeypatch.setenv("MINC_KERNELS_BACKEND", "reference")
+    loss = mk.MINCLoss(4)
+    monkeypatch.setenv("MINC_KERNELS_BACKEND", "fastest")
+    loss(_rand(4, 4), _rand(4, 4))  # validated once, at construction
