@@ -57,8 +57,10 @@ def _backbone():
     )
 
 
-def _byol_losses(criterion, sgd_momentum, seed=0):
-    """lightly's BYOL example loop at small scale; returns the per-step losses.  Raises
+def _byol_losses(criterion, sgd_momentum, seed=0, one_call=False):
+    """lightly's BYOL example loop at small scale; returns the per-step losses.  ``one_call``:
+    the symmetric loss as one call ``0.5 * criterion((p0, p1), (z1, z0))`` (one update of
+    MINC's M per step, the README's form) instead of lightly's two calls.  Raises
     (ValueError from MINCLoss refusing a non-finite target, or FloatingPointError) on divergence."""
     torch.manual_seed(seed)
     backbone = _backbone()
@@ -89,7 +91,10 @@ def _byol_losses(criterion, sgd_momentum, seed=0):
         lightly_utils.update_momentum(projection_head, projection_head_momentum, m=m)
         p0, p1 = online(x0), online(x1)
         z0, z1 = momentum_branch(x0), momentum_branch(x1)
-        loss = 0.5 * (criterion(p0, z1) + criterion(p1, z0))
+        if one_call:
+            loss = 0.5 * criterion((p0, p1), (z1, z0))
+        else:
+            loss = 0.5 * (criterion(p0, z1) + criterion(p1, z0))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -113,6 +118,15 @@ def test_default_minc_trains_in_lightly_byol_recipe(sgd_momentum):
     first, last = _went_down(losses)
     assert all(math.isfinite(v) for v in losses)
     assert last < first - 0.05, (first, last, losses)
+
+
+def test_default_minc_one_call_symmetric_form_trains():
+    """The README's form: one call per step, so M gets one EMA update per optimiser step."""
+    criterion = mk.MINCLoss()
+    losses = _byol_losses(criterion, 0.0, one_call=True)
+    first, last = _went_down(losses)
+    assert last < first - 0.05, (first, last, losses)
+    assert int(criterion.num_updates) == STEPS
 
 
 def test_negative_cosine_control_trains_in_the_same_loop():
