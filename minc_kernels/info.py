@@ -6,6 +6,22 @@ import platform
 import sys
 
 
+def loss_backend_status(name: str, cuda: bool, interpret: bool) -> str:
+    """What ``backend="auto"`` runs for op ``name`` here, and what ``"triton"`` would."""
+    from . import _backend
+
+    ok, why = _backend.op_status(name)
+    if not ok:
+        return f"reference only (Triton kernels unavailable: {why})"
+    if cuda:
+        return "triton kernels live for CUDA float32/bfloat16/float16 tensors (auto); reference otherwise"
+    if interpret:
+        return ("reference under auto (no CUDA device); backend='triton' runs the kernels "
+                "through Triton's CPU interpreter (TRITON_INTERPRET=1, slow: for tests)")
+    return ("reference (no CUDA device); kernels importable, backend='triton' with "
+            "TRITON_INTERPRET=1 runs them on the CPU")
+
+
 def collect() -> dict:
     import torch
 
@@ -32,14 +48,9 @@ def collect() -> dict:
         info["triton"] = triton.__version__
     except Exception as exc:  # noqa: BLE001
         info["triton"] = f"unavailable ({type(exc).__name__}: {exc})"
-    ops = {}
-    for name in ("spectral", "minc", "mio"):
-        ok, why = _backend.op_status(name)
-        if ok and not (torch.cuda.is_available() or _backend.triton_interpret()):
-            ops[name] = "kernels importable; reference used (no CUDA device; TRITON_INTERPRET=1 runs them on the CPU)"
-        else:
-            ops[name] = "triton kernels live" if ok else f"reference only ({why})"
-    info["loss_backends"] = ops
+    info["loss_backends"] = {name: loss_backend_status(name, torch.cuda.is_available(),
+                                                       _backend.triton_interpret())
+                             for name in _backend.OP_NAMES}
     ok, why = _ext.status()
     if ok:
         mod = _ext.load()
