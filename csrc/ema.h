@@ -1,4 +1,4 @@
-// Fused multi-tensor EMA update (SPEC §4), shared by the CPU (ema.cpp) and CUDA (ema_cuda.cu) halves.
+// Fused multi-tensor EMA update (docs/math.md §4), shared by the CPU (ema.cpp) and CUDA (ema_cuda.cu) halves.
 //
 //   for every pair i:  target[i] <- lerp(target[i], online[i], w),  w = 1 - momentum
 //   for every pair j:  copy_target[j] <- copy_source[j]             (bytes, any dtype)

@@ -1,4 +1,4 @@
-"""Autograd-correct collectives for data-parallel training (SPEC §5).
+"""Autograd-correct collectives for data-parallel training (docs/math.md §5).
 
 The rule every distributed loss here follows
 --------------------------------------------

@@ -75,7 +75,7 @@ def spectral_loss(
     clip: bool = True,
     algorithm: str = "auto",
 ) -> torch.Tensor:
-    """HaoChen et al. spectral contrastive loss (SPEC §1), float32 scalar.
+    """HaoChen et al. spectral contrastive loss (docs/math.md §1), float32 scalar.
 
     ``L = ( -(2/B) Σ_i z1_i·z2_i + 1/(B(B-1)) Σ_{i≠j} (z1_i·z2_j)^2 ) / mu`` after
     per-row norm clipping to ``sqrt(mu)`` (``clip=True``).
@@ -233,7 +233,7 @@ def mio_loss(
     neg_temperature: float = 0.5,
     lambda_l2: float = 1.0,
 ) -> torch.Tensor:
-    """MIO binary-contrastive loss (SPEC §3), any B >= 2, float32 scalar.
+    """MIO binary-contrastive loss (docs/math.md §3), any B >= 2, float32 scalar.
 
     ``Z = [ẑ1; ẑ2]``, ``S = Z Zᵀ``; ``mean_pos softplus(-S/τp) + mean_neg softplus(S/τn)``
     (positives (i, i±B), negatives every other off-diagonal entry) ``+ λ·mse(ẑ1, ẑ2)``.

@@ -1,4 +1,4 @@
-"""DDP parity (SPEC §5): W=2 gloo processes with B/2 samples each vs one process with B.
+"""DDP parity (docs/math.md §5): W=2 gloo processes with B/2 samples each vs one process with B.
 
 One spawned run (module fixture ``dist_results``) performs every distributed check and
 saves each rank's results; the tests below compare them with single-process runs done

@@ -1,4 +1,4 @@
-"""ema_update_ (whatever path is live) and MomentumEncoder, against the SPEC §4 formula."""
+"""ema_update_ (whatever path is live) and MomentumEncoder, against the docs/math.md §4 formula."""
 import pytest
 import torch
 from torch import nn

@@ -1,5 +1,5 @@
 """The compiled extension minc_kernels._C: op minc::ema_update_ (CPU here, CUDA when a GPU is
-there) against the SPEC §4 formula, every error path leaving all state unchanged, opcheck,
+there) against the docs/math.md §4 formula, every error path leaving all state unchanged, opcheck,
 torch.compile, the build record and the ABI check."""
 import json
 import os

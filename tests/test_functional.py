@@ -1,4 +1,4 @@
-"""Bad input (SPEC §6) on every public function, and backend selection."""
+"""Bad input (docs/math.md §6) on every public function, and backend selection."""
 import pytest
 import torch
 

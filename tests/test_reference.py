@@ -1,5 +1,5 @@
-"""The eager references against SPEC.md: gradchecks, independent naive oracles, and the
-facts SPEC.md lists."""
+"""The eager references against docs/math.md: gradchecks, independent naive oracles, and the
+facts docs/math.md lists."""
 import math
 
 import pytest
@@ -18,7 +18,7 @@ def _rand(*shape, seed=0, dtype=f64, scale=1.0):
 
 # ---------------------------------------------------------------- spectral
 def _naive_spectral(z1, z2, mu, clip):
-    """Loop-by-loop SPEC §1, independent of the vectorised reference."""
+    """Loop-by-loop docs/math.md §1, independent of the vectorised reference."""
     b = z1.shape[0]
     r = math.sqrt(mu)
 
@@ -75,7 +75,7 @@ def test_spectral_gradcheck(algorithm, clip):
 
 
 def test_spectral_gram_gradient_formula():
-    """SPEC §1: d/dZ1 of the pairwise term is 2/(B(B-1)) (Z1 Z2ᵀZ2 - diag(z1_i·z2_i) Z2)."""
+    """docs/math.md §1: d/dZ1 of the pairwise term is 2/(B(B-1)) (Z1 Z2ᵀZ2 - diag(z1_i·z2_i) Z2)."""
     b = 9
     z1 = _rand(b, 5, seed=7).requires_grad_()
     z2 = _rand(b, 5, seed=8)
@@ -126,7 +126,7 @@ def test_minc_gha_backward_uses_lower_triangle():
 
 
 def test_minc_leave_one_out_moment_gives_spectral_gradient():
-    """SPEC §2 fact: M = leave-one-out moment of z2 per row => the spectral gradient (mu=1, no clip)."""
+    """docs/math.md §2 fact: M = leave-one-out moment of z2 per row => the spectral gradient (mu=1, no clip)."""
     b, k = 8, 5
     z1 = _rand(b, k, seed=19).requires_grad_()
     z2 = _rand(b, k, seed=20)
