@@ -473,6 +473,7 @@ def plot(summary, runs, recipes, methods, path, title) -> str | None:
     fig, axes = plt.subplots(1, 1 + len(recipes), figsize=(4.6 * (1 + len(recipes)), 4.2), dpi=110)
     ax = axes[0]
     width = 0.8 / max(len(recipes), 1)
+    diverged = []  # bar positions of methods with no finished run (all diverged)
     colors = {"lightly": "tab:blue", "project": "tab:orange"}
     for j, r in enumerate(recipes):
         for i, m in enumerate(methods):
@@ -484,7 +485,7 @@ def plot(summary, runs, recipes, methods, path, title) -> str | None:
                 for v in s["probe"]["values"]:
                     ax.plot(x, v, "k.", ms=3)
             elif s["runs"]:
-                ax.text(x, 1, "diverged", rotation=90, ha="center", va="bottom", fontsize=7)
+                diverged.append(x)
     for key, ls in (("random_init", ":"), ("raw_pixels", "--")):
         s = summary["baselines"][key]["probe"]
         if s["n"]:
@@ -495,10 +496,12 @@ def plot(summary, runs, recipes, methods, path, title) -> str | None:
              if summary["baselines"][k]["probe"]["n"]]
     if vals:
         ax.set_ylim(max(0, min(vals) - 4), min(100, max(vals) + 2))
+    for x in diverged:
+        ax.text(x, ax.get_ylim()[0] + 0.3, "diverged", rotation=90, ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(methods)))
     ax.set_xticklabels([LABELS[m] for m in methods], rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("linear-probe test accuracy (%)")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=6, loc="upper right")
     ax.grid(alpha=0.3, axis="y")
     for ax, r in zip(axes[1:], recipes):
         for m in methods:
