@@ -323,21 +323,20 @@ class MINCLoss(nn.Module):
         beta = self.moment_momentum
         self._moment_set = True
         if self.check_finite == "ignore":
-            self.moment.copy_(reference.minc_moment_update(self.moment, c, beta))
+            reference.minc_moment_update_(self.moment, c, beta)
             self.num_updates.add_(1)
             return
-        finite = torch.isfinite(c).all()
+        finite = reference.all_finite(c)
         if self.check_finite == "raise" and not torch.compiler.is_compiling():
             # Opt-in: a host sync.  Under compile (no data-dependent raise) it skips instead.
             if not bool(finite):
                 raise ValueError("t contains NaN or Inf values; MINCLoss.moment was left unchanged "
                                  "(check_finite='skip' skips such steps without a host sync)")
-            self.moment.copy_(reference.minc_moment_update(self.moment, c, beta))
+            reference.minc_moment_update_(self.moment, c, beta)
             self.num_updates.add_(1)
             return
-        # Same values whatever C holds: a non-finite C is swapped for M itself (M unchanged).
-        self.moment.copy_(reference.minc_moment_update(self.moment, torch.where(finite, c, self.moment),
-                                                       beta))
+        # A non-finite C is swapped for M itself, so the lerp leaves M as it was.
+        reference.minc_moment_update_(self.moment, torch.where(finite, c, self.moment), beta)
         self.num_updates.add_(finite)
         self.nonfinite_skips.add_(~finite)
 

@@ -26,6 +26,7 @@ __all__ = [
     "minc_loss",
     "minc_batch_moment_sum",
     "minc_moment_update",
+    "minc_moment_update_",
     "minc_corrected_moment",
     "minc_ema_moment",
     "mio_loss",
@@ -134,6 +135,22 @@ def minc_moment_update(moment: torch.Tensor, batch_moment: torch.Tensor, beta: f
     """One EMA step of the raw moment: ``β M + (1-β) C`` (a new tensor; no gradient)."""
     dtype = torch.promote_types(moment.dtype, batch_moment.dtype)
     return torch.lerp(moment.to(dtype), batch_moment.to(dtype), 1.0 - beta)
+
+
+def minc_moment_update_(moment: torch.Tensor, batch_moment: torch.Tensor, beta: float) -> torch.Tensor:
+    """:func:`minc_moment_update` in place on ``moment`` (kept in its dtype): what MINCLoss
+    runs.  Neither argument carries gradient (``batch_moment`` comes from detached targets)."""
+    return moment.lerp_(batch_moment.to(moment.dtype), 1.0 - beta)
+
+
+def all_finite(x: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor: every entry of ``x`` is finite, decided on the device.
+
+    ``(x·0).sum() == 0`` exactly when no entry is NaN/Inf (``inf·0`` and ``nan·0`` are NaN,
+    a finite ``x·0`` is 0 and a sum of zeros is 0); three cheap ops instead of the five
+    of ``isfinite(x).all()``, and no sum of ``x`` that could overflow.
+    """
+    return (x * 0).sum() == 0
 
 
 def minc_corrected_moment(moment: torch.Tensor, beta: float, num_updates) -> torch.Tensor:

@@ -430,3 +430,17 @@ def test_backend_env_var_read_at_construction(monkeypatch):
     loss = mk.MINCLoss(4)
     monkeypatch.setenv("MINC_KERNELS_BACKEND", "fastest")
     loss(_rand(4, 4), _rand(4, 4))  # validated once, at construction
+
+
+@pytest.mark.parametrize("check_finite", ["skip", "raise", "ignore", True, False])
+def test_minc_check_finite_modes_agree_on_finite_input_any_dtype(check_finite):
+    """Every mode gives the same M on finite input, whether M or the inputs are float64."""
+    want = mk.MINCLoss(3, check_finite="ignore")
+    want(_rand(5, 3, seed=1), _rand(5, 3, seed=2))
+    for module_dtype, input_dtype in [(torch.float32, torch.float32), (torch.float64, torch.float32),
+                                      (torch.float32, torch.float64)]:
+        loss = mk.MINCLoss(3, check_finite=check_finite).to(module_dtype)
+        out = loss(_rand(5, 3, seed=1).to(input_dtype), _rand(5, 3, seed=2).to(input_dtype))
+        assert out.dtype == input_dtype and loss.moment.dtype == module_dtype
+        torch.testing.assert_close(loss.moment.float(), want.moment)
+        assert loss.num_updates.item() == 1

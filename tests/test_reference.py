@@ -282,3 +282,13 @@ def test_minc_corrected_moment_tensor_and_int_counts_agree():
 def test_mio_reference_runs_on_meta_tensors():
     out = R.mio_loss(torch.randn(4, 3, device="meta"), torch.randn(4, 3, device="meta"))
     assert out.device.type == "meta" and out.shape == ()
+
+
+def test_all_finite_is_exact():
+    x = torch.full((3, 3), 3e38)  # finite, though its sum overflows float32
+    assert R.all_finite(x).item()
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = torch.rand(3, 3)
+        y[1, 2] = bad
+        assert not R.all_finite(y).item()
+    assert R.all_finite(torch.zeros(0, 4)).item()

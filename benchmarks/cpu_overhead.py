@@ -1,0 +1,247 @@
+"""CPU overhead of the library's default calls against hand-written eager PyTorch (issue 13).
+
+Measures, on one thread, interleaved (every round runs every provider once, so a load
+change on a shared machine hits all of them alike), medians over many rounds:
+
+* ``MINCLoss`` forward + backward at B=1024, k=128 (the default ``feature_norm`` and the raw
+  form) against a hand-written eager loss computing the same thing: the EMA of M with bias
+  correction, the loss, ``backward()``.  Target: overhead <= 10 %.
+* ``ema_update_(targets, onlines, m)`` (every default) and ``MomentumEncoder.update(m)``
+  against ``torch._foreach_lerp_(targets, onlines, 1 - m)`` on the fp32 parameter sets of a
+  ResNet-18 and a ResNet-50 (built from their shapes).  Target: speed >= 1.0x.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cpu_overhead.py [--rounds N] [--out DIR]
+
+Writes ``results.json`` and ``results.md`` under
+``benchmarks/results/cpu-overhead-<date>/`` (or ``--out``), naming the machine, its load
+and the exact calls.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import minc_kernels as mk  # noqa: E402
+
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+
+
+# --------------------------------------------------------------------------- parameter sets
+def resnet_param_shapes(depth: int) -> list[tuple[int, ...]]:
+    """The trainable parameter shapes of torchvision's resnet18/resnet50 (1000 classes)."""
+    blocks, bottleneck = {18: ([2, 2, 2, 2], False), 50: ([3, 4, 6, 3], True)}[depth]
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    cin = 64
+    for stage, n in enumerate(blocks):
+        width = 64 * 2 ** stage
+        cout = width * (4 if bottleneck else 1)
+        for b in range(n):
+            if bottleneck:
+                shapes += [(width, cin, 1, 1), (width,), (width,),
+                           (width, width, 3, 3), (width,), (width,),
+                           (cout, width, 1, 1), (cout,), (cout,)]
+            else:
+                shapes += [(width, cin, 3, 3), (width,), (width,),
+                           (width, width, 3, 3), (width,), (width,)]
+            if b == 0 and (stage > 0 or cin != cout):
+                shapes += [(cout, cin, 1, 1), (cout,), (cout,)]
+            cin = cout
+    shapes += [(1000, cin), (1000,)]
+    return shapes
+
+
+# torchvision's documented parameter counts: the shapes above must reproduce them.
+RESNET_NUMEL = {18: 11_689_512, 50: 25_557_032}
+
+
+class ParamSet(nn.Module):
+    def __init__(self, shapes, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.params = nn.ParameterList([nn.Parameter(torch.randn(s, generator=g)) for s in shapes])
+
+
+# --------------------------------------------------------------------------- timing
+def interleaved(providers: dict, rounds: int, warmup: int) -> dict:
+    """Per provider, run round-robin ``rounds`` times: medians and quartiles (ms) of the
+    thread's CPU time (``time.thread_time``: the basis of the verdicts, since on a shared
+    machine it leaves out the time this thread waits for a core) and of wall time."""
+    for _ in range(warmup):
+        for fn in providers.values():
+            fn()
+    cpu = {name: [] for name in providers}
+    wall = {name: [] for name in providers}
+    for _ in range(rounds):
+        for name, fn in providers.items():
+            w0, c0 = time.perf_counter(), time.thread_time()
+            fn()
+            c1, w1 = time.thread_time(), time.perf_counter()
+            cpu[name].append((c1 - c0) * 1e3)
+            wall[name].append((w1 - w0) * 1e3)
+    out = {}
+    for name in providers:
+        qc, qw = statistics.quantiles(cpu[name], n=4), statistics.quantiles(wall[name], n=4)
+        out[name] = {"median_ms": statistics.median(cpu[name]), "q1_ms": qc[0], "q3_ms": qc[2],
+                     "wall_median_ms": statistics.median(wall[name]), "wall_q1_ms": qw[0],
+                     "wall_q3_ms": qw[2], "rounds": rounds}
+    return out
+
+
+# --------------------------------------------------------------------------- MINC
+def minc_providers(b: int, k: int, feature_norm: str, beta: float = 0.99) -> dict:
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(b, k, generator=g, requires_grad=True)
+    t = torch.randn(b, k, generator=g)
+    loss_fn = mk.MINCLoss(k, moment_momentum=beta, feature_norm=feature_norm)
+
+    def library():
+        loss_fn(p, t).backward()
+        p.grad = None
+
+    state = {"m": torch.zeros(k, k), "n": 0}
+
+    def eager():
+        # What one would write by hand: same math, no checks, a Python step counter.
+        with torch.no_grad():
+            tn = F.normalize(t, dim=1) if feature_norm == "l2" else t
+            state["m"].lerp_(tn.T @ tn / b, 1 - beta)
+            state["n"] += 1
+            m = state["m"] / (1 - beta ** state["n"])
+        pn = F.normalize(p, dim=1) if feature_norm == "l2" else p
+        loss = (-2 * (pn * tn).sum() + ((pn @ m) * pn).sum()) / b
+        loss.backward()
+        p.grad = None
+
+    return {"eager": eager, "minc_kernels": library}
+
+
+# --------------------------------------------------------------------------- EMA
+def ema_providers(depth: int, momentum: float = 0.996) -> dict:
+    shapes = resnet_param_shapes(depth)
+    online, target = ParamSet(shapes, 1), ParamSet(shapes, 2)
+    for q in target.parameters():
+        q.requires_grad_(False)
+    onl = [q.detach() for q in online.parameters()]
+    tgt = list(target.parameters())
+    enc = mk.MomentumEncoder(online)
+
+    def foreach():
+        with torch.no_grad():
+            torch._foreach_lerp_(tgt, onl, 1.0 - momentum)
+
+    return {
+        "torch._foreach_lerp_": foreach,
+        "ema_update_": lambda: mk.ema_update_(tgt, onl, momentum),
+        "MomentumEncoder.update": lambda: enc.update(momentum),
+    }, sum(torch.Size(s).numel() for s in shapes), len(shapes)
+
+
+# --------------------------------------------------------------------------- report
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    from minc_kernels import _ext
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "minc_kernels": mk.__version__, "commit": commit,
+            "torch_threads": torch.get_num_threads(),
+            "ema_extension": "live" if _ext.status()[0] else f"unavailable: {_ext.status()[1]}"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=400, help="timed rounds per MINC case (default 400)")
+    ap.add_argument("--ema-rounds", type=int, default=150, help="timed rounds per EMA case (default 150)")
+    ap.add_argument("--out", type=Path, default=None, help="output directory")
+    ap.add_argument("--note", default="shared 2-core machine (other jobs running); medians of "
+                    "interleaved rounds", help="how the machine was loaded")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    date = _dt.date.today().isoformat()
+    out = args.out or RESULTS_ROOT / f"cpu-overhead-{date}"
+    out.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()
+
+    rows = []
+    b, k = 1024, 128
+    for fn_name in (mk.losses.MINC_DEFAULT_FEATURE_NORM, "none"):
+        r = interleaved(minc_providers(b, k, fn_name), args.rounds, warmup=30)
+        lib, ref = r["minc_kernels"]["median_ms"], r["eager"]["median_ms"]
+        rows.append({
+            "case": f"MINCLoss fwd+bwd B={b} k={k} feature_norm={fn_name!r}",
+            "call": f"mk.MINCLoss({k}, moment_momentum=0.99, feature_norm={fn_name!r})(p, t).backward()",
+            "baseline": "hand-written eager: EMA of M (lerp_), bias correction, loss, backward()",
+            "library_ms": r["minc_kernels"], "baseline_ms": r["eager"],
+            "overhead_pct": 100.0 * (lib / ref - 1.0), "target": "overhead <= 10 %",
+            "met": lib / ref - 1.0 <= 0.10,
+        })
+    for depth in (18, 50):
+        providers, numel, ntensors = ema_providers(depth)
+        assert numel == RESNET_NUMEL[depth], (depth, numel)
+        r = interleaved(providers, args.ema_rounds, warmup=5)
+        base = r["torch._foreach_lerp_"]["median_ms"]
+        for name, call in (("ema_update_", "mk.ema_update_(targets, onlines, 0.996)"),
+                           ("MomentumEncoder.update", "mk.MomentumEncoder(online).update(0.996)")):
+            med = r[name]["median_ms"]
+            rows.append({
+                "case": f"{name} ResNet-{depth} fp32 ({ntensors} tensors, {numel:,} values)",
+                "call": call + " (every default)",
+                "baseline": "torch._foreach_lerp_(targets, onlines, 1 - 0.996)",
+                "library_ms": r[name], "baseline_ms": r["torch._foreach_lerp_"],
+                "speed_vs_baseline": base / med, "target": "speed >= 1.0x",
+                "met": base / med >= 1.0,
+            })
+    meta = machine()
+    meta.update({"date": date, "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
+                 "note": args.note, "command": "OMP_NUM_THREADS=1 " + " ".join([Path(sys.executable).name, *sys.argv])})
+    (out / "results.json").write_text(json.dumps({"machine": meta, "rows": rows}, indent=2) + "\n")
+
+    lines = [f"# CPU overhead, {date}", "",
+             f"Machine: {meta['cpu']}, {meta['logical_cpus']} logical CPUs, {meta['platform']}; "
+             f"torch {meta['torch']}, 1 thread; EMA extension {meta['ema_extension']}; "
+             f"commit {meta['commit']}.",
+             f"Load: {args.note}; load average {load_start[0]:.2f} at start, "
+             f"{meta['load_avg_end'][0]:.2f} at end.", "",
+             f"Command: `{meta['command']}`", "",
+             "Times: thread CPU time (`time.thread_time`), median and quartiles over the rounds; "
+             "wall-clock medians in results.json.", "",
+             "| case | call measured | baseline | library median (q1-q3) ms | baseline median (q1-q3) ms | result | target |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lm, bm = r["library_ms"], r["baseline_ms"]
+        res = (f"{r['overhead_pct']:+.1f} % overhead" if "overhead_pct" in r
+               else f"{r['speed_vs_baseline']:.2f}x")
+        lines.append(f"| {r['case']} | `{r['call']}` | {r['baseline']} | "
+                     f"{lm['median_ms']:.3f} ({lm['q1_ms']:.3f}-{lm['q3_ms']:.3f}) | "
+                     f"{bm['median_ms']:.3f} ({bm['q1_ms']:.3f}-{bm['q3_ms']:.3f}) | {res} | "
+                     f"{r['target']}: {'met' if r['met'] else 'NOT met'} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
