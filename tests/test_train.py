@@ -138,9 +138,100 @@ def test_bad_arguments(argv, needle, capsys):
 
 def test_empty_folder_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "a").mkdir()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         cli.run(tiny_args(str(tmp_path), tmp_path / "o"))
-    assert "--data-dir" in capsys.readouterr().err
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    # one line naming the option, no usage text, and no run directory left behind
+    assert "--data-dir" in err and "usage:" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["--dataset", "folder"],
+    ["--dataset", "folder", "--data-dir", "/nonexistent/dir"],
+    ["--batch-size", "0"],
+])
+def test_value_errors_are_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.run(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "usage:" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_help_shows_every_option_with_its_default():
+    parser = cli.build_parser()
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(options) > 40
+    for a in options:
+        assert a.help and "(default: " in a.help, a.option_strings
+    text = parser.format_help()
+    assert "auto: s1 below 96 px" in text  # --stem auto is documented
+    assert "cpu preset: 0.001; gpu preset: minc 0.2" in " ".join(text.split())  # --lr
+
+
+def test_unreadable_image_is_named_and_skipped(folder, tmp_path, capfd):
+    import shutil
+    root = tmp_path / "imgs"
+    shutil.copytree(folder, root)
+    good = (root / "class0" / "0.png").read_bytes()
+    (root / "class1" / "bad.png").write_bytes(good[: len(good) // 2])  # truncated PNG
+    for loader, workers in (("stream", "1"), ("memory", "0")):
+        out = tmp_path / loader
+        # the kNN evaluation reads every image, so the bad one is met whatever the split
+        rep = cli.run(tiny_args(str(root), out, "--method", "mio", "--loader", loader,
+                                "--workers", workers, "--no-probe", "--eval-every", "1",
+                                "--epochs", "2"))
+        err = capfd.readouterr().err  # capfd: the stream loader's worker process writes it
+        assert "skipping unreadable image" in err and "bad.png" in err, loader
+        if loader == "stream":  # the epoch rows count what was skipped (also in workers)
+            assert rep["history"][-1]["unreadable_images_skipped"] >= 1
+        else:
+            assert "skipped 1 unreadable image(s) of 37" in err
+
+
+def test_resume_keeps_flags_and_reports_environment(folder, tmp_path, capsys):
+    out = tmp_path / "g"
+    args = ["--method", "spectral", "--grayscale", "--epochs", "2", "--probe-iters", "3"]
+    cli.run(tiny_args(folder, out, *args, "--stop-after", "1", "--no-probe"))
+    stdout = capsys.readouterr().out
+    assert ", fp32, device cpu" in stdout and "ema_momentum" not in stdout  # spectral: no EMA
+    rep = cli.run(["--resume", str(out), "--no-progress"])
+    assert rep["config"]["grayscale"] is True  # a store_true flag survives --resume
+    assert rep["history"][-1]["epoch"] == 2
+    env = rep["environment"]
+    import minc_kernels
+    assert env["torch"] == torch.__version__ and env["minc_kernels"] == minc_kernels.__version__
+    assert env["device"] == "cpu" and env["precision"] == "fp32"
+    assert env["git_commit"] is None or len(env["git_commit"]) == 40
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["environment"] == env
+    capsys.readouterr()
+    # resuming the finished run says so and leaves its report alone
+    before = (out / "report.json").read_bytes()
+    again = cli.run(["--resume", str(out), "--no-progress"])
+    assert "has finished its 2 epochs" in capsys.readouterr().out
+    assert (out / "report.json").read_bytes() == before and again["history"] == rep["history"]
+    # a larger --epochs continues it and says that the schedules change at the join
+    longer = cli.run(["--resume", str(out), "--no-progress", "--epochs", "3", "--no-probe"])
+    err = capsys.readouterr().err
+    assert "--epochs 3 differs from the checkpoint's 2" in err and "the lr goes from" in err
+    assert longer["history"][-1]["epoch"] == 3 and any("--epochs 3" in n for n in longer["notes"])
+
+
+def test_start_warnings_long_warmup_and_single_class(tmp_path, capsys):
+    root = tmp_path / "one"
+    (root / "only").mkdir(parents=True)
+    g = torch.Generator().manual_seed(1)
+    for i in range(20):
+        img = (torch.rand(20, 20, 3, generator=g) * 255).to(torch.uint8)
+        Image.fromarray(img.numpy()).save(root / "only" / f"{i}.png")
+    rep = cli.run(tiny_args(str(root), tmp_path / "o", "--warmup-epochs", "3", "--no-probe",
+                            "--eval-every", "0"))
+    err = capsys.readouterr().err
+    assert "the lr never reaches its base value" in err
+    assert "single class" in err
+    assert len(rep["notes"]) == 2
 
 
 # ---------------------------------------------------------------------- building blocks

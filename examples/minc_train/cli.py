@@ -25,7 +25,8 @@ DATASETS = ("fashion-mnist", "folder")
 
 # Defaults per preset, then per method (explicit command-line values always win).
 _COMMON = dict(dataset="fashion-mnist", data_dir=None, loader="memory", image_size=None, holdout=0.1,
-               stem="auto", width=32, pool=1, proj_layers=2, lr_scaling="linear",
+               stem="auto", width=32, pool=1, proj_layers=2, lr_scaling="linear", grayscale=False,
+               sync_bn=False, raw_probe=False, tensorboard=False,
                momentum=0.9, lars_eta=0.001, final_lr_ratio=0.0, ema_base=0.996, moment_momentum=0.99, normalize=False, stop_after=0, mu=1.0,
                ordering="standard", minc_ablation="none",
                backend=None, ema_backend="auto", amp="auto", device="auto", threads=0, workers=0, seed=0,
@@ -34,13 +35,13 @@ _COMMON = dict(dataset="fashion-mnist", data_dir=None, loader="memory", image_si
 PRESET_DEFAULTS = {
     "cpu": dict(arch="convnet", width=32, pool=2, batch_size=256, epochs=12, epoch_size=20000,
                 warmup_epochs=1.0, augment="mild", proj_hidden=1024, proj_dim=128, pred_hidden=1024,
-                amp="none", knn_bank=5000, knn_queries=1000, ema_backend="foreach"),
+                amp="auto", knn_bank=5000, knn_queries=1000, ema_backend="foreach"),
     "gpu": dict(arch="resnet18", batch_size=512, epochs=100, epoch_size=0, warmup_epochs=10.0,
                 augment="byol", proj_hidden=4096, proj_dim=256, pred_hidden=4096, amp="auto",
                 workers=8, knn_bank=0, knn_queries=0, eval_every=5),
 }
 METHOD_DEFAULTS = {
-    "cpu": {"minc": dict(optimizer="adamw", lr=1e-3, weight_decay=1e-4, ema_base=0.99),
+    "cpu": {"minc": dict(optimizer="adamw", lr=2e-3, weight_decay=1e-4, ema_base=0.99),
             "spectral": dict(optimizer="adamw", lr=1e-3, weight_decay=1e-4, mu=1.0),
             "mio": dict(optimizer="adamw", lr=1e-3, weight_decay=1e-4)},
     "gpu": {"minc": dict(optimizer="lars", lr=0.2, weight_decay=1.5e-6, augment="byol", normalize=True),
@@ -51,98 +52,161 @@ METHOD_DEFAULTS = {
 }
 
 
+# Defaults that no preset/method table holds, as --help shows them.
+_DEFAULT_TEXT = {
+    "method": "minc",
+    "preset": "cpu",
+    "dataset": "fashion-mnist",
+    "data_dir": "fashion-mnist: /usr/share/datasets/fashion-mnist, else downloaded into ./data",
+    "image_size": "28 for Fashion-MNIST, 224 for folders",
+    "augment": "mild on Fashion-MNIST; folders: cpu preset mild, gpu preset: minc byol, "
+               "spectral simclr, mio weak",
+    "backend": "the loss modules' default (auto unless MINC_KERNELS_BACKEND says otherwise)",
+    "out_dir": "runs/<method>-<dataset>-<timestamp>",
+    "resume": "none (a new run)",
+}
+# Options that act on some methods only: --help shows their defaults for those.
+_OPTION_METHODS = {"ema_base": ("minc",), "normalize": ("minc",), "pred_hidden": ("minc",),
+                   "moment_momentum": ("minc",), "ordering": ("minc",), "minc_ablation": ("minc",),
+                   "mu": ("spectral",)}
+
+
+def _default_text(dest: str, default) -> str:
+    """The default of option ``dest`` as --help shows it: the per-preset/per-method tables
+    when the parser's own default is None (so that explicit values can be told apart)."""
+    if dest in _DEFAULT_TEXT:
+        return _DEFAULT_TEXT[dest]
+    if default is not None:
+        return {True: "on", False: "off"}.get(default, str(default))
+    per_preset = []
+    for preset in PRESETS:
+        vals = {}
+        for method in _OPTION_METHODS.get(dest, METHODS):
+            cfg = {**_COMMON, **PRESET_DEFAULTS[preset], **METHOD_DEFAULTS[preset][method]}
+            v = cfg.get(dest)
+            vals[method] = {True: "on", False: "off", None: "none"}.get(v, v) \
+                if isinstance(v, (bool, type(None))) else v
+        if len(set(map(str, vals.values()))) == 1:
+            per_preset.append(str(next(iter(vals.values()))))
+        else:
+            per_preset.append(", ".join(f"{m} {v}" for m, v in vals.items()))
+    if len(set(per_preset)) == 1:
+        return per_preset[0]
+    return "; ".join(f"{preset} preset: {text}" for preset, text in zip(PRESETS, per_preset))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="minc-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Defaults not shown depend on --preset and --method (see examples/minc_train/cli.py).")
-    a = p.add_argument
+        epilog="Defaults depend on --preset and --method where --help says so; a resumed run "
+               "keeps the checkpoint's options unless given again.")
+    actions = []
+
+    def add(group, *flags, **kw):
+        actions.append(group.add_argument(*flags, **kw))
+
     g = p.add_argument_group("what to train")
-    g.add_argument("--method", choices=METHODS, default="minc", help="loss (default: minc)")
-    g.add_argument("--preset", choices=PRESETS, default="cpu",
-                   help="cpu: small conv net, ~10 min on 2 cores; gpu: ResNet-18, batch 512, 100 epochs, bf16")
+    # method and preset default to None: a resumed run keeps the checkpoint's
+    add(g, "--method", choices=METHODS, help="loss")
+    add(g, "--preset", choices=PRESETS,
+        help="cpu: small conv net, ~10 min on 2 cores; gpu: ResNet-18, batch 512, 100 epochs, bf16")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASETS, help="fashion-mnist (default) or an ImageFolder tree (folder)")
-    g.add_argument("--data-dir", help="folder: ImageFolder root (or root/train + root/val); "
-                   "fashion-mnist: where the idx .gz files are / go")
-    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
-                   help="download Fashion-MNIST with torchvision if not found (default: yes)")
-    g.add_argument("--loader", choices=("memory", "stream"),
-                   help="memory: load all images into one tensor, augment in batch (small data); "
-                   "stream: DataLoader workers with per-image torchvision v2 transforms (ImageNet)")
-    g.add_argument("--grayscale", action="store_true", help="folder: read images as 1-channel")
-    g.add_argument("--holdout", type=float, help="held-out fraction when the folder has no val/ (0.1)")
-    g.add_argument("--image-size", type=int, help="crop size (28 for Fashion-MNIST, 224 for folders)")
-    g.add_argument("--augment", choices=("byol", "simclr", "weak", "mild"), help="view augmentations")
-    g.add_argument("--epoch-size", type=int, help="images per epoch (0: the whole training set)")
-    g.add_argument("--workers", type=int, help="DataLoader workers (stream loader)")
+    add(g, "--dataset", choices=DATASETS, help="Fashion-MNIST or an ImageFolder tree (folder)")
+    add(g, "--data-dir", help="folder: ImageFolder root (or root/train + root/val); "
+        "fashion-mnist: where the idx .gz files are / go")
+    add(g, "--download", action=argparse.BooleanOptionalAction, default=True,
+        help="download Fashion-MNIST with torchvision if not found")
+    add(g, "--loader", choices=("memory", "stream"),
+        help="memory: load all images into one tensor, augment in batch (small data); "
+        "stream: DataLoader workers with per-image torchvision v2 transforms (ImageNet). "
+        "Unreadable images are named on stderr and skipped")
+    # store_true flags default to None, not False: a resumed run keeps the checkpoint's value
+    add(g, "--grayscale", action="store_true", default=None, help="folder: read images as 1-channel")
+    add(g, "--holdout", type=float, help="held-out fraction when the folder has no val/")
+    add(g, "--image-size", type=int, help="crop size")
+    add(g, "--augment", choices=("byol", "simclr", "weak", "mild"), help="view augmentations")
+    add(g, "--epoch-size", type=int, help="images per epoch (0: the whole training set)")
+    add(g, "--workers", type=int, help="DataLoader workers (stream loader)")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=("convnet", "resnet18", "resnet50"))
-    g.add_argument("--stem", choices=("auto", "imagenet", "s1", "s2"),
-                   help="ResNet stem: imagenet 7x7/2+maxpool, s1/s2 3x3 conv stride 1/2 without maxpool")
-    g.add_argument("--width", type=int, help="convnet base width")
-    g.add_argument("--pool", type=int, help="convnet: pool the last map to pool x pool (features = 8*width*pool^2)")
-    g.add_argument("--proj-hidden", type=int)
-    g.add_argument("--proj-dim", type=int)
-    g.add_argument("--proj-layers", type=int)
-    g.add_argument("--pred-hidden", type=int, help="MINC predictor hidden width")
-    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP")
+    add(g, "--arch", choices=("convnet", "resnet18", "resnet50"), help="backbone")
+    add(g, "--stem", choices=("auto", "imagenet", "s1", "s2"),
+        help="ResNet stem: imagenet 7x7/2 conv + maxpool; s1/s2 3x3 conv of stride 1/2 without "
+        "maxpool (small images). auto: s1 below 96 px, imagenet from 96 px. s1 keeps the full "
+        "resolution into the first stage, 16x the positions of imagenet at the same size, so "
+        "a ResNet at e.g. 64 px costs many times more per image with auto than with imagenet")
+    add(g, "--width", type=int, help="convnet base width")
+    add(g, "--pool", type=int, help="convnet: pool the last map to pool x pool (features = 8*width*pool^2)")
+    add(g, "--proj-hidden", type=int, help="projector hidden width")
+    add(g, "--proj-dim", type=int, help="projector output width (the loss's k)")
+    add(g, "--proj-layers", type=int, help="projector linear layers")
+    add(g, "--pred-hidden", type=int, help="MINC predictor hidden width")
+    add(g, "--sync-bn", action="store_true", default=None, help="SyncBatchNorm under DDP")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", choices=("lars", "sgd", "adamw"))
-    g.add_argument("--lr", type=float, help="base learning rate (times batch/256 with --lr-scaling linear)")
-    g.add_argument("--lr-scaling", choices=LR_SCALINGS,
-                   help="lr = base lr x batch/256 (linear), x sqrt(batch/256) (sqrt, the rule for "
-                   "adaptive optimisers such as AdamW), or as given (none)")
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--momentum", type=float, help="SGD/LARS momentum")
-    g.add_argument("--lars-eta", type=float, help="LARS trust coefficient (0.001)")
-    g.add_argument("--warmup-epochs", type=float)
-    g.add_argument("--final-lr-ratio", type=float, help="cosine decays to lr * this")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int, help="global batch (split over DDP processes)")
-    g.add_argument("--ema-base", type=float, help="MINC target EMA: tau_base of the cosine schedule")
-    g.add_argument("--normalize", action=argparse.BooleanOptionalAction,
-                   help="MINC: L2-normalise predictions and targets before the loss")
-    g.add_argument("--moment-momentum", type=float, help="MINC: beta of the moment EMA M")
-    g.add_argument("--ordering", choices=ORDERINGS,
-                   help="MINC: gradient with the full moment M (standard, default) or its lower "
-                   "triangle (gha: Generalized Hebbian ordering of the eigenfunctions)")
-    g.add_argument("--minc-ablation", choices=MINC_ABLATIONS,
-                   help="MINC ablation: none (default) or no-moment: drop the covariance term "
-                   "p^T M p and train on the cross-correlation term alone, "
-                   "-(2/B) sum_i (p1_i.t2_i + p2_i.t1_i) (the collapse study's control)")
-    g.add_argument("--mu", type=float, help="spectral: mu")
-    g.add_argument("--backend", choices=("auto", "triton", "reference"), help="minc_kernels loss backend")
-    g.add_argument("--ema-backend", choices=("auto", "extension", "foreach"),
-                   help="EMA update: auto (C++/CUDA extension if built), extension, foreach (torch._foreach_lerp_)")
-    g.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), help="autocast (auto: bf16 on GPU)")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    g.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
-    g.add_argument("--seed", type=int)
+    add(g, "--optimizer", choices=("lars", "sgd", "adamw"), help="optimiser")
+    add(g, "--lr", type=float, help="base learning rate (times batch/256 with --lr-scaling linear)")
+    add(g, "--lr-scaling", choices=LR_SCALINGS,
+        help="lr = base lr x batch/256 (linear), x sqrt(batch/256) (sqrt, the rule for "
+        "adaptive optimisers such as AdamW), or as given (none)")
+    add(g, "--weight-decay", type=float, help="weight decay (LARS/SGD/AdamW)")
+    add(g, "--momentum", type=float, help="SGD/LARS momentum")
+    add(g, "--lars-eta", type=float, help="LARS trust coefficient")
+    add(g, "--warmup-epochs", type=float, help="linear lr warm-up, then cosine decay")
+    add(g, "--final-lr-ratio", type=float, help="cosine decays to lr * this")
+    add(g, "--epochs", type=int, help="training epochs (the schedules' length)")
+    add(g, "--batch-size", type=int, help="global batch (split over DDP processes)")
+    add(g, "--ema-base", type=float, help="MINC target EMA: tau_base of the cosine schedule")
+    add(g, "--normalize", action=argparse.BooleanOptionalAction,
+        help="MINC: L2-normalise predictions and targets before the loss")
+    add(g, "--moment-momentum", type=float, help="MINC: beta of the moment EMA M")
+    add(g, "--ordering", choices=ORDERINGS,
+        help="MINC: gradient with the full moment M (standard) or its lower "
+        "triangle (gha: Generalized Hebbian ordering of the eigenfunctions)")
+    add(g, "--minc-ablation", choices=MINC_ABLATIONS,
+        help="MINC ablation: none or no-moment: drop the covariance term "
+        "p^T M p and train on the cross-correlation term alone, "
+        "-(2/B) sum_i (p1_i.t2_i + p2_i.t1_i) (the collapse study's control)")
+    add(g, "--mu", type=float, help="spectral: mu")
+    add(g, "--backend", choices=("auto", "triton", "reference"), help="minc_kernels loss backend")
+    add(g, "--ema-backend", choices=("auto", "extension", "foreach"),
+        help="EMA update: auto (C++/CUDA extension if built), extension, foreach (torch._foreach_lerp_)")
+    add(g, "--amp", choices=("auto", "none", "bf16", "fp16"), help="autocast (auto: bf16 on GPU and on CPUs with AVX512-BF16/AMX, else none)")
+    add(g, "--device", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available")
+    add(g, "--threads", type=int, help="torch CPU threads (0: chosen by timing the training steps "
+        "with all cores vs 1, again from time to time; a fixed count makes runs bit-exact)")
+    add(g, "--seed", type=int, help="seed of the model, data order and augmentations")
     g = p.add_argument_group("monitoring and output")
-    g.add_argument("--out-dir", help="default runs/<method>-<dataset>-<timestamp>")
-    g.add_argument("--resume", help="checkpoint file or run directory to continue")
-    g.add_argument("--stop-after", type=int,
-                   help="stop after this many epochs in this invocation (continue later with --resume)")
-    g.add_argument("--eval-every", type=int, help="kNN/effective-rank evaluation every N epochs (0: never)")
-    g.add_argument("--knn-k", type=int)
-    g.add_argument("--knn-bank", type=int, help="training images in the kNN bank (0: all)")
-    g.add_argument("--knn-queries", type=int, help="held-out images queried (0: all)")
-    g.add_argument("--eval-batch-size", type=int)
-    g.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
-                   help="final linear probes and report (default: yes)")
-    g.add_argument("--probe-iters", type=int, help="L-BFGS iterations of the linear probe")
-    g.add_argument("--probe-train-limit", type=int, help="training images for the probe (0: all)")
-    g.add_argument("--probe-eval-limit", type=int, help="held-out images for the probe (0: all)")
-    g.add_argument("--raw-probe", action="store_true", help="stream loader: also probe raw pixels")
-    g.add_argument("--log-every", type=int)
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
-    g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+    add(g, "--out-dir", help="run directory (log, checkpoint, plots, report)")
+    add(g, "--resume", help="checkpoint file or run directory to continue")
+    add(g, "--stop-after", type=int,
+        help="stop after this many epochs in this invocation (0: no limit; continue later with --resume)")
+    add(g, "--eval-every", type=int, help="kNN/effective-rank evaluation every N epochs (0: never)")
+    add(g, "--knn-k", type=int, help="neighbours of the kNN classifier")
+    add(g, "--knn-bank", type=int, help="training images in the kNN bank (0: all)")
+    add(g, "--knn-queries", type=int, help="held-out images queried (0: all)")
+    add(g, "--eval-batch-size", type=int, help="batch size of feature extraction")
+    add(g, "--probe", action=argparse.BooleanOptionalAction, default=True,
+        help="final linear probes and report")
+    add(g, "--probe-iters", type=int, help="L-BFGS iterations of the linear probe")
+    add(g, "--probe-train-limit", type=int, help="training images for the probe (0: all)")
+    add(g, "--probe-eval-limit", type=int, help="held-out images for the probe (0: all)")
+    add(g, "--raw-probe", action="store_true", default=None, help="stream loader: also probe raw pixels")
+    add(g, "--log-every", type=int, help="steps between loss checks on the progress bar")
+    add(g, "--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
+    add(g, "--tensorboard", action="store_true", default=None, help="also log to TensorBoard (if installed)")
+    for act in actions:
+        act.help = f"{act.help} (default: {_default_text(act.dest, act.default)})"
     return p
+
+
+def _fail(parser: argparse.ArgumentParser, msg: str):
+    """One clear line and exit status 2, as argparse's errors but without the usage text."""
+    parser.exit(2, f"{parser.prog}: error: {msg}\n")
 
 
 def resolve_config(argv=None) -> argparse.Namespace:
     """Parse ``argv``; fill unset options from the checkpoint (``--resume``), the method and
-    the preset defaults; validate.  Errors exit through ``parser.error`` (status 2)."""
+    the preset defaults; validate.  Errors exit with status 2: argparse's own with the usage
+    text, the others with one line naming the option."""
     parser = build_parser()
     args = parser.parse_args(argv)
     explicit = {k: v for k, v in vars(args).items() if v is not None}
@@ -151,7 +215,7 @@ def resolve_config(argv=None) -> argparse.Namespace:
         import torch
         path = os.path.join(args.resume, "checkpoint.pt") if os.path.isdir(args.resume) else args.resume
         if not os.path.isfile(path):
-            parser.error(f"--resume {args.resume!r}: no such checkpoint file")
+            _fail(parser, f"--resume {args.resume!r}: no such checkpoint file")
         ck = torch.load(path, map_location="cpu", weights_only=True)
         saved = dict(ck.get("config", {}))
         for k in ("resume", "progress", "probe", "stop_after"):
@@ -159,7 +223,7 @@ def resolve_config(argv=None) -> argparse.Namespace:
         base.update(saved)
         for k in _LOSS_OPTIONS:
             if k in explicit and k in saved and explicit[k] != saved[k]:
-                parser.error(f"--{k.replace('_', '-')} {explicit[k]!r} differs from the checkpoint's "
+                _fail(parser, f"--{k.replace('_', '-')} {explicit[k]!r} differs from the checkpoint's "
                              f"{saved[k]!r}; a resumed run keeps its loss (start a new run instead)")
         if not args.out_dir:
             explicit["out_dir"] = os.path.dirname(os.path.abspath(path))
@@ -178,24 +242,24 @@ def resolve_config(argv=None) -> argparse.Namespace:
     cfg = argparse.Namespace(**cfg)
     # validation with messages that name the option
     if cfg.dataset == "folder" and not cfg.data_dir:
-        parser.error("--data-dir is required with --dataset folder")
+        _fail(parser, "--data-dir is required with --dataset folder")
     if cfg.data_dir and not os.path.isdir(cfg.data_dir):
-        parser.error(f"--data-dir {cfg.data_dir!r} does not exist or is not a directory")
+        _fail(parser, f"--data-dir {cfg.data_dir!r} does not exist or is not a directory")
     for name in ("epochs", "batch_size"):
         if getattr(cfg, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+            _fail(parser, f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.lr is not None and cfg.lr <= 0:
-        parser.error(f"--lr must be > 0, got {cfg.lr}")
+        _fail(parser, f"--lr must be > 0, got {cfg.lr}")
     if cfg.method == "mio" or cfg.method == "spectral":
         if cfg.batch_size < 2:
-            parser.error("--batch-size must be >= 2 for the spectral and MIO losses")
+            _fail(parser, "--batch-size must be >= 2 for the spectral and MIO losses")
     if cfg.method != "minc":
         for name, default in (("ordering", "standard"), ("minc_ablation", "none")):
             if getattr(cfg, name) != default:
-                parser.error(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} applies to --method minc "
+                _fail(parser, f"--{name.replace('_', '-')} {getattr(cfg, name)!r} applies to --method minc "
                              f"only (got --method {cfg.method})")
     if cfg.minc_ablation == "no-moment" and cfg.ordering != "standard":
-        parser.error("--ordering gha has no effect with --minc-ablation no-moment (the ordering "
+        _fail(parser, "--ordering gha has no effect with --minc-ablation no-moment (the ordering "
                      "acts on the moment term, which the ablation drops)")
     if not cfg.out_dir:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -253,41 +317,132 @@ def format_report(cfg, report: dict, history: list, plots: list, wall_s: float) 
     return "\n".join(lines)
 
 
+def _warn(msg: str) -> None:
+    print(f"minc-train: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _git_commit() -> str | None:
+    """The commit of the checkout this program runs from (None outside a git checkout)."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def environment(trainer) -> dict:
+    """Versions, commit and the device actually used (``--device auto`` resolved)."""
+    import platform
+    import torch
+    import minc_kernels
+    dev = trainer.device
+    return {"torch": torch.__version__, "minc_kernels": minc_kernels.__version__,
+            "python": platform.python_version(), "git_commit": _git_commit(),
+            "device": str(dev),
+            "device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                            else platform.processor() or platform.machine()),
+            "world_size": trainer.world, "threads": torch.get_num_threads(),
+            "precision": _precision(trainer.cfg)}
+
+
+def _precision(cfg) -> str:
+    return "fp32" if cfg.amp == "none" else f"{cfg.amp} autocast"
+
+
+def start_notes(cfg, trainer) -> list[str]:
+    """What a user should know before the run starts: a warm-up longer than the run, a
+    single class, a schedule changed by --resume with another --epochs."""
+    from .optim import warmup_cosine
+    notes = []
+    if trainer.warmup_steps > trainer.total_steps > 0:
+        peak = warmup_cosine(trainer.total_steps - 1, trainer.total_steps, trainer.warmup_steps,
+                             trainer.base_lr)
+        notes.append(f"the lr warm-up ({cfg.warmup_epochs:g} epochs, {trainer.warmup_steps} steps) is "
+                     f"longer than the run ({cfg.epochs} epochs, {trainer.total_steps} steps): "
+                     f"the lr never reaches its base value {trainer.base_lr:g} (it peaks at "
+                     f"{peak:.3g}); lower --warmup-epochs")
+    if trainer.num_classes < 2:
+        notes.append("the data has a single class: the kNN and linear-probe accuracies are 100 % "
+                     "by construction and say nothing about the features")
+    old = (trainer.resumed_config or {}).get("epochs")
+    if old is not None and int(old) != cfg.epochs and trainer.start_epoch < cfg.epochs:
+        from minc_kernels import cosine_momentum
+        s, spe = trainer.step, trainer.steps_per_epoch
+        old_total, new_total = spe * int(old), trainer.total_steps
+        lr_a = warmup_cosine(s, old_total, trainer.warmup_steps, trainer.base_lr,
+                             trainer.base_lr * cfg.final_lr_ratio)
+        lr_b = warmup_cosine(s, new_total, trainer.warmup_steps, trainer.base_lr,
+                             trainer.base_lr * cfg.final_lr_ratio)
+        msg = (f"--epochs {cfg.epochs} differs from the checkpoint's {old}: the cosine schedules "
+               f"are recomputed for {cfg.epochs} epochs, so at the join (step {s}) the lr goes from "
+               f"{lr_a:.4g} to {lr_b:.4g}")
+        if trainer.target is not None:
+            m_a = cosine_momentum(min(s, old_total), old_total, cfg.ema_base)
+            m_b = cosine_momentum(s, new_total, cfg.ema_base)
+            msg += f" and the EMA momentum from {m_a:.6g} to {m_b:.6g}"
+        notes.append(msg)
+    return notes
+
+
 def run(argv=None) -> dict:
     """Train and report; returns the report dict (rank 0) or ``{}`` (other ranks)."""
+    import shutil
     t0 = time.time()
     cfg = resolve_config(argv)
     _init_distributed(cfg)
     from .engine import Trainer
     from .plots import plot_history
+    rank = int(os.environ.get("RANK", "0"))
+    created = False
     try:
-        rank = int(os.environ.get("RANK", "0"))
+        try:
+            trainer = Trainer(cfg)
+        except (ValueError, FileNotFoundError) as exc:  # data and option errors: one line
+            _fail(build_parser(), str(exc))
+        report_path = os.path.join(cfg.out_dir, "report.json")
+        if trainer.start_epoch >= cfg.epochs:
+            if rank == 0:
+                print(f"minc-train: {cfg.out_dir} has finished its {cfg.epochs} epochs ({trainer.step} "
+                      "steps); nothing to train (give a larger --epochs to continue it)", flush=True)
+            if os.path.isfile(report_path):  # done: keep the report, do not redo the probes
+                if rank == 0:
+                    print(f"minc-train: its report is {report_path} (left unchanged)", flush=True)
+                    with open(report_path) as f:
+                        return json.load(f)
+                return {}
+        # the run directory only now: a run that fails to start leaves none behind
         if rank == 0:
+            created = not os.path.isdir(cfg.out_dir)
             os.makedirs(cfg.out_dir, exist_ok=True)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             import torch.distributed as dist
             dist.barrier()
-        try:
-            trainer = Trainer(cfg)
-        except (ValueError, FileNotFoundError) as exc:
-            build_parser().error(str(exc))
         if rank == 0 and cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 trainer.tb = SummaryWriter(os.path.join(cfg.out_dir, "tb"))
             except ImportError:
                 print("tensorboard is not installed; logging to CSV only", file=sys.stderr)
+        notes = start_notes(cfg, trainer)
         if rank == 0:
             print(f"minc-train: {cfg.method} on {cfg.dataset}, {cfg.arch} ({trainer.feat_dim}-d features), "
                   f"{cfg.epochs} epochs x {trainer.steps_per_epoch} steps of {cfg.batch_size}, "
-                  f"{cfg.optimizer} lr {trainer.base_lr:g}, device {trainer.device}, "
+                  f"{cfg.optimizer} lr {trainer.base_lr:g}, {_precision(cfg)}, device {trainer.device}, "
                   f"world {trainer.world}; output in {cfg.out_dir}", flush=True)
+            for note in notes:
+                _warn(note)
             with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
                 json.dump(vars(cfg), f, indent=1, default=str)
         history = trainer.fit()
         if rank != 0:
             return {}
-        report = {"config": vars(cfg), "history": history, "train_time_s": time.time() - t0}
+        report = {"config": vars(cfg), "environment": environment(trainer), "notes": notes,
+                  "history": history, "train_time_s": time.time() - t0}
         plots = plot_history(history, cfg.out_dir, f"{cfg.method} / {cfg.dataset} / {cfg.arch}")
         if cfg.probe:
             t1 = time.time()
@@ -296,13 +451,20 @@ def run(argv=None) -> dict:
         report["wall_time_s"] = time.time() - t0
         report["cpu_time_s"] = time.process_time()  # this process, all threads
         report["plots"] = plots
-        with open(os.path.join(cfg.out_dir, "report.json"), "w") as f:
+        with open(report_path, "w") as f:
             json.dump(report, f, indent=1, default=str)
         text = format_report(cfg, report, history, plots, report["wall_time_s"])
         with open(os.path.join(cfg.out_dir, "report.txt"), "w") as f:
             f.write(text + "\n")
         print(text, flush=True)
         return report
+    except BaseException:
+        # a run that fails before its first checkpoint leaves no run directory behind
+        if created and not os.path.isfile(os.path.join(cfg.out_dir, "checkpoint.pt")):
+            shutil.rmtree(cfg.out_dir, ignore_errors=True)
+            print(f"minc-train: removed {cfg.out_dir} (the run stopped before its first checkpoint)",
+                  file=sys.stderr, flush=True)
+        raise
     finally:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             import torch.distributed as dist

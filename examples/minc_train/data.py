@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import gzip
 import math
+import multiprocessing
 import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -137,19 +139,28 @@ def load_folder_tensor(root: str, image_size: int, channels: int = 3) -> TensorD
     """Every image of an ImageFolder tree, resized (shorter side) and centre-cropped to
     ``image_size``, as one uint8 tensor (for small datasets)."""
     from PIL import Image
-    from torchvision.datasets import ImageFolder
     from torchvision.transforms import v2
 
-    ds = ImageFolder(root)
-    if len(ds) == 0:
-        raise ValueError(f"--data-dir {root!r} holds no images")
+    ds = _image_folder(root)
     tf = v2.Compose([v2.Resize(image_size), v2.CenterCrop(image_size), v2.PILToTensor()])
     imgs = torch.empty(len(ds), channels, image_size, image_size, dtype=torch.uint8)
     mode = "L" if channels == 1 else "RGB"
+    good = []
     for i, (path, _) in enumerate(ds.samples):
-        with Image.open(path) as im:
-            imgs[i] = tf(im.convert(mode))
+        try:
+            with Image.open(path) as im:
+                imgs[i] = tf(im.convert(mode))
+            good.append(i)
+        except UNREADABLE_IMAGE_ERRORS as exc:
+            _warn_unreadable(path, exc)
+    if not good:
+        raise ValueError(f"--data-dir {root!r}: none of its {len(ds)} images could be read")
     labels = torch.tensor(ds.targets, dtype=torch.long)
+    if len(good) < len(ds):
+        print(f"minc-train: warning: skipped {len(ds) - len(good)} unreadable image(s) of {len(ds)} "
+              f"in {root}", file=sys.stderr, flush=True)
+        keep = torch.tensor(good)
+        imgs, labels = imgs[keep], labels[keep]
     mean, std = (FASHION_MEAN, FASHION_STD) if channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
     return TensorDataset(imgs, labels, mean, std, list(ds.classes))
 
@@ -353,10 +364,62 @@ class TwoViews:
         return self.t1(img), self.t2(img)
 
 
-def folder_stream(root: str, transform):
-    """``ImageFolder(root)`` with RGB conversion and ``transform``."""
+# What PIL raises for a truncated or corrupt file (UnidentifiedImageError is an OSError;
+# some broken PNGs raise SyntaxError).
+UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError)
+
+
+def _warn_unreadable(path: str, exc: BaseException) -> None:
+    print(f"minc-train: warning: skipping unreadable image {path} ({type(exc).__name__}: {exc})",
+          file=sys.stderr, flush=True)
+
+
+class SkipUnreadable(torch.utils.data.Dataset):
+    """An ``ImageFolder`` whose unreadable images are named on stderr and replaced by the next
+    readable one (so batches keep their size); :attr:`skipped` counts them, also across
+    DataLoader worker processes."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.classes = folder.classes
+        self.samples = folder.samples
+        # shared memory: workers inherit it and their increments are seen here
+        self._skipped = multiprocessing.Value("q", 0)
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int):
+        n = len(self.folder)
+        for k in range(n):
+            j = (index + k) % n
+            try:
+                return self.folder[j]
+            except UNREADABLE_IMAGE_ERRORS as exc:
+                _warn_unreadable(self.folder.samples[j][0], exc)
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+        raise ValueError(f"no image under {self.folder.root!r} could be read")
+
+    @property
+    def skipped(self) -> int:
+        """Unreadable images met so far (each meeting counts)."""
+        return int(self._skipped.value)
+
+
+def folder_stream(root: str, transform) -> SkipUnreadable:
+    """``ImageFolder(root)`` with RGB conversion and ``transform``; unreadable images are
+    skipped with a warning naming them (:class:`SkipUnreadable`)."""
+    return SkipUnreadable(_image_folder(root, transform))
+
+
+def _image_folder(root: str, transform=None):
+    """``ImageFolder(root)``; its errors (no class folder, no image) name --data-dir."""
     from torchvision.datasets import ImageFolder
-    ds = ImageFolder(root, transform=transform)
+    try:
+        ds = ImageFolder(root, transform=transform)
+    except FileNotFoundError as exc:
+        raise ValueError(f"--data-dir {root!r}: {exc}") from None
     if len(ds) == 0:
         raise ValueError(f"--data-dir {root!r} holds no images")
     return ds

@@ -101,6 +101,7 @@ class Trainer:
         self._build_model()
         self._build_optim()
         self.start_epoch, self.step, self.history = 0, 0, []
+        self.resumed_config = None  # the checkpoint's config after load_checkpoint
         self.ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
         if cfg.resume:
             self.load_checkpoint(cfg.resume)
@@ -314,7 +315,23 @@ class Trainer:
                "epoch_time_s": dt, "step_time_s": dt / max(n, 1)}
         if self.target is not None:  # methods without an EMA target have no momentum to log
             row["ema_momentum"] = self.momentum_now
+        skipped = self.unreadable_images()
+        if skipped:  # each one was named on stderr when met
+            row["unreadable_images_skipped"] = skipped
         return row
+
+    def unreadable_images(self) -> int:
+        """Unreadable images this process's stream loader has skipped so far (0 for the
+        in-memory loader, which drops them once at load time)."""
+        if self.stream is None:
+            return 0
+        seen = {}
+        for ds in self.stream.values():
+            while isinstance(ds, torch.utils.data.Subset):
+                ds = ds.dataset
+            if isinstance(ds, D.SkipUnreadable):
+                seen[id(ds)] = ds.skipped
+        return sum(seen.values())
 
     # ------------------------------------------------------------------ features / evaluation
     @torch.no_grad()
@@ -402,6 +419,7 @@ class Trainer:
             self.scaler.load_state_dict(ck["scaler"])
         self.start_epoch, self.step = int(ck["epoch"]) + 1, int(ck["step"])
         self.history = list(ck.get("history", []))
+        self.resumed_config = dict(ck.get("config", {}))
         set_rng_state(ck["rng"])
 
     # ------------------------------------------------------------------ main loop
