@@ -1,0 +1,423 @@
+"""Static sm_90 suite: every Triton launch of the ops, compiled for Hopper without a GPU.
+
+    python -m benchmarks.static_sm90 --out benchmarks/results/static-sm90/   # full grid
+    python -m benchmarks.static_sm90 --subset ci --json-only OUT              # what CI checks
+
+How: the ops' real launchers (``minc_kernels.ops.*.*_forward``, the plain bodies of the
+custom ops) run on ``device="meta"`` tensors with Triton's active driver replaced by a stub
+whose target is ``GPUTarget("cuda", 90, 32)``, and ``JITFunction.run`` wrapped so every
+launch compiles (``warmup=True``) instead of running.  So each kernel gets exactly the
+specialisation a real launch gets (Triton's own binder: constexprs, ints equal to 1 or
+divisible by 16, pointer alignment from ``data_ptr()``, which meta tensors give as their
+byte offset), the tile configuration the launcher picks for that shape, and the grid it
+asks for.  ``ptxas -v`` (Triton's own run, its log captured) gives registers, spills and
+stack; Triton's metadata the dynamic shared memory; the PTX whether fp32 variants stay off
+tf32/mma and whether the loads are pipelined (``cp.async``) and dots use ``wgmma``.
+
+Per launch, the table gives the grid, the resident CTAs per SM (registers, shared memory
+and threads of sm_90), waves over 132 SMs, the SM fill of the first wave, and for spectral
+the cost model's estimate (``ops.spectral.estimate_seconds``) of the algorithm it launched.
+:func:`violations` is what ``tests/test_static_sm90.py`` asserts.
+"""
+from __future__ import annotations
+
+import os
+
+if __name__ == "__main__":
+    # Compiling for sm_90 needs the real JIT, not the interpreter: before triton is imported.
+    # (Imported as a module, e.g. by a test for `violations`, it leaves the environment be.)
+    os.environ.pop("TRITON_INTERPRET", None)
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver as _driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+# sm_90 (H100 SXM) limits used for occupancy: per SM 64K registers, 228 KB shared memory
+# (227 KB usable by one CTA, 1 KB reserved per CTA), 2048 threads, 32 CTAs.
+SMS = 132
+REGS_PER_SM = 65536
+SMEM_PER_SM = 228 * 1024
+SMEM_PER_CTA_MAX = 227 * 1024
+SMEM_RESERVED_PER_CTA = 1024
+THREADS_PER_SM = 2048
+CTAS_PER_SM = 32
+REG_LIMIT = 255
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Launches whose work grows with B·k or B²·k: the ones grid fill matters for.  The row
+# kernels (one pass over B·k elements), mio_loss_combine (one program by design) are light.
+HEAVY = {"pairwise_offdiag_kernel", "rowmat_kernel", "moment_partial_kernel",
+         "mio_negative_tiles", "mio_negative_strip", "mio_strip_matmul"}
+# The sizes users run (GPU.md): B 256-8192, k 128-8192; grid fill is asserted there.
+BENCH_B = (256, 8192)
+BENCH_K = (128, 8192)
+# A launch whose useful flops take under this long at the device's peak over all 132 SMs is
+# bound by launch latency (~4-5 us on H100), not by its grid: fill is not asserted for it.
+LATENCY_BOUND_US = 5.0
+PEAK_FLOPS = {"fp32": 5.0e13, "half": 8.0e14, "half_x_f32": 2.5e14}  # rough H100, as ops/_common
+
+
+def useful_flops(kernel: str, b: int, k: int, grad: bool, dtype: str, grid, tiles, flags) -> tuple:
+    """(flops, peak) of the work a launch must do at least (recomputation not counted)."""
+    half = dtype != "fp32"
+    same = PEAK_FLOPS["half" if half else "fp32"]
+    n = 2 * b
+    if kernel == "pairwise_offdiag_kernel":
+        return 2.0 * b * b * k * (2 if flags.get("NEED_GRAD") else 1), same
+    if kernel == "rowmat_kernel":
+        return 2.0 * b * k * k, PEAK_FLOPS["half_x_f32" if half else "fp32"]
+    if kernel == "moment_partial_kernel":
+        return 1.0 * b * k * k, same  # symmetric: half of 2·B·k²
+    if kernel == "mio_negative_tiles":
+        return 2.0 * n * n * k * (2 if flags.get("COMPUTE_GRAD") else 1), same
+    if kernel in ("mio_negative_strip", "mio_strip_matmul"):
+        rows = min(grid[0] * tiles.get("BLOCK_M", 1), n)
+        return 2.0 * rows * n * k, same
+    return 0.0, same
+
+
+# ----------------------------------------------------------------------------- compile hook
+class _Sm90Driver:
+    """Just enough of a Triton driver for ``JITFunction.run(..., warmup=True)``: the target
+    is sm_90, device 0, stream 0.  Nothing is ever launched."""
+
+    def get_current_target(self):
+        return TARGET
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("meta")
+
+
+@dataclass
+class Launch:
+    kernel: str
+    grid: tuple
+    constexprs: dict
+    compiled: object
+    ptxas_log: str
+
+
+@contextlib.contextmanager
+def compile_launches_for_sm90():
+    """Inside: every ``kernel[grid](...)`` compiles for sm_90 and is recorded, not run."""
+    records: list[Launch] = []
+    orig_run = JITFunction.run
+    prev_active = _driver._active
+    prev_dump = triton.knobs.nvidia.dump_ptxas_log
+
+    def run(self, *args, grid, warmup, **kwargs):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):  # ptxas -v log, printed by Triton's make_cubin
+            compiled = orig_run(self, *args, grid=grid, warmup=True, **kwargs)
+        g = tuple(int(x) for x in grid) + (1,) * (3 - len(grid))
+        consts = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
+        records.append(Launch(self.fn.__name__, g, consts, compiled, buf.getvalue()))
+        return compiled
+
+    _driver.set_active(_Sm90Driver())
+    triton.knobs.nvidia.dump_ptxas_log = True
+    JITFunction.run = run
+    try:
+        yield records
+    finally:
+        JITFunction.run = orig_run
+        triton.knobs.nvidia.dump_ptxas_log = prev_dump
+        _driver._active = prev_active
+
+
+_PTXAS_RE = {
+    "regs": re.compile(r"Used (\d+) registers"),
+    "stack": re.compile(r"(\d+) bytes stack frame"),
+    "spill_st": re.compile(r"(\d+) bytes spill stores"),
+    "spill_ld": re.compile(r"(\d+) bytes spill loads"),
+}
+_ANALYSIS: dict[int, dict] = {}
+
+
+def _ptxas_log_of(compiled) -> str:
+    """Run Triton's ptxas on the PTX with -v (for kernels Triton took from its disk cache)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        Path(src).write_text(compiled.asm["ptx"])
+        out = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", src,
+                              "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True)
+    return out.stdout + out.stderr
+
+
+def analyse(launch: Launch) -> dict:
+    """Registers, spills, stack, shared memory and PTX facts of one compiled kernel."""
+    key = id(launch.compiled)
+    if key in _ANALYSIS:
+        return _ANALYSIS[key]
+    c = launch.compiled
+    log = launch.ptxas_log if "registers" in launch.ptxas_log else _ptxas_log_of(c)
+    facts = {}
+    for name, rx in _PTXAS_RE.items():
+        m = rx.search(log)
+        facts[name] = int(m.group(1)) if m else -1
+    ptx = c.asm["ptx"]
+    md = c.metadata
+    facts.update(
+        smem=int(md.shared),
+        num_warps=int(md.num_warps),
+        tf32=len(re.findall(r"\btf32\b", ptx)),
+        mma=len(re.findall(r"\bmma\.sync\b", ptx)),
+        wgmma=len(re.findall(r"\bwgmma\.mma_async\b", ptx)),
+        cp_async=len(re.findall(r"\bcp\.async\b", ptx)),
+    )
+    _ANALYSIS[key] = facts
+    return facts
+
+
+def occupancy(regs: int, smem: int, num_warps: int) -> int:
+    """Resident CTAs per SM on sm_90 (registers allocated per warp in units of 256)."""
+    threads = 32 * num_warps
+    regs_per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256
+    by_regs = REGS_PER_SM // (regs_per_warp * num_warps)
+    by_smem = SMEM_PER_SM // (smem + SMEM_RESERVED_PER_CTA)
+    return max(0, min(by_regs, by_smem, THREADS_PER_SM // threads, CTAS_PER_SM))
+
+
+# ----------------------------------------------------------------------------- cases
+def _meta(b, k, dtype):
+    return torch.empty(b, k, dtype=dtype, device="meta")
+
+
+def run_case(loss: str, b: int, k: int, dtype: torch.dtype, need_grad: bool, variant: str):
+    """Call the op's real forward on meta tensors; returns (launches, extra facts)."""
+    from minc_kernels.ops import minc as om
+    from minc_kernels.ops import mio as oi
+    from minc_kernels.ops import spectral as osp
+
+    extra = {}
+    with compile_launches_for_sm90() as rec:
+        if loss == "spectral":
+            est = osp.estimate_seconds(b, k, dtype, need_grad)
+            chosen = osp.choose_algorithm(b, k, dtype, need_grad)
+            algo = chosen if variant == "auto" else variant
+            extra = {"algorithm": algo, "auto_choice": chosen,
+                     "est_us": round(est[algo] * 1e6, 2),
+                     "est_other_us": round(est["gram" if algo == "pairwise" else "pairwise"] * 1e6, 2)}
+            osp.spectral_forward(_meta(b, k, dtype), _meta(b, k, dtype), 1.0, True, algo, need_grad)
+        elif loss == "minc":
+            m = torch.empty(k, k, dtype=torch.float32, device="meta")
+            om.minc_forward(_meta(b, k, dtype), _meta(b, k, dtype), m, variant == "gha", need_grad)
+            om.moment_sum(_meta(b, k, dtype))
+            extra = {"algorithm": variant}
+        elif loss == "mio":
+            oi.mio_forward(_meta(b, k, dtype), _meta(b, k, dtype), 0.1, 0.1, 0.0, need_grad)
+            extra = {"algorithm": "flash"}
+        else:
+            raise ValueError(f"unknown loss {loss!r}")
+    return rec, extra
+
+
+def rows_of_case(loss, b, k, dtype_name, need_grad, variant):
+    dtype = DTYPES[dtype_name]
+    launches, extra = run_case(loss, b, k, dtype, need_grad, variant)
+    rows, seen = [], set()
+    for ln in launches:
+        facts = analyse(ln)
+        key = (ln.kernel, ln.grid, id(ln.compiled))
+        if key in seen:  # MIO's strip loop launches one kernel per row group
+            continue
+        seen.add(key)
+        programs = ln.grid[0] * ln.grid[1] * ln.grid[2]
+        occ = occupancy(facts["regs"], facts["smem"], facts["num_warps"])
+        tiles = {k_: v for k_, v in ln.constexprs.items() if k_.startswith("BLOCK") or k_ in (
+            "num_warps", "num_stages", "ACC_IN_REGS")}
+        variant_flags = {k_: v for k_, v in ln.constexprs.items() if k_ in (
+            "NEED_GRAD", "GHA", "COMPUTE_GRAD", "DOT_WITH_OTHER", "MODE", "CLIP")}
+        flops, peak = useful_flops(ln.kernel, b, k, need_grad, dtype_name, ln.grid, tiles,
+                                   variant_flags)
+        rows.append(dict(
+            ideal_us=round(flops / peak * 1e6, 3),
+            loss=loss, variant=variant, B=b, k=k, dtype=dtype_name, grad=bool(need_grad),
+            kernel=ln.kernel, flags=variant_flags, tiles=tiles, grid=list(ln.grid),
+            programs=programs, ctas_per_sm=occ,
+            waves=round(programs / (SMS * occ), 3) if occ else None,
+            sm_fill=round(min(1.0, programs / SMS), 3),
+            heavy=ln.kernel in HEAVY, **facts, **extra,
+        ))
+    return rows
+
+
+def shape_grid(subset: str):
+    """(loss, B, k, dtype, need_grad, variant) cases."""
+    if subset == "ci":
+        # Representative: benchmark shapes where fill matters (B 256 and 1024), both MIO
+        # paths (k <= 256 in registers, the strip above), odd B and k (the unaligned
+        # specialisation), every dtype and both gradient modes of every kernel variant.
+        # About 90 compiled variants: the CI test stays under ~3 minutes on 2 cores.
+        shapes = [(1024, 128), (1023, 1001), (256, 8192)]
+        dts = ("fp32", "bf16", "fp16")
+    elif subset == "full":
+        bs = (256, 1024, 4096, 8192, 32768, 1023)
+        ks = (64, 128, 512, 1024, 2048, 8192, 1001)
+        shapes = [(b, k) for b in bs for k in ks]
+        dts = ("fp32", "bf16", "fp16")
+    else:
+        raise ValueError(f"subset must be 'ci' or 'full', got {subset!r}")
+    cases = []
+    for b, k in shapes:
+        for dt in dts:
+            for g in (False, True):
+                variants = {"spectral": ["auto", "pairwise", "gram"], "minc": ["standard", "gha"],
+                            "mio": ["flash"]}
+                for loss, vs in variants.items():
+                    for v in vs:
+                        if loss == "minc" and v == "gha" and not g:
+                            continue  # GHA changes only the gradient
+                        if loss == "spectral" and v != "auto" and subset == "ci":
+                            # CI: the auto choice plus the pairwise path at the shapes the
+                            # issue names (B 256-4096 with k <= 1024)
+                            if v == "gram" or k > 1024:
+                                continue
+                        cases.append((loss, b, k, dt, g, v))
+    return cases
+
+
+# ----------------------------------------------------------------------------- checks
+def in_bench_shapes(r) -> bool:
+    return BENCH_B[0] <= r["B"] <= BENCH_B[1] and BENCH_K[0] <= r["k"] <= BENCH_K[1]
+
+
+def violations(rows) -> list[str]:
+    """What the CI test asserts; see the module docstring and issue 14."""
+    out = []
+    for r in rows:
+        tag = (f"{r['kernel']} {r['loss']}/{r['variant']} B={r['B']} k={r['k']} {r['dtype']} "
+               f"grad={r['grad']}")
+        if r["regs"] < 0:
+            out.append(f"{tag}: no ptxas info")
+        if r["spill_st"] > 0 or r["spill_ld"] > 0:
+            out.append(f"{tag}: spills {r['spill_st']} B stores / {r['spill_ld']} B loads")
+        if r["smem"] > SMEM_PER_CTA_MAX:
+            out.append(f"{tag}: shared memory {r['smem']} B > 227 KB")
+        if r["dtype"] == "fp32" and (r["tf32"] or r["mma"] or r["wgmma"]):
+            out.append(f"{tag}: fp32 variant uses tf32/mma ({r['tf32']}/{r['mma']}/{r['wgmma']})")
+        if r["regs"] >= REG_LIMIT:
+            out.append(f"{tag}: {r['regs']} registers (>= {REG_LIMIT})")
+        if r["ctas_per_sm"] < 1:
+            out.append(f"{tag}: does not fit on an SM")
+        # Grid fill: only the launches the loss actually runs (spectral: the cost model's
+        # choice) at the benchmark shapes.
+        runs = not (r["loss"] == "spectral" and r["variant"] != "auto")
+        if (runs and r["heavy"] and in_bench_shapes(r) and r["ideal_us"] >= LATENCY_BOUND_US
+                and r["programs"] < SMS):
+            out.append(f"{tag}: grid {r['grid']} = {r['programs']} programs < {SMS} SMs "
+                       f"(ideal {r['ideal_us']} us)")
+    return out
+
+
+# ----------------------------------------------------------------------------- output
+def _versions():
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).resolve().parent.parent).stdout.strip()
+    except OSError:
+        commit = ""
+    from triton.backends.nvidia.compiler import get_ptxas
+    return {"target": "sm_90 (GPUTarget('cuda', 90, 32)), compiled only, nothing run",
+            "triton": triton.__version__, "torch": torch.__version__,
+            "ptxas": get_ptxas(90).version, "python": platform.python_version(),
+            "git_commit": commit, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            "machine": f"{platform.node()} (CPU only)"}
+
+
+def _fmt_tiles(t):
+    short = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "K", "BLOCK_C": "C", "BLOCK_B": "B",
+             "BLOCK_R": "R", "num_warps": "w", "num_stages": "s", "ACC_IN_REGS": "regs"}
+    return " ".join(f"{short.get(k, k)}{int(v)}" for k, v in t.items())
+
+
+def write_markdown(rows, meta, viol, path: Path):
+    lines = [
+        "# Static sm_90 suite", "",
+        "Every Triton launch of the ops, compiled for sm_90 through the real launchers "
+        "(`python -m benchmarks.static_sm90`); nothing was run on a GPU.", "",
+        "| " + " | ".join(f"{k}: {v}" for k, v in meta.items()) + " |",
+        "|" + "---|" * len(meta), "",
+        f"Violations of the CI checks: {len(viol)}", "",
+    ]
+    lines += [f"- {v}" for v in viol[:200]]
+    lines += ["", "Columns: regs = registers/thread, spill = spill store+load bytes, smem = "
+              "dynamic shared memory (KB), occ = resident CTAs/SM, fill = min(1, programs/132), "
+              "waves = programs/(132·occ), ideal = µs of the launch's useful flops at peak on "
+              "132 SMs (fill is asserted only from 5 µs up), tf32/mma/wgmma/cp.async = counts in the PTX, "
+              "est = cost-model µs of the launched algorithm (other algorithm in brackets).", "",
+              "| loss | variant | B | k | dtype | grad | kernel | tiles | grid | programs | "
+              "regs | spill | smem KB | occ | waves | fill | ideal µs | tf32/mma/wgmma | cp.async | est µs |",
+              "|" + "---|" * 20]
+    for r in rows:
+        est = f"{r['est_us']} ({r['est_other_us']})" if "est_us" in r else ""
+        lines.append(
+            f"| {r['loss']} | {r['variant']}{'→' + r['algorithm'] if r['variant'] == 'auto' else ''} "
+            f"| {r['B']} | {r['k']} | {r['dtype']} | {int(r['grad'])} | {r['kernel']} "
+            f"| {_fmt_tiles(r['tiles'])} | {'×'.join(map(str, r['grid']))} | {r['programs']} "
+            f"| {r['regs']} | {r['spill_st'] + r['spill_ld']} | {r['smem'] / 1024:.1f} "
+            f"| {r['ctas_per_sm']} | {r['waves']} | {r['sm_fill']} | {r['ideal_us']} "
+            f"| {r['tf32']}/{r['mma']}/{r['wgmma']} | {r['cp_async']} | {est} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="directory for results.json and results.md")
+    ap.add_argument("--subset", default="full", choices=("full", "ci"),
+                    help="full: the whole shape grid (default); ci: the CI test's subset")
+    ap.add_argument("--json-only", action="store_true", help="skip the Markdown table")
+    ap.add_argument("--check", action="store_true", help="exit 1 if any CI check fails")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    rows = []
+    cases = shape_grid(a.subset)
+    for i, case in enumerate(cases):
+        rows += rows_of_case(*case)
+        if (i + 1) % 25 == 0:
+            print(f"[{time.time() - t0:6.0f} s] {i + 1}/{len(cases)} cases, "
+                  f"{len(_ANALYSIS)} compiled variants", flush=True)
+    viol = violations(rows)
+    meta = _versions()
+    meta.update(subset=a.subset, cases=len(cases), launches=len(rows),
+                compiled_variants=len(_ANALYSIS), seconds=round(time.time() - t0, 1))
+    (out / "results.json").write_text(json.dumps({"meta": meta, "violations": viol,
+                                                  "rows": rows}, indent=1) + "\n")
+    if not a.json_only:
+        write_markdown(rows, meta, viol, out / "results.md")
+    print(f"{len(cases)} cases, {len(rows)} launches, {len(_ANALYSIS)} compiled variants, "
+          f"{len(viol)} violations, {time.time() - t0:.0f} s; files in {out}")
+    for v in viol[:40]:
+        print("  " + v)
+    return 1 if (a.check and viol) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
