@@ -281,6 +281,25 @@ def test_lars_excludes_bias_and_bn_and_schedule():
     assert warmup_cosine(100, 100, 10, 1.0) == pytest.approx(0.0)
 
 
+def test_lars_matches_timm_where_the_conventions_agree():
+    """Our LARS follows BYOL/SimCLR (trust ratio eta |w| / |g + wd w|); timm's Lars follows
+    apex (eta |w| / (|g| + wd |w|)).  Without weight decay the two are the same update."""
+    timm_optim = pytest.importorskip("timm.optim")
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(5, 4, generator=g)
+    a, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    ours = LARS([{"params": [a], "weight_decay": 0.0, "lars_exclude": False}], lr=0.1,
+                momentum=0.9, trust_coefficient=0.01)
+    theirs = timm_optim.Lars([b], lr=0.1, momentum=0.9, trust_coeff=0.01, always_adapt=True)
+    for _ in range(4):
+        grad = torch.randn(5, 4, generator=g)
+        a.grad, b.grad = grad.clone(), grad.clone()
+        ours.step()
+        theirs.step()
+    assert not torch.equal(a, w0)
+    assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_batch_augment_reproducible_and_shaped():
     x = (torch.rand(6, 3, 24, 24) * 255).to(torch.uint8)
     v1, v2 = D.view_configs("byol", 40, 3)
