@@ -108,7 +108,9 @@ def tiny(fmnist, out, *extra):
 
 # ---------------------------------------------------------------------- training-program options
 def _one_step(fmnist, tmp_path, *extra):
-    tr = Trainer(cli.resolve_config(tiny(fmnist, tmp_path, "--method", "minc", "--seed", "3", *extra)))
+    # --amp none: the checks below compare with fp32 arithmetic, whatever --amp auto picks
+    tr = Trainer(cli.resolve_config(tiny(fmnist, tmp_path, "--method", "minc", "--seed", "3",
+                                         "--amp", "none", *extra)))
     tr.train_mode()
     x1, x2 = next(tr.batches(0))
     return tr, x1, x2
