@@ -167,7 +167,9 @@ def test_help_shows_every_option_with_its_default():
         assert a.help and "(default: " in a.help, a.option_strings
     text = parser.format_help()
     assert "auto: s1 below 96 px" in text  # --stem auto is documented
-    assert "cpu preset: 0.001; gpu preset: minc 0.2" in " ".join(text.split())  # --lr
+    gpu_lr = {m: cli.METHOD_DEFAULTS["gpu"][m]["lr"] for m in ("minc", "spectral", "mio")}
+    assert (f"gpu preset: minc {gpu_lr['minc']}, spectral {gpu_lr['spectral']}, mio "
+            f"{gpu_lr['mio']})") in " ".join(text.split())  # --lr: per preset and method
 
 
 def test_unreadable_image_is_named_and_skipped(folder, tmp_path, capfd):
@@ -192,7 +194,8 @@ def test_unreadable_image_is_named_and_skipped(folder, tmp_path, capfd):
 
 def test_resume_keeps_flags_and_reports_environment(folder, tmp_path, capsys):
     out = tmp_path / "g"
-    args = ["--method", "spectral", "--grayscale", "--epochs", "2", "--probe-iters", "3"]
+    args = ["--method", "spectral", "--grayscale", "--epochs", "2", "--probe-iters", "3",
+            "--amp", "none"]
     cli.run(tiny_args(folder, out, *args, "--stop-after", "1", "--no-probe"))
     stdout = capsys.readouterr().out
     assert ", fp32, device cpu" in stdout and "ema_momentum" not in stdout  # spectral: no EMA
