@@ -90,13 +90,13 @@ def test_gha_gradient_differs_and_loss_does_not(kernel_device):
     assert float((gha[1] - want).abs().max()) <= 2e-6 * float(want.abs().max())
 
 
-@pytest.mark.parametrize("tiles", [(16, 32, 16), (32, 16, 32)])
+@pytest.mark.parametrize("tiles", [(16, 32, 16), (32, 16, 32), (16, 16, 32)])
 def test_gha_with_rectangular_tiles(kernel_device, monkeypatch, tiles):
     """The GPU tiles have BLOCK_K != BLOCK_N: the inside/straddling/outside tile tests of the
     lower triangle must hold for any shape, not only for the interpreter's square tiles."""
     bm, bn, bk = tiles
     monkeypatch.setattr(configs, "rowmat_config",
-                        lambda k, for_device=False: dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4))
+                        lambda k, *a, **kw: dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4))
     p, t, m = _inputs(7, 70, torch.float32, kernel_device, seed=12)
     _assert_close_fp32(_run(_kernel("gha"), p, t, m, 1.1), _oracle(p, t, m, "gha", 1.1))
 

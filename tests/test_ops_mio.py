@@ -250,6 +250,17 @@ def test_pick_config_never_leaves_an_empty_split():
                     assert cfg.strip_rows <= max(2048, 2 * k + cfg.block_k)
 
 
+def test_pick_config_small_batch_fills_the_device():
+    """Issue 14: at B = 256 the strip path had 4 × 4 (bf16) or 8 × 8 (fp32) programs; the
+    tiles now shrink until about two waves of 132 SMs run (the strip GEMM uses them too)."""
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        for b, k in ((256, 8192), (256, 1024), (512, 4096)):
+            cfg = mio_ops.pick_config(b, k, dt, on_gpu=True)
+            n = 2 * b
+            assert -(-cfg.strip_rows // cfg.block_m) * -(-n // cfg.block_n) >= 256, (dt, b, k, cfg)
+            assert -(-cfg.strip_rows // cfg.block_m) * -(-k // cfg.block_n) >= 132, (dt, b, k, cfg)
+
+
 # --------------------------------------------------------------------------- GPU only
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -123,13 +123,52 @@ def test_pairwise_with_rectangular_tiles(kernel_device, monkeypatch, tiles):
     """GPU tiles are not the interpreter's 16-squares: diagonal masking and column chunks
     must hold for BLOCK_M != BLOCK_N and BLOCK_K != BLOCK_C."""
     bm, bn, bk, bc = tiles
-    monkeypatch.setattr(configs, "pairwise_config", lambda k, dtype, for_device=False: dict(
+    monkeypatch.setattr(configs, "pairwise_config", lambda b, k, dtype, for_device=False: dict(
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_C=bc, num_warps=4))
     z1, z2 = _inputs(37, 33, torch.float32, kernel_device, seed=13)
     want = _oracle(z1, z2, MU, True, 0.8)
     got = _run(_kernel(MU, True, "pairwise"), z1, z2, 0.8)
     for a, w in zip(got, want):
         assert float((a - w).abs().max()) <= 2e-6 * float(w.abs().max()) + 1e-7
+
+
+@pytest.mark.parametrize("split", [(1, 3), (2, 2), (3, 1)])
+@pytest.mark.parametrize("need_grad", [False, True])
+def test_pairwise_split_column_stream(kernel_device, monkeypatch, split, need_grad):
+    """The column stream split over programs (per-split fp32 partials, summed in a fixed
+    order) gives the oracle's loss and gradients for any split, including the last split
+    shorter than the others (3 column blocks in 2 splits)."""
+    monkeypatch.setattr(configs, "pairwise_split", lambda b, k, g, cfg: split)
+    z1, z2 = _inputs(37, 33, torch.float32, kernel_device, seed=14)
+    if not need_grad:
+        z1, z2 = z1.detach(), z2.detach()
+        with torch.no_grad():
+            got = ops.spectral_loss(z1, z2, MU, True, "pairwise")
+        want = _oracle(z1.requires_grad_(), z2.requires_grad_(), MU, True, 1.0)[0]
+        assert float((got.cpu().double() - want).abs()) <= 2e-6 * float(want.abs()) + 1e-7
+        return
+    want = _oracle(z1, z2, MU, True, 0.7)
+    got = _run(_kernel(MU, True, "pairwise"), z1, z2, 0.7)
+    for a, w in zip(got, want):
+        assert float((a - w).abs().max()) <= 2e-6 * float(w.abs().max()) + 1e-7
+
+
+def test_pairwise_grid_fills_the_device_at_benchmark_shapes():
+    """Issue 14: without a gradient the grid was B/64 programs (16 at B = 1024, 4 at 256)."""
+    for b in (256, 512, 1024, 2048, 4096):
+        for k in (128, 1024, 8192):
+            for dtype in (torch.float32, torch.bfloat16):
+                cfg = configs.pairwise_config(b, k, dtype, for_device=True)
+                n_split, per = configs.pairwise_split(b, k, False, cfg)
+                n_cb = -(-b // cfg["BLOCK_N"])
+                assert (n_split - 1) * per < n_cb <= n_split * per  # no empty split
+                assert -(-b // cfg["BLOCK_M"]) * n_split >= 132, (b, k, dtype, n_split)
+
+
+def test_cost_model_counts_idle_sms():
+    """A launch of 4 programs keeps 4 of 132 SMs busy: the estimate says so."""
+    assert ops._fill(4) == pytest.approx(4 / 132)
+    assert ops._fill(132) == 1.0 and ops._fill(133) == pytest.approx(133 / 264)
 
 
 def test_pairwise_and_gram_agree(kernel_device):

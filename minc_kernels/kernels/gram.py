@@ -149,29 +149,54 @@ def rowmat_kernel(
     r_mask = rows < B
     c_mask = cols < K
     n0 = pid_n * BLOCK_N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_lt = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for j0 in range(0, K, BLOCK_K):
-        js = j0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        j_mask = js < K
-        x = tl.load(x_ptr + rows[:, None] * stride_xb + js[None, :] * stride_xk,
-                    mask=r_mask[:, None] & j_mask[None, :], other=0.0)
-        # gt[j, n] = G[n, j]
-        gt = tl.load(g_ptr + cols[None, :] * stride_gr + js[:, None] * stride_gc,
-                     mask=j_mask[:, None] & c_mask[None, :], other=0.0)
-        if GHA and NEED_GRAD:
-            if j0 + BLOCK_K - 1 <= n0:
-                # every j <= every n: the tile lies inside LT(G)
-                part = dot_rhs_f32(x, gt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), MODE, UPCAST)
-                acc += part
-                acc_lt += part
-            elif j0 <= n0 + BLOCK_N - 1:
-                acc = dot_rhs_f32(x, gt, acc, MODE, UPCAST)
-                gt_lt = tl.where(js[:, None] <= cols[None, :], gt, 0.0)
-                acc_lt = dot_rhs_f32(x, gt_lt, acc_lt, MODE, UPCAST)
-            else:
-                acc = dot_rhs_f32(x, gt, acc, MODE, UPCAST)
-        else:
+    x_rows = x_ptr + rows[:, None] * stride_xb
+    g_cols = g_ptr + cols[None, :] * stride_gr
+    if GHA and NEED_GRAD:
+        # Three loops with static structure (no branch inside: the pipeliner then issues
+        # async copies and wgmma, which it does not across an `if` in the loop body):
+        # 1. reduction tiles inside LT(G) (every j <= every n of the tile): one dot, into
+        #    the LT accumulator only; 2. tiles straddling the diagonal: the full and the
+        #    masked dot; 3. tiles above it: the full dot only.
+        lo = ((n0 + 1) // BLOCK_K) * BLOCK_K  # tiles [0, lo) lie inside LT(G)
+        hi = tl.minimum(((n0 + BLOCK_N - 1) // BLOCK_K + 1) * BLOCK_K, K)  # [lo, hi) straddle
+        lo = tl.minimum(lo, K)
+        acc_lt = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for j0 in range(0, lo, BLOCK_K):
+            js = j0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            j_mask = js < K
+            x = tl.load(x_rows + js[None, :] * stride_xk, mask=r_mask[:, None] & j_mask[None, :],
+                        other=0.0)
+            gt = tl.load(g_cols + js[:, None] * stride_gc, mask=j_mask[:, None] & c_mask[None, :],
+                         other=0.0)  # gt[j, n] = G[n, j]
+            acc_lt = dot_rhs_f32(x, gt, acc_lt, MODE, UPCAST)
+        acc = acc_lt  # the inner tiles count in full Q as well
+        for j0 in range(lo, hi, BLOCK_K):
+            js = j0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            j_mask = js < K
+            x = tl.load(x_rows + js[None, :] * stride_xk, mask=r_mask[:, None] & j_mask[None, :],
+                        other=0.0)
+            gt = tl.load(g_cols + js[:, None] * stride_gc, mask=j_mask[:, None] & c_mask[None, :],
+                         other=0.0)
+            acc = dot_rhs_f32(x, gt, acc, MODE, UPCAST)
+            gt_lt = tl.where(js[:, None] <= cols[None, :], gt, 0.0)
+            acc_lt = dot_rhs_f32(x, gt_lt, acc_lt, MODE, UPCAST)
+        for j0 in range(hi, K, BLOCK_K):
+            js = j0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            j_mask = js < K
+            x = tl.load(x_rows + js[None, :] * stride_xk, mask=r_mask[:, None] & j_mask[None, :],
+                        other=0.0)
+            gt = tl.load(g_cols + js[:, None] * stride_gc, mask=j_mask[:, None] & c_mask[None, :],
+                         other=0.0)
+            acc = dot_rhs_f32(x, gt, acc, MODE, UPCAST)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for j0 in range(0, K, BLOCK_K):
+            js = j0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            j_mask = js < K
+            x = tl.load(x_rows + js[None, :] * stride_xk, mask=r_mask[:, None] & j_mask[None, :],
+                        other=0.0)
+            gt = tl.load(g_cols + js[:, None] * stride_gc, mask=j_mask[:, None] & c_mask[None, :],
+                         other=0.0)
             acc = dot_rhs_f32(x, gt, acc, MODE, UPCAST)
     tile_mask = r_mask[:, None] & c_mask[None, :]
     xn = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xk,

@@ -65,27 +65,32 @@ def clip_rows_dot_kernel(
 @triton.jit
 def pairwise_offdiag_kernel(
     x_ptr, y_ptr, out_ptr, part_ptr,
-    B, K, stride_xb, stride_xk, stride_yb, stride_yk, stride_ob, stride_ok,
-    alpha, beta,
+    B, K, stride_xb, stride_xk, stride_yb, stride_yk, stride_os, stride_ob, stride_ok,
+    alpha, beta, blocks_per_split,
     NEED_GRAD: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Grid (cdiv(B, BM), nC): row block ``m`` of ``S = X Yᵀ`` against every column block.
+    """Grid (cdiv(B, BM), nC, nS): row block ``m`` of ``S = X Yᵀ`` against the column blocks
+    ``[s·bps, (s+1)·bps)`` of split ``s``.
 
-    ``part[m·nC + c] = Σ_{i in m, j≠i} S_ij²`` (every ``c`` computes the same value; the
-    launcher reads ``c = 0``).  With ``NEED_GRAD``: ``out[m, chunk c] = α·offdiag(S) Y + β·Y``
-    restricted to output columns ``[c·BC, (c+1)·BC)``.
+    ``part[(m·nC + c)·nS + s] = Σ_{i in m, j≠i, j in split s} S_ij²`` (every ``c`` computes
+    the same value; the launcher reads ``c = 0``).  With ``NEED_GRAD``:
+    ``out[s, m, chunk c] = α·offdiag(S)[:, split s] Y[split s] (+ β·Y for s = 0)``,
+    restricted to output columns ``[c·BC, (c+1)·BC)``; the launcher sums over ``s``.
     """
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
+    pid_s = tl.program_id(2)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_mask = rows < B
     cc = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     cc_mask = cc < K
+    cb_start = pid_s * blocks_per_split
+    cb_end = tl.minimum(cb_start + blocks_per_split, tl.cdiv(B, BLOCK_N))
     sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for n0 in range(0, B, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    for cb in range(cb_start, cb_end):
+        cols = cb * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
         n_mask = cols < B
         s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -103,13 +108,18 @@ def pairwise_offdiag_kernel(
             yc = tl.load(y_ptr + cols[:, None] * stride_yb + cc[None, :] * stride_yk,
                          mask=n_mask[:, None] & cc_mask[None, :], other=0.0)
             acc = dot_same(s.to(yc.dtype), yc, acc, IS_FP32, UPCAST)
-    tl.store(part_ptr + pid_m.to(tl.int64) * tl.num_programs(1) + pid_c, tl.sum(sq, axis=0))
+    n_s = tl.num_programs(2)
+    slot = (pid_m.to(tl.int64) * tl.num_programs(1) + pid_c) * n_s + pid_s
+    tl.store(part_ptr + slot, tl.sum(sq, axis=0))
     if NEED_GRAD:
         tile_mask = r_mask[:, None] & cc_mask[None, :]
-        y_own = tl.load(y_ptr + rows[:, None] * stride_yb + cc[None, :] * stride_yk,
-                        mask=tile_mask, other=0.0).to(tl.float32)
-        g = alpha * acc + beta * y_own
-        tl.store(out_ptr + rows[:, None] * stride_ob + cc[None, :] * stride_ok, g, mask=tile_mask)
+        g = alpha * acc
+        if pid_s == 0:  # β·Y once, in the first split's partial
+            y_own = tl.load(y_ptr + rows[:, None] * stride_yb + cc[None, :] * stride_yk,
+                            mask=tile_mask, other=0.0).to(tl.float32)
+            g += beta * y_own
+        out = out_ptr + pid_s.to(tl.int64) * stride_os
+        tl.store(out + rows[:, None] * stride_ob + cc[None, :] * stride_ok, g, mask=tile_mask)
 
 
 @triton.jit

@@ -15,18 +15,28 @@ import torch
 
 from ._common import cdiv, interpreting, is_fp32, next_pow2
 
-__all__ = ["rowmat_config", "gram_config", "pairwise_config", "rows_config", "MIOConfig",
-           "pick_config"]
+__all__ = ["rowmat_config", "gram_config", "pairwise_config", "pairwise_split", "rows_config",
+           "MIOConfig", "pick_config"]
 
 
 # ----------------------------------------------------------------------------- Gram layer
-def rowmat_config(k: int, for_device: bool = False) -> dict:
-    """:func:`~minc_kernels.kernels.gram.rowmat_kernel` (``X Gᵀ`` fused)."""
+def rowmat_config(k: int, dtype: torch.dtype = torch.float32, gha: bool = False,
+                  for_device: bool = False) -> dict:
+    """:func:`~minc_kernels.kernels.gram.rowmat_kernel` (``X Gᵀ`` fused).
+
+    64×64 output tiles, 8 warps (with 4, the GHA variant's two accumulators spill on sm_90).
+    fp32 GHA (strict ``ieee`` FMA dots, two accumulators, three pipelined loops): a 16-wide
+    k chunk, 184 registers where 32 needs 255; and when the rows are not 16-element aligned
+    (no vector / async copies: the loads go through registers) no software pipelining,
+    196 registers where 3 stages need 255 and spill.
+    """
     if interpreting() and not for_device:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4)
-    # 8 warps: with 4, the GHA variant (two accumulators) spills registers on sm_90.
-    return dict(BLOCK_M=64, BLOCK_N=min(64, max(16, next_pow2(k))),
-                BLOCK_K=min(32, max(16, next_pow2(k))), num_warps=8, num_stages=3)
+    kk = max(16, next_pow2(k))
+    cfg = dict(BLOCK_M=64, BLOCK_N=min(64, kk), BLOCK_K=min(32, kk), num_warps=8, num_stages=3)
+    if gha and is_fp32(dtype):
+        cfg.update(BLOCK_K=16, num_stages=3 if k % 16 == 0 else 1)
+    return cfg
 
 
 def gram_config(k: int, dtype: torch.dtype, for_device: bool = False) -> dict:
@@ -38,17 +48,51 @@ def gram_config(k: int, dtype: torch.dtype, for_device: bool = False) -> dict:
 
 
 # ----------------------------------------------------------------------------- spectral
-def pairwise_config(k: int, dtype: torch.dtype, for_device: bool = False) -> dict:
-    """:func:`~minc_kernels.kernels.spectral.pairwise_offdiag_kernel`."""
+PAIRWISE_TARGET_PROGRAMS = 2 * 132  # two waves of an H100: a shape constant, so the split
+# (and with it the bits) depends only on the shape, not on the GPU
+PAIRWISE_MAX_SPLITS_GRAD = 16  # each split holds a (B, k) fp32 partial of the gradient
+
+
+def pairwise_config(b: int, k: int, dtype: torch.dtype, for_device: bool = False) -> dict:
+    """:func:`~minc_kernels.kernels.spectral.pairwise_offdiag_kernel`, by shape class.
+
+    The grid is (row blocks) × (column-stream splits) without a gradient, so small B needs
+    small S tiles to fill 132 SMs: B <= 256: 16×16 tiles, 2 warps (16 × 16 = 256 programs at
+    B = 256, where 64×64 tiles gave 4 × 4); B <= 512: 32×32, 4 warps (256 programs at
+    B = 512).  Larger B: 64×64 tiles, 8 warps (4 warps spill on sm_90: S tile + output chunk
+    accumulators).  Half inputs take a 64-wide k chunk, fp32 (strict ``ieee`` FMA dots) 32.
+    """
     if interpreting() and not for_device:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_C=16, num_warps=4)
     kk = max(16, next_pow2(k))
-    # 8 warps: 4 spill registers on sm_90 (S tile + output chunk accumulators).
+    if b <= 256:
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=min(32 if is_fp32(dtype) else 64, kk),
+                    BLOCK_C=min(64, kk), num_warps=2, num_stages=3)
+    if b <= 512:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=min(32 if is_fp32(dtype) else 64, kk),
+                    BLOCK_C=min(64, kk), num_warps=4, num_stages=3)
     if is_fp32(dtype):
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(32, kk), BLOCK_C=min(64, kk),
                     num_warps=8, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(64, kk), BLOCK_C=min(128, kk),
                 num_warps=8, num_stages=3)
+
+
+def pairwise_split(b: int, k: int, need_grad: bool, cfg: dict) -> tuple[int, int]:
+    """``(splits, column blocks per split)`` of the pairwise kernel's column stream.
+
+    Row blocks × output-column chunks alone give (B/64)·1 programs without a gradient (16 at
+    B = 1024): the column stream is split until about ``PAIRWISE_TARGET_PROGRAMS`` programs
+    run, each writing its own fp32 partials (summed in a fixed order: no atomics).
+    """
+    n_m = cdiv(b, cfg["BLOCK_M"])
+    n_c = cdiv(k, cfg["BLOCK_C"]) if need_grad else 1
+    n_cb = cdiv(b, cfg["BLOCK_N"])
+    split = min(n_cb, max(1, cdiv(PAIRWISE_TARGET_PROGRAMS, n_m * n_c)))
+    if need_grad:
+        split = min(split, PAIRWISE_MAX_SPLITS_GRAD)
+    per = cdiv(n_cb, split)
+    return cdiv(n_cb, per), per
 
 
 def rows_config(k: int) -> dict:
@@ -97,7 +141,20 @@ def pick_config(b: int, k: int, dtype: torch.dtype, on_gpu: bool = True,
     half = dtype != torch.float32
     default_strip = strip_rows is None and block_k is None and kp > MIO_REG_MAX_K
     if default_strip or strip_rows:
-        bm, bn, bk, nw, ns = (128, 128, 64, 8, 3) if half else (64, 64, 32, 8, 2)
+        # Half: 128×64, not 128×128: the σ/softplus epilogue of a 128×128 fp32 tile needs
+        # 255 registers and spills 92 B on sm_90 (fp16 with gradient); 128×64 needs ~156.
+        bm, bn, bk, nw, ns = (128, 64, 64, 8, 3) if half else (64, 64, 32, 8, 2)
+        if on_gpu and block_m is None and block_n is None:
+            # Small N (B <= 512): shrink the S tiles until about two waves of programs run
+            # (64 programs at B = 256 with 64×64 tiles; 256 with 32×32), and the
+            # strip @ Ẑ GEMM, which uses the same tiles, fills with them.
+            while cdiv(n, bm) * cdiv(n, bn) < _MIO_TARGET_PROGRAMS and max(bm, bn) > 32:
+                if bm >= bn:
+                    bm //= 2
+                else:
+                    bn //= 2
+            if bm * bn <= 32 * 64:
+                nw = 4  # 8 warps would own a few rows each of a 32-row tile
         if not on_gpu:
             bm, bn, bk = 32, 32, 32
         bm, bn, bk = block_m or bm, block_n or bn, block_k or bk
@@ -113,7 +170,10 @@ def pick_config(b: int, k: int, dtype: torch.dtype, on_gpu: bool = True,
         bk = kp if acc_in_regs else (64 if half else 32)
     if acc_in_regs:
         if half:
-            bm, bn, nw, ns = (128, 64, 8, 3) if kp <= 128 else (64, 64, 8, 2)
+            # 64 rows, not 128: with the gradient, a 128×128 fp32 accumulator plus the row
+            # tile needs 255 registers on sm_90 (fp16, k = 128); 64 rows need ~170, and
+            # small B gets twice the row blocks.
+            bm, bn, nw, ns = (64, 64, 8, 3) if kp <= 128 else (64, 64, 8, 2)
         else:
             bm, bn, nw, ns = (64, 32, 8, 2) if kp <= 128 else (32, 32, 8, 2)
     else:

@@ -34,27 +34,39 @@ import torch
 
 from ..kernels.spectral import clip_rows_backward_kernel, clip_rows_dot_kernel, pairwise_offdiag_kernel
 from . import configs
-from ._common import DEVICE_BW, DEVICE_FLOPS, cdiv, device_guard, is_fp32, upcast_bf16_dot
+from ._common import (DEVICE_BW, DEVICE_FLOPS, TARGET_SMS, cdiv, device_guard, is_fp32,
+                      upcast_bf16_dot)
 from .gram import gram, gram_dot, rowmat
 
 __all__ = ["spectral_loss", "spectral_loss_fwd", "spectral_forward", "choose_algorithm",
            "estimate_seconds"]
 
 _LAUNCH_S = 4e-6  # rough cost of one kernel launch / small torch op
-_RESIDENT_PROGRAMS = 132 * 2  # H100 SMs × programs per SM the tile sizes allow
+_RESIDENT_PROGRAMS = TARGET_SMS * 2  # H100 SMs × programs per SM the tile sizes allow
+
+
+def _fill(programs: int) -> float:
+    """Fraction of the device a launch of ``programs`` CTAs keeps busy, wave by wave:
+    ``programs / (waves · SMs)``.  4 CTAs on 132 SMs run at 4/132 of the device; 133 take two
+    waves.  One CTA per SM is the unit: the tile kernels hold 1-3 CTAs per SM on sm_90."""
+    waves = cdiv(max(programs, 1), TARGET_SMS)
+    return max(programs, 1) / (waves * TARGET_SMS)
 
 
 # ----------------------------------------------------------------------------- cost model
 def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> dict[str, float]:
-    """Rough H100 time of each algorithm: Σ over launches of flops/peak + DRAM bytes/bandwidth.
+    """Rough H100 time of each algorithm: Σ over launches of
+    (flops/peak + DRAM bytes/bandwidth) / fill + launch latency.
 
-    Uses the device tile sizes (not the interpreter's), so the choice depends only on
-    (B, k, dtype, need_grad).  DRAM bytes = compulsory traffic + re-streamed operand tiles
-    divided by the number of programs resident at once (they stream the same tiles in the
-    same order, so L2 serves the rest).  Pairwise: ``S`` tiles cost ``2B²k``; with gradients
-    each of the two passes recomputes them once per ``BLOCK_C``-wide chunk of output columns
-    and adds ``2B²k`` for ``offdiag(S) Z``.  Gram: two symmetric Grams (``≈Bk²`` each) and,
-    with gradients, two ``Z G`` products (``2Bk²`` each, split dots).
+    Uses the device tile sizes and splits (not the interpreter's), so the choice depends only
+    on (B, k, dtype, need_grad).  ``fill`` (:func:`_fill`) is the share of the 132 SMs the
+    launch's grid keeps busy over its waves.  DRAM bytes = compulsory traffic + re-streamed
+    operand tiles divided by the number of programs resident at once (they stream the same
+    tiles in the same order, so L2 serves the rest).  Pairwise: ``S`` tiles cost ``2B²k``;
+    with gradients each of the two passes recomputes them once per ``BLOCK_C``-wide chunk of
+    output columns and adds ``2B²k`` for ``offdiag(S) Z``, plus the split partials' sum.
+    Gram: two symmetric Grams (``≈Bk²`` each) and, with gradients, two ``Z G`` products
+    (``2Bk²`` each, split dots).
     """
     isz = torch.empty((), dtype=dtype).element_size()
     half = not is_fp32(dtype)
@@ -63,25 +75,34 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> dic
 
     def launch(flops, rate, compulsory, streamed, programs):
         reuse = max(1, min(programs, _RESIDENT_PROGRAMS))
-        return flops / rate + (compulsory + streamed / reuse) / DEVICE_BW + _LAUNCH_S
+        return ((flops / rate + (compulsory + streamed / reuse) / DEVICE_BW) / _fill(programs)
+                + _LAUNCH_S)
 
-    pc = configs.pairwise_config(k, dtype, for_device=True)
+    pc = configs.pairwise_config(b, k, dtype, for_device=True)
     n_m = cdiv(b, pc["BLOCK_M"])
+    n_split, _ = configs.pairwise_split(b, k, need_grad, pc)
     if need_grad:
         n_c = cdiv(k, pc["BLOCK_C"])
         pairwise = 2 * launch(n_c * 2.0 * b * b * k + 2.0 * b * b * k, rate_same,
-                              2 * isz * b * k + 4 * b * k,
-                              n_m * n_c * (b * k + b * pc["BLOCK_C"]) * isz, n_m * n_c)
+                              2 * isz * b * k + 4 * b * k * n_split,
+                              n_m * n_c * (b * k + b * pc["BLOCK_C"]) * isz, n_m * n_c * n_split)
+        if n_split > 1:  # the fixed-order sum of the split partials (a torch reduction)
+            pairwise += 2 * (2 * 4 * n_split * b * k / DEVICE_BW + _LAUNCH_S)
     else:
-        pairwise = launch(2.0 * b * b * k, rate_same, 2 * isz * b * k, n_m * b * k * isz, n_m)
+        pairwise = launch(2.0 * b * b * k, rate_same, 2 * isz * b * k, n_m * b * k * isz,
+                          n_m * n_split)
 
     gc = configs.gram_config(k, dtype, for_device=True)
     n_k = cdiv(k, gc["BLOCK_K"])
+    tiles = n_k * (n_k + 1) // 2
+    n_b = cdiv(b, gc["BLOCK_B"])
+    g_split = max(1, min(n_b, cdiv(2 * TARGET_SMS, tiles)))  # as ops.gram._gram_launch
     # G1 written; G2 only reduced against G1 (read) when no gradient is needed
-    t_gram = 2 * launch(b * k * (k + gc["BLOCK_K"]), rate_same, isz * b * k + 4 * k * k,
-                        (n_k + 1) * b * k * isz, n_k * (n_k + 1) // 2)
+    t_gram = 2 * launch(b * k * (k + gc["BLOCK_K"]), rate_same,
+                        isz * b * k + 4 * k * k * g_split,
+                        (n_k + 1) * b * k * isz, tiles * g_split)
     if need_grad:
-        rc = configs.rowmat_config(k, for_device=True)
+        rc = configs.rowmat_config(k, dtype, for_device=True)
         n_rm, n_rn = cdiv(b, rc["BLOCK_M"]), cdiv(k, rc["BLOCK_N"])
         t_gram += 2 * launch(2.0 * b * k * k, rate_rhs, 4 * k * k + 2 * isz * b * k + 4 * b * k,
                              n_rm * 4 * k * k + n_rn * isz * b * k, n_rm * n_rn)
@@ -98,20 +119,27 @@ def choose_algorithm(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> str
 def _pairwise(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float, need_grad: bool):
     """``(Σ_{i≠j} (x_i·y_j)², α·offdiag(X Yᵀ) Y + β·Y or None)``."""
     b, k = x.shape
-    cfg = configs.pairwise_config(k, x.dtype)
+    cfg = configs.pairwise_config(b, k, x.dtype)
+    n_split, per_split = configs.pairwise_split(b, k, need_grad, cfg)
     n_c = cdiv(k, cfg["BLOCK_C"]) if need_grad else 1
-    grid = (cdiv(b, cfg["BLOCK_M"]), n_c)
-    part = torch.empty(grid[0], n_c, dtype=torch.float32, device=x.device)
-    out = torch.empty((b, k) if need_grad else (1, 1), dtype=torch.float32, device=x.device)
+    grid = (cdiv(b, cfg["BLOCK_M"]), n_c, n_split)
+    part = torch.empty(grid[0], n_c, n_split, dtype=torch.float32, device=x.device)
+    shape = (n_split, b, k) if need_grad else (1, 1, 1)
+    out = torch.empty(shape, dtype=torch.float32, device=x.device)
     with device_guard(x):
         pairwise_offdiag_kernel[grid](
             x, y, out, part, b, k,
-            x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1),
-            float(alpha), float(beta),
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+            out.stride(0), out.stride(1), out.stride(2),
+            float(alpha), float(beta), per_split,
             NEED_GRAD=bool(need_grad), IS_FP32=is_fp32(x.dtype), UPCAST=upcast_bf16_dot(x.dtype),
             **cfg,
         )
-    return part[:, 0].sum(), (out if need_grad else None)
+    off = part[:, 0].sum()
+    if not need_grad:
+        return off, None
+    # the splits' fp32 partials, summed in a fixed order (deterministic)
+    return off, (out[0] if n_split == 1 else out.sum(dim=0))
 
 
 def _clip_rows_dot(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool):
