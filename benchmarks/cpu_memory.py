@@ -54,7 +54,7 @@ def mio_handwritten(z1, z2, tp, tn, lam):
     return F.softplus(-pos / tp).mean() + neg / (n * (n - 2)) + lam * F.mse_loss(z[:b], z[b:])
 
 
-def make_provider(name: str, block_rows: int | None):
+def make_provider(name: str, block_rows: int | None, block_cols: int | None = None):
     """(loss function of (z1, z2), inputs factory note)."""
     import torch
     from minc_kernels import reference
@@ -65,7 +65,8 @@ def make_provider(name: str, block_rows: int | None):
     if name == "mio/handwritten":
         return lambda a, b: mio_handwritten(a, b, 0.5, 0.5, 1.0)
     if name == "mio/blocked":
-        return lambda a, b: mio_cpu.mio_loss_blocked(a, b, 0.5, 0.5, 1.0, block_rows=block_rows)
+        return lambda a, b: mio_cpu.mio_loss_blocked(a, b, 0.5, 0.5, 1.0, block_rows=block_rows,
+                                                            block_cols=block_cols)
     if name.startswith("spectral/"):
         algo = name.split("/", 1)[1]
         return lambda a, b: reference.spectral_loss(a, b, 1.0, True, algo)
@@ -101,7 +102,7 @@ def _reset_peak() -> bool:
 def worker(case: dict) -> dict:
     import torch
     torch.set_num_threads(case["threads"])
-    fn = make_provider(case["provider"], case.get("block_rows"))
+    fn = make_provider(case["provider"], case.get("block_rows"), case.get("block_cols"))
     g = torch.Generator().manual_seed(0)
 
     def inputs(b):
@@ -177,8 +178,11 @@ def plan(args) -> list[dict]:
     for b in (8192, 32768):
         for p in ("spectral/auto", "spectral/gram", "spectral/pairwise", "minc/reference"):
             cases.append(dict(base, provider=p, b=b))
-    for blk in (256, 512, 1024, 2048):
-        cases.append(dict(base, provider="mio/blocked", b=8192, block_rows=blk, sweep=True))
+    # Tile shapes at B = 8192 (the default there is 2048 rows × whole rows of S): square
+    # tiles (many small ops) against strips of whole rows (few large ones).
+    for rows, cols in ((512, 512), (1024, 1024), (512, None), (1024, None), (4096, None)):
+        cases.append(dict(base, provider="mio/blocked", b=8192, block_rows=rows,
+                          block_cols=cols, sweep=True))
     if args.only:
         cases = [c for c in cases if any(o in c["provider"] for o in args.only)]
     return cases
@@ -231,7 +235,7 @@ def markdown(data: dict) -> str:
     for r in data["cases"]:
         loss, prov = r["provider"].split("/", 1)
         if r.get("block_rows"):
-            prov += f" (block {r['block_rows']})"
+            prov += f" ({r['block_rows']} rows × {r.get('block_cols') or 'N - r0'} cols)"
         mem = f"{r['extra_gib']:.3g} GiB" if r.get("status") == "ok" else "–"
         note = "" if r.get("status") == "ok" else f"{r.get('status')}: {r.get('reason', '')}"
         lines.append(f"| {loss} | {prov} | {r['b']} | {mem} | {_fmt_s(r)} | "
@@ -242,9 +246,9 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
-def _find(cases, provider, b, block=None):
+def _find(cases, provider, b):
     for r in cases:
-        if r["provider"] == provider and r["b"] == b and r.get("block_rows") == block:
+        if r["provider"] == provider and r["b"] == b and not r.get("block_rows"):
             return r
     return None
 
@@ -294,7 +298,8 @@ def main(argv=None) -> int:
     for case in plan(args):
         # Extrapolate from the same provider at the largest smaller B already measured.
         smaller = [r for r in data["cases"] if r["provider"] == case["provider"]
-                   and r.get("block_rows") == case.get("block_rows") and r["b"] < case["b"]
+                   and r.get("block_rows") == case.get("block_rows")
+                   and r.get("block_cols") == case.get("block_cols") and r["b"] < case["b"]
                    and r.get("status") == "ok"]
         if smaller:
             ref = max(smaller, key=lambda r: r["b"])

@@ -31,8 +31,9 @@ def _loss_and_grads(fn, z1, z2, upstream):
     return loss.detach().double(), a.grad.double(), b.grad.double()
 
 
-def _blocked(tp, tn, lam, block_rows=None):
-    return lambda a, b: mio_loss_blocked(a, b, tp, tn, lam, block_rows=block_rows)
+def _blocked(tp, tn, lam, block=None):
+    rows, cols = block if isinstance(block, tuple) else (block, None)
+    return lambda a, b: mio_loss_blocked(a, b, tp, tn, lam, block_rows=rows, block_cols=cols)
 
 
 def _ref(tp, tn, lam):
@@ -44,10 +45,12 @@ def _rel(x, y):
     return ((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
 
 
-# (B, k, block_rows): B = 2, odd and prime B, B not a multiple of the block, one tile holding
-# both a row and its partner (block > B), blocks of 1 row, the default block.
-SHAPES = [(2, 3, None), (2, 5, 1), (3, 17, 2), (7, 20, 3), (37, 48, 10), (37, 48, 50),
-          (64, 16, 24), (129, 8, None)]
+# (B, k, block_rows or (block_rows, block_cols)): B = 2, odd and prime B, B not a multiple of
+# the block, one tile holding both a row and its partner (block > B), 1×1 tiles, square tiles,
+# tiles wider and narrower than tall, whole rows of S, the default tiles.
+SHAPES = [(2, 3, None), (2, 5, (1, 1)), (3, 17, 2), (7, 20, (3, 3)), (7, 20, (3, 2)),
+          (37, 48, (10, 10)), (37, 48, (10, 23)), (37, 48, (13, 7)), (37, 48, 50),
+          (64, 16, (24, 24)), (129, 8, None), (129, 8, (40, 1000))]
 
 
 @pytest.mark.parametrize("b,k,block", SHAPES)
@@ -62,7 +65,8 @@ def test_float64_matches_reference(b, k, block, tp, tn, lam):
     torch.testing.assert_close(g2b, g2o, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("b,k,block", [(2, 3, None), (37, 48, 10), (300, 64, 128), (257, 33, None)])
+@pytest.mark.parametrize("b,k,block", [(2, 3, None), (37, 48, (10, 10)), (300, 64, (128, 200)),
+                                       (257, 33, None)])
 @pytest.mark.parametrize("tp,tn,lam", TEMPS)
 def test_float32_error_matches_eager(b, k, block, tp, tn, lam):
     """float32 error against the float64 oracle is at most ~that of the float32 reference."""
@@ -95,7 +99,7 @@ def test_half_inputs_error_at_most_eager(dtype, tp, tn, lam):
     up = torch.tensor(0.8, dtype=torch.float64)
     oracle = _loss_and_grads(_ref(tp, tn, lam), z1, z2, up)
     eager = _loss_and_grads(_ref(tp, tn, lam), z1.to(dtype), z2.to(dtype), up.float())
-    mine = _loss_and_grads(_blocked(tp, tn, lam, 16), z1.to(dtype), z2.to(dtype), up.float())
+    mine = _loss_and_grads(_blocked(tp, tn, lam, (16, 16)), z1.to(dtype), z2.to(dtype), up.float())
     for got, ref_, want in zip(mine, eager, oracle):
         err, err_eager = _rel(got, want), _rel(ref_, want)
         assert err <= 3 * err_eager + 1e-6, (err, err_eager)
@@ -109,7 +113,8 @@ def test_non_contiguous_inputs():
     b = torch.repeat_interleave(z2, 2, dim=1)[:, ::2]
     assert not a.is_contiguous() and not b.is_contiguous()
     want = _loss_and_grads(_ref(0.2, 0.4, 0.7), z1, z2, up)
-    lo = mio_loss_blocked(a.requires_grad_(), b.requires_grad_(), 0.2, 0.4, 0.7, block_rows=5)
+    lo = mio_loss_blocked(a.requires_grad_(), b.requires_grad_(), 0.2, 0.4, 0.7, block_rows=5,
+                          block_cols=7)
     g1, g2 = torch.autograd.grad(lo * up, (a, b))
     torch.testing.assert_close(lo.detach(), want[0], rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(g1, want[1], rtol=1e-10, atol=1e-13)
@@ -121,14 +126,14 @@ def test_gradcheck_float64_several_tiles():
     z1.requires_grad_()
     z2.requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda a, b: mio_loss_blocked(a, b, 0.3, 0.6, 0.8, block_rows=3), (z1, z2))
+        lambda a, b: mio_loss_blocked(a, b, 0.3, 0.6, 0.8, block_rows=3, block_cols=4), (z1, z2))
 
 
 def test_only_one_input_needs_grad():
     z1, z2 = _inputs(9, 5, seed=2)
     want = _loss_and_grads(_ref(0.5, 0.5, 1.0), z1, z2, torch.tensor(1.0, dtype=torch.float64))
     a = z1.clone().requires_grad_()
-    loss = mio_loss_blocked(a, z2, block_rows=4)
+    loss = mio_loss_blocked(a, z2, block_rows=4, block_cols=4)
     (g1,) = torch.autograd.grad(loss, (a,))
     torch.testing.assert_close(g1, want[1], rtol=1e-10, atol=1e-13)
 
@@ -138,7 +143,8 @@ def test_no_grad_skips_gradient_and_keeps_value():
     with torch.no_grad():
         loss = mio_loss_blocked(z1.requires_grad_(), z2, block_rows=8)
     torch.testing.assert_close(loss, reference.mio_loss(z1.detach(), z2), rtol=1e-12, atol=1e-13)
-    _, dz = mio_blocked_forward(z1.detach(), z2, 0.5, 0.5, 1.0, need_grad=False, block_rows=8)
+    _, dz = mio_blocked_forward(z1.detach(), z2, 0.5, 0.5, 1.0, need_grad=False, block_rows=8,
+                                block_cols=8)
     assert dz.numel() == 0
 
 
@@ -165,7 +171,8 @@ def test_zero_row_gradient_matches_normalize():
 
 def test_deterministic():
     z1, z2 = _inputs(70, 9, seed=4, dtype=torch.float32)
-    runs = [_loss_and_grads(_blocked(0.5, 0.5, 1.0, 32), z1, z2, torch.tensor(1.0)) for _ in range(2)]
+    runs = [_loss_and_grads(_blocked(0.5, 0.5, 1.0, (32, 48)), z1, z2, torch.tensor(1.0))
+            for _ in range(2)]
     for x, y in zip(*runs):
         assert torch.equal(x, y)
 
@@ -177,11 +184,12 @@ def test_double_backward_raises():
         torch.autograd.grad(loss, (z1,), create_graph=True)
 
 
+@pytest.mark.parametrize("name", ["block_rows", "block_cols"])
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True])
-def test_bad_block_rows(bad):
+def test_bad_block_sizes(name, bad):
     z1, z2 = _inputs(4, 3)
-    with pytest.raises(ValueError, match="block_rows"):
-        mio_loss_blocked(z1, z2, block_rows=bad)
+    with pytest.raises(ValueError, match=name):
+        mio_loss_blocked(z1, z2, **{name: bad})
 
 
 def test_bad_shapes_and_dtypes():
@@ -200,12 +208,12 @@ def test_bad_shapes_and_dtypes():
 def test_opcheck(need_grad):
     z1, z2 = (t.float().requires_grad_(need_grad) for t in _inputs(6, 5))
     torch.library.opcheck(torch.ops.minc_kernels.mio_loss_blocked_fwd.default,
-                          (z1, z2, 0.4, 0.6, 0.5, need_grad, 4))
+                          (z1, z2, 0.4, 0.6, 0.5, need_grad, 4, 3))
 
 
 def test_torch_compile_fullgraph():
     z1, z2 = _inputs(11, 7, seed=8, dtype=torch.float32)
-    fn = torch.compile(lambda a, b: mio_loss_blocked(a, b, 0.3, 0.5, 1.0, block_rows=4),
+    fn = torch.compile(lambda a, b: mio_loss_blocked(a, b, 0.3, 0.5, 1.0, block_rows=4, block_cols=5),
                        fullgraph=True, backend="aot_eager")
     want = _loss_and_grads(_ref(0.3, 0.5, 1.0), z1, z2, torch.tensor(1.0))
     got = _loss_and_grads(fn, z1, z2, torch.tensor(1.0))
@@ -214,17 +222,27 @@ def test_torch_compile_fullgraph():
 
 
 # --------------------------------------------------------------------------- memory
-def test_default_block_bounds_memory_at_b32768():
-    """Extra memory at B = 32768, k = 128 (fp32) stays below 1 GiB: one tile and its buffer,
-    plus the O(N·k) tensors (the fp32 copy of [z1; z2], ẑ, ẑ/τn, the gradient and its
-    temporaries: at most 8 of them live at once)."""
-    b, k = 32768, 128
-    block = mio_cpu.default_block_rows(b, k, torch.float32)
-    per_nk = 2 * b * k * 4
-    total = mio_cpu.tile_bytes(block, torch.float32) + 8 * per_nk
-    assert total < mio_cpu.MEMORY_BUDGET_BYTES, total
-    # ...and a tile is what a strip of whole rows of S would have been at most, not N²
-    assert block * block < (2 * b) * (2 * b) // 1000
+@pytest.mark.parametrize("b", [256, 4096, 8192, 32768, 1 << 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_default_blocks_bound_memory(b, dtype):
+    """Extra memory at k = 128 stays below 1 GiB up to B = 32768 (issue 15): one tile and its
+    buffer, plus the O(N·k) tensors (the copy of [z1; z2], ẑ, ẑ/τn, the gradient and its
+    temporaries: at most 8 live at once).  The tile alone stays within its budget at any B."""
+    k = 128
+    rows, cols = mio_cpu.default_blocks(b, k, dtype)
+    n = 2 * b
+    assert 1 <= rows <= n and 1 <= cols <= n
+    assert rows * cols < n * n or n <= 512          # never the whole of S beyond tiny batches
+    tile = mio_cpu.tile_bytes(rows, cols, dtype)
+    assert tile <= 2 * mio_cpu.TILE_BUDGET_BYTES
+    per_nk = n * k * (8 if dtype == torch.float64 else 4)
+    if b <= 32768 and dtype == torch.float32:
+        assert tile + 8 * per_nk < mio_cpu.MEMORY_BUDGET_BYTES, (tile, per_nk)
+
+
+def test_explicit_rows_get_columns_within_budget():
+    rows, cols = mio_cpu.default_blocks(32768, 128, torch.float32, block_rows=4096)
+    assert rows == 4096 and mio_cpu.tile_bytes(rows, cols) <= 2 * mio_cpu.TILE_BUDGET_BYTES
 
 
 class _LargestAllocation(TorchDispatchMode):
@@ -243,7 +261,7 @@ class _LargestAllocation(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("fn,expect_blocked", [
-    (lambda z1, z2: mio_blocked_forward(z1, z2, 0.5, 0.5, 1.0, True, 64), True),
+    (lambda z1, z2: mio_blocked_forward(z1, z2, 0.5, 0.5, 1.0, True, 64, 64), True),
     (lambda z1, z2: reference.mio_loss(z1, z2), False),
 ])
 def test_no_tensor_of_n_squared_elements(fn, expect_blocked):

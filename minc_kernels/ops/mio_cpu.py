@@ -4,22 +4,28 @@
 (possibly non-contiguous); the scalar :func:`minc_kernels.reference.mio_loss` computes, in
 float32 (float64 for float64 inputs).
 
-``S = Z Zᵀ`` (``Z = [ẑ1; ẑ2]``, N = 2B rows) is visited in square tiles of ``block_rows``
-rows and columns, never stored.  S is symmetric and so is the negatives' mask, so only the
-tiles on and above the block diagonal are computed: an off-diagonal tile counts twice in the
-sum and feeds the gradient of both its row and its column block (``dL/dZ = 2 G Z`` with
-``G = dL/dS`` symmetric).  That is 3 tile matmuls per pair of mirrored tiles instead of 4,
-and half the softplus/sigmoid work.  In a tile the diagonal ``(i, i)`` and positive
-``(i, i±B)`` entries are set to ``-inf`` before the softplus (``softplus(-inf) =
-sigmoid(-inf) = 0``); the positives themselves are the row dots ``ẑ1_i·ẑ2_i`` (O(Bk)).
+``S = Z Zᵀ`` (``Z = [ẑ1; ẑ2]``, N = 2B rows) is visited in tiles of ``block_rows`` rows ×
+``block_cols`` columns, never stored.  S is symmetric and so is the negatives' mask, so a
+strip of rows ``[r0, r1)`` only visits the columns ``[r0, N)``: the entries right of its
+diagonal block count twice in the sum and feed the gradient of both their row and their
+column (``dL/dZ = 2 G Z`` with ``G = dL/dS`` symmetric).  That is 3 matmuls per pair of
+mirrored entries instead of 4, and half the softplus/sigmoid work.  In a tile the diagonal
+``(i, i)`` and positive ``(i, i±B)`` entries are set to ``-inf`` before the softplus
+(``softplus(-inf) = sigmoid(-inf) = 0``); the positives themselves are the row dots
+``ẑ1_i·ẑ2_i`` (O(Bk)).
 
 The gradient ``dL/dz`` is computed in the forward pass (only when an input needs it: the
 loss is a scalar, so backward only scales it) and then taken through the normalisation's
 Jacobian ``(g - ẑ (ẑ·g)) / ||z||`` (``g / eps`` for rows with ``||z|| < eps``, as
 ``F.normalize``'s autograd gives).  No double backward.
 
-Extra memory: O(N·k) (ẑ, the gradient) plus one tile and its softplus/sigmoid buffer,
-``2 · block_rows² · itemsize`` (see :func:`tile_bytes`), independent of B.
+Tile shape: as few, as large tiles as the memory budget allows.  Each tile costs a handful of
+multi-threaded ops, each ending in an OpenMP barrier; on a busy machine a barrier waits for a
+descheduled thread: at B = 8192 on the shared 2-core machine (load ~10), 1024×1024 tiles
+(136 of them) took about twice as long as 8 strips of whole rows (interleaved A/B, and the
+block sweep in benchmarks/results/cpu-memory-*); on one thread they ran alike.  Extra memory: O(N·k) (ẑ, the gradient) plus one
+tile and its softplus/sigmoid buffer, ``2 · block_rows · block_cols · itemsize`` (see
+:func:`tile_bytes`): at most ``2 · TILE_BUDGET_BYTES`` whatever B.
 
 Precision: float16/bfloat16 inputs are computed in float32 (the CPU has no faster half
 matmul to trade for accuracy); float32 in float32 with per-tile sums accumulated in float64;
@@ -33,16 +39,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mio_loss_blocked", "mio_blocked_forward", "default_block_rows", "tile_bytes",
-           "MEMORY_BUDGET_BYTES"]
+__all__ = ["mio_loss_blocked", "mio_blocked_forward", "default_blocks", "tile_bytes",
+           "TILE_BUDGET_BYTES", "MEMORY_BUDGET_BYTES"]
 
 EPS = 1e-12  # F.normalize's eps, as in the reference
-# The tile (and its buffers) must stay far below this at any B; the O(N·k) buffers come on top.
+# Issue 15's bound on the extra memory at any B (the tile buffers plus the O(N·k) tensors).
 MEMORY_BUDGET_BYTES = 1 << 30
-# Tile side, from the block sweep in benchmarks/results/cpu-memory-* (2-core AMD EPYC, k=128):
-# large enough that the three tile matmuls run at full MKL speed and that a busy machine's
-# OpenMP barriers (a few per tile) stay rare; the tile's buffers are then 8 MiB (fp32).
-_DEFAULT_BLOCK = 1024
+# Bytes of one tile buffer (two live at once): a quarter of the budget leaves room for the
+# O(N·k) tensors (64 MiB in fp32 at B = 32768, k = 128) and for a packed copy MKL may make.
+TILE_BUDGET_BYTES = 1 << 27
+# Fewer rows than this and the tile matmuls (k deep) stop running at full MKL speed.
+_MIN_ROWS = 256
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -50,15 +57,30 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def default_block_rows(b: int, k: int, dtype: torch.dtype = torch.float32) -> int:
-    """Tile side for a batch of ``b`` pairs of ``k`` features: at most ``N = 2b``."""
-    return max(1, min(_DEFAULT_BLOCK, 2 * b))
+def _itemsize(dtype: torch.dtype) -> int:
+    return 8 if _compute_dtype(dtype) == torch.float64 else 4
 
 
-def tile_bytes(block_rows: int, dtype: torch.dtype = torch.float32) -> int:
+def default_blocks(b: int, k: int, dtype: torch.dtype = torch.float32,
+                   block_rows: int | None = None) -> tuple[int, int]:
+    """(block_rows, block_cols) for ``b`` pairs: the largest tiles within ``TILE_BUDGET_BYTES``.
+
+    Whole rows of S (``block_cols = N``) in at least 8 strips while ``block_rows >= 256``
+    of them fit, then 256-row tiles of as many columns as fit.  ``block_rows`` given: only the columns chosen.
+    """
+    n = 2 * b
+    elems = max(1, TILE_BUDGET_BYTES // _itemsize(dtype))
+    if block_rows is None:
+        # at least 8 strips: the diagonal blocks are computed whole (both triangles), which
+        # wastes half a strip's square each; with 8 strips the work is 9/16 of N², not 3/4
+        block_rows = max(min(n, _MIN_ROWS), min(n, elems // n, -(-n // 8)))
+    block_cols = max(1, min(n, elems // block_rows))
+    return block_rows, block_cols
+
+
+def tile_bytes(block_rows: int, block_cols: int, dtype: torch.dtype = torch.float32) -> int:
     """Peak bytes of the per-tile buffers: the tile of S and its softplus/sigmoid buffer."""
-    itemsize = torch.empty((), dtype=_compute_dtype(dtype)).element_size()
-    return 2 * block_rows * block_rows * itemsize
+    return 2 * block_rows * block_cols * _itemsize(dtype)
 
 
 def _mask_tile(x: torch.Tensor, r0: int, c0: int, b: int) -> None:
@@ -83,7 +105,8 @@ def _mask_tile(x: torch.Tensor, r0: int, c0: int, b: int) -> None:
 
 def mio_blocked_forward(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float,
                         neg_temperature: float, lambda_l2: float, need_grad: bool,
-                        block_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        block_rows: int | None = None, block_cols: int | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss (scalar) and, if ``need_grad``, ``dL/d[z1; z2]`` ((2B, k); else an empty tensor).
 
     Both in float32 (float64 for float64 inputs).
@@ -95,9 +118,8 @@ def mio_blocked_forward(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: flo
                          f"{tuple(z1.shape)} and {tuple(z2.shape)}")
     b, k = z1.shape
     n = 2 * b
-    if block_rows is None or block_rows <= 0:
-        block_rows = default_block_rows(b, k, z1.dtype)
-    block_rows = int(block_rows)
+    block_rows, default_cols = default_blocks(b, k, z1.dtype, int(block_rows) if block_rows else None)
+    block_cols = int(block_cols) if block_cols else default_cols
     cdt = _compute_dtype(z1.dtype)
     acc_dt = torch.float64  # tile sums are added across up to ~10^4 tiles: keep them exact-ish
 
@@ -113,29 +135,34 @@ def mio_blocked_forward(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: flo
     diff = zh1 - zh2
     loss_reg = diff.pow(2).sum() * (lambda_l2 / (b * k))
 
-    # Negatives: tiles of S/τn on and above the block diagonal.
+    # Negatives: strips of S/τn, rows [r0, r1) × columns [r0, N) in chunks of block_cols.
+    # Columns [r0, r1) (the diagonal block, the first d columns of the first chunk) hold
+    # both S_ij and S_ji: counted once, no transposed gradient; every later column counted
+    # twice, and its transpose feeds the gradient of the column's row.
     zs = zh * (1.0 / neg_temperature)                            # x = (ẑ_R/τn) ẑ_Cᵀ = S_RC/τn
     gz = torch.zeros_like(zh) if need_grad else None             # Σ_j σ(S_ij/τn) ẑ_j
     neg_sum = torch.zeros((), dtype=acc_dt, device=z.device)
-    starts = list(range(0, n, block_rows))
-    for bi, r0 in enumerate(starts):
+    for r0 in range(0, n, block_rows):
         r1 = min(r0 + block_rows, n)
         zs_r, zh_r = zs[r0:r1], zh[r0:r1]
-        for c0 in starts[bi:]:
-            c1 = min(c0 + block_rows, n)
+        for c0 in range(r0, n, block_cols):
+            c1 = min(c0 + block_cols, n)
+            d = max(0, min(r1, c1) - c0)                         # diagonal-block columns
             zh_c = zh[c0:c1]
             x = torch.mm(zs_r, zh_c.T)
             _mask_tile(x, r0, c0, b)
             buf = F.softplus(x)
             # torch's float32 sum is a cascade (accurate over a tile); summing in float64
             # would first copy the tile to float64, a pass as costly as the softplus.
-            tile_sum = buf.sum().to(acc_dt)
-            neg_sum += tile_sum if c0 == r0 else 2.0 * tile_sum
+            tile_sum = 2.0 * buf.sum().to(acc_dt)
+            if d:
+                tile_sum -= buf[:, :d].sum().to(acc_dt)
+            neg_sum += tile_sum
             if need_grad:
                 sig = torch.sigmoid(x, out=buf)
                 gz[r0:r1].addmm_(sig, zh_c)
-                if c0 != r0:
-                    gz[c0:c1].addmm_(sig.T, zh_r)
+                if c1 > c0 + d:
+                    gz[c0 + d:c1].addmm_(sig[:, d:].T, zh_r)
     n_neg = float(n) * float(n - 2)
     loss = (loss_pos.to(acc_dt) + loss_reg.to(acc_dt) + neg_sum / n_neg).to(cdt)
     if not need_grad:
@@ -160,14 +187,17 @@ def mio_blocked_forward(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: flo
 @torch.library.custom_op("minc_kernels::mio_loss_blocked_fwd", mutates_args=())
 def _mio_loss_blocked_fwd(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float,
                           neg_temperature: float, lambda_l2: float, need_grad: bool,
-                          block_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, dL/d[z1; z2] as (2B, k), or an empty tensor when ``need_grad`` is False)."""
+                          block_rows: int, block_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, dL/d[z1; z2] as (2B, k), or an empty tensor when ``need_grad`` is False).
+
+    ``block_rows``/``block_cols`` 0: :func:`default_blocks`.
+    """
     return mio_blocked_forward(z1, z2, pos_temperature, neg_temperature, lambda_l2, need_grad,
-                               block_rows)
+                               block_rows, block_cols)
 
 
 @_mio_loss_blocked_fwd.register_fake
-def _(z1, z2, pos_temperature, neg_temperature, lambda_l2, need_grad, block_rows):
+def _(z1, z2, pos_temperature, neg_temperature, lambda_l2, need_grad, block_rows, block_cols):
     cdt = _compute_dtype(z1.dtype)
     loss = z1.new_empty((), dtype=cdt)
     if need_grad:
@@ -178,7 +208,7 @@ def _(z1, z2, pos_temperature, neg_temperature, lambda_l2, need_grad, block_rows
 
 
 def _setup_context(ctx, inputs, output):
-    z1, z2, _, _, _, need_grad, _ = inputs
+    z1, z2, _, _, _, need_grad, _, _ = inputs
     _, dz = output
     ctx.need_grad = need_grad
     ctx.b = z1.shape[0]
@@ -199,25 +229,33 @@ def _backward(ctx, grad_loss, grad_dz):
     g = grad_loss.to(dz.dtype)
     grad_z1 = (g * dz[:b]).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
     grad_z2 = (g * dz[b:]).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-    return grad_z1, grad_z2, None, None, None, None, None
+    return grad_z1, grad_z2, None, None, None, None, None, None
 
 
 _mio_loss_blocked_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _check_block(name: str, value) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    return value
+
+
 def mio_loss_blocked(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float = 0.5,
                      neg_temperature: float = 0.5, lambda_l2: float = 1.0,
-                     block_rows: int | None = None) -> torch.Tensor:
-    """MIO loss of (B, k) views (SPEC §3) in tiles of ``block_rows``² entries of S; differentiable.
+                     block_rows: int | None = None, block_cols: int | None = None
+                     ) -> torch.Tensor:
+    """MIO loss of (B, k) views (SPEC §3), S in tiles of ``block_rows × block_cols``; differentiable.
 
-    ``block_rows=None``: :func:`default_block_rows`.  Returns a float32 scalar (float64 for
-    float64 inputs), equal to :func:`minc_kernels.reference.mio_loss` up to rounding.
+    ``None``: :func:`default_blocks`.  Returns a float32 scalar (float64 for float64
+    inputs), equal to :func:`minc_kernels.reference.mio_loss` up to rounding.
     """
-    if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int)
-                                   or block_rows < 1):
-        raise ValueError(f"block_rows must be a positive int or None, got {block_rows!r}")
+    rows = _check_block("block_rows", block_rows)
+    cols = _check_block("block_cols", block_cols)
     need_grad = torch.is_grad_enabled() and (z1.requires_grad or z2.requires_grad)
     loss, _ = torch.ops.minc_kernels.mio_loss_blocked_fwd(
         z1, z2, float(pos_temperature), float(neg_temperature), float(lambda_l2),
-        bool(need_grad), int(block_rows or 0))
+        bool(need_grad), rows, cols)
     return loss
