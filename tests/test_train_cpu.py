@@ -37,12 +37,13 @@ def test_thread_tuner_picks_the_faster_and_follows_the_load(monkeypatch, restore
     # 2 threads won and were already the choice: the gap to the next trial doubles (20)
     assert tuner.history[0] == (5, 2)
     assert used[5:25] == [2] * 20
-    # that trial (steps 25-28) sees the load that changed at step 12: 1 thread wins, and
-    # the gap goes back to the period (10)
-    assert used[25:29] == [2, 1, 2, 1] and tuner.history[1] == (29, 1)
-    assert used[29:39] == [1] * 10
-    assert used[39:43] == [2, 1, 2, 1] and tuner.history[2] == (43, 1)
-    assert used[43:50] == [1] * 7
+    # that trial sees the load that changed at step 12: 1 thread is more than twice as fast
+    # after one step of each (25, 26), so the trial ends there and the gap goes back to the
+    # period (10)
+    assert used[25:27] == [2, 1] and tuner.history[1] == (27, 1)
+    assert used[27:37] == [1] * 10
+    assert used[37:39] == [2, 1] and tuner.history[2] == (39, 1)
+    assert used[39:50] == [1] * 11
     assert tuner.settle() == 1 and torch.get_num_threads() == 1
 
 

@@ -37,7 +37,7 @@ class ThreadTuner:
     threads that meet at barriers wait for each other's time slices and 2 threads can be
     several times slower than 1.  So from time to time ``2 * trial`` steps alternate between
     ``max_threads`` and 1 thread, and the following steps run with the one whose median step
-    time was lower.  The first trial follows the run's first (untimed, warm-up) step; the
+    time was lower (a trial ends early when one option is more than twice as fast).  The first trial follows the run's first (untimed, warm-up) step; the
     next comes ``period`` steps after a trial, and the gap doubles (up to ``8 * period``)
     while the choice stays the same, so a steady machine pays for few trials.
 
@@ -91,7 +91,13 @@ class ThreadTuner:
         i = self._trial_index()
         if i >= 0:
             self._times[self._current].append(dt)
-            if i == self.trial * len(self.options) - 1:
+            t = self._times
+            # a clear verdict (every option timed, the slowest step of one under half the
+            # fastest of the other) ends the trial early: on a busy machine a trial step
+            # with all cores can take several times a 1-thread step
+            clear = all(t.values()) and max(max(v) for v in t.values()) > 0 and any(
+                2 * max(t[a]) < min(t[b]) for a in self.options for b in self.options if a != b)
+            if clear or i == self.trial * len(self.options) - 1:
                 best = min(self.options, key=lambda o: statistics.median(self._times[o]))
                 self._gap = min(2 * self._gap, 8 * self.period) if best == self.chosen else self.period
                 self.chosen = best
