@@ -53,8 +53,11 @@ def _check_layout(t: torch.Tensor, o: torch.Tensor, t_name: str, o_name: str) ->
                          f"{o.stride()}; pass .contiguous() tensors, not strided views")
 
 
-def _check_lists(targets: list, onlines: list) -> None:
-    """Every check before anything is written (a bad call leaves every target untouched)."""
+def _check_lists(targets: list, onlines: list, layout: bool = True) -> None:
+    """Every check before anything is written (a bad call leaves every target untouched).
+
+    ``layout``: also require dense, identically strided pairs (what the extension's flat
+    kernels need; ``torch._foreach_lerp_`` handles any strides)."""
     if len(targets) != len(onlines):
         raise ValueError(f"target and online must hold the same number of tensors, got "
                          f"{len(targets)} and {len(onlines)}")
@@ -75,7 +78,16 @@ def _check_lists(targets: list, onlines: list) -> None:
         if t.device != targets[0].device:
             raise ValueError(f"target[{i}] is on {t.device} but target[0] on {targets[0].device}; "
                              "one call updates tensors of one device")
-        _check_layout(t, o, f"target[{i}]", f"online[{i}]")
+        if layout:
+            _check_layout(t, o, f"target[{i}]", f"online[{i}]")
+
+
+def _same_dtypes(targets: list, onlines: list) -> bool:
+    """Every pair holds one dtype (anything malformed: False, left to the full checks)."""
+    try:
+        return len(targets) == len(onlines) and all(t.dtype == o.dtype for t, o in zip(targets, onlines))
+    except AttributeError:
+        return False
 
 
 def _all_finite(tensors: list) -> bool:
@@ -100,8 +112,10 @@ def ema_update_(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], 
             writing anything (an extra read of ``online`` and one host sync per call).
             Default False: no value is read on the host, so NaN/Inf online values reach
             the targets (a diverged online network shows in its loss first).
-        backend: ``"auto"`` (the compiled extension ``torch.ops.minc.ema_update_`` when built
-            for the tensors' device, else ``torch._foreach_lerp_``), ``"extension"``
+        backend: ``"auto"``: the compiled extension ``torch.ops.minc.ema_update_`` when built
+            for the tensors' device, except on the CPU for lists whose pairs share a dtype,
+            where ``torch._foreach_lerp_`` (ATen's vectorised loop) measured faster;
+            ``torch._foreach_lerp_`` when the extension is missing.  ``"extension"``
             (re-raises why it is missing) or ``"foreach"``.
     """
     _ema_update(list(target), list(online), momentum, check_finite, backend)
@@ -120,15 +134,21 @@ def _ema_update(targets: list, onlines: list, momentum: float, check_finite: boo
         ext = _ext.load(required=backend == "extension")
         # One device for all (a meta or other-device tensor would send the call to another
         # dispatch key, past the C++ checks); anything else is left to _check_lists.
-        use_ext = (ext is not None and isinstance(first, torch.Tensor) and _ext.supports(first.device)
-                   and all(isinstance(x, torch.Tensor) and x.device == first.device
-                           for x in (*targets, *onlines, *copy_targets, *copy_sources)))
+        if ext is not None and isinstance(first, torch.Tensor) and _ext.supports(first.device):
+            if backend == "auto" and first.device.type == "cpu" and _same_dtypes(targets, onlines):
+                # Measured (benchmarks/results/cpu-overhead-*): for same-dtype pairs on the
+                # CPU, ATen's vectorised _foreach_lerp_ beats the extension's plain C++ loop;
+                # the extension wins when online is bf16/fp16 (no upcast copy), and on CUDA.
+                pass
+            else:
+                use_ext = all(isinstance(x, torch.Tensor) and x.device == first.device
+                              for x in (*targets, *onlines, *copy_targets, *copy_sources))
     if check_finite or not use_ext:
         # The extension op makes the same checks in C++ before writing anything
         # (ValueError/TypeError naming the tensor), so the hot path (check_finite=False)
         # leaves them to it: in Python they cost ~5 us per tensor.  The finite check
         # needs them first (its foreach norm would fail on mixed devices).
-        _check_lists(targets, onlines)
+        _check_lists(targets, onlines, layout=use_ext or backend == "extension")
     if check_finite and not _all_finite(onlines):
         raise ValueError("online holds NaN or Inf values; no target was changed "
                          "(check_finite=True was passed; the default does not read values)")

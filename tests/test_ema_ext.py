@@ -433,3 +433,17 @@ def test_cuda_momentum_encoder_resnet_like():
     b.update(0.99, backend="foreach")
     for x, y in zip(a.state_dict().values(), b.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
+@needs_ext
+def test_auto_on_cpu_picks_foreach_for_same_dtype_and_the_extension_for_mixed():
+    """The measured choice (benchmarks/results/cpu-overhead-*): same-dtype CPU pairs go to
+    ATen's vectorised _foreach_lerp_, bf16/fp16 online into fp32 targets to the extension."""
+    t = [_rand(33, 1), _rand((4, 5), 2)]
+    same, mixed = [_rand(33, 3), _rand((4, 5), 4)], [_rand(33, 3, torch.bfloat16), _rand((4, 5), 4)]
+    with _OpLog() as log:
+        mk.ema_update_(t, same, 0.9)
+    assert any("_foreach_lerp_" in op for op in log.ops) and not any("minc." in op for op in log.ops), log.ops
+    with _OpLog() as log:
+        mk.ema_update_(t, mixed, 0.9)
+    assert [op for op in log.ops if op.startswith("minc.")] and not any("lerp" in op for op in log.ops), log.ops
