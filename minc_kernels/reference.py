@@ -157,15 +157,16 @@ def minc_corrected_moment(moment: torch.Tensor, beta: float, num_updates) -> tor
     """The bias-corrected moment ``M / (1 - β^n)`` after ``n = num_updates`` EMA steps.
 
     ``num_updates`` may be an int or a 0-d tensor (then nothing leaves the device).
-    ``n = 0`` (never updated) gives the raw moment (zeros), not 0/0.
+    ``1 - β^n`` is evaluated as ``-expm1(n log β)``, accurate in float32 for β near 1, and
+    floored at its first-step value ``1 - β``: for n >= 1 that changes nothing, and n = 0
+    (never updated, M = 0) gives 0 rather than 0/0.
     """
+    if beta == 0.0:
+        return moment  # 1 - 0^n = 1 for n >= 1; M = 0 before the first update
+    log_beta = math.log(beta)
     if isinstance(num_updates, torch.Tensor):
-        n = num_updates.to(moment.dtype)
-        # n = 0: divide by 1, not by 1 - β⁰ = 0 (a 0-d where: nothing leaves the device).
-        corr = torch.where(n > 0, 1.0 - torch.pow(beta, n), 1.0)
-        return moment / corr
-    corr = 1.0 - beta ** num_updates
-    return moment / corr if corr > 0 else moment
+        return moment / torch.expm1(num_updates * log_beta).neg_().clamp_min_(1.0 - beta)
+    return moment / max(-math.expm1(num_updates * log_beta), 1.0 - beta)
 
 
 def minc_ema_moment(

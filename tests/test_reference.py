@@ -272,11 +272,14 @@ def test_minc_l2_variant_gha_gradient_chains_through_normalisation():
 
 def test_minc_corrected_moment_tensor_and_int_counts_agree():
     m = torch.rand(3, 3)
-    for n in (0, 1, 5):
-        torch.testing.assert_close(R.minc_corrected_moment(m, 0.9, torch.tensor(n)),
-                                   R.minc_corrected_moment(m, 0.9, n))
-    assert torch.equal(R.minc_corrected_moment(torch.zeros(2, 2), 0.9, torch.tensor(0)),
-                       torch.zeros(2, 2))
+    for beta in (0.0, 0.5, 0.9, 0.999):
+        for n in (0, 1, 5, 3000):
+            got = R.minc_corrected_moment(m, beta, torch.tensor(n))
+            torch.testing.assert_close(got, R.minc_corrected_moment(m, beta, n))
+            if n >= 1:
+                torch.testing.assert_close(got, m / (1 - beta ** n))
+        assert torch.equal(R.minc_corrected_moment(torch.zeros(2, 2), beta, torch.tensor(0)),
+                           torch.zeros(2, 2))
 
 
 def test_mio_reference_runs_on_meta_tensors():
