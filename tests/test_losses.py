@@ -444,3 +444,25 @@ def test_minc_check_finite_modes_agree_on_finite_input_any_dtype(check_finite):
         assert out.dtype == input_dtype and loss.moment.dtype == module_dtype
         torch.testing.assert_close(loss.moment.float(), want.moment)
         assert loss.num_updates.item() == 1
+
+
+def test_symmetric_minc_step_chooses_the_backend_once_and_checks_each_tensor_once(monkeypatch):
+    """Issue 16: the backend is validated at construction, the tensor-dependent choice is
+    made once per call, and each argument is checked once."""
+    from minc_kernels import _backend, losses
+    calls = {"requested": 0, "select": 0, "check_features": 0}
+
+    def counting(name, fn):
+        def wrapped(*a, **kw):
+            calls[name] += 1
+            return fn(*a, **kw)
+        return wrapped
+
+    loss = mk.MINCLoss(4)
+    monkeypatch.setattr(losses, "requested_backend", counting("requested", _backend.requested_backend))
+    monkeypatch.setattr(losses, "select", counting("select", _backend.select))
+    import minc_kernels._validation as V
+    monkeypatch.setattr(V, "check_features", counting("check_features", V.check_features))
+    p1, p2 = _rand(6, 4, seed=1).requires_grad_(), _rand(6, 4, seed=2).requires_grad_()
+    loss((p1, p2), (_rand(6, 4, seed=3), _rand(6, 4, seed=4))).backward()
+    assert calls == {"requested": 0, "select": 1, "check_features": 4}, calls
