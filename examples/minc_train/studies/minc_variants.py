@@ -514,12 +514,15 @@ def plot(summary, runs, recipes, methods, path, title) -> str | None:
         ax.set_title(RECIPE_LABELS[r], fontsize=8)
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (each method's own scale)")
-        ax.set_yscale("symlog", linthresh=1.0)
+        big = [abs(v) for x in runs if x["recipe"] == r for _, v in x.get("loss_curve") or []
+               if math.isfinite(v)]
+        if big and max(big) > 10:  # a raw-form run blowing up: keep the others readable
+            ax.set_yscale("symlog", linthresh=1.0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 
