@@ -23,6 +23,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -76,7 +77,7 @@ class ParamSet(nn.Module):
 
 # --------------------------------------------------------------------------- timing
 def interleaved(providers: dict, rounds: int, warmup: int) -> dict:
-    """Per provider, run round-robin ``rounds`` times: medians and quartiles (ms) of the
+    """Per provider, run ``rounds`` rounds (each in a fresh random order): medians and quartiles (ms) of the
     thread's CPU time (``time.thread_time``: the basis of the verdicts, since on a shared
     machine it leaves out the time this thread waits for a core) and of wall time."""
     for _ in range(warmup):
@@ -84,8 +85,12 @@ def interleaved(providers: dict, rounds: int, warmup: int) -> dict:
             fn()
     cpu = {name: [] for name in providers}
     wall = {name: [] for name in providers}
+    rng = random.Random(0)
+    order = list(providers)
     for _ in range(rounds):
-        for name, fn in providers.items():
+        rng.shuffle(order)  # no provider always runs right after another (cache, turbo)
+        for name in order:
+            fn = providers[name]
             w0, c0 = time.perf_counter(), time.thread_time()
             fn()
             c1, w1 = time.thread_time(), time.perf_counter()
@@ -144,6 +149,8 @@ def ema_providers(depth: int, momentum: float = 0.996) -> dict:
 
     return {
         "torch._foreach_lerp_": foreach,
+        # The baseline again, as a control: its ratio to the baseline is the noise floor.
+        "torch._foreach_lerp_ (control)": foreach,
         "ema_update_": lambda: mk.ema_update_(tgt, onl, momentum),
         "MomentumEncoder.update": lambda: enc.update(momentum),
     }, sum(torch.Size(s).numel() for s in shapes), len(shapes)
@@ -204,12 +211,14 @@ def main() -> None:
         assert numel == RESNET_NUMEL[depth], (depth, numel)
         r = interleaved(providers, args.ema_rounds, warmup=5)
         base = r["torch._foreach_lerp_"]["median_ms"]
-        for name, call in (("ema_update_", "mk.ema_update_(targets, onlines, 0.996)"),
+        for name, call in (("torch._foreach_lerp_ (control)",
+                            "torch._foreach_lerp_(targets, onlines, 1 - 0.996) again"),
+                           ("ema_update_", "mk.ema_update_(targets, onlines, 0.996)"),
                            ("MomentumEncoder.update", "mk.MomentumEncoder(online).update(0.996)")):
             med = r[name]["median_ms"]
             rows.append({
                 "case": f"{name} ResNet-{depth} fp32 ({ntensors} tensors, {numel:,} values)",
-                "call": call + " (every default)",
+                "call": call if "control" in name else call + " (every default)",
                 "baseline": "torch._foreach_lerp_(targets, onlines, 1 - 0.996)",
                 "library_ms": r[name], "baseline_ms": r["torch._foreach_lerp_"],
                 "speed_vs_baseline": base / med, "target": "speed >= 1.0x",
