@@ -19,12 +19,20 @@ __all__ = ["rowmat_config", "gram_config", "pairwise_config", "pairwise_split", 
            "MIOConfig", "pick_config"]
 
 
+_ONE_WAVE = 132  # SMs of an H100
+_TARGET_PROGRAMS = 2 * 132  # about two waves of an H100; a shape constant, so tiles (and with
+# them the bits) depend only on the shape, not on the GPU
+
+
 # ----------------------------------------------------------------------------- Gram layer
 def rowmat_config(k: int, dtype: torch.dtype = torch.float32, gha: bool = False,
-                  for_device: bool = False) -> dict:
-    """:func:`~minc_kernels.kernels.gram.rowmat_kernel` (``X Gᵀ`` fused).
+                  for_device: bool = False, b: int | None = None) -> dict:
+    """:func:`~minc_kernels.kernels.gram.rowmat_kernel` (``X Gᵀ`` fused), grid
+    (B/BLOCK_M) × (k/BLOCK_N).
 
     64×64 output tiles, 8 warps (with 4, the GHA variant's two accumulators spill on sm_90).
+    Small B·k (B = 256 with k <= 2048, B = 1024 with k = 512 gave 64-128 programs): the row
+    tile halves (down to 16 rows) until one wave of 132 SMs runs.
     fp32 GHA (strict ``ieee`` FMA dots, two accumulators, three pipelined loops): a 16-wide
     k chunk, 184 registers where 32 needs 255; and when the rows are not 16-element aligned
     (no vector / async copies: the loads go through registers) no software pipelining,
@@ -34,6 +42,11 @@ def rowmat_config(k: int, dtype: torch.dtype = torch.float32, gha: bool = False,
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4)
     kk = max(16, next_pow2(k))
     cfg = dict(BLOCK_M=64, BLOCK_N=min(64, kk), BLOCK_K=min(32, kk), num_warps=8, num_stages=3)
+    if b is not None:
+        n_n = cdiv(k, cfg["BLOCK_N"])
+        # below one wave only: smaller row tiles lose the m64 wgmma shape
+        while cdiv(b, cfg["BLOCK_M"]) * n_n < _ONE_WAVE and cfg["BLOCK_M"] > 16:
+            cfg.update(BLOCK_M=cfg["BLOCK_M"] // 2)
     if gha and is_fp32(dtype):
         cfg.update(BLOCK_K=16, num_stages=3 if k % 16 == 0 else 1)
     return cfg
@@ -43,13 +56,15 @@ def gram_config(k: int, dtype: torch.dtype, for_device: bool = False) -> dict:
     """:func:`~minc_kernels.kernels.gram.moment_partial_kernel` (``Xᵀ X`` by row slices)."""
     if interpreting() and not for_device:
         return dict(BLOCK_K=16, BLOCK_B=16, num_warps=4)
-    return dict(BLOCK_K=min(64, max(16, next_pow2(k))), BLOCK_B=32 if is_fp32(dtype) else 64,
+    # Half inputs: 64-row chunks, except when the rows are not 16-element aligned: the
+    # masked loads then go through registers and 64 rows need 253-255 of them (sm_90); 32: 166.
+    half_rows = 64 if k % 16 == 0 else 32
+    return dict(BLOCK_K=min(64, max(16, next_pow2(k))), BLOCK_B=32 if is_fp32(dtype) else half_rows,
                 num_warps=4, num_stages=3)
 
 
 # ----------------------------------------------------------------------------- spectral
-PAIRWISE_TARGET_PROGRAMS = 2 * 132  # two waves of an H100: a shape constant, so the split
-# (and with it the bits) depends only on the shape, not on the GPU
+PAIRWISE_TARGET_PROGRAMS = _TARGET_PROGRAMS
 PAIRWISE_MAX_SPLITS_GRAD = 16  # each split holds a (B, k) fp32 partial of the gradient
 
 
@@ -65,17 +80,24 @@ def pairwise_config(b: int, k: int, dtype: torch.dtype, for_device: bool = False
     if interpreting() and not for_device:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_C=16, num_warps=4)
     kk = max(16, next_pow2(k))
+    # Rows not 16-element aligned (k % 16): no vector/async copies, the masked loads go
+    # through registers: fp32 then spills 8-16 B with 2-3 stages (none with 1), and half
+    # with the gradient needs 255 registers with a 64-wide k chunk (202 with 16).
+    aligned = k % 16 == 0
+    f32_stages = None if aligned else 1
     if b <= 256:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=min(32 if is_fp32(dtype) else 64, kk),
-                    BLOCK_C=min(64, kk), num_warps=2, num_stages=3)
+                    BLOCK_C=min(64, kk), num_warps=2,
+                    num_stages=(f32_stages or 3) if is_fp32(dtype) else 3)
     if b <= 512:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=min(32 if is_fp32(dtype) else 64, kk),
-                    BLOCK_C=min(64, kk), num_warps=4, num_stages=3)
+                    BLOCK_C=min(64, kk), num_warps=4,
+                    num_stages=(f32_stages or 3) if is_fp32(dtype) else 3)
     if is_fp32(dtype):
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(32, kk), BLOCK_C=min(64, kk),
-                    num_warps=8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(64, kk), BLOCK_C=min(128, kk),
-                num_warps=8, num_stages=3)
+                    num_warps=8, num_stages=f32_stages or 2)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(64 if aligned else 16, kk),
+                BLOCK_C=min(128, kk), num_warps=8, num_stages=3)
 
 
 def pairwise_split(b: int, k: int, need_grad: bool, cfg: dict) -> tuple[int, int]:
@@ -153,6 +175,11 @@ def pick_config(b: int, k: int, dtype: torch.dtype, on_gpu: bool = True,
                     bm //= 2
                 else:
                     bn //= 2
+            # The strip @ Ẑ GEMM's grid is (strip rows / bm) × (k / bn): at k = 512 that was
+            # 16 × 8 programs; narrower column tiles fill it.
+            rows_est = min(max(2048, 2 * k), n)
+            while cdiv(rows_est, bm) * cdiv(k, bn) < _MIO_TARGET_PROGRAMS and bn > 32:
+                bn //= 2
             if bm * bn <= 32 * 64:
                 nw = 4  # 8 warps would own a few rows each of a 32-row tile
         if not on_gpu:
@@ -175,7 +202,9 @@ def pick_config(b: int, k: int, dtype: torch.dtype, on_gpu: bool = True,
             # small B gets twice the row blocks.
             bm, bn, nw, ns = (64, 64, 8, 3) if kp <= 128 else (64, 64, 8, 2)
         else:
-            bm, bn, nw, ns = (64, 32, 8, 2) if kp <= 128 else (32, 32, 8, 2)
+            # 32 rows: with 64, the fp32 gradient accumulator spills 16-64 B on sm_90 when
+            # 2B is not a multiple of 16 (masked rows); 32 rows need 64-87 registers.
+            bm, bn, nw, ns = 32, 32, 8, 2
     else:
         bm, bn, nw, ns = (64, 128, 8, 2) if half else (64, 64, 8, 2)
     if not on_gpu:

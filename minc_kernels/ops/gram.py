@@ -21,7 +21,7 @@ def rowmat(x: torch.Tensor, g: torch.Tensor, y: torch.Tensor, d: torch.Tensor | 
     """``Q = X Gᵀ`` fused: returns ``(Σ x∘q, Σ x∘y, out)`` with ``out = α·Q' + (β + γ·d)·y``
     (fp32 (B, k), ``Q'`` = ``X LT(G)ᵀ`` with ``gha``) or ``None`` without ``need_grad``."""
     b, k = x.shape
-    cfg = configs.rowmat_config(k, x.dtype, gha=bool(gha and need_grad))
+    cfg = configs.rowmat_config(k, x.dtype, gha=bool(gha and need_grad), b=b)
     grid = (cdiv(b, cfg["BLOCK_M"]), cdiv(k, cfg["BLOCK_N"]))
     part = torch.empty(grid[0] * grid[1], 2, dtype=torch.float32, device=x.device)
     out = torch.empty((b, k) if need_grad else (1, 1), dtype=torch.float32, device=x.device)

@@ -102,7 +102,7 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> dic
                         isz * b * k + 4 * k * k * g_split,
                         (n_k + 1) * b * k * isz, tiles * g_split)
     if need_grad:
-        rc = configs.rowmat_config(k, dtype, for_device=True)
+        rc = configs.rowmat_config(k, dtype, for_device=True, b=b)
         n_rm, n_rn = cdiv(b, rc["BLOCK_M"]), cdiv(k, rc["BLOCK_N"])
         t_gram += 2 * launch(2.0 * b * k * k, rate_rhs, 4 * k * k + 2 * isz * b * k + 4 * b * k,
                              n_rm * 4 * k * k + n_rn * isz * b * k, n_rm * n_rn)
