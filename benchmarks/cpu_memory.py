@@ -50,7 +50,8 @@ def mio_handwritten(z1, z2, tp, tn, lam):
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     s = z @ z.T
     pos = torch.cat([torch.diagonal(s, b), torch.diagonal(s, -b)])
-    neg = F.softplus(s / tn).masked_fill(torch.eye(n, dtype=torch.bool), 0).sum() - F.softplus(pos / tn).sum()
+    neg = F.softplus(s / tn).masked_fill(torch.eye(n, dtype=torch.bool), 0).sum()
+    neg = neg - F.softplus(pos / tn).sum()
     return F.softplus(-pos / tp).mean() + neg / (n * (n - 2)) + lam * F.mse_loss(z[:b], z[b:])
 
 
@@ -103,9 +104,8 @@ def worker(case: dict) -> dict:
     import torch
     torch.set_num_threads(case["threads"])
     fn = make_provider(case["provider"], case.get("block_rows"), case.get("block_cols"))
-    g = torch.Generator().manual_seed(0)
-
     def inputs(b):
+        g = torch.Generator().manual_seed(0)
         z1 = torch.randn(b, K, generator=g)
         z2 = (z1 + 0.7 * torch.randn(b, K, generator=g))
         return z1.requires_grad_(), z2.requires_grad_()
@@ -132,7 +132,8 @@ def worker(case: dict) -> dict:
         import resource
         extra_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - max(hwm0, rss0)
     start = time.perf_counter()
-    while len(times) < case["max_reps"] and time.perf_counter() - start + times[0] < case["budget_s"]:
+    budget = case["budget_s"] - times[0]
+    while len(times) < case["max_reps"] and time.perf_counter() - start < budget:
         t0 = time.perf_counter()
         step(z1, z2)
         times.append(time.perf_counter() - t0)
@@ -240,7 +241,7 @@ def markdown(data: dict) -> str:
         note = "" if r.get("status") == "ok" else f"{r.get('status')}: {r.get('reason', '')}"
         lines.append(f"| {loss} | {prov} | {r['b']} | {mem} | {_fmt_s(r)} | "
                      f"{r['load_before'][0]:.1f} / {r['load_after'][0]:.1f} | {note} |")
-    lines += ["", "## Targets (issue 15)", ""]
+    lines += ["", "## Targets (issue 15) and B×B checks", ""]
     lines += [f"- {t}" for t in data["targets"]]
     lines.append("")
     return "\n".join(lines)
@@ -266,10 +267,24 @@ def targets(cases) -> list[str]:
     for b, other in ((8192, "mio/handwritten"), (256, "mio/reference")):
         r, o = _find(cases, "mio/blocked", b), _find(cases, other, b)
         if ok(r) and ok(o):
-            out.append(f"B = {b}, blocked vs {other.split('/')[1]}: median {r['median_s']:.3g} s vs "
+            name = other.split("/")[1]
+            out.append(f"B = {b}, blocked vs {name}: median {r['median_s']:.3g} s vs "
                        f"{o['median_s']:.3g} s ({o['median_s'] / r['median_s']:.2f}x), min "
                        f"{r['min_s']:.3g} vs {o['min_s']:.3g} s -> "
                        f"{'met' if r['median_s'] <= o['median_s'] else 'NOT met'}")
+    for prov in ("spectral/auto", "spectral/gram", "spectral/pairwise", "minc/reference"):
+        for b in (8192, 32768):
+            r = _find(cases, prov, b)
+            if r is None:
+                continue
+            bxb = b * b * 4 / GIB
+            if ok(r):
+                big = r["extra_gib"] >= 0.5 * bxb
+                verdict = "allocates about a B×B fp32 matrix or more" if big else "no B×B matrix"
+                out.append(f"{prov} at B = {b}: {r['extra_gib']:.3g} GiB extra (B×B fp32 = "
+                           f"{bxb:.3g} GiB): {verdict}")
+            elif r.get("status") == "skipped":
+                out.append(f"{prov} at B = {b}: skipped, {r['reason']}")
     return out
 
 
@@ -284,16 +299,23 @@ def main(argv=None) -> int:
                     help="skip a case whose extrapolated extra memory exceeds this")
     ap.add_argument("--only", nargs="*", help="providers containing one of these strings")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--from-json", type=Path, help="re-render results.md from this results.json")
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.from_json:
+        data = json.loads(args.from_json.read_text())
+        data["targets"] = targets(data["cases"])
+        (args.from_json.parent / "results.md").write_text(markdown(data))
         return 0
 
     start = _dt.datetime.now(_dt.timezone.utc)
     out = args.out or RESULTS_ROOT / f"cpu-memory-{start.date().isoformat()}"
     data = {"date": start.isoformat(timespec="seconds"), "threads": args.threads,
             "budget_s": args.budget_s, "machine": machine(), "load_start": list(os.getloadavg()),
-            "command": "python benchmarks/cpu_memory.py " + " ".join(argv or sys.argv[1:]),
+            "command": " ".join([".venv/bin/python benchmarks/cpu_memory.py",
+                                 *(argv or sys.argv[1:])]),
             "cases": []}
     for case in plan(args):
         # Extrapolate from the same provider at the largest smaller B already measured.

@@ -93,7 +93,7 @@ def test_output_dtypes_and_grad_dtypes():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tp,tn,lam", TEMPS)
 def test_half_inputs_error_at_most_eager(dtype, tp, tn, lam):
-    """16-bit inputs: error vs the float64 oracle at most ~3x the eager reference's in that dtype."""
+    """16-bit inputs: error vs the float64 oracle at most ~3x the eager reference's (same dtype)."""
     z1, z2 = _inputs(61, 40, seed=7)
     z1, z2 = z1.to(dtype).double(), z2.to(dtype).double()  # the oracle sees the rounded inputs
     up = torch.tensor(0.8, dtype=torch.float64)
@@ -153,7 +153,8 @@ def test_collapsed_batch_sanity_value():
     z = torch.ones(6, 4, dtype=torch.float64)
     loss = mio_loss_blocked(z, z.clone(), 0.5, 0.5, 0.0, block_rows=4)
     assert abs(loss.item() - 2.253856) < 1e-6
-    assert math.isclose(loss.item(), math.log1p(math.exp(-2)) + math.log1p(math.exp(2)), rel_tol=1e-12)
+    want = math.log1p(math.exp(-2)) + math.log1p(math.exp(2))
+    assert math.isclose(loss.item(), want, rel_tol=1e-12)
 
 
 def test_zero_row_gradient_matches_normalize():
@@ -213,8 +214,9 @@ def test_opcheck(need_grad):
 
 def test_torch_compile_fullgraph():
     z1, z2 = _inputs(11, 7, seed=8, dtype=torch.float32)
-    fn = torch.compile(lambda a, b: mio_loss_blocked(a, b, 0.3, 0.5, 1.0, block_rows=4, block_cols=5),
-                       fullgraph=True, backend="aot_eager")
+    fn = torch.compile(
+        lambda a, b: mio_loss_blocked(a, b, 0.3, 0.5, 1.0, block_rows=4, block_cols=5),
+        fullgraph=True, backend="aot_eager")
     want = _loss_and_grads(_ref(0.3, 0.5, 1.0), z1, z2, torch.tensor(1.0))
     got = _loss_and_grads(fn, z1, z2, torch.tensor(1.0))
     for g, w in zip(got, want):
@@ -273,3 +275,41 @@ def test_no_tensor_of_n_squared_elements(fn, expect_blocked):
         fn(z1, z2)
     bound = max(64 * 64, 2 * b * k)
     assert (probe.largest <= bound) == expect_blocked, probe.largest
+
+
+# --------------------------------------------------------------------------- the benchmark
+def test_cpu_memory_benchmark_worker_and_report(tmp_path):
+    """benchmarks/cpu_memory.py: one tiny case in-process, and the report from its record."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "cpu_memory.py"
+    spec = importlib.util.spec_from_file_location("cpu_memory", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    n_threads = torch.get_num_threads()
+    try:
+        rec = bench.worker({"provider": "mio/blocked", "b": 64, "threads": 1, "budget_s": 0.5,
+                            "max_reps": 2})
+    finally:
+        torch.set_num_threads(n_threads)
+    assert rec["reps"] >= 1 and rec["extra_gib"] >= 0 and math.isfinite(rec["loss"])
+    want = reference.mio_loss(*_inputs_like_bench(64)).item()
+    assert math.isclose(rec["loss"], want, rel_tol=1e-5)
+    cases = [dict(rec, provider=p, b=8192, status="ok", load_before=[1, 1, 1], load_after=[1, 1, 1])
+             for p in ("mio/blocked", "mio/handwritten")]
+    cases[1]["median_s"] = cases[0]["median_s"] * 2
+    data = {"date": "d", "threads": 1, "budget_s": 0.5, "load_start": [1], "load_end": [1],
+            "command": "c", "cases": cases,
+            "machine": {"cpu": "x", "cores": 2, "mem_gib": 1.0, "torch": "t", "python": "p",
+                        "commit": "h"}}
+    (tmp_path / "results.json").write_text(__import__("json").dumps(data))
+    assert bench.main(["--from-json", str(tmp_path / "results.json")]) == 0
+    text = (tmp_path / "results.md").read_text()
+    assert "blocked vs handwritten" in text and "-> met" in text
+
+
+def _inputs_like_bench(b):
+    g = torch.Generator().manual_seed(0)
+    z1 = torch.randn(b, 128, generator=g)
+    return z1, z1 + 0.7 * torch.randn(b, 128, generator=g)

@@ -21,9 +21,9 @@ Jacobian ``(g - ẑ (ẑ·g)) / ||z||`` (``g / eps`` for rows with ``||z|| < eps
 
 Tile shape: as few, as large tiles as the memory budget allows.  Each tile costs a handful of
 multi-threaded ops, each ending in an OpenMP barrier; on a busy machine a barrier waits for a
-descheduled thread: at B = 8192 on the shared 2-core machine (load ~10), 1024×1024 tiles
-(136 of them) took about twice as long as 8 strips of whole rows (interleaved A/B, and the
-block sweep in benchmarks/results/cpu-memory-*); on one thread they ran alike.  Extra memory: O(N·k) (ẑ, the gradient) plus one
+descheduled thread.  At B = 8192 on the shared 2-core machine (2 threads, load ~8), square
+tiles of 512² and 1024² took 26 s and 14 s, strips of whole rows 7-8 s
+(benchmarks/results/cpu-memory-2026-12-01).  Extra memory: O(N·k) (ẑ, the gradient) plus one
 tile and its softplus/sigmoid buffer, ``2 · block_rows · block_cols · itemsize`` (see
 :func:`tile_bytes`): at most ``2 · TILE_BUDGET_BYTES`` whatever B.
 
@@ -66,7 +66,8 @@ def default_blocks(b: int, k: int, dtype: torch.dtype = torch.float32,
     """(block_rows, block_cols) for ``b`` pairs: the largest tiles within ``TILE_BUDGET_BYTES``.
 
     Whole rows of S (``block_cols = N``) in at least 8 strips while ``block_rows >= 256``
-    of them fit, then 256-row tiles of as many columns as fit.  ``block_rows`` given: only the columns chosen.
+    of them fit, then 256-row tiles of as many columns as fit.  ``block_rows`` given: only
+    the columns are chosen.
     """
     n = 2 * b
     elems = max(1, TILE_BUDGET_BYTES // _itemsize(dtype))
@@ -112,13 +113,15 @@ def mio_blocked_forward(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: flo
     Both in float32 (float64 for float64 inputs).
     """
     if z1.dtype not in _FLOAT_DTYPES or z2.dtype != z1.dtype:
-        raise TypeError(f"z1, z2 must be floating tensors of one dtype, got {z1.dtype} and {z2.dtype}")
+        raise TypeError(f"z1, z2 must be floating tensors of one dtype, got {z1.dtype} and "
+                        f"{z2.dtype}")
     if z1.dim() != 2 or z1.shape != z2.shape or z1.shape[0] < 2 or z1.shape[1] < 1:
         raise ValueError(f"z1, z2 must both have shape (B, k) with B >= 2, k >= 1, got "
                          f"{tuple(z1.shape)} and {tuple(z2.shape)}")
     b, k = z1.shape
     n = 2 * b
-    block_rows, default_cols = default_blocks(b, k, z1.dtype, int(block_rows) if block_rows else None)
+    block_rows, default_cols = default_blocks(b, k, z1.dtype,
+                                              int(block_rows) if block_rows else None)
     block_cols = int(block_cols) if block_cols else default_cols
     cdt = _compute_dtype(z1.dtype)
     acc_dt = torch.float64  # tile sums are added across up to ~10^4 tiles: keep them exact-ish
@@ -247,7 +250,7 @@ def mio_loss_blocked(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float 
                      neg_temperature: float = 0.5, lambda_l2: float = 1.0,
                      block_rows: int | None = None, block_cols: int | None = None
                      ) -> torch.Tensor:
-    """MIO loss of (B, k) views (SPEC §3), S in tiles of ``block_rows × block_cols``; differentiable.
+    """MIO loss of (B, k) views (SPEC §3), S in ``block_rows × block_cols`` tiles; differentiable.
 
     ``None``: :func:`default_blocks`.  Returns a float32 scalar (float64 for float64
     inputs), equal to :func:`minc_kernels.reference.mio_loss` up to rounding.
