@@ -409,8 +409,11 @@ def main(argv=None):
     meta = _versions()
     meta.update(subset=a.subset, cases=len(cases), launches=len(rows),
                 compiled_variants=len(_ANALYSIS), seconds=round(time.time() - t0, 1))
-    (out / "results.json").write_text(json.dumps({"meta": meta, "violations": viol,
-                                                  "rows": rows}, indent=1) + "\n")
+    # one launch per line: a diff of the committed table shows which launches changed
+    body = ",\n".join(json.dumps(r, separators=(",", ":")) for r in rows)
+    (out / "results.json").write_text(
+        '{"meta": ' + json.dumps(meta) + ',\n"violations": ' + json.dumps(viol, indent=1)
+        + ',\n"rows": [\n' + body + "\n]}\n")
     if not a.json_only:
         write_markdown(rows, meta, viol, out / "results.md")
     print(f"{len(cases)} cases, {len(rows)} launches, {len(_ANALYSIS)} compiled variants, "
