@@ -55,7 +55,9 @@ def collect() -> dict:
     if ok:
         mod = _ext.load()
         built = getattr(mod, "build_info", lambda: {})()
-        info["ema_backend"] = f"compiled extension {built}" if built else "compiled extension"
+        where = ("CUDA tensors, and CPU lists with bf16/fp16 online tensors; same-dtype CPU "
+                 "lists use torch._foreach_lerp_ (measured faster)")
+        info["ema_backend"] = f"compiled extension for {where} {built or ''}".rstrip()
     else:
         info["ema_backend"] = f"torch._foreach_lerp_ (extension unavailable: {why})"
     return info
