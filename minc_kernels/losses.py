@@ -210,8 +210,9 @@ class MINCLoss(nn.Module):
 
     State: ``moment`` (k×k float32, the raw EMA) and ``num_updates`` in ``state_dict``;
     ``nonfinite_skips`` (not saved).  M is updated only in training mode; eval uses it as
-    is, and warns once if it was never updated nor loaded (M = 0: the loss is then only
-    the cross term).
+    is, and warns once if it was never updated (M = 0: the loss is then only the cross
+    term; decided by a host flag, or on the first eval call by one read of ``num_updates``,
+    so that an M written into the buffers directly counts).
 
     ``forward(p, t)``: ``p`` (B, k) online predictions, ``t`` (B, k) targets of the other
     view (always stop-gradient).  If ``t`` requires grad and ``p`` does not, the arguments
@@ -382,11 +383,16 @@ class MINCLoss(nn.Module):
                  for pi, ti in pairs]
         if self.training:
             self._update(op, [ti for _, ti in pairs])
-        elif not self._moment_set and not self._warned_eval:
+        elif not self._moment_set and not self._warned_eval and not torch.compiler.is_compiling():
+            # Once per module, in eval only: M may have been written directly (a host read of
+            # num_updates here is off the training path).
             self._warned_eval = True
-            warnings.warn("MINCLoss is in eval mode but its moment M was never updated (no "
-                          "training-mode call) nor loaded: M = 0, so the loss is only the "
-                          "cross term", RuntimeWarning, stacklevel=2)
+            if bool(self.num_updates > 0):
+                self._moment_set = True
+            else:
+                warnings.warn("MINCLoss is in eval mode but its moment M was never updated (no "
+                              "training-mode call) nor loaded: M = 0, so the loss is only the "
+                              "cross term", RuntimeWarning, stacklevel=2)
         m = self.corrected_moment()
         loss = None
         for pi, ti in pairs:

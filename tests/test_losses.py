@@ -466,3 +466,14 @@ def test_symmetric_minc_step_chooses_the_backend_once_and_checks_each_tensor_onc
     p1, p2 = _rand(6, 4, seed=1).requires_grad_(), _rand(6, 4, seed=2).requires_grad_()
     loss((p1, p2), (_rand(6, 4, seed=3), _rand(6, 4, seed=4))).backward()
     assert calls == {"requested": 0, "select": 1, "check_features": 4}, calls
+
+
+def test_minc_eval_no_warning_when_moment_was_written_directly():
+    import warnings
+    loss = mk.MINCLoss(3, bias_correction=False)
+    with torch.no_grad():
+        loss.moment.copy_(torch.eye(3))
+        loss.num_updates.fill_(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss.eval()(_rand(4, 3), _rand(4, 3))
