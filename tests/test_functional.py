@@ -139,3 +139,11 @@ def test_public_api_exports():
                  "MomentumEncoder", "cosine_momentum", "spectral_contrastive_loss",
                  "minc_loss", "mio_loss"):
         assert hasattr(mk, name), name
+
+
+def test_losses_return_float64_for_float64_inputs():
+    """The README's return-dtype statement: fp64 in, fp64 out (the oracle/gradcheck dtype)."""
+    a, b = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    for v in (Fn.spectral_contrastive_loss(a, b), Fn.mio_loss(a, b),
+              Fn.minc_loss(a, b, torch.eye(4)), mk.MINCLoss()(a, b)):
+        assert v.shape == () and v.dtype == torch.float64
