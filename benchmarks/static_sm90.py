@@ -157,13 +157,21 @@ _PTXAS_RE = {
 _ANALYSIS: dict[int, dict] = {}
 
 
+def ptxas_tool():
+    """Triton's bundled ptxas (``get_ptxas`` takes an arch argument in newer triton 3.x only)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    try:
+        return get_ptxas(90)
+    except TypeError:
+        return get_ptxas()
+
+
 def _ptxas_log_of(compiled) -> str:
     """Run Triton's ptxas on the PTX with -v (for kernels Triton took from its disk cache)."""
-    from triton.backends.nvidia.compiler import get_ptxas
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         Path(src).write_text(compiled.asm["ptx"])
-        out = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", src,
+        out = subprocess.run([ptxas_tool().path, "-v", "--gpu-name=sm_90a", src,
                               "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True)
     return out.stdout + out.stderr
 
@@ -342,10 +350,9 @@ def _versions():
                                 text=True, cwd=Path(__file__).resolve().parent.parent).stdout.strip()
     except OSError:
         commit = ""
-    from triton.backends.nvidia.compiler import get_ptxas
     return {"target": "sm_90 (GPUTarget('cuda', 90, 32)), compiled only, nothing run",
             "triton": triton.__version__, "torch": torch.__version__,
-            "ptxas": get_ptxas(90).version, "python": platform.python_version(),
+            "ptxas": ptxas_tool().version, "python": platform.python_version(),
             "git_commit": commit, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
             "machine": f"{platform.node()} (CPU only)"}
 

@@ -24,8 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _has_sm90_compiler() -> bool:
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.backends.nvidia.compiler import get_ptxas
-        return os.path.exists(get_ptxas(90).path)
+        return os.path.exists(S.ptxas_tool().path)
     except Exception:  # pragma: no cover - a triton without the NVIDIA backend
         return False
 
@@ -98,8 +97,10 @@ def test_gha_rowmat_is_pipelined(rows):
     copies and no wgmma.  Statically bounded loops restore both (aligned half inputs)."""
     gha = [r for r in rows if r["kernel"] == "rowmat_kernel" and r["flags"].get("GHA")
            and r["flags"].get("NEED_GRAD") and r["dtype"] != "fp32" and r["k"] % 16 == 0]
-    assert gha and all(r["cp_async"] > 0 and r["wgmma"] > 0 for r in gha), \
-        [(_tag(r), r["cp_async"], r["wgmma"]) for r in gha]
+    assert gha and all(r["cp_async"] > 0 for r in gha), [(_tag(r), r["cp_async"]) for r in gha]
+    # wgmma needs 64-row tiles (small B·k takes 16-32 rows to fill the SMs: mma.sync then)
+    wide = [r for r in gha if r["tiles"]["BLOCK_M"] >= 64]
+    assert wide and all(r["wgmma"] > 0 for r in wide), [(_tag(r), r["wgmma"]) for r in wide]
 
 
 def test_violations_flags_each_defect():
