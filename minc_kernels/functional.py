@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from . import distributed as D
 from . import reference
+from .ops.mio_cpu import mio_loss_blocked  # plain torch (no Triton): imported eagerly, Dynamo-traceable
 from ._backend import OP_NAMES, preload, requested_backend, select
 from ._validation import (
     check_choice,
@@ -265,9 +266,13 @@ def _mio(z1, z2, pos_temperature: float, neg_temperature: float, lambda_l2: floa
         return _mio_distributed(z1, z2, pos_temperature, neg_temperature, lambda_l2)
     op = select(choice, "mio", z1)
     if op is None:
-        # The CPU/reference seam: a blocked CPU path (ops/mio_cpu.py, O(Bk) memory) plugs in
-        # here, for CPU tensors under backend "auto"; the reference stays for "reference".
-        return reference.mio_loss(z1, z2, pos_temperature, neg_temperature, lambda_l2)
+        # No Triton kernel here (CPU, or no Triton): "auto" runs the blocked path, which
+        # streams row strips of S and never holds the 2B x 2B matrix (ops/mio_cpu.py).
+        # float64 is the oracle/debug dtype and "reference" the oracle itself: both keep the
+        # plain reference (it also supports double backward, the blocked op does not).
+        if choice == "reference" or z1.dtype == torch.float64:
+            return reference.mio_loss(z1, z2, pos_temperature, neg_temperature, lambda_l2)
+        return mio_loss_blocked(z1, z2, pos_temperature, neg_temperature, lambda_l2)
     return op.mio_loss(z1, z2, pos_temperature, neg_temperature, lambda_l2)
 
 

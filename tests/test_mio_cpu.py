@@ -313,3 +313,24 @@ def _inputs_like_bench(b):
     g = torch.Generator().manual_seed(0)
     z1 = torch.randn(b, 128, generator=g)
     return z1, z1 + 0.7 * torch.randn(b, 128, generator=g)
+
+
+def test_mio_loss_auto_on_cpu_runs_the_blocked_path():
+    """The public MIOLoss (backend "auto") on CPU float32 streams strips of S: no tensor
+    near N×N (N = 2B) is ever made, forward and backward; backend="reference" does make one
+    (so the probe can fail), and so does float64 (the oracle dtype keeps the reference)."""
+    from minc_kernels import MIOLoss
+
+    b, k = 600, 16
+    n = 2 * b
+    z1, z2 = _inputs(b, k, dtype=torch.float32)
+    z1.requires_grad_(True)
+    with _LargestAllocation() as probe:
+        MIOLoss()(z1, z2).backward()
+    assert probe.largest <= n * n // 4, probe.largest
+    with _LargestAllocation() as probe:
+        MIOLoss(backend="reference")(z1, z2).backward()
+    assert probe.largest >= n * n
+    with _LargestAllocation() as probe:
+        MIOLoss()(z1.detach().double(), z2.double())
+    assert probe.largest >= n * n
