@@ -37,6 +37,8 @@ BUILD_TIMEOUT_S=${BUILD_TIMEOUT_S:-200}
 GPU_TEST_TIMEOUT_S=${GPU_TEST_TIMEOUT_S:-150}
 SYNC_TIMEOUT_S=${SYNC_TIMEOUT_S:-90}
 STEPS=${STEPS:-setup,build,info,gputests,sync,bench,rest}
+# "tests" (the step name before the split into GPU tests first and the rest last)
+case ",$STEPS," in *",tests,"*) STEPS="$STEPS,gputests,rest" ;; esac
 START=$(date +%s)
 STATUS="$OUT/steps.txt"
 : > "$STATUS"
