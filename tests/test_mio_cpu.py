@@ -149,7 +149,7 @@ def test_no_grad_skips_gradient_and_keeps_value():
 
 
 def test_collapsed_batch_sanity_value():
-    """SPEC §3: a fully collapsed batch at τ = 0.5, λ = 0 gives softplus(-2) + softplus(2)."""
+    """docs/math.md §3: a fully collapsed batch at τ = 0.5, λ = 0 gives softplus(-2) + softplus(2)."""
     z = torch.ones(6, 4, dtype=torch.float64)
     loss = mio_loss_blocked(z, z.clone(), 0.5, 0.5, 0.0, block_rows=4)
     assert abs(loss.item() - 2.253856) < 1e-6

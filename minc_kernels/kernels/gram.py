@@ -1,6 +1,6 @@
 """The shared Gram layer (kernels side): dot-precision helpers and the two Gram kernels.
 
-Every loss on the Gram kernels uses these: MINC (SPEC §2) is ``rowmat_kernel`` plus
+Every loss on the Gram kernels uses these: MINC (docs/math.md §2) is ``rowmat_kernel`` plus
 ``moment_partial_kernel``; the spectral feature-Gram path uses both; the spectral pairwise
 and MIO tile kernels use :func:`dot_same` for every ``tl.dot``.
 

@@ -1,4 +1,4 @@
-"""Triton kernels of the MIO binary-contrastive loss (SPEC §3): @triton.jit code only.
+"""Triton kernels of the MIO binary-contrastive loss (docs/math.md §3): @triton.jit code only.
 
 Notation: ``z1, z2`` (B, k); ``Z = [ẑ1; ẑ2]`` (N = 2B rows, row-normalised); ``S = Z Zᵀ``.
 The loss splits into per-pair terms (positives ``S[i, i+B] = ẑ1_i·ẑ2_i`` and the alignment

@@ -1,4 +1,4 @@
-"""Triton kernels of the spectral contrastive loss (SPEC §1).
+"""Triton kernels of the spectral contrastive loss (docs/math.md §1).
 
 * :func:`clip_rows_dot_kernel`: per-row norm clipping to ``sqrt(mu)`` (clipped rows written
   in the storage dtype, as the reference rounds them) and ``d_i = z1c_i·z2c_i`` (fp32).

@@ -1,4 +1,4 @@
-"""MINC launchers and ``torch.library`` ops (SPEC §2).
+"""MINC launchers and ``torch.library`` ops (docs/math.md §2).
 
 Ops (namespace ``minc_kernels``):
 

@@ -1,4 +1,4 @@
-"""MIO loss (SPEC §3) on the Triton kernels of :mod:`minc_kernels.kernels.mio`.
+"""MIO loss (docs/math.md §3) on the Triton kernels of :mod:`minc_kernels.kernels.mio`.
 
 ``mio_loss(z1, z2, τp, τn, λ)``: (B, k) views, B >= 2, float32/bfloat16/float16 (possibly
 non-contiguous); float32 scalar equal to :func:`minc_kernels.reference.mio_loss`.
@@ -217,7 +217,7 @@ _mio_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def mio_loss(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float, neg_temperature: float,
              lambda_l2: float) -> torch.Tensor:
-    """MIO loss of (B, k) views on the Triton kernels (SPEC §3); float32 scalar, differentiable."""
+    """MIO loss of (B, k) views on the Triton kernels (docs/math.md §3); float32 scalar, differentiable."""
     need_grad = torch.is_grad_enabled() and (z1.requires_grad or z2.requires_grad)
     loss, _ = torch.ops.minc_kernels.mio_loss_fwd(
         z1, z2, float(pos_temperature), float(neg_temperature), float(lambda_l2), bool(need_grad))

@@ -1,4 +1,4 @@
-"""MIO loss (SPEC §3) without a 2B×2B matrix, for devices without the Triton path (the CPU).
+"""MIO loss (docs/math.md §3) without a 2B×2B matrix, for devices without the Triton path (the CPU).
 
 ``mio_loss_blocked(z1, z2, τp, τn, λ)``: (B, k) views, B >= 2, float16/bfloat16/float32/float64
 (possibly non-contiguous); the scalar :func:`minc_kernels.reference.mio_loss` computes, in
@@ -250,7 +250,7 @@ def mio_loss_blocked(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float 
                      neg_temperature: float = 0.5, lambda_l2: float = 1.0,
                      block_rows: int | None = None, block_cols: int | None = None
                      ) -> torch.Tensor:
-    """MIO loss of (B, k) views (SPEC §3), S in ``block_rows × block_cols`` tiles; differentiable.
+    """MIO loss of (B, k) views (docs/math.md §3), S in ``block_rows × block_cols`` tiles; differentiable.
 
     ``None``: :func:`default_blocks`.  Returns a float32 scalar (float64 for float64
     inputs), equal to :func:`minc_kernels.reference.mio_loss` up to rounding.

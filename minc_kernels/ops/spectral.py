@@ -1,4 +1,4 @@
-"""Spectral contrastive loss launchers and ``torch.library`` op (SPEC §1).
+"""Spectral contrastive loss launchers and ``torch.library`` op (docs/math.md §1).
 
 Op ``minc_kernels::spectral_loss_fwd(z1, z2, mu, clip, algorithm, need_grad)
 -> (loss, grad_z1, grad_z2)``: the fp32 loss and, with ``need_grad``, the fp32 gradients
@@ -248,7 +248,7 @@ spectral_loss_fwd.register_autograd(_spectral_backward, setup_context=_spectral_
 # ----------------------------------------------------------------------------- API
 def spectral_loss(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool,
                   algorithm: str) -> torch.Tensor:
-    """Fp32 scalar spectral contrastive loss (SPEC §1), differentiable wrt ``z1`` and ``z2``."""
+    """Fp32 scalar spectral contrastive loss (docs/math.md §1), differentiable wrt ``z1`` and ``z2``."""
     need_grad = torch.is_grad_enabled() and (z1.requires_grad or z2.requires_grad)
     if algorithm == "auto":
         b, k = z1.shape
