@@ -3,7 +3,8 @@
 ``python -m minc_train.studies.minc_variants [--recipes lightly,project] [--seeds 2] [--threads 1]``
 
 Compares MINC's variants (``l2``: unit-norm p and t, M the moment of the unit targets;
-``clip``: rows clipped to norm sqrt(mu), loss / mu; ``none``: the raw form) with the spectral
+``clip``: rows clipped to norm sqrt(mu), loss / mu; ``none``: the raw form; ``l2-s10``: unit rows
+times 10, the scale one re-implementation uses) with the spectral
 contrastive loss and BYOL's negative cosine on Fashion-MNIST, under two recipes:
 
 * ``lightly``: lightly's BYOL example loop with lightly's own pieces (``BYOLProjectionHead``,
@@ -46,7 +47,7 @@ DEFAULT_WORK = os.path.join(ROOT, "runs", "studies", "minc_variants")
 
 RECIPES = ("lightly", "project")
 METHODS = ("minc-l2", "minc-clip", "minc-none", "byol", "spectral", "minc-l2-s10")
-DEFAULT_METHODS = ("minc-l2", "minc-clip", "minc-none", "byol", "spectral")
+DEFAULT_METHODS = ("minc-l2", "minc-clip", "minc-none", "minc-l2-s10", "byol", "spectral")
 LABELS = {"minc-l2": "MINC l2", "minc-clip": "MINC clip (mu=1)", "minc-none": "MINC raw (none)",
           "minc-l2-s10": "MINC l2, scale 10", "byol": "BYOL (neg. cosine)",
           "spectral": "spectral contrastive"}
