@@ -530,6 +530,9 @@ def plot(summary, runs, recipes, methods, path, title) -> str | None:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.lightly_lr != 0.06 or a.lightly_sgd_momentum:  # name the non-default SGD in table and plot
+        RECIPE_LABELS["lightly"] = (f"lightly BYOL recipe (SGD {a.lightly_lr:g}, "
+                                    f"momentum {a.lightly_sgd_momentum:g})")
     global CODE_STATE
     CODE_STATE = code_state()
     import torch
