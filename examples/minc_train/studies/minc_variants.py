@@ -14,8 +14,9 @@ contrastive loss and BYOL's negative cosine on Fashion-MNIST, under two recipes:
   in lightly's example (``--lightly-sgd-momentum`` to change), no weight decay, constant lr);
   only the criterion changes between methods.  Heads at reduced width (512 -> 512 -> 128,
   128 -> 512 -> 128) on the width-16 conv backbone (512 features).
-* ``project``: the training program's CPU recipe (``--preset cpu``: AdamW 1e-3, wd 1e-4,
-  warm-up + cosine, EMA 0.99 -> 1, heads 1024/128/1024, mild 28-px views) on the same
+* ``project``: the training program's CPU recipe (``--preset cpu``: AdamW at each method's
+  preset lr, wd 1e-4, warm-up + cosine, EMA 0.99 -> 1, heads 1024/128/1024, mild 28-px views,
+  the preset's autocast; each run's JSON records its optimizer and amp) on the same
   width-16 backbone; MINC variants and BYOL swap the loss module of the ``minc`` method
   (predictor + EMA target, symmetric call); spectral is the program's own ``spectral``.
 
@@ -52,7 +53,7 @@ LABELS = {"minc-l2": "MINC l2", "minc-clip": "MINC clip (mu=1)", "minc-none": "M
           "minc-l2-s10": "MINC l2, scale 10", "byol": "BYOL (neg. cosine)",
           "spectral": "spectral contrastive"}
 RECIPE_LABELS = {"lightly": "lightly BYOL recipe (SGD 0.06)",
-                 "project": "project CPU recipe (AdamW 1e-3)"}
+                 "project": "project CPU recipe (AdamW)"}
 
 BUDGETS = {
     "cpu": dict(epochs=6, epoch_size=20480, batch_size=256, width=16, pool=2, probe_train=10000,
@@ -355,7 +356,7 @@ def run_project(a, method: str, seed: int) -> dict:
     return {"status": status, "error": error, "steps": trainer.step, "steps_planned": trainer.total_steps,
             "images_seen": trainer.step * cfg.batch_size, "loss_curve": curve, "criterion": impl,
             "optimizer": f"{cfg.optimizer}(lr={trainer.base_lr}, wd={cfg.weight_decay}), warm-up "
-                         f"{cfg.warmup_epochs} epochs + cosine",
+                         f"{cfg.warmup_epochs} epochs + cosine", "amp": cfg.amp,
             "heads": f"projector {cfg.proj_hidden}/{cfg.proj_dim}, predictor {cfg.pred_hidden}",
             "argv": argv, "_backbone": trainer.model.backbone}
 
