@@ -57,7 +57,7 @@ def build_loss(method: str, proj_dim: int, *, backend: str | None = None, mu: fl
                moment_momentum: float = 0.99, ordering: str = "standard",
                gather_distributed: bool = False) -> nn.Module:
     """The method's loss module.  ``gather_distributed``: under DDP the loss sees the global
-    batch (SPEC §5).  ``backend``: that of the loss modules (None: their default)."""
+    batch (docs/math.md §5).  ``backend``: that of the loss modules (None: their default)."""
     _check_method(method)
     kw = {"backend": backend}
     if gather_distributed:

@@ -23,11 +23,11 @@ These four are different objectives: their expected gradients differ, and the st
 with MINC) sits nearer a stationary point of some of them than of others, which moves the
 SNR through the signal, not the noise.  So a *controlled pair* is measured as well, one
 objective with two estimators of it: ``spectral_noclip`` (the spectral loss without norm
-clipping: the pairwise U-statistic, SPEC §1) and ``spectral_moment`` (the same population
+clipping: the pairwise U-statistic, docs/math.md §1) and ``spectral_moment`` (the same population
 objective with its pairwise term replaced by ``zᵀ M z``, M = E[z zᵀ] of the projections held
 fixed, estimated once from an independent batch of ``--ref-batch`` images: a
 ``MINCLoss((z1, z2), (z2, z1))`` in eval mode with that M, no predictor, no target network).
-By SPEC §2 the two have the same expected gradient, ``(2/B)(M z1_i − z2_i)`` per row; they
+By docs/math.md §2 the two have the same expected gradient, ``(2/B)(M z1_i − z2_i)`` per row; they
 differ only in comparing each sample with every other one vs with the summary M, which is
 the paper's claim in isolation.
 
@@ -441,8 +441,9 @@ class GradientSampler:
         self.minc_batch = M.build_loss("minc", k, moment_momentum=0.0).to(self.device).train()
         self.spectral = M.build_loss("spectral", k, mu=float(trainer.cfg.mu)).to(self.device)
         self.spectral_noclip = SpectralContrastiveLoss(mu=1.0, clip=False).to(self.device)
-        # no bias correction: the buffer is the M used (set by set_population_moment)
-        self.spectral_moment = MINCLoss(trainer.loss_fn.dim, bias_correction=False).to(self.device).eval()
+        # no bias correction: the buffer is the M used (set by set_population_moment); raw
+        # features (feature_norm="none"): this is the spectral objective (no clip) through M
+        self.spectral_moment = MINCLoss(trainer.loss_fn.dim, bias_correction=False, feature_norm="none").to(self.device).eval()
         self.mio = M.build_loss("mio", k).to(self.device)
         self.images = trainer.train_ds.images
         self.population_moment_info = None
@@ -608,7 +609,7 @@ def run_study(args) -> dict:
                                    "losses": ref_losses[m], "cosine_between_refs": cos,
                                    "norm_sq_each": [float((r * r).sum()) for r in r0]}
     # cosine between the methods' ḡ (encoder parameters): ~1 for the controlled pair if the two
-    # estimators share their expected gradient, as SPEC §2 says they do
+    # estimators share their expected gradient, as docs/math.md §2 says they do
     means = {m: torch.stack(refs[m][0]).double().mean(0) for m in args.methods}
     ref_cos = {f"{a}/{b}": float(torch.nn.functional.cosine_similarity(means[a], means[b], dim=0))
                for i, a in enumerate(args.methods) for b in args.methods[i + 1:]}
