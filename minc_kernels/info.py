@@ -6,19 +6,29 @@ import platform
 import sys
 
 
+def fallback_name(name: str) -> str:
+    """What ``backend="auto"`` runs for op ``name`` where the Triton kernels do not run
+    (must match ``functional``: MIO's blocked op, the reference elsewhere)."""
+    if name == "mio":
+        return "blocked path (ops/mio_cpu: no 2Bx2B matrix; float64: reference)"
+    return "reference"
+
+
 def loss_backend_status(name: str, cuda: bool, interpret: bool) -> str:
     """What ``backend="auto"`` runs for op ``name`` here, and what ``"triton"`` would."""
     from . import _backend
 
+    fallback = fallback_name(name)
     ok, why = _backend.op_status(name)
     if not ok:
-        return f"reference only (Triton kernels unavailable: {why})"
+        return f"{fallback} only (Triton kernels unavailable: {why})"
     if cuda:
-        return "triton kernels live for CUDA float32/bfloat16/float16 tensors (auto); reference otherwise"
+        return (f"triton kernels live for CUDA float32/bfloat16/float16 tensors (auto); "
+                f"{fallback} otherwise")
     if interpret:
-        return ("reference under auto (no CUDA device); backend='triton' runs the kernels "
+        return (f"{fallback} under auto (no CUDA device); backend='triton' runs the kernels "
                 "through Triton's CPU interpreter (TRITON_INTERPRET=1, slow: for tests)")
-    return ("reference (no CUDA device); kernels importable, backend='triton' with "
+    return (f"{fallback} (no CUDA device); kernels importable, backend='triton' with "
             "TRITON_INTERPRET=1 runs them on the CPU")
 
 

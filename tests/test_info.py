@@ -12,9 +12,10 @@ def test_interpreter_on_cpu_is_not_reported_as_live_kernels():
     pytest.importorskip("triton")
     for name in _backend.OP_NAMES:
         line = info.loss_backend_status(name, cuda=False, interpret=True)
-        assert "live" not in line and line.startswith("reference under auto"), line
-        # and auto really does run the reference for CPU tensors there
+        assert "live" not in line and line.startswith(info.fallback_name(name) + " under auto"), line
+        # and auto really does run the fallback (no Triton op) for CPU tensors there
         assert _backend.select("auto", name, torch.randn(3, 2)) is None
+    assert info.fallback_name("mio").startswith("blocked")
     assert "live" in info.loss_backend_status("minc", cuda=True, interpret=False)
 
 
