@@ -41,6 +41,7 @@ from ..kernels.mio import (
     mio_strip_matmul,
 )
 from ._common import cdiv, check_kernel_dtype, device_guard, fast_math, interpreting, upcast_bf16_dot
+from ._grad_in_forward import register_grad_in_forward
 from .configs import MIOConfig, pick_config
 
 __all__ = ["mio_loss", "mio_forward", "MIOConfig", "pick_config"]
@@ -188,31 +189,7 @@ def _(z1, z2, pos_temperature, neg_temperature, lambda_l2, need_grad):
     return loss, dz
 
 
-def _setup_context(ctx, inputs, output):
-    z1, z2, _, _, _, need_grad = inputs
-    _, dz = output
-    ctx.need_grad = need_grad
-    ctx.b = z1.shape[0]
-    ctx.dtypes = (z1.dtype, z2.dtype)
-    ctx.save_for_backward(dz)
-
-
-def _backward(ctx, grad_loss, grad_dz):
-    (dz,) = ctx.saved_tensors
-    if not ctx.need_grad:
-        raise RuntimeError("mio_loss_fwd was called with need_grad=False; its gradient was not computed")
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        # dz is a constant here: a second derivative through it would be silently zero.
-        raise RuntimeError("mio_loss (backend='triton') does not support double backward "
-                           "(create_graph=True); use backend='reference'")
-    b = ctx.b
-    g = grad_loss.to(torch.float32)
-    grad_z1 = (g * dz[:b]).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-    grad_z2 = (g * dz[b:]).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-    return grad_z1, grad_z2, None, None, None, None
-
-
-_mio_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_grad_in_forward(_mio_loss_fwd, need_grad_index=5, what="mio_loss (backend='triton')")
 
 
 def mio_loss(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float, neg_temperature: float,

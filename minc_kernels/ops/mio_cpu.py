@@ -39,6 +39,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._grad_in_forward import register_grad_in_forward
+
 __all__ = ["mio_loss_blocked", "mio_blocked_forward", "default_blocks", "tile_bytes",
            "TILE_BUDGET_BYTES", "MEMORY_BUDGET_BYTES"]
 
@@ -210,32 +212,7 @@ def _(z1, z2, pos_temperature, neg_temperature, lambda_l2, need_grad, block_rows
     return loss, dz
 
 
-def _setup_context(ctx, inputs, output):
-    z1, z2, _, _, _, need_grad, _, _ = inputs
-    _, dz = output
-    ctx.need_grad = need_grad
-    ctx.b = z1.shape[0]
-    ctx.dtypes = (z1.dtype, z2.dtype)
-    ctx.save_for_backward(dz)
-
-
-def _backward(ctx, grad_loss, grad_dz):
-    (dz,) = ctx.saved_tensors
-    if not ctx.need_grad:
-        raise RuntimeError("mio_loss_blocked_fwd was called with need_grad=False; "
-                           "its gradient was not computed")
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        # dz is a constant here: a second derivative through it would be silently zero.
-        raise RuntimeError("the blocked MIO loss does not support double backward "
-                           "(create_graph=True); use backend='reference'")
-    b = ctx.b
-    g = grad_loss.to(dz.dtype)
-    grad_z1 = (g * dz[:b]).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-    grad_z2 = (g * dz[b:]).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-    return grad_z1, grad_z2, None, None, None, None, None, None
-
-
-_mio_loss_blocked_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_grad_in_forward(_mio_loss_blocked_fwd, need_grad_index=5, what="the blocked MIO loss")
 
 
 def _check_block(name: str, value) -> int:
