@@ -144,7 +144,7 @@ def worker(case: dict) -> dict:
         "median_s": statistics.median(times),
         "min_s": min(times),
         "reps": len(times),
-        "loss": float(loss),
+        "loss": float(loss.detach()),
     }
 
 
