@@ -103,11 +103,19 @@ def _ema_update_fake(target, online, momentum, copy_target, copy_source) -> None
     if len(target) != len(online) or len(copy_target) != len(copy_source):
         raise ValueError("minc::ema_update_: target/online and copy_target/copy_source must "
                          "hold the same number of tensors")
+    device = None
     for name, first, second in (("online", target, online), ("copy_source", copy_target, copy_source)):
         for i, (t, o) in enumerate(zip(first, second)):
             if t.shape != o.shape:
                 raise ValueError(f"minc::ema_update_: {name}[{i}] must have the shape of its "
                                  f"target: expected {tuple(t.shape)}, got {tuple(o.shape)}")
+            # ema_update_ leaves the device check of its hot path to the op: a meta tensor
+            # among real ones dispatches here, so this check must name it.
+            device = t.device if device is None else device
+            if t.device != device or o.device != device:
+                raise ValueError(f"minc::ema_update_: {name}[{i}] and its target are on "
+                                 f"{o.device} and {t.device}, expected {device}: one call "
+                                 "updates tensors of one device")
     return None
 
 

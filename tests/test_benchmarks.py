@@ -247,3 +247,26 @@ def test_gpu_check_script_runs_its_bench_step(tmp_path):
     assert (out / "results.md").exists() and (out / "summary.txt").exists()
     # The summary is printed last, after the steps table.
     assert proc.stdout.index("bench      rc=0") < proc.stdout.index("== benchmark summary")
+
+
+def test_cpu_overhead_benchmark_end_to_end(tmp_path, monkeypatch):
+    """benchmarks/cpu_overhead.py (issue 13's targets) runs and writes consistent rows:
+    every EMA case against its baseline, with paired per-round ratios."""
+    from benchmarks import cpu_overhead
+
+    monkeypatch.setattr(sys, "argv", ["cpu_overhead.py", "--rounds", "4", "--ema-rounds", "4",
+                                      "--depths", "18", "--out", str(tmp_path)])
+    threads = torch.get_num_threads()
+    try:
+        cpu_overhead.main()
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "results.json").read_text())
+    cases_run = [r["case"].split(" ")[0] for r in data["rows"]]
+    assert cases_run.count("MINCLoss") == 2 and cases_run.count("ema_update_") == 1
+    assert cases_run.count("MomentumEncoder.update") == 2  # vs timm ModelEmaV3 and the lower bound
+    for r in data["rows"]:
+        ps = r["paired_speed"]
+        assert ps["q1"] <= ps["median"] <= ps["q3"] and 0.0 <= ps["faster_share"] <= 1.0
+        assert "_cpu_ms" not in r["library_ms"] and r["library_ms"]["median_ms"] > 0
+    assert "paired speed" in (tmp_path / "results.md").read_text()
