@@ -28,12 +28,12 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 
-# the repository root (examples/minc_train/studies/ -> ../../..): results land beside the benchmarks
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from minc_train.plots import pyplot, save_figure
+from minc_train.studies._common import ROOT, comma_list, mean_std, write_json
+
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "studies", "batch_size")
 DEFAULT_WORK = os.path.join(ROOT, "runs", "studies", "batch_size")
 
@@ -85,10 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-baselines", action="store_true", help="skip the raw-pixel/random-init probes")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="outer tqdm bar")
     a = p.parse_args(argv)
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        p.error(f"--methods: unknown {bad or 'empty list'}; expected a subset of {', '.join(METHODS)}")
+    methods = comma_list(p, "--methods", a.methods, METHODS)
     try:
         sizes = [int(b) for b in a.batch_sizes.split(",") if b.strip()]
     except ValueError:
@@ -191,30 +188,17 @@ def one_run(a, method: str, batch: int, seed: int, need_baseline: bool) -> tuple
     return rec, base
 
 
-def _write_json(obj, path: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
-
-
 def summarize(runs: list[dict], baselines: list[dict], methods, sizes) -> dict:
-    def ms(vals):
-        vals = [v for v in vals if v is not None]
-        if not vals:
-            return {"mean": None, "std": None, "n": 0, "values": []}
-        return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                "n": len(vals), "values": vals}
     out = {"methods": {}, "baselines": {}}
     for m in methods:
         out["methods"][m] = {}
         for b in sizes:
             rs = [r for r in runs if r["method"] == m and r["batch_size"] == b]
-            s = ms([r.get("test_acc") for r in rs])
+            s = mean_std([r.get("test_acc") for r in rs])
             s["diverged"] = sum(r.get("status") == "diverged" for r in rs)
             out["methods"][m][str(b)] = s
     for key in ("raw_pixels", "random_init"):
-        out["baselines"][key] = ms([bl[key]["test_acc"] for bl in baselines])
+        out["baselines"][key] = mean_std([bl[key]["test_acc"] for bl in baselines])
     return out
 
 
@@ -244,11 +228,8 @@ def write_table(summary: dict, meta: dict, methods, sizes, path: str) -> None:
 
 
 def plot(summary: dict, runs: list[dict], methods, sizes, path: str, title: str) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     markers = {"spectral": "o", "minc": "s", "minc-gha": "^", "mio": "D"}
@@ -280,10 +261,7 @@ def plot(summary: dict, runs: list[dict], methods, sizes, path: str, title: str)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -312,9 +290,9 @@ def main(argv=None) -> int:
             base = baseline_only(a, m, b, s)
         else:
             rec, base = one_run(a, m, b, s, need_base)
-        _write_json(rec, path)
+        write_json(rec, path)
         if base is not None:
-            _write_json(base, bpath)
+            write_json(base, bpath)
         acc = rec.get("test_acc")
         tqdm.write(f"{rec['run']}: {rec['status']}, probe {acc if acc is None else round(acc, 2)} %, "
                    f"{rec['wall_s']:.0f} s")
@@ -346,7 +324,7 @@ def main(argv=None) -> int:
             "sum_run_wall_s": sum(r.get("wall_s", 0) for r in runs),
             "python": platform.python_version(), "torch": torch.__version__,
             "machine": platform.machine(), "cpu_count": os.cpu_count()}
-    _write_json({"meta": meta, "summary": summary, "runs": runs, "baselines": baselines},
+    write_json({"meta": meta, "summary": summary, "runs": runs, "baselines": baselines},
                 os.path.join(a.out, "results.json"))
     write_table(summary, meta, a.method_list, a.sizes, os.path.join(a.out, "table.md"))
     title = (f"Fashion-MNIST linear probe vs batch size, {meta['images_per_run']} images per run, "

@@ -31,8 +31,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-# the repository root (examples/minc_train/studies/ -> ../../..): results land beside the benchmarks
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from minc_train.plots import pyplot, save_figure
+from minc_train.studies._common import ROOT, comma_list, write_json
+
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "studies", "collapse")
 DEFAULT_WORK = os.path.join(ROOT, "runs", "studies", "collapse")
 
@@ -106,10 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--replot", action="store_true",
                    help="only redraw table.md and collapse.png from the results.json in --out")
     a = p.parse_args(argv)
-    a.method_list = [m.strip() for m in a.methods.split(",") if m.strip()]
-    bad = [m for m in a.method_list if m not in METHODS]
-    if bad or not a.method_list:
-        p.error(f"--methods: unknown {bad or 'empty list'}; expected a subset of {', '.join(METHODS)}")
+    a.method_list = comma_list(p, "--methods", a.methods, METHODS)
     b = dict(BUDGETS["quick" if a.quick else a.budget])
     if a.batch_size is not None:
         if a.batch_size < 2:
@@ -227,11 +225,8 @@ def write_table(results: dict, path: str) -> None:
 
 
 def plot(results: dict, path: str) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=110)
     panels = [("eff_rank", "effective rank of embeddings (log scale)", True),
@@ -271,10 +266,7 @@ def plot(results: dict, path: str) -> str | None:
     fig.suptitle(f"Collapse study, Fashion-MNIST, {meta['arch']}, batch {meta['batch_size']}, "
                  f"metrics on {meta['probe_batch']} held-out images (solid: projector z, dashed: backbone h)",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -315,8 +307,7 @@ def main(argv=None) -> int:
                    + " ".join(argv if argv is not None else sys.argv[1:]),
         "wall_s": time.time() - t0, "python": platform.python_version(), "torch": torch.__version__,
         "cpu_count": os.cpu_count()}
-    with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=str)
+    write_json(results, os.path.join(a.out, "results.json"))
     write_table(results, os.path.join(a.out, "table.md"))
     plot(results, os.path.join(a.out, "collapse.png"))
     print(open(os.path.join(a.out, "table.md")).read())

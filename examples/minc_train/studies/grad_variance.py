@@ -92,9 +92,9 @@ from typing import Callable, Sequence
 import torch
 
 from minc_train import methods as M
+from minc_train.plots import pyplot, save_figure
+from minc_train.studies._common import ROOT, write_json
 
-# the repository root (examples/minc_train/studies/ -> ../../..): results land beside the benchmarks
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 DEFAULT_OUT = os.path.join("benchmarks", "results", "studies", "grad_variance")
 METHODS = ("spectral", "minc_ema", "minc_batch", "mio", "spectral_noclip", "spectral_moment")
 LABELS = {"spectral": "spectral contrastive", "minc_ema": "MINC, EMA M (fixed)",
@@ -652,8 +652,7 @@ def run_study(args) -> dict:
         "reference_cosines": ref_cos,
         "flatness": _flatness(results),
     }
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(out, f, indent=1, default=_json_default)
+    write_json(out, os.path.join(args.out, "results.json"))
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(format_table(out))
     out["plots"] = make_plots(out, args.out)
@@ -683,10 +682,6 @@ def _flatness(results: dict) -> dict:
                   "ratio_small_to_large_se": ratio * rel, "b_small": lo["batch_size"],
                   "b_large": hi["batch_size"]}
     return out
-
-
-def _json_default(v):
-    return str(v)
 
 
 def _pm(v, se, digits=3) -> str:
@@ -772,9 +767,7 @@ def make_plots(res: dict, out_dir: str) -> list[str]:
     """variance_times_b.png (left: b·E‖g_b − ḡ‖² in each loss's own units; right: the same
     divided by its inverse-variance-weighted mean over b, so the trends of all losses share one axis) and
     snr.png; log-log, one line per method, jackknife error bars."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(required=True)
     title_sfx = (f"{res['state']['warmup']['steps']}-step MINC warm-up, same state for all; "
                  f"ḡ from {res['config']['ref_draws']}×{res['config']['ref_batch']} images; ±1 SE")
 
@@ -816,22 +809,14 @@ def make_plots(res: dict, out_dir: str) -> list[str]:
     handles, labels = a1.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8.5, frameon=False)
     fig.suptitle("Gradient variance × batch size\n" + title_sfx, fontsize=10)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    path = os.path.join(out_dir, "variance_times_b.png")
-    fig.savefig(path)
-    plt.close(fig)
-    paths.append(path)
+    paths.append(save_figure(fig, os.path.join(out_dir, "variance_times_b.png"), rect=(0, 0.1, 1, 1)))
 
     fig, ax = plt.subplots(figsize=(7.5, 5.6), dpi=110)
     draw(ax, "snr")
     ax.set_ylabel("SNR = ‖ḡ‖² / E‖g_b − ḡ‖²")
     ax.set_title("Gradient signal-to-noise ratio\n" + title_sfx, fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path = os.path.join(out_dir, "snr.png")
-    fig.savefig(path)
-    plt.close(fig)
-    paths.append(path)
+    paths.append(save_figure(fig, os.path.join(out_dir, "snr.png")))
     return paths
 
 

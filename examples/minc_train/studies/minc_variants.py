@@ -38,11 +38,12 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from minc_train.plots import pyplot, save_figure
+from minc_train.studies._common import ROOT, comma_list, mean_std, write_json
+
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "studies", "minc-variants-cpu")
 DEFAULT_WORK = os.path.join(ROOT, "runs", "studies", "minc_variants")
 
@@ -86,14 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=DEFAULT_WORK, help="run folders (training-program logs)")
     p.add_argument("--replot", action="store_true", help="only rebuild results/table/plot from runs/")
     a = p.parse_args(argv)
-    a.recipe_list = [r.strip() for r in a.recipes.split(",") if r.strip()]
-    a.method_list = [m.strip() for m in a.methods.split(",") if m.strip()]
-    bad = [r for r in a.recipe_list if r not in RECIPES]
-    if bad or not a.recipe_list:
-        p.error(f"--recipes: unknown {bad or 'empty list'}; expected a subset of {', '.join(RECIPES)}")
-    bad = [m for m in a.method_list if m not in METHODS]
-    if bad or not a.method_list:
-        p.error(f"--methods: unknown {bad or 'empty list'}; expected a subset of {', '.join(METHODS)}")
+    a.recipe_list = comma_list(p, "--recipes", a.recipes, RECIPES)
+    a.method_list = comma_list(p, "--methods", a.methods, METHODS)
     if a.seeds < 1 or a.seed_start < 0:
         p.error(f"--seeds must be >= 1 and --seed-start >= 0, got {a.seeds} and {a.seed_start}")
     if a.threads < 1:
@@ -366,13 +361,6 @@ def run_name(recipe: str, method: str, seed: int) -> str:
     return f"{recipe}-{method}-s{seed}"
 
 
-def _write_json(obj, path: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
-
-
 def code_state() -> dict:
     """The commit and any uncommitted change to the code a run imports (provenance: the
     working tree is shared, so a run may see edits that were committed later)."""
@@ -408,25 +396,19 @@ def one_run(a, recipe, method, seed, train, test) -> dict:
 
 
 def summarize(runs, baselines, recipes, methods) -> dict:
-    def ms(vals):
-        vals = [v for v in vals if v is not None]
-        if not vals:
-            return {"mean": None, "std": None, "n": 0, "values": []}
-        return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                "n": len(vals), "values": vals}
     out = {"recipes": {}, "baselines": {}}
     for r in recipes:
         out["recipes"][r] = {}
         for m in methods:
             rs = [x for x in runs if x["recipe"] == r and x["method"] == m]
-            out["recipes"][r][m] = {"probe": ms([x.get("probe_acc") for x in rs]),
-                                    "knn": ms([x.get("knn_acc") for x in rs]),
+            out["recipes"][r][m] = {"probe": mean_std([x.get("probe_acc") for x in rs]),
+                                    "knn": mean_std([x.get("knn_acc") for x in rs]),
                                     "diverged": sum(x["status"] != "ok" for x in rs),
                                     "diverged_at": [x.get("error") for x in rs if x["status"] != "ok"],
                                     "runs": len(rs)}
     for key in ("raw_pixels", "random_init"):
-        out["baselines"][key] = {"probe": ms([b[key]["probe_acc"] for b in baselines]),
-                                 "knn": ms([b[key]["knn_acc"] for b in baselines])}
+        out["baselines"][key] = {"probe": mean_std([b[key]["probe_acc"] for b in baselines]),
+                                 "knn": mean_std([b[key]["knn_acc"] for b in baselines])}
     return out
 
 
@@ -466,11 +448,8 @@ def write_table(summary, meta, recipes, methods, path) -> None:
 
 
 def plot(summary, runs, recipes, methods, path, title) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 1 + len(recipes), figsize=(4.6 * (1 + len(recipes)), 4.2), dpi=110)
     ax = axes[0]
@@ -523,10 +502,7 @@ def plot(summary, runs, recipes, methods, path, title) -> str | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def main(argv=None) -> int:
@@ -551,7 +527,7 @@ def main(argv=None) -> int:
             bpath = os.path.join(runs_dir, f"baselines-s{s}.json")
             if not os.path.isfile(bpath):
                 rand, _ = build_backbone(a, s)
-                _write_json({"seed": s, "random_init": evaluate(rand, train, test, a, s),
+                write_json({"seed": s, "random_init": evaluate(rand, train, test, a, s),
                              "raw_pixels": evaluate(None, train, test, a, s, raw=True)}, bpath)
                 print(f"baselines s{s}: {json.load(open(bpath))}", flush=True)
         for r, m, s in plan:
@@ -559,7 +535,7 @@ def main(argv=None) -> int:
             if os.path.isfile(path):
                 continue
             rec = one_run(a, r, m, s, train, test)
-            _write_json(rec, path)
+            write_json(rec, path)
             print(f"{rec['run']}: {rec['status']}, probe {rec.get('probe_acc')}, kNN {rec.get('knn_acc')}, "
                   f"{rec['wall_s']:.0f} s wall, {rec['cpu_s']:.0f} s CPU", flush=True)
     runs = [json.load(open(os.path.join(runs_dir, run_name(r, m, s) + ".json"))) for r, m, s in plan
@@ -588,7 +564,7 @@ def main(argv=None) -> int:
         meta["lightly"] = lightly.__version__
     except ImportError:
         pass
-    _write_json({"meta": meta, "summary": summary, "runs": runs, "baselines": baselines},
+    write_json({"meta": meta, "summary": summary, "runs": runs, "baselines": baselines},
                 os.path.join(a.out, "results.json"))
     write_table(summary, meta, a.recipe_list, a.method_list, os.path.join(a.out, "table.md"))
     title = (f"MINC variants vs spectral/BYOL, Fashion-MNIST, {meta['images_per_run']:,} images per run, "
