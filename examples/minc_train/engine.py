@@ -355,19 +355,21 @@ class Trainer:
         was = net.training if net is not None else False
         if net is not None:
             net.eval()
+
+        def embed(x):  # one normalised batch on the device -> its (B, features) rows on the CPU
+            if raw:
+                return x.flatten(1).cpu()
+            x = x.contiguous(memory_format=torch.channels_last)
+            with self.autocast():
+                return net(x).float().flatten(1).cpu()
+
         feats, labels = [], []
         bs = self.cfg.eval_batch_size
         if self.stream is None:
             ds = self.train_ds if which == "train" else self.eval_ds
             ds = ds.subset(limit, seed=self.cfg.seed + (0 if which == "train" else 1))
             for s in range(0, len(ds), bs):
-                x = ds.normalize(ds.images[s:s + bs], self.device)
-                if raw:
-                    feats.append(x.flatten(1).cpu())
-                else:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                    with self.autocast():
-                        feats.append(net(x).float().flatten(1).cpu())
+                feats.append(embed(ds.normalize(ds.images[s:s + bs], self.device)))
                 labels.append(ds.labels[s:s + bs])
         else:
             ds = self.stream["train_eval" if which == "train" else "eval"]
@@ -377,13 +379,7 @@ class Trainer:
             loader = torch.utils.data.DataLoader(ds, batch_size=bs, num_workers=self.cfg.workers,
                                                  pin_memory=self.cuda)
             for x, y in loader:
-                x = x.to(self.device, non_blocking=True)
-                if raw:
-                    feats.append(x.flatten(1).cpu())
-                else:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                    with self.autocast():
-                        feats.append(net(x).float().flatten(1).cpu())
+                feats.append(embed(x.to(self.device, non_blocking=True)))
                 labels.append(y)
         if net is not None:
             net.train(was)
