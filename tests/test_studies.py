@@ -13,9 +13,12 @@ import sys
 import pytest
 import torch
 
+from minc_kernels import MINCLoss
+from minc_kernels.losses import MINC_DEFAULT_FEATURE_NORM
 from minc_train import cli, data as D
 from minc_train.engine import Trainer
-from minc_train.methods import minc_no_moment_loss
+from minc_train.methods import (ViewOutputs, build_loss, compute_loss, minc_no_moment_loss,
+                                normalizes_features)
 from minc_train.metrics import effective_rank
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,6 +148,47 @@ def test_no_moment_ablation_loss_is_the_cross_term(fmnist, tmp_path):
     assert torch.allclose(p.grad, -2 / 5 * t.detach()) and t.grad is None
     with pytest.raises(ValueError, match="same shape"):
         minc_no_moment_loss(torch.zeros(4, 3), torch.zeros(4, 2))
+
+def _views(k=6, b=5, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    p1, p2, t1, t2 = (scale * torch.randn(b, k, generator=g, dtype=torch.float64) for _ in range(4))
+    return ViewOutputs(None, None, p1.requires_grad_(), p2.requires_grad_(), t1, t2)
+
+
+def _loss_and_grads(loss_fn, out, normalize, ablation="none"):
+    loss = compute_loss("minc", loss_fn, out, normalize, ablation)
+    return (loss.detach(), *torch.autograd.grad(loss, (out.p1, out.p2)))
+
+
+def test_normalize_is_not_applied_twice_on_the_default_minc_loss():
+    """--normalize on top of MINCLoss(feature_norm="l2") (the library default) would
+    normalise unit rows a second time: compute_loss skips that, so the step is exactly the
+    one without the flag; the flag still acts on the no-moment ablation and on raw losses."""
+    out = _views()
+    default = build_loss("minc", 6)
+    assert normalizes_features(default) and default.feature_norm == MINC_DEFAULT_FEATURE_NORM
+    plain = _loss_and_grads(build_loss("minc", 6), out, False)
+    flagged = _loss_and_grads(default, out, True)
+    for a, b in zip(plain, flagged):
+        assert torch.equal(a, b)  # bitwise: not normalised a second time
+    # normalising first by hand gives the same step up to rounding only
+    unit = ViewOutputs(None, None, *(torch.nn.functional.normalize(v, dim=1)
+                                     for v in (out.p1, out.p2, out.t1, out.t2)))
+    twice = compute_loss("minc", build_loss("minc", 6), unit).detach()
+    assert torch.allclose(twice, plain[0], rtol=1e-12, atol=0)
+    # where the loss does not normalise, the flag changes the loss
+    raw = MINCLoss(6, feature_norm="none")
+    assert not normalizes_features(raw)
+    assert not torch.allclose(_loss_and_grads(raw, out, True)[0],
+                              _loss_and_grads(MINCLoss(6, feature_norm="none"), out, False)[0])
+    abl_plain = _loss_and_grads(default, out, False, "no-moment")[0]
+    abl_norm = _loss_and_grads(default, out, True, "no-moment")[0]
+    unit_cross = -2 * ((torch.nn.functional.normalize(out.p1, dim=1)
+                        * torch.nn.functional.normalize(out.t2, dim=1)).sum(1).mean()
+                       + (torch.nn.functional.normalize(out.p2, dim=1)
+                          * torch.nn.functional.normalize(out.t1, dim=1)).sum(1).mean())
+    # the ablation's value is float32 (minc_no_moment_loss computes in float32)
+    assert torch.allclose(abl_norm, unit_cross.detach().float()) and not torch.allclose(abl_plain, abl_norm)
 
 
 def test_sqrt_lr_scaling(fmnist, tmp_path):

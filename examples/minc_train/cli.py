@@ -158,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--batch-size", type=int, help="global batch (split over DDP processes)")
     add(g, "--ema-base", type=float, help="MINC target EMA: tau_base of the cosine schedule")
     add(g, "--normalize", action=argparse.BooleanOptionalAction,
-        help="MINC: L2-normalise predictions and targets before the loss")
+        help="MINC with --minc-ablation no-moment: L2-normalise predictions and targets before "
+        "the cross term (BYOL's loss up to constants). The full MINC loss L2-normalises them "
+        "itself (MINCLoss feature_norm='l2', the library default), so there the flag changes nothing")
     add(g, "--moment-momentum", type=float, help="MINC: beta of the moment EMA M")
     add(g, "--ordering", choices=ORDERINGS,
         help="MINC: gradient with the full moment M (standard) or its lower "

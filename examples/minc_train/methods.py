@@ -125,12 +125,23 @@ def minc_no_moment_loss(p, t) -> torch.Tensor:
     return total
 
 
+def normalizes_features(loss_fn: nn.Module) -> bool:
+    """Whether ``loss_fn`` L2-normalises p and t itself: a :class:`MINCLoss` with
+    ``feature_norm="l2"`` (the library's default, so every ``build_loss("minc", ...)``)."""
+    return isinstance(loss_fn, MINCLoss) and loss_fn.feature_norm == "l2"
+
+
 def compute_loss(method: str, loss_fn: nn.Module, out: ViewOutputs, normalize: bool = False,
                  minc_ablation: str = "none") -> torch.Tensor:
     """The method's scalar loss on the two views' outputs.  ``minc_ablation="no-moment"``:
     MINC's cross-correlation term alone (the collapse study's control; M is neither used
-    nor updated)."""
+    nor updated).  ``normalize`` (MINC): L2-normalise p and t first, unless ``loss_fn``
+    does so itself (:func:`normalizes_features`): normalising unit rows again changes them
+    only by rounding, so it is skipped there, and ``normalize`` acts on the no-moment
+    ablation and on losses with ``feature_norm`` ``"none"`` or ``"clip"``."""
     if method == "minc":
+        if normalize and minc_ablation == "none" and normalizes_features(loss_fn):
+            normalize = False
         p, t = minc_pairs(out, normalize)
         if minc_ablation == "no-moment":
             return minc_no_moment_loss(p, t)
