@@ -276,8 +276,10 @@ def test_gpu_budgets_resolve_to_valid_configs(tmp_path):
         cfg = cli.resolve_config(batch_size.train_argv(a, m, 1024, 0, str(tmp_path / m)))
         assert cfg.arch == "resnet18" and cfg.preset == "gpu" and cfg.epochs == 50
         assert cfg.ordering == ("gha" if m == "minc-gha" else "standard")
-    a = collapse.parse_args(["--budget", "gpu"])
+    a = collapse.parse_args(["--budget", "gpu", "--methods", ",".join(collapse.METHODS)])
     for m in a.method_list:
         cfg = cli.resolve_config(collapse.train_argv(a, m, str(tmp_path / m)))
         assert cfg.arch == "resnet18" and cfg.epoch_size == 512 * 117
+        if m.startswith("minc-no-moment"):  # the raw control stays raw under the GPU preset
+            assert cfg.normalize is (m == "minc-no-moment-normalized"), (m, cfg.normalize)
     assert cfg.minc_ablation == "no-moment"

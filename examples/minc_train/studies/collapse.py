@@ -39,7 +39,8 @@ DEFAULT_WORK = os.path.join(ROOT, "runs", "studies", "collapse")
 
 METHODS = {"minc": ["--method", "minc"],
            "spectral": ["--method", "spectral"],
-           "minc-no-moment": ["--method", "minc", "--minc-ablation", "no-moment"],
+           # --no-normalize: the GPU preset turns normalisation on; the control stays raw
+           "minc-no-moment": ["--method", "minc", "--minc-ablation", "no-moment", "--no-normalize"],
            # not in the default set: the ablation with L2-normalised p and t is BYOL's loss
            # (2 - 2cos up to constants), which is known not to collapse thanks to the predictor+EMA
            "minc-no-moment-normalized": ["--method", "minc", "--minc-ablation", "no-moment", "--normalize"]}
