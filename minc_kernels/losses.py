@@ -7,6 +7,7 @@ never see a kernel.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Sequence
 
@@ -151,6 +152,32 @@ def _as_list(x) -> list:
     raise TypeError(f"expected a tensor or a sequence of tensors, got {type(x).__name__}")
 
 
+def _checked_pair(p, t, name_p: str, name_t: str, grad_on: bool):
+    """One (p, t) view pair of MINCLoss.forward checked, ``t`` detached, both promoted to
+    one dtype.  Shape/dtype/device checks only; aten calls only where they change something
+    (the common call, one dtype and a ``t`` without grad, makes none)."""
+    check_pair(name_p, p, name_t, t, min_batch=1, same_dtype=False)
+    if t.requires_grad:
+        if grad_on and not p.requires_grad:
+            raise ValueError(
+                f"{name_t} requires grad but {name_p} does not: the arguments look swapped. "
+                "MINCLoss is called as loss(p, t) with p the online prediction (gets the "
+                "gradient) and t the target (stop-gradient), e.g. criterion(p0, z1), not "
+                "criterion(z1, p0)")
+        t = t.detach()
+    if p.dtype != t.dtype:
+        dtype = torch.promote_types(p.dtype, t.dtype)
+        p, t = p.to(dtype), t.to(dtype)
+    return p, t
+
+
+_Tensor, _F32 = torch.Tensor, torch.float32
+
+#: The MINCLoss attributes the fast path of :meth:`MINCLoss.forward` depends on (assigning
+#: one recomputes ``_hot``).
+_HOT_CONFIG = frozenset({"moment_momentum", "bias_correction", "ordering", "feature_norm", "mu",
+                         "scale", "_divisor", "check_finite", "_choice", "gather_distributed"})
+
 _CHECK_FINITE = {True: "raise", False: "ignore", "skip": "skip", "raise": "raise", "ignore": "ignore"}
 
 
@@ -269,6 +296,7 @@ class MINCLoss(nn.Module):
         self._lazy = dim is None
         self._moment_set = False
         self._warned_eval = False
+        self._refresh_hot()
 
     # ------------------------------------------------------------------ lazy state
     def _materialize(self, k: int, device: torch.device) -> None:
@@ -322,10 +350,11 @@ class MINCLoss(nn.Module):
         gather = self.gather_distributed and D.is_distributed()
         c = Fn._batch_moment(op, ts, gather)
         beta = self.moment_momentum
+        moment, num_updates = self.moment, self.num_updates
         self._moment_set = True
         if self.check_finite == "ignore":
-            reference.minc_moment_update_(self.moment, c, beta)
-            self.num_updates.add_(1)
+            reference.minc_moment_update_(moment, c, beta)
+            num_updates.add_(1)
             return
         finite = reference.all_finite(c)
         if self.check_finite == "raise" and not torch.compiler.is_compiling():
@@ -333,12 +362,12 @@ class MINCLoss(nn.Module):
             if not bool(finite):
                 raise ValueError("t contains NaN or Inf values; MINCLoss.moment was left unchanged "
                                  "(check_finite='skip' skips such steps without a host sync)")
-            reference.minc_moment_update_(self.moment, c, beta)
-            self.num_updates.add_(1)
+            reference.minc_moment_update_(moment, c, beta)
+            num_updates.add_(1)
             return
         # A non-finite C is swapped for M itself, so the lerp leaves M as it was.
-        reference.minc_moment_update_(self.moment, torch.where(finite, c, self.moment), beta)
-        self.num_updates.add_(finite)
+        reference.minc_moment_update_(moment, torch.where(finite, c, moment), beta)
+        num_updates.add_(finite)
         self.nonfinite_skips.add_(~finite)
 
     def _check_state(self, x: torch.Tensor, name: str) -> None:
@@ -354,26 +383,90 @@ class MINCLoss(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, p, t, return_parts: bool = False):
-        ps, ts = _as_list(p), _as_list(t)
-        if len(ps) != len(ts) or not ps:
-            raise ValueError(f"p and t must hold the same number (>= 1) of views, got {len(ps)} and {len(ts)}")
+        # The default call in one straight line (no further Python calls), taken for one
+        # float32 (p, t) pair, t without grad, on the reference path (the CPU, or
+        # backend="reference"), with check_finite="skip", bias correction, β > 0, the
+        # "standard" ordering and no gather_distributed (self._hot).  Anything else, and
+        # every input that would fail a check, goes to _forward, which raises the errors.
+        # Why a second path: on the CPU each Python call, attribute read and aten op costs
+        # microseconds next to a B=1024, k=128 step, and this one makes as few as the checks
+        # allow (issue 13).  Same ops on the same values as _forward, so bit for bit the
+        # same loss, gradient and state as the one-element-list call loss([p], [t]).
+        hot = self._hot
+        if hot is None or return_parts or type(p) is not _Tensor or type(t) is not _Tensor:
+            return self._forward(p, t, return_parts)
+        shape = p.shape
+        device = p.device
+        buffers = self._buffers
+        moment = buffers["moment"]
+        training = self.training
+        # _forward's checks, on shapes/dtypes/devices only; dim is None (never equal to
+        # shape[1]) while M is lazy; "auto" runs the kernels on CUDA (hot[4]: "reference").
+        if not (p.dtype is _F32 and t.dtype is _F32 and not t.requires_grad
+                and shape == t.shape and len(shape) == 2 and shape[0] >= 1
+                and shape[1] == self.dim and moment.dtype is _F32
+                and t.device == device and moment.device == device
+                and (hot[4] or device.type != "cuda")
+                and (training or self._moment_set or self._warned_eval)):
+            return self._forward(p, t, return_parts)
+        log_beta, weight, clamp, divisor = hot[:4]
+        if hot[5]:  # a feature map other than the identity
+            p, t = Fn._minc_features(p, t, self.feature_norm, self.mu, self.scale)
+        num_updates = buffers["num_updates"]
+        if training:
+            # _update: C = tᵀt / B (reference.minc_batch_moment_sum), the finite check of
+            # reference.all_finite, the skip by torch.where, the counters.
+            if not self._moment_set:
+                self._moment_set = True
+            c = (t.T @ t).div_(shape[0])
+            finite = (c * 0).sum() == 0
+            moment.lerp_(torch.where(finite, c, moment), weight)
+            num_updates.add_(finite)
+            buffers["nonfinite_skips"].add_(~finite)
+        # _loss_moment and Fn._minc_bilinear(negated=True): -M_corrected, exactly.
+        m = moment / torch.expm1(num_updates * log_beta).clamp_max_(clamp)
+        loss = (2.0 * (p * t).sum() + ((p @ m) * p).sum()) / -shape[0]
+        return loss if divisor == 1.0 else loss / divisor
+
+    def _refresh_hot(self) -> None:
+        """``self._hot``: the constants of the fast path of :meth:`forward` when the
+        configuration allows it, else None; recomputed whenever one of ``_HOT_CONFIG`` is
+        assigned."""
+        d = self.__dict__
+        beta = d["moment_momentum"]
+        ok = (d["check_finite"] == "skip" and d["bias_correction"] and 0.0 < beta < 1.0
+              and d["ordering"] == "standard" and not d["gather_distributed"]
+              and d["_choice"] in ("reference", "auto"))
+        d["_hot"] = ((math.log(beta), 1.0 - beta, beta - 1.0, d["_divisor"],
+                      d["_choice"] == "reference",
+                      d["feature_norm"] != "none" or d["scale"] != 1.0) if ok else None)
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in _HOT_CONFIG and "_hot" in self.__dict__:
+            self._refresh_hot()
+
+    def _forward(self, p, t, return_parts: bool):
         grad_on = torch.is_grad_enabled()
-        pairs = []
-        for i, (pi, ti) in enumerate(zip(ps, ts)):
-            sfx = f"[{i}]" if len(ps) > 1 else ""
-            check_pair(f"p{sfx}", pi, f"t{sfx}", ti, min_batch=1, same_dtype=False)
-            if grad_on and ti.requires_grad and not pi.requires_grad:
-                raise ValueError(
-                    f"t{sfx} requires grad but p{sfx} does not: the arguments look swapped. "
-                    "MINCLoss is called as loss(p, t) with p the online prediction (gets the "
-                    "gradient) and t the target (stop-gradient), e.g. criterion(p0, z1), not "
-                    "criterion(z1, p0)")
-            dtype = torch.promote_types(pi.dtype, ti.dtype)
-            pairs.append((pi.to(dtype), ti.detach().to(dtype)))
-            if dtype != pairs[0][0].dtype:
-                raise TypeError(f"p{sfx}/t{sfx} promote to {dtype} but p[0]/t[0] to "
-                                f"{pairs[0][0].dtype}; pass every view in one dtype")
-        self._check_state(pairs[0][0], "p[0]" if len(ps) > 1 else "p")
+        if isinstance(p, torch.Tensor) and isinstance(t, torch.Tensor):
+            # One pair, the common call: fixed names, no per-call lists or f-strings.
+            pairs = [_checked_pair(p, t, "p", "t", grad_on)]
+            first = "p"
+        else:
+            ps, ts = _as_list(p), _as_list(t)
+            if len(ps) != len(ts) or not ps:
+                raise ValueError(f"p and t must hold the same number (>= 1) of views, got "
+                                 f"{len(ps)} and {len(ts)}")
+            pairs = []
+            for i, (pi, ti) in enumerate(zip(ps, ts)):
+                sfx = f"[{i}]" if len(ps) > 1 else ""
+                pairs.append(_checked_pair(pi, ti, f"p{sfx}", f"t{sfx}", grad_on))
+                dtype = pairs[-1][0].dtype
+                if dtype != pairs[0][0].dtype:
+                    raise TypeError(f"p{sfx}/t{sfx} promote to {dtype} but p[0]/t[0] to "
+                                    f"{pairs[0][0].dtype}; pass every view in one dtype")
+            first = "p[0]" if len(ps) > 1 else "p"
+        self._check_state(pairs[0][0], first)
         for i, (pi, _) in enumerate(pairs[1:], 1):
             if pi.shape[1] != self.dim:
                 raise ValueError(f"p[{i}] must have feature dimension k={self.dim}, got shape "
@@ -393,10 +486,10 @@ class MINCLoss(nn.Module):
                 warnings.warn("MINCLoss is in eval mode but its moment M was never updated (no "
                               "training-mode call) nor loaded: M = 0, so the loss is only the "
                               "cross term", RuntimeWarning, stacklevel=2)
-        m = self.corrected_moment()
+        m, negated = self._loss_moment(op, pairs[0][0])
         loss = None
         for pi, ti in pairs:
-            li = Fn._minc_bilinear(op, pi, ti, m, self.ordering)
+            li = Fn._minc_bilinear(op, pi, ti, m, self.ordering, negated)
             loss = li if loss is None else loss + li
         if self._divisor != 1.0:
             loss = loss / self._divisor
@@ -405,8 +498,26 @@ class MINCLoss(nn.Module):
         with torch.no_grad():
             cross = sum(-2.0 * (reference.acc(pi) * reference.acc(ti)).sum() / pi.shape[0]
                         for pi, ti in pairs) / self._divisor
-            parts = {"cross": cross, "cov": loss.detach() - cross, "moment_trace": torch.trace(m)}
+            trace = torch.trace(m)
+            parts = {"cross": cross, "cov": loss.detach() - cross,
+                     "moment_trace": trace.neg_() if negated else trace}
         return loss, parts
+
+    def _loss_moment(self, op, p: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """``(m, negated)``: the M the loss uses (:meth:`corrected_moment`), or on the
+        default CPU path its exact negation ``M / -(1 - β^n)`` with ``negated=True``.
+
+        Dividing by ``expm1(n log β)`` (negative) instead of by its negation saves one op per
+        call; IEEE division and the bilinear form are sign-symmetric, so the loss and its
+        gradient are bit for bit those of :meth:`corrected_moment` (issue 13).
+        """
+        moment = self.moment
+        if (op is None and self.bias_correction and self.moment_momentum != 0.0
+                and self.ordering == "standard" and moment.dtype == torch.float32
+                and p.dtype != torch.float64 and not moment.requires_grad):
+            e = torch.expm1(self.num_updates * math.log(self.moment_momentum))
+            return moment / e.clamp_max_(self.moment_momentum - 1.0), True
+        return self.corrected_moment(), False
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, moment_momentum={self.moment_momentum}, "
