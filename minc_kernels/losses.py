@@ -12,6 +12,7 @@ import warnings
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parameter import UninitializedBuffer, is_lazy
 
@@ -409,8 +410,11 @@ class MINCLoss(nn.Module):
                 and (hot[4] or device.type != "cuda")
                 and (training or self._moment_set or self._warned_eval)):
             return self._forward(p, t, return_parts)
-        log_beta, weight, clamp, divisor = hot[:4]
-        if hot[5]:  # a feature map other than the identity
+        log_beta, weight, clamp, divisor, _, fmap = hot
+        if fmap == "l2":  # reference.minc_features(x, "l2") inline; t has no grad to stop
+            t = F.normalize(t, dim=1, eps=1e-12)
+            p = F.normalize(p, dim=1, eps=1e-12)
+        elif fmap is not None:
             p, t = Fn._minc_features(p, t, self.feature_norm, self.mu, self.scale)
         num_updates = buffers["num_updates"]
         if training:
@@ -437,9 +441,10 @@ class MINCLoss(nn.Module):
         ok = (d["check_finite"] == "skip" and d["bias_correction"] and 0.0 < beta < 1.0
               and d["ordering"] == "standard" and not d["gather_distributed"]
               and d["_choice"] in ("reference", "auto"))
+        fmap = None if d["feature_norm"] == "none" and d["scale"] == 1.0 else (
+            "l2" if d["feature_norm"] == "l2" and d["scale"] == 1.0 else "other")
         d["_hot"] = ((math.log(beta), 1.0 - beta, beta - 1.0, d["_divisor"],
-                      d["_choice"] == "reference",
-                      d["feature_norm"] != "none" or d["scale"] != 1.0) if ok else None)
+                      d["_choice"] == "reference", fmap) if ok else None)
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
