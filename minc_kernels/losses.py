@@ -260,6 +260,10 @@ class MINCLoss(nn.Module):
     (``-2 tr(P̃ᵀT̃)/(B d)``), ``cov`` (``<M, P̃ᵀP̃/B>/d``) and ``moment_trace``.
     """
 
+    #: Constants of the fast path of :meth:`forward` (see :meth:`_refresh_hot`); the class
+    #: default None (an instance unpickled from an older version) takes the general path.
+    _hot = None
+
     def __init__(self, dim: int | None = None, moment_momentum: float = 0.99,
                  bias_correction: bool = True, ordering: str = "standard",
                  check_finite: bool | str = "skip", backend: str | None = None,
