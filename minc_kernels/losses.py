@@ -388,7 +388,7 @@ class MINCLoss(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, p, t, return_parts: bool = False):
-        # The default call in one straight line (no further Python calls), taken for one
+        # The default call in one straight line (no further library calls), taken for one
         # float32 (p, t) pair, t without grad, on the reference path (the CPU, or
         # backend="reference"), with check_finite="skip", bias correction, β > 0, the
         # "standard" ordering and no gather_distributed (self._hot).  Anything else, and
