@@ -129,3 +129,27 @@ def test_momentum_encoder_errors():
 def test_cosine_momentum_exported():
     assert mk.cosine_momentum(0, 10) == pytest.approx(0.996)
     assert mk.cosine_momentum(10, 10, base=0.99) == pytest.approx(1.0)
+
+
+def test_momentum_encoder_walk_matches_parameters_and_buffers():
+    """MomentumEncoder.update gathers the tensors in one walk (ema._params_and_buffers);
+    it must give exactly module.parameters() and module.buffers(): same tensors, same order,
+    shared modules and tied weights once, None entries skipped."""
+    from minc_kernels.ema import _params_and_buffers
+
+    lin = torch.nn.Linear(3, 3)
+    inner = torch.nn.Sequential(lin, torch.nn.ReLU(), lin, torch.nn.BatchNorm1d(3))
+    inner.add_module("absent", None)
+    inner.register_parameter("no_param", None)
+    inner.register_buffer("no_buffer", None)
+    net = torch.nn.Sequential(inner, torch.nn.Linear(3, 3), torch.nn.Sequential(torch.nn.BatchNorm1d(3)))
+    net[1].weight = lin.weight  # tied
+    params, buffers = _params_and_buffers(net)
+    assert [id(p) for p in params] == [id(p) for p in net.parameters()]
+    assert [id(b) for b in buffers] == [id(b) for b in net.buffers()]
+    assert len(params) == 7 and len(buffers) == 6  # the tied weight once
+    # and the update follows a structural change made after construction
+    enc = mk.MomentumEncoder(net)
+    net[2][0] = torch.nn.BatchNorm1d(4)
+    with pytest.raises(ValueError, match="shape|match"):
+        enc.update(0.9)
