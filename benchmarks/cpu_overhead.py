@@ -273,7 +273,8 @@ def main() -> None:
                 "library_ms": _public(r[name]), "baseline_ms": _public(r["torch._foreach_lerp_"]),
                 "speed_vs_baseline": base / med,
                 "paired_speed": paired_speed(r, name, "torch._foreach_lerp_"),
-                "target": "speed >= 1.0x", "met": base / med >= 1.0,
+                **({"target": "none (the noise floor)", "met": None} if "control" in name else
+                   {"target": "speed >= 1.0x", "met": base / med >= 1.0}),
             })
         providers, ntensors, numel = encoder_providers(depth)
         r = interleaved(providers, args.ema_rounds, warmup=5)
