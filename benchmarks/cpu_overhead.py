@@ -13,7 +13,7 @@ change on a shared machine hits all of them alike), medians over many rounds:
   BatchNorm buffers) against timm's ``ModelEmaV3`` (target: speed >= 1.0x) and against the
   bare foreach calls on lists built once (a lower bound: no walk of the modules).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cpu_overhead.py [--rounds N] [--only minc|ema] [--out DIR]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cpu_overhead.py [--rounds N] [--repeats N] [--only minc|ema] [--out DIR]
 
 Writes ``results.json`` and ``results.md`` under
 ``benchmarks/results/cpu-overhead-<date>/`` (or ``--out``), naming the machine, its load
@@ -226,23 +226,13 @@ def machine() -> dict:
             "ema_extension": "live" if _ext.status()[0] else f"unavailable: {_ext.status()[1]}"}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=400, help="timed rounds per MINC case (default 400)")
-    ap.add_argument("--ema-rounds", type=int, default=150, help="timed rounds per EMA case (default 150)")
-    ap.add_argument("--out", type=Path, default=None, help="output directory")
-    ap.add_argument("--only", choices=("minc", "ema"), default=None,
-                    help="run only the MINCLoss cases or only the EMA cases")
-    ap.add_argument("--depths", default="18,50", help="ResNet depths of the EMA cases (default 18,50)")
-    ap.add_argument("--note", default="shared 2-core machine (other jobs running); medians of "
-                    "interleaved rounds", help="how the machine was loaded")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    date = _dt.date.today().isoformat()
-    out = args.out or RESULTS_ROOT / f"cpu-overhead-{date}"
-    out.mkdir(parents=True, exist_ok=True)
-    load_start = os.getloadavg()
+def _result(r: dict) -> str:
+    return (f"{r['overhead_pct']:+.1f} % overhead" if "overhead_pct" in r
+            else f"{r['speed_vs_baseline']:.2f}x")
 
+
+def measure_rows(args) -> list[dict]:
+    """One pass over every case: a row per (case, baseline)."""
     rows = []
     b, k = 1024, 128
     for fn_name in (mk.losses.MINC_DEFAULT_FEATURE_NORM, "none") if args.only != "ema" else ():
@@ -297,10 +287,38 @@ def main() -> None:
                 "paired_speed": paired_speed(r, "MomentumEncoder.update", base_name),
                 "target": target, "met": base / med >= 1.0 if target.startswith("speed") else None,
             })
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=400, help="timed rounds per MINC case (default 400)")
+    ap.add_argument("--ema-rounds", type=int, default=150, help="timed rounds per EMA case (default 150)")
+    ap.add_argument("--out", type=Path, default=None, help="output directory")
+    ap.add_argument("--only", choices=("minc", "ema"), default=None,
+                    help="run only the MINCLoss cases or only the EMA cases")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run every case this many times (each run interleaved on its own); the "
+                         "tables show every run and how many met the target")
+    ap.add_argument("--depths", default="18,50", help="ResNet depths of the EMA cases (default 18,50)")
+    ap.add_argument("--note", default="shared 2-core machine (other jobs running); medians of "
+                    "interleaved rounds", help="how the machine was loaded")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    date = _dt.date.today().isoformat()
+    out = args.out or RESULTS_ROOT / f"cpu-overhead-{date}"
+    out.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()
+
+    runs = []
+    for i in range(args.repeats):
+        print(f"run {i + 1}/{args.repeats} ...", flush=True)
+        runs.append(measure_rows(args))
+    rows = runs[-1]
     meta = machine()
     meta.update({"date": date, "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
                  "note": args.note, "command": "OMP_NUM_THREADS=1 " + " ".join([Path(sys.executable).name, *sys.argv])})
-    (out / "results.json").write_text(json.dumps({"machine": meta, "rows": rows}, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps({"machine": meta, "runs": runs}, indent=2) + "\n")
 
     lines = [f"# CPU overhead, {date}", "",
              f"Machine: {meta['cpu']}, {meta['logical_cpus']} logical CPUs, {meta['platform']}; "
@@ -315,15 +333,27 @@ def main() -> None:
              "median (q1-q3) and the share of rounds where the library was faster.", "",
              "| case | call measured | baseline | library median (q1-q3) ms | baseline median (q1-q3) ms | result (ratio of medians) | paired speed | target |",
              "|---|---|---|---|---|---|---|---|"]
+    if len(runs) > 1:
+        lines[-2:] = ["## Every run", "",
+                      "| case | baseline | result of each run (ratio of medians) | paired speed, median of each run | target met |",
+                      "|---|---|---|---|---|"]
+        for i, r in enumerate(runs[0]):
+            per = [run[i] for run in runs]
+            res = ", ".join(_result(x) for x in per)
+            ps = ", ".join(f"{x['paired_speed']['median']:.3f}x" for x in per)
+            met = ("-" if r["met"] is None
+                   else f"{sum(bool(x['met']) for x in per)} of {len(per)} runs ({r['target']})")
+            lines.append(f"| {r['case']} | {r['baseline']} | {res} | {ps} | {met} |")
+        lines += ["", f"## The last run in full", "",
+                  "| case | call measured | baseline | library median (q1-q3) ms | baseline median (q1-q3) ms | result (ratio of medians) | paired speed | target |",
+                  "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lm, bm = r["library_ms"], r["baseline_ms"]
-        res = (f"{r['overhead_pct']:+.1f} % overhead" if "overhead_pct" in r
-               else f"{r['speed_vs_baseline']:.2f}x")
         ps = r["paired_speed"]
         verdict = "" if r["met"] is None else (": met" if r["met"] else ": NOT met")
         lines.append(f"| {r['case']} | `{r['call']}` | {r['baseline']} | "
                      f"{lm['median_ms']:.3f} ({lm['q1_ms']:.3f}-{lm['q3_ms']:.3f}) | "
-                     f"{bm['median_ms']:.3f} ({bm['q1_ms']:.3f}-{bm['q3_ms']:.3f}) | {res} | "
+                     f"{bm['median_ms']:.3f} ({bm['q1_ms']:.3f}-{bm['q3_ms']:.3f}) | {_result(r)} | "
                      f"{ps['median']:.3f}x ({ps['q1']:.3f}-{ps['q3']:.3f}), faster in "
                      f"{100 * ps['faster_share']:.0f} % | {r['target']}{verdict} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")

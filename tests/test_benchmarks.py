@@ -255,18 +255,20 @@ def test_cpu_overhead_benchmark_end_to_end(tmp_path, monkeypatch):
     from benchmarks import cpu_overhead
 
     monkeypatch.setattr(sys, "argv", ["cpu_overhead.py", "--rounds", "4", "--ema-rounds", "4",
-                                      "--depths", "18", "--out", str(tmp_path)])
+                                      "--depths", "18", "--repeats", "2", "--out", str(tmp_path)])
     threads = torch.get_num_threads()
     try:
         cpu_overhead.main()
     finally:
         torch.set_num_threads(threads)
-    data = json.loads((tmp_path / "results.json").read_text())
-    cases_run = [r["case"].split(" ")[0] for r in data["rows"]]
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert len(runs) == 2 and [r["case"] for r in runs[0]] == [r["case"] for r in runs[1]]
+    cases_run = [r["case"].split(" ")[0] for r in runs[-1]]
     assert cases_run.count("MINCLoss") == 2 and cases_run.count("ema_update_") == 1
     assert cases_run.count("MomentumEncoder.update") == 2  # vs timm ModelEmaV3 and the lower bound
-    for r in data["rows"]:
+    for r in runs[-1]:
         ps = r["paired_speed"]
         assert ps["q1"] <= ps["median"] <= ps["q3"] and 0.0 <= ps["faster_share"] <= 1.0
         assert "_cpu_ms" not in r["library_ms"] and r["library_ms"]["median_ms"] > 0
-    assert "paired speed" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "paired speed" in md and "## Every run" in md and "of 2 runs" in md
