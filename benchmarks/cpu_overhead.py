@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -317,7 +318,7 @@ def main() -> None:
     rows = runs[-1]
     meta = machine()
     meta.update({"date": date, "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
-                 "note": args.note, "command": "OMP_NUM_THREADS=1 " + " ".join([Path(sys.executable).name, *sys.argv])})
+                 "note": args.note, "command": "OMP_NUM_THREADS=1 " + shlex.join([Path(sys.executable).name, *sys.argv])})
     (out / "results.json").write_text(json.dumps({"machine": meta, "runs": runs}, indent=2) + "\n")
 
     lines = [f"# CPU overhead, {date}", "",

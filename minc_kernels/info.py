@@ -65,8 +65,8 @@ def collect() -> dict:
     if ok:
         mod = _ext.load()
         built = getattr(mod, "build_info", lambda: {})()
-        where = ("CUDA tensors, and CPU lists with bf16/fp16 online tensors; same-dtype CPU "
-                 "lists use torch._foreach_lerp_ (measured faster)")
+        where = ("CPU and CUDA tensors" if built.get("cuda_compiled") else
+                 "CPU tensors (no CUDA kernel in this build: CUDA lists use torch._foreach_lerp_)")
         info["ema_backend"] = f"compiled extension for {where} {built or ''}".rstrip()
     else:
         info["ema_backend"] = f"torch._foreach_lerp_ (extension unavailable: {why})"
