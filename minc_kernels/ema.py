@@ -114,7 +114,6 @@ def _all_finite(tensors: list) -> bool:
     return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
 
 
-@torch.no_grad()
 def ema_update_(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], momentum: float,
                 check_finite: bool = False, backend: str = "auto") -> None:
     """In place, for every pair: ``target ← momentum·target + (1-momentum)·online`` (fp32 math).
@@ -150,7 +149,8 @@ def _ema_update(targets: list, onlines: list, momentum: float, check_finite: boo
         if ext is not None and isinstance(first, torch.Tensor) and _ext.supports(first.device):
             if check_finite:  # opt-in: the checks first (the finite check needs them), then values
                 _check_lists(targets, onlines, layout=True)
-                _check_finite(onlines)
+                with torch.no_grad():
+                    _check_finite(onlines)
             # The hot path: no check in Python.  The op checks every pair in C++ (shapes,
             # dtypes, one device, layouts, no aliasing) before writing anything and raises a
             # ValueError/TypeError naming the tensor: ~0.1 us per tensor, where the same checks
@@ -177,15 +177,18 @@ def _ema_update(targets: list, onlines: list, momentum: float, check_finite: boo
     # to name the culprit), so that a bad call leaves every target untouched.
     if check_finite or not _quick_valid(targets, onlines):
         _check_lists(targets, onlines, layout=backend == "extension")
-    if check_finite:
-        _check_finite(onlines)
-    if targets:
-        if _same_dtypes(targets, onlines):
-            torch._foreach_lerp_(targets, onlines, 1.0 - momentum)
-        else:
-            reference.ema_update_(targets, onlines, momentum)  # upcasts the online tensors
-    if copy_targets:
-        torch._foreach_copy_(copy_targets, copy_sources)
+    # no_grad here, not around the whole call: on the extension's path (not differentiable,
+    # its Autograd kernel only dispatches) the context manager measurably slowed the call.
+    with torch.no_grad():
+        if check_finite:
+            _check_finite(onlines)
+        if targets:
+            if _same_dtypes(targets, onlines):
+                torch._foreach_lerp_(targets, onlines, 1.0 - momentum)
+            else:
+                reference.ema_update_(targets, onlines, momentum)  # upcasts the online tensors
+        if copy_targets:
+            torch._foreach_copy_(copy_targets, copy_sources)
 
 
 def _check_tensors(tensors: list, name: str) -> None:
@@ -233,7 +236,6 @@ class MomentumEncoder(nn.Module):
         with torch.no_grad():
             return self.target(*args, **kwargs)
 
-    @torch.no_grad()
     def update(self, momentum: float, check_finite: bool = False, backend: str = "auto") -> None:
         """One EMA step of parameters (and buffers) with ``momentum`` in [0, 1].
 
@@ -269,8 +271,10 @@ class MomentumEncoder(nn.Module):
             else:
                 late.append((t, o))
         _ema_update(lerp_t, lerp_o, momentum, check_finite, backend, fused_t, fused_o)
-        for t, o in late:
-            t.copy_(o)
+        if late:
+            with torch.no_grad():
+                for t, o in late:
+                    t.copy_(o)
 
 
 def _params_and_buffers(module: nn.Module) -> tuple[list, list]:

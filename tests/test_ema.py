@@ -153,3 +153,17 @@ def test_momentum_encoder_walk_matches_parameters_and_buffers():
     net[2][0] = torch.nn.BatchNorm1d(4)
     with pytest.raises(ValueError, match="shape|match"):
         enc.update(0.9)
+
+
+@pytest.mark.parametrize("backend", ["auto", "foreach"])
+def test_ema_update_on_parameters_that_require_grad_in_grad_mode(backend):
+    """ema_update_ runs its foreach path under no_grad itself (the extension's op is not
+    differentiable): targets that are leaf Parameters with requires_grad, updated with grad
+    mode on, are updated in place without an autograd error and without a graph."""
+    target = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+    online = [torch.ones(3, requires_grad=True), torch.ones(2, 2, requires_grad=True)]
+    assert torch.is_grad_enabled()
+    mk.ema_update_(target, online, 0.75, backend=backend)
+    for t in target:
+        assert t.grad_fn is None and t.requires_grad
+        torch.testing.assert_close(t.detach(), torch.full_like(t, 0.25))
