@@ -165,29 +165,10 @@ def _minc_features(p, t, feature_norm: str, mu: float, scale: float):
     return reference.minc_features(p, feature_norm, mu, scale), t
 
 
-def _minc_bilinear(op: ModuleType | None, p, t, moment, ordering: str,
-                   negated: bool = False) -> torch.Tensor:
-    """``(1/B) Σ [-2 p·t + pᵀ M p]`` of mapped, checked features on the chosen backend.
-
-    ``negated=True`` (reference backend, ``"standard"`` ordering, stop-gradient ``t`` and
-    ``moment`` in the accumulation dtype of ``p``: what MINCLoss checks before passing it):
-    ``moment`` holds ``-M``, and ``-pᵀ(-M)p`` is bit for bit ``pᵀMp``.
-    """
+def _minc_bilinear(op: ModuleType | None, p, t, moment, ordering: str) -> torch.Tensor:
+    """``(1/B) Σ [-2 p·t + pᵀ M p]`` of mapped, checked features on the chosen backend."""
     if op is None:
-        if negated or (ordering == "standard" and not t.requires_grad and not moment.requires_grad
-                       and moment.dtype == (torch.float64 if p.dtype == torch.float64
-                                            else torch.float32)):
-            # reference.minc_bilinear's expression, op for op (so bit-identical), without its
-            # detach/to calls, which are no-ops here but cost an aten dispatch each (issue 13).
-            pf, tf = reference.acc(p), reference.acc(t)
-            if negated:
-                # (2 p·t + pᵀ(-M)p) / -B: every step the exact negation of the form below,
-                # and no extra op in the backward (a subtraction would add a neg there).
-                return (2.0 * (pf * tf).sum() + ((pf @ moment) * pf).sum()) / -p.shape[0]
-            return (-2.0 * (pf * tf).sum() + ((pf @ moment) * pf).sum()) / p.shape[0]
         return reference.minc_bilinear(p, t, moment, ordering)
-    if negated:
-        raise ValueError("negated=True is for the reference backend only")
     return op.minc_loss(p, t.detach(), moment.detach().float(), ordering)
 
 

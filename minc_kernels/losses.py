@@ -406,15 +406,15 @@ class MINCLoss(nn.Module):
         moment = buffers["moment"]
         training = self.training
         # _forward's checks, on shapes/dtypes/devices only; dim is None (never equal to
-        # shape[1]) while M is lazy; "auto" runs the kernels on CUDA (hot[4]: "reference").
+        # shape[1]) while M is lazy; "auto" runs the kernels on CUDA (hot[3]: "reference").
         if not (p.dtype is _F32 and t.dtype is _F32 and not t.requires_grad
                 and shape == t.shape and len(shape) == 2 and shape[0] >= 1
                 and shape[1] == self.dim and moment.dtype is _F32
                 and t.device == device and moment.device == device
-                and (hot[4] or device.type != "cuda")
+                and (hot[3] or device.type != "cuda")
                 and (training or self._moment_set or self._warned_eval)):
             return self._forward(p, t, return_parts)
-        log_beta, weight, clamp, divisor, _, fmap = hot
+        log_beta, weight, divisor, _, fmap = hot  # weight = 1 - β
         if fmap == "l2":  # reference.minc_features(x, "l2") inline; t has no grad to stop
             t = F.normalize(t, dim=1, eps=1e-12)
             p = F.normalize(p, dim=1, eps=1e-12)
@@ -431,9 +431,9 @@ class MINCLoss(nn.Module):
             moment.lerp_(torch.where(finite, c, moment), weight)
             num_updates.add_(finite)
             buffers["nonfinite_skips"].add_(~finite)
-        # _loss_moment and Fn._minc_bilinear(negated=True): -M_corrected, exactly.
-        m = moment / torch.expm1(num_updates * log_beta).clamp_max_(clamp)
-        loss = (2.0 * (p * t).sum() + ((p @ m) * p).sum()) / -shape[0]
+        # reference.minc_corrected_moment and reference.minc_bilinear, op for op.
+        m = moment / torch.expm1(num_updates * log_beta).neg_().clamp_min_(weight)
+        loss = (-2.0 * (p * t).sum() + ((p @ m) * p).sum()) / shape[0]
         return loss if divisor == 1.0 else loss / divisor
 
     def _refresh_hot(self) -> None:
@@ -447,7 +447,7 @@ class MINCLoss(nn.Module):
               and d["_choice"] in ("reference", "auto"))
         fmap = None if d["feature_norm"] == "none" and d["scale"] == 1.0 else (
             "l2" if d["feature_norm"] == "l2" and d["scale"] == 1.0 else "other")
-        d["_hot"] = ((math.log(beta), 1.0 - beta, beta - 1.0, d["_divisor"],
+        d["_hot"] = ((math.log(beta), 1.0 - beta, d["_divisor"],
                       d["_choice"] == "reference", fmap) if ok else None)
 
     def __setattr__(self, name: str, value) -> None:
@@ -495,10 +495,10 @@ class MINCLoss(nn.Module):
                 warnings.warn("MINCLoss is in eval mode but its moment M was never updated (no "
                               "training-mode call) nor loaded: M = 0, so the loss is only the "
                               "cross term", RuntimeWarning, stacklevel=2)
-        m, negated = self._loss_moment(op, pairs[0][0])
+        m = self.corrected_moment()
         loss = None
         for pi, ti in pairs:
-            li = Fn._minc_bilinear(op, pi, ti, m, self.ordering, negated)
+            li = Fn._minc_bilinear(op, pi, ti, m, self.ordering)
             loss = li if loss is None else loss + li
         if self._divisor != 1.0:
             loss = loss / self._divisor
@@ -507,26 +507,8 @@ class MINCLoss(nn.Module):
         with torch.no_grad():
             cross = sum(-2.0 * (reference.acc(pi) * reference.acc(ti)).sum() / pi.shape[0]
                         for pi, ti in pairs) / self._divisor
-            trace = torch.trace(m)
-            parts = {"cross": cross, "cov": loss.detach() - cross,
-                     "moment_trace": trace.neg_() if negated else trace}
+            parts = {"cross": cross, "cov": loss.detach() - cross, "moment_trace": torch.trace(m)}
         return loss, parts
-
-    def _loss_moment(self, op, p: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """``(m, negated)``: the M the loss uses (:meth:`corrected_moment`), or on the
-        default CPU path its exact negation ``M / -(1 - β^n)`` with ``negated=True``.
-
-        Dividing by ``expm1(n log β)`` (negative) instead of by its negation saves one op per
-        call; IEEE division and the bilinear form are sign-symmetric, so the loss and its
-        gradient are bit for bit those of :meth:`corrected_moment` (issue 13).
-        """
-        moment = self.moment
-        if (op is None and self.bias_correction and self.moment_momentum != 0.0
-                and self.ordering == "standard" and moment.dtype == torch.float32
-                and p.dtype != torch.float64 and not moment.requires_grad):
-            e = torch.expm1(self.num_updates * math.log(self.moment_momentum))
-            return moment / e.clamp_max_(self.moment_momentum - 1.0), True
-        return self.corrected_moment(), False
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, moment_momentum={self.moment_momentum}, "
