@@ -147,8 +147,8 @@ C10_ALWAYS_INLINE void lerp_loop(void* target_ptr, const void* online_ptr, int64
 
 // The loops are memory-bound, yet on one thread the vector width still shows: built for
 // the x86-64 baseline (SSE2) they lost to ATen's AVX-512 _foreach_lerp_ on an idle EPYC
-// (A/B runs not kept); with these clones ema_update_ runs at 1.02-1.06x of it
-// (benchmarks/results/cpu-overhead-2026-12-02b).
+// (A/B runs not kept); with these clones ema_update_ runs at 0.99-1.06x of it, parity on
+// ResNet-18 and ahead on ResNet-50 (benchmarks/results/cpu-overhead-2026-12-02b).
 // target_clones compiles each for every target and picks one at load time (ifunc, GCC or
 // Clang on x86-64 Linux); the always-inline loop body is vectorised inside each clone.
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
