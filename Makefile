@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*) examples/pyprojec
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q setuptools wheel ninja pybind11
+	$(PIP) install -q "setuptools>=77" wheel ninja pybind11
 	MINC_KERNELS_BUILD_EXT=1 CUDA_HOME=$(CUDA_HOME) MAX_JOBS=2 $(PIP) install -q --no-build-isolation -e ".[test]"
 	# the training program and studies (an application on the library: minc-train)
 	$(PIP) install -q --no-build-isolation -e examples
