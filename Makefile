@@ -44,11 +44,12 @@ demo: setup data
 	$(PY) -m minc_kernels.info
 	$(VENV)/bin/minc-train
 
-# The test suite (CPU-only machines run the Triton kernels under TRITON_INTERPRET=1).
+# The test suite: the library's (tests/) and the training program's (examples/tests/), in one
+# pytest run (CPU-only machines run the Triton kernels under TRITON_INTERPRET=1).
 # pytest exits 5 when nothing is collected; that is not a failure of the install.
 test: setup
 	$(PY) -m minc_kernels.info
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests examples/tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 bench: setup
 	$(PY) -m benchmarks.run

@@ -15,7 +15,7 @@ update time, and their shares of the step.  Synthetic inputs (no data loading).
 GPU default: ResNet-50, batch 256, 224 px, bf16 autocast, channels_last, BYOL heads
 (2048→4096→256).  CPU default (``--tiny`` implied): a small conv net, batch 32, 28 px.
 
-    python benchmarks/train_step.py --out benchmarks/results/train_step
+    python -m minc_train.bench_step --out examples/results/train_step
 """
 from __future__ import annotations
 
@@ -26,18 +26,17 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The training program's wiring of each method (heads, symmetric MINC call, EMA step).
+from . import methods as M
+from .models import build_backbone
+from .optim import build_optimizer
 
-# The training program's wiring of each method (heads, symmetric MINC call, EMA step):
-# the example package, `pip install -e examples`.
-from minc_train import methods as M  # noqa: E402
-from minc_train.models import build_backbone  # noqa: E402
-from minc_train.optim import build_optimizer  # noqa: E402
-
+# examples/results/train_step, wherever it is run from
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results",
+                           "train_step")
 PROVIDERS = {"eager": ("reference", "foreach"), "minc_kernels": ("auto", "auto")}
 
 
@@ -122,8 +121,9 @@ def bench(cfg, method, provider, dev):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="benchmarks/results/train_step", help="directory for train_step.json")
+    p = argparse.ArgumentParser(prog="python -m minc_train.bench_step",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=DEFAULT_OUT, help="directory for train_step.json")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--methods", default="minc,spectral,mio")
     p.add_argument("--tiny", action="store_true", help="the small CPU configuration (default on the CPU)")

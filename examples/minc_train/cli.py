@@ -42,7 +42,7 @@ PRESET_DEFAULTS = {
 }
 METHOD_DEFAULTS = {
     # MINC default run: batch 128 at base lr 4e-3 (x128/256 = 2e-3): 89.80 % probe vs 89.18 / 88.75 %
-    # at batch 256 (benchmarks/results/train-default-cpu-2026-12-01), same images and CPU time
+    # at batch 256 (examples/results/train-default-cpu-2026-12-01), same images and CPU time
     "cpu": {"minc": dict(optimizer="adamw", lr=4e-3, batch_size=128, weight_decay=1e-4, ema_base=0.99),
             "spectral": dict(optimizer="adamw", lr=1e-3, weight_decay=1e-4, mu=1.0),
             "mio": dict(optimizer="adamw", lr=1e-3, weight_decay=1e-4)},

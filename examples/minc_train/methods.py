@@ -2,7 +2,7 @@
 the loss (MINC: predictions against the EMA target's projections, used symmetrically), and
 the EMA step of the target network.
 
-The training loop (:mod:`.engine`), ``benchmarks/train_step.py`` and the studies all build
+The training loop (:mod:`.engine`), ``minc_train.bench_step`` and the studies all build
 and call a method through these functions, so the three agree by construction.
 
     model = build_model(method, backbone, feat_dim, ...)     # SSLModel with the method's heads

@@ -20,7 +20,7 @@ class LARS(torch.optim.Optimizer):
     ``|g| + wd·|w|`` (apex's LARC), not by the recipes' ``|g + wd·w|``; lightly's also
     branches on tensor values in Python (a host sync per parameter); and timm would add
     timm, huggingface_hub and safetensors to the example's dependencies.  Where the
-    conventions agree (no weight decay) the updates are equal (tests/test_train.py).
+    conventions agree (no weight decay) the updates are equal (examples/tests/test_train.py).
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,

@@ -4,26 +4,24 @@ sqrt), and --quick smoke runs of the collapse and batch-size studies on a tiny g
 Fashion-MNIST."""
 from __future__ import annotations
 
-import gzip
+import inspect
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
 
 from minc_kernels import MINCLoss
-from minc_kernels.losses import MINC_DEFAULT_FEATURE_NORM
-from minc_train import cli, data as D
+from minc_train import cli
 from minc_train.engine import Trainer
 from minc_train.methods import (ViewOutputs, build_loss, compute_loss, minc_no_moment_loss,
                                 normalizes_features)
 from minc_train.metrics import effective_rank
+from minc_train.studies import batch_size, collapse
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from minc_train.studies import batch_size, collapse  # noqa: E402
+# MINCLoss's default feature map, read from its public signature
+MINC_DEFAULT_FEATURE_NORM = inspect.signature(MINCLoss).parameters["feature_norm"].default
 
 
 # ---------------------------------------------------------------------- metrics
@@ -79,29 +77,7 @@ def test_normalized_std_collapsed_vs_isotropic():
 
 
 # ---------------------------------------------------------------------- tiny Fashion-MNIST
-def write_tiny_fashion_mnist(root, n_train=96, n_test=48, seed=0):
-    """Idx .gz files of 28-px images in 3 classes: a bright band at a class-specific height."""
-    g = torch.Generator().manual_seed(seed)
-    for split, n in (("train", n_train), ("test", n_test)):
-        y = torch.arange(n) % 3
-        x = torch.rand(n, 28, 28, generator=g) * 60
-        for c in range(3):
-            x[y == c, 4 + 7 * c: 11 + 7 * c, 6:22] += 180
-        x = x.clamp(0, 255).to(torch.uint8)
-        fi, fl = D.FASHION_MNIST_FILES[split]
-        with gzip.open(os.path.join(root, fi), "wb") as f:
-            f.write(bytes([0, 0, 8, 3]) + n.to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
-                    + x.numpy().tobytes())
-        with gzip.open(os.path.join(root, fl), "wb") as f:
-            f.write(bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + bytes(y.tolist()))
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def fmnist(tmp_path_factory):
-    return write_tiny_fashion_mnist(tmp_path_factory.mktemp("fmnist"))
-
-
+# (the fmnist fixture: conftest.py)
 def tiny(fmnist, out, *extra):
     return ["--data-dir", fmnist, "--no-download", "--width", "4", "--pool", "1", "--batch-size", "16",
             "--epochs", "1", "--epoch-size", "32", "--proj-hidden", "16", "--proj-dim", "8",
@@ -283,3 +259,14 @@ def test_gpu_budgets_resolve_to_valid_configs(tmp_path):
         if m.startswith("minc-no-moment"):  # the raw control stays raw under the GPU preset
             assert cfg.normalize is (m == "minc-no-moment-normalized"), (m, cfg.normalize)
     assert cfg.minc_ablation == "no-moment"
+
+
+def test_study_results_default_to_examples_results():
+    """Study outputs live with the application (examples/results/studies/<study>/), not in the
+    library's benchmarks/ tree."""
+    from minc_train.studies import grad_variance, minc_variants
+    from minc_train.studies._common import EXAMPLES
+    assert os.path.isfile(os.path.join(EXAMPLES, "pyproject.toml"))  # examples/, the app's root
+    for study in (batch_size, collapse, grad_variance, minc_variants):
+        out = os.path.relpath(study.DEFAULT_OUT, EXAMPLES)
+        assert out.split(os.sep)[:2] == ["results", "studies"], (study.__name__, out)

@@ -20,7 +20,7 @@ from minc_train import cli, data as D  # noqa: E402
 from minc_train.metrics import effective_rank, knn_accuracy, linear_probe  # noqa: E402
 from minc_train.optim import LARS, param_groups, warmup_cosine  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # examples/
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_ddp_two_processes_gloo(folder, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "examples", "train.py"),
+           os.path.join(EXAMPLES, "train.py"),
            *tiny_args(folder, out, "--method", "minc", "--device", "cpu", "--probe-iters", "3")]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -333,9 +333,8 @@ def test_fashion_mnist_idx_reader(tmp_path):
 
 
 def test_train_step_benchmark_writes_json(tmp_path):
-    sys.path.insert(0, ROOT)
-    from benchmarks import train_step
-    assert train_step.main(["--out", str(tmp_path), "--device", "cpu", "--methods", "minc,mio",
+    from minc_train import bench_step
+    assert bench_step.main(["--out", str(tmp_path), "--device", "cpu", "--methods", "minc,mio",
                             "--steps", "1", "--warmup", "0", "--batch", "8", "--threads", "1"]) == 0
     res = json.loads((tmp_path / "train_step.json").read_text())["results"]
     for m in ("minc", "mio"):
@@ -343,3 +342,14 @@ def test_train_step_benchmark_writes_json(tmp_path):
             r = res[m][prov]
             assert r["step_ms"] > 0 and 0 <= r["loss_share"] and r["steps_timed"] == 1
     assert res["minc"]["eager"]["ema_ms"] > 0 and res["mio"]["eager"]["ema_ms"] == 0
+
+
+def test_step_ab_benchmark_runs_every_variant(fmnist, capsys):
+    from minc_train import bench_step_ab
+    assert bench_step_ab.main(["--data-dir", fmnist, "--batch-size", "16", "--rounds", "1",
+                               "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    for v in bench_step_ab.VARIANTS:
+        assert f"\n{v} " in out, v
+    with pytest.raises(SystemExit):
+        bench_step_ab.main(["--variants", "fp16-cl"])

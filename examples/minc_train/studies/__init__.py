@@ -4,5 +4,6 @@
 * ``python -m minc_train.studies.collapse``: effective rank / feature std over training;
 * ``python -m minc_train.studies.batch_size``: linear-probe accuracy vs batch size.
 
-Run them from the repository root: each writes JSON + PNG (+ a Markdown table) under ``benchmarks/results/studies/<study>/``.
+Each writes JSON + PNG (+ a Markdown table) under ``examples/results/studies/<study>/`` (``--out``
+to change), wherever it is run from.
 """

@@ -8,8 +8,11 @@ import os
 import statistics
 from collections.abc import Collection
 
-# the repository root (examples/minc_train/studies/ -> ../../..): results land beside the benchmarks
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+# examples/ (examples/minc_train/studies/ -> ../..) and the repository root above it: study
+# results land in examples/results/studies/<study>/, scratch runs in <root>/runs/studies/
+EXAMPLES = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(EXAMPLES)
+RESULTS = os.path.join(EXAMPLES, "results", "studies")
 
 
 def comma_list(p: argparse.ArgumentParser, flag: str, text: str, allowed: Collection[str]) -> list[str]:

@@ -32,9 +32,9 @@ import sys
 import time
 
 from minc_train.plots import pyplot, save_figure
-from minc_train.studies._common import ROOT, comma_list, mean_std, write_json
+from minc_train.studies._common import RESULTS, ROOT, comma_list, mean_std, write_json
 
-DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "studies", "batch_size")
+DEFAULT_OUT = os.path.join(RESULTS, "batch_size")
 DEFAULT_WORK = os.path.join(ROOT, "runs", "studies", "batch_size")
 
 # method label -> training-program options

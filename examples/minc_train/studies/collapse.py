@@ -16,7 +16,7 @@ features ``h``:
 * the mean embedding norm, and the training loss (mean over the steps since the last record).
 
 Writes ``results.json``, ``table.md`` and ``collapse.png`` under
-``benchmarks/results/studies/collapse/``.
+``examples/results/studies/collapse/``.
 """
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from minc_train.plots import pyplot, save_figure
-from minc_train.studies._common import ROOT, comma_list, write_json
+from minc_train.studies._common import RESULTS, ROOT, comma_list, write_json
 
-DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "studies", "collapse")
+DEFAULT_OUT = os.path.join(RESULTS, "collapse")
 DEFAULT_WORK = os.path.join(ROOT, "runs", "studies", "collapse")
 
 METHODS = {"minc": ["--method", "minc"],

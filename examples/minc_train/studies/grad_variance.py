@@ -93,9 +93,9 @@ import torch
 
 from minc_train import methods as M
 from minc_train.plots import pyplot, save_figure
-from minc_train.studies._common import ROOT, write_json
+from minc_train.studies._common import RESULTS, ROOT, write_json
 
-DEFAULT_OUT = os.path.join("benchmarks", "results", "studies", "grad_variance")
+DEFAULT_OUT = os.path.join(RESULTS, "grad_variance")
 METHODS = ("spectral", "minc_ema", "minc_batch", "mio", "spectral_noclip", "spectral_moment")
 LABELS = {"spectral": "spectral contrastive", "minc_ema": "MINC, EMA M (fixed)",
           "minc_batch": "MINC, batch M (β=0)", "mio": "MIO",

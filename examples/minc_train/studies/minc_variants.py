@@ -42,9 +42,9 @@ import sys
 import time
 
 from minc_train.plots import pyplot, save_figure
-from minc_train.studies._common import ROOT, comma_list, mean_std, write_json
+from minc_train.studies._common import RESULTS, ROOT, comma_list, mean_std, write_json
 
-DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "studies", "minc-variants-cpu")
+DEFAULT_OUT = os.path.join(RESULTS, "minc-variants-cpu")
 DEFAULT_WORK = os.path.join(ROOT, "runs", "studies", "minc_variants")
 
 RECIPES = ("lightly", "project")
