@@ -6,10 +6,20 @@ Public API::
     spectral_contrastive_loss, minc_loss, minc_moment_sum, mio_loss   # functional
     load_kernels                   # import the Triton ops before torch.compile(fullgraph=True)
     ema_update_, MomentumEncoder, cosine_momentum             # momentum encoders
+
+Each loss lives in ``minc_kernels/losses/<loss>.py``; ``minc_kernels.losses.REGISTRY`` lists them.
 """
 from .ema import MomentumEncoder, cosine_momentum, ema_update_
-from .functional import load_kernels, minc_loss, minc_moment_sum, mio_loss, spectral_contrastive_loss
-from .losses import MINCLoss, MIOLoss, SpectralContrastiveLoss
+from .functional import load_kernels
+from .losses import (
+    MINCLoss,
+    MIOLoss,
+    SpectralContrastiveLoss,
+    minc_loss,
+    minc_moment_sum,
+    mio_loss,
+    spectral_contrastive_loss,
+)
 
 __version__ = "0.1.0"
 

@@ -18,12 +18,13 @@ Two steps, each done once:
 
 The one lazy seam: :func:`load_op` imports ``minc_kernels.ops.<name>`` on first use, because
 importing an op imports Triton (seconds on the CPU, where ``auto`` never runs a kernel).
-The imports are spelt out in :func:`_import_op`.  The reason an import failed is kept, so
+The op names come from the registry (``minc_kernels.losses.REGISTRY``).  The reason an import failed is kept, so
 an explicit ``backend="triton"`` re-raises it.  TorchDynamo cannot trace an import, so the
 loss modules call :func:`preload` in their constructors (outside any compiled region).
 """
 from __future__ import annotations
 
+import importlib
 import os
 from types import ModuleType
 
@@ -31,8 +32,6 @@ import torch
 
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "MINC_KERNELS_BACKEND"
-OP_NAMES = ("spectral", "minc", "mio")
-
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _ops_cache: dict[str, ModuleType | BaseException] = {}
@@ -43,16 +42,11 @@ def triton_interpret() -> bool:
 
 
 def _import_op(name: str) -> ModuleType:
-    # Explicit imports (a reader can follow them); each one imports triton.
-    if name == "spectral":
-        from .ops import spectral as mod
-    elif name == "minc":
-        from .ops import minc as mod
-    elif name == "mio":
-        from .ops import mio as mod
-    else:
-        raise ValueError(f"unknown op {name!r}; expected one of {OP_NAMES}")
-    return mod
+    # ``name`` is a registry entry's ``op`` (minc_kernels.losses.REGISTRY); importing the
+    # op module imports triton.
+    if not name.isidentifier():
+        raise ValueError(f"op must name a module of minc_kernels.ops, got {name!r}")
+    return importlib.import_module(f"{__package__}.ops.{name}")
 
 
 def load_op(name: str) -> ModuleType:

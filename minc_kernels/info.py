@@ -7,19 +7,20 @@ import sys
 
 
 def fallback_name(name: str) -> str:
-    """What ``backend="auto"`` runs for op ``name`` where the Triton kernels do not run
-    (must match ``functional``: MIO's blocked op, the reference elsewhere)."""
-    if name == "mio":
-        return "blocked path (ops/mio_cpu: no 2Bx2B matrix; float64: reference)"
-    return "reference"
+    """What ``backend="auto"`` runs for loss ``name`` where the Triton kernels do not run
+    (its registry entry's ``cpu_fallback``: MIO's blocked op, the reference elsewhere)."""
+    from .losses import REGISTRY
+
+    return REGISTRY[name].cpu_fallback
 
 
 def loss_backend_status(name: str, cuda: bool, interpret: bool) -> str:
     """What ``backend="auto"`` runs for op ``name`` here, and what ``"triton"`` would."""
     from . import _backend
+    from .losses import REGISTRY
 
     fallback = fallback_name(name)
-    ok, why = _backend.op_status(name)
+    ok, why = _backend.op_status(REGISTRY[name].op)
     if not ok:
         return f"{fallback} only (Triton kernels unavailable: {why})"
     if cuda:
@@ -36,6 +37,7 @@ def collect() -> dict:
     import torch
 
     from . import __version__, _backend, _ext
+    from .losses import REGISTRY
 
     info: dict = {
         "minc_kernels": __version__,
@@ -60,7 +62,7 @@ def collect() -> dict:
         info["triton"] = f"unavailable ({type(exc).__name__}: {exc})"
     info["loss_backends"] = {name: loss_backend_status(name, torch.cuda.is_available(),
                                                        _backend.triton_interpret())
-                             for name in _backend.OP_NAMES}
+                             for name, spec in REGISTRY.items() if spec.op is not None}
     ok, why = _ext.status()
     if ok:
         mod = _ext.load()

@@ -449,7 +449,8 @@ def test_minc_check_finite_modes_agree_on_finite_input_any_dtype(check_finite):
 def test_symmetric_minc_step_chooses_the_backend_once_and_checks_each_tensor_once(monkeypatch):
     """Issue 16: the backend is validated at construction, the tensor-dependent choice is
     made once per call, and each argument is checked once."""
-    from minc_kernels import _backend, losses
+    from minc_kernels import _backend
+    from minc_kernels.losses import minc as losses
     calls = {"requested": 0, "select": 0, "check_features": 0}
 
     def counting(name, fn):

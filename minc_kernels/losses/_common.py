@@ -1,0 +1,65 @@
+"""What every loss home shares: the registry's entry type and the eager building blocks
+(accumulation dtype, row clipping) that more than one loss's math uses."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+__all__ = ["LossSpec", "acc", "clip_rows"]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One loss, as the package, ``info``, the benchmarks, the sync check and the static
+    suite see it (``minc_kernels.losses.REGISTRY``).
+
+    Attributes:
+        name: short name (``"spectral"``); also the ``backend`` op name when ``op`` is set.
+        module: the ``nn.Module`` class; ``module_kwargs(k)`` the constructor arguments a
+            generic caller needs for feature dimension ``k`` (MINC's ``dim``).
+        functional: the public functional form, ``functional(a, b, ..., backend=)``.
+        reference: the eager oracle, ``reference(a, b)`` at the default hyper-parameters.
+        step: one training step's loss work through the public API,
+            ``step(a, b, backend=..., **variant)`` (what the benchmarks time: MINC's includes
+            the batch moment); ``variants`` names extra keyword sets (the spectral
+            ``algorithm``s) the benchmarks and the static suite also run.
+        arg_names: the two inputs' names (``("z1", "z2")``, ``("p", "t")``).
+        grad_args: which of the two inputs take a gradient (MINC's target does not).
+        op: ``minc_kernels.ops.<op>`` holding its Triton kernels, or None.
+        cpu_fallback: what ``backend="auto"`` runs where the kernels do not (``info``).
+        matmul_flops: ``(b, k) -> (fwd, bwd)`` useful matmul flops of one call (elementwise
+            work not counted), for achieved TFLOP/s in the benchmarks.
+    """
+
+    name: str
+    module: type
+    functional: Callable
+    reference: Callable
+    step: Callable
+    arg_names: tuple[str, str]
+    grad_args: tuple[int, ...]
+    op: str | None
+    matmul_flops: Callable[[int, int], tuple[float, float]]
+    cpu_fallback: str = "reference"
+    module_kwargs: Callable[[int], dict] = field(default=lambda k: {})
+    variants: dict = field(default_factory=dict)
+
+
+def acc(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in its accumulation dtype: float32 for half types and float32, float64 kept."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def clip_rows(z: torch.Tensor, mu: float) -> torch.Tensor:
+    """Rows with ``||z_i|| >= sqrt(mu)`` rescaled to norm exactly ``sqrt(mu)``; others unchanged.
+
+    Differentiable: the rescaling's Jacobian is part of the graph.
+    """
+    r = math.sqrt(mu)
+    norm = acc(z).norm(dim=1, keepdim=True)
+    # clamp_min keeps the unused branch finite for all-zero rows (norm 0 < r always).
+    scale = torch.where(norm >= r, r / norm.clamp_min(1e-30), torch.ones_like(norm))
+    return (acc(z) * scale).to(z.dtype)
