@@ -32,6 +32,8 @@ import torch
 
 from minc_kernels import functional, reference
 
+from .floors import GRAD_IN_FORWARD_FAMILIES, loss_bytes, loss_flops  # noqa: F401 (re-exported)
+
 LOSSES = ("spectral", "minc", "mio")
 MODES = ("fwd+bwd", "fwd", "bwd")
 PROVIDERS = ("eager", "compile", "minc_kernels")
@@ -53,37 +55,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
 
 
-# --------------------------------------------------------------------------- flop models
-def loss_flops(loss: str, algorithm: str | None, b: int, k: int, mode: str) -> float:
-    """Useful matmul flops of one call (the model that achieved TFLOP/s divides by).
+# --------------------------------------------------------------------------- work models
+# The flop/byte models and floors live in benchmarks/floors.py (torch-free, for the report).
 
-    * spectral, pairwise: fwd ``2B²k`` (``S = Z1 Z2ᵀ``), bwd ``4B²k`` (``G Z2`` and ``Gᵀ Z1``).
-    * spectral, gram: fwd ``4Bk²`` (``Z1ᵀZ1``, ``Z2ᵀZ2``), bwd ``4Bk²`` (``Z1 G2``, ``Z2 G1``).
-    * spectral, auto (compile, minc_kernels): the cheaper of the two for the mode.
-    * minc: fwd ``4Bk²`` (moment ``TᵀT`` and ``P M``), bwd ``2Bk²`` (``M P``; a kernel
-      that forms it in the forward is still credited in bwd only).
-    * mio: fwd ``8B²k`` (``S = Z Zᵀ`` with 2B rows), bwd ``8B²k`` (``dZ = 2 G Z``).
 
-    Elementwise work (norms, softplus, clipping) is not counted.
-    """
-    fwd_bwd = {"fwd": (1, 0), "bwd": (0, 1), "fwd+bwd": (1, 1)}[mode]
-
-    def pick(fwd: float, bwd: float) -> float:
-        return fwd_bwd[0] * fwd + fwd_bwd[1] * bwd
-
-    if loss == "spectral":
-        pairwise = pick(2.0 * b * b * k, 4.0 * b * b * k)
-        gram = pick(4.0 * b * k * k, 4.0 * b * k * k)
-        if algorithm == "pairwise":
-            return pairwise
-        if algorithm == "gram":
-            return gram
-        return min(pairwise, gram)
-    if loss == "minc":
-        return pick(4.0 * b * k * k, 2.0 * b * k * k)
-    if loss == "mio":
-        return pick(8.0 * b * b * k, 8.0 * b * b * k)
-    raise ValueError(f"unknown loss {loss!r}")
+def grad_in_forward(family: str) -> bool:
+    """Whether the provider family's ops form the input gradient in the forward pass."""
+    return family in GRAD_IN_FORWARD_FAMILIES
 
 
 # --------------------------------------------------------------------------- inputs

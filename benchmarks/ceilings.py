@@ -1,7 +1,10 @@
 """The machine's measured limits, so each case can be read as a fraction of them.
 
 * copy: ``dst.copy_(src)`` of a large buffer, GB/s counting read + write (``2·bytes/t``);
-* matmul: a large square ``torch.mm`` in the benchmark dtype, TFLOP/s (``2n³/t``).
+* matmul: a large square ``torch.mm`` in the benchmark dtype, TFLOP/s (``2n³/t``);
+* launch: the time per call of the cheapest device op from Python (``x.add_(1)`` on one
+  element), timed like the cases (CUDA events around back-to-back calls), ms.  It is the
+  floor of the smallest shapes, where a call costs its launches, not its arithmetic.
 
 A ceiling is the machine's best, so it uses the fastest repeat (``min_ms``), where the
 cases report medians; the runner measures them at the start and again at the end of a
@@ -45,8 +48,16 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None
             "how": f"torch.mm {n}x{n}x{n}"}
 
 
+def launch_ms(device: torch.device) -> dict:
+    x = torch.zeros(1, device=device)
+    res = measure(lambda: x.add_(1), device, Budget(warmup_ms=20, measure_ms=50,
+                                                     min_reps=20, max_reps=200))
+    return {"ms": res["min_ms"], "median_ms": res["median_ms"], "reps": res["reps"],
+            "how": "x.add_(1) on one element, back-to-back calls, fastest repeat"}
+
+
 def measure_ceilings(device: torch.device, dtypes: list[torch.dtype]) -> dict:
-    out = {"copy": copy_gbps(device), "matmul": {}}
+    out = {"copy": copy_gbps(device), "matmul": {}, "launch": launch_ms(device)}
     for dt in dtypes:
         out["matmul"][str(dt).replace("torch.", "")] = matmul_tflops(device, dt)
     return out
@@ -64,4 +75,8 @@ def merge_best(first: dict, second: dict) -> dict:
         other = second["matmul"].get(dt, m)
         best = other if other["tflops"] > m["tflops"] else m
         out["matmul"][dt] = dict(best, runs_tflops=[m["tflops"], other["tflops"]])
+    if "launch" in first:  # a floor: the lower of the two is the machine's best
+        runs = [first["launch"]["ms"], second.get("launch", first["launch"])["ms"]]
+        best = second["launch"] if runs[1] < runs[0] else first["launch"]
+        out["launch"] = dict(best, runs_ms=runs)
     return out

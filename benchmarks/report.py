@@ -5,8 +5,17 @@
 
 Derived numbers (added to every record by :func:`add_derived`):
 
-* ``tflops`` = ``flops / median`` (the flop model is :func:`benchmarks.cases.loss_flops`),
+* ``flops``, ``bytes``: the work models of :mod:`benchmarks.floors` (recomputed here, so
+  a report rebuilt from an older ``results.json`` uses the current models), with
+  ``grad_in_forward`` (the provider's ops form the input gradient in the forward: credited
+  with the backward's work in ``fwd``, none in ``bwd``);
+* ``tflops`` = ``flops / median`` (None when the mode does no matmul work),
   ``frac_matmul`` = that over the measured matmul ceiling of the case's dtype;
+* ``floor`` = ``max(flops / matmul ceiling, bytes / copy ceiling, launches × launch
+  floor)`` with its parts and the ``bound`` that binds; ``frac_floor`` = floor / median
+  (100 % = the measurement is at the floor).  The launch floor is ``ceilings.launch``;
+  a results folder measured before the runner had it may carry ``gpu_floor.json`` from
+  the same machine, whose Triton launch time is used instead (:func:`attach_launch_floor`);
 * ``speedup_vs_eager`` = best eager median / this median, on the same loss, shape,
   dtype and mode (spectral: the faster of ``eager-pairwise`` and ``eager-gram``);
 * EMA: ``gbps`` = bytes per parameter × parameters / median, ``frac_copy`` = that over
@@ -20,6 +29,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from . import floors
+
 DTYPE_FULL = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 PROVIDER_ORDER = ("eager", "eager-pairwise", "eager-gram", "compile", "minc_kernels")
 STATUS_CELL = {"oom": "OOM", "error": "error", "skipped": "–"}
@@ -29,10 +40,29 @@ def _ok(rec: dict) -> bool:
     return rec.get("status") == "ok" and rec.get("median_ms")
 
 
+def attach_launch_floor(data: dict, folder: Path) -> None:
+    """A results.json without ``ceilings.launch``: take it from ``gpu_floor.json`` beside
+    it when there is one (measured on the same machine: one 1-block Triton kernel launched
+    and synchronised, median, minus the median of an empty synchronise)."""
+    ceil = data.get("ceilings")
+    side = folder / "gpu_floor.json"
+    if not ceil or ceil.get("launch") or not side.exists():
+        return
+    f = json.loads(side.read_text())
+    if f.get("triton_launch_ms") and f.get("sync_roundtrip_ms") is not None:
+        ceil["launch"] = {
+            "ms": f["triton_launch_ms"] - f["sync_roundtrip_ms"],
+            "how": (f"gpu_floor.json: one 1-block Triton launch + synchronise "
+                    f"({f['triton_launch_ms']:.4f} ms, median) minus an empty synchronise "
+                    f"({f['sync_roundtrip_ms']:.4f} ms)"),
+            "source": "gpu_floor.json"}
+
+
 def add_derived(data: dict) -> dict:
     ceil = data.get("ceilings") or {}
     matmul = {k: v.get("tflops") for k, v in (ceil.get("matmul") or {}).items()}
     copy = (ceil.get("copy") or {}).get("gbps")
+    launch = (ceil.get("launch") or {}).get("ms")
     best: dict = {}
     for rec in data.get("cases", []):
         if rec.get("family") == "eager" and _ok(rec):
@@ -41,13 +71,25 @@ def add_derived(data: dict) -> dict:
                 best[key] = (rec["median_ms"], rec["provider"], rec.get("peak_mb"))
     for rec in data.get("cases", []):
         rec["tflops"] = rec["frac_matmul"] = rec["speedup_vs_eager"] = None
-        rec["eager_baseline"] = rec["memory_vs_eager"] = None
+        rec["eager_baseline"] = rec["memory_vs_eager"] = rec["frac_floor"] = None
+        if rec.get("grad_in_forward") is None:
+            rec["grad_in_forward"] = rec.get("family") in floors.GRAD_IN_FORWARD_FAMILIES
+        fused = bool(rec["grad_in_forward"])
+        rec["flops"] = floors.loss_flops(rec["loss"], rec.get("algorithm"), rec["B"], rec["k"],
+                                         rec["mode"], fused)
+        rec["bytes"] = floors.loss_bytes(rec["loss"], rec["B"], rec["k"],
+                                         floors.ITEMSIZE[rec["dtype"]], rec["mode"], fused)
+        peak = matmul.get(DTYPE_FULL.get(rec["dtype"], rec["dtype"]))
+        rec["floor"] = floors.floor(rec["flops"], rec["bytes"], floors.MIN_LAUNCHES[rec["mode"]],
+                                    peak, copy, launch)
         if not _ok(rec):
             continue
-        rec["tflops"] = rec["flops"] / (rec["median_ms"] * 1e-3) / 1e12
-        peak = matmul.get(DTYPE_FULL.get(rec["dtype"], rec["dtype"]))
-        if peak:
-            rec["frac_matmul"] = rec["tflops"] / peak
+        if rec["floor"]["ms"]:
+            rec["frac_floor"] = rec["floor"]["ms"] / rec["median_ms"]
+        if rec["flops"] > 0:
+            rec["tflops"] = rec["flops"] / (rec["median_ms"] * 1e-3) / 1e12
+            if peak:
+                rec["frac_matmul"] = rec["tflops"] / peak
         base = best.get((rec["loss"], rec["B"], rec["k"], rec["dtype"], rec["mode"]))
         if base:
             rec["speedup_vs_eager"] = base[0] / rec["median_ms"]
@@ -93,6 +135,21 @@ def _fmt_num(value: float) -> str:
     return f"{value:.3g}"
 
 
+def _fmt_pct(frac: float | None) -> str:
+    """A fraction as a percentage: 2 significant digits below 10 % (0.31%, 4.2%)."""
+    if frac is None:
+        return ""
+    pct = 100 * frac
+    return f"{pct:.0f}%" if pct >= 10 else f"{pct:.2g}%"
+
+
+def _fmt_floor(rec: dict | None) -> str:
+    fl = (rec or {}).get("floor") or {}
+    if not fl.get("ms"):
+        return ""
+    return f"{_fmt_num(fl['ms'])} {fl['bound']}"
+
+
 def _fmt_x(value) -> str:
     return "" if value is None else f"{_fmt_num(value)}×"
 
@@ -134,6 +191,7 @@ def summary_rows(data: dict) -> list[list[str]]:
             ok = [r for r in mine if _ok(r) and r.get("speedup_vs_eager")]
             sp = [r["speedup_vs_eager"] for r in ok]
             frac = [r["frac_matmul"] for r in ok if r.get("frac_matmul") is not None]
+            ff = [r["frac_floor"] for r in ok if r.get("frac_floor")]
             why = ""
             if not ok:
                 reasons = {r.get("reason") or r.get("status") for r in mine if not _ok(r)}
@@ -141,12 +199,15 @@ def summary_rows(data: dict) -> list[list[str]]:
             rows.append([loss, mode, dt, prov, f"{len(ok)}/{len(mine)}",
                          _fmt_x(_geomean(sp)), _fmt_x(min(sp) if sp else None),
                          _fmt_x(max(sp) if sp else None),
-                         f"{100 * max(frac):.0f}%" if frac else "", why])
+                         _fmt_pct(max(frac)) if frac else "",
+                         _fmt_pct(_geomean(ff)) if ff else "",
+                         f"{_fmt_pct(min(ff))}–{_fmt_pct(max(ff))}" if ff else "", why])
     return rows
 
 
 SUMMARY_HEADER = ["loss", "mode", "dtype", "provider", "cases ok", "geomean speed-up",
-                  "min", "max", "best % of matmul peak", "note"]
+                  "min", "max", "best % of matmul peak", "geomean % of floor",
+                  "% of floor min–max", "note"]
 
 
 def _ceiling_lines(data: dict) -> list[str]:
@@ -158,6 +219,11 @@ def _ceiling_lines(data: dict) -> list[str]:
                      f"{c['bytes'] / 2**20:.0f} MiB)")
     for dt, m in (ceil.get("matmul") or {}).items():
         lines.append(f"- matmul ceiling ({dt}): **{_fmt_num(m['tflops'])} TFLOP/s** ({m['how']})")
+    if ceil.get("launch"):
+        la = ceil["launch"]
+        lines.append(f"- launch floor: **{la['ms'] * 1e3:.1f} µs** per kernel ({la['how']}); a "
+                     f"call needs at least {floors.MIN_LAUNCHES['fwd']} (fwd, bwd) or "
+                     f"{floors.MIN_LAUNCHES['fwd+bwd']} (fwd+bwd)")
     return lines or ["- ceilings not measured"]
 
 
@@ -223,8 +289,13 @@ def markdown(data: dict, plots: list[str]) -> str:
     lines += _ceiling_lines(data)
     lines += ["", "Times are medians (ms); peak MB is the CUDA allocator's peak above the "
               "inputs (blank on the CPU); × is the speed-up over the best eager provider; "
-              "TFLOP/s uses the flop model in `benchmarks/cases.py`, % is of the matmul "
-              "ceiling. `–` skipped (see `reason` in results.json), OOM out of memory.", ""]
+              "TFLOP/s uses the flop model in `benchmarks/floors.py`, % is of the matmul "
+              "ceiling (blank where the mode does no matmul work: the `bwd` of a provider "
+              "that formed the gradient in the forward). Floor = the largest of flops / "
+              "matmul ceiling (`flop`), compulsory bytes / copy ceiling (`byte`) and "
+              "launches × launch floor (`launch`), for the work the provider's formulation "
+              "does (`benchmarks/floors.py`); % of floor = floor / measured time (100% = at "
+              "the floor). `–` skipped (see `reason` in results.json), OOM out of memory.", ""]
     lines += ["## Summary", ""] + _table(SUMMARY_HEADER, summary_rows(data))
     if data.get("ema"):
         lines += ["", "## EMA update (BYOL/MINC target network)", "",
@@ -244,7 +315,8 @@ def markdown(data: dict, plots: list[str]) -> str:
         has_mb = any(r.get("peak_mb") is not None for r in grid)  # never on the CPU
         mb_provs = provs if has_mb else []
         header = (["B", "k"] + [f"{p} ms" for p in provs] + [f"{p} MB" for p in mb_provs]
-                  + [f"{p} ×" for p in fast] + [f"{p} TFLOP/s (%)" for p in fast])
+                  + [f"{p} ×" for p in fast] + [f"{p} TFLOP/s (%)" for p in fast]
+                  + [f"{p} floor ms" for p in fast] + [f"{p} % of floor" for p in fast])
         by_shape: dict = defaultdict(dict)
         for r in grid:
             by_shape[(r["B"], r["k"])][r["provider"]] = r
@@ -261,6 +333,8 @@ def markdown(data: dict, plots: list[str]) -> str:
                 else:
                     frac = r.get("frac_matmul")
                     row.append(_fmt_num(r["tflops"]) + (f" ({100 * frac:.0f}%)" if frac else ""))
+            row += [_fmt_floor(cell.get(p)) for p in fast]
+            row += [_fmt_pct((cell.get(p) or {}).get("frac_floor")) for p in fast]
             rows.append(row)
         lines += ["", f"## {loss}, {mode}, {dt}", ""] + _table(header, rows)
     if plots:
@@ -380,9 +454,19 @@ def make_plots(data: dict, out: Path) -> list[str]:
     return names
 
 
+def existing_plots(data: dict, out: Path) -> list[str]:
+    """The plots :func:`make_plots` would write that are already in ``out``, in its order
+    (``--no-plots`` on a results folder keeps and links the plots it has)."""
+    groups = _groups(data)
+    names = [f"time_{loss}_{mode.replace('+', '_')}_{dt}.png" for (loss, mode, dt) in groups]
+    names += list(dict.fromkeys(f"speedup_{loss}_{dt}.png" for (loss, _, dt) in groups))
+    names.append("ema.png")
+    return [n for n in names if (out / n).exists()]
+
+
 def write_report(data: dict, out: Path, plots: bool = True) -> None:
     add_derived(data)
-    names = []
+    names = [] if plots else existing_plots(data, out)
     if plots:
         try:
             names = make_plots(data, out)
@@ -394,11 +478,13 @@ def write_report(data: dict, out: Path, plots: bool = True) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.report")
     p.add_argument("dir", type=Path, help="folder holding results.json")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-plots", action="store_true",
+                   help="draw no plots (results.md links the plots already in DIR)")
     p.add_argument("--summary-only", action="store_true", help="print the summary, write nothing")
     p.add_argument("--quiet", action="store_true", help="write the files, print nothing")
     args = p.parse_args(argv)
     data = json.loads((args.dir / "results.json").read_text())
+    attach_launch_floor(data, args.dir)
     if args.summary_only:
         add_derived(data)
     else:

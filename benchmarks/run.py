@@ -287,7 +287,9 @@ def run_loss_cases(args, device, dtypes, results: Results, deadline: float | Non
                    "family": entry.family, "status": "ok", "reason": None,
                    "median_ms": None, "min_ms": None, "reps": None, "first_call_s": None,
                    "peak_mb": None,
-                   "flops": cases.loss_flops(loss, entry.algorithm, b, k, mode)}
+                   "grad_in_forward": cases.grad_in_forward(entry.family),
+                   "flops": cases.loss_flops(loss, entry.algorithm, b, k, mode,
+                                             cases.grad_in_forward(entry.family))}
             records.append(rec)
             if bar is not None:
                 bar.set_description(f"{loss} {mode} B={b} k={k} {entry.label}"[:60])

@@ -182,6 +182,73 @@ def test_flop_models():
     assert cases.loss_flops("mio", None, b, k, "fwd") == 8 * b * b * k
 
 
+def test_fused_gradient_providers_are_credited_in_fwd_not_bwd():
+    """The minc_kernels ops form the gradient in the forward: their bwd does no matmul work
+    (the H200 report printed up to 870 % of the matmul peak for it)."""
+    b, k = 1024, 256
+    assert cases.grad_in_forward("minc_kernels") and not cases.grad_in_forward("eager")
+    assert not cases.grad_in_forward("compile")
+    for loss, algo in (("spectral", "pairwise"), ("spectral", "gram"), ("spectral", "auto"),
+                       ("minc", None), ("mio", None)):
+        whole = cases.loss_flops(loss, algo, b, k, "fwd+bwd", grad_in_forward=True)
+        assert cases.loss_flops(loss, algo, b, k, "bwd", grad_in_forward=True) == 0.0
+        assert cases.loss_flops(loss, algo, b, k, "fwd", grad_in_forward=True) == whole
+        if loss != "minc":  # the same products, moved into the forward
+            assert whole == cases.loss_flops(loss, algo, b, k, "fwd+bwd")
+    # MINC's fused gradient (2/B)(M p - t) reuses the loss's P M: moment + P M only.
+    assert cases.loss_flops("minc", None, b, k, "fwd+bwd", grad_in_forward=True) == 4 * b * k * k
+    # Bytes: the fused provider writes its fp32 gradient in fwd and reads it in bwd.
+    x, g = b * k * 2, b * k * 4
+    assert cases.loss_bytes("mio", b, k, 2, "fwd") == 2 * x
+    assert cases.loss_bytes("mio", b, k, 2, "fwd", grad_in_forward=True) == 2 * x + 2 * g
+    assert cases.loss_bytes("mio", b, k, 2, "bwd", grad_in_forward=True) == 2 * g + 2 * x
+    assert cases.loss_bytes("minc", b, k, 2, "bwd") == 2 * x + 4 * k * k
+
+
+def test_floor_takes_the_binding_bound():
+    from benchmarks import floors
+
+    fl = floors.floor(flops=2e12, nbytes=1e9, launches=2, matmul_tflops=100.0,
+                      copy_gbps=1000.0, launch_ms=0.01)
+    assert fl["flop_ms"] == pytest.approx(20.0) and fl["byte_ms"] == pytest.approx(1.0)
+    assert fl["launch_ms"] == pytest.approx(0.02)
+    assert fl["bound"] == "flop" and fl["ms"] == pytest.approx(20.0)
+    tiny = floors.floor(flops=1e6, nbytes=1e4, launches=1, matmul_tflops=100.0,
+                        copy_gbps=1000.0, launch_ms=0.01)
+    assert tiny["bound"] == "launch" and tiny["ms"] == pytest.approx(0.01)
+    none = floors.floor(1.0, 1.0, 1, None, None, None)
+    assert none["ms"] is None and none["bound"] is None
+    with pytest.raises(ValueError, match="mode"):
+        floors.loss_flops("mio", None, 8, 4, "backward")
+
+
+H200 = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "h200-2026-12-04-15384f2"
+
+
+@pytest.mark.skipif(not (H200 / "results.json").exists(), reason="H200 results not in this tree")
+def test_h200_report_has_floors_and_no_case_above_the_peak(tmp_path):
+    """The committed H200 results, rebuilt by the current report: every measured case sits
+    at or below its floor's speed and the matmul ceiling (the old flop model put the fused
+    providers' bwd at up to 870 % of it), and the tables show the floors."""
+    import shutil
+
+    for name in ("results.json", "gpu_floor.json"):
+        shutil.copy(H200 / name, tmp_path / name)
+    assert report.main([str(tmp_path), "--no-plots", "--quiet"]) == 0
+    data = _load(tmp_path)
+    assert data["ceilings"]["launch"]["source"] == "gpu_floor.json"
+    ok = [r for r in data["cases"] if r["status"] == "ok"]
+    assert len(ok) == 723
+    for r in ok:
+        assert r["floor"]["ms"] > 0 and r["floor"]["bound"] in ("flop", "byte", "launch"), r
+        assert 0 < r["frac_floor"] <= 1.0, r
+        assert r["frac_matmul"] is None or r["frac_matmul"] <= 1.0, r
+        if r["family"] == "minc_kernels" and r["mode"] == "bwd":
+            assert r["flops"] == 0 and r["tflops"] is None
+    md = (tmp_path / "results.md").read_text()
+    assert "minc_kernels floor ms" in md and "% of floor" in md and "launch floor" in md
+
+
 def test_ema_shapes_and_bytes():
     name, shapes = cases.byol_target_shapes("resnet50")
     n = sum(torch.Size(s).numel() for s in shapes)
