@@ -63,7 +63,7 @@ def collect() -> dict:
     info["loss_backends"] = {name: loss_backend_status(name, torch.cuda.is_available(),
                                                        _backend.triton_interpret())
                              for name, spec in REGISTRY.items() if spec.op is not None}
-    ok, why = _ext.status()
+    ok, _ = _ext.status()
     if ok:
         mod = _ext.load()
         built = getattr(mod, "build_info", lambda: {})()
@@ -71,8 +71,61 @@ def collect() -> dict:
                  "CPU tensors (no CUDA kernel in this build: CUDA lists use torch._foreach_lerp_)")
         info["ema_backend"] = f"compiled extension for {where} {built or ''}".rstrip()
     else:
-        info["ema_backend"] = f"torch._foreach_lerp_ (extension unavailable: {why})"
+        info["ema_backend"] = extension_missing(_ext._state.get("error"), _extension_file_exists())
+        info["build_extension"] = build_command()
     return info
+
+
+def _extension_file_exists() -> bool:
+    """Whether a compiled ``minc_kernels._C`` is there to import (whether it loads or not)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("minc_kernels._C") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def source_root() -> str | None:
+    """The source checkout this package is imported from (editable install), or None."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if all(os.path.isfile(os.path.join(root, f)) for f in ("setup.py", "pyproject.toml")):
+        return root
+    return None
+
+
+def build_command() -> str:
+    """The one command that builds the extension for this interpreter and its torch."""
+    return format_build_command(source_root(), sys.executable)
+
+
+def format_build_command(root: str | None, python: str) -> str:
+    """``pip install`` of the checkout at ``root`` (editable), or of a source to name.
+
+    ``MINC_KERNELS_BUILD_EXT=1`` makes a failed build stop with the compiler's error instead
+    of installing pure Python again; ``--no-build-isolation`` builds against the torch that
+    is installed (the extension's ABI follows it)."""
+    cmd = f"MINC_KERNELS_BUILD_EXT=1 {python} -m pip install --no-build-isolation"
+    if root is not None:
+        return f"{cmd} -e {root}"
+    return f"{cmd} <the minc_kernels source directory or sdist>"
+
+
+def extension_missing(error: BaseException | None, file_exists: bool) -> str:
+    """Plain words for why EMA updates run on ``torch._foreach_lerp_``: not built, built for
+    another torch, or present but failing to load."""
+    from ._ext import ExtensionMismatchError
+
+    fallback = "torch._foreach_lerp_"
+    if not file_exists:
+        return (f"{fallback}: the C++/CUDA extension minc_kernels._C was not built (a pure-Python "
+                "install: torch was not importable at build time, or the build failed and was "
+                "skipped); build_extension below builds it")
+    if isinstance(error, ExtensionMismatchError):
+        return f"{fallback}: the extension was built for another torch and is not loaded ({error})"
+    reason = f"{type(error).__name__}: {error}" if error is not None else "unknown error"
+    return (f"{fallback}: the extension minc_kernels._C is there but does not load ({reason}); "
+            "build_extension below rebuilds it")
 
 
 def main() -> None:
