@@ -15,14 +15,16 @@ on the target GPU (an H100: 132 SMs); nothing else sends meta tensors to the lau
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
 
+from .._backend import KERNEL_DTYPES, triton_interpret
+
 __all__ = [
     "KERNEL_DTYPES",
     "TARGET_SMS",
+    "TARGET_PROGRAMS",
     "cdiv",
     "check_kernel_dtype",
     "device_guard",
@@ -37,8 +39,11 @@ __all__ = [
     "DEVICE_FLOPS",
 ]
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-TARGET_SMS = 132  # H100 SXM; what a meta tensor's "device" has (see the module docstring)
+# The device facts every launcher, config and cost model reads (one place).  Tile choices
+# depend on these constants, not on the GPU that runs them, so the same shape gives the same
+# bits on any GPU.
+TARGET_SMS = 132  # H100/H200 SXM; also what a meta tensor's "device" has (module docstring)
+TARGET_PROGRAMS = 2 * TARGET_SMS  # about two waves: what the grids aim to fill
 
 cdiv = triton.cdiv
 next_pow2 = triton.next_power_of_2
@@ -59,9 +64,10 @@ def device_guard(x: torch.Tensor):
 
 
 def interpreting() -> bool:
-    """Kernels run under Triton's CPU interpreter (``TRITON_INTERPRET=1``): the one check
-    every launcher uses (interpreter tile sizes, the bf16 dot workaround)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Kernels run under Triton's CPU interpreter (``TRITON_INTERPRET=1``), as
+    :func:`minc_kernels._backend.triton_interpret` decides (interpreter tile sizes, the bf16
+    dot workaround)."""
+    return triton_interpret()
 
 
 def is_fp32(dtype: torch.dtype) -> bool:

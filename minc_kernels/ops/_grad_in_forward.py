@@ -1,40 +1,67 @@
-"""Autograd for scalar-loss ops that compute their input gradient in the forward pass.
+"""The one autograd wiring of every scalar-loss op that computes its input gradients in the
+forward pass (the spectral, MINC and MIO ops, the blocked CPU MIO op).
 
-Such an op is ``op(z1, z2, *scalars, need_grad, *more) -> (loss, dz)`` with ``dz`` the
-gradient of ``loss`` wrt the stacked ``[z1; z2]`` ((2B, k), or empty when ``need_grad`` is
-False).  Backward only scales ``dz`` by the upstream gradient, so there is no second
-derivative: ``create_graph=True`` raises instead of returning a silent zero.  Torch only
-(no Triton), so the CPU op can use it too.
+Such an op returns ``(loss, *grads)`` where the grads are the gradients of ``loss`` for a
+unit upstream gradient, fp32, empty when the op's ``need_grad`` input is False:
+
+* ``layout="per_input"``: one gradient per entry of ``grad_inputs`` (same shape as that input);
+* ``layout="stacked"``: one ``(2B, k)`` gradient of the stacked ``[inputs[0]; inputs[1]]``.
+
+Backward only scales the saved gradients by the upstream gradient, so there is no second
+derivative: ``create_graph=True`` raises instead of returning a silent zero.  The gradients
+are marked non-differentiable outputs.  Torch only (no Triton), so the CPU op uses it too.
 """
 from __future__ import annotations
 
 import torch
 
+__all__ = ["register_grad_in_forward"]
 
-def register_grad_in_forward(op, need_grad_index: int, what: str) -> None:
-    """Register that autograd on ``op`` (a ``torch.library.custom_op``); ``what`` names the
-    loss path in error messages."""
+
+def register_grad_in_forward(op, need_grad_index: int, what: str,
+                             grad_inputs: tuple[int, ...] = (0, 1),
+                             layout: str = "per_input") -> None:
+    """Register that autograd on ``op`` (a ``torch.library.custom_op``).
+
+    ``need_grad_index``: position of the op's ``need_grad`` flag among its inputs;
+    ``grad_inputs``: the inputs that receive a gradient (others get None); ``what`` names the
+    loss path in error messages.
+    """
+    if layout not in ("per_input", "stacked"):
+        raise ValueError(f"layout must be 'per_input' or 'stacked', got {layout!r}")
+    if layout == "stacked" and tuple(grad_inputs) != (0, 1):
+        raise ValueError("layout='stacked' stacks the gradients of inputs 0 and 1")
+    grad_inputs = tuple(grad_inputs)
 
     def setup_context(ctx, inputs, output):
-        _, dz = output
+        grads = output[1:]
+        ctx.mark_non_differentiable(*grads)
         ctx.need_grad = inputs[need_grad_index]
         ctx.n_inputs = len(inputs)
         ctx.b = inputs[0].shape[0]
-        ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
-        ctx.save_for_backward(dz)
+        ctx.dtypes = tuple(inputs[i].dtype for i in grad_inputs)
+        ctx.save_for_backward(*grads)
 
-    def backward(ctx, grad_loss, grad_dz):
-        (dz,) = ctx.saved_tensors
+    def backward(ctx, grad_loss, *_grad_grads):
+        saved = ctx.saved_tensors
+        wanted = [ctx.needs_input_grad[i] for i in grad_inputs]
+        if not any(wanted):
+            return (None,) * ctx.n_inputs
         if not ctx.need_grad:
             raise RuntimeError(f"{what} was called with need_grad=False; its gradient was not computed")
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            # dz is a constant here: a second derivative through it would be silently zero.
+            # the saved gradients are constants here: a second derivative would be silently zero
             raise RuntimeError(f"{what} does not support double backward (create_graph=True); "
                                "use backend='reference'")
-        b = ctx.b
-        g = grad_loss.to(dz.dtype)
-        grad_z1 = (g * dz[:b]).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        grad_z2 = (g * dz[b:]).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-        return (grad_z1, grad_z2) + (None,) * (ctx.n_inputs - 2)
+        if layout == "stacked":
+            (dz,) = saved
+            grads = (dz[: ctx.b], dz[ctx.b:])
+        else:
+            grads = saved
+        out = [None] * ctx.n_inputs
+        for slot, (i, g) in enumerate(zip(grad_inputs, grads)):
+            if wanted[slot]:
+                out[i] = (grad_loss.to(g.dtype) * g).to(ctx.dtypes[slot])
+        return tuple(out)
 
     op.register_autograd(backward, setup_context=setup_context)

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import cdiv, interpreting, is_fp32, next_pow2
+from ._common import TARGET_PROGRAMS, TARGET_SMS, cdiv, interpreting, is_fp32, next_pow2
 
 __all__ = ["rowmat_config", "gram_config", "pairwise_config", "pairwise_split", "rows_config",
            "MIOConfig", "pick_config"]
 
 
-_ONE_WAVE = 132  # SMs of an H100
-_TARGET_PROGRAMS = 2 * 132  # about two waves of an H100; a shape constant, so tiles (and with
+_ONE_WAVE = TARGET_SMS
+_TARGET_PROGRAMS = TARGET_PROGRAMS  # about two waves of an H100; a shape constant, so tiles (and with
 # them the bits) depend only on the shape, not on the GPU
 
 
@@ -125,7 +125,7 @@ def rows_config(k: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- MIO
-_MIO_TARGET_PROGRAMS = 256  # ~2 waves on 132 SMs; a shape constant so results do not depend on the GPU
+_MIO_TARGET_PROGRAMS = 256  # ~TARGET_PROGRAMS rounded to a power of two (MIO's tiles are powers of two)
 _MIO_MAX_SPLITS = 16
 MIO_REG_MAX_K = 256  # largest padded k whose row tile and gradient accumulator live in registers
 

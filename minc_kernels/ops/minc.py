@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from ._grad_in_forward import register_grad_in_forward
 from .gram import gram, rowmat
 
 __all__ = ["minc_loss", "moment_sum", "minc_loss_fwd", "minc_moment_sum", "minc_forward"]
@@ -55,28 +56,8 @@ def _minc_loss_fwd_fake(p, t, moment, gha, need_grad):
     return p.new_empty((), dtype=torch.float32), p.new_empty(shape, dtype=torch.float32)
 
 
-def _minc_setup_context(ctx, inputs, output):
-    p = inputs[0]
-    need_grad = inputs[4]
-    _, grad = output
-    ctx.mark_non_differentiable(grad)
-    ctx.need_grad = need_grad
-    ctx.p_dtype = p.dtype
-    ctx.save_for_backward(grad)
-
-
-def _minc_backward(ctx, grad_loss, _grad_grad):
-    (grad,) = ctx.saved_tensors
-    grad_p = None
-    if ctx.needs_input_grad[0]:
-        if not ctx.need_grad:
-            raise RuntimeError("minc_kernels::minc_loss_fwd was called with need_grad=False; "
-                               "it has no gradient to return")
-        grad_p = (grad_loss * grad).to(ctx.p_dtype)
-    return grad_p, None, None, None, None
-
-
-minc_loss_fwd.register_autograd(_minc_backward, setup_context=_minc_setup_context)
+register_grad_in_forward(minc_loss_fwd, need_grad_index=4, grad_inputs=(0,),
+                         what="minc_kernels::minc_loss_fwd")
 
 
 @torch.library.custom_op("minc_kernels::minc_moment_sum", mutates_args=())

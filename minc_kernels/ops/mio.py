@@ -189,7 +189,7 @@ def _(z1, z2, pos_temperature, neg_temperature, lambda_l2, need_grad):
     return loss, dz
 
 
-register_grad_in_forward(_mio_loss_fwd, need_grad_index=5, what="mio_loss (backend='triton')")
+register_grad_in_forward(_mio_loss_fwd, need_grad_index=5, layout="stacked", what="mio_loss (backend='triton')")
 
 
 def mio_loss(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float, neg_temperature: float,

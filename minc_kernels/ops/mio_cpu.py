@@ -212,7 +212,7 @@ def _(z1, z2, pos_temperature, neg_temperature, lambda_l2, need_grad, block_rows
     return loss, dz
 
 
-register_grad_in_forward(_mio_loss_blocked_fwd, need_grad_index=5, what="the blocked MIO loss")
+register_grad_in_forward(_mio_loss_blocked_fwd, need_grad_index=5, layout="stacked", what="the blocked MIO loss")
 
 
 def _check_block(name: str, value) -> int:

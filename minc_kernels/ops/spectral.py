@@ -34,15 +34,16 @@ import torch
 
 from ..kernels.spectral import clip_rows_backward_kernel, clip_rows_dot_kernel, pairwise_offdiag_kernel
 from . import configs
-from ._common import (DEVICE_BW, DEVICE_FLOPS, TARGET_SMS, cdiv, device_guard, is_fp32,
+from ._common import (DEVICE_BW, DEVICE_FLOPS, TARGET_PROGRAMS, TARGET_SMS, cdiv, device_guard, is_fp32,
                       upcast_bf16_dot)
+from ._grad_in_forward import register_grad_in_forward
 from .gram import gram, gram_dot, rowmat
 
 __all__ = ["spectral_loss", "spectral_loss_fwd", "spectral_forward", "choose_algorithm",
            "estimate_seconds"]
 
 _LAUNCH_S = 4e-6  # rough cost of one kernel launch / small torch op
-_RESIDENT_PROGRAMS = TARGET_SMS * 2  # H100 SMs × programs per SM the tile sizes allow
+_RESIDENT_PROGRAMS = TARGET_PROGRAMS  # H100 SMs × the 2 programs per SM the tile sizes allow
 
 
 def _fill(programs: int) -> float:
@@ -223,26 +224,8 @@ def _spectral_loss_fwd_fake(z1, z2, mu, clip, algorithm, need_grad):
             z1.new_empty(shape, dtype=torch.float32))
 
 
-def _spectral_setup_context(ctx, inputs, output):
-    z1, z2, _mu, _clip, _algorithm, need_grad = inputs
-    _, g1, g2 = output
-    ctx.mark_non_differentiable(g1, g2)
-    ctx.need_grad = need_grad
-    ctx.dtypes = (z1.dtype, z2.dtype)
-    ctx.save_for_backward(g1, g2)
-
-
-def _spectral_backward(ctx, grad_loss, _g1, _g2):
-    g1, g2 = ctx.saved_tensors
-    if (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]) and not ctx.need_grad:
-        raise RuntimeError("minc_kernels::spectral_loss_fwd was called with need_grad=False; "
-                           "it has no gradient to return")
-    grad_z1 = (grad_loss * g1).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-    grad_z2 = (grad_loss * g2).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-    return grad_z1, grad_z2, None, None, None, None
-
-
-spectral_loss_fwd.register_autograd(_spectral_backward, setup_context=_spectral_setup_context)
+register_grad_in_forward(spectral_loss_fwd, need_grad_index=5, grad_inputs=(0, 1),
+                         what="minc_kernels::spectral_loss_fwd")
 
 
 # ----------------------------------------------------------------------------- API
