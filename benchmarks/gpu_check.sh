@@ -5,22 +5,38 @@
 #
 # 1. setup:    setuptools >= what pyproject.toml's [build-system] needs (else the build
 #              would fail: say so, and go on without the extension)
-# 2. build:    pip install --no-build-isolation --no-deps -e .  (CUDA extension, sm_90)
-# 3. info:     python -m minc_kernels.info
-# 4. gputests: pytest -m gpu on the ops and extension tests, FIRST (an empty Triton cache
-#              makes each specialisation a 1-2 s compile: the whole suite would not get here)
-# 5. sync:     one training step per loss under torch.cuda.set_sync_debug_mode("error")
+# 2. build:    pip install --no-build-isolation --no-deps -e .  (CUDA extension, sm_90); pip's
+#              output is kept whole in build.log (no -q: a failed build once hid behind it)
+#    app:      pip install --no-build-isolation --no-deps -e examples (the application, for
+#              the train step; its dependencies must already be installed)
+# 3. ext:      import minc_kernels._C and check it loads against this torch and has CUDA
+#              kernels when a GPU is present.  A failure is LOUD: printed as a banner, first
+#              line of summary.txt, and the script's exit code is 1
+# 4. info:     python -m minc_kernels.info
+# 5. gputests: pytest -m gpu, one pytest process per test file holding GPU tests (ops and
+#              extension files first), each with its own timeout and exit code in steps.txt,
+#              so a crash (a segfault kills its process) costs only its own file
+# 6. sync:     one training step per loss under torch.cuda.set_sync_debug_mode("error")
 #              (benchmarks/sync_check.py)
-# 6. bench:    the benchmark runner, with what is left as its --time-budget
-# 7. rest:     pytest -m "not slow and not gpu" on the rest, only if time is left
-# then a summary, last.
+# 7. train:    the ResNet-50 training step, eager vs minc_kernels, all three losses
+#              (python -m minc_train.bench_step from the installed examples/ application)
+# 8. bench:    the benchmark runner, with what is left as its --time-budget
+# 9. rest:     pytest -m "not slow and not gpu" on the rest, only if time is left
+# then a summary, last, and (PACK=1, the default) everything packed into a few files:
+#   OUT_DIR/gpu_check.tar.gz (every file the steps wrote), OUT_DIR/summary.txt,
+#   OUT_DIR/steps.txt, OUT_DIR/results.md (a device run returns at most 8 files).
 #
 # Needs no network.  Everything fits in TOTAL_S seconds (default 540, inside a 10-minute
 # call): each step has a timeout, and every step writes its output under OUT_DIR as it goes
-# (steps.txt gets one line per finished step), so a run cut short keeps what it got.
-# Knobs (environment): STEPS (default setup,build,info,gputests,sync,bench,rest), TOTAL_S,
-# BUILD_TIMEOUT_S, GPU_TEST_TIMEOUT_S, SYNC_TIMEOUT_S, BENCH_ARGS (extra runner
-# arguments), SYNC_ARGS, PYTHON, PYPROJECT (the file the setup step reads; tests).
+# (steps.txt gets one line per finished step, one per GPU test file), so a run cut short
+# keeps what it got.  Exit code: 0 if every step that ran passed, 1 otherwise (the failed
+# steps are listed last).
+# Knobs (environment): STEPS (default setup,build,app,ext,info,gputests,sync,train,bench,rest),
+# TOTAL_S, BUILD_TIMEOUT_S, GPU_TEST_TIMEOUT_S (all GPU test files together),
+# GPU_FILE_TIMEOUT_S (one file), GPU_TEST_FILES (override the discovered list),
+# SYNC_TIMEOUT_S, TRAIN_TIMEOUT_S, TRAIN_ARGS (default: ResNet-50 defaults of the app,
+# --steps 10 --warmup 3), BENCH_ARGS (extra runner arguments), SYNC_ARGS, PACK (1/0),
+# PYTHON, PYPROJECT (the file the setup step reads; tests).
 set -u
 OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -35,19 +51,32 @@ PY=${PYTHON:-$(command -v python3 || command -v python)}
 TOTAL_S=${TOTAL_S:-540}
 BUILD_TIMEOUT_S=${BUILD_TIMEOUT_S:-200}
 GPU_TEST_TIMEOUT_S=${GPU_TEST_TIMEOUT_S:-150}
+GPU_FILE_TIMEOUT_S=${GPU_FILE_TIMEOUT_S:-90}
 SYNC_TIMEOUT_S=${SYNC_TIMEOUT_S:-90}
-STEPS=${STEPS:-setup,build,info,gputests,sync,bench,rest}
+TRAIN_TIMEOUT_S=${TRAIN_TIMEOUT_S:-120}
+PACK=${PACK:-1}
+STEPS=${STEPS:-setup,build,app,ext,info,gputests,sync,train,bench,rest}
 # "tests" (the step name before the split into GPU tests first and the rest last)
 case ",$STEPS," in *",tests,"*) STEPS="$STEPS,gputests,rest" ;; esac
 START=$(date +%s)
 STATUS="$OUT/steps.txt"
 : > "$STATUS"
+FAILED=""
 
 want() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 elapsed() { echo $(( $(date +%s) - START )); }
 left() { echo $(( TOTAL_S - $(elapsed) )); }
 step() { echo; echo "=== [$(elapsed) s] $*"; }
-record() { printf '%-10s rc=%-4s %5ss  %s\n' "$1" "$2" "$(elapsed)" "${3:-}" >> "$STATUS"; }
+# record NAME RC NOTE: one line in steps.txt; a non-zero, non-skip rc is a failed step.
+record() {
+  printf '%-10s rc=%-4s %5ss  %s\n' "$1" "$2" "$(elapsed)" "${3:-}" >> "$STATUS"
+  case "$2" in 0|skip) ;; *) FAILED="$FAILED $1" ;; esac
+}
+signame() {  # 139 -> " (SIGSEGV)": a crash, not a test failure
+  case "$1" in 124) echo " (timeout)" ;; 134) echo " (SIGABRT)" ;; 137) echo " (SIGKILL)" ;;
+    139) echo " (SIGSEGV)" ;; *) echo "" ;; esac
+}
+crashnote() { local s; s=$(signame "$1"); [ -n "$s" ] && echo "${s# } "; }
 
 step "machine"
 { date -u; nvidia-smi 2>&1 | head -20; "$PY" --version; } > "$OUT/machine.txt" 2>&1
@@ -81,12 +110,55 @@ fi
 if want build; then
   if [ "$SETUP_OK" = 1 ]; then
     step "build + install (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, timeout ${BUILD_TIMEOUT_S}s)"
-    timeout "$BUILD_TIMEOUT_S" "$PY" -m pip install --no-build-isolation --no-deps -q -e . \
+    # No -q: a failed extension build must leave its compiler errors in build.log.
+    timeout "$BUILD_TIMEOUT_S" "$PY" -m pip install --no-build-isolation --no-deps -v -e . \
       > "$OUT/build.log" 2>&1
-    rc=$?; tail -5 "$OUT/build.log"; record build $rc "log: build.log"
+    rc=$?; tail -5 "$OUT/build.log"; record build $rc "log: build.log ($(wc -l < "$OUT/build.log") lines)"
   else
     record build skip "setuptools too old (setup.txt): running from the source tree, no extension"
   fi
+fi
+
+if want app; then
+  step "install the application (examples/, for the train step)"
+  timeout 120 "$PY" -m pip install --no-build-isolation --no-deps -v -e examples \
+    > "$OUT/app_build.log" 2>&1
+  rc=$?; tail -2 "$OUT/app_build.log"; record app $rc "pip install -e examples (app_build.log)"
+fi
+
+EXT_OK=unknown
+if want ext; then
+  step "extension: import minc_kernels._C"
+  "$PY" - > "$OUT/ext.txt" 2>&1 <<'EOF'
+import sys
+import torch
+try:
+    import minc_kernels._C  # noqa: F401  (the compiled extension, built by setup.py)
+except Exception as exc:  # noqa: BLE001
+    print(f"EXTENSION NOT BUILT: import minc_kernels._C failed: {type(exc).__name__}: {exc}")
+    sys.exit(3)
+from minc_kernels import _ext
+ok, why = _ext.status()
+info = _ext.build_info()
+print(f"import minc_kernels._C: ok; status: {why}; build_info: {info}")
+if not ok:
+    print(f"EXTENSION NOT USABLE: {why}")
+    sys.exit(3)
+if torch.cuda.is_available() and not _ext.supports(torch.device("cuda")):
+    print("EXTENSION BUILT WITHOUT CUDA KERNELS on a machine with a GPU "
+          f"(cuda_compiled={info.get('cuda_compiled')}): see build.log")
+    sys.exit(4)
+print("extension ok" + (" (CUDA kernels)" if torch.cuda.is_available() else " (no GPU here)"))
+EOF
+  rc=$?; cat "$OUT/ext.txt"
+  if [ "$rc" = 0 ]; then
+    EXT_OK=yes
+  else
+    EXT_OK=no
+    echo "!!!!!!!! THE EXTENSION DID NOT BUILD OR LOAD: $(tail -1 "$OUT/ext.txt")"
+    echo "!!!!!!!! (build.log has pip's whole output)"
+  fi
+  record ext $rc "$(tail -1 "$OUT/ext.txt")"
 fi
 
 if want info; then
@@ -96,18 +168,37 @@ if want info; then
 fi
 
 if want gputests; then
-  FILES=""
-  for f in tests/test_ops_minc.py tests/test_ops_spectral.py tests/test_ops_mio.py \
-           tests/test_ema_ext.py tests/test_ema.py tests/test_losses.py tests/test_functional.py; do
-    [ -f "$f" ] && FILES="$FILES $f"
+  if [ -n "${GPU_TEST_FILES:-}" ]; then
+    FILES=$GPU_TEST_FILES
+  else
+    # Every test file that holds GPU tests: ops and extension files first.
+    FILES=$( { ls tests/test_ops_*.py tests/test_ema_ext.py 2>/dev/null
+               grep -l "mark.gpu" tests/test_*.py 2>/dev/null; } | awk '!seen[$0]++' \
+             | while read -r f; do grep -q "mark.gpu" "$f" && echo "$f"; done )
+  fi
+  step "GPU tests first: pytest -m gpu, one process per file (${GPU_TEST_TIMEOUT_S}s in all)"
+  : > "$OUT/pytest_gpu.txt"
+  GPU_END=$(( $(elapsed) + GPU_TEST_TIMEOUT_S ))
+  for f in $FILES; do
+    name=$(basename "$f" .py)
+    budget=$(( GPU_END - $(elapsed) ))
+    [ "$budget" -gt "$GPU_FILE_TIMEOUT_S" ] && budget=$GPU_FILE_TIMEOUT_S
+    if [ "$budget" -lt 10 ]; then
+      record "gpu:$name" skip "no time left in GPU_TEST_TIMEOUT_S"
+      continue
+    fi
+    echo "----- $f (timeout ${budget}s)" | tee -a "$OUT/pytest_gpu.txt"
+    # SIGINT: pytest stops like on Ctrl-C and still prints its summary.
+    timeout --signal=INT --kill-after=15 "$budget" "$PY" -m pytest -q -m gpu \
+      -p no:cacheprovider -rfEs --durations=5 "$f" > "$OUT/pytest_gpu.cur" 2>&1
+    rc=$?
+    [ "$rc" = 5 ] && rc=0  # no GPU test collected in this file (pytest's "no tests ran")
+    line=$(grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$OUT/pytest_gpu.cur" | tail -1)
+    cat "$OUT/pytest_gpu.cur" >> "$OUT/pytest_gpu.txt" && rm -f "$OUT/pytest_gpu.cur"
+    echo "----- $f: rc=$rc$(signame "$rc")" >> "$OUT/pytest_gpu.txt"
+    record "gpu:$name" "$rc" "$(crashnote "$rc")${line:0:120}"
   done
-  step "GPU tests first: pytest -m gpu$FILES (timeout ${GPU_TEST_TIMEOUT_S}s)"
-  # SIGINT: pytest stops like on Ctrl-C and still prints its summary.
-  # shellcheck disable=SC2086
-  timeout --signal=INT --kill-after=20 "$GPU_TEST_TIMEOUT_S" "$PY" -m pytest -q -m gpu \
-    -p no:cacheprovider -rfEs --durations=10 $FILES > "$OUT/pytest_gpu.txt" 2>&1
-  rc=$?; tail -15 "$OUT/pytest_gpu.txt"
-  record gputests $rc "$(grep -E '(passed|failed|error|skipped|deselected)' "$OUT/pytest_gpu.txt" | tail -1)"
+  grep -E '^----- .*: rc=' "$OUT/pytest_gpu.txt"
 fi
 
 if want sync; then
@@ -116,6 +207,15 @@ if want sync; then
   timeout --kill-after=10 "$SYNC_TIMEOUT_S" "$PY" -m benchmarks.sync_check --out "$OUT" \
     ${SYNC_ARGS:-} > "$OUT/sync_check.txt" 2>&1
   rc=$?; cat "$OUT/sync_check.txt"; record sync $rc "$(tail -1 "$OUT/sync_check.txt")"
+fi
+
+if want train; then
+  step "train step: python -m minc_train.bench_step (timeout ${TRAIN_TIMEOUT_S}s)"
+  # shellcheck disable=SC2086
+  timeout --signal=INT --kill-after=15 "$TRAIN_TIMEOUT_S" "$PY" -m minc_train.bench_step \
+    --out "$OUT" ${TRAIN_ARGS:---steps 10 --warmup 3} > "$OUT/train_step.txt" 2>&1
+  rc=$?; tail -12 "$OUT/train_step.txt"
+  record train "$rc" "$(crashnote "$rc")train_step.json, train_step.txt"
 fi
 
 if want bench; then
@@ -142,15 +242,53 @@ if want rest; then
     timeout --signal=INT --kill-after=15 "$LEFT" "$PY" -m pytest -q -m "not slow and not gpu" \
       -p no:cacheprovider --durations=10 tests > "$OUT/pytest_rest.txt" 2>&1
     rc=$?; tail -5 "$OUT/pytest_rest.txt"
-    record rest $rc "$(grep -E '(passed|failed|error)' "$OUT/pytest_rest.txt" | tail -1)"
+    record rest $rc "$(crashnote "$rc")$(grep -E '(passed|failed|error)' "$OUT/pytest_rest.txt" | tail -1)"
   else
     record rest skip "no time left (${LEFT}s)"
   fi
 fi
 
 step "summary"
-cat "$STATUS"
-if want bench && [ -f "$OUT/results.json" ]; then
-  "$PY" -m benchmarks.report "$OUT" --summary-only 2>&1 | tee "$OUT/summary.txt"
+{
+  if [ "$EXT_OK" = no ]; then
+    echo "!!!!!!!! THE EXTENSION DID NOT BUILD OR LOAD: $(tail -1 "$OUT/ext.txt") (ext.txt, build.log)"
+  fi
+  echo "gpu_check: commit ${MINC_KERNELS_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(elapsed) s"
+  echo "failed steps:${FAILED:- none}"
+  echo
+  cat "$STATUS"
+  if [ -f "$OUT/train_step.json" ]; then
+    echo
+    "$PY" - "$OUT/train_step.json" <<'EOF' 2>&1
+import json, sys
+d = json.load(open(sys.argv[1]))
+print("train step:", d["meta"].get("device"), json.dumps(d["meta"].get("config")))
+for method, r in d["results"].items():
+    cells = [f"{p} {v['step_ms']:.1f} ms (loss {v['loss_fwd_bwd_ms']:.2f}, ema {v['ema_ms']:.2f}; "
+             f"ema backend {v.get('ema_backend')})" for p, v in r.items() if isinstance(v, dict)]
+    print(f"  {method}: " + "; ".join(cells) + f"; step speed-up {r.get('step_speedup', float('nan')):.3f}x")
+EOF
+  fi
+  if want bench && [ -f "$OUT/results.json" ]; then
+    echo
+    "$PY" -m benchmarks.report "$OUT" --summary-only 2>&1
+  fi
+} > "$OUT/summary.txt.tmp"
+mv "$OUT/summary.txt.tmp" "$OUT/summary.txt"
+cat "$OUT/summary.txt"
+
+if [ "$PACK" = 1 ]; then
+  # A device run returns at most 8 files: one archive of everything, plus the summary, the
+  # steps and the tables loose for a first look.
+  LIST=$(mktemp)
+  ( cd "$OUT" && find . -type f ! -name gpu_check.tar.gz | sort > "$LIST" \
+      && tar -czf gpu_check.tar.gz -T "$LIST" \
+      && while read -r f; do
+           case "$f" in ./summary.txt|./steps.txt|./results.md) ;; *) rm -f "$f" ;; esac
+         done < "$LIST"
+    find . -mindepth 1 -type d -empty -delete )
+  rm -f "$LIST"
+  echo "packed: $OUT/gpu_check.tar.gz ($(du -h "$OUT/gpu_check.tar.gz" | cut -f1)); loose: $(cd "$OUT" && ls | tr '\n' ' ')"
 fi
-echo "=== done in $(elapsed) s; files in $OUT"
+echo "=== done in $(elapsed) s; files in $OUT; failed steps:${FAILED:- none}"
+[ -z "$FAILED" ]

@@ -13,15 +13,19 @@ from __future__ import annotations
 
 from ._backend import preload, requested_backend
 from .losses import REGISTRY
+from .losses.barlow_twins import barlow_twins_loss
 from .losses.minc import minc_loss, minc_moment_sum
 from .losses.mio import mio_loss
 from .losses.spectral import spectral_contrastive_loss, spectral_dist_comm_choice
+from .losses.vicreg import vicreg_loss
 
 __all__ = [
     "spectral_contrastive_loss",
     "minc_loss",
     "minc_moment_sum",
     "mio_loss",
+    "barlow_twins_loss",
+    "vicreg_loss",
     "load_kernels",
     "spectral_dist_comm_choice",
 ]

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from .losses._common import acc, clip_rows
+from .losses.barlow_twins import barlow_twins_loss_reference as barlow_twins_loss
 from .losses.minc import FEATURE_NORMS as MINC_FEATURE_NORMS
 from .losses.minc import (
     all_finite,
@@ -31,6 +32,7 @@ from .losses.minc import minc_loss_reference as minc_loss
 from .losses.mio import mio_loss_reference as mio_loss
 from .losses.spectral import spectral_gram_term, spectral_pairwise_term
 from .losses.spectral import spectral_loss_reference as spectral_loss
+from .losses.vicreg import vicreg_loss_reference as vicreg_loss
 
 __all__ = [
     "acc",
@@ -50,6 +52,8 @@ __all__ = [
     "minc_ema_moment",
     "all_finite",
     "mio_loss",
+    "barlow_twins_loss",
+    "vicreg_loss",
     "ema_update_",
     "cosine_momentum",
 ]

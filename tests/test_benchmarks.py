@@ -300,7 +300,7 @@ def test_gpu_check_script_runs_its_bench_step(tmp_path):
     import subprocess
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
-    env = dict(os.environ, PYTHON=sys.executable, STEPS="bench", TOTAL_S="300",
+    env = dict(os.environ, PYTHON=sys.executable, STEPS="bench", TOTAL_S="300", PACK="0",
                BENCH_ARGS="--device cpu --B 8 --k 4 --providers eager --modes fwd --ema off "
                           "--no-ceilings --no-plots --case-ms 5")
     proc = subprocess.run(["bash", str(script), str(tmp_path / "out")], env=env,

@@ -1,0 +1,160 @@
+"""Barlow Twins (minc_kernels/losses/barlow_twins.py, docs/math.md §7) against lightly's
+``BarlowTwinsLoss``, the oracle: values and gradients in float64 to 1e-12 relative, on the
+eager math here and on the Triton kernels (interpreter on the CPU) below."""
+import inspect
+
+import pytest
+import torch
+
+import minc_kernels as mk
+from minc_kernels import functional as Fn
+from minc_kernels import reference
+from minc_kernels.losses import REGISTRY
+from minc_kernels.losses import barlow_twins as home
+
+lightly_loss = pytest.importorskip("lightly.loss")
+
+REL = 1e-12
+
+
+def _views(b, k, dtype=torch.float64, seed=0, device="cpu"):
+    """Correlated views with per-column scales and offsets (the standardisation matters)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(b, k, generator=g, dtype=torch.float64)
+    scale = 0.3 + 2 * torch.rand(k, generator=g, dtype=torch.float64)
+    shift = torch.randn(k, generator=g, dtype=torch.float64)
+    za = base * scale + shift
+    zb = (base + 0.7 * torch.randn(b, k, generator=g, dtype=torch.float64)) * scale - shift
+    return (za.to(device=device, dtype=dtype).requires_grad_(),
+            zb.to(device=device, dtype=dtype).requires_grad_())
+
+
+def _value_and_grads(fn, za, zb, g=1.3):
+    loss = fn(za, zb)
+    ga, gb = torch.autograd.grad(loss * g, (za, zb))
+    return loss.detach(), ga, gb
+
+
+def _assert_rel(got, want, rel):
+    for a, w in zip(got, want):
+        scale = float(w.abs().max())
+        assert float((a - w).abs().max()) <= rel * scale, (float((a - w).abs().max()), scale)
+
+
+# ----------------------------------------------------------------------------- eager vs lightly
+@pytest.mark.parametrize("b,k", [(3, 3), (7, 5), (16, 40), (40, 6)])
+@pytest.mark.parametrize("algorithm", ["auto", "pairwise", "gram"])
+@pytest.mark.parametrize("lam", [5e-3, 0.0, 0.7])
+def test_reference_matches_lightly_float64(b, k, algorithm, lam):
+    za, zb = _views(b, k, seed=b * 100 + k)
+    want = _value_and_grads(lightly_loss.BarlowTwinsLoss(lambda_param=lam), za, zb)
+    got = _value_and_grads(mk.BarlowTwinsLoss(lam, algorithm=algorithm, backend="reference"),
+                           za, zb)
+    _assert_rel(got, want, REL)
+    fn = _value_and_grads(lambda a, c: Fn.barlow_twins_loss(a, c, lam, algorithm=algorithm,
+                                                            backend="reference"), za, zb)
+    _assert_rel(fn, want, REL)
+
+
+@pytest.mark.parametrize("algorithm", ["pairwise", "gram"])
+def test_batch_of_two_matches_lightly(algorithm):
+    """N = 2: each standardised column is ±1/sqrt(1 + 1e-5/v), nearly independent of the
+    input, so the gradient is the small difference of O(1) terms (relative conditioning
+    ~ v/1e-5).  Values to 1e-12; gradients to 1e-12 of the gradient *before* the
+    standardisation's Jacobian (the size of the terms that cancel)."""
+    za, zb = _views(2, 3, seed=1)
+    want = _value_and_grads(lightly_loss.BarlowTwinsLoss(), za, zb)
+    got = _value_and_grads(mk.BarlowTwinsLoss(algorithm=algorithm, backend="reference"), za, zb)
+    _assert_rel(got[:1], want[:1], REL)
+    na = home.barlow_twins_standardize(za.detach()).requires_grad_()
+    nb = home.barlow_twins_standardize(zb.detach()).requires_grad_()
+    c = na.T @ nb / 2
+    pre = torch.autograd.grad(home._loss_from_c(c, 5e-3) * 1.3, (na, nb))
+    rstd = [1 / z.detach().var(dim=0, unbiased=False).sqrt() for z in (za, zb)]
+    for a, w, p, r in zip(got[1:], want[1:], pre, rstd):
+        assert float((a - w).abs().max()) <= REL * float((p * r).abs().max())
+
+
+def test_constructor_matches_lightly_signature():
+    ours = inspect.signature(mk.BarlowTwinsLoss.__init__).parameters
+    theirs = inspect.signature(lightly_loss.BarlowTwinsLoss.__init__).parameters
+    for name, p in theirs.items():
+        assert name in ours and ours[name].default == p.default, name
+    assert list(ours)[:len(theirs)] == list(theirs)  # same positional order
+    m = mk.BarlowTwinsLoss()
+    assert m.lambda_param == 5e-3 and m.gather_distributed is False
+
+
+def test_gradcheck_eager_math():
+    for algorithm in ("pairwise", "gram"):
+        za, zb = _views(5, 4, seed=3)
+        assert torch.autograd.gradcheck(
+            lambda a, c: reference.barlow_twins_loss(a, c, 0.3, algorithm), (za, zb))
+        assert torch.autograd.gradgradcheck(
+            lambda a, c: reference.barlow_twins_loss(a, c, 0.3, algorithm), (za, zb))
+
+
+def test_float32_and_half_return_float32():
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        za, zb = _views(8, 6, dtype)
+        loss = mk.BarlowTwinsLoss(backend="reference")(za, zb)
+        assert loss.dtype == torch.float32 and loss.shape == ()
+        ga, = torch.autograd.grad(loss, za)
+        assert ga.dtype == dtype
+
+
+def test_torch_compile_fullgraph_module():
+    za, zb = _views(9, 7, torch.float32, seed=4)
+    m = mk.BarlowTwinsLoss(0.1, backend="reference")
+    torch._dynamo.reset()
+    got = _value_and_grads(torch.compile(m, fullgraph=True, backend="eager"), za, zb)
+    want = _value_and_grads(m, za, zb)
+    _assert_rel(got, want, 1e-6)
+
+
+def test_training_step_has_no_host_sync():
+    from test_sync_free import NoHostReads
+
+    za, zb = _views(6, 5, torch.float32, seed=5)
+    m = mk.BarlowTwinsLoss()
+    with NoHostReads():
+        loss = m(za, zb)
+        loss.backward()
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: mk.BarlowTwinsLoss()(torch.randn(1, 4), torch.randn(1, 4)), ValueError, "B >= 2"),
+    (lambda: mk.BarlowTwinsLoss()(torch.randn(3, 4), torch.randn(3, 5)), ValueError, "same shape"),
+    (lambda: mk.BarlowTwinsLoss()(torch.randn(3, 4, 2), torch.randn(3, 4, 2)), ValueError, "2 dims"),
+    (lambda: mk.BarlowTwinsLoss()(torch.randn(3, 4), torch.randn(3, 4).double()), TypeError, "dtype"),
+    (lambda: mk.BarlowTwinsLoss(lambda_param=float("nan")), ValueError, "lambda_param"),
+    (lambda: mk.BarlowTwinsLoss(lambda_param=-1.0), ValueError, "lambda_param"),
+    (lambda: mk.BarlowTwinsLoss(lambda_param="0.1"), TypeError, "lambda_param"),
+    (lambda: mk.BarlowTwinsLoss(algorithm="kxk"), ValueError, "algorithm"),
+    (lambda: mk.BarlowTwinsLoss(backend="cuda"), ValueError, "backend"),
+    (lambda: mk.BarlowTwinsLoss(gather_distributed=True, backend="triton"), ValueError, "triton"),
+    (lambda: Fn.barlow_twins_loss(torch.randn(3, 4), torch.randn(3, 4), float("inf")),
+     ValueError, "lambda_param"),
+])
+def test_bad_input_errors(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_gather_distributed_is_a_noop_without_process_group():
+    za, zb = _views(6, 5, seed=6)
+    a = mk.BarlowTwinsLoss(gather_distributed=True)(za, zb)
+    b = mk.BarlowTwinsLoss()(za, zb)
+    assert torch.equal(a, b)
+
+
+def test_registry_entry():
+    spec = REGISTRY["barlow_twins"]
+    assert spec.module is mk.BarlowTwinsLoss and spec.functional is mk.barlow_twins_loss
+    za, zb = _views(6, 5, torch.float32, seed=7)
+    for variant in ({}, *spec.variants.values()):
+        assert torch.allclose(spec.step(za, zb, backend="reference", **variant),
+                              spec.reference(za, zb), rtol=1e-5)
+    fwd, bwd = spec.matmul_flops(256, 8192)
+    assert fwd > 0 and bwd > 0
+    assert home.BN_EPS == 1e-5
