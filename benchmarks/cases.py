@@ -301,7 +301,7 @@ def ema_fn(provider: str, targets: list, onlines: list, momentum: float) -> Call
             return lambda: ema.ema_update_(targets, onlines, momentum, check_finite=False,
                                            backend="extension")
         # The registered op (what ema_update_ calls after its checks), else the module's.
-        op = getattr(getattr(torch.ops, "minc", None), "ema_update_", None)
+        op = getattr(getattr(torch.ops, "minc_kernels", None), "ema_update_", None)
         raw = op if op is not None else ext.ema_update_
         return lambda: raw(targets, onlines, momentum)
     raise ValueError(f"unknown EMA provider {provider!r}")

@@ -1,4 +1,4 @@
-// CUDA half of minc::ema_update_: one multi-tensor kernel, apex multi_tensor_apply style.
+// CUDA half of minc_kernels::ema_update_: one multi-tensor kernel, apex multi_tensor_apply style.
 //
 // The tensors of one (target dtype, online dtype) group are packed, up to kMaxTensors
 // at a time, into a table passed by value as kernel arguments (no host-to-device copy,
@@ -27,7 +27,7 @@
 
 #include "ema.h"
 
-namespace minc {
+namespace minc_kernels {
 namespace {
 
 constexpr int kMaxTensors = 128;
@@ -55,6 +55,17 @@ template <typename acc_t>
 struct LerpOp {
   static constexpr bool kReadsTarget = true;
   acc_t w;  // 1 - momentum
+  // A momentum tensor on the device (EmaMomentum::device_ptr): read once per thread by
+  // load(), so the host never waits for it.
+  const void* momentum_ptr = nullptr;
+  bool momentum_double = false;
+  __device__ __forceinline__ void load() {
+    if (momentum_ptr != nullptr) {
+      const double m = momentum_double ? *static_cast<const double*>(momentum_ptr)
+                                       : static_cast<double>(*static_cast<const float*>(momentum_ptr));
+      w = static_cast<acc_t>(1.0 - m);
+    }
+  }
   template <typename T, typename S>
   __device__ __forceinline__ T operator()(T target, S online) const {
     return static_cast<T>(ema_lerp<acc_t>(static_cast<acc_t>(target), static_cast<acc_t>(online), w));
@@ -63,13 +74,16 @@ struct LerpOp {
 
 struct CopyOp {
   static constexpr bool kReadsTarget = false;  // whole vectors are moved, never unpacked
+  __device__ __forceinline__ void load() {}
   template <typename T>
   __device__ __forceinline__ T operator()(T, T source) const { return source; }
 };
 
 template <typename T, typename S, int N, typename Op>
 __global__ void __launch_bounds__(kThreads)
-    multi_tensor_kernel(const TensorTable table, const int64_t chunk, const Op op) {
+    multi_tensor_kernel(const TensorTable table, const int64_t chunk, const Op op_arg) {
+  Op op = op_arg;
+  op.load();
   const int32_t block = static_cast<int32_t>(blockIdx.x);
   int lo = 0, hi = table.count - 1;  // the last tensor whose first chunk is <= block
   while (lo < hi) {
@@ -137,7 +151,7 @@ void launch_pairs(const std::vector<std::pair<void*, const void*>>& pairs,
   };
   for (size_t i = 0; i < pairs.size(); ++i) {
     const int64_t chunks = (numel[i] + chunk - 1) / chunk;
-    TORCH_CHECK(chunks < INT_MAX / 2, "minc::ema_update_: tensor too large (", numel[i], " elements)");
+    TORCH_CHECK(chunks < INT_MAX / 2, "minc_kernels::ema_update_: tensor too large (", numel[i], " elements)");
     if (table.count == kMaxTensors || table.chunk_start[table.count] + chunks >= INT_MAX / 2) flush();
     const int c = table.count;
     table.dst[c] = pairs[i].first;
@@ -155,9 +169,13 @@ void launch_pairs(const std::vector<std::pair<void*, const void*>>& pairs,
 
 int cuda_runtime_version_compiled() { return CUDART_VERSION; }
 
-void ema_update_cuda(at::TensorList target, at::TensorList online, double momentum,
-                     at::TensorList copy_target, at::TensorList copy_source) {
-  check_ema_args(target, online, momentum, copy_target, copy_source);
+namespace {
+
+// The CUDA kernels proper: only ever called after check_ema_args passed, so every tensor
+// here is a CUDA tensor of one device with a checked layout, and no data pointer is read
+// before that (the checks read devices first, data pointers last).
+void run_cuda(at::TensorList target, at::TensorList online, const EmaMomentum& momentum,
+              at::TensorList copy_target, at::TensorList copy_source) {
   const at::Tensor& any = !target.empty() ? target[0] : (!copy_target.empty() ? copy_target[0] : at::Tensor());
   if (!any.defined()) return;
   const c10::cuda::CUDAGuard guard(any.device());
@@ -186,7 +204,9 @@ void ema_update_cuda(at::TensorList target, at::TensorList online, double moment
         using acc_t = at::opmath_type<target_t>;
         constexpr int widest = sizeof(target_t) > sizeof(online_t) ? sizeof(target_t) : sizeof(online_t);
         constexpr int N = 16 / widest;
-        const LerpOp<acc_t> op{static_cast<acc_t>(1.0 - momentum)};
+        LerpOp<acc_t> op{static_cast<acc_t>(1.0 - momentum.value)};
+        op.momentum_ptr = momentum.device_ptr;
+        op.momentum_double = momentum.device_double;
         launch_pairs<target_t, online_t, N>(pairs, numel, /*chunk=*/16384, op, stream);
       });
     });
@@ -204,6 +224,28 @@ void ema_update_cuda(at::TensorList target, at::TensorList online, double moment
   if (!pairs.empty()) launch_pairs<uint8_t, uint8_t, 16>(pairs, nbytes, /*chunk=*/65536, CopyOp{}, stream);
 }
 
-}  // namespace minc
+}  // namespace
 
-TORCH_LIBRARY_IMPL(minc, CUDA, m) { m.impl("ema_update_.with_copy", &minc::ema_update_cuda); }
+void ema_update_cuda(at::TensorList target, at::TensorList online, double momentum,
+                     at::TensorList copy_target, at::TensorList copy_source) {
+  // First: every check (devices of all four lists before anything else); a CPU tensor in
+  // any list is refused here with a ValueError, never reaches a kernel.
+  const EmaMomentum m =
+      check_ema_args(target, online, nullptr, momentum, copy_target, copy_source, c10::kCUDA);
+  run_cuda(target, online, m, copy_target, copy_source);
+}
+
+void ema_update_cuda_tensor(at::TensorList target, at::TensorList online,
+                            const at::Tensor& momentum, at::TensorList copy_target,
+                            at::TensorList copy_source) {
+  const EmaMomentum m =
+      check_ema_args(target, online, &momentum, 0.0, copy_target, copy_source, c10::kCUDA);
+  run_cuda(target, online, m, copy_target, copy_source);
+}
+
+}  // namespace minc_kernels
+
+TORCH_LIBRARY_IMPL(minc_kernels, CUDA, m) {
+  m.impl("ema_update_.with_copy", &minc_kernels::ema_update_cuda);
+  m.impl("ema_update_.tensor_momentum", &minc_kernels::ema_update_cuda_tensor);
+}

@@ -1,7 +1,10 @@
-"""Loads the compiled extension (``minc_kernels._C``) once, lazily; records why it is missing.
+"""The compiled extension ``minc_kernels._C`` and the Python side of its op.
 
-Never compiles at import.  ``load(required=False)`` returns the module or ``None``;
-``load(required=True)`` re-raises the original build/import error.
+Loading: once, lazily (never compiles at import); records why it is missing.
+``load(required=False)`` returns the module or ``None``; ``load(required=True)``
+re-raises the original build/import error.  Call ``load()`` (or
+``minc_kernels.functional.load_kernels()``, or build a ``MomentumEncoder``) before
+``torch.compile``: the first load reads files, which a compiled region cannot trace.
 
 Before importing the module, the versions it was built against (``_C_build.json``,
 written next to it by setup.py) are compared with the running torch: a module built
@@ -9,9 +12,13 @@ against another torch is refused with a message saying how to rebuild, instead o
 failing on an undefined symbol or, worse, crashing on an ABI difference.  After the
 import, ``_C.build_info()`` is compared again.
 
-Importing this module also registers the fake (meta) implementation of the op
-``minc::ema_update_`` when the op is loaded, so ``torch.compile`` can trace it (the
-compiled module names this module as the op's Python home).
+The op ``minc_kernels::ema_update_`` (the package's one op namespace, shared with the
+Triton ops): its schema and kernels are C++ (``csrc/ema.cpp``: overloads ``default``,
+``with_copy`` and ``tensor_momentum``); its Python side is this module (the schema names it
+with ``set_python_module``): the fake (meta) implementations ``torch.compile`` traces with,
+registered right after the op is loaded, by ``_register_fake`` below.  (How
+``ema_update_`` applies the op to FSDP2 / DTensor parameters, on local shards, is
+``minc_kernels/ema.py``.)
 """
 from __future__ import annotations
 
@@ -97,40 +104,74 @@ def supports(device: torch.device) -> bool:
     return device.type == "cuda" and bool(_state["info"].get("cuda_compiled"))
 
 
-# ----------------------------------------------------------------- fake implementation
-def _ema_update_fake(target, online, momentum, copy_target, copy_source) -> None:
-    """Shape-level checks only (the kernels check everything again); writes nothing."""
+# ------------------------------------------------- the op minc_kernels::ema_update_: fakes
+OP_NAME = "minc_kernels::ema_update_"
+
+
+def _check_fake_lists(target, online, copy_target, copy_source):
+    """Shape-level checks only (the kernels check everything again); returns the device."""
     if len(target) != len(online) or len(copy_target) != len(copy_source):
-        raise ValueError("minc::ema_update_: target/online and copy_target/copy_source must "
+        raise ValueError(f"{OP_NAME}: target/online and copy_target/copy_source must "
                          "hold the same number of tensors")
     device = None
     for name, first, second in (("online", target, online), ("copy_source", copy_target, copy_source)):
         for i, (t, o) in enumerate(zip(first, second)):
-            if t.shape != o.shape:
-                raise ValueError(f"minc::ema_update_: {name}[{i}] must have the shape of its "
-                                 f"target: expected {tuple(t.shape)}, got {tuple(o.shape)}")
             # ema_update_ leaves the device check of its hot path to the op: a meta tensor
             # among real ones dispatches here, so this check must name it.
             device = t.device if device is None else device
             if t.device != device or o.device != device:
-                raise ValueError(f"minc::ema_update_: {name}[{i}] and its target are on "
+                raise ValueError(f"{OP_NAME}: {name}[{i}] and its target are on "
                                  f"{o.device} and {t.device}, expected {device}: one call "
                                  "updates tensors of one device")
-    return None
+            if t.shape != o.shape:
+                raise ValueError(f"{OP_NAME}: {name}[{i}] must have the shape of its "
+                                 f"target: expected {tuple(t.shape)}, got {tuple(o.shape)}")
+    return device
+
+
+def _ema_update_fake(target, online, momentum, copy_target, copy_source) -> None:
+    """``ema_update_.with_copy`` (float momentum): writes nothing."""
+    _check_fake_lists(target, online, copy_target, copy_source)
+
+
+def _ema_update_tensor_fake(target, online, momentum, copy_target, copy_source) -> None:
+    """``ema_update_.tensor_momentum``: the momentum's shape, dtype and device, never its
+    value (under torch.compile the value is not known; the CPU kernel checks it when it
+    runs, a CUDA momentum is read on the device)."""
+    device = _check_fake_lists(target, online, copy_target, copy_source)
+    check_momentum_tensor(momentum, device)
+
+
+def check_momentum_tensor(momentum: torch.Tensor, device=None) -> torch.Tensor:
+    """A momentum tensor must be 0-dim float32/float64, on the CPU or ``device``: metadata
+    only (no value read: no host sync, nothing for torch.compile to guard on)."""
+    if momentum.dim() != 0:
+        raise ValueError(f"momentum must be a float or a 0-dim tensor, got a tensor of shape "
+                         f"{tuple(momentum.shape)}")
+    if momentum.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"a momentum tensor must be float32 or float64, got {momentum.dtype}")
+    if device is not None and momentum.device.type != "cpu" and momentum.device != device:
+        raise ValueError(f"a momentum tensor must be on the CPU or on the device of the tensors "
+                         f"({device}), got {momentum.device}")
+    return momentum
+
+
+_FAKES = (("with_copy", _ema_update_fake), ("tensor_momentum", _ema_update_tensor_fake))
 
 
 def _register_fake() -> None:
     if _state.get("fake_registered"):
         return
     try:
-        torch.ops.minc.ema_update_.with_copy  # noqa: B018 - raises if the op is not loaded
+        torch.ops.minc_kernels.ema_update_.tensor_momentum  # noqa: B018 - raises if not loaded
     except (AttributeError, RuntimeError):
         return
-    try:
-        torch.library.register_fake("minc::ema_update_.with_copy")(_ema_update_fake)
-    except RuntimeError as exc:  # this module re-imported: the first registration stands
-        if "already" not in str(exc):
-            raise
+    for overload, fake in _FAKES:
+        try:
+            torch.library.register_fake(f"{OP_NAME}.{overload}")(fake)
+        except RuntimeError as exc:  # this module re-imported: the first registration stands
+            if "already" not in str(exc):
+                raise
     _state["fake_registered"] = True
 
 

@@ -8,8 +8,8 @@ update itself on the memory-bound CPU path (issue 13 measured 0.41x of ``_foreac
 from __future__ import annotations
 
 import copy
+from bisect import bisect_right
 from itertools import chain
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -81,6 +81,7 @@ def _check_lists(targets: list, onlines: list, layout: bool = True) -> None:
                              "one call updates tensors of one device")
         if layout:
             _check_layout(t, o, f"target[{i}]", f"online[{i}]")
+    _check_not_swapped(targets, onlines)
 
 
 def _same_dtypes(targets: list, onlines: list) -> bool:
@@ -100,6 +101,7 @@ def _quick_valid(targets: list, onlines: list) -> bool:
         if [t.shape for t in targets] != [o.shape for o in onlines]:
             return False
         if not all([t.is_floating_point() and o.is_floating_point()
+                    and (o.requires_grad or not t.requires_grad)  # not swapped
                     for t, o in zip(targets, onlines)]):
             return False
         return len({t.device for t in targets}.union([o.device for o in onlines])) <= 1
@@ -114,59 +116,231 @@ def _all_finite(tensors: list) -> bool:
     return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
 
 
-def ema_update_(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], momentum: float,
-                check_finite: bool = False, backend: str = "auto") -> None:
+def _check_not_swapped(targets: list, onlines: list) -> None:
+    """The EMA copy is frozen and the trained tensors require grad: a target that requires
+    grad paired with an online tensor that does not is the swapped order (lightly's
+    ``update_momentum(model, model_ema, m)`` takes the trained model first; ours is
+    ``(target, online, momentum)``), which would overwrite the trained weights."""
+    for i, (t, o) in enumerate(zip(targets, onlines)):
+        if t.requires_grad and not o.requires_grad:
+            raise ValueError(f"target[{i}] requires grad but online[{i}] does not: the arguments "
+                             "look swapped; the order is (target, online, momentum): the EMA copy "
+                             "first (frozen), the trained tensors second (lightly's "
+                             "update_momentum(model, model_ema, m) is the other way round)")
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """Bytes [begin, end) that ``t`` can touch (exact for dense tensors, a bound otherwise)."""
+    if t.numel() == 0:
+        return 0, 0
+    begin = t.data_ptr()
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return begin, begin + extent * t.element_size()
+
+
+def _check_aliasing(targets: list, onlines: list, copy_targets: list, copy_sources: list) -> None:
+    """The extension's rule (csrc/ema.cpp), for the foreach path: written tensors pairwise
+    disjoint, and a written tensor overlaps no read tensor except its own partner when the
+    two are the very same memory (same start, strides and dtype: a no-op).  For strided
+    views the spans are bounds, so interleaved views of one buffer are refused too."""
+    written = [(*_span(t), "target", i, t) for i, t in enumerate(targets) if t.numel()]
+    written += [(*_span(t), "copy_target", i, t) for i, t in enumerate(copy_targets) if t.numel()]
+    if not written:
+        return
+    written.sort(key=lambda w: w[0])
+    for (_, end, name, i, _t), (begin, _, name2, j, _t2) in zip(written, written[1:]):
+        if begin < end:
+            raise ValueError(f"{name}[{i}] and {name2}[{j}] share memory; every written tensor "
+                             "must be distinct")
+    # The written spans are sorted and disjoint, so their ends are sorted too: the first one
+    # that can overlap a read span [b, e) is the first whose end is past b.
+    ends = [w[1] for w in written]
+    partner = {"online": "target", "copy_source": "copy_target"}
+    for name, tensors in (("online", onlines), ("copy_source", copy_sources)):
+        for j, o in enumerate(tensors):
+            if not o.numel():
+                continue
+            begin, end = _span(o)
+            k = bisect_right(ends, begin)
+            while k < len(written) and written[k][0] < end:
+                wb, we, wname, i, t = written[k]
+                same = (wname == partner[name] and i == j and wb == begin and we == end
+                        and t.dtype == o.dtype and t.stride() == o.stride())
+                if not same:
+                    raise ValueError(f"{wname}[{i}] (written) and {name}[{j}] (read) share memory; "
+                                     "a written tensor may alias only its own partner as the very "
+                                     "same tensor: crossed or partial aliasing makes the result "
+                                     "depend on the order of the updates")
+                k += 1
+
+
+# --------------------------------------------------------------- FSDP2 / DTensor
+_DTENSOR: list = []
+
+
+def _dtensor_type():
+    """``torch.distributed.tensor.DTensor``, imported on first need (None without it)."""
+    if not _DTENSOR:
+        try:
+            from torch.distributed.tensor import DTensor
+        except Exception:  # noqa: BLE001 - a torch without distributed support
+            DTensor = None
+        _DTENSOR.append(DTensor)
+    return _DTENSOR[0]
+
+
+_PLAIN_TYPES = (torch.Tensor, nn.Parameter)
+
+
+def _has_dtensor(*lists) -> bool:
+    dt = _dtensor_type()
+    return dt is not None and any(isinstance(x, dt) for lst in lists for x in lst)
+
+
+def _local_pairs(first: list, second: list, names: tuple) -> tuple[list, list]:
+    """Each pair as local tensors: two DTensors sharded alike (same mesh, placements and
+    global shape) give their local shards, which pair element for element; two plain
+    tensors stay; anything else is refused, naming the pair."""
+    dt = _dtensor_type()
+    a, b = names
+    if len(first) != len(second):
+        raise ValueError(f"{a} and {b} must hold the same number of tensors, got "
+                         f"{len(first)} and {len(second)}")
+    out_first, out_second = [], []
+    for i, (t, o) in enumerate(zip(first, second)):
+        t_d, o_d = isinstance(t, dt), isinstance(o, dt)
+        if t_d and o_d:
+            if t.device_mesh != o.device_mesh or t.placements != o.placements or t.shape != o.shape:
+                raise ValueError(
+                    f"{a}[{i}] and {b}[{i}] are DTensors sharded differently ({a}: shape "
+                    f"{tuple(t.shape)}, placements {t.placements}, mesh {t.device_mesh}; {b}: "
+                    f"shape {tuple(o.shape)}, placements {o.placements}, mesh {o.device_mesh}): "
+                    "shard the EMA copy like the online module (the same fully_shard calls on "
+                    "the same mesh), so that each rank updates its own shards")
+            if a == "target":
+                _check_not_swapped([t], [o])
+            out_first.append(t.to_local())
+            out_second.append(o.to_local())
+        elif t_d or o_d:
+            kinds = {True: "a DTensor (sharded)", False: "a plain torch.Tensor"}
+            raise ValueError(
+                f"{a}[{i}] is {kinds[t_d]} and {b}[{i}] {kinds[o_d]}: both must be DTensors "
+                "sharded alike, or both plain tensors. With FSDP2, shard the EMA copy like the "
+                "online module, with fully_shard(target, reshard_after_forward=True) (a root "
+                "module otherwise keeps its parameters unsharded after its forward; "
+                "MomentumEncoder.update reshards the target itself, outside torch.compile)")
+        else:
+            out_first.append(t)
+            out_second.append(o)
+    return out_first, out_second
+
+
+def _to_local(targets, onlines, copy_targets, copy_sources):
+    with torch.no_grad():  # to_local of a Parameter that requires grad: no graph
+        targets, onlines = _local_pairs(targets, onlines, ("target", "online"))
+        copy_targets, copy_sources = _local_pairs(copy_targets, copy_sources,
+                                                  ("copy_target", "copy_source"))
+    return targets, onlines, copy_targets, copy_sources
+
+
+# ------------------------------------------------------------------------ the update
+def ema_update_(target, online, momentum, check_finite: bool = False,
+                backend: str = "auto") -> None:
     """In place, for every pair: ``target ← momentum·target + (1-momentum)·online`` (fp32 math).
 
     Args:
-        target: tensors to update (floating; fp32 recommended: bf16 rounds small updates away),
-            dense (contiguous or channels_last), all on one device.
-        online: tensors of the same shapes, strides and device (any floating dtype, e.g. bf16
-            into fp32).
-        momentum: in [0, 1]; 1 keeps ``target``, 0 copies ``online``.
-        check_finite: opt-in: refuse NaN/Inf in ``online`` with a ``ValueError`` before
-            writing anything (an extra read of ``online`` and one host sync per call).
-            Default False: no value is read on the host, so NaN/Inf online values reach
-            the targets (a diverged online network shows in its loss first).
-        backend: ``"auto"``: the compiled extension ``torch.ops.minc.ema_update_`` when built
-            for the tensors' device (one call; its checks run in C++, ~0.1 us per tensor),
-            otherwise ``torch._foreach_lerp_`` (checks in Python first).  ``"extension"``
-            (re-raises why it is missing) or ``"foreach"``.
+        target: the EMA copy: tensors to update (floating; fp32 recommended: bf16 rounds
+            small updates away), dense (contiguous or channels_last), all on one device; or
+            an ``nn.Module``, meaning its ``parameters()``.  FSDP2 (``fully_shard``) /
+            DTensor parameters are updated shard by shard (each rank its local shards) when
+            target and online are sharded alike; otherwise a ``ValueError`` names the pair.
+        online: the trained tensors (or an ``nn.Module``): the same shapes, strides and
+            device (any floating dtype, e.g. bf16 into fp32).  The order is (target, online),
+            the opposite of lightly's ``update_momentum(model, model_ema, m)``: a target that
+            requires grad paired with an online tensor that does not is refused as swapped.
+        momentum: in [0, 1]; 1 keeps ``target``, 0 copies ``online``.  A float, or a 0-dim
+            float32/float64 tensor (a schedule under ``torch.compile`` then compiles once:
+            nothing is guarded on its value).  A float or a CPU tensor is range-checked
+            (a CPU tensor when the update runs, never while tracing); a momentum tensor on
+            the GPU is read on the device and checked only with ``check_finite=True``
+            (reading it is a host sync).
+        check_finite: opt-in: refuse NaN/Inf in ``online`` (and a GPU momentum tensor out
+            of range) with a ``ValueError`` before writing anything (an extra read of
+            ``online`` and one host sync per call).  Default False: no value is read on
+            the host, so NaN/Inf online values reach the targets (a diverged online network
+            shows in its loss first).
+        backend: ``"auto"``: the compiled extension ``torch.ops.minc_kernels.ema_update_``
+            when built for the tensors' device (one call; its checks run in C++, ~0.1 us
+            per tensor), otherwise ``torch._foreach_lerp_`` (checks in Python first).
+            ``"extension"`` (re-raises why it is missing) or ``"foreach"``.  Every backend
+            refuses aliasing: written tensors sharing memory, or a target sharing memory
+            with any online tensor but its own partner as the very same tensor.
     """
+    if isinstance(target, nn.Module) or isinstance(online, nn.Module):
+        target, online = _module_parameters(target, online)
     _ema_update(list(target), list(online), momentum, check_finite, backend)
 
 
-def _ema_update(targets: list, onlines: list, momentum: float, check_finite: bool, backend: str,
+def _module_parameters(target, online) -> tuple[list, list]:
+    """Modules mean their parameters (lightly's ``update_momentum`` does the same; the
+    buffers, e.g. BN statistics, are MomentumEncoder's business)."""
+    if not (isinstance(target, nn.Module) and isinstance(online, nn.Module)):
+        raise TypeError(f"target and online must both be nn.Modules or both sequences of tensors, "
+                        f"got {type(target).__name__} and {type(online).__name__}")
+    return list(target.parameters()), list(online.parameters())
+
+
+def _ema_update(targets: list, onlines: list, momentum, check_finite: bool, backend: str,
                 copy_targets: list = (), copy_sources: list = ()) -> None:
     """ema_update_ plus ``copy_targets[j] ← copy_sources[j]`` (same dtype, shape, layout and
     device as the lerped tensors), in one extension call if live."""
-    momentum = check_unit_interval("momentum", momentum)
+    if isinstance(momentum, torch.Tensor):
+        momentum = _ext.check_momentum_tensor(momentum)  # metadata only: no guard, no sync
+    else:
+        momentum = check_unit_interval("momentum", momentum)
     check_choice("backend", backend, EMA_BACKENDS)
     copy_targets, copy_sources = list(copy_targets), list(copy_sources)
     first = (targets or copy_targets or [None])[0]
+    if first is not None and type(first) not in _PLAIN_TYPES and _has_dtensor([first]):
+        # FSDP2 / DTensor parameters: the same update on each rank's local shards.
+        targets, onlines, copy_targets, copy_sources = _to_local(targets, onlines, copy_targets,
+                                                                 copy_sources)
+        first = (targets or copy_targets or [None])[0]
     if backend != "foreach":
-        ext = _ext.load(required=backend == "extension")
-        if ext is not None and isinstance(first, torch.Tensor) and _ext.supports(first.device):
+        if _ext_live(first, backend == "extension"):
             if check_finite:  # opt-in: the checks first (the finite check needs them), then values
                 _check_lists(targets, onlines, layout=True)
                 with torch.no_grad():
                     _check_finite(onlines)
-            # The hot path: no check in Python.  The op checks every pair in C++ (shapes,
-            # dtypes, one device, layouts, no aliasing) before writing anything and raises a
-            # ValueError/TypeError naming the tensor: ~0.1 us per tensor, where the same checks
-            # in Python cost ~2-5 us per tensor (measured: benchmarks/results/cpu-overhead-*).
-            # A tensor of another device sends the call to that device's kernel, or to the
-            # fake implementation (meta), which check devices too.
+                    _check_momentum_value(momentum)
+            # The hot path: no check in Python.  The op checks every pair in C++ (devices
+            # first, then the momentum, shapes, dtypes, layouts, the argument order, and
+            # aliasing) before writing anything and raises a ValueError/TypeError naming the
+            # tensor: ~0.1 us per tensor, where the same checks in Python cost ~2-5 us per
+            # tensor (measured: benchmarks/results/cpu-overhead-*).  A tensor of another
+            # device sends the call to that device's kernel, or to the fake implementation
+            # (meta), which check devices too.
             try:
-                torch.ops.minc.ema_update_.with_copy(targets, onlines, momentum, copy_targets,
-                                                     copy_sources)
+                if isinstance(momentum, float):
+                    torch.ops.minc_kernels.ema_update_.with_copy(targets, onlines, momentum,
+                                                                 copy_targets, copy_sources)
+                else:
+                    torch.ops.minc_kernels.ema_update_.tensor_momentum(
+                        targets, onlines, momentum, copy_targets, copy_sources)
             except (TypeError, RuntimeError):
                 # torch's argument parser refuses a list with a non-tensor item with a
                 # RuntimeError that names no item: name it (the op's own checks raise
-                # ValueError/TypeError, already named; anything else is re-raised).
+                # ValueError/TypeError, already named; anything else is re-raised).  A
+                # DTensor after the first tensor (the op has no sharding rule: it runs on
+                # local shards) is redone on the local shards, or refused naming the pair.
+                for lst, name in ((targets, "target"), (onlines, "online"),
+                                  (copy_targets, "copy_target"), (copy_sources, "copy_source")):
+                    _check_tensors(lst, name)
+                if _has_dtensor(targets, onlines, copy_targets, copy_sources):
+                    _ema_update(*_to_local(targets, onlines, [], [])[:2], momentum, check_finite,
+                                backend, *_to_local([], [], copy_targets, copy_sources)[2:])
+                    return
                 _check_lists(targets, onlines, layout=True)
-                _check_tensors(copy_targets, "copy_target")
-                _check_tensors(copy_sources, "copy_source")
                 raise
             return
         if backend == "extension" and isinstance(first, torch.Tensor):
@@ -177,18 +351,59 @@ def _ema_update(targets: list, onlines: list, momentum: float, check_finite: boo
     # to name the culprit), so that a bad call leaves every target untouched.
     if check_finite or not _quick_valid(targets, onlines):
         _check_lists(targets, onlines, layout=backend == "extension")
+    _check_aliasing(targets, onlines, copy_targets, copy_sources)
+    if isinstance(momentum, torch.Tensor):
+        _check_momentum_tensor_eagerly(momentum, first, check_finite)
     # no_grad here, not around the whole call: on the extension's path (not differentiable,
     # its Autograd kernel only dispatches) the context manager measurably slowed the call.
     with torch.no_grad():
         if check_finite:
             _check_finite(onlines)
         if targets:
-            if _same_dtypes(targets, onlines):
-                torch._foreach_lerp_(targets, onlines, 1.0 - momentum)
-            else:
-                reference.ema_update_(targets, onlines, momentum)  # upcasts the online tensors
+            _foreach_ema(targets, onlines, momentum)
         if copy_targets:
             torch._foreach_copy_(copy_targets, copy_sources)
+
+
+def _ext_live(first, required: bool) -> bool:
+    """Whether the extension has a kernel for ``first``'s device (loads it on first use:
+    under torch.compile, load it first, e.g. ``_ext.load()``; then this is dict lookups)."""
+    ext = _ext.load(required=required)
+    return ext is not None and isinstance(first, torch.Tensor) and _ext.supports(first.device)
+
+
+def _foreach_ema(targets: list, onlines: list, momentum) -> None:
+    if isinstance(momentum, float):
+        if _same_dtypes(targets, onlines):
+            torch._foreach_lerp_(targets, onlines, 1.0 - momentum)
+        else:
+            reference.ema_update_(targets, onlines, momentum)  # upcasts the online tensors
+        return
+    # A 0-dim tensor momentum: lerp weights as tensors (no value read on the host).
+    onlines = [o if o.dtype == t.dtype else o.to(t.dtype) for t, o in zip(targets, onlines)]
+    weights = {}
+    for t in targets:
+        if (t.dtype, t.device) not in weights:
+            w = 1.0 - momentum.to(device=t.device, dtype=torch.float64)
+            weights[t.dtype, t.device] = w.to(t.dtype)
+    torch._foreach_lerp_(targets, onlines, [weights[t.dtype, t.device] for t in targets])
+
+
+def _check_momentum_tensor_eagerly(momentum: torch.Tensor, first, check_finite: bool) -> None:
+    """The foreach path's range check of a tensor momentum: in eager mode for a CPU tensor
+    (host memory: no device sync) or with check_finite=True; never under torch.compile."""
+    _ext.check_momentum_tensor(momentum, first.device if isinstance(first, torch.Tensor) else None)
+    if torch.compiler.is_compiling():
+        return
+    if momentum.device.type == "cpu" or check_finite:
+        _check_momentum_value(momentum)
+
+
+def _check_momentum_value(momentum) -> None:
+    if isinstance(momentum, torch.Tensor):
+        value = float(momentum)  # CPU memory, or check_finite=True: a read the caller accepted
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {value!r}")
 
 
 def _check_tensors(tensors: list, name: str) -> None:
@@ -211,22 +426,55 @@ class MomentumEncoder(nn.Module):
     runs the target under ``no_grad``.  Only the target is in ``state_dict``: the online
     module stays owned by the caller.
 
+    FSDP2 (``fully_shard``) modules cannot be deep-copied: build the copy like the online
+    module, shard it the same way, and pass it as ``target``
+    (``MomentumEncoder(online, target=fully_shard(build(), reshard_after_forward=True))``);
+    its weights are then set from ``online``'s, shard by shard, and ``update`` works on
+    the local shards (docs/distributed.md, "FSDP2").
+
     Args:
         online: the module being trained.
         ema_buffers: lerp floating buffers (BN running stats) like parameters (default
             True); if False they are copied.  Integer buffers are always copied.
+        target: optional: the module to hold the EMA copy instead of a deep copy of
+            ``online``: the same parameters and buffers (names, order, shapes; DTensors
+            sharded like the online ones).  Its values are overwritten with ``online``'s
+            and its parameters stop requiring grad.
     """
 
-    def __init__(self, online: nn.Module, ema_buffers: bool = True):
+    def __init__(self, online: nn.Module, ema_buffers: bool = True, target: nn.Module | None = None):
         super().__init__()
         if not isinstance(online, nn.Module):
             raise TypeError(f"online must be an nn.Module, got {type(online).__name__}")
-        self.target = copy.deepcopy(online)
-        for p in self.target.parameters():
+        if target is None:
+            try:
+                target = copy.deepcopy(online)
+            except Exception as exc:
+                if _is_sharded(online):
+                    raise TypeError(
+                        "online is sharded (FSDP2 fully_shard / DTensor parameters) and cannot "
+                        "be deep-copied: build the EMA copy like the online module, shard it the "
+                        "same way and pass it: MomentumEncoder(online, target=fully_shard("
+                        "build(), reshard_after_forward=True)); its weights are then copied "
+                        "from online") from exc
+                raise
+        else:
+            if not isinstance(target, nn.Module):
+                raise TypeError(f"target must be an nn.Module, got {type(target).__name__}")
+            if target is online:
+                raise ValueError("target must be another module than online (the EMA copy)")
+            _copy_weights_(target, online)
+        for p in target.parameters():
             p.requires_grad_(False)
+        self.target = target
         self.ema_buffers = bool(ema_buffers)
         # Not registered as a submodule: the caller owns (and optimises) the online module.
         object.__setattr__(self, "_online", online)
+        # FSDP2 modules in the copy: resharded before each update (outside torch.compile).
+        object.__setattr__(self, "_fsdp_modules", _fsdp_modules(target))
+        # Load the compiled extension now, outside any compiled region: update() can then
+        # be compiled with fullgraph=True in a fresh process.
+        _ext.load()
 
     @property
     def online(self) -> nn.Module:
@@ -236,14 +484,21 @@ class MomentumEncoder(nn.Module):
         with torch.no_grad():
             return self.target(*args, **kwargs)
 
-    def update(self, momentum: float, check_finite: bool = False, backend: str = "auto") -> None:
-        """One EMA step of parameters (and buffers) with ``momentum`` in [0, 1].
+    def update(self, momentum, check_finite: bool = False, backend: str = "auto") -> None:
+        """One EMA step of parameters (and buffers) with ``momentum`` in [0, 1]: a float, or
+        a 0-dim tensor (under ``torch.compile`` a schedule then compiles once).
 
         With the compiled extension live, parameters, lerped buffers and copied buffers
-        are all updated by one call of ``torch.ops.minc.ema_update_.with_copy``;
+        are all updated by one call of ``torch.ops.minc_kernels.ema_update_``;
         ``check_finite`` (opt-in, a host sync) and ``backend`` are those of :func:`ema_update_`.
+        FSDP2 modules of the target are resharded first (eager only: under torch.compile,
+        shard the target with ``reshard_after_forward=True``).
         """
-        momentum = check_unit_interval("momentum", momentum)
+        if not isinstance(momentum, torch.Tensor):
+            momentum = check_unit_interval("momentum", momentum)
+        if self._fsdp_modules and not torch.compiler.is_compiling():
+            for m in self._fsdp_modules:
+                m.reshard()
         tp, tb = _params_and_buffers(self.target)
         op, ob = _params_and_buffers(self._online)
         if len(tp) != len(op) or len(tb) != len(ob):
@@ -295,3 +550,43 @@ def _params_and_buffers(module: nn.Module) -> tuple[list, list]:
     params.pop(None, None)
     buffers.pop(None, None)
     return list(params), list(buffers)
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    """An FSDP2 module, or one with DTensor parameters (torch.distributed in use only)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    return bool(_fsdp_modules(module)) or _has_dtensor(list(module.parameters()))
+
+
+def _fsdp_modules(module: nn.Module) -> tuple:
+    """The FSDP2 (``fully_shard``) modules in ``module`` (none without a process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return ()
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return ()
+    return tuple(m for m in module.modules() if isinstance(m, FSDPModule))
+
+
+def _copy_weights_(target: nn.Module, online: nn.Module) -> None:
+    """``target``'s parameters and buffers ← ``online``'s (DTensors: shard by shard)."""
+    tp, tb = _params_and_buffers(target)
+    op, ob = _params_and_buffers(online)
+    if len(tp) != len(op) or len(tb) != len(ob):
+        raise ValueError(f"target must have the parameters and buffers of online: got {len(tp)} "
+                         f"parameters and {len(tb)} buffers, online has {len(op)} and {len(ob)}")
+    for kind, ts, os_ in (("parameter", tp, op), ("buffer", tb, ob)):
+        for i, (t, o) in enumerate(zip(ts, os_)):
+            if t.shape != o.shape:
+                raise ValueError(f"target's {kind} {i} has shape {tuple(t.shape)} but online's "
+                                 f"{tuple(o.shape)}: build the target like the online module")
+    for m in _fsdp_modules(target):
+        m.reshard()
+    with torch.no_grad():
+        if _has_dtensor(tp, op, tb, ob):
+            tp, op = _local_pairs(tp, op, ("target parameter", "online parameter"))
+            tb, ob = _local_pairs(tb, ob, ("target buffer", "online buffer"))
+        for t, o in zip(tp + tb, op + ob):
+            t.copy_(o)

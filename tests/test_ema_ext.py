@@ -1,4 +1,4 @@
-"""The compiled extension minc_kernels._C: op minc::ema_update_ (CPU here, CUDA when a GPU is
+"""The compiled extension minc_kernels._C: op minc_kernels::ema_update_ (CPU here, CUDA when a GPU is
 there) against the docs/math.md §4 formula, every error path leaving all state unchanged, opcheck,
 torch.compile, the build record and the ABI check."""
 import json
@@ -77,7 +77,7 @@ def test_cuda_objects_compiled_in_when_a_toolkit_is_there():
         pytest.skip("CPU-only build requested or no CUDA toolkit / CUDA torch here")
     assert info["cuda_compiled"], f"built without CUDA although a toolkit is there: {info}"
     assert info["cuda_runtime"] and info["cuda_arch_list"]
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("minc::ema_update_.with_copy", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("minc_kernels::ema_update_.with_copy", "CUDA")
     so = Path(EXT.__file__).read_bytes()
     assert b".nv_fatbin" in so, "no CUDA fat binary section in the built module"
 
@@ -109,7 +109,7 @@ def test_many_odd_sizes_fp32_against_formula(momentum):
     o = [_rand(s, 100 + i) for i, s in enumerate(ODD_SIZES)]
     t0 = _snap(t)
     version = t[3]._version
-    torch.ops.minc.ema_update_(t, o, momentum)
+    torch.ops.minc_kernels.ema_update_(t, o, momentum)
     assert t[3]._version > version  # autograd sees the in-place write
     for got, a, b in zip(t, t0, o):
         assert got.dtype == torch.float32 and got.shape == a.shape
@@ -132,7 +132,7 @@ def test_every_dtype_pair(tdtype, odtype):
     t = [_rand(s, i, tdtype) for i, s in enumerate(sizes)]
     o = [_rand(s, 50 + i, odtype) for i, s in enumerate(sizes)]
     t0 = _snap(t)
-    torch.ops.minc.ema_update_(t, o, 0.9)
+    torch.ops.minc_kernels.ema_update_(t, o, 0.9)
     for got, a, b in zip(t, t0, o):
         assert got.dtype == tdtype
         assert _max_err_ok(got, a, b, 0.9, ulps=2), (tdtype, odtype)
@@ -143,14 +143,14 @@ def test_bf16_online_into_fp32_target_keeps_small_updates():
     t = [_rand(4097, 1), _rand(1023, 2)]
     o = [_rand(4097, 3, torch.bfloat16), _rand(1023, 4, torch.bfloat16)]
     t0 = _snap(t)
-    torch.ops.minc.ema_update_(t, o, 0.9999)
+    torch.ops.minc_kernels.ema_update_(t, o, 0.9999)
     for got, a, b in zip(t, t0, o):
         assert got.dtype == torch.float32
         assert _max_err_ok(got, a, b, 0.9999, ulps=2)
         assert not torch.equal(got, a)  # fp32 target: 1e-4 steps are not rounded away
     t = [_rand(8, 5)]
     o = [t[0].bfloat16()]
-    torch.ops.minc.ema_update_(t, o, 0.0)
+    torch.ops.minc_kernels.ema_update_(t, o, 0.0)
     assert torch.equal(t[0], o[0].float())
 
 
@@ -165,7 +165,7 @@ def test_parallel_split_across_tensor_boundaries():
             t = [_rand(s, i) for i, s in enumerate(sizes)]
             o = [_rand(s, 20 + i, torch.bfloat16) for i, s in enumerate(sizes)]
             t0 = _snap(t)
-            torch.ops.minc.ema_update_(t, o, 0.7)
+            torch.ops.minc_kernels.ema_update_(t, o, 0.7)
             assert all(_max_err_ok(g, a, b, 0.7, ulps=2) for g, a, b in zip(t, t0, o))
     finally:
         torch.set_num_threads(old)
@@ -173,10 +173,10 @@ def test_parallel_split_across_tensor_boundaries():
 
 @needs_ext
 def test_empty_lists_and_zero_size_tensors():
-    torch.ops.minc.ema_update_([], [], 0.5)
-    torch.ops.minc.ema_update_.with_copy([], [], 0.5, [], [])
+    torch.ops.minc_kernels.ema_update_([], [], 0.5)
+    torch.ops.minc_kernels.ema_update_.with_copy([], [], 0.5, [], [])
     t, o = [torch.zeros(0), torch.zeros(3, 0)], [torch.ones(0), torch.ones(3, 0)]
-    torch.ops.minc.ema_update_(t, o, 0.5)
+    torch.ops.minc_kernels.ema_update_(t, o, 0.5)
     assert t[1].shape == (3, 0)
 
 
@@ -191,7 +191,7 @@ def test_unaligned_views_and_channels_last():
     o.append(wo)
     t0 = _snap(t)
     before = flat_t.clone()
-    torch.ops.minc.ema_update_(t, o, 0.25)
+    torch.ops.minc_kernels.ema_update_(t, o, 0.25)
     assert all(_max_err_ok(g, a, b, 0.25) for g, a, b in zip(t, t0, o))
     assert w.is_contiguous(memory_format=torch.channels_last)
     untouched = torch.ones(4200, dtype=torch.bool)
@@ -211,7 +211,7 @@ def test_with_copy_lerps_and_copies_in_one_call():
     base = torch.zeros(40, dtype=torch.int8)  # an odd-offset destination
     dst.append(base[3:20])
     src.append(torch.arange(17, dtype=torch.int8) * 3)
-    torch.ops.minc.ema_update_.with_copy(t, o, 0.5, dst, src)
+    torch.ops.minc_kernels.ema_update_.with_copy(t, o, 0.5, dst, src)
     assert all(_max_err_ok(g, a, b, 0.5) for g, a, b in zip(t, t0, o))
     assert all(torch.equal(d, s) for d, s in zip(dst, src))
     assert torch.count_nonzero(base[:3]) == 0 and torch.count_nonzero(base[20:]) == 0
@@ -255,7 +255,7 @@ def test_bad_calls_raise_and_leave_everything_unchanged(name, make, exc, match):
     written = targets + copy_t
     snap = _snap(written)
     with pytest.raises(exc, match=match):
-        torch.ops.minc.ema_update_.with_copy(targets, onlines, m, copy_t, copy_s)
+        torch.ops.minc_kernels.ema_update_.with_copy(targets, onlines, m, copy_t, copy_s)
     assert _unchanged(written, snap)
     with pytest.raises(exc):  # the pybind entry point goes through the same op
         EXT.ema_update_(targets, onlines, m, copy_t, copy_s)
@@ -278,8 +278,8 @@ def test_opcheck():
     t = [_rand(5, 1), _rand((3, 7), 2), _rand(1025, 3)]
     o = [_rand(5, 4), _rand((3, 7), 5, torch.bfloat16), _rand(1025, 6)]
     ct, cs = [torch.zeros(3, dtype=torch.long)], [torch.arange(3)]
-    torch.library.opcheck(torch.ops.minc.ema_update_.with_copy, (t, o, 0.9, ct, cs))
-    torch.library.opcheck(torch.ops.minc.ema_update_.default, (t, o, 0.9))
+    torch.library.opcheck(torch.ops.minc_kernels.ema_update_.with_copy, (t, o, 0.9, ct, cs))
+    torch.library.opcheck(torch.ops.minc_kernels.ema_update_.default, (t, o, 0.9))
 
 
 @needs_ext
@@ -325,7 +325,7 @@ def test_momentum_encoder_updates_everything_in_one_call(ema_buffers):
     online(torch.randn(16, 4))
     with _OpLog() as log:
         fused.update(0.9, check_finite=False, backend="extension")
-    assert log.ops == ["minc.ema_update_.with_copy"], log.ops
+    assert log.ops == ["minc_kernels.ema_update_.with_copy"], log.ops
     plain.update(0.9, backend="foreach")
     for a, b in zip(fused.state_dict().values(), plain.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
@@ -351,7 +351,7 @@ def test_cuda_many_tensors_against_foreach(odtype):
     t0 = _snap(t)
     ref = _snap(t)
     torch._foreach_lerp_(ref, [x.float() for x in o], 1 - 0.99)
-    torch.ops.minc.ema_update_(t, o, 0.99)
+    torch.ops.minc_kernels.ema_update_(t, o, 0.99)
     for got, want, a, b in zip(t, ref, t0, o):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
         assert _max_err_ok(got.cpu(), a.cpu(), b.cpu(), 0.99, ulps=2)
@@ -368,7 +368,7 @@ def test_cuda_every_dtype_pair_and_unaligned(tdtype, odtype):
     o = [flat_o[2:4099], flat_o[3:15002], _rand(17, 4, odtype, "cuda")]
     t0 = [x.cpu() for x in t]
     keep = flat_t.clone()
-    torch.ops.minc.ema_update_(t, o, 0.6)
+    torch.ops.minc_kernels.ema_update_(t, o, 0.6)
     for got, a, b in zip(t, t0, o):
         assert _max_err_ok(got.cpu(), a, b.cpu(), 0.6, ulps=2)
     assert torch.equal(flat_t[4098:5000], keep[4098:5000]) and flat_t[0] == keep[0]
@@ -382,25 +382,25 @@ def test_cuda_copy_momentum_ends_stream_and_errors():
     t = [_rand(1000, 1, device="cuda"), _rand(7, 2, device="cuda")]
     o = [_rand(1000, 3, torch.bfloat16, "cuda"), _rand(7, 4, device="cuda")]
     t0 = _snap(t)
-    torch.ops.minc.ema_update_(t, o, 1.0)
+    torch.ops.minc_kernels.ema_update_(t, o, 1.0)
     assert _unchanged(t, t0)
-    torch.ops.minc.ema_update_(t, o, 0.0)
+    torch.ops.minc_kernels.ema_update_(t, o, 0.0)
     assert all(torch.equal(a, b.float()) for a, b in zip(t, o))
     src = [torch.arange(100001, dtype=torch.int8, device="cuda"), torch.tensor(5, device="cuda")]
     dst = [torch.zeros_like(s) for s in src]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # runs on the current stream
-        torch.ops.minc.ema_update_.with_copy(t, o, 0.5, dst, src)
+        torch.ops.minc_kernels.ema_update_.with_copy(t, o, 0.5, dst, src)
     side.synchronize()
     assert all(torch.equal(d, s) for d, s in zip(dst, src))
     snap = _snap(t)
     with pytest.raises(ValueError, match="device"):
-        torch.ops.minc.ema_update_.with_copy(t, o, 0.5, [torch.zeros(2)], [torch.zeros(2)])
+        torch.ops.minc_kernels.ema_update_.with_copy(t, o, 0.5, [torch.zeros(2)], [torch.zeros(2)])
     with pytest.raises(ValueError, match="share memory"):
-        torch.ops.minc.ema_update_([t[0], t[0]], [o[0], o[0]], 0.5)
+        torch.ops.minc_kernels.ema_update_([t[0], t[0]], [o[0], o[0]], 0.5)
     assert _unchanged(t, snap)
-    torch.library.opcheck(torch.ops.minc.ema_update_.with_copy, (t, o, 0.9, dst, src))
+    torch.library.opcheck(torch.ops.minc_kernels.ema_update_.with_copy, (t, o, 0.9, dst, src))
 
 
 @pytest.mark.gpu
@@ -412,7 +412,7 @@ def test_cuda_device_guard_on_second_gpu():
     t, o = [_rand(5000, 1, device="cuda:1")], [_rand(5000, 2, device="cuda:1")]
     t0 = _snap(t)
     with torch.cuda.device(0):
-        torch.ops.minc.ema_update_(t, o, 0.5)
+        torch.ops.minc_kernels.ema_update_(t, o, 0.5)
     assert _max_err_ok(t[0].cpu(), t0[0].cpu(), o[0].cpu(), 0.5)
 
 
@@ -445,7 +445,7 @@ def test_auto_on_cpu_picks_the_extension_for_same_and_mixed_dtypes():
     for online in (same, mixed):
         with _OpLog() as log:
             mk.ema_update_(t, online, 0.9)
-        assert log.ops == ["minc.ema_update_.with_copy"], log.ops
+        assert log.ops == ["minc_kernels.ema_update_.with_copy"], log.ops
 
 
 @needs_ext
