@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["LossSpec", "acc", "clip_rows"]
+__all__ = ["LossSpec", "CheckedHyperParams", "acc", "clip_rows", "in_backward"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,34 @@ class LossSpec:
     cpu_fallback: str = "reference"
     module_kwargs: Callable[[int], dict] = field(default=lambda k: {})
     variants: dict = field(default_factory=dict)
+
+
+class CheckedHyperParams:
+    """``nn.Module`` mixin: assigning an attribute named in ``_hparam_checks`` runs the
+    constructor's check on the new value (``loss.mu = -1.0`` raises and keeps the old value),
+    and assigning ``backend`` re-resolves the backend choice.  Put it before ``nn.Module``."""
+
+    _hparam_checks: dict = {}
+
+    def __setattr__(self, name: str, value) -> None:
+        check = self._hparam_checks.get(name)
+        if check is not None:
+            value = check(value)
+        if name == "backend":
+            from .._backend import requested_backend
+
+            super().__setattr__("_choice", requested_backend(value))
+        super().__setattr__(name, value)
+
+
+def in_backward() -> bool:
+    """Whether this code runs inside autograd's backward pass: what activation checkpointing
+    (both reentrant modes) does when it recomputes a forward.  Stateful losses use it to
+    update their state once per step, not again in the recomputation.  Always False under
+    ``torch.compile`` (TorchDynamo cannot trace the engine query)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
 
 
 def acc(x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from .._validation import (
     check_positive,
     check_unit_interval,
 )
-from ._common import LossSpec, acc, clip_rows
+from ._common import CheckedHyperParams, LossSpec, acc, clip_rows, in_backward
 
 __all__ = ["MINCLoss", "minc_loss", "minc_moment_sum", "minc_loss_reference", "MINC_DEFAULT_FEATURE_NORM",
            "FEATURE_NORMS", "ORDERINGS", "SPEC"]
@@ -327,7 +327,29 @@ _HOT_CONFIG = frozenset({"moment_momentum", "bias_correction", "ordering", "feat
 _CHECK_FINITE = {True: "raise", False: "ignore", "skip": "skip", "raise": "raise", "ignore": "ignore"}
 
 
-class MINCLoss(nn.Module):
+def _check_moment_momentum(value) -> float:
+    beta = check_unit_interval("moment_momentum", value)
+    if beta == 1.0:
+        raise ValueError("moment_momentum must be < 1 (with 1 the moment never changes), got 1.0")
+    return beta
+
+
+def _check_check_finite(value) -> str:
+    if not isinstance(value, (bool, str)) or value not in _CHECK_FINITE:
+        raise ValueError(f"check_finite must be 'skip', 'raise' (or True) or 'ignore' (or "
+                         f"False), got {value!r}")
+    return _CHECK_FINITE[value]
+
+
+def _check_bool(name: str):
+    def check(value) -> bool:
+        if not isinstance(value, (bool, int)) or isinstance(value, float):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+        return bool(value)
+    return check
+
+
+class MINCLoss(CheckedHyperParams, nn.Module):
     """MINC: mutual-information non-contrastive loss (Guo et al. 2025), docs/math.md §2.
 
     Compares each online prediction with its target and with a running summary
@@ -405,6 +427,17 @@ class MINCLoss(nn.Module):
     (``-2 tr(P̃ᵀT̃)/(B d)``), ``cov`` (``<M, P̃ᵀP̃/B>/d``) and ``moment_trace``.
     """
 
+    _hparam_checks = {
+        "moment_momentum": _check_moment_momentum,
+        "bias_correction": _check_bool("bias_correction"),
+        "ordering": lambda v: check_choice("ordering", v, ORDERINGS),
+        "feature_norm": lambda v: check_choice("feature_norm", v, FEATURE_NORMS),
+        "mu": lambda v: check_positive("mu", v),
+        "scale": lambda v: check_positive("scale", v),
+        "check_finite": _check_check_finite,
+        "gather_distributed": _check_bool("gather_distributed"),
+    }
+
     #: Constants of the fast path of :meth:`forward` (see :meth:`_refresh_hot`); the class
     #: default None (an instance unpickled from an older version) takes the general path.
     _hot = None
@@ -420,21 +453,15 @@ class MINCLoss(nn.Module):
             raise ValueError(f"dim must be a positive int (the feature dimension k; None infers it "
                              f"at the first call), got {dim!r}")
         self.dim = dim
-        self.moment_momentum = check_unit_interval("moment_momentum", moment_momentum)
-        if self.moment_momentum == 1.0:
-            raise ValueError("moment_momentum must be < 1 (with 1 the moment never changes), got 1.0")
-        self.bias_correction = bool(bias_correction)
-        self.ordering = check_choice("ordering", ordering, ORDERINGS)
-        self.feature_norm, self.mu, self.scale = check_features_config(feature_norm, mu, scale)
-        self._divisor = minc_loss_divisor(self.feature_norm, self.mu)
-        if not isinstance(check_finite, (bool, str)) or check_finite not in _CHECK_FINITE:
-            raise ValueError(f"check_finite must be 'skip', 'raise' (or True) or 'ignore' (or "
-                             f"False), got {check_finite!r}")
-        self.check_finite = _CHECK_FINITE[check_finite]
-        self.backend = backend
-        self._choice = requested_backend(backend)
+        # Each assignment runs its check (_hparam_checks), here and after construction.
+        self.moment_momentum = moment_momentum
+        self.bias_correction = bias_correction
+        self.ordering = ordering
+        self.feature_norm, self.mu, self.scale = feature_norm, mu, scale
+        self.check_finite = check_finite
+        self.backend = backend  # also sets self._choice
         preload("minc", self._choice)
-        self.gather_distributed = bool(gather_distributed)
+        self.gather_distributed = gather_distributed
         if dim is None:
             self.register_buffer("moment", UninitializedBuffer(dtype=torch.float32))
         else:
@@ -460,17 +487,51 @@ class MINCLoss(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        key = prefix + "moment"
-        if key in state_dict:
-            loaded = state_dict[key]
-            if self._lazy and not is_lazy(loaded):
-                if loaded.dim() != 2 or loaded.shape[0] != loaded.shape[1]:
-                    error_msgs.append(f"{key} must have shape (k, k), got {tuple(loaded.shape)}")
-                    return
+        # Everything is checked before anything changes: a refused load leaves dim, M and
+        # num_updates as they were (nn.Module.load_state_dict then raises with these messages).
+        errors = []
+        loaded = state_dict.get(prefix + "moment")
+        if loaded is not None and not is_lazy(loaded):
+            k = self.dim
+            if not isinstance(loaded, torch.Tensor) or not loaded.is_floating_point():
+                errors.append(f"{prefix}moment must be a floating-point tensor, got "
+                              f"{getattr(loaded, 'dtype', type(loaded).__name__)}")
+            elif loaded.dim() != 2 or loaded.shape[0] != loaded.shape[1]:
+                errors.append(f"{prefix}moment must have shape (k, k), got {tuple(loaded.shape)}")
+            elif k is not None and loaded.shape[0] != k:
+                errors.append(f"size mismatch for {prefix}moment: the checkpoint has k={loaded.shape[0]}, "
+                              f"this MINCLoss has dim={k}")
+            elif not bool(torch.isfinite(loaded).all()):  # a load, not the training path
+                errors.append(f"{prefix}moment contains NaN or Inf values")
+        count = state_dict.get(prefix + "num_updates")
+        if count is not None:
+            if (not isinstance(count, torch.Tensor) or count.numel() != 1
+                    or count.dtype.is_floating_point or count.dtype.is_complex
+                    or count.dtype == torch.bool):
+                errors.append(f"{prefix}num_updates must be a one-element integer tensor, got "
+                              f"{count!r}")
+            elif int(count.reshape(())) < 0:
+                errors.append(f"{prefix}num_updates must be >= 0, got {int(count.reshape(()))}")
+        if errors:
+            error_msgs.extend(errors)
+            return
+        if loaded is not None and not is_lazy(loaded):
+            if self._lazy:
                 self._materialize(loaded.shape[0], self.moment.device)
             self._moment_set = True
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    def _apply(self, fn, recurse=True):
+        # M is never cast below float32 by .half()/.to(bfloat16) (a 16-bit M would lose the
+        # EMA's small updates); only its device follows.  .double() (lossless) applies.
+        moment = self._buffers.get("moment")
+        out = super()._apply(fn, recurse)
+        new = self._buffers.get("moment")
+        if (moment is not None and new is not None and not is_lazy(new)
+                and new.dtype in (torch.float16, torch.bfloat16)):
+            self._buffers["moment"] = moment.to(device=new.device)
+        return out
 
     # ------------------------------------------------------------------ state
     def corrected_moment(self) -> torch.Tensor:
@@ -501,7 +562,8 @@ class MINCLoss(nn.Module):
         c = _batch_moment(op, ts, gather)
         beta = self.moment_momentum
         moment, num_updates = self.moment, self.num_updates
-        self._moment_set = True
+        if not torch.compiler.is_compiling():
+            self._moment_set = True  # a host flag: not set under compile (no guard on it)
         if self.check_finite == "ignore":
             minc_moment_update_(moment, c, beta)
             num_updates.add_(1)
@@ -523,6 +585,11 @@ class MINCLoss(nn.Module):
     def _check_state(self, x: torch.Tensor, name: str) -> None:
         """Create M at the first call (dim=None), then check k and the device."""
         if self._lazy:  # a Python flag, not is_lazy(): TorchDynamo traces it
+            if torch.compiler.is_compiling():
+                raise RuntimeError(
+                    "MINCLoss(dim=None) creates its moment M at the first call, which cannot "
+                    "happen inside torch.compile: pass dim=k to MINCLoss, or run one eager "
+                    "forward before compiling")
             self._materialize(x.shape[1], x.device)
         if x.shape[1] != self.dim:
             raise ValueError(f"{name} must have feature dimension k={self.dim} (MINCLoss(dim=...) "
@@ -566,11 +633,11 @@ class MINCLoss(nn.Module):
         elif fmap is not None:
             p, t = _minc_features(p, t, self.feature_norm, self.mu, self.scale)
         num_updates = buffers["num_updates"]
-        if training:
+        if training and not in_backward():
             # _update: C = tᵀt / B (minc_batch_moment_sum), the finite check of
             # all_finite, the skip by torch.where, the counters.
-            if not self._moment_set:
-                self._moment_set = True
+            if not self._moment_set and not torch.compiler.is_compiling():
+                self._moment_set = True  # a host flag: not set under compile (no guard on it)
             c = (t.T @ t).div_(shape[0])
             finite = (c * 0).sum() == 0
             moment.lerp_(torch.where(finite, c, moment), weight)
@@ -596,7 +663,9 @@ class MINCLoss(nn.Module):
                       d["_choice"] == "reference", fmap) if ok else None)
 
     def __setattr__(self, name: str, value) -> None:
-        super().__setattr__(name, value)
+        super().__setattr__(name, value)  # CheckedHyperParams: checks the hyper-parameters
+        if name in ("feature_norm", "mu") and "mu" in self.__dict__ and "feature_norm" in self.__dict__:
+            super().__setattr__("_divisor", minc_loss_divisor(self.feature_norm, self.mu))
         if name in _HOT_CONFIG and "_hot" in self.__dict__:
             self._refresh_hot()
 
@@ -628,7 +697,9 @@ class MINCLoss(nn.Module):
         op = select(self._choice, "minc", pairs[0][0])
         pairs = [_minc_features(pi, ti, self.feature_norm, self.mu, self.scale)
                  for pi, ti in pairs]
-        if self.training:
+        if self.training and not in_backward():
+            # (in backward: activation checkpointing recomputes this forward; M was updated
+            # once already in the original forward, which used the M the recomputation reads)
             self._update(op, [ti for _, ti in pairs])
         elif not self._moment_set and not self._warned_eval and not torch.compiler.is_compiling():
             # Once per module, in eval only: M may have been written directly (a host read of

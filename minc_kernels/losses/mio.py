@@ -13,7 +13,7 @@ from .. import distributed as D
 from .._backend import preload, requested_backend, select
 from .._validation import check_nonnegative, check_pair, check_positive
 from ..ops.mio_cpu import mio_loss_blocked  # plain torch (no Triton): imported eagerly, Dynamo-traceable
-from ._common import LossSpec, acc
+from ._common import CheckedHyperParams, LossSpec, acc
 
 __all__ = ["MIOLoss", "mio_loss", "mio_loss_reference", "SPEC"]
 
@@ -139,7 +139,7 @@ def _mio_distributed(z1, z2, pos_temperature, neg_temperature, lambda_l2):
 
 
 # --------------------------------------------------------------------------- module
-class MIOLoss(nn.Module):
+class MIOLoss(CheckedHyperParams, nn.Module):
     """MIO binary contrastive mutual-information loss (Manna et al. 2021), docs/math.md §3.
 
     Args:
@@ -161,6 +161,13 @@ class MIOLoss(nn.Module):
     for float64 inputs).
     """
 
+    _hparam_checks = {  # run on every assignment, here and after construction
+        "pos_temperature": lambda v: check_positive("pos_temperature", v),
+        "neg_temperature": lambda v: check_positive("neg_temperature", v),
+        "lambda_l2": lambda v: check_nonnegative("lambda_l2", v),
+        "gather_distributed": bool,
+    }
+
     def __init__(self, pos_temperature: float | None = None, neg_temperature: float | None = None,
                  lambda_l2: float = 1.0, backend: str | None = None,
                  gather_distributed: bool = False, *, temperature: float | None = None):
@@ -173,14 +180,11 @@ class MIOLoss(nn.Module):
                     raise ValueError(f"temperature={temperature} sets both temperatures, but "
                                      f"{name}={value} was also given; pass one or the other")
             pos_temperature = neg_temperature = temperature
-        self.pos_temperature = check_positive(
-            "pos_temperature", 0.5 if pos_temperature is None else pos_temperature)
-        self.neg_temperature = check_positive(
-            "neg_temperature", 0.5 if neg_temperature is None else neg_temperature)
-        self.lambda_l2 = check_nonnegative("lambda_l2", lambda_l2)
-        self.backend = backend
-        self._choice = requested_backend(backend)
-        self.gather_distributed = bool(gather_distributed)
+        self.pos_temperature = 0.5 if pos_temperature is None else pos_temperature
+        self.neg_temperature = 0.5 if neg_temperature is None else neg_temperature
+        self.lambda_l2 = lambda_l2
+        self.backend = backend  # also sets self._choice
+        self.gather_distributed = gather_distributed
         check_config(self._choice, self.gather_distributed)
         preload("mio", self._choice)
 

@@ -9,7 +9,7 @@ from torch import nn
 from .. import distributed as D
 from .._backend import preload, requested_backend, select
 from .._validation import check_choice, check_pair, check_positive
-from ._common import LossSpec, acc, clip_rows
+from ._common import CheckedHyperParams, LossSpec, acc, clip_rows
 
 __all__ = ["SpectralContrastiveLoss", "spectral_contrastive_loss", "spectral_loss_reference",
            "spectral_pairwise_term", "spectral_gram_term", "spectral_dist_comm_choice",
@@ -166,7 +166,7 @@ def _spectral_distributed(z1, z2, mu, clip, algorithm, choice, dist_comm):
 
 
 # --------------------------------------------------------------------------- module
-class SpectralContrastiveLoss(nn.Module):
+class SpectralContrastiveLoss(CheckedHyperParams, nn.Module):
     """Spectral contrastive loss (HaoChen et al. 2021), docs/math.md §1.
 
     Args:
@@ -188,17 +188,24 @@ class SpectralContrastiveLoss(nn.Module):
     of the other; returns a scalar (float32; float64 for float64 inputs).
     """
 
+    _hparam_checks = {  # run on every assignment, here and after construction
+        "mu": lambda v: check_positive("mu", v),
+        "clip": bool,
+        "algorithm": lambda v: check_choice("algorithm", v, ALGORITHMS),
+        "dist_comm": lambda v: check_choice("dist_comm", v, DIST_COMMS),
+        "gather_distributed": bool,
+    }
+
     def __init__(self, mu: float = 1.0, clip: bool = True, algorithm: str = "auto",
                  backend: str | None = None, gather_distributed: bool = False,
                  dist_comm: str = "auto"):
         super().__init__()
-        self.mu = check_positive("mu", mu)
-        self.clip = bool(clip)
-        self.algorithm = check_choice("algorithm", algorithm, ALGORITHMS)
-        self.backend = backend
-        self._choice = requested_backend(backend)
-        self.gather_distributed = bool(gather_distributed)
-        self.dist_comm = check_choice("dist_comm", dist_comm, DIST_COMMS)
+        self.mu = mu
+        self.clip = clip
+        self.algorithm = algorithm
+        self.backend = backend  # also sets self._choice
+        self.gather_distributed = gather_distributed
+        self.dist_comm = dist_comm
         check_config(self._choice, self.gather_distributed, self.dist_comm)
         preload("spectral", self._choice)
 
