@@ -19,9 +19,35 @@ from .methods import MINC_ABLATIONS, METHODS
 PRESETS = ("cpu", "gpu")
 ORDERINGS = ("standard", "gha")
 LR_SCALINGS = ("linear", "sqrt", "none")
-# options that define the loss: a resumed run must keep the checkpoint's values
-_LOSS_OPTIONS = ("method", "ordering", "minc_ablation")
 DATASETS = ("fashion-mnist", "folder")
+
+# --resume compares the options given again with the checkpoint's.  These cannot change in a
+# resumed run (refused with one line): why, per option.
+_WHY_FIXED = {
+    "method": "a resumed run keeps its loss", "ordering": "a resumed run keeps its loss",
+    "minc_ablation": "a resumed run keeps its loss",
+    "preset": "--preset only picks the defaults of a new run",
+    "dataset": "a resumed run keeps its data",
+    "seed": "the seed fixes the held-out split, the data order and the random-init baseline",
+    "holdout": "it changes the held-out split (held-out images would be trained on)",
+    "batch_size": "the schedules count steps: the steps done would no longer match the epochs",
+    "epoch_size": "the schedules count steps: the steps done would no longer match the epochs",
+    "optimizer": "its optimiser state belongs to the checkpoint's optimiser",
+    **{k: "the checkpoint's weights have the other shape" for k in (
+        "arch", "stem", "width", "pool", "proj_hidden", "proj_dim", "proj_layers", "pred_hidden",
+        "image_size", "grayscale")},
+}
+# These may change: the run continues with the new value and the start notes say what changes.
+_RESUME_CHANGES = ("epochs", "lr", "lr_scaling", "warmup_epochs", "final_lr_ratio", "ema_base",
+                   "moment_momentum", "weight_decay", "momentum", "lars_eta", "mu", "normalize",
+                   "augment", "amp", "backend", "ema_backend", "loader", "data_dir", "sync_bn",
+                   "device")
+# The others (output, monitoring, threads, workers) do not change what is trained.  These
+# belong to one invocation and are never taken from the checkpoint:
+_PER_INVOCATION = ("resume", "stop_after", "overwrite", "out_dir")
+# Files that mark a folder as holding a run (a new run there is refused without --overwrite)
+# and what --overwrite removes.
+RUN_MARKERS = ("checkpoint.pt", "log.csv", "report.json", "config.json")
 
 # Defaults per preset, then per method (explicit command-line values always win).
 _COMMON = dict(dataset="fashion-mnist", data_dir=None, loader="memory", image_size=None, holdout=0.1,
@@ -31,7 +57,8 @@ _COMMON = dict(dataset="fashion-mnist", data_dir=None, loader="memory", image_si
                ordering="standard", minc_ablation="none",
                backend=None, ema_backend="auto", amp="auto", device="auto", threads=0, workers=0, seed=0,
                eval_every=1, knn_k=20, knn_bank=10000, knn_queries=2000, eval_batch_size=512,
-               probe_iters=200, probe_train_limit=0, probe_eval_limit=0, log_every=10)
+               probe_iters=200, probe_train_limit=0, probe_eval_limit=0, log_every=10,
+               download=True, probe=True, progress=True)
 PRESET_DEFAULTS = {
     "cpu": dict(arch="convnet", width=32, pool=2, batch_size=256, epochs=12, epoch_size=20000,
                 warmup_epochs=1.0, augment="mild", proj_hidden=1024, proj_dim=128, pred_hidden=1024,
@@ -66,6 +93,7 @@ _DEFAULT_TEXT = {
     "backend": "the loss modules' default (auto unless MINC_KERNELS_BACKEND says otherwise)",
     "out_dir": "runs/<method>-<dataset>-<timestamp>",
     "resume": "none (a new run)",
+    "overwrite": "off: a new run refuses a folder that holds a run",
 }
 # Options that act on some methods only: --help shows their defaults for those.
 _OPTION_METHODS = {"ema_base": ("minc",), "normalize": ("minc",), "pred_hidden": ("minc",),
@@ -101,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="minc-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Defaults depend on --preset and --method where --help says so; a resumed run "
-               "keeps the checkpoint's options unless given again.")
+               "keeps the checkpoint's options (flags included) unless given again, except "
+               "--stop-after, which counts the epochs of one invocation.")
     actions = []
 
     def add(group, *flags, **kw):
@@ -116,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--dataset", choices=DATASETS, help="Fashion-MNIST or an ImageFolder tree (folder)")
     add(g, "--data-dir", help="folder: ImageFolder root (or root/train + root/val); "
         "fashion-mnist: where the idx .gz files are / go")
-    add(g, "--download", action=argparse.BooleanOptionalAction, default=True,
+    add(g, "--download", action=argparse.BooleanOptionalAction,
         help="download Fashion-MNIST with torchvision if not found")
     add(g, "--loader", choices=("memory", "stream"),
         help="memory: load all images into one tensor, augment in batch (small data); "
@@ -180,7 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--seed", type=int, help="seed of the model, data order and augmentations")
     g = p.add_argument_group("monitoring and output")
     add(g, "--out-dir", help="run directory (log, checkpoint, plots, report)")
-    add(g, "--resume", help="checkpoint file or run directory to continue")
+    add(g, "--resume", help="checkpoint file or run directory to continue (options given again are "
+        "checked against the checkpoint's: those that fix the model, data or step count are refused, "
+        "the others are applied and said at the start)")
+    add(g, "--overwrite", action="store_true", default=None,
+        help="start a new run in an --out-dir that holds one: its checkpoint, log, report and plots "
+        "are deleted")
     add(g, "--stop-after", type=int,
         help="stop after this many epochs in this invocation (0: no limit; continue later with --resume)")
     add(g, "--eval-every", type=int, help="kNN/effective-rank evaluation every N epochs (0: never)")
@@ -188,14 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--knn-bank", type=int, help="training images in the kNN bank (0: all)")
     add(g, "--knn-queries", type=int, help="held-out images queried (0: all)")
     add(g, "--eval-batch-size", type=int, help="batch size of feature extraction")
-    add(g, "--probe", action=argparse.BooleanOptionalAction, default=True,
+    add(g, "--probe", action=argparse.BooleanOptionalAction,
         help="final linear probes and report")
     add(g, "--probe-iters", type=int, help="L-BFGS iterations of the linear probe")
     add(g, "--probe-train-limit", type=int, help="training images for the probe (0: all)")
     add(g, "--probe-eval-limit", type=int, help="held-out images for the probe (0: all)")
     add(g, "--raw-probe", action="store_true", default=None, help="stream loader: also probe raw pixels")
     add(g, "--log-every", type=int, help="steps between loss checks on the progress bar")
-    add(g, "--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
+    add(g, "--progress", action=argparse.BooleanOptionalAction, help="tqdm bars")
     add(g, "--tensorboard", action="store_true", default=None, help="also log to TensorBoard (if installed)")
     for act in actions:
         act.help = f"{act.help} (default: {_default_text(act.dest, act.default)})"
@@ -216,19 +250,26 @@ def resolve_config(argv=None) -> argparse.Namespace:
     explicit = {k: v for k, v in vars(args).items() if v is not None}
     base = dict(_COMMON)
     if args.resume:
-        import torch
+        from . import checkpoint as C
         path = os.path.join(args.resume, "checkpoint.pt") if os.path.isdir(args.resume) else args.resume
         if not os.path.isfile(path):
             _fail(parser, f"--resume {args.resume!r}: no such checkpoint file")
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        saved = dict(ck.get("config", {}))
-        for k in ("resume", "progress", "probe", "stop_after"):
+        if args.overwrite and not args.out_dir:
+            _fail(parser, "--overwrite with --resume would delete the run being continued; give "
+                         "another --out-dir to continue it there")
+        try:
+            ck = C.read(path, keep=True)  # verified here; the Trainer gets it without a second load
+        except C.CheckpointError as exc:
+            _fail(parser, str(exc))
+        saved = dict(ck["config"])
+        for k in _PER_INVOCATION:
             saved.pop(k, None)
         base.update(saved)
-        for k in _LOSS_OPTIONS:
+        for k, why in _WHY_FIXED.items():
             if k in explicit and k in saved and explicit[k] != saved[k]:
                 _fail(parser, f"--{k.replace('_', '-')} {explicit[k]!r} differs from the checkpoint's "
-                             f"{saved[k]!r}; a resumed run keeps its loss (start a new run instead)")
+                             f"{saved[k]!r} ({why}); resume without it, or start a new run in "
+                             "another --out-dir")
         if not args.out_dir:
             explicit["out_dir"] = os.path.dirname(os.path.abspath(path))
     method = explicit.get("method", base.get("method", "minc"))
@@ -268,6 +309,10 @@ def resolve_config(argv=None) -> argparse.Namespace:
     if not cfg.out_dir:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         cfg.out_dir = os.path.join("runs", f"{cfg.method}-{cfg.dataset}-{stamp}")
+        base_dir, n = cfg.out_dir, 1
+        while os.path.exists(cfg.out_dir):  # two runs started in the same second: a new folder
+            n += 1
+            cfg.out_dir = f"{base_dir}-{n}"
     return cfg
 
 
@@ -284,6 +329,12 @@ def _init_distributed(cfg) -> None:
     cfg.out_dir = obj[0]
 
 
+def resume_command(cfg) -> str:
+    """The command that continues the run in ``cfg.out_dir``."""
+    import shlex
+    return f"minc-train --resume {shlex.quote(cfg.out_dir)}"
+
+
 def format_report(cfg, report: dict, history: list, plots: list, wall_s: float) -> str:
     import torch
     threads = torch.get_num_threads()
@@ -293,7 +344,9 @@ def format_report(cfg, report: dict, history: list, plots: list, wall_s: float) 
     if cfg.method == "minc" and cfg.minc_ablation == "no-moment":
         names["minc"] = "MINC without the moment term (ablation)"
     last = history[-1] if history else {}
-    lines = [f"{names[cfg.method]} pre-training on {cfg.dataset}: {cfg.arch}, {len(history)} epochs "
+    done = int(last.get("epoch", 0))
+    epochs = f"{done} epochs" if done >= cfg.epochs else f"{done} of {cfg.epochs} epochs"
+    lines = [f"{names[cfg.method]} pre-training on {cfg.dataset}: {cfg.arch}, {epochs} "
              f"({last.get('step', 0)} steps of batch {cfg.batch_size}), wall time {wall_s / 60:.1f} min, "
              f"CPU time {report.get('cpu_time_s', float('nan')) / 60:.1f} min ({threads} threads)"]
     probes = report.get("probes", {})
@@ -318,6 +371,9 @@ def format_report(cfg, report: dict, history: list, plots: list, wall_s: float) 
         lines.append(f"plot: {p}")
     lines.append(f"report: {os.path.join(cfg.out_dir, 'report.json')}; checkpoint: "
                  f"{os.path.join(cfg.out_dir, 'checkpoint.pt')}")
+    if done < cfg.epochs:
+        lines.append(f"Stopped after epoch {done} of {cfg.epochs} (--stop-after {cfg.stop_after}); "
+                     f"continue with: {resume_command(cfg)}")
     return "\n".join(lines)
 
 
@@ -325,42 +381,173 @@ def _warn(msg: str) -> None:
     print(f"minc-train: warning: {msg}", file=sys.stderr, flush=True)
 
 
-def _git_commit() -> str | None:
-    """The commit of the checkout this program runs from (None outside a git checkout)."""
+def _die(msg: str, code: int = 1):
+    """One line on stderr and exit status ``code`` (1: the run failed; 2: the command line)."""
+    print(f"minc-train: error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def _git(*args) -> str | None:
+    """``git <args>`` in the checkout this program runs from (None outside one)."""
     import subprocess
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    if out.returncode != 0:
+    return out.stdout if out.returncode == 0 else None
+
+
+def _git_commit() -> str | None:
+    """The commit of the checkout this program runs from (None outside a git checkout)."""
+    out = _git("rev-parse", "HEAD")
+    return (out or "").strip() or None
+
+
+def _git_dirty() -> bool | None:
+    """Whether tracked files of that checkout differ from its commit (None outside one)."""
+    out = _git("status", "--porcelain", "--untracked-files=no")
+    return None if out is None else bool(out.strip())
+
+
+def _version(module: str, load: bool = False) -> str | None:
+    """``module.__version__`` if it is imported (or ``load``: importable), else its installed
+    distribution's version (None when it is not installed): triton is not imported just to
+    read it (the local build suffix, e.g. +cu130, is only in ``__version__``)."""
+    import importlib
+    from importlib import metadata
+    if load and module not in sys.modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return None
+    if module in sys.modules:
+        v = getattr(sys.modules[module], "__version__", None)
+        if v is not None:
+            return str(v)
+    try:
+        return metadata.version(module)
+    except metadata.PackageNotFoundError:
         return None
-    return out.stdout.strip() or None
+
+
+def backends_used(cfg, trainer) -> dict:
+    """The loss and EMA backends this run actually used (``auto`` resolved), from
+    ``minc_kernels.info`` where the choice is the library's."""
+    try:
+        from minc_kernels import info
+        facts = info.collect()
+    except Exception as exc:  # noqa: BLE001  (a report without these facts, not a failed run)
+        facts = {"error": f"{type(exc).__name__}: {exc}"}
+    out = {"loss_backend": cfg.backend or "auto"}
+    loss_text = (facts.get("loss_backends") or {}).get(cfg.method)
+    if out["loss_backend"] == "auto" and loss_text:
+        out["loss_backend_detail"] = loss_text
+    if trainer.target is None:
+        out["ema_backend"] = None  # no EMA target in this method
+        return out
+    ema_text = facts.get("ema_backend")
+    if cfg.ema_backend == "foreach":
+        used = "foreach"
+    elif cfg.ema_backend == "extension":
+        used = "extension"
+    elif ema_text is None:
+        used = "unknown"
+    elif ema_text.startswith("torch._foreach_lerp_") or (
+            trainer.device.type == "cuda" and "no CUDA kernel" in ema_text):
+        used = "foreach"
+    else:
+        used = "extension"
+    out["ema_backend"] = used
+    if ema_text:
+        out["ema_backend_detail"] = ema_text
+    return out
 
 
 def environment(trainer) -> dict:
-    """Versions, commit and the device actually used (``--device auto`` resolved)."""
+    """Versions, commit (and whether the checkout had uncommitted changes), the device and
+    the backends actually used (``--device``, ``--backend``, ``--ema-backend auto`` resolved)."""
     import platform
     import torch
     import minc_kernels
     dev = trainer.device
     return {"torch": torch.__version__, "minc_kernels": minc_kernels.__version__,
+            "minc_train": _version("minc_train"), "triton": _version("triton"),
+            "torchvision": _version("torchvision", load=True), "numpy": _version("numpy", load=True),
             "python": platform.python_version(), "git_commit": _git_commit(),
+            "git_dirty": _git_dirty(),
             "device": str(dev),
             "device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
                             else platform.processor() or platform.machine()),
             "world_size": trainer.world, "threads": torch.get_num_threads(),
-            "precision": _precision(trainer.cfg)}
+            "precision": _precision(trainer.cfg), **backends_used(trainer.cfg, trainer)}
 
 
 def _precision(cfg) -> str:
     return "fp32" if cfg.amp == "none" else f"{cfg.amp} autocast"
 
 
+def _lr_scale(scaling: str, batch: int) -> float:
+    import math
+    return {"linear": batch / 256, "sqrt": math.sqrt(batch / 256), "none": 1.0}[scaling]
+
+
+def _resume_notes(cfg, trainer) -> list[str]:
+    """What a resumed run changes: one note per option given again with another value than
+    the checkpoint's (the options of :data:`_RESUME_CHANGES`), then the lr and EMA momentum
+    at the join when the schedules change."""
+    from minc_kernels import cosine_momentum
+    from .optim import warmup_cosine
+    old = trainer.resumed_config or {}
+    if trainer.start_epoch >= cfg.epochs:
+        return []
+    notes, changed = [], []
+    for k in _RESUME_CHANGES:
+        if k not in old:
+            continue
+        new_v, old_v = getattr(cfg, k), old[k]
+        if k == "data_dir" and new_v and old_v and os.path.realpath(new_v) == os.path.realpath(old_v):
+            continue
+        if new_v == old_v or (k == "epochs" and int(old_v) == int(new_v)):
+            continue
+        changed.append(k)
+        flag = f"--{k.replace('_', '-')} {new_v}"
+        if k == "epochs":
+            notes.append(f"{flag} differs from the checkpoint's {old_v}: the cosine schedules are "
+                         f"recomputed for {cfg.epochs} epochs")
+        elif k == "moment_momentum":
+            notes.append(f"{flag} differs from the checkpoint's {old_v}: M (kept) is updated with "
+                         f"beta {new_v} from here, and its bias correction 1/(1-beta^n) changes at the join")
+        else:
+            notes.append(f"{flag} differs from the checkpoint's {old_v}: the remaining "
+                         f"{cfg.epochs - trainer.start_epoch} epochs use it")
+    lr_keys = {"epochs", "lr", "lr_scaling", "warmup_epochs", "final_lr_ratio"}
+    if not changed or not (set(changed) & (lr_keys | {"ema_base"})):
+        return notes
+    try:
+        o = {k: old.get(k, getattr(cfg, k)) for k in lr_keys | {"ema_base"}}
+        spe, s = trainer.steps_per_epoch, trainer.step
+        old_total, old_base = spe * int(o["epochs"]), float(o["lr"]) * _lr_scale(o["lr_scaling"], cfg.batch_size)
+        old_warm = int(round(float(o["warmup_epochs"]) * spe))
+        lr_a = warmup_cosine(s, old_total, old_warm, old_base, old_base * float(o["final_lr_ratio"]))
+    except (KeyError, TypeError, ValueError):  # an older checkpoint without these options
+        return notes
+    lr_b = warmup_cosine(s, trainer.total_steps, trainer.warmup_steps, trainer.base_lr,
+                         trainer.base_lr * cfg.final_lr_ratio)
+    msg = f"so at the join (step {s}) the lr goes from {lr_a:.4g} to {lr_b:.4g}"
+    if trainer.target is not None:
+        m_a = cosine_momentum(min(s, old_total), old_total, float(o["ema_base"]))
+        m_b = cosine_momentum(s, trainer.total_steps, cfg.ema_base)
+        msg += f" and the EMA momentum from {m_a:.6g} to {m_b:.6g}"
+    notes[-1] += f"; {msg}" if len(notes) == 1 else ""
+    if len(notes) > 1:
+        notes.append(f"with these changes, {msg}")
+    return notes
+
+
 def start_notes(cfg, trainer) -> list[str]:
     """What a user should know before the run starts: a warm-up longer than the run, a
-    single class, a schedule changed by --resume with another --epochs."""
+    single class, what a resumed run changes (:func:`_resume_notes`)."""
     from .optim import warmup_cosine
     notes = []
     if trainer.warmup_steps > trainer.total_steps > 0:
@@ -373,40 +560,110 @@ def start_notes(cfg, trainer) -> list[str]:
     if trainer.num_classes < 2:
         notes.append("the data has a single class: the kNN and linear-probe accuracies are 100 % "
                      "by construction and say nothing about the features")
-    old = (trainer.resumed_config or {}).get("epochs")
-    if old is not None and int(old) != cfg.epochs and trainer.start_epoch < cfg.epochs:
-        from minc_kernels import cosine_momentum
-        s, spe = trainer.step, trainer.steps_per_epoch
-        old_total, new_total = spe * int(old), trainer.total_steps
-        lr_a = warmup_cosine(s, old_total, trainer.warmup_steps, trainer.base_lr,
-                             trainer.base_lr * cfg.final_lr_ratio)
-        lr_b = warmup_cosine(s, new_total, trainer.warmup_steps, trainer.base_lr,
-                             trainer.base_lr * cfg.final_lr_ratio)
-        msg = (f"--epochs {cfg.epochs} differs from the checkpoint's {old}: the cosine schedules "
-               f"are recomputed for {cfg.epochs} epochs, so at the join (step {s}) the lr goes from "
-               f"{lr_a:.4g} to {lr_b:.4g}")
-        if trainer.target is not None:
-            m_a = cosine_momentum(min(s, old_total), old_total, cfg.ema_base)
-            m_b = cosine_momentum(s, new_total, cfg.ema_base)
-            msg += f" and the EMA momentum from {m_a:.6g} to {m_b:.6g}"
-        notes.append(msg)
+    if trainer.resumed_config is not None:
+        notes.extend(_resume_notes(cfg, trainer))
     return notes
+
+
+# ---------------------------------------------------------------------- the run folder
+def _holds_run(path: str) -> list[str]:
+    """The files of :data:`RUN_MARKERS` in folder ``path``."""
+    return [f for f in RUN_MARKERS if os.path.exists(os.path.join(path, f))]
+
+
+def check_out_dir(cfg) -> None:
+    """Before anything is built: the run folder can be created and written, and a new run
+    does not replace another by accident.  Exits with one line otherwise."""
+    import tempfile
+    out = cfg.out_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        _die(f"--out-dir {out!r} is a file, not a folder; choose another --out-dir", 2)
+    probe_dir = os.path.abspath(out)
+    while not os.path.exists(probe_dir):
+        probe_dir = os.path.dirname(probe_dir)
+    if not os.path.isdir(probe_dir):
+        _die(f"--out-dir {out!r} cannot be created: {probe_dir} is a file, not a folder", 2)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".minc-train-write-test-", dir=probe_dir)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        _die(f"--out-dir {out!r}: cannot write in {probe_dir} ({exc.strerror or exc}); choose a "
+             "writable --out-dir", 2)
+    if not os.path.isdir(out):
+        return
+    found = _holds_run(out)
+    if not found:
+        return
+    same = False
+    if cfg.resume:
+        ck = os.path.join(cfg.resume, "checkpoint.pt") if os.path.isdir(cfg.resume) else cfg.resume
+        same = os.path.realpath(os.path.dirname(os.path.abspath(ck))) == os.path.realpath(out)
+    if same and cfg.overwrite:
+        _die("--overwrite with --resume would delete the run being continued; give another "
+             "--out-dir to continue it there", 2)
+    if same or cfg.overwrite:
+        return
+    hint = f"continue it with --resume {out}, " if "checkpoint.pt" in found and not cfg.resume else ""
+    _die(f"--out-dir {out!r} already holds a run ({', '.join(found)}); {hint}replace it with "
+         "--overwrite, or choose another --out-dir", 2)
+
+
+def clear_run(out_dir: str) -> list[str]:
+    """Delete a previous run's files in ``out_dir`` (``--overwrite``): checkpoint, log,
+    reports, config, plots, TensorBoard folder, partial files.  Returns what was deleted."""
+    import glob
+    import shutil
+    from .plots import PLOTS
+    names = list(RUN_MARKERS) + ["report.txt"] + [p[2] for p in PLOTS]
+    gone = []
+    for name in names:
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path):
+            os.unlink(path)
+            gone.append(name)
+    for pattern in ("checkpoint.pt.*.tmp", "log.csv.*.tmp"):
+        for path in glob.glob(os.path.join(glob.escape(out_dir), pattern)):
+            os.unlink(path)
+            gone.append(os.path.basename(path))
+    if os.path.isdir(os.path.join(out_dir, "tb")):
+        shutil.rmtree(os.path.join(out_dir, "tb"))
+        gone.append("tb/")
+    return gone
+
+
+def _storage_error(exc: OSError, out_dir: str) -> str | None:
+    """One line for an OSError on a file of the run folder (full disk, read-only, ...), or
+    None for other errors (those keep their traceback)."""
+    from . import checkpoint as C
+    name = exc.filename if isinstance(exc.filename, str) else None
+    if exc.errno not in C.STORAGE_ERRNOS or not name:
+        return None
+    root = os.path.realpath(out_dir)
+    full = os.path.realpath(name)
+    if full != root and not full.startswith(root + os.sep):
+        return None
+    return f"cannot write {name}: {C._storage_message(exc)}"
 
 
 def run(argv=None) -> dict:
     """Train and report; returns the report dict (rank 0) or ``{}`` (other ranks)."""
     import shutil
+    from . import checkpoint as C
     t0 = time.time()
+    argv = list(sys.argv[1:] if argv is None else argv)
     cfg = resolve_config(argv)
+    check_out_dir(cfg)
     _init_distributed(cfg)
     from .engine import Trainer
     from .plots import plot_history
     rank = int(os.environ.get("RANK", "0"))
-    created = False
-    try:
+    state = {"created": False}  # whether this invocation created the run folder
+
+    def train_and_report() -> dict:
         try:
             trainer = Trainer(cfg)
-        except (ValueError, FileNotFoundError) as exc:  # data and option errors: one line
+        except (ValueError, FileNotFoundError) as exc:  # data, option and checkpoint errors: one line
             _fail(build_parser(), str(exc))
         report_path = os.path.join(cfg.out_dir, "report.json")
         if trainer.start_epoch >= cfg.epochs:
@@ -421,8 +678,21 @@ def run(argv=None) -> dict:
                 return {}
         # the run directory only now: a run that fails to start leaves none behind
         if rank == 0:
-            created = not os.path.isdir(cfg.out_dir)
+            created = state["created"] = not os.path.isdir(cfg.out_dir)
             os.makedirs(cfg.out_dir, exist_ok=True)
+            if cfg.overwrite and not created:
+                gone = clear_run(cfg.out_dir)
+                if gone:
+                    print(f"minc-train: --overwrite: deleted the previous run's {', '.join(gone)} in "
+                          f"{cfg.out_dir}", flush=True)
+            stale = (C.remove_stale_tmp(trainer.ckpt_path)
+                     + C.remove_stale_tmp(os.path.join(cfg.out_dir, "log.csv")))
+            if stale:
+                _warn(f"removed {len(stale)} partial file(s) left by an interrupted run: "
+                      f"{', '.join(os.path.basename(s) for s in stale)}")
+            if trainer.resumed_verified is False:
+                _warn(f"{cfg.resume}: the checkpoint has no digest (written by an older minc-train), "
+                      "so it was loaded without an integrity check; the next one will have it")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             import torch.distributed as dist
             dist.barrier()
@@ -445,8 +715,17 @@ def run(argv=None) -> dict:
         history = trainer.fit()
         if rank != 0:
             return {}
-        report = {"config": vars(cfg), "environment": environment(trainer), "notes": notes,
+        done = int(history[-1]["epoch"]) if history else 0
+        finished = done >= cfg.epochs
+        report = {"config": vars(cfg), "argv": ["minc-train", *argv],
+                  "finished": finished, "epochs_done": done,
+                  "lr": {"base": cfg.lr, "scaling": cfg.lr_scaling, "effective": trainer.base_lr,
+                         "rule": f"{cfg.lr:g} x {_lr_scale(cfg.lr_scaling, cfg.batch_size):g} "
+                                 f"({cfg.lr_scaling}, batch {cfg.batch_size}), then warm-up and cosine"},
+                  "environment": environment(trainer), "notes": notes,
                   "history": history, "train_time_s": time.time() - t0}
+        if not finished:
+            report["resume_command"] = resume_command(cfg)
         plots = plot_history(history, cfg.out_dir, f"{cfg.method} / {cfg.dataset} / {cfg.arch}")
         if cfg.probe:
             t1 = time.time()
@@ -462,9 +741,22 @@ def run(argv=None) -> dict:
             f.write(text + "\n")
         print(text, flush=True)
         return report
+    try:
+        try:
+            return train_and_report()
+        except C.CheckpointWriteError as exc:
+            if os.path.isfile(os.path.join(cfg.out_dir, "checkpoint.pt")):
+                _die(f"{exc}; free space or choose a writable folder, then continue with "
+                     f"{resume_command(cfg)}")
+            _die(f"{exc}; free space or choose a writable --out-dir")
+        except OSError as exc:
+            line = _storage_error(exc, cfg.out_dir)
+            if line is None:
+                raise
+            _die(line)
     except BaseException:
         # a run that fails before its first checkpoint leaves no run directory behind
-        if created and not os.path.isfile(os.path.join(cfg.out_dir, "checkpoint.pt")):
+        if state["created"] and not os.path.isfile(os.path.join(cfg.out_dir, "checkpoint.pt")):
             shutil.rmtree(cfg.out_dir, ignore_errors=True)
             print(f"minc-train: removed {cfg.out_dir} (the run stopped before its first checkpoint)",
                   file=sys.stderr, flush=True)

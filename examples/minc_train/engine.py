@@ -1,5 +1,6 @@
 """The training loop: setup (data, model, loss, optimiser, DDP), epochs, evaluation,
-atomic checkpoints with exact resume, and the final linear-probe report."""
+atomic verified checkpoints (:mod:`.checkpoint`) with exact resume, and the final
+linear-probe report."""
 from __future__ import annotations
 
 import contextlib
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import checkpoint as C
 from . import data as D
 from . import methods as M
 from .cpu import ThreadTuner, default_threads, native_bf16
@@ -56,10 +58,8 @@ def set_rng_state(st: dict) -> None:
 
 
 def atomic_save(obj, path: str) -> None:
-    """``torch.save`` to a temp file in the same directory, then ``os.replace``."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """Write the checkpoint ``obj`` with its digest, atomically (:func:`.checkpoint.save`)."""
+    C.save(obj, path)
 
 
 def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
@@ -108,6 +108,7 @@ class Trainer:
         self._build_optim()
         self.start_epoch, self.step, self.history = 0, 0, []
         self.resumed_config = None  # the checkpoint's config after load_checkpoint
+        self.resumed_verified = None  # whether its digest was checked (False: an older file)
         self.ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
         if cfg.resume:
             self.load_checkpoint(cfg.resume)
@@ -413,27 +414,46 @@ class Trainer:
             atomic_save(self.state_dict(epoch), self.ckpt_path)
 
     def load_checkpoint(self, path: str) -> None:
+        """Restore everything from the checkpoint ``path`` (a file or a run folder), verified
+        by :func:`.checkpoint.read`; a checkpoint that does not fit this model, optimiser or
+        loss is a :class:`.checkpoint.CheckpointError` naming the file and the part."""
         if os.path.isdir(path):
             path = os.path.join(path, "checkpoint.pt")
-        if not os.path.isfile(path):
-            raise ValueError(f"--resume {path!r}: no such checkpoint file")
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        self.model.load_state_dict(ck["model"])
-        if self.target is not None:
-            self.target.load_state_dict(ck["target"])
-        self.loss_fn.load_state_dict(ck["loss"])
-        self.optimizer.load_state_dict(ck["optimizer"])
+        ck = C.read(path)
+        parts = [("model", self.model), ("target", self.target), ("loss", self.loss_fn),
+                 ("optimizer", self.optimizer)]
         if ck.get("scaler"):
-            self.scaler.load_state_dict(ck["scaler"])
+            parts.append(("scaler", self.scaler))
+        for name, obj in parts:
+            if obj is None:
+                continue
+            try:
+                obj.load_state_dict(ck[name])
+            except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+                raise C.CheckpointError(
+                    f"checkpoint {path}: its {name} state does not fit this run "
+                    f"({C._first_line(exc, 200)}); resume it with the options it was written with, "
+                    "or start a new run") from None
+        try:
+            set_rng_state(ck["rng"])
+            history = [dict(r) for r in ck.get("history", [])]
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise C.CheckpointError(f"checkpoint {path}: its RNG state or history is not readable "
+                                    f"({C._first_line(exc)})") from None
         self.start_epoch, self.step = int(ck["epoch"]) + 1, int(ck["step"])
-        self.history = list(ck.get("history", []))
+        self.history = history
         self.resumed_config = dict(ck.get("config", {}))
-        set_rng_state(ck["rng"])
+        self.resumed_verified = bool(ck.get("verified"))
 
     # ------------------------------------------------------------------ main loop
     def fit(self) -> list[dict]:
         cfg = self.cfg
-        logger = CSVLogger(os.path.join(cfg.out_dir, "log.csv"), LOG_FIELDS) if self.is_main else None
+        logger = None
+        if self.is_main:
+            # the log holds exactly the checkpoint's epochs: rows of an epoch that was logged but
+            # never checkpointed (a run killed in between) are dropped, not repeated
+            logger = CSVLogger(os.path.join(cfg.out_dir, "log.csv"), LOG_FIELDS)
+            logger.rewrite(self.history)
         t_start = time.time() - (self.history[-1]["elapsed_s"] if self.history else 0.0)
         cpu0 = (self.history[-1].get("cpu_time_s", 0.0) if self.history else 0.0) - time.process_time()
         end = cfg.epochs

@@ -110,6 +110,21 @@ class CSVLogger:
             with open(path, "w", newline="") as f:
                 csv.DictWriter(f, fieldnames=self.fieldnames).writeheader()
 
+    def rewrite(self, rows: list[dict]) -> None:
+        """Replace the file by the header and ``rows`` (written to a temporary file, then renamed)."""
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self.fieldnames, extrasaction="ignore")
+                w.writeheader()
+                for row in rows:
+                    w.writerow({k: _fmt(row.get(k)) for k in self.fieldnames})
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
     def log(self, row: dict) -> None:
         with open(self.path, "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=self.fieldnames, extrasaction="ignore")
