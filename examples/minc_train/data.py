@@ -105,8 +105,15 @@ def load_fashion_mnist(root: str | None = None, download: bool = True) -> tuple[
                                     "dataset-fashion-mnist or allow the download")
         from torchvision.datasets import FashionMNIST
         root = root or "data"
-        FashionMNIST(root, train=True, download=True)
-        FashionMNIST(root, train=False, download=True)
+        try:
+            FashionMNIST(root, train=True, download=True)
+            FashionMNIST(root, train=False, download=True)
+        except (RuntimeError, OSError) as exc:  # no network, a proxy, a full disk: one line
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()
+            raise FileNotFoundError(
+                f"Fashion-MNIST not found (looked in --data-dir and {', '.join(FASHION_MNIST_DIRS)}) "
+                f"and its download into {root!r} failed ({why}); install the Debian package "
+                "dataset-fashion-mnist (make data) or pass --data-dir with the idx .gz files") from None
         d = find_fashion_mnist(root)
         if d is None:
             raise FileNotFoundError(f"Fashion-MNIST download into {root!r} did not produce the idx files")

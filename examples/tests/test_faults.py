@@ -401,3 +401,17 @@ def test_report_resolves_the_auto_ema_backend(fmnist, tmp_path):
     from minc_kernels import info
     expected = "foreach" if info.collect()["ema_backend"].startswith("torch._foreach_lerp_") else "extension"
     assert env["ema_backend"] == expected
+
+
+def test_failed_download_is_one_line(tmp_path, capsys, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*a, **k):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://...\n"
+                           "<urlopen error [Errno -2] Name or service not known>")
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    err = fails(["--data-dir", str(empty), "--out-dir", str(tmp_path / "r")], capsys)
+    assert "download into" in err and "Name or service not known" in err and "--data-dir" in err
+    assert not (tmp_path / "r").exists()
