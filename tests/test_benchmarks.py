@@ -339,3 +339,42 @@ def test_cpu_overhead_benchmark_end_to_end(tmp_path, monkeypatch):
         assert "_cpu_ms" not in r["library_ms"] and r["library_ms"]["median_ms"] > 0
     md = (tmp_path / "results.md").read_text()
     assert "paired speed" in md and "## Every run" in md and "of 2 runs" in md
+
+
+def test_cpu_host_overhead_stubs_launches_and_counts_them(tmp_path):
+    """benchmarks/cpu_host_overhead.py: the real launchers run with every Triton launch
+    replaced by a counter (restored afterwards), and each case records host time and
+    launch counts; the MD table lists them."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    from benchmarks import cpu_host_overhead as cho
+
+    before = (JITFunction.run, InterpretedFunction.run)
+    threads = torch.get_num_threads()
+    try:
+        assert cho.main(["--out", str(tmp_path), "--losses", "mio,minc", "--shapes", "16x8",
+                         "--repeats", "2", "--calls", "3", "--warmup", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert (JITFunction.run, InterpretedFunction.run) == before
+    data = json.loads((tmp_path / "results.json").read_text())
+    recs = [r for r in data["cases"] if r["loss"] != "control"]
+    assert {(r["loss"], r["path"], r["mode"]) for r in recs} == {
+        (loss, path, mode) for loss in ("mio", "minc") for path in cho.PATHS for mode in cho.MODES}
+    for r in recs:
+        assert r["triton_launches"] == sum(r["triton_kernels"].values()) > 0, r
+        assert r["launches"] == r["triton_launches"] + r["aten_kernel_ops"]
+        assert r["aten_ops"] >= r["aten_kernel_ops"] >= 0
+        assert len(r["rounds"]) == 2 and r["cpu_us"]["min"] <= r["cpu_us"]["median"] > 0
+    # The ops form the gradient in the forward (what benchmarks/floors.py credits them
+    # with): backward launches no Triton kernel, only scales.
+    by = {(r["loss"], r["path"], r["mode"]): r for r in recs}
+    for loss in ("mio", "minc"):
+        for path in cho.PATHS:
+            assert (by[(loss, path, "fwd+bwd")]["triton_kernels"]
+                    == by[(loss, path, "fwd")]["triton_kernels"])
+    md = (tmp_path / "results.md").read_text()
+    assert "| mio | functional | fwd+bwd | 16 | 8 |" in md and "thread CPU time" in md
+    with pytest.raises(SystemExit):
+        cho.parse_args(["--losses", "nope"])
