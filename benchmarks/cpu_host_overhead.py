@@ -39,7 +39,9 @@ moment) and ``module`` (the ``nn.Module``, MINC's with its moment update), each 
 ``control`` row times an empty call (the timer's floor).
 
 Writes ``results.json`` and ``results.md`` into ``--out`` (default
-``benchmarks/results/cpu-host-overhead-<date>/``).
+``benchmarks/results/cpu-host-overhead-<date>/``).  On a shared working tree, measure a
+clean copy of a commit: ``git archive HEAD | tar -x -C /tmp/clean``, then in /tmp/clean
+``MINC_KERNELS_GIT_COMMIT=<sha> python -m benchmarks.cpu_host_overhead --out ...``.
 """
 from __future__ import annotations
 
@@ -231,6 +233,9 @@ def _cpu_model() -> str:
 
 
 def _git() -> tuple[str | None, bool | None]:
+    env = os.environ.get("MINC_KERNELS_GIT_COMMIT")  # a tree without .git (git archive)
+    if env:
+        return env, False
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                              text=True, timeout=10, check=True).stdout.strip()
