@@ -104,6 +104,15 @@ def supports(device: torch.device) -> bool:
     return device.type == "cuda" and bool(_state["info"].get("cuda_compiled"))
 
 
+@torch.compiler.assume_constant_result
+def live(device_type: str) -> bool:
+    """Whether the extension (loaded now if it was not) has a kernel for ``device_type``
+    tensors.  torch.compile runs this at trace time and keeps the answer as a constant, so
+    the first update in a fresh process may be compiled with fullgraph=True (the load
+    reads files, which Dynamo cannot trace)."""
+    return load() is not None and supports(device_type)
+
+
 # ------------------------------------------------- the op minc_kernels::ema_update_: fakes
 OP_NAME = "minc_kernels::ema_update_"
 

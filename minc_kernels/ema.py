@@ -349,6 +349,9 @@ def _ema_update(targets: list, onlines: list, momentum, check_finite: bool, back
                                "(CUDA_HOME set, MINC_KERNELS_BUILD=cuda) or use backend='foreach'")
     # torch._foreach_lerp_: checks in Python first (bulk comparisons; the detailed loop only
     # to name the culprit), so that a bad call leaves every target untouched.
+    if _distributed() and _has_dtensor(targets, onlines, copy_targets, copy_sources):
+        targets, onlines, copy_targets, copy_sources = _to_local(targets, onlines, copy_targets,
+                                                                 copy_sources)
     if check_finite or not _quick_valid(targets, onlines):
         _check_lists(targets, onlines, layout=backend == "extension")
     _check_aliasing(targets, onlines, copy_targets, copy_sources)
@@ -366,10 +369,16 @@ def _ema_update(targets: list, onlines: list, momentum, check_finite: bool, back
 
 
 def _ext_live(first, required: bool) -> bool:
-    """Whether the extension has a kernel for ``first``'s device (loads it on first use:
-    under torch.compile, load it first, e.g. ``_ext.load()``; then this is dict lookups)."""
-    ext = _ext.load(required=required)
-    return ext is not None and isinstance(first, torch.Tensor) and _ext.supports(first.device)
+    """Whether the extension has a kernel for ``first``'s device (loaded on first use;
+    ``_ext.live`` is a constant to torch.compile); ``required``: re-raise why it is missing."""
+    if not isinstance(first, torch.Tensor):
+        _ext.load(required=required)
+        return False
+    if _ext.live(first.device.type):
+        return True
+    if required:
+        _ext.load(required=True)
+    return False
 
 
 def _foreach_ema(targets: list, onlines: list, momentum) -> None:
@@ -552,16 +561,21 @@ def _params_and_buffers(module: nn.Module) -> tuple[list, list]:
     return list(params), list(buffers)
 
 
+def _distributed() -> bool:
+    """A process group is up (DTensors need one): the only case where DTensors can appear."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _is_sharded(module: nn.Module) -> bool:
     """An FSDP2 module, or one with DTensor parameters (torch.distributed in use only)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not _distributed():
         return False
     return bool(_fsdp_modules(module)) or _has_dtensor(list(module.parameters()))
 
 
 def _fsdp_modules(module: nn.Module) -> tuple:
     """The FSDP2 (``fully_shard``) modules in ``module`` (none without a process group)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not _distributed():
         return ()
     try:
         from torch.distributed.fsdp import FSDPModule
