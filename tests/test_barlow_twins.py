@@ -158,3 +158,155 @@ def test_registry_entry():
     fwd, bwd = spec.matmul_flops(256, 8192)
     assert fwd > 0 and bwd > 0
     assert home.BN_EPS == 1e-5
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+# Under TRITON_INTERPRET=1 on the CPU (conftest), on CUDA when present; tiny shapes.
+triton = pytest.importorskip("triton")
+from minc_kernels.ops import barlow_twins as ops  # noqa: E402
+from minc_kernels.ops import spectral as spectral_ops  # noqa: E402
+
+F32 = dict(rel=2e-6, abs=1e-7)  # as tests/test_ops_spectral.py
+
+
+def _oracle(za, zb, lam, g):
+    """lightly's loss on float64 copies: value and gradients."""
+    a = za.detach().cpu().double().requires_grad_()
+    b = zb.detach().cpu().double().requires_grad_()
+    return _value_and_grads(lightly_loss.BarlowTwinsLoss(lambda_param=lam), a, b, g)
+
+
+def _kernel(lam, algorithm):
+    return lambda a, b: ops.barlow_twins_loss(a, b, lam, algorithm)
+
+
+def _run(fn, za, zb, g):
+    return [t.cpu().double() for t in _value_and_grads(fn, za, zb, g)]
+
+
+def _close(got, want, rel=F32["rel"], abs_=F32["abs"]):
+    for name, a, w in zip(("loss", "dz_a", "dz_b"), got, want):
+        err, scale = float((a - w).abs().max()), float(w.abs().max())
+        assert err <= rel * scale + abs_, (name, err, scale)
+
+
+@pytest.mark.parametrize("b,k", [(2, 5), (7, 33), (37, 5), (20, 20)])
+@pytest.mark.parametrize("algorithm", ["pairwise", "gram", "auto"])
+@pytest.mark.parametrize("lam", [5e-3, 0.8])
+def test_triton_fp32_matches_lightly(kernel_device, b, k, algorithm, lam):
+    za, zb = _views(b, k, torch.float32, seed=b + k, device=kernel_device)
+    want = _oracle(za, zb, lam, 1.7)
+    got = _run(_kernel(lam, algorithm), za, zb, 1.7)
+    if b == 2:  # the standardisation's Jacobian cancels (test_batch_of_two_matches_lightly)
+        _close(got[:1], want[:1])
+        return
+    _close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("algorithm", ["pairwise", "gram"])
+@pytest.mark.parametrize("b,k", [(7, 33), (37, 5)])
+def test_triton_half_error_within_3x_of_eager(kernel_device, dtype, algorithm, b, k):
+    za, zb = _views(b, k, dtype, seed=1, device=kernel_device)
+    want = _oracle(za, zb, 0.3, -0.6)
+    got = _run(_kernel(0.3, algorithm), za, zb, -0.6)
+    eager = _run(lambda a, c: reference.barlow_twins_loss(a, c, 0.3, algorithm), za, zb, -0.6)
+    eps = torch.finfo(dtype).eps
+    for name, a, e, w in zip(("loss", "dz_a", "dz_b"), got, eager, want):
+        err, err_eager = float((a - w).abs().max()), float((e - w).abs().max())
+        floor = 0.5 * eps * float(w.abs().max())
+        assert err <= 3 * err_eager + floor, (name, err, err_eager, floor)
+
+
+def test_triton_output_is_fp32_scalar_and_grads_in_input_dtype(kernel_device):
+    za, zb = _views(7, 5, torch.bfloat16, device=kernel_device)
+    loss = ops.barlow_twins_loss(za, zb, 5e-3, "pairwise")
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    ga, gb = torch.autograd.grad(loss, (za, zb))
+    assert ga.dtype == torch.bfloat16 and gb.shape == zb.shape
+
+
+@pytest.mark.parametrize("algorithm", ["pairwise", "gram"])
+def test_triton_noncontiguous_inputs(kernel_device, algorithm):
+    za, zb = _views(9, 33, torch.float32, seed=2, device=kernel_device)
+    a = za.detach().T.contiguous().T.requires_grad_()
+    b = torch.cat([zb.detach(), zb.detach()], dim=1)[:, ::2].requires_grad_()
+    assert not a.is_contiguous() and not b.is_contiguous()
+    _close(_run(_kernel(0.1, algorithm), a, b, 0.9), _oracle(a, b, 0.1, 0.9))
+
+
+def test_triton_pairwise_and_gram_agree(kernel_device):
+    za, zb = _views(21, 17, torch.float32, seed=3, device=kernel_device)
+    a = _run(_kernel(0.2, "pairwise"), za, zb, 1.0)
+    b = _run(_kernel(0.2, "gram"), za, zb, 1.0)
+    _close(a, b, rel=1e-6, abs_=0.0)
+
+
+@pytest.mark.parametrize("algorithm", ["pairwise", "gram"])
+def test_triton_forward_only_and_deterministic(kernel_device, algorithm):
+    za, zb = _views(19, 9, torch.float32, seed=4, device=kernel_device)
+    loss, ga, gb = ops.barlow_twins_loss_fwd(za.detach(), zb.detach(), 0.1, algorithm, False)
+    assert ga.numel() == 0 and gb.numel() == 0
+    with torch.no_grad():
+        again = ops.barlow_twins_loss(za, zb, 0.1, algorithm)
+    assert torch.equal(loss, again)
+    _close([loss.cpu().double()], _oracle(za, zb, 0.1, 1.0)[:1])
+    r1 = _run(_kernel(0.1, algorithm), za, zb, 1.0)
+    r2 = _run(_kernel(0.1, algorithm), za, zb, 1.0)
+    assert all(torch.equal(x, y) for x, y in zip(r1, r2))
+
+
+def test_triton_auto_runs_the_spectral_cost_model_choice(kernel_device):
+    za, zb = _views(37, 5, torch.float32, seed=5, device=kernel_device)
+    choice = spectral_ops.choose_algorithm(37, 5, torch.float32, True)
+    a = _run(_kernel(0.1, "auto"), za, zb, 1.0)
+    b = _run(_kernel(0.1, choice), za, zb, 1.0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_triton_backward_without_saved_gradient_raises(kernel_device):
+    za, zb = _views(7, 5, torch.float32, device=kernel_device)
+    loss, _, _ = ops.barlow_twins_loss_fwd(za, zb, 0.1, "gram", False)
+    with pytest.raises(RuntimeError, match="need_grad=False"):
+        loss.backward()
+
+
+def test_triton_module_and_functional(kernel_device):
+    za, zb = _views(11, 6, torch.float32, seed=6, device=kernel_device)
+    want = _oracle(za, zb, 5e-3, 1.0)
+    _close(_run(mk.BarlowTwinsLoss(backend="triton"), za, zb, 1.0), want)
+    _close(_run(lambda a, c: Fn.barlow_twins_loss(a, c, backend="triton"), za, zb, 1.0), want)
+
+
+@pytest.mark.parametrize("algorithm", ["pairwise", "gram"])
+def test_triton_opcheck(kernel_device, algorithm):
+    za, zb = _views(7, 5, torch.float32, seed=9, device=kernel_device)
+    torch.library.opcheck(ops.barlow_twins_loss_fwd, (za, zb, 0.1, algorithm, True))
+    torch.library.opcheck(ops.barlow_twins_loss_fwd, (za.detach(), zb.detach(), 0.1, algorithm, False))
+
+
+def test_triton_torch_compile_fullgraph(kernel_device):
+    m = mk.BarlowTwinsLoss(0.1, backend="triton")
+    za, zb = _views(7, 5, torch.float32, seed=10, device=kernel_device)
+    torch._dynamo.reset()
+    got = _run(torch.compile(m, fullgraph=True), za, zb, 1.1)
+    want = _run(m, za, zb, 1.1)
+    assert all(torch.equal(x, y) for x, y in zip(got, want))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,k", [(256, 2048), (1024, 256), (4099, 130)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("algorithm", ["pairwise", "gram", "auto"])
+def test_triton_gpu_large_shapes(b, k, dtype, algorithm):
+    za, zb = _views(b, k, dtype, seed=11, device="cuda")
+    want = _oracle(za, zb, 5e-3, 0.8)
+    got = _run(_kernel(5e-3, algorithm), za, zb, 0.8)
+    if dtype == torch.float32:
+        _close(got, want, rel=1e-5)
+        return
+    eager = _run(lambda a, c: reference.barlow_twins_loss(a, c, 5e-3, algorithm), za, zb, 0.8)
+    eps = torch.finfo(dtype).eps
+    for a, e, w in zip(got, eager, want):
+        err, err_eager = float((a - w).abs().max()), float((e - w).abs().max())
+        assert err <= 3 * err_eager + 0.5 * eps * float(w.abs().max())

@@ -148,3 +148,163 @@ def test_registry_entry():
                               spec.reference(za, zb), rtol=1e-5)
     fwd, bwd = spec.matmul_flops(256, 8192)
     assert fwd > 0 and bwd > 0
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+# Under TRITON_INTERPRET=1 on the CPU (conftest), on CUDA when present; tiny shapes.
+triton = pytest.importorskip("triton")
+from minc_kernels.ops import vicreg as ops  # noqa: E402
+from minc_kernels.ops import spectral as spectral_ops  # noqa: E402
+
+F32 = dict(rel=2e-6, abs=1e-7)  # as tests/test_ops_spectral.py
+
+
+KW = dict(lambda_param=2.0, mu_param=3.0, nu_param=0.7, eps=1e-3)
+
+
+def _oracle(za, zb, kw, g):
+    """lightly's loss on float64 copies: value and gradients."""
+    a = za.detach().cpu().double().requires_grad_()
+    b = zb.detach().cpu().double().requires_grad_()
+    return _value_and_grads(lightly_loss.VICRegLoss(**kw), a, b, g)
+
+
+def _kernel(kw, algorithm):
+    return lambda a, b: ops.vicreg_loss(a, b, kw["lambda_param"], kw["mu_param"],
+                                        kw["nu_param"], kw["eps"], algorithm)
+
+
+def _eager(kw, algorithm):
+    return lambda a, b: reference.vicreg_loss(a, b, kw["lambda_param"], kw["mu_param"],
+                                              kw["nu_param"], kw["eps"], algorithm)
+
+
+def _run(fn, za, zb, g):
+    return [t.cpu().double() for t in _value_and_grads(fn, za, zb, g)]
+
+
+def _close(got, want, rel=F32["rel"], abs_=F32["abs"]):
+    for name, a, w in zip(("loss", "dz_a", "dz_b"), got, want):
+        err, scale = float((a - w).abs().max()), float(w.abs().max())
+        assert err <= rel * scale + abs_, (name, err, scale)
+
+
+@pytest.mark.parametrize("b,k", [(2, 5), (7, 33), (37, 5), (20, 20)])
+@pytest.mark.parametrize("algorithm", ["pairwise", "gram", "auto"])
+@pytest.mark.parametrize("kw", [PARAMS[0], KW])
+def test_triton_fp32_matches_lightly(kernel_device, b, k, algorithm, kw):
+    za, zb = _views(b, k, torch.float32, seed=b + k, device=kernel_device)
+    want = _oracle(za, zb, kw, 1.7)
+    got = _run(_kernel({**dict(lambda_param=25.0, mu_param=25.0, nu_param=1.0, eps=1e-4), **kw},
+                       algorithm), za, zb, 1.7)
+    _close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("algorithm", ["pairwise", "gram"])
+@pytest.mark.parametrize("b,k", [(7, 33), (37, 5)])
+def test_triton_half_error_within_3x_of_eager(kernel_device, dtype, algorithm, b, k):
+    za, zb = _views(b, k, dtype, seed=1, device=kernel_device)
+    want = _oracle(za, zb, KW, -0.6)
+    got = _run(_kernel(KW, algorithm), za, zb, -0.6)
+    eager = _run(_eager(KW, algorithm), za, zb, -0.6)
+    eps = torch.finfo(dtype).eps
+    for name, a, e, w in zip(("loss", "dz_a", "dz_b"), got, eager, want):
+        err, err_eager = float((a - w).abs().max()), float((e - w).abs().max())
+        floor = 0.5 * eps * float(w.abs().max())
+        assert err <= 3 * err_eager + floor, (name, err, err_eager, floor)
+
+
+def test_triton_output_is_fp32_scalar_and_grads_in_input_dtype(kernel_device):
+    za, zb = _views(7, 5, torch.bfloat16, device=kernel_device)
+    loss = ops.vicreg_loss(za, zb, 25.0, 25.0, 1.0, 1e-4, "pairwise")
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    ga, gb = torch.autograd.grad(loss, (za, zb))
+    assert ga.dtype == torch.bfloat16 and gb.shape == zb.shape
+
+
+@pytest.mark.parametrize("algorithm", ["pairwise", "gram"])
+def test_triton_noncontiguous_inputs(kernel_device, algorithm):
+    za, zb = _views(9, 33, torch.float32, seed=2, device=kernel_device)
+    a = za.detach().T.contiguous().T.requires_grad_()
+    b = torch.cat([zb.detach(), zb.detach()], dim=1)[:, ::2].requires_grad_()
+    assert not a.is_contiguous() and not b.is_contiguous()
+    _close(_run(_kernel(KW, algorithm), a, b, 0.9), _oracle(a, b, KW, 0.9))
+
+
+def test_triton_pairwise_and_gram_agree(kernel_device):
+    za, zb = _views(21, 17, torch.float32, seed=3, device=kernel_device)
+    a = _run(_kernel(KW, "pairwise"), za, zb, 1.0)
+    b = _run(_kernel(KW, "gram"), za, zb, 1.0)
+    _close(a, b, rel=1e-6, abs_=0.0)
+
+
+@pytest.mark.parametrize("algorithm", ["pairwise", "gram"])
+def test_triton_forward_only_and_deterministic(kernel_device, algorithm):
+    za, zb = _views(19, 9, torch.float32, seed=4, device=kernel_device)
+    loss, ga, gb = ops.vicreg_loss_fwd(za.detach(), zb.detach(), *KW.values(), algorithm, False)
+    assert ga.numel() == 0 and gb.numel() == 0
+    with torch.no_grad():
+        again = _kernel(KW, algorithm)(za, zb)
+    assert torch.equal(loss, again)
+    _close([loss.cpu().double()], _oracle(za, zb, KW, 1.0)[:1])
+    r1 = _run(_kernel(KW, algorithm), za, zb, 1.0)
+    r2 = _run(_kernel(KW, algorithm), za, zb, 1.0)
+    assert all(torch.equal(x, y) for x, y in zip(r1, r2))
+
+
+def test_triton_auto_runs_the_spectral_cost_model_choice(kernel_device):
+    za, zb = _views(37, 5, torch.float32, seed=5, device=kernel_device)
+    choice = spectral_ops.choose_algorithm(37, 5, torch.float32, True)
+    a = _run(_kernel(KW, "auto"), za, zb, 1.0)
+    b = _run(_kernel(KW, choice), za, zb, 1.0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_triton_backward_without_saved_gradient_raises(kernel_device):
+    za, zb = _views(7, 5, torch.float32, device=kernel_device)
+    loss, _, _ = ops.vicreg_loss_fwd(za, zb, *KW.values(), "gram", False)
+    with pytest.raises(RuntimeError, match="need_grad=False"):
+        loss.backward()
+
+
+def test_triton_module_and_functional(kernel_device):
+    za, zb = _views(11, 6, torch.float32, seed=6, device=kernel_device)
+    want = _oracle(za, zb, {}, 1.0)
+    _close(_run(mk.VICRegLoss(backend="triton"), za, zb, 1.0), want)
+    _close(_run(lambda a, c: Fn.vicreg_loss(a, c, backend="triton"), za, zb, 1.0), want)
+
+
+@pytest.mark.parametrize("algorithm", ["pairwise", "gram"])
+def test_triton_opcheck(kernel_device, algorithm):
+    za, zb = _views(7, 5, torch.float32, seed=9, device=kernel_device)
+    torch.library.opcheck(ops.vicreg_loss_fwd, (za, zb, *KW.values(), algorithm, True))
+    torch.library.opcheck(ops.vicreg_loss_fwd, (za.detach(), zb.detach(), *KW.values(), algorithm,
+                                                False))
+
+
+def test_triton_torch_compile_fullgraph(kernel_device):
+    m = mk.VICRegLoss(backend="triton")
+    za, zb = _views(7, 5, torch.float32, seed=10, device=kernel_device)
+    torch._dynamo.reset()
+    got = _run(torch.compile(m, fullgraph=True), za, zb, 1.1)
+    want = _run(m, za, zb, 1.1)
+    assert all(torch.equal(x, y) for x, y in zip(got, want))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,k", [(256, 2048), (1024, 256), (4099, 130)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("algorithm", ["pairwise", "gram", "auto"])
+def test_triton_gpu_large_shapes(b, k, dtype, algorithm):
+    za, zb = _views(b, k, dtype, seed=11, device="cuda")
+    want = _oracle(za, zb, KW, 0.8)
+    got = _run(_kernel(KW, algorithm), za, zb, 0.8)
+    if dtype == torch.float32:
+        _close(got, want, rel=1e-5)
+        return
+    eager = _run(_eager(KW, algorithm), za, zb, 0.8)
+    eps = torch.finfo(dtype).eps
+    for a, e, w in zip(got, eager, want):
+        err, err_eager = float((a - w).abs().max()), float((e - w).abs().max())
+        assert err <= 3 * err_eager + 0.5 * eps * float(w.abs().max())

@@ -218,3 +218,198 @@ def rowmat_kernel(
             coef = tl.full((BLOCK_M,), beta, dtype=tl.float32)
         g = alpha * q + coef[:, None] * yn
         tl.store(out_ptr + rows[:, None] * stride_ob + cols[None, :] * stride_ok, g, mask=tile_mask)
+
+
+# ----------------------------------------------------------------------------- column statistics
+# The per-column prologue/epilogue of the Barlow Twins and VICReg losses (docs/math.md §7-8):
+# batch standardisation / centring of two views before their Grams, and its Jacobian after.
+
+
+@triton.jit
+def round_bf16_rne(x):
+    """fp32 ``x`` rounded to the nearest bfloat16 (ties to even), still fp32 (exact in bf16).
+
+    The CPU interpreter's fp32 -> bf16 conversion truncates (rounds toward zero), a bias
+    that the GPU's conversion does not have; kernels that store rounded values call this
+    first under the interpreter (``RNE_BF16``) so both round as torch does."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def colstats_kernel(
+    x_ptr, y_ptr, xo_ptr, yo_ptr, stats_ptr, B, K,
+    stride_xb, stride_xk, stride_yb, stride_yk,
+    stride_xob, stride_xok, stride_yob, stride_yok, eps,
+    STANDARDIZE: tl.constexpr, RNE_BF16: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Columns ``[pid·BK, (pid+1)·BK)`` of two (B, K) views ``X``, ``Y``; grid (cdiv(K, BK),).
+
+    Three passes over the rows (fp32): column means; ``M2 = Σ (x - m)²`` and the invariance
+    partial ``Σ (x - y)²``; then the output rows ``xo = (x - m)·s`` in the output's dtype
+    (``s = 1/sqrt(M2/B + eps)`` with ``STANDARDIZE``, else 1: centring) at any strides, with
+    ``Σ xo²`` and ``Σ xo∘yo`` of the rounded outputs.  ``stats`` is (10, K) fp32:
+    rows 0-1 means, 2-3 ``M2``, 4-5 ``s``, 6-7 ``Σ xo²``, ``Σ yo²``, 8 ``Σ xo∘yo``,
+    9 ``Σ (x - y)²`` (rows ``x`` then ``y``).  ``RNE_BF16``: see :func:`round_bf16_rne`.
+    """
+    pid = tl.program_id(0)
+    cols = pid.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    c_mask = cols < K
+    sx = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    sy = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for r0 in range(0, B, BLOCK_B):
+        rows = r0 + tl.arange(0, BLOCK_B).to(tl.int64)
+        m = (rows < B)[:, None] & c_mask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xk, mask=m, other=0.0)
+        y = tl.load(y_ptr + rows[:, None] * stride_yb + cols[None, :] * stride_yk, mask=m, other=0.0)
+        sx += tl.sum(x.to(tl.float32), axis=0)
+        sy += tl.sum(y.to(tl.float32), axis=0)
+    mx = sx / B
+    my = sy / B
+    m2x = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    m2y = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    d2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for r0 in range(0, B, BLOCK_B):
+        rows = r0 + tl.arange(0, BLOCK_B).to(tl.int64)
+        m = (rows < B)[:, None] & c_mask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xk, mask=m, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + rows[:, None] * stride_yb + cols[None, :] * stride_yk, mask=m, other=0.0).to(tl.float32)
+        cx = tl.where(m, x - mx[None, :], 0.0)
+        cy = tl.where(m, y - my[None, :], 0.0)
+        m2x += tl.sum(cx * cx, axis=0)
+        m2y += tl.sum(cy * cy, axis=0)
+        d2 += tl.sum((x - y) * (x - y), axis=0)
+    if STANDARDIZE:
+        one = tl.full((BLOCK_K,), 1.0, tl.float32)
+        scx = tl.div_rn(one, tl.sqrt_rn(m2x / B + eps))
+        scy = tl.div_rn(one, tl.sqrt_rn(m2y / B + eps))
+    else:
+        scx = tl.full((BLOCK_K,), 1.0, tl.float32)
+        scy = tl.full((BLOCK_K,), 1.0, tl.float32)
+    qx = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    qy = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    xy = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for r0 in range(0, B, BLOCK_B):
+        rows = r0 + tl.arange(0, BLOCK_B).to(tl.int64)
+        m = (rows < B)[:, None] & c_mask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xk, mask=m, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + rows[:, None] * stride_yb + cols[None, :] * stride_yk, mask=m, other=0.0).to(tl.float32)
+        xo = (x - mx[None, :]) * scx[None, :]
+        yo = (y - my[None, :]) * scy[None, :]
+        if RNE_BF16:
+            xo = round_bf16_rne(xo)
+            yo = round_bf16_rne(yo)
+        xo = xo.to(xo_ptr.dtype.element_ty)
+        yo = yo.to(yo_ptr.dtype.element_ty)
+        tl.store(xo_ptr + rows[:, None] * stride_xob + cols[None, :] * stride_xok, xo, mask=m)
+        tl.store(yo_ptr + rows[:, None] * stride_yob + cols[None, :] * stride_yok, yo, mask=m)
+        xf = tl.where(m, xo.to(tl.float32), 0.0)
+        yf = tl.where(m, yo.to(tl.float32), 0.0)
+        qx += tl.sum(xf * xf, axis=0)
+        qy += tl.sum(yf * yf, axis=0)
+        xy += tl.sum(xf * yf, axis=0)
+    tl.store(stats_ptr + 0 * K + cols, mx, mask=c_mask)
+    tl.store(stats_ptr + 1 * K + cols, my, mask=c_mask)
+    tl.store(stats_ptr + 2 * K + cols, m2x, mask=c_mask)
+    tl.store(stats_ptr + 3 * K + cols, m2y, mask=c_mask)
+    tl.store(stats_ptr + 4 * K + cols, scx, mask=c_mask)
+    tl.store(stats_ptr + 5 * K + cols, scy, mask=c_mask)
+    tl.store(stats_ptr + 6 * K + cols, qx, mask=c_mask)
+    tl.store(stats_ptr + 7 * K + cols, qy, mask=c_mask)
+    tl.store(stats_ptr + 8 * K + cols, xy, mask=c_mask)
+    tl.store(stats_ptr + 9 * K + cols, d2, mask=c_mask)
+
+
+@triton.jit
+def colstats_backward_kernel(
+    gx_ptr, gy_ptr, nx_ptr, ny_ptr, x_ptr, y_ptr, stats_ptr, ox_ptr, oy_ptr, B, K,
+    stride_gxb, stride_gxk, stride_gyb, stride_gyk, stride_nxb, stride_nxk,
+    stride_nyb, stride_nyk, stride_xb, stride_xk, stride_yb, stride_yk, inv_coef,
+    STANDARDIZE: tl.constexpr, INVARIANCE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The Jacobian of :func:`colstats_kernel`'s outputs, per column block; grid (cdiv(K, BK),).
+
+    For each view, ``g`` (fp32, any strides) is the gradient with respect to the output
+    ``n``: ``o = s·(g - mean(g) - n·mean(g∘n))`` with ``STANDARDIZE`` (``n`` the rounded
+    standardised rows, ``s`` from ``stats`` row 4/5), else ``o = g - mean(g)`` (centring).
+    ``INVARIANCE`` adds ``±inv_coef·(x - y)`` (``+`` for ``X``, ``-`` for ``Y``).
+    ``ox``, ``oy``: contiguous fp32 (B, K).
+    """
+    pid = tl.program_id(0)
+    cols = pid.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    c_mask = cols < K
+    sgx = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    sgy = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    snx = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    sny = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for r0 in range(0, B, BLOCK_B):
+        rows = r0 + tl.arange(0, BLOCK_B).to(tl.int64)
+        m = (rows < B)[:, None] & c_mask[None, :]
+        gx = tl.load(gx_ptr + rows[:, None] * stride_gxb + cols[None, :] * stride_gxk, mask=m, other=0.0)
+        gy = tl.load(gy_ptr + rows[:, None] * stride_gyb + cols[None, :] * stride_gyk, mask=m, other=0.0)
+        sgx += tl.sum(gx, axis=0)
+        sgy += tl.sum(gy, axis=0)
+        if STANDARDIZE:
+            nx = tl.load(nx_ptr + rows[:, None] * stride_nxb + cols[None, :] * stride_nxk, mask=m, other=0.0).to(tl.float32)
+            ny = tl.load(ny_ptr + rows[:, None] * stride_nyb + cols[None, :] * stride_nyk, mask=m, other=0.0).to(tl.float32)
+            snx += tl.sum(gx * nx, axis=0)
+            sny += tl.sum(gy * ny, axis=0)
+    mgx = sgx / B
+    mgy = sgy / B
+    mnx = snx / B
+    mny = sny / B
+    if STANDARDIZE:
+        scx = tl.load(stats_ptr + 4 * K + cols, mask=c_mask, other=0.0)
+        scy = tl.load(stats_ptr + 5 * K + cols, mask=c_mask, other=0.0)
+    for r0 in range(0, B, BLOCK_B):
+        rows = r0 + tl.arange(0, BLOCK_B).to(tl.int64)
+        m = (rows < B)[:, None] & c_mask[None, :]
+        gx = tl.load(gx_ptr + rows[:, None] * stride_gxb + cols[None, :] * stride_gxk, mask=m, other=0.0)
+        gy = tl.load(gy_ptr + rows[:, None] * stride_gyb + cols[None, :] * stride_gyk, mask=m, other=0.0)
+        ox = gx - mgx[None, :]
+        oy = gy - mgy[None, :]
+        if STANDARDIZE:
+            nx = tl.load(nx_ptr + rows[:, None] * stride_nxb + cols[None, :] * stride_nxk, mask=m, other=0.0).to(tl.float32)
+            ny = tl.load(ny_ptr + rows[:, None] * stride_nyb + cols[None, :] * stride_nyk, mask=m, other=0.0).to(tl.float32)
+            ox = scx[None, :] * (ox - nx * mnx[None, :])
+            oy = scy[None, :] * (oy - ny * mny[None, :])
+        if INVARIANCE:
+            x = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xk, mask=m, other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + rows[:, None] * stride_yb + cols[None, :] * stride_yk, mask=m, other=0.0).to(tl.float32)
+            ox += inv_coef * (x - y)
+            oy -= inv_coef * (x - y)
+        tl.store(ox_ptr + rows[:, None] * K + cols[None, :], ox, mask=m)
+        tl.store(oy_ptr + rows[:, None] * K + cols[None, :], oy, mask=m)
+
+
+@triton.jit
+def cross_gram_kernel(
+    x_ptr, y_ptr, out_ptr, B, K, stride_xb, stride_xk, stride_yb, stride_yk, rows_per_split,
+    IS_FP32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """``C_s = Σ_{j in slice s} x_j y_jᵀ`` (``Xᵀ Y`` over a slice of rows); grid (nK, nK, S),
+    ``out[s]`` (S, K, K) fp32 (the launcher sums the slices in a fixed order).  Unlike
+    :func:`moment_partial_kernel` every tile computes (``Xᵀ Y`` is not symmetric)."""
+    pid_a = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    ka = pid_a.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kb = pid_b.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ka_mask = ka < K
+    kb_mask = kb < K
+    row_start = pid_s.to(tl.int64) * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, B)
+    acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)
+    for r0 in range(row_start, row_end, BLOCK_B):
+        rows = r0 + tl.arange(0, BLOCK_B)
+        r_mask = rows < row_end
+        xa_t = tl.load(x_ptr + rows[None, :] * stride_xb + ka[:, None] * stride_xk,
+                       mask=ka_mask[:, None] & r_mask[None, :], other=0.0)
+        yb = tl.load(y_ptr + rows[:, None] * stride_yb + kb[None, :] * stride_yk,
+                     mask=r_mask[:, None] & kb_mask[None, :], other=0.0)
+        acc = dot_same(xa_t, yb, acc, IS_FP32, UPCAST)
+    out = out_ptr + pid_s.to(tl.int64) * K * K
+    tl.store(out + ka[:, None] * K + kb[None, :], acc, mask=ka_mask[:, None] & kb_mask[None, :])

@@ -197,6 +197,6 @@ def _flops(b: int, k: int) -> tuple[float, float]:
 SPEC = LossSpec(
     name="barlow_twins", module=BarlowTwinsLoss, functional=barlow_twins_loss,
     reference=barlow_twins_loss_reference, step=_step, arg_names=("z_a", "z_b"),
-    grad_args=(0, 1), op=None, matmul_flops=_flops,
+    grad_args=(0, 1), op="barlow_twins", matmul_flops=_flops,
     variants={"pairwise": {"algorithm": "pairwise"}, "gram": {"algorithm": "gram"}},
 )

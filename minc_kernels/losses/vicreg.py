@@ -211,6 +211,6 @@ def _flops(b: int, k: int) -> tuple[float, float]:
 SPEC = LossSpec(
     name="vicreg", module=VICRegLoss, functional=vicreg_loss,
     reference=vicreg_loss_reference, step=_step, arg_names=("z_a", "z_b"),
-    grad_args=(0, 1), op=None, matmul_flops=_flops,
+    grad_args=(0, 1), op="vicreg", matmul_flops=_flops,
     variants={"pairwise": {"algorithm": "pairwise"}, "gram": {"algorithm": "gram"}},
 )

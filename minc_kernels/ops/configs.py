@@ -220,3 +220,13 @@ def pick_config(b: int, k: int, dtype: torch.dtype, on_gpu: bool = True,
     # no empty split: recompute from the number of column blocks per split
     n_splits = cdiv(n_col_blocks, cdiv(n_col_blocks, n_splits))
     return MIOConfig(bm, bn, bk, acc_in_regs, nw, ns, n_splits)
+
+
+# ----------------------------------------------------------------------------- Barlow Twins / VICReg
+def colstats_config(k: int) -> dict:
+    """:func:`~minc_kernels.kernels.gram.colstats_kernel` and its backward: one program per
+    ``BLOCK_K`` columns streams every row (grid k/BLOCK_K: 128 programs at k = 8192, only
+    8 at k = 512, where a row split would fill the device better; not done)."""
+    if interpreting():
+        return dict(BLOCK_B=16, BLOCK_K=16, num_warps=4)
+    return dict(BLOCK_B=32, BLOCK_K=min(64, max(16, next_pow2(k))), num_warps=4)

@@ -1,4 +1,5 @@
-"""The shared Gram layer (launcher side): ``Xᵀ X``, ``<G, Xᵀ X>_F`` and the fused ``X Gᵀ``.
+"""The shared Gram layer (launcher side): ``Xᵀ X``, ``<G, Xᵀ X>_F`` and the fused ``X Gᵀ``;
+``Xᵀ Y`` and the per-column standardisation/centring of two views (Barlow Twins, VICReg).
 
 MINC is :func:`rowmat` + :func:`gram`; the spectral feature-Gram path uses all three.
 A new loss whose gradient is ``α·X Gᵀ + (β + γ·d)∘Y`` for a fp32 k×k ``G`` calls these and
@@ -9,11 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.gram import moment_partial_kernel, rowmat_kernel
+from ..kernels.gram import (colstats_backward_kernel, colstats_kernel, cross_gram_kernel,
+                            moment_partial_kernel, rowmat_kernel)
 from . import configs
-from ._common import cdiv, device_guard, is_fp32, num_sms, rhs_f32_mode, upcast_bf16_dot
+from ._common import (cdiv, device_guard, interpreting, is_fp32, num_sms, rhs_f32_mode,
+                      upcast_bf16_dot)
 
-__all__ = ["rowmat", "gram", "gram_dot"]
+__all__ = ["rowmat", "gram", "gram_dot", "cross_gram", "col_stats", "col_stats_backward"]
 
 
 def rowmat(x: torch.Tensor, g: torch.Tensor, y: torch.Tensor, d: torch.Tensor | None,
@@ -73,3 +76,75 @@ def gram_dot(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     without writing ``Xᵀ X``."""
     out, _ = _gram_launch(x, other.contiguous())
     return out.sum()
+
+
+# ----------------------------------------------------------------------------- Barlow Twins / VICReg
+def cross_gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``Xᵀ Y`` as fp32 (k, k), from the storage dtype (tiles and row split as :func:`gram`)."""
+    b, k = x.shape
+    cfg = configs.gram_config(k, x.dtype)
+    nk = cdiv(k, cfg["BLOCK_K"])
+    nb = cdiv(b, cfg["BLOCK_B"])
+    split = max(1, min(nb, cdiv(2 * num_sms(x.device), nk * nk)))
+    rows_per_split = cdiv(nb, split) * cfg["BLOCK_B"]
+    split = cdiv(b, rows_per_split)
+    out = torch.empty(split, k, k, dtype=torch.float32, device=x.device)
+    with device_guard(x):
+        cross_gram_kernel[(nk, nk, split)](
+            x, y, out, b, k, x.stride(0), x.stride(1), y.stride(0), y.stride(1), rows_per_split,
+            IS_FP32=is_fp32(x.dtype), UPCAST=upcast_bf16_dot(x.dtype), **cfg,
+        )
+    return out[0] if split == 1 else out.sum(dim=0)
+
+
+def col_stats(x: torch.Tensor, y: torch.Tensor, standardize: bool, eps: float,
+              transposed: bool):
+    """Per-column statistics of two (B, k) views and their centred (or, ``standardize``,
+    batch-standardised) copies in the storage dtype: ``(xo, yo, stats)``.
+
+    ``xo``/``yo`` are (B, k) views of contiguous (k, B) buffers when ``transposed`` (what the
+    N×N Gram path multiplies), of contiguous (B, k) buffers otherwise.  ``stats``: (10, k)
+    fp32, rows as :func:`~minc_kernels.kernels.gram.colstats_kernel` documents."""
+    b, k = x.shape
+
+    def out():
+        if transposed:
+            return torch.empty((k, b), dtype=x.dtype, device=x.device).T
+        return torch.empty((b, k), dtype=x.dtype, device=x.device)
+
+    xo, yo = out(), out()
+    stats = torch.empty((10, k), dtype=torch.float32, device=x.device)
+    cfg = configs.colstats_config(k)
+    with device_guard(x):
+        colstats_kernel[(cdiv(k, cfg["BLOCK_K"]),)](
+            x, y, xo, yo, stats, b, k, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+            xo.stride(0), xo.stride(1), yo.stride(0), yo.stride(1), float(eps),
+            STANDARDIZE=bool(standardize), RNE_BF16=interpreting() and x.dtype == torch.bfloat16,
+            **cfg,
+        )
+    return xo, yo, stats
+
+
+def col_stats_backward(gx: torch.Tensor, gy: torch.Tensor, nx: torch.Tensor | None,
+                       ny: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
+                       stats: torch.Tensor, inv_coef: float):
+    """Gradients with respect to ``x``, ``y`` (contiguous fp32 (B, k)) from the fp32
+    gradients ``gx``, ``gy`` (any strides) with respect to :func:`col_stats`' outputs:
+    the standardisation's Jacobian when ``nx``/``ny`` (its outputs) are given, the
+    centring's otherwise; plus ``±inv_coef·(x - y)`` when ``inv_coef != 0``."""
+    b, k = x.shape
+    standardize = nx is not None
+    nx = nx if standardize else gx
+    ny = ny if standardize else gy
+    ox = torch.empty((b, k), dtype=torch.float32, device=x.device)
+    oy = torch.empty((b, k), dtype=torch.float32, device=x.device)
+    cfg = configs.colstats_config(k)
+    with device_guard(x):
+        colstats_backward_kernel[(cdiv(k, cfg["BLOCK_K"]),)](
+            gx, gy, nx, ny, x, y, stats, ox, oy, b, k,
+            gx.stride(0), gx.stride(1), gy.stride(0), gy.stride(1),
+            nx.stride(0), nx.stride(1), ny.stride(0), ny.stride(1),
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1), float(inv_coef),
+            STANDARDIZE=standardize, INVARIANCE=inv_coef != 0.0, **cfg,
+        )
+    return ox, oy

@@ -1,0 +1,116 @@
+"""Barlow Twins launchers and ``torch.library`` op (docs/math.md §7), on the shared Gram layer.
+
+Op ``minc_kernels::barlow_twins_loss_fwd(z_a, z_b, lambda_param, algorithm, need_grad)
+-> (loss, grad_z_a, grad_z_b)``: the fp32 loss and, with ``need_grad``, the fp32 gradients
+for a unit upstream gradient (empty otherwise); the autograd is
+:func:`~minc_kernels.ops._grad_in_forward.register_grad_in_forward` (backward only scales).
+``algorithm`` is ``"pairwise"`` or ``"gram"`` here; ``"auto"`` is resolved by the spectral
+loss's cost model (:func:`minc_kernels.ops.spectral.choose_algorithm`: its ``"pairwise"``
+is the N×N evaluation, its ``"gram"`` the k×k one; the flop counts scale the same way).
+
+Passes:
+
+1. :func:`~minc_kernels.ops.gram.col_stats` (one kernel, both views): column means and
+   biased variances, the standardised ``Ẑa``, ``Ẑb`` (storage dtype; stored (k, N) for
+   the N×N path) and ``C_ii = Σ_n ẑa_ni ẑb_ni / N``.
+2. ``"gram"``: ``C = Ẑaᵀ Ẑb / N`` (:func:`~minc_kernels.ops.gram.cross_gram`, k×k fp32,
+   written), ``‖C‖_F²``; gradient ``Γ = ∂L/∂C`` formed in place in ``C``, then
+   ``Ẑb Γᵀ / N`` and ``Ẑa Γ / N`` (:func:`~minc_kernels.ops.gram.rowmat`).
+   ``"pairwise"``: ``G_a = Ẑa Ẑaᵀ`` (N×N fp32, written) and, without a gradient,
+   ``<G_a, Ẑb Ẑbᵀ>_F`` reduced tile by tile (:func:`~minc_kernels.ops.gram.gram_dot`: the
+   second N×N Gram is never written); with a gradient ``G_b`` too, and
+   ``(2λ/N²) Ẑaᵀ G_b + diag(δ/N) Ẑbᵀ`` by ``rowmat`` on the transposed views, whose fused
+   partial gives ``<G_a, G_b>_F``.
+3. :func:`~minc_kernels.ops.gram.col_stats_backward`: the standardisation's Jacobian.
+
+Memory beyond tiles: the k×k ``C`` (``"gram"``) or one (forward) / two (with gradient)
+N×N Grams (``"pairwise"``) are written in fp32: the gradient needs the whole matrix
+before its product with the other view.  Standardised copies of both views (2·N·k,
+storage dtype) and fp32 gradients (2·N·k).  Deterministic (no atomics).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..losses.barlow_twins import BN_EPS
+from ._grad_in_forward import register_grad_in_forward
+from .gram import col_stats, col_stats_backward, cross_gram, gram, gram_dot, rowmat
+from .spectral import choose_algorithm
+
+__all__ = ["barlow_twins_loss", "barlow_twins_loss_fwd", "barlow_twins_forward"]
+
+
+def _flat_sq(t: torch.Tensor) -> torch.Tensor:
+    """``Σ t²`` of a contiguous fp32 matrix without a temporary of its size."""
+    v = t.reshape(-1)
+    return torch.dot(v, v)
+
+
+def barlow_twins_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float,
+                         algorithm: str, need_grad: bool):
+    """The body of :func:`barlow_twins_loss_fwd` (a plain function)."""
+    if algorithm not in ("pairwise", "gram"):
+        raise ValueError(f"algorithm must be 'pairwise' or 'gram' here, got {algorithm!r}")
+    n, k = z_a.shape
+    lam = float(lambda_param)
+    na, nb, stats = col_stats(z_a, z_b, True, BN_EPS, transposed=algorithm == "pairwise")
+    ga = gb = None
+    if algorithm == "gram":
+        c = cross_gram(na, nb)
+        c.mul_(1.0 / n)
+        diag = torch.diagonal(c).clone()
+        frob = _flat_sq(c)
+        if need_grad:
+            gam = c.mul_(2.0 * lam)  # Γ = ∂L/∂C, in place: off-diagonal 2λC_ij ...
+            torch.diagonal(gam).copy_(2.0 * diag - 2.0)  # ... diagonal -2(1 - C_ii)
+            _, _, ga = rowmat(nb, gam, nb, None, 1.0 / n, 0.0, 0.0, False, True)
+            _, _, gb = rowmat(na, gam.T, na, None, 1.0 / n, 0.0, 0.0, False, True)
+    else:
+        diag = stats[8] / n
+        na_t, nb_t = na.T, nb.T  # contiguous (k, N)
+        g_a = gram(na_t)  # Ẑa Ẑaᵀ (N×N)
+        if need_grad:
+            g_b = gram(nb_t)
+            coef = (2.0 * lam / (n * n), -2.0 / n, (2.0 - 2.0 * lam) / n)
+            raw, _, ga_t = rowmat(na_t, g_b, nb_t, diag, *coef, False, True)
+            _, _, gb_t = rowmat(nb_t, g_a, na_t, diag, *coef, False, True)
+            ga, gb = ga_t.T, gb_t.T
+        else:
+            raw = gram_dot(nb_t, g_a)
+        frob = raw / (n * n)
+    loss = (1.0 - diag).pow(2).sum() + lam * (frob - diag.pow(2).sum())
+    if not need_grad:
+        return (loss, z_a.new_empty((0,), dtype=torch.float32),
+                z_a.new_empty((0,), dtype=torch.float32))
+    ga, gb = col_stats_backward(ga, gb, na, nb, z_a, z_b, stats, 0.0)
+    return loss, ga, gb
+
+
+@torch.library.custom_op("minc_kernels::barlow_twins_loss_fwd", mutates_args=())
+def barlow_twins_loss_fwd(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float,
+                          algorithm: str, need_grad: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(L, dL/dz_a, dL/dz_b)``: fp32 scalar and fp32 (N, k) gradients ((0,) without ``need_grad``)."""
+    return barlow_twins_forward(z_a, z_b, lambda_param, algorithm, need_grad)
+
+
+@barlow_twins_loss_fwd.register_fake
+def _barlow_twins_loss_fwd_fake(z_a, z_b, lambda_param, algorithm, need_grad):
+    shape = tuple(z_a.shape) if need_grad else (0,)
+    return (z_a.new_empty((), dtype=torch.float32), z_a.new_empty(shape, dtype=torch.float32),
+            z_a.new_empty(shape, dtype=torch.float32))
+
+
+register_grad_in_forward(barlow_twins_loss_fwd, need_grad_index=4, grad_inputs=(0, 1),
+                         what="minc_kernels::barlow_twins_loss_fwd")
+
+
+def barlow_twins_loss(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float,
+                      algorithm: str) -> torch.Tensor:
+    """Fp32 scalar Barlow Twins loss (docs/math.md §7), differentiable wrt ``z_a`` and ``z_b``."""
+    need_grad = torch.is_grad_enabled() and (z_a.requires_grad or z_b.requires_grad)
+    if algorithm == "auto":
+        n, k = z_a.shape
+        algorithm = choose_algorithm(n, k, z_a.dtype, need_grad)
+    loss, _, _ = barlow_twins_loss_fwd(z_a, z_b, float(lambda_param), algorithm, need_grad)
+    return loss

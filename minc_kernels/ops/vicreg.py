@@ -1,0 +1,119 @@
+"""VICReg launchers and ``torch.library`` op (docs/math.md §8), on the shared Gram layer.
+
+Op ``minc_kernels::vicreg_loss_fwd(z_a, z_b, lambda_param, mu_param, nu_param, eps,
+algorithm, need_grad) -> (loss, grad_z_a, grad_z_b)``: the fp32 loss and, with
+``need_grad``, the fp32 gradients for a unit upstream gradient (empty otherwise); autograd by
+:func:`~minc_kernels.ops._grad_in_forward.register_grad_in_forward`.  ``algorithm`` is
+``"pairwise"`` (N×N) or ``"gram"`` (k×k) here; ``"auto"`` is resolved by the spectral
+loss's cost model (:func:`minc_kernels.ops.spectral.choose_algorithm`).
+
+Passes:
+
+1. :func:`~minc_kernels.ops.gram.col_stats` (one kernel, both views): column means, the
+   centred ``Z_c`` (storage dtype; stored (k, N) for the N×N path), ``Σ_n (z_n - m)²``
+   (fp32, the unbiased variance's numerator), ``Σ_n zc_n²`` of the rounded ``Z_c`` and the
+   invariance sum ``Σ (z_a - z_b)²``.  The variance hinge and its derivative ``h`` are
+   k-element torch expressions.
+2. Per view, ``"gram"``: ``G = Z_cᵀ Z_c`` (k×k fp32, written), ``‖G‖_F²``; with a gradient
+   ``Γ = α offdiag(G) + diag(h)`` in place in ``G`` and ``Z_c Γ`` (:func:`rowmat`).
+   ``"pairwise"``: ``H = Z_c Z_cᵀ`` (N×N fp32, written); without a gradient ``‖H‖_F²``;
+   with one ``α Z_cᵀ H + diag(h - α Σ zc²) Z_cᵀ`` by ``rowmat`` on the transposed view,
+   whose fused partial is ``‖H‖_F²``.
+3. :func:`~minc_kernels.ops.gram.col_stats_backward`: the centring's Jacobian and the
+   invariance gradient ``±2λ(z_a - z_b)/(N k)`` in one pass.
+
+Memory beyond tiles: one k×k (``"gram"``) or N×N (``"pairwise"``) fp32 matrix per view
+(written; reused in place for the gradient), centred copies of both views, fp32 gradients.
+Deterministic (no atomics).
+"""
+from __future__ import annotations
+
+import torch
+
+from ._grad_in_forward import register_grad_in_forward
+from .gram import col_stats, col_stats_backward, gram, rowmat
+from .spectral import choose_algorithm
+
+__all__ = ["vicreg_loss", "vicreg_loss_fwd", "vicreg_forward"]
+
+
+def _flat_sq(t: torch.Tensor) -> torch.Tensor:
+    v = t.reshape(-1)
+    return torch.dot(v, v)
+
+
+def _cov_view(xc: torch.Tensor, sq: torch.Tensor, h: torch.Tensor, alpha: float,
+              algorithm: str, need_grad: bool):
+    """``(Σ_{i≠j} G_ij², ∂/∂Z_c or None)`` of one centred view (docs/math.md §8)."""
+    if algorithm == "gram":
+        g = gram(xc)
+        diag = torch.diagonal(g).clone()
+        off = _flat_sq(g) - diag.pow(2).sum()
+        if not need_grad:
+            return off, None
+        g.mul_(alpha)  # Γ = α offdiag(G) + diag(h), in place
+        torch.diagonal(g).copy_(h)
+        _, _, grad = rowmat(xc, g, xc, None, 1.0, 0.0, 0.0, False, True)
+        return off, grad
+    xt = xc.T  # contiguous (k, N)
+    hh = gram(xt)  # Z_c Z_cᵀ (N×N)
+    if not need_grad:
+        return _flat_sq(hh) - sq.pow(2).sum(), None
+    frob, _, grad_t = rowmat(xt, hh, xt, h - alpha * sq, alpha, 0.0, 1.0, False, True)
+    return frob - sq.pow(2).sum(), grad_t.T
+
+
+def vicreg_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float, mu_param: float,
+                   nu_param: float, eps: float, algorithm: str, need_grad: bool):
+    """The body of :func:`vicreg_loss_fwd` (a plain function)."""
+    if algorithm not in ("pairwise", "gram"):
+        raise ValueError(f"algorithm must be 'pairwise' or 'gram' here, got {algorithm!r}")
+    n, k = z_a.shape
+    lam, mu, nu = float(lambda_param), float(mu_param), float(nu_param)
+    xa, xb, stats = col_stats(z_a, z_b, False, 0.0, transposed=algorithm == "pairwise")
+    var = stats[2:4] / (n - 1)  # (2, k): unbiased variances of both views
+    std = torch.sqrt(var + float(eps))
+    var_loss = 0.5 * torch.relu(1.0 - std).mean(dim=1).sum()
+    # d(μ v/2)/d zc_ni = h_i zc_ni (relu' = 0 at s = 1, as torch)
+    h = torch.where(std < 1.0, -mu / (2.0 * k * (n - 1) * std), torch.zeros_like(std))
+    alpha = 4.0 * nu / (k * (n - 1) ** 2)
+    off_a, gxa = _cov_view(xa, stats[6], h[0], alpha, algorithm, need_grad)
+    off_b, gxb = _cov_view(xb, stats[7], h[1], alpha, algorithm, need_grad)
+    inv = stats[9].sum() / (n * k)
+    loss = lam * inv + mu * var_loss + nu * (off_a + off_b) / ((n - 1) ** 2 * k)
+    if not need_grad:
+        return (loss, z_a.new_empty((0,), dtype=torch.float32),
+                z_a.new_empty((0,), dtype=torch.float32))
+    ga, gb = col_stats_backward(gxa, gxb, None, None, z_a, z_b, stats, 2.0 * lam / (n * k))
+    return loss, ga, gb
+
+
+@torch.library.custom_op("minc_kernels::vicreg_loss_fwd", mutates_args=())
+def vicreg_loss_fwd(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float, mu_param: float,
+                    nu_param: float, eps: float, algorithm: str, need_grad: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(L, dL/dz_a, dL/dz_b)``: fp32 scalar and fp32 (N, k) gradients ((0,) without ``need_grad``)."""
+    return vicreg_forward(z_a, z_b, lambda_param, mu_param, nu_param, eps, algorithm, need_grad)
+
+
+@vicreg_loss_fwd.register_fake
+def _vicreg_loss_fwd_fake(z_a, z_b, lambda_param, mu_param, nu_param, eps, algorithm, need_grad):
+    shape = tuple(z_a.shape) if need_grad else (0,)
+    return (z_a.new_empty((), dtype=torch.float32), z_a.new_empty(shape, dtype=torch.float32),
+            z_a.new_empty(shape, dtype=torch.float32))
+
+
+register_grad_in_forward(vicreg_loss_fwd, need_grad_index=7, grad_inputs=(0, 1),
+                         what="minc_kernels::vicreg_loss_fwd")
+
+
+def vicreg_loss(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float, mu_param: float,
+                nu_param: float, eps: float, algorithm: str) -> torch.Tensor:
+    """Fp32 scalar VICReg loss (docs/math.md §8), differentiable wrt ``z_a`` and ``z_b``."""
+    need_grad = torch.is_grad_enabled() and (z_a.requires_grad or z_b.requires_grad)
+    if algorithm == "auto":
+        n, k = z_a.shape
+        algorithm = choose_algorithm(n, k, z_a.dtype, need_grad)
+    loss, _, _ = vicreg_loss_fwd(z_a, z_b, float(lambda_param), float(mu_param),
+                                 float(nu_param), float(eps), algorithm, need_grad)
+    return loss
