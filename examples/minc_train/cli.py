@@ -624,7 +624,7 @@ def clear_run(out_dir: str) -> list[str]:
         if os.path.isfile(path):
             os.unlink(path)
             gone.append(name)
-    for pattern in ("checkpoint.pt.*.tmp", "log.csv.*.tmp"):
+    for pattern in [f"{n}.*.tmp" for n in names]:
         for path in glob.glob(os.path.join(glob.escape(out_dir), pattern)):
             os.unlink(path)
             gone.append(os.path.basename(path))
@@ -632,6 +632,73 @@ def clear_run(out_dir: str) -> list[str]:
         shutil.rmtree(os.path.join(out_dir, "tb"))
         gone.append("tb/")
     return gone
+
+
+LOCK = ".minc-train.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def lock_run(out_dir: str) -> str:
+    """Take the run folder for this process (``<out_dir>/.minc-train.lock`` holding its pid):
+    a second minc-train on the same folder is refused with one line while the first runs;
+    the lock of a killed run is taken over.  Returns the lock's path (:func:`unlock_run`)."""
+    path = os.path.join(out_dir, LOCK)
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    pid = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                _die(f"--out-dir {out_dir!r} is in use by another minc-train (pid {pid}); wait for it "
+                     f"or choose another --out-dir (if no such run is going on, delete {path})", 2)
+            try:
+                os.unlink(path)  # left by a run that was killed
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return path
+    _die(f"--out-dir {out_dir!r}: could not take {path}", 2)
+
+
+def unlock_run(path: str) -> None:
+    try:
+        with open(path) as f:
+            mine = f.read().strip() == str(os.getpid())
+        if mine:
+            os.unlink(path)
+    except (OSError, ValueError):
+        pass
+
+
+def write_atomic(path: str, text: str) -> None:
+    """``text`` into ``path`` through a temporary file and a rename: a run killed meanwhile
+    leaves the previous file, never a truncated one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _storage_error(exc: OSError, out_dir: str) -> str | None:
@@ -672,23 +739,31 @@ def run(argv=None) -> dict:
             if rank == 0:
                 print(f"minc-train: {cfg.out_dir} has finished its {cfg.epochs} epochs ({trainer.step} "
                       "steps); nothing to train (give a larger --epochs to continue it)", flush=True)
+            saved = None
             if os.path.isfile(report_path):  # done: keep the report, do not redo the probes
+                try:
+                    with open(report_path) as f:
+                        saved = json.load(f)
+                except (OSError, ValueError) as exc:
+                    if rank == 0:
+                        _warn(f"{report_path} is unreadable ({type(exc).__name__}); writing it again")
+            if saved is not None:
                 if rank == 0:
                     print(f"minc-train: its report is {report_path} (left unchanged)", flush=True)
-                    with open(report_path) as f:
-                        return json.load(f)
+                    return saved
                 return {}
         # the run directory only now: a run that fails to start leaves none behind
         if rank == 0:
             created = state["created"] = not os.path.isdir(cfg.out_dir)
             os.makedirs(cfg.out_dir, exist_ok=True)
+            state["lock"] = lock_run(cfg.out_dir)
             if cfg.overwrite and not created:
                 gone = clear_run(cfg.out_dir)
                 if gone:
                     print(f"minc-train: --overwrite: deleted the previous run's {', '.join(gone)} in "
                           f"{cfg.out_dir}", flush=True)
-            stale = (C.remove_stale_tmp(trainer.ckpt_path)
-                     + C.remove_stale_tmp(os.path.join(cfg.out_dir, "log.csv")))
+            stale = [s for name in RUN_MARKERS + ("report.txt",)
+                     for s in C.remove_stale_tmp(os.path.join(cfg.out_dir, name))]
             if stale:
                 _warn(f"removed {len(stale)} partial file(s) left by an interrupted run: "
                       f"{', '.join(os.path.basename(s) for s in stale)}")
@@ -712,8 +787,8 @@ def run(argv=None) -> dict:
                   f"world {trainer.world}; output in {cfg.out_dir}", flush=True)
             for note in notes:
                 _warn(note)
-            with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-                json.dump(vars(cfg), f, indent=1, default=str)
+            write_atomic(os.path.join(cfg.out_dir, "config.json"),
+                         json.dumps(vars(cfg), indent=1, default=str))
         history = trainer.fit()
         if rank != 0:
             return {}
@@ -736,11 +811,9 @@ def run(argv=None) -> dict:
         report["wall_time_s"] = time.time() - t0
         report["cpu_time_s"] = time.process_time()  # this process, all threads
         report["plots"] = plots
-        with open(report_path, "w") as f:
-            json.dump(report, f, indent=1, default=str)
+        write_atomic(report_path, json.dumps(report, indent=1, default=str))
         text = format_report(cfg, report, history, plots, report["wall_time_s"])
-        with open(os.path.join(cfg.out_dir, "report.txt"), "w") as f:
-            f.write(text + "\n")
+        write_atomic(os.path.join(cfg.out_dir, "report.txt"), text + "\n")
         print(text, flush=True)
         return report
     try:
@@ -764,6 +837,8 @@ def run(argv=None) -> dict:
                   file=sys.stderr, flush=True)
         raise
     finally:
+        if state.get("lock"):
+            unlock_run(state["lock"])
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             import torch.distributed as dist
             if dist.is_initialized():

@@ -415,3 +415,35 @@ def test_failed_download_is_one_line(tmp_path, capsys, monkeypatch):
     err = fails(["--data-dir", str(empty), "--out-dir", str(tmp_path / "r")], capsys)
     assert "download into" in err and "Name or service not known" in err and "--data-dir" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_second_program_on_the_same_folder_is_refused(fmnist, done_run, tmp_path, capsys):
+    out = copy_run(done_run, tmp_path / "r")
+    lock = out / ".minc-train.lock"
+    lock.write_text(f"{os.getppid()}\n")  # a live process holds it
+    err = fails(["--resume", str(out), "--epochs", "3"], capsys)
+    assert "is in use by another minc-train" in err and str(lock) in err
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(f"{dead.pid}\n")  # left by a killed run: taken over, and released at the end
+    rep = cli.run(["--resume", str(out), "--epochs", "3"])
+    assert rep["history"][-1]["epoch"] == 3 and not lock.exists()
+
+
+def test_unreadable_report_of_a_finished_run_is_written_again(done_run, tmp_path, capsys):
+    out = copy_run(done_run, tmp_path / "r")
+    (out / "report.json").write_text('{"config": {"method"')  # truncated by a kill
+    rep = cli.run(["--resume", str(out)])
+    assert "is unreadable" in capsys.readouterr().err
+    assert rep["finished"] and json.loads((out / "report.json").read_text())["finished"]
+
+
+def test_checkpoint_without_digest_loads_with_a_warning(done_run, tmp_path, capsys):
+    out = copy_run(done_run, tmp_path / "r")
+    ck = C.read(str(out / "checkpoint.pt"))
+    for own in ("format", "format_version", "sha256", "verified"):
+        ck.pop(own)
+    torch.save(ck, out / "checkpoint.pt")  # as minc-train wrote them before digests
+    cli.run(["--resume", str(out), "--epochs", "3"])
+    assert "has no digest" in capsys.readouterr().err
+    assert C.read(str(out / "checkpoint.pt"))["verified"] is True
