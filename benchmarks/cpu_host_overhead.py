@@ -283,6 +283,7 @@ def run_benchmark(args) -> dict:
                            "benchmarks.cpu_host_overhead does): the library takes its kernel "
                            "path for CPU tensors only under the interpreter flag")
     torch.set_num_threads(args.threads)
+    env = environment()  # the date and load average at the start
     dtype = DTYPES[args.dtype]
     specs = losses_with_kernels(args.losses)
     from minc_kernels.losses import REGISTRY
@@ -339,7 +340,6 @@ def run_benchmark(args) -> dict:
         wall = [r["wall_us"] for r in rec["rounds"]]
         rec["cpu_us"] = {"median": statistics.median(cpu), "min": min(cpu), "max": max(cpu)}
         rec["wall_us"] = {"median": statistics.median(wall), "min": min(wall), "max": max(wall)}
-    env = environment()
     env["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     return {"schema": 1, "meta": env,
             "settings": {"shapes": [list(s) for s in args.shapes], "dtype": args.dtype,
