@@ -310,3 +310,146 @@ def test_triton_gpu_large_shapes(b, k, dtype, algorithm):
     for a, e, w in zip(got, eager, want):
         err, err_eager = float((a - w).abs().max()), float((e - w).abs().max())
         assert err <= 3 * err_eager + 0.5 * eps * float(w.abs().max())
+
+
+# ----------------------------------------------------------------------------- distributed
+# W = 2 gloo processes with 4 rows each (docs/math.md §7): our gather_distributed=True against
+# lightly's in the same processes (values, gradients, DDP updates), and against the
+# single-process loss of the rank-averaged C (each half standardised on its own).
+import os  # noqa: E402
+import socket  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+from torch import nn  # noqa: E402
+
+W, HALF, LR = 2, 4, 0.1
+
+
+def _net(dtype=torch.float64):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5)).to(dtype)
+
+
+def _batch(step, dtype=torch.float64):
+    g = torch.Generator().manual_seed(50 + step)
+    x1 = torch.randn(W * HALF, 6, generator=g, dtype=torch.float64)
+    x2 = x1 + 0.5 * torch.randn(W * HALF, 6, generator=g, dtype=torch.float64)
+    return x1.to(dtype), x2.to(dtype)
+
+
+def _train(loss_fn, rank=None, steps=2, dtype=torch.float64):
+    """SGD steps on rank ``rank``'s rows under DDP, or on every row (``rank=None``)."""
+    net = _net(dtype)
+    model = nn.parallel.DistributedDataParallel(net) if rank is not None else net
+    opt = torch.optim.SGD(net.parameters(), lr=LR)
+    losses = []
+    for step in range(steps):
+        x1, x2 = _batch(step, dtype)
+        if rank is not None:
+            x1, x2 = x1[rank * HALF:(rank + 1) * HALF], x2[rank * HALF:(rank + 1) * HALF]
+        n = x1.shape[0]
+        z = model(torch.cat([x1, x2]))
+        loss = loss_fn(z[:n], z[n:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach().clone())
+    return {"loss": losses, "params": [p.detach().clone() for p in net.parameters()]}
+
+
+def _averaged_c_loss(za, zb, lam=5e-3):
+    """The single-process form of lightly's W = 2 loss: L((C_0 + C_1)/2), C_r of half r."""
+    cs = [home.barlow_twins_standardize(za[r * HALF:(r + 1) * HALF]).T
+          @ home.barlow_twins_standardize(zb[r * HALF:(r + 1) * HALF]) / HALF for r in range(W)]
+    return home._loss_from_c(sum(cs) / W, lam)
+
+
+def _loss_level(rank, fn):
+    x1, x2 = _batch(7)
+    g = torch.Generator().manual_seed(9)
+    za = (x1 @ torch.randn(6, 5, generator=g, dtype=torch.float64))[rank * HALF:(rank + 1) * HALF]
+    zb = (x2 @ torch.randn(6, 5, generator=g, dtype=torch.float64))[rank * HALF:(rank + 1) * HALF]
+    return _value_and_grads(fn, za.requires_grad_(), zb.requires_grad_())
+
+
+def _dist_worker(rank, port, outdir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W)
+    res = {}
+
+    def run(name, fn):
+        try:
+            res[name] = fn()
+        except Exception:  # reported by the test that reads it
+            res[name] = {"error": traceback.format_exc()}
+
+    ours = mk.BarlowTwinsLoss(gather_distributed=True)
+    theirs = lightly_loss.BarlowTwinsLoss(gather_distributed=True)
+    run("loss_ours", lambda: _loss_level(rank, ours))
+    run("loss_lightly", lambda: _loss_level(rank, theirs))
+    run("train_ours", lambda: _train(ours, rank))
+    run("train_lightly", lambda: _train(theirs, rank))
+    for alg in ("pairwise", "gram"):  # algorithm is ignored when distributed: one C all-reduce
+        run(f"train_ours_{alg}", lambda alg=alg: _train(
+            mk.BarlowTwinsLoss(gather_distributed=True, algorithm=alg), rank))
+    torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def dist_results():
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is needed")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as outdir:
+        ctx = mp.start_processes(_dist_worker, args=(port, outdir), nprocs=W, join=False,
+                                 start_method="spawn")
+        deadline = time.monotonic() + 240
+        try:
+            while not ctx.join(timeout=1):
+                if time.monotonic() > deadline:
+                    pytest.fail("distributed workers did not finish in 240 s")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+        yield [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False)
+               for r in range(W)]
+
+
+def _get(results, name):
+    for r, res in enumerate(results):
+        if isinstance(res[name], dict) and "error" in res[name]:
+            pytest.fail(f"rank {r}, {name!r} raised:\n{res[name]['error']}")
+    return [res[name] for res in results]
+
+
+def test_distributed_matches_lightly_values_and_gradients(dist_results):
+    ours, theirs = _get(dist_results, "loss_ours"), _get(dist_results, "loss_lightly")
+    for o, t in zip(ours, theirs):
+        _assert_rel(o, t, REL)
+    assert torch.equal(ours[0][0], ours[1][0])  # the same loss on every rank
+
+
+def test_distributed_ddp_updates_match_lightly_and_single_process(dist_results):
+    ours, theirs = _get(dist_results, "train_ours"), _get(dist_results, "train_lightly")
+    single = _train(_averaged_c_loss)
+    for r in range(W):
+        for a, b, c in zip(ours[r]["params"], theirs[r]["params"], single["params"]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+        for a, c in zip(ours[r]["loss"], single["loss"]):
+            torch.testing.assert_close(a, c, rtol=1e-12, atol=0.0)
+    # the update is not the one of the global batch (per-rank statistics): the test can tell
+    plain = _train(mk.BarlowTwinsLoss())
+    assert max(float((a - c).abs().max()) for a, c in zip(ours[0]["params"], plain["params"])) > 1e-6
+    for alg in ("pairwise", "gram"):
+        for a, b in zip(_get(dist_results, f"train_ours_{alg}")[0]["params"], ours[0]["params"]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -308,3 +308,150 @@ def test_triton_gpu_large_shapes(b, k, dtype, algorithm):
     for a, e, w in zip(got, eager, want):
         err, err_eager = float((a - w).abs().max()), float((e - w).abs().max())
         assert err <= 3 * err_eager + 0.5 * eps * float(w.abs().max())
+
+
+# ----------------------------------------------------------------------------- distributed
+# W = 2 gloo processes with 4 rows each (docs/math.md §8): our gather_distributed=True against
+# lightly's in the same processes (values, gradients, DDP updates), and against one process
+# holding all 8 rows (equal local batches: the mean of the local invariance terms is the
+# global one), on the eager math and on the Triton kernels (fp32, interpreted on the CPU).
+import os  # noqa: E402
+import socket  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+from torch import nn  # noqa: E402
+
+W, HALF, LR = 2, 4, 0.1
+
+
+def _net(dtype=torch.float64):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5)).to(dtype)
+
+
+def _batch(step, dtype=torch.float64):
+    g = torch.Generator().manual_seed(50 + step)
+    x1 = torch.randn(W * HALF, 6, generator=g, dtype=torch.float64)
+    x2 = x1 + 0.5 * torch.randn(W * HALF, 6, generator=g, dtype=torch.float64)
+    return x1.to(dtype), x2.to(dtype)
+
+
+def _train(loss_fn, rank=None, steps=2, dtype=torch.float64):
+    """SGD steps on rank ``rank``'s rows under DDP, or on every row (``rank=None``)."""
+    net = _net(dtype)
+    model = nn.parallel.DistributedDataParallel(net) if rank is not None else net
+    opt = torch.optim.SGD(net.parameters(), lr=LR)
+    losses = []
+    for step in range(steps):
+        x1, x2 = _batch(step, dtype)
+        if rank is not None:
+            x1, x2 = x1[rank * HALF:(rank + 1) * HALF], x2[rank * HALF:(rank + 1) * HALF]
+        n = x1.shape[0]
+        z = model(torch.cat([x1, x2]))
+        loss = loss_fn(z[:n], z[n:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach().clone())
+    return {"loss": losses, "params": [p.detach().clone() for p in net.parameters()]}
+
+
+def _loss_level(rank, fn):
+    x1, x2 = _batch(7)
+    g = torch.Generator().manual_seed(9)
+    za = (x1 @ torch.randn(6, 5, generator=g, dtype=torch.float64))[rank * HALF:(rank + 1) * HALF]
+    zb = (x2 @ torch.randn(6, 5, generator=g, dtype=torch.float64))[rank * HALF:(rank + 1) * HALF]
+    return _value_and_grads(fn, za.requires_grad_(), zb.requires_grad_())
+
+
+def _dist_worker(rank, port, outdir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W)
+    res = {}
+
+    def run(name, fn):
+        try:
+            res[name] = fn()
+        except Exception:  # reported by the test that reads it
+            res[name] = {"error": traceback.format_exc()}
+
+    ours = mk.VICRegLoss(gather_distributed=True)
+    theirs = lightly_loss.VICRegLoss(gather_distributed=True)
+    run("loss_ours", lambda: _loss_level(rank, ours))
+    run("loss_lightly", lambda: _loss_level(rank, theirs))
+    run("train_ours", lambda: _train(ours, rank))
+    run("train_lightly", lambda: _train(theirs, rank))
+    for alg in ("pairwise", "gram"):
+        run(f"train_ours_{alg}", lambda alg=alg: _train(
+            mk.VICRegLoss(gather_distributed=True, algorithm=alg), rank))
+        run(f"train_triton_{alg}", lambda alg=alg: _train(
+            mk.VICRegLoss(gather_distributed=True, algorithm=alg, backend="triton"), rank,
+            dtype=torch.float32))
+    torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def dist_results():
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is needed")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as outdir:
+        ctx = mp.start_processes(_dist_worker, args=(port, outdir), nprocs=W, join=False,
+                                 start_method="spawn")
+        deadline = time.monotonic() + 240
+        try:
+            while not ctx.join(timeout=1):
+                if time.monotonic() > deadline:
+                    pytest.fail("distributed workers did not finish in 240 s")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+        yield [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False)
+               for r in range(W)]
+
+
+def _get(results, name):
+    for r, res in enumerate(results):
+        if isinstance(res[name], dict) and "error" in res[name]:
+            pytest.fail(f"rank {r}, {name!r} raised:\n{res[name]['error']}")
+    return [res[name] for res in results]
+
+
+def test_distributed_matches_lightly_values_and_gradients(dist_results):
+    ours, theirs = _get(dist_results, "loss_ours"), _get(dist_results, "loss_lightly")
+    for o, t in zip(ours, theirs):
+        _assert_rel(o, t, REL)
+    assert not torch.equal(ours[0][0], ours[1][0])  # the invariance term is the rank's own
+
+
+def test_distributed_ddp_updates_match_lightly_and_single_process(dist_results):
+    ours, theirs = _get(dist_results, "train_ours"), _get(dist_results, "train_lightly")
+    single = _train(mk.VICRegLoss())
+    for r in range(W):
+        for a, b, c in zip(ours[r]["params"], theirs[r]["params"], single["params"]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+    for step in range(2):  # the ranks' mean loss is the single-process loss
+        mean = (ours[0]["loss"][step] + ours[1]["loss"][step]) / W
+        torch.testing.assert_close(mean, single["loss"][step], rtol=1e-12, atol=0.0)
+    for alg in ("pairwise", "gram"):
+        for a, b in zip(_get(dist_results, f"train_ours_{alg}")[0]["params"], ours[0]["params"]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("alg", ["pairwise", "gram"])
+def test_distributed_triton_ddp_matches_single_process(dist_results, alg):
+    got = _get(dist_results, f"train_triton_{alg}")
+    single = _train(mk.VICRegLoss(backend="reference"), dtype=torch.float32)
+    for r in range(W):
+        for a, c in zip(got[r]["params"], single["params"]):
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
