@@ -347,7 +347,8 @@ def format_report(cfg, report: dict, history: list, plots: list, wall_s: float) 
         names["minc"] = "MINC without the moment term (ablation)"
     last = history[-1] if history else {}
     done = int(last.get("epoch", 0))
-    epochs = f"{done} epochs" if done >= cfg.epochs else f"{done} of {cfg.epochs} epochs"
+    noun = "epoch" if cfg.epochs == 1 else "epochs"
+    epochs = f"{done} {noun}" if done >= cfg.epochs else f"{done} of {cfg.epochs} {noun}"
     lines = [f"{names[cfg.method]} pre-training on {cfg.dataset}: {cfg.arch}, {epochs} "
              f"({last.get('step', 0)} steps of batch {cfg.batch_size}), wall time {wall_s / 60:.1f} min, "
              f"CPU time {report.get('cpu_time_s', float('nan')) / 60:.1f} min ({threads} threads)"]
@@ -508,6 +509,8 @@ def _resume_notes(cfg, trainer) -> list[str]:
         if k not in old:
             continue
         new_v, old_v = getattr(cfg, k), old[k]
+        if k == "backend":  # None: the loss modules' default, which is auto
+            new_v, old_v = new_v or "auto", old_v or "auto"
         if k == "data_dir" and new_v and old_v and os.path.realpath(new_v) == os.path.realpath(old_v):
             continue
         if new_v == old_v or (k == "epochs" and int(old_v) == int(new_v)):
