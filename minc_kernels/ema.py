@@ -354,7 +354,8 @@ def _ema_update(targets: list, onlines: list, momentum, check_finite: bool, back
                                                                  copy_sources)
     if check_finite or not _quick_valid(targets, onlines):
         _check_lists(targets, onlines, layout=backend == "extension")
-    _check_aliasing(targets, onlines, copy_targets, copy_sources)
+    if not torch.compiler.is_compiling():  # data pointers: not traceable
+        _check_aliasing(targets, onlines, copy_targets, copy_sources)
     if isinstance(momentum, torch.Tensor):
         _check_momentum_tensor_eagerly(momentum, first, check_finite)
     # no_grad here, not around the whole call: on the extension's path (not differentiable,

@@ -167,3 +167,147 @@ def test_ema_update_on_parameters_that_require_grad_in_grad_mode(backend):
     for t in target:
         assert t.grad_fn is None and t.requires_grad
         torch.testing.assert_close(t.detach(), torch.full_like(t, 0.25))
+
+
+# ------------------------------------------------------ aliasing, argument order, modules
+BACKENDS = ["auto", "foreach"]
+
+
+def _alias_cases():
+    x = _rand(16, seed=7)
+    y = _rand(16, seed=8)
+    return [
+        ("same target twice", lambda: ([x, x], [_rand(16, seed=1), _rand(16, seed=2)]), "share memory"),
+        ("overlapping targets", lambda: ([x[:10], x[6:]], [_rand(10, seed=1), _rand(10, seed=2)]),
+         "share memory"),
+        # target[0] is online[1]: the result would depend on which pair is updated first
+        ("crossed", lambda: ([x, y], [_rand(16, seed=1), x]), r"target\[0\].*online\[1\].*share memory"),
+        ("partial self", lambda: ([x[:8]], [x[4:12]]), r"target\[0\].*online\[0\].*share memory"),
+        ("reinterpreted self", lambda: ([x[:8]], [x.view(torch.bfloat16)[:8]]), "share memory"),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,make,match", _alias_cases(), ids=[c[0] for c in _alias_cases()])
+def test_aliasing_is_refused_on_every_backend(backend, name, make, match):
+    targets, onlines = make()
+    snap = [t.clone() for t in targets]
+    with pytest.raises(ValueError, match=match):
+        mk.ema_update_(targets, onlines, 0.5, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(targets, snap))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_target_that_is_its_own_online_is_a_noop(backend):
+    x = _rand(6, seed=1)
+    keep = x.clone()
+    mk.ema_update_([x], [x], 0.3, backend=backend)
+    assert torch.equal(x, keep)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_swapped_order_is_refused(backend):
+    """lightly's update_momentum(model, model_ema, m) puts the trained model first; ours is
+    (target, online): trained weights (requires grad) as targets of a frozen copy are refused."""
+    online = _net()
+    ema = _net()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    snap = [p.detach().clone() for p in online.parameters()]
+    with pytest.raises(ValueError, match=r"target\[0\] requires grad but online\[0\] does not.*swapped"):
+        mk.ema_update_(list(online.parameters()), list(ema.parameters()), 0.9, backend=backend)
+    with pytest.raises(ValueError, match="swapped"):
+        mk.ema_update_(online, ema, 0.9, backend=backend)  # modules, lightly's order
+    assert all(torch.equal(p.detach(), s) for p, s in zip(online.parameters(), snap))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_modules_mean_their_parameters(backend):
+    online = _net()
+    ema = _net()
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.mul_(0.5)
+        ema[1].running_mean.fill_(3.0)
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    want = [p.detach().clone() for p in ema.parameters()]
+    mk.ema_update_(want, list(online.parameters()), 0.75, backend=backend)
+    mk.ema_update_(ema, online, 0.75, backend=backend)
+    assert all(torch.equal(p, w) for p, w in zip(ema.parameters(), want))
+    assert torch.equal(ema[1].running_mean, torch.full((8,), 3.0))  # buffers: MomentumEncoder's job
+    with pytest.raises(TypeError, match="both be nn.Modules or both sequences"):
+        mk.ema_update_(ema, list(online.parameters()), 0.75, backend=backend)
+
+
+# ------------------------------------------------------------------ tensor momentum
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mdtype", [torch.float64, torch.float32])
+def test_tensor_momentum_matches_float_momentum(backend, mdtype):
+    shapes = [(3,), (5, 7), (0,), (1,)]
+    m = torch.tensor(0.37, dtype=mdtype)
+    for odtype in (torch.float32, torch.bfloat16):
+        a = [_rand(*s, seed=i) for i, s in enumerate(shapes)]
+        b = [x.clone() for x in a]
+        o = [_rand(*s, seed=50 + i, dtype=odtype) for i, s in enumerate(shapes)]
+        mk.ema_update_(a, o, m, backend=backend)
+        mk.ema_update_(b, o, float(m), backend=backend)  # the same value as a Python float
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_momentum_errors(backend):
+    t, o = [torch.zeros(3)], [torch.ones(3)]
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\]"):
+        mk.ema_update_(t, o, torch.tensor(1.5), backend=backend)  # a CPU value: checked
+    with pytest.raises(ValueError, match="0-dim"):
+        mk.ema_update_(t, o, torch.tensor([0.5]), backend=backend)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        mk.ema_update_(t, o, torch.tensor(0.5, dtype=torch.bfloat16), backend=backend)
+    assert torch.equal(t[0], torch.zeros(3))
+
+
+def _count_compiles(fn, steps=20):
+    """Calls ``fn(momentum)`` with a cosine schedule held in one 0-dim tensor, compiled with
+    fullgraph=True and torch._dynamo.testing.CompileCounter; returns the frame count."""
+    import torch._dynamo.testing as dynamo_testing
+
+    torch._dynamo.reset()
+    counter = dynamo_testing.CompileCounter()
+    step = torch.compile(fn, backend=counter, fullgraph=True)
+    momentum = torch.zeros((), dtype=torch.float64)
+    for s in range(steps):
+        momentum.fill_(mk.cosine_momentum(s, steps))
+        step(momentum)
+    return counter.frame_count
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_schedule_compiles_once_ema_update(backend):
+    t = [_rand(5, seed=1), _rand(2, 3, seed=2)]
+    o = [_rand(5, seed=3), _rand(2, 3, seed=4)]
+    want = [x.clone() for x in t]
+    for s in range(20):
+        mk.ema_update_(want, o, mk.cosine_momentum(s, 20), backend=backend)
+    n = _count_compiles(lambda m: mk.ema_update_(t, o, m, backend=backend))
+    assert n == 1
+    for a, b in zip(t, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_schedule_compiles_once_momentum_encoder(backend):
+    online = _net()
+    online.train()
+    online(torch.randn(16, 4))
+    enc, ref = mk.MomentumEncoder(online), mk.MomentumEncoder(online)
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(1.0)
+    n = _count_compiles(lambda m: enc.update(m, backend=backend))
+    assert n == 1
+    for s in range(20):
+        ref.update(mk.cosine_momentum(s, 20), backend=backend)
+    for a, b in zip(enc.state_dict().values(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -243,6 +243,21 @@ def _cases():
         ("overlapping views", lambda: ([x[:10], x[6:]], [f(10), f(10)], 0.5, [], []), ValueError,
          "share memory"),
         ("copy over a target", lambda: ([x], [f(16)], 0.5, [x[4:8]], [f(4)]), ValueError, "share memory"),
+        # crossed and partial target/online aliasing: the result would depend on the order
+        ("crossed", lambda: ([x, f(16)], [f(16), x], 0.5, [], []), ValueError,
+         r"target\[0\] \(written\) and online\[1\] \(read\) share memory"),
+        ("partial self", lambda: ([x[:8]], [x[4:12]], 0.5, [], []), ValueError, "share memory"),
+        ("self as bf16", lambda: ([x[:8]], [x.view(torch.bfloat16)[:8]], 0.5, [], []), ValueError,
+         "share memory"),
+        ("copy source is a target", lambda: ([x], [f(16)], 0.5, [torch.zeros(16)], [x]), ValueError,
+         r"target\[0\] \(written\) and copy_source\[0\] \(read\)"),
+        ("swapped order", lambda: ([nn.Parameter(f(3))], [f(3)], 0.5, [], []), ValueError,
+         r"target\[0\] requires grad but online\[0\] does not.*swapped"),
+        ("momentum 2-d tensor", lambda: ([f(3)], [f(3)], torch.ones(1, 1) / 2, [], []), ValueError, "0-dim"),
+        ("momentum int tensor", lambda: ([f(3)], [f(3)], torch.tensor(0), [], []), TypeError,
+         "float32 or float64"),
+        ("momentum tensor high", lambda: ([f(3)], [f(3)], torch.tensor(1.01, dtype=torch.float64), [], []),
+         ValueError, r"momentum must be in \[0, 1\], got 1.01"),
     ]
 
 
@@ -254,12 +269,15 @@ def test_bad_calls_raise_and_leave_everything_unchanged(name, make, exc, match):
         targets, onlines = targets + [_rand(9, 11)], onlines + [_rand(9, 12)]
     written = targets + copy_t
     snap = _snap(written)
+    op = torch.ops.minc_kernels.ema_update_
+    call = op.tensor_momentum if isinstance(m, torch.Tensor) else op.with_copy
     with pytest.raises(exc, match=match):
-        torch.ops.minc_kernels.ema_update_.with_copy(targets, onlines, m, copy_t, copy_s)
+        call(targets, onlines, m, copy_t, copy_s)
     assert _unchanged(written, snap)
-    with pytest.raises(exc):  # the pybind entry point goes through the same op
-        EXT.ema_update_(targets, onlines, m, copy_t, copy_s)
-    assert _unchanged(written, snap)
+    if not isinstance(m, torch.Tensor):
+        with pytest.raises(exc):  # the pybind entry point goes through the same op
+            EXT.ema_update_(targets, onlines, m, copy_t, copy_s)
+        assert _unchanged(written, snap)
 
 
 @needs_ext
@@ -280,6 +298,8 @@ def test_opcheck():
     ct, cs = [torch.zeros(3, dtype=torch.long)], [torch.arange(3)]
     torch.library.opcheck(torch.ops.minc_kernels.ema_update_.with_copy, (t, o, 0.9, ct, cs))
     torch.library.opcheck(torch.ops.minc_kernels.ema_update_.default, (t, o, 0.9))
+    for m in (torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.25)):
+        torch.library.opcheck(torch.ops.minc_kernels.ema_update_.tensor_momentum, (t, o, m, ct, cs))
 
 
 @needs_ext
@@ -467,3 +487,162 @@ def test_auto_hot_path_errors_still_name_the_tensor():
     with pytest.raises(ValueError, match=r"share memory"):
         buf = torch.zeros(4)
         mk.ema_update_([buf[:2], buf[1:3]], [torch.ones(2), torch.ones(2)], 0.5)
+
+
+# ------------------------------------------------------- check order (issue 25), statically too
+@needs_ext
+@pytest.mark.parametrize("overload", ["with_copy", "tensor_momentum"])
+def test_cpu_kernel_refuses_other_devices_before_any_pointer(overload):
+    """The GPU run crashed (exit 139) on CUDA targets with CPU tensors in the copy lists.
+    Here the CPU kernel itself is called (redispatch, below the fake's dispatch) with meta
+    tensors, whose data pointer is null: any pointer use before the device checks would
+    crash this process; the checks must raise a ValueError naming the tensors first."""
+    from torch._C import DispatchKey, DispatchKeySet
+
+    op = getattr(torch.ops.minc_kernels.ema_update_, overload)
+    m = 0.5 if overload == "with_copy" else torch.tensor(0.5, dtype=torch.float64)
+    cpu_only = DispatchKeySet(DispatchKey.CPU)
+    meta = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
+    t, o = [_rand(4, 1), _rand(3, 2)], [_rand(4, 3), _rand(3, 4)]
+    snap = _snap(t)
+    cases = [
+        ((t, o, m, [torch.zeros(2)], [meta(2)]), r"copy_target\[0\] \(cpu\) and copy_source\[0\] \(meta\)"),
+        ((t, o, m, [meta(2)], [meta(2)]), r"copy_target\[0\] \(meta\)"),
+        ((t, [o[0], meta(3)], m, [], []), r"online\[1\] \(meta\)"),
+        (([meta(4)], [meta(4)], m, [], []), "CPU or a CUDA device, got meta"),
+    ]
+    for args, match in cases:
+        with pytest.raises(ValueError, match=match):
+            op.redispatch(cpu_only, *args)
+        assert _unchanged(t, snap)
+
+
+def _function_body(src: str, signature: str) -> str:
+    start = src.index(signature)
+    brace = src.index("{", start)
+    depth, i = 0, brace
+    while True:
+        depth += {"{": 1, "}": -1}.get(src[i], 0)
+        if depth == 0:
+            return src[brace:i + 1]
+        i += 1
+
+
+def test_kernels_check_every_argument_before_any_pointer_statically():
+    """The static half of the check-order proof: in both kernel files, every entry point's
+    first statement is check_ema_args, the kernels proper (run_cpu / run_cuda, where every
+    data_ptr() of the kernels is) are called only after it, and inside check_ema_args the
+    devices are checked before anything else and the data pointers (aliasing) last."""
+    import re
+
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    strip = lambda text: re.sub(r"//[^\n]*", "", text)  # noqa: E731 - code, not comments
+    cpp, cu = strip((csrc / "ema.cpp").read_text()), strip((csrc / "ema_cuda.cu").read_text())
+    for src, run, entries in ((cpp, "run_cpu(", ("void ema_update_cpu(", "void ema_update_cpu_tensor(")),
+                              (cu, "run_cuda(", ("void ema_update_cuda(", "void ema_update_cuda_tensor("))):
+        for entry in entries:
+            body = _function_body(src, entry)
+            first = body[1:].strip().split(";")[0]
+            assert "check_ema_args(" in first, (entry, first)
+            assert run in body and body.index("check_ema_args(") < body.index(run)
+            assert "data_ptr" not in body
+        # every data pointer of the kernel file is read inside the kernel proper or the checks
+        rest = src
+        for fn in (f"void {run}", "void add_spans(", "double read_cpu_scalar(", "EmaMomentum check_ema_args("):
+            if fn in rest:
+                rest = rest.replace(_function_body(rest, fn), "{}")
+        assert "data_ptr" not in rest, "a data pointer read outside the checked kernel"
+        assert src.count(run) == 3  # defined once, called by the two entry points only
+    checks = _function_body(cpp, "EmaMomentum check_ema_args(")
+    order = [checks.index(s) for s in ("check_devices(target", "check_devices(copy_target",
+                                       "read_cpu_scalar(", "check_pairs(target", "check_aliasing(")]
+    assert order == sorted(order), order
+    assert "data_ptr" not in checks.replace("const_data_ptr", "")[: checks.index("check_aliasing(")] \
+        .replace("read_cpu_scalar", "")
+
+
+# -------------------------------------------------------------------- compile (issue 23)
+@needs_ext
+def test_first_compiled_update_in_a_fresh_process_loads_the_extension():
+    """No load before compile: the first ema_update_ of the process runs under
+    fullgraph=True (the extension is loaded at trace time, its answer a constant)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, torch._dynamo.testing as T\n"
+        "import minc_kernels as mk\n"
+        "from minc_kernels import _ext\n"
+        "assert 'module' not in _ext._state\n"
+        "t, o = [torch.zeros(4)], [torch.ones(4)]\n"
+        "cnt = T.CompileCounter()\n"
+        "f = torch.compile(lambda m: mk.ema_update_(t, o, m, backend='extension'), backend=cnt, fullgraph=True)\n"
+        "f(torch.tensor(0.75, dtype=torch.float64))\n"
+        "assert torch.equal(t[0], torch.full((4,), 0.25)), t\n"
+        "assert cnt.frame_count == 1 and _ext._state['module'] is not None\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+@needs_ext
+def test_aot_eager_schedule_does_not_recompile():
+    """aot_eager (functionalized, the op through its fake): one graph for 20 scheduled steps,
+    a recompile would raise; the values equal the eager float-momentum updates."""
+    import torch._dynamo.testing as dynamo_testing
+    from torch._dynamo.utils import counters
+
+    t, o = [_rand(33, 1), _rand((4, 5), 2)], [_rand(33, 3, torch.bfloat16), _rand((4, 5), 4)]
+    want = _snap(t)
+    for s in range(20):
+        mk.ema_update_(want, o, mk.cosine_momentum(s, 20))
+    torch._dynamo.reset()
+    counters.clear()
+    counter = dynamo_testing.CompileCounterWithBackend("aot_eager")
+    step = torch.compile(lambda m: mk.ema_update_(t, o, m), backend=counter, fullgraph=True)
+    momentum = torch.zeros((), dtype=torch.float64)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for s in range(20):
+            momentum.fill_(mk.cosine_momentum(s, 20))
+            step(momentum)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(t, want))
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("backend", ["extension", "foreach"])
+def test_cuda_tensor_momentum_on_the_device_without_a_sync(backend):
+    """A momentum tensor on the GPU is read by the kernel: the same bits as the float path,
+    no host sync (sync debug mode "error"), one graph for a compiled schedule."""
+    _cuda_ok()
+    sizes = [1, 1023, 4097, 16385]
+    t = [_rand(s, i, device="cuda") for i, s in enumerate(sizes)]
+    o = [_rand(s, 10 + i, torch.bfloat16, "cuda") for i, s in enumerate(sizes)]
+    for m in (torch.tensor(0.99, dtype=torch.float64, device="cuda"),
+              torch.tensor(0.3, device="cuda"), torch.tensor(0.7, dtype=torch.float64)):
+        a, b = _snap(t), _snap(t)
+        old = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            mk.ema_update_(a, o, m, backend=backend)
+        finally:
+            torch.cuda.set_sync_debug_mode(old)
+        mk.ema_update_(b, o, float(m.cpu()), backend=backend)
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), (backend, m)
+    with pytest.raises(ValueError, match="momentum tensor must be on the CPU or on the device"):
+        mk.ema_update_([torch.zeros(3)], [torch.ones(3)], torch.tensor(0.5, device="cuda"),
+                       backend=backend)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\]"):  # opt-in read
+        mk.ema_update_(t, o, torch.tensor(1.5, device="cuda"), check_finite=True, backend=backend)
+    import torch._dynamo.testing as dynamo_testing
+
+    torch._dynamo.reset()
+    counter = dynamo_testing.CompileCounter()
+    step = torch.compile(lambda m: mk.ema_update_(t, o, m, backend=backend), backend=counter,
+                         fullgraph=True)
+    momentum = torch.zeros((), dtype=torch.float64, device="cuda")
+    for s in range(20):
+        momentum.fill_(mk.cosine_momentum(s, 20))
+        step(momentum)
+    assert counter.frame_count == 1
