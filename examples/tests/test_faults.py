@@ -447,3 +447,11 @@ def test_checkpoint_without_digest_loads_with_a_warning(done_run, tmp_path, caps
     cli.run(["--resume", str(out), "--epochs", "3"])
     assert "has no digest" in capsys.readouterr().err
     assert C.read(str(out / "checkpoint.pt"))["verified"] is True
+
+
+def test_resume_into_a_new_folder_leaves_the_original_alone(done_run, tmp_path):
+    src = copy_run(done_run, tmp_path / "a")
+    before = {f.name: f.read_bytes() for f in src.iterdir() if f.is_file()}
+    rep = cli.run(["--resume", str(src), "--out-dir", str(tmp_path / "b"), "--epochs", "3"])
+    assert [r["epoch"] for r in rep["history"]] == [1, 2, 3] and log_epochs(tmp_path / "b") == [1, 2, 3]
+    assert {f.name: f.read_bytes() for f in src.iterdir() if f.is_file()} == before
