@@ -176,7 +176,7 @@ def remove_stale_tmp(path: str) -> list[str]:
 # ---------------------------------------------------------------------- read
 def _first_line(exc: BaseException, limit: int = 160) -> str:
     text = str(exc).strip().splitlines()
-    text = text[0] if text else ""
+    text = text[0].split(". ")[0] if text else ""  # the first sentence: torch appends advice
     text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
