@@ -455,3 +455,51 @@ def test_distributed_triton_ddp_matches_single_process(dist_results, alg):
     for r in range(W):
         for a, c in zip(got[r]["params"], single["params"]):
             torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- lightly drop-in
+# lightly's own model pieces (backbone + VICRegProjectionHead projection head, SGD lr 0.06 as its example,
+# the two-view call ``criterion(z0, z1)``) with only the criterion swapped; the images,
+# augmentations and backbone of tests/test_lightly.py.
+DROPIN_STEPS, DROPIN_BATCH, DROPIN_WINDOW = 30, 64, 6
+
+
+def _dropin_losses(criterion, seed=0):
+    import math
+
+    import test_lightly as tl_
+
+    heads = pytest.importorskip("lightly.models.modules.heads")
+    torch.manual_seed(seed)
+    backbone = tl_._backbone()
+    head = heads.VICRegProjectionHead(64, 128, 128)
+    opt = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=0.06)
+    data = tl_._images(512, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    losses = []
+    for step in range(DROPIN_STEPS):
+        x = data[torch.randint(0, data.shape[0], (DROPIN_BATCH,), generator=g)]
+        x0, x1 = tl_._view(x, g), tl_._view(x, g)
+        z0 = head(backbone(x0).flatten(start_dim=1))
+        z1 = head(backbone(x1).flatten(start_dim=1))
+        loss = criterion(z0, z1)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        val = float(loss.detach())  # a test, not a hot path
+        assert math.isfinite(val), (step, val)
+        losses.append(val)
+    return losses
+
+
+def test_dropin_in_lightly_model_trains_like_lightly():
+    ours = _dropin_losses(mk.VICRegLoss())
+    theirs = _dropin_losses(lightly_loss.VICRegLoss())
+    w = DROPIN_WINDOW
+    first, last = sum(ours[:w]) / w, sum(ours[-w:]) / w
+    assert last < 0.9 * first, (first, last, ours)
+    # the same function of the same data: the same trajectory up to fp32 rounding, which
+    # SGD amplifies step by step (about 1e-6 relative after 5 steps, 1e-2 after 20 here)
+    for a, b in zip(ours[:5], theirs[:5]):
+        assert a == pytest.approx(b, rel=1e-4), (ours, theirs)
+    assert last == pytest.approx(sum(theirs[-w:]) / w, rel=0.1), (ours, theirs)
