@@ -1,24 +1,30 @@
 """What is benchmarked: loss inputs, providers, flop models, EMA parameter lists.
 
+The losses are those of ``minc_kernels.losses.REGISTRY`` (:data:`LOSSES`, in its order):
+a loss's inputs come from its entry's ``arg_names``/``grad_args``, its call from ``step``
+(the functional form; MINC's step includes the batch moment ``M = TᵀT/B``), the
+``compile`` provider compiles its ``reference``, and the ``minc_kernels`` provider needs its
+``op``.  Nothing here names a loss except the flop/byte models of :mod:`benchmarks.floors`
+(other losses take the registry's ``matmul_flops``).
+
 Providers of a loss (one entry each in the results):
 
-* ``eager`` -- the eager reference through ``functional`` with ``backend="reference"``.
-  For the spectral loss there are two eager entries, ``eager-pairwise`` (materialises
-  the B×B matrix ``Z1 Z2ᵀ``) and ``eager-gram`` (the k×k feature Grams): both are exact
-  and which one is faster depends on B vs k, so the speed-up of the other providers is
-  taken against the *faster of the two* (the strictest eager baseline).
-* ``compile`` -- ``torch.compile`` of the same reference function (spectral with
+* ``eager`` -- the loss's ``step`` with ``backend="reference"``.  A loss whose registry
+  ``variants`` are exact alternative algorithms (keyword ``algorithm`` alone: the spectral
+  loss's ``pairwise``, which materialises the B×B matrix ``Z1 Z2ᵀ``, and ``gram``, the k×k
+  feature Grams) gets one eager entry per algorithm (``eager-pairwise``, ``eager-gram``):
+  which one is faster depends on B vs k, so the speed-up of the other providers is taken
+  against the *faster of the two* (the strictest eager baseline).  Other variants (MINC's
+  ``gha`` changes the gradient) are not baselines.
+* ``compile`` -- ``torch.compile`` of the registry's ``reference`` (spectral with
   ``algorithm="auto"``), one compiled object per loss, ``dynamic=True`` by default so
   that a grid of 24 shapes costs one compilation per loss (and per spectral branch)
   instead of 24; ``--compile-dynamic false`` gives per-shape static graphs.
-* ``minc_kernels`` -- ``functional`` with ``backend="triton"`` (spectral: ``"auto"``).
+* ``minc_kernels`` -- ``step`` with ``backend="triton"`` (spectral: ``"auto"``).
 
 Modes: ``fwd`` is the training forward (inputs require grad, so whatever a provider
 saves for backward is part of it); ``bwd`` times ``loss.backward(retain_graph=True)``
 of one fixed forward; ``fwd+bwd`` is both.
-
-The ``minc`` case is one MINC step's loss work: the batch moment
-``M = Σ_j t_j t_jᵀ / B`` (``minc_moment_sum``) and the bilinear loss with that ``M``.
 """
 from __future__ import annotations
 
@@ -30,15 +36,18 @@ from typing import Callable
 
 import torch
 
-from minc_kernels import functional, reference
+from minc_kernels import reference
+from minc_kernels.losses import REGISTRY
 
-from .floors import GRAD_IN_FORWARD_FAMILIES, loss_bytes, loss_flops  # noqa: F401 (re-exported)
+from . import floors
+from .floors import GRAD_IN_FORWARD_FAMILIES
 
-LOSSES = ("spectral", "minc", "mio")
+LOSSES = tuple(REGISTRY)
 MODES = ("fwd+bwd", "fwd", "bwd")
 PROVIDERS = ("eager", "compile", "minc_kernels")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-OP_NAME = {"spectral": "spectral", "minc": "minc", "mio": "mio"}  # minc_kernels.ops.<name>
+# minc_kernels.ops.<op> per loss (None: the loss has no kernels)
+OP_NAME = {name: spec.op for name, spec in REGISTRY.items()}
 
 GPU_B = (256, 512, 1024, 2048, 4096, 8192)
 GPU_K = (128, 512, 2048, 8192)
@@ -59,9 +68,48 @@ def dtype_name(dtype: torch.dtype) -> str:
 # The flop/byte models and floors live in benchmarks/floors.py (torch-free, for the report).
 
 
-def grad_in_forward(family: str) -> bool:
-    """Whether the provider family's ops form the input gradient in the forward pass."""
-    return family in GRAD_IN_FORWARD_FAMILIES
+def spec(loss: str):
+    """The registry entry of ``loss`` (a clear error for an unknown name)."""
+    try:
+        return REGISTRY[loss]
+    except KeyError:
+        raise ValueError(f"unknown loss {loss!r}; the registry has {list(REGISTRY)}") from None
+
+
+def grad_in_forward(family: str, loss: str | None = None) -> bool:
+    """Whether the provider family's ops form the input gradient in the forward pass
+    (``loss`` None: whether the family's ops do in general).
+
+    Every op of the package does today (its backward launches no Triton kernel, only
+    scales the saved gradient: tests/test_benchmarks.py checks that for each registry loss
+    with kernels through the launch stub of benchmarks/cpu_host_overhead.py).  A registry
+    entry's own ``grad_in_forward`` attribute, if it grows one, wins."""
+    if family not in GRAD_IN_FORWARD_FAMILIES:
+        return False
+    if loss is None:
+        return True
+    s = spec(loss)
+    own = getattr(s, "grad_in_forward", None)
+    return bool(own) if own is not None else s.op is not None
+
+
+def loss_flops(loss: str, algorithm: str | None, b: int, k: int, mode: str,
+               grad_in_forward: bool = False) -> float:
+    """Matmul flops of one call: :func:`benchmarks.floors.loss_flops` for the losses it
+    models, else the registry's ``matmul_flops`` (fwd, bwd) split by mode the same way."""
+    if loss in floors.MODELLED:
+        return floors.loss_flops(loss, algorithm, b, k, mode, grad_in_forward)
+    fwd, bwd = spec(loss).matmul_flops(b, k)
+    return floors.flops_by_mode(fwd, bwd, mode, grad_in_forward)
+
+
+def loss_bytes(loss: str, b: int, k: int, itemsize: int, mode: str,
+               grad_in_forward: bool = False) -> float:
+    """Compulsory bytes of one call (:func:`benchmarks.floors.loss_bytes`; other losses by
+    their registry's input and gradient counts)."""
+    s = spec(loss)
+    return floors.loss_bytes(loss, b, k, itemsize, mode, grad_in_forward,
+                             n_inputs=len(s.arg_names), n_grads=len(s.grad_args))
 
 
 # --------------------------------------------------------------------------- inputs
@@ -73,50 +121,36 @@ class LossInputs:
 
 def make_inputs(loss: str, b: int, k: int, dtype: torch.dtype, device: torch.device,
                 seed: int = 0) -> LossInputs:
-    """Random (B, k) features; scaled so that some rows exceed the spectral clip radius."""
+    """Random (B, k) features, one per registry ``arg_names``, those in ``grad_args``
+    requiring grad; scaled so that some rows exceed the spectral clip radius."""
+    s = spec(loss)
     gen = torch.Generator(device=device).manual_seed(seed)
-
-    def feats(grad: bool) -> torch.Tensor:
+    args = []
+    for i in range(len(s.arg_names)):
         x = torch.randn(b, k, device=device, dtype=torch.float32, generator=gen)
         x = (x * (1.2 / math.sqrt(k))).to(dtype)
-        return x.requires_grad_(grad)
-
-    if loss in ("spectral", "mio"):
-        z1, z2 = feats(True), feats(True)
-        return LossInputs((z1, z2), [z1, z2])
-    if loss == "minc":
-        p, t = feats(True), feats(False)
-        return LossInputs((p, t), [p])
-    raise ValueError(f"unknown loss {loss!r}")
+        args.append(x.requires_grad_(i in s.grad_args))
+    return LossInputs(tuple(args), [x for x in args if x.requires_grad])
 
 
 # --------------------------------------------------------------------------- loss functions
-def minc_step_reference(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The reference MINC step: ``M = TᵀT/B`` then the bilinear loss (what ``compile`` compiles)."""
-    moment = reference.minc_batch_moment_sum(t) / t.shape[0]
-    return reference.minc_loss(p, t, moment)
+def algorithms(loss: str) -> list[str]:
+    """The registry variants that are exact alternative algorithms of the loss (keyword
+    ``algorithm`` alone): eager baselines of their own."""
+    return [name for name, kw in spec(loss).variants.items() if set(kw) == {"algorithm"}]
 
 
 def _functional_fn(loss: str, backend: str, algorithm: str | None) -> Callable:
-    if loss == "spectral":
-        algo = algorithm or "auto"
-        return lambda z1, z2: functional.spectral_contrastive_loss(z1, z2, algorithm=algo,
-                                                                   backend=backend)
-    if loss == "minc":
-        def minc_step(p, t):
-            moment = functional.minc_moment_sum(t, backend=backend) / t.shape[0]
-            return functional.minc_loss(p, t, moment, backend=backend)
-        return minc_step
-    if loss == "mio":
-        return lambda z1, z2: functional.mio_loss(z1, z2, backend=backend)
-    raise ValueError(f"unknown loss {loss!r}")
+    s = spec(loss)
+    variant = dict(s.variants.get(algorithm, {})) if algorithm not in (None, "auto") else {}
+    if algorithm not in (None, "auto") and not variant:
+        raise ValueError(f"{loss}: no variant {algorithm!r} in the registry "
+                         f"(variants: {list(s.variants)})")
+    step = s.step
 
-
-REFERENCE_FN = {
-    "spectral": reference.spectral_loss,  # algorithm="auto"
-    "minc": minc_step_reference,
-    "mio": reference.mio_loss,
-}
+    def call(a, b):
+        return step(a, b, backend=backend, **variant)
+    return call
 
 
 @dataclass
@@ -125,19 +159,19 @@ class ProviderEntry:
 
     label: str  # "eager", "eager-pairwise", "compile", "minc_kernels"
     family: str  # "eager" | "compile" | "minc_kernels"
-    algorithm: str | None  # spectral only
+    algorithm: str | None  # losses with alternative algorithms only (spectral)
 
 
 def provider_entries(loss: str, providers: tuple[str, ...]) -> list[ProviderEntry]:
+    algos = algorithms(loss)
     out = []
     for prov in providers:
-        if prov == "eager" and loss == "spectral":
-            out.append(ProviderEntry("eager-pairwise", "eager", "pairwise"))
-            out.append(ProviderEntry("eager-gram", "eager", "gram"))
+        if prov == "eager" and algos:
+            out += [ProviderEntry(f"eager-{a}", "eager", a) for a in algos]
         elif prov == "eager":
             out.append(ProviderEntry("eager", "eager", None))
         else:
-            out.append(ProviderEntry(prov, prov, "auto" if loss == "spectral" else None))
+            out.append(ProviderEntry(prov, prov, "auto" if algos else None))
     return out
 
 
@@ -171,7 +205,7 @@ class CompiledCache:
     def get(self, loss: str, mode: str = "fwd+bwd") -> Callable:
         replay = mode == "bwd"
         if (loss, replay) not in self.fns:
-            fn = REFERENCE_FN[loss]
+            fn = spec(loss).reference
             if replay:
                 fn = _fresh_function(fn, "replay")
             self.fns[(loss, replay)] = torch.compile(fn, dynamic=self.dynamic)

@@ -34,6 +34,9 @@ from __future__ import annotations
 
 # Families whose ops form the input gradient in the forward pass (see the docstring).
 GRAD_IN_FORWARD_FAMILIES = ("minc_kernels",)
+# Losses with a model here (per algorithm, MINC's fused reuse); others use their registry
+# entry's ``matmul_flops`` through :func:`flops_by_mode` (benchmarks.cases.loss_flops).
+MODELLED = ("spectral", "minc", "mio")
 MIN_LAUNCHES = {"fwd": 1, "bwd": 1, "fwd+bwd": 2}
 ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "float32": 4, "bfloat16": 2, "float16": 2}
 _PASSES = {"fwd": (1, 0), "bwd": (0, 1), "fwd+bwd": (1, 1)}
@@ -44,6 +47,15 @@ def _passes(mode: str) -> tuple[int, int]:
         return _PASSES[mode]
     except KeyError:
         raise ValueError(f"mode must be one of {tuple(_PASSES)}, got {mode!r}") from None
+
+
+def flops_by_mode(fwd: float, bwd: float, mode: str, grad_in_forward: bool = False) -> float:
+    """A loss's (forward, backward) matmul flops for ``mode``; a provider that forms the
+    gradient in the forward does both in ``fwd`` and none in ``bwd``."""
+    f, w = _passes(mode)
+    if grad_in_forward:
+        return (fwd + bwd) if f else 0.0
+    return f * fwd + w * bwd
 
 
 def loss_flops(loss: str, algorithm: str | None, b: int, k: int, mode: str,
@@ -86,7 +98,7 @@ def loss_flops(loss: str, algorithm: str | None, b: int, k: int, mode: str,
 
 
 def loss_bytes(loss: str, b: int, k: int, itemsize: int, mode: str,
-               grad_in_forward: bool = False) -> float:
+               grad_in_forward: bool = False, n_inputs: int = 2, n_grads: int = 2) -> float:
     """Compulsory DRAM bytes of one call (see the module docstring).
 
     ``x = B·k·itemsize`` (one input), ``g = 4·B·k`` (one fp32 gradient buffer),
@@ -94,7 +106,8 @@ def loss_bytes(loss: str, b: int, k: int, itemsize: int, mode: str,
 
     * spectral, mio (two inputs, both with gradients): fwd ``2x`` (+ ``2g`` written when the
       gradient is formed there); bwd ``2x`` read + ``2x`` written (fused: ``2g`` read +
-      ``2x`` written).
+      ``2x`` written).  Other losses alike with their ``n_inputs`` inputs of which
+      ``n_grads`` take a gradient.
     * minc (``p`` with a gradient, ``t`` without): fwd ``t`` read and ``M`` written for the
       moment, ``p``, ``t``, ``M`` read for the loss: ``3x + 2m`` (+ ``g`` fused); bwd ``p``
       and ``M`` read, ``dp`` written: ``2x + m`` (fused: ``g + x``).
@@ -102,15 +115,14 @@ def loss_bytes(loss: str, b: int, k: int, itemsize: int, mode: str,
     fwd, bwd = _passes(mode)
     x = float(b) * k * itemsize
     g = 4.0 * b * k
-    if loss in ("spectral", "mio"):
-        f = 2 * x + (2 * g if grad_in_forward else 0.0)
-        w = 2 * g + 2 * x if grad_in_forward else 4 * x
-    elif loss == "minc":
+    if loss == "minc":
         m = 4.0 * k * k
         f = 3 * x + 2 * m + (g if grad_in_forward else 0.0)
         w = g + x if grad_in_forward else 2 * x + m
     else:
-        raise ValueError(f"unknown loss {loss!r}")
+        n, ng = (2, 2) if loss in ("spectral", "mio") else (n_inputs, n_grads)
+        f = n * x + (ng * g if grad_in_forward else 0.0)
+        w = ng * g + ng * x if grad_in_forward else n * x + ng * x
     return fwd * f + bwd * w
 
 

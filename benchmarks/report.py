@@ -5,8 +5,9 @@
 
 Derived numbers (added to every record by :func:`add_derived`):
 
-* ``flops``, ``bytes``: the work models of :mod:`benchmarks.floors` (recomputed here, so
-  a report rebuilt from an older ``results.json`` uses the current models), with
+* ``flops``, ``bytes``: the work models of :mod:`benchmarks.floors` (recomputed here for
+  the losses it models, so a report rebuilt from an older ``results.json`` uses the current
+  models; other losses keep what the runner stored from their registry entry), with
   ``grad_in_forward`` (the provider's ops form the input gradient in the forward: credited
   with the backward's work in ``fwd``, none in ``bwd``);
 * ``tflops`` = ``flops / median`` (None when the mode does no matmul work),
@@ -75,10 +76,12 @@ def add_derived(data: dict) -> dict:
         if rec.get("grad_in_forward") is None:
             rec["grad_in_forward"] = rec.get("family") in floors.GRAD_IN_FORWARD_FAMILIES
         fused = bool(rec["grad_in_forward"])
-        rec["flops"] = floors.loss_flops(rec["loss"], rec.get("algorithm"), rec["B"], rec["k"],
-                                         rec["mode"], fused)
-        rec["bytes"] = floors.loss_bytes(rec["loss"], rec["B"], rec["k"],
-                                         floors.ITEMSIZE[rec["dtype"]], rec["mode"], fused)
+        if rec["loss"] in floors.MODELLED or rec.get("flops") is None:
+            rec["flops"] = floors.loss_flops(rec["loss"], rec.get("algorithm"), rec["B"],
+                                             rec["k"], rec["mode"], fused)
+        if rec["loss"] in floors.MODELLED or rec.get("bytes") is None:
+            rec["bytes"] = floors.loss_bytes(rec["loss"], rec["B"], rec["k"],
+                                             floors.ITEMSIZE[rec["dtype"]], rec["mode"], fused)
         peak = matmul.get(DTYPE_FULL.get(rec["dtype"], rec["dtype"]))
         rec["floor"] = floors.floor(rec["flops"], rec["bytes"], floors.MIN_LAUNCHES[rec["mode"]],
                                     peak, copy, launch)

@@ -44,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--k", type=_csv(int), default=None, help="feature dims, e.g. 128,2048")
     p.add_argument("--dtype", type=_csv(str), default=None,
                    help="fp32,bf16,fp16 (default bf16 on a GPU, fp32 on the CPU)")
-    p.add_argument("--losses", type=_csv(str), default=("spectral", "minc", "mio"))
+    p.add_argument("--losses", type=_csv(str), default=None,
+                   help="comma list of minc_kernels.losses.REGISTRY names (default: all)")
     p.add_argument("--modes", type=_csv(str), default=("fwd+bwd", "fwd", "bwd"))
     p.add_argument("--providers", type=_csv(str), default=("eager", "compile", "minc_kernels"))
     p.add_argument("--ema", choices=("auto", "resnet50", "resnet18", "off"), default="auto",
@@ -71,7 +72,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    for name, allowed in (("losses", ("spectral", "minc", "mio")),
+    if args.interpret:
+        # Must precede the first import of triton (the registry's loss homes import it).
+        os.environ["TRITON_INTERPRET"] = "1"
+    from minc_kernels.losses import REGISTRY
+
+    if args.losses is None:
+        args.losses = tuple(REGISTRY)
+    for name, allowed in (("losses", tuple(REGISTRY)),
                           ("modes", ("fwd+bwd", "fwd", "bwd")),
                           ("providers", ("eager", "compile", "minc_kernels")),
                           ("ema_providers", ("loop", "foreach", "minc_kernels", "extension-raw")),
@@ -148,6 +156,12 @@ def probe_extension(timeout: float = 180.0) -> tuple[bool, str]:
     return False, f"loading the extension crashed the probe process (rc {proc.returncode}): {tail}"
 
 
+def _ops_of_registry() -> dict:
+    from minc_kernels.losses import REGISTRY
+
+    return {name: spec.op for name, spec in REGISTRY.items()}
+
+
 def environment(device, extension: tuple[bool, str] | None = None) -> dict:
     import torch
 
@@ -175,7 +189,8 @@ def environment(device, extension: tuple[bool, str] | None = None) -> dict:
         "cpu_threads": torch.get_num_threads(),
         "load_average_start": _loadavg(),
         "triton_interpret": _backend.triton_interpret(),
-        "ops": {name: _backend.op_status(name)[1] for name in ("spectral", "minc", "mio")},
+        "ops": {name: (_backend.op_status(op)[1] if op else "no kernels")
+                for name, op in _ops_of_registry().items()},
         "extension": (extension or _ext.status())[1],
     }
     if device.type == "cuda":
@@ -257,7 +272,10 @@ def minc_kernels_unavailable(loss: str, device, interpret: bool) -> str | None:
     if device.type != "cuda" and not interpret:
         return ("no CUDA device (pass --interpret to run the Triton kernels on the CPU "
                 "under TRITON_INTERPRET=1; tiny shapes only)")
-    ok, why = _backend.op_status(cases.OP_NAME[loss])
+    op = cases.OP_NAME[loss]
+    if op is None:
+        return "the loss has no Triton kernels (registry op is None)"
+    ok, why = _backend.op_status(op)
     return None if ok else f"triton op unavailable: {why}"
 
 
@@ -287,9 +305,11 @@ def run_loss_cases(args, device, dtypes, results: Results, deadline: float | Non
                    "family": entry.family, "status": "ok", "reason": None,
                    "median_ms": None, "min_ms": None, "reps": None, "first_call_s": None,
                    "peak_mb": None,
-                   "grad_in_forward": cases.grad_in_forward(entry.family),
+                   "grad_in_forward": cases.grad_in_forward(entry.family, loss),
                    "flops": cases.loss_flops(loss, entry.algorithm, b, k, mode,
-                                             cases.grad_in_forward(entry.family))}
+                                             cases.grad_in_forward(entry.family, loss)),
+                   "bytes": cases.loss_bytes(loss, b, k, dtype.itemsize, mode,
+                                             cases.grad_in_forward(entry.family, loss))}
             records.append(rec)
             if bar is not None:
                 bar.set_description(f"{loss} {mode} B={b} k={k} {entry.label}"[:60])
@@ -391,10 +411,7 @@ def _on_sigterm(signum, frame):  # noqa: ARG001
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.interpret:
-        # Must precede the first import of triton (the ops import it lazily).
-        os.environ["TRITON_INTERPRET"] = "1"
+    args = parse_args(argv)  # sets TRITON_INTERPRET for --interpret
     import torch
 
     from . import cases

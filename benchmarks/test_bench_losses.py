@@ -31,8 +31,8 @@ def test_loss_fwd_bwd(benchmark, bench_device, loss, provider, b, k):
         if why:
             pytest.skip(why)
     entry = cases.provider_entries(loss, (provider,))[0]  # spectral eager: pairwise
-    if loss == "spectral" and provider == "eager":
-        entry = cases.ProviderEntry("eager", "eager", "auto")
+    if cases.algorithms(loss) and provider == "eager":
+        entry = cases.ProviderEntry("eager", "eager", "auto")  # the loss's own choice
     inputs = cases.make_inputs(loss, b, k, DTYPE, bench_device)
     run = cases.mode_runner(cases.loss_fn(loss, entry, _COMPILED), inputs, "fwd+bwd")
 
@@ -42,5 +42,6 @@ def test_loss_fwd_bwd(benchmark, bench_device, loss, provider, b, k):
 
     step()  # compile / autotune outside the measurement
     benchmark.extra_info.update(loss=loss, provider=provider, B=b, k=k, dtype=str(DTYPE),
-                                flops=cases.loss_flops(loss, entry.algorithm, b, k, "fwd+bwd"))
+                                flops=cases.loss_flops(loss, entry.algorithm, b, k, "fwd+bwd",
+                                                       cases.grad_in_forward(entry.family, loss)))
     benchmark(step)

@@ -19,7 +19,7 @@ from minc_kernels import _backend
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # --device cpu: the same tests pass on a GPU machine (see test_runner_on_cuda for CUDA).
 TINY = ["--device", "cpu", "--B", "8,16", "--k", "4", "--case-ms", "5", "--max-reps", "5",
-        "--no-progress"]
+        "--no-progress", "--losses", "spectral,minc,mio"]
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -122,6 +122,7 @@ def test_minc_kernels_provider_skipped_or_run_under_interpreter(tmp_path):
         ok, why = _backend.op_status(cases.OP_NAME[r["loss"]])
         if ok:
             assert r["status"] == "ok", r["reason"]
+            assert r["grad_in_forward"] and r["bytes"] > 0
             assert r["speedup_vs_eager"] is not None
         else:
             assert r["status"] == "skipped" and "triton op unavailable" in r["reason"]
@@ -167,6 +168,36 @@ def test_plan_order_and_memory_case():
                 if p[5] == "memory"]
     with pytest.raises(SystemExit):
         run.parse_args(["--losses", "nope"])
+
+
+def test_losses_and_providers_come_from_the_registry():
+    """The benchmarks list no loss of their own: names, inputs, calls, the compile
+    reference and the kernel op come from minc_kernels.losses.REGISTRY."""
+    from minc_kernels.losses import REGISTRY
+
+    assert cases.LOSSES == tuple(REGISTRY) == run.parse_args([]).losses
+    for name, s in REGISTRY.items():
+        inputs = cases.make_inputs(name, 8, 4, torch.float32, torch.device("cpu"))
+        assert len(inputs.args) == len(s.arg_names)
+        assert [i for i, x in enumerate(inputs.args) if x.requires_grad] == list(s.grad_args)
+        assert cases.OP_NAME[name] == s.op
+        labels = [e.label for e in cases.provider_entries(name, cases.PROVIDERS)]
+        algos = [v for v, kw in s.variants.items() if set(kw) == {"algorithm"}]
+        assert labels == ([f"eager-{a}" for a in algos] or ["eager"]) + ["compile",
+                                                                         "minc_kernels"]
+        # eager = the registry's step on the reference backend, equal to its reference
+        entry = cases.provider_entries(name, ("eager",))[0]
+        got = cases.loss_fn(name, entry, cases.CompiledCache())(*inputs.args)
+        torch.testing.assert_close(got, s.reference(*inputs.args))
+        # flops: the floors model for the modelled losses, else the registry's
+        fwd, bwd = s.matmul_flops(64, 32)
+        if name not in ("spectral",):  # spectral's registry pair is one algorithm's
+            assert cases.loss_flops(name, None, 64, 32, "fwd") == fwd
+            assert cases.loss_flops(name, None, 64, 32, "bwd") == bwd
+    assert cases.algorithms("spectral") == ["pairwise", "gram"]
+    assert cases.algorithms("minc") == []  # gha changes the gradient: not a baseline
+    with pytest.raises(ValueError, match="registry"):
+        cases.make_inputs("nope", 8, 4, torch.float32, torch.device("cpu"))
 
 
 def test_flop_models():
@@ -309,7 +340,9 @@ def test_gpu_check_script_runs_its_bench_step(tmp_path):
     out = tmp_path / "out"
     assert "bench      rc=0" in (out / "steps.txt").read_text()
     data = _load(out)
-    assert {r["loss"] for r in data["cases"]} == {"spectral", "minc", "mio"}
+    from minc_kernels.losses import REGISTRY
+
+    assert {r["loss"] for r in data["cases"]} == set(REGISTRY)  # every registered loss
     assert all(r["status"] == "ok" for r in data["cases"])
     assert (out / "results.md").exists() and (out / "summary.txt").exists()
     # The summary is printed last, after the steps table.
@@ -350,10 +383,14 @@ def test_cpu_host_overhead_stubs_launches_and_counts_them(tmp_path):
 
     from benchmarks import cpu_host_overhead as cho
 
+    from minc_kernels.losses import REGISTRY
+
+    with_kernels = [n for n, s in REGISTRY.items() if s.op]
+    assert {"spectral", "minc", "mio"} <= set(with_kernels)
     before = (JITFunction.run, InterpretedFunction.run)
     threads = torch.get_num_threads()
     try:
-        assert cho.main(["--out", str(tmp_path), "--losses", "mio,minc", "--shapes", "16x8",
+        assert cho.main(["--out", str(tmp_path), "--shapes", "16x8",
                          "--repeats", "2", "--calls", "3", "--warmup", "1"]) == 0
     finally:
         torch.set_num_threads(threads)
@@ -361,19 +398,20 @@ def test_cpu_host_overhead_stubs_launches_and_counts_them(tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     recs = [r for r in data["cases"] if r["loss"] != "control"]
     assert {(r["loss"], r["path"], r["mode"]) for r in recs} == {
-        (loss, path, mode) for loss in ("mio", "minc") for path in cho.PATHS for mode in cho.MODES}
+        (loss, path, mode) for loss in with_kernels for path in cho.PATHS for mode in cho.MODES}
     for r in recs:
         assert r["triton_launches"] == sum(r["triton_kernels"].values()) > 0, r
         assert r["launches"] == r["triton_launches"] + r["aten_kernel_ops"]
         assert r["aten_ops"] >= r["aten_kernel_ops"] >= 0
         assert len(r["rounds"]) == 2 and r["cpu_us"]["min"] <= r["cpu_us"]["median"] > 0
-    # The ops form the gradient in the forward (what benchmarks/floors.py credits them
-    # with): backward launches no Triton kernel, only scales.
+    # Every loss's ops form the gradient in the forward (what benchmarks.cases.grad_in_forward
+    # and the flop model credit them with): backward launches no Triton kernel, only scales.
     by = {(r["loss"], r["path"], r["mode"]): r for r in recs}
-    for loss in ("mio", "minc"):
+    for loss in with_kernels:
+        assert cases.grad_in_forward("minc_kernels", loss)
         for path in cho.PATHS:
             assert (by[(loss, path, "fwd+bwd")]["triton_kernels"]
-                    == by[(loss, path, "fwd")]["triton_kernels"])
+                    == by[(loss, path, "fwd")]["triton_kernels"]), (loss, path)
     md = (tmp_path / "results.md").read_text()
     assert "| mio | functional | fwd+bwd | 16 | 8 |" in md and "thread CPU time" in md
     with pytest.raises(SystemExit):
