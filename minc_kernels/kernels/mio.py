@@ -104,17 +104,18 @@ def mio_normalize_rows(
     offs = tl.arange(0, BLOCK_K)
     z1_row = z1_ptr + rows * s1r
     z2_row = z2_ptr + rows * s2r
-    ss1 = tl.zeros([BLOCK_R], dtype=tl.float32)
-    ss2 = tl.zeros([BLOCK_R], dtype=tl.float32)
+    # Sums of squares in fp64: rows near 1e20 overflow an fp32 sum (losses._common.row_norms).
+    ss1 = tl.zeros([BLOCK_R], dtype=tl.float64)
+    ss2 = tl.zeros([BLOCK_R], dtype=tl.float64)
     for k0 in range(0, K, BLOCK_K):
         cols = (k0 + offs).to(tl.int64)
         m = rmask[:, None] & (cols < K)[None, :]
-        a = tl.load(z1_row[:, None] + cols[None, :] * s1c, mask=m, other=0.0).to(tl.float32)
-        b = tl.load(z2_row[:, None] + cols[None, :] * s2c, mask=m, other=0.0).to(tl.float32)
+        a = tl.load(z1_row[:, None] + cols[None, :] * s1c, mask=m, other=0.0).to(tl.float64)
+        b = tl.load(z2_row[:, None] + cols[None, :] * s2c, mask=m, other=0.0).to(tl.float64)
         ss1 += tl.sum(a * a, axis=1)
         ss2 += tl.sum(b * b, axis=1)
-    n1 = tl.sqrt(ss1)
-    n2 = tl.sqrt(ss2)
+    n1 = tl.sqrt(ss1).to(tl.float32)
+    n2 = tl.sqrt(ss2).to(tl.float32)
     c1 = tl.maximum(n1, EPS)
     c2 = tl.maximum(n2, EPS)
     dot = tl.zeros([BLOCK_R], dtype=tl.float32)

@@ -32,17 +32,19 @@ def clip_rows_dot_kernel(
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = rows < B
     if CLIP:
-        ss1 = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        ss2 = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        # Sums of squares in fp64: rows near 1e20 (fp32/bf16) overflow an fp32 sum, and the
+        # norm itself is representable (as losses._common.row_norms does).
+        ss1 = tl.zeros((BLOCK_R,), dtype=tl.float64)
+        ss2 = tl.zeros((BLOCK_R,), dtype=tl.float64)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
             m = r_mask[:, None] & (ks < K)[None, :]
-            a = tl.load(z1_ptr + rows[:, None] * stride_1b + ks[None, :] * stride_1k, mask=m, other=0.0).to(tl.float32)
-            b = tl.load(z2_ptr + rows[:, None] * stride_2b + ks[None, :] * stride_2k, mask=m, other=0.0).to(tl.float32)
+            a = tl.load(z1_ptr + rows[:, None] * stride_1b + ks[None, :] * stride_1k, mask=m, other=0.0).to(tl.float64)
+            b = tl.load(z2_ptr + rows[:, None] * stride_2b + ks[None, :] * stride_2k, mask=m, other=0.0).to(tl.float64)
             ss1 += tl.sum(a * a, axis=1)
             ss2 += tl.sum(b * b, axis=1)
-        n1 = tl.sqrt_rn(ss1)
-        n2 = tl.sqrt_rn(ss2)
+        n1 = tl.sqrt(ss1).to(tl.float32)
+        n2 = tl.sqrt(ss2).to(tl.float32)
         tl.store(n1_ptr + rows, n1, mask=r_mask)
         tl.store(n2_ptr + rows, n2, mask=r_mask)
         s1 = tl.where(n1 >= r, tl.div_rn(tl.full((BLOCK_R,), r, tl.float32), tl.maximum(n1, r)), 1.0)

@@ -8,7 +8,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["LossSpec", "CheckedHyperParams", "acc", "clip_rows", "in_backward"]
+__all__ = ["LossSpec", "CheckedHyperParams", "acc", "clip_rows", "in_backward", "row_norms",
+           "normalize_rows"]
 
 
 @dataclass(frozen=True)
@@ -81,13 +82,28 @@ def acc(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def row_norms(x: torch.Tensor) -> torch.Tensor:
+    """``‖x_i‖`` as a (B, 1) column in ``x``'s accumulation dtype, without overflow: the sum
+    of squares is accumulated in float64, so rows of fp32/bf16 entries near 1e20 (whose
+    squares overflow float32) get their true, representable norm instead of inf."""
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float64)
+    return norm if x.dtype == torch.float64 else norm.float()
+
+
+def normalize_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``x_i / max(‖x_i‖, eps)``: ``F.normalize(x, dim=1, eps=eps)`` with the overflow-safe
+    :func:`row_norms` (same value wherever ``F.normalize`` does not overflow, up to the
+    rounding of a float64-accumulated norm); keeps ``x``'s dtype; differentiable."""
+    return x / row_norms(x).clamp_min(eps).to(x.dtype)
+
+
 def clip_rows(z: torch.Tensor, mu: float) -> torch.Tensor:
     """Rows with ``||z_i|| >= sqrt(mu)`` rescaled to norm exactly ``sqrt(mu)``; others unchanged.
 
     Differentiable: the rescaling's Jacobian is part of the graph.
     """
     r = math.sqrt(mu)
-    norm = acc(z).norm(dim=1, keepdim=True)
+    norm = row_norms(z)
     # clamp_min keeps the unused branch finite for all-zero rows (norm 0 < r always).
     scale = torch.where(norm >= r, r / norm.clamp_min(1e-30), torch.ones_like(norm))
     return (acc(z) * scale).to(z.dtype)

@@ -36,6 +36,17 @@ ORDERINGS = ("standard", "gha")
 FEATURE_NORMS = ("l2", "clip", "none")
 
 
+def l2_rows(x: torch.Tensor) -> torch.Tensor:
+    """MINC's ``"l2"`` map: ``F.normalize(x, dim=1, eps=1e-12)`` bit for bit where the row
+    norm is finite, and a NaN row where it overflows (fp32 rows near 1e20), so that such a
+    target makes C non-finite (the step is skipped and counted, not taken as a zero moment)
+    and such a prediction a NaN loss, never a silent zero row.  The ``+ n·0`` costs two ops
+    on a (B, 1) column; an overflow-free float64 norm (as the spectral and MIO paths use)
+    cost +20 % of a default CPU step (benchmarks/cpu_overhead.py)."""
+    n = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    return x / (n.clamp_min(1e-12) + n * 0)
+
+
 def minc_features(x: torch.Tensor, feature_norm: str = "none", mu: float = 1.0,
                   scale: float = 1.0) -> torch.Tensor:
     """The per-row map MINC applies to both ``p`` and ``t`` before the moment and the loss.
@@ -45,7 +56,7 @@ def minc_features(x: torch.Tensor, feature_norm: str = "none", mu: float = 1.0,
     Jacobian is part of the graph); the output keeps ``x``'s dtype.
     """
     if feature_norm == "l2":
-        x = F.normalize(x, dim=1, eps=1e-12)
+        x = l2_rows(x)
     elif feature_norm == "clip":
         x = clip_rows(x, mu)
     elif feature_norm != "none":
@@ -628,8 +639,8 @@ class MINCLoss(CheckedHyperParams, nn.Module):
             return self._forward(p, t, return_parts)
         log_beta, weight, divisor, _, fmap = hot  # weight = 1 - β
         if fmap == "l2":  # minc_features(x, "l2") inline; t has no grad to stop
-            t = F.normalize(t, dim=1, eps=1e-12)
-            p = F.normalize(p, dim=1, eps=1e-12)
+            t = l2_rows(t)
+            p = l2_rows(p)
         elif fmap is not None:
             p, t = _minc_features(p, t, self.feature_norm, self.mu, self.scale)
         num_updates = buffers["num_updates"]

@@ -13,7 +13,7 @@ from .. import distributed as D
 from .._backend import preload, requested_backend, select
 from .._validation import check_nonnegative, check_pair, check_positive
 from ..ops.mio_cpu import mio_loss_blocked  # plain torch (no Triton): imported eagerly, Dynamo-traceable
-from ._common import CheckedHyperParams, LossSpec, acc
+from ._common import CheckedHyperParams, LossSpec, acc, normalize_rows
 
 __all__ = ["MIOLoss", "mio_loss", "mio_loss_reference", "SPEC"]
 
@@ -34,8 +34,8 @@ def mio_loss_reference(
     """
     b = z1.shape[0]
     n = 2 * b
-    zh1 = F.normalize(z1, dim=1, eps=1e-12)
-    zh2 = F.normalize(z2, dim=1, eps=1e-12)
+    zh1 = normalize_rows(z1)
+    zh2 = normalize_rows(z2)
     z = torch.cat([zh1, zh2], dim=0)
     s = acc(z @ z.T)
     idx = torch.arange(n, device=z.device)
@@ -115,8 +115,8 @@ def _mio_distributed(z1, z2, pos_temperature, neg_temperature, lambda_l2):
     b = sum(sizes)
     n = 2 * b
     offset = sum(sizes[: D.rank()])
-    zh1 = F.normalize(z1, dim=1, eps=1e-12)
-    zh2 = F.normalize(z2, dim=1, eps=1e-12)
+    zh1 = normalize_rows(z1)
+    zh2 = normalize_rows(z2)
     rows = torch.cat([zh1, zh2], dim=0)                                 # (2B_r, k), local
     gathered = D.all_gather(torch.cat([zh1, zh2], dim=1), sizes=sizes)  # (B, 2k), global
     cols = torch.cat([gathered[:, :k], gathered[:, k:]], dim=0)         # (2B, k) = [ẑ1; ẑ2]

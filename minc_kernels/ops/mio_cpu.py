@@ -129,7 +129,8 @@ def mio_blocked_forward(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: flo
     acc_dt = torch.float64  # tile sums are added across up to ~10^4 tiles: keep them exact-ish
 
     z = torch.cat([z1, z2], dim=0).to(cdt)                      # (N, k), contiguous copy
-    norm = torch.linalg.vector_norm(z, dim=1, keepdim=True)
+    # float64 accumulation: rows near 1e20 would overflow a float32 sum of squares
+    norm = torch.linalg.vector_norm(z, dim=1, keepdim=True, dtype=torch.float64).to(cdt)
     denom = norm.clamp_min(EPS)
     zh = z / denom                                               # ẑ, as F.normalize
     zh1, zh2 = zh[:b], zh[b:]
