@@ -84,10 +84,18 @@ _reduce_scatter_single = (getattr(dist, "reduce_scatter_single", None)
 
 
 def gather_sizes(n: int, device: torch.device, group=None) -> list[int]:
-    """Every rank's local size ``n`` (one tiny all-gather; a host sync on CUDA)."""
+    """Every rank's local size ``n`` (one tiny all-gather; a host sync on CUDA).
+
+    Under ``torch.compile`` the sizes cannot be read back to the host inside the graph:
+    the static-size mode then assumes every rank holds ``n`` rows (equal local batches, as
+    ``DistributedSampler`` with ``drop_last=True`` gives) and exchanges nothing; unequal
+    local batches under compile make the collectives fail or hang (docs/distributed.md).
+    """
     if not is_distributed(group):
         return [int(n)]
     w = world_size(group)
+    if torch.compiler.is_compiling():
+        return [int(n)] * w
     mine = torch.tensor([int(n)], dtype=torch.int64, device=device)
     out = torch.empty(w, dtype=torch.int64, device=device)
     _all_gather_single(out, mine, group=group)
