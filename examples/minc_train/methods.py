@@ -19,11 +19,12 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from minc_kernels import MINCLoss, MIOLoss, MomentumEncoder, SpectralContrastiveLoss, cosine_momentum
+from minc_kernels import (BarlowTwinsLoss, MINCLoss, MIOLoss, MomentumEncoder,
+                          SpectralContrastiveLoss, VICRegLoss, cosine_momentum)
 
 from .models import SSLModel, mlp
 
-METHODS = ("minc", "spectral", "mio")
+METHODS = ("minc", "spectral", "mio", "barlow", "vicreg")
 MINC_ABLATIONS = ("none", "no-moment")
 # Methods with an EMA target network (and a predictor on the online side).
 TARGET_METHODS = ("minc",)
@@ -66,6 +67,10 @@ def build_loss(method: str, proj_dim: int, *, backend: str | None = None, mu: fl
         return MINCLoss(proj_dim, moment_momentum=moment_momentum, ordering=ordering, **kw)
     if method == "spectral":
         return SpectralContrastiveLoss(mu=mu, **kw)
+    if method == "barlow":  # lightly's defaults (lambda_param=5e-3)
+        return BarlowTwinsLoss(**kw)
+    if method == "vicreg":  # lightly's defaults (25, 25, 1, eps=1e-4)
+        return VICRegLoss(**kw)
     return MIOLoss(**kw)
 
 

@@ -51,6 +51,8 @@ def tiny_args(folder, out, *extra):
     ("spectral", ["--optimizer", "sgd", "--lr", "0.05", "--arch", "resnet18", "--stem", "s2"]),
     ("mio", ["--optimizer", "adamw", "--lr", "1e-3", "--loader", "stream", "--augment", "weak",
              "--raw-probe"]),
+    ("barlow", ["--optimizer", "adamw", "--lr", "1e-3"]),
+    ("vicreg", ["--optimizer", "lars", "--lr", "0.2", "--augment", "byol"]),
 ])
 def test_smoke_every_method(folder, tmp_path, method, extra):
     out = tmp_path / "run"
@@ -167,9 +169,11 @@ def test_help_shows_every_option_with_its_default():
         assert a.help and "(default: " in a.help, a.option_strings
     text = parser.format_help()
     assert "auto: s1 below 96 px" in text  # --stem auto is documented
-    gpu_lr = {m: cli.METHOD_DEFAULTS["gpu"][m]["lr"] for m in ("minc", "spectral", "mio")}
+    gpu_lr = {m: cli.METHOD_DEFAULTS["gpu"][m]["lr"]
+              for m in ("minc", "spectral", "mio", "barlow", "vicreg")}
     assert (f"gpu preset: minc {gpu_lr['minc']}, spectral {gpu_lr['spectral']}, mio "
-            f"{gpu_lr['mio']})") in " ".join(text.split())  # --lr: per preset and method
+            f"{gpu_lr['mio']}, barlow {gpu_lr['barlow']}, vicreg {gpu_lr['vicreg']})"
+            ) in " ".join(text.split())  # --lr: per preset and method
 
 
 def test_unreadable_image_is_named_and_skipped(folder, tmp_path, capfd):
