@@ -416,3 +416,18 @@ def test_cpu_host_overhead_stubs_launches_and_counts_them(tmp_path):
     assert "| mio | functional | fwd+bwd | 16 | 8 |" in md and "thread CPU time" in md
     with pytest.raises(SystemExit):
         cho.parse_args(["--losses", "nope"])
+
+
+def test_sync_check_steps_every_registry_loss(tmp_path):
+    """benchmarks/sync_check.py (CPU dry run: no sync mode to check) steps each registry
+    loss through its module, MINC against the target network's outputs."""
+    from benchmarks import sync_check
+    from minc_kernels.losses import REGISTRY
+
+    assert sync_check.main(["--device", "cpu", "--B", "8", "--k", "4", "--dtype", "fp32",
+                            "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "sync_check.json").read_text())["results"]
+    assert [r["loss"] for r in res] == list(REGISTRY)
+    assert all(r["status"] == "ok" and math.isfinite(r["loss_value"]) for r in res), res
+    with pytest.raises(SystemExit):
+        sync_check.main(["--device", "cpu", "--losses", "nope"])
