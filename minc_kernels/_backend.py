@@ -101,6 +101,12 @@ def requested_backend(backend: str | None) -> str:
     return value
 
 
+def functorch_active() -> bool:
+    """Inside a ``torch.func`` transform (grad, vmap, jacrev, ...), where the custom ops'
+    autograd (``torch.library``) cannot run: ``"auto"`` then takes the eager reference."""
+    return torch._C._are_functorch_transforms_active()
+
+
 def auto_runs_kernels(x: torch.Tensor) -> bool:
     """Whether ``"auto"`` would pick the kernels for ``x`` (if the op imports)."""
     # float64 is an oracle/debug dtype: the kernels serve fp32/bf16/fp16.
@@ -113,13 +119,17 @@ def select(choice: str, op: str, x: torch.Tensor) -> ModuleType | None:
     if choice == "reference":
         return None
     if choice == "auto":
-        if not auto_runs_kernels(x):
+        if not auto_runs_kernels(x) or functorch_active():
             return None
         try:
             return load_op(op)
         except BaseException:  # noqa: BLE001 - auto falls back silently; info.py says why
             return None
     # explicit "triton"
+    if functorch_active():
+        raise RuntimeError("backend='triton' cannot run under torch.func transforms (grad, vmap, "
+                           "jacrev, ...): the kernels' custom ops have no functorch rule; use "
+                           "backend='auto' (the reference runs there) or 'reference'")
     if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"backend='triton' supports float32, bfloat16 and float16 inputs, got {x.dtype}; "
                         "use backend='reference' for float64")
@@ -138,3 +148,13 @@ def select(choice: str, op: str, x: torch.Tensor) -> ModuleType | None:
 def resolve(backend: str | None, op: str, x: torch.Tensor) -> ModuleType | None:
     """:func:`requested_backend` then :func:`select`: for one-off calls (the functional forms)."""
     return select(requested_backend(backend), op, x)
+
+
+def size_hint(n) -> int | None:
+    """``n`` as a Python int without adding a guard: a traced symbolic size (torch.compile
+    or torch.export with a dynamic batch) gives its example value, or None when it has
+    none.  For choices that change speed, never the value (e.g. which exact evaluation
+    of the spectral term runs), so a graph traced at one size stays right at any other."""
+    if isinstance(n, torch.SymInt):
+        return n.node.hint
+    return int(n)

@@ -127,3 +127,31 @@ def test_single_pair_training_compiles_once():
         f(_rand(6, 4, i).requires_grad_(), _rand(6, 4, 10 + i))
     assert counter.frame_count == 1
     assert loss.num_updates.item() == 4
+
+
+def test_torch_func_grad_runs_every_loss_on_cpu():
+    """torch.func transforms cannot run the ops' torch.library autograd (issue 23): "auto"
+    takes the eager reference there, which gives the same gradient."""
+    z1, z2 = _rand(6, 4, 0), _rand(6, 4, 1)
+    from minc_kernels import reference
+    m = torch.eye(4) * 0.25
+    cases = [(lambda a: mk.mio_loss(a, z2), lambda a: reference.mio_loss(a, z2)),
+             (lambda a: mk.spectral_contrastive_loss(a, z2), lambda a: reference.spectral_loss(a, z2)),
+             (lambda a: mk.minc_loss(a, z2, m), lambda a: reference.minc_loss(a, z2, m))]
+    for fn, ref in cases:
+        got = torch.func.grad(fn)(z1)
+        z = z1.clone().requires_grad_()
+        ref(z).backward()
+        torch.testing.assert_close(got, z.grad)
+
+
+def test_spectral_exports_with_a_dynamic_batch():
+    """spectral's algorithm="auto" chooses on size hints, so torch.export with a dynamic batch
+    does not specialise on B <= 2k (issue 23); the exported graph is exact at other sizes."""
+    from torch.export import Dim, export
+    loss = mk.SpectralContrastiveLoss()
+    b = Dim("b", min=2, max=4096)
+    ep = export(loss, (_rand(16, 8, 0), _rand(16, 8, 1)), dynamic_shapes=({0: b}, {0: b}))
+    for n in (4, 64):  # pairwise-sized and gram-sized batches
+        a, c = _rand(n, 8, 2), _rand(n, 8, 3)
+        torch.testing.assert_close(ep.module()(a, c), loss(a, c))

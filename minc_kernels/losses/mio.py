@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as D
-from .._backend import preload, requested_backend, select
+from .._backend import functorch_active, preload, requested_backend, select
 from .._validation import check_nonnegative, check_pair, check_positive
 from ..ops.mio_cpu import mio_loss_blocked  # plain torch (no Triton): imported eagerly, Dynamo-traceable
 from ._common import CheckedHyperParams, LossSpec, acc, normalize_rows
@@ -101,7 +101,8 @@ def _mio(z1, z2, pos_temperature: float, neg_temperature: float, lambda_l2: floa
         # streams row strips of S and never holds the 2B x 2B matrix (ops/mio_cpu.py).
         # float64 is the oracle/debug dtype and "reference" the oracle itself: both keep the
         # plain reference (it also supports double backward, the blocked op does not).
-        if choice == "reference" or z1.dtype == torch.float64:
+        # torch.func transforms cannot run the blocked op's torch.library autograd either.
+        if choice == "reference" or z1.dtype == torch.float64 or functorch_active():
             return mio_loss_reference(z1, z2, pos_temperature, neg_temperature, lambda_l2)
         return mio_loss_blocked(z1, z2, pos_temperature, neg_temperature, lambda_l2)
     return op.mio_loss(z1, z2, pos_temperature, neg_temperature, lambda_l2)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import distributed as D
-from .._backend import preload, requested_backend, select
+from .._backend import preload, requested_backend, select, size_hint
 from .._validation import check_choice, check_pair, check_positive
 from ._common import CheckedHyperParams, LossSpec, acc, clip_rows
 
@@ -48,7 +48,9 @@ def spectral_loss_reference(z1: torch.Tensor, z2: torch.Tensor, mu: float = 1.0,
         z1 = clip_rows(z1, mu)
         z2 = clip_rows(z2, mu)
     if algorithm == "auto":
-        algorithm = "pairwise" if b <= 2 * k else "gram"
+        # both are exact: choose on the sizes' hints, without guarding a traced graph on them
+        hb, hk = size_hint(b), size_hint(k)
+        algorithm = "pairwise" if hb is not None and hk is not None and hb <= 2 * hk else "gram"
     if algorithm == "pairwise":
         off = spectral_pairwise_term(z1, z2)
     elif algorithm == "gram":

@@ -37,6 +37,7 @@ from . import configs
 from ._common import (DEVICE_BW, DEVICE_FLOPS, TARGET_PROGRAMS, TARGET_SMS, cdiv, device_guard, is_fp32,
                       upcast_bf16_dot)
 from ._grad_in_forward import register_grad_in_forward
+from .._backend import size_hint
 from .gram import gram, gram_dot, rowmat
 
 __all__ = ["spectral_loss", "spectral_loss_fwd", "spectral_forward", "choose_algorithm",
@@ -234,7 +235,8 @@ def spectral_loss(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool,
     """Fp32 scalar spectral contrastive loss (docs/math.md §1), differentiable wrt ``z1`` and ``z2``."""
     need_grad = torch.is_grad_enabled() and (z1.requires_grad or z2.requires_grad)
     if algorithm == "auto":
-        b, k = z1.shape
-        algorithm = choose_algorithm(b, k, z1.dtype, need_grad)
+        # both algorithms are exact: choose on the sizes' hints (no guard in a traced graph)
+        b, k = (size_hint(n) for n in z1.shape)
+        algorithm = "gram" if b is None or k is None else choose_algorithm(b, k, z1.dtype, need_grad)
     loss, _, _ = spectral_loss_fwd(z1, z2, float(mu), bool(clip), algorithm, need_grad)
     return loss
