@@ -71,7 +71,7 @@ def minc_loss_divisor(feature_norm: str, mu: float) -> float:
 
 def minc_batch_moment_sum(t: torch.Tensor) -> torch.Tensor:
     """``Σ_j t_j t_jᵀ`` (k×k, float32, no gradient)."""
-    t = acc(t.detach())
+    t = acc(t.detach() if t.requires_grad else t)  # a detach is an aten call: only if needed
     return t.T @ t
 
 
@@ -95,6 +95,19 @@ def all_finite(x: torch.Tensor) -> torch.Tensor:
     of ``isfinite(x).all()``, and no sum of ``x`` that could overflow.
     """
     return (x * 0).sum() == 0
+
+
+def minc_moment_update_or_skip_(moment: torch.Tensor, batch_moment: torch.Tensor, weight: float,
+                                num_updates: torch.Tensor, skips: torch.Tensor) -> None:
+    """MINCLoss's default EMA step, decided on the device: ``M ← lerp(M, C, weight)``
+    (``weight = 1 - β``) and ``num_updates += 1`` when C is finite; otherwise M and
+    ``num_updates`` keep their values and ``skips += 1`` (no host sync)."""
+    finite = all_finite(batch_moment)
+    # a non-finite C is swapped for M itself, so the lerp leaves M as it was (M keeps its
+    # dtype: a float64 C from float64 targets is rounded to M's float32)
+    moment.lerp_(torch.where(finite, batch_moment.to(moment.dtype), moment), weight)
+    num_updates.add_(finite)
+    skips.add_(~finite)
 
 
 def minc_corrected_moment(moment: torch.Tensor, beta: float, num_updates) -> torch.Tensor:
@@ -130,9 +143,7 @@ class _MincGHA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, p, t, moment):
-        pf, tf = acc(p), acc(t)
-        b = p.shape[0]
-        loss = (-2.0 * (pf * tf).sum() + ((pf @ moment) * pf).sum()) / b
+        loss = bilinear_value(acc(p), acc(t), moment)
         ctx.save_for_backward(p, t, moment)
         return loss
 
@@ -149,6 +160,12 @@ class _MincGHA(torch.autograd.Function):
         return grad_p, None, None
 
 
+def bilinear_value(pf: torch.Tensor, tf: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
+    """``(1/B) Σ_i [-2 p_i·t_i + p_iᵀ M p_i]`` of accumulation-dtype rows: the one place the
+    MINC value is written (the reference, its GHA variant and MINCLoss's default step)."""
+    return (-2.0 * (pf * tf).sum() + ((pf @ moment) * pf).sum()) / pf.shape[0]
+
+
 def minc_bilinear(p: torch.Tensor, t: torch.Tensor, moment: torch.Tensor,
                   ordering: str = "standard") -> torch.Tensor:
     """``(1/B) Σ_i [-2 p_i·t_i + p_iᵀ M p_i]`` on the (already mapped) features, float32.
@@ -162,9 +179,7 @@ def minc_bilinear(p: torch.Tensor, t: torch.Tensor, moment: torch.Tensor,
         return _MincGHA.apply(p, t, moment)
     if ordering != "standard":
         raise ValueError(f"ordering must be 'standard' or 'gha', got {ordering!r}")
-    pf, tf = acc(p), acc(t)
-    b = p.shape[0]
-    return (-2.0 * (pf * tf).sum() + ((pf @ moment) * pf).sum()) / b
+    return bilinear_value(acc(p), acc(t), moment)
 
 
 def minc_loss_reference(
@@ -579,19 +594,15 @@ class MINCLoss(CheckedHyperParams, nn.Module):
             minc_moment_update_(moment, c, beta)
             num_updates.add_(1)
             return
-        finite = all_finite(c)
         if self.check_finite == "raise" and not torch.compiler.is_compiling():
             # Opt-in: a host sync.  Under compile (no data-dependent raise) it skips instead.
-            if not bool(finite):
+            if not bool(all_finite(c)):
                 raise ValueError("t contains NaN or Inf values; MINCLoss.moment was left unchanged "
                                  "(check_finite='skip' skips such steps without a host sync)")
             minc_moment_update_(moment, c, beta)
             num_updates.add_(1)
             return
-        # A non-finite C is swapped for M itself, so the lerp leaves M as it was.
-        minc_moment_update_(moment, torch.where(finite, c, moment), beta)
-        num_updates.add_(finite)
-        self.nonfinite_skips.add_(~finite)
+        minc_moment_update_or_skip_(moment, c, 1.0 - beta, num_updates, self.nonfinite_skips)
 
     def _check_state(self, x: torch.Tensor, name: str) -> None:
         """Create M at the first call (dim=None), then check k and the device."""
@@ -611,15 +622,16 @@ class MINCLoss(CheckedHyperParams, nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, p, t, return_parts: bool = False):
-        # The default call in one straight line (no further library calls), taken for one
-        # float32 (p, t) pair, t without grad, on the reference path (the CPU, or
-        # backend="reference"), with check_finite="skip", bias correction, β > 0, the
-        # "standard" ordering and no gather_distributed (self._hot).  Anything else, and
-        # every input that would fail a check, goes to _forward, which raises the errors.
-        # Why a second path: on the CPU each Python call, attribute read and aten op costs
-        # microseconds next to a B=1024, k=128 step, and this one makes as few as the checks
-        # allow (issue 13).  Same ops on the same values as _forward, so bit for bit the
-        # same loss, gradient and state as the one-element-list call loss([p], [t]).
+        # The default call (one float32 (p, t) pair, t without grad, the reference path:
+        # the CPU or backend="reference"; check_finite="skip", bias correction, β > 0, the
+        # "standard" ordering, no gather_distributed: self._hot) checks its tensors in one
+        # expression and then calls the math functions _forward calls (l2_rows,
+        # minc_batch_moment_sum, minc_moment_update_or_skip_, minc_corrected_moment,
+        # bilinear_value), skipping only _forward's per-call dispatch and list handling:
+        # on the CPU each Python call and aten op costs microseconds next to a B=1024, k=128
+        # step (issue 13; without this path the raw form measured +15.7 % over hand-written
+        # eager, benchmarks/results/cpu-overhead-2026-12-02).  Anything else, and every
+        # input that would fail a check, goes to _forward, which raises the errors.
         hot = self._hot
         if hot is None or return_parts or type(p) is not _Tensor or type(t) is not _Tensor:
             return self._forward(p, t, return_parts)
@@ -637,26 +649,20 @@ class MINCLoss(CheckedHyperParams, nn.Module):
                 and (hot[3] or device.type != "cuda")
                 and (training or self._moment_set or self._warned_eval)):
             return self._forward(p, t, return_parts)
-        log_beta, weight, divisor, _, fmap = hot  # weight = 1 - β
-        if fmap == "l2":  # minc_features(x, "l2") inline; t has no grad to stop
+        beta, weight, divisor, _, fmap = hot  # weight = 1 - β
+        if fmap == "l2":  # minc_features(x, "l2"); t has no grad to stop
             t = l2_rows(t)
             p = l2_rows(p)
         elif fmap is not None:
             p, t = _minc_features(p, t, self.feature_norm, self.mu, self.scale)
         num_updates = buffers["num_updates"]
         if training and not in_backward():
-            # _update: C = tᵀt / B (minc_batch_moment_sum), the finite check of
-            # all_finite, the skip by torch.where, the counters.
+            # _update's skip mode on C = tᵀt / B
             if not self._moment_set and not torch.compiler.is_compiling():
                 self._moment_set = True  # a host flag: not set under compile (no guard on it)
-            c = (t.T @ t).div_(shape[0])
-            finite = (c * 0).sum() == 0
-            moment.lerp_(torch.where(finite, c, moment), weight)
-            num_updates.add_(finite)
-            buffers["nonfinite_skips"].add_(~finite)
-        # minc_corrected_moment and minc_bilinear, op for op.
-        m = moment / torch.expm1(num_updates * log_beta).neg_().clamp_min_(weight)
-        loss = (-2.0 * (p * t).sum() + ((p @ m) * p).sum()) / shape[0]
+            minc_moment_update_or_skip_(moment, minc_batch_moment_sum(t).div_(shape[0]), weight,
+                                        num_updates, buffers["nonfinite_skips"])
+        loss = bilinear_value(p, t, minc_corrected_moment(moment, beta, num_updates))
         return loss if divisor == 1.0 else loss / divisor
 
     def _refresh_hot(self) -> None:
@@ -670,7 +676,7 @@ class MINCLoss(CheckedHyperParams, nn.Module):
               and d["_choice"] in ("reference", "auto"))
         fmap = None if d["feature_norm"] == "none" and d["scale"] == 1.0 else (
             "l2" if d["feature_norm"] == "l2" and d["scale"] == 1.0 else "other")
-        d["_hot"] = ((math.log(beta), 1.0 - beta, d["_divisor"],
+        d["_hot"] = ((beta, 1.0 - beta, d["_divisor"],
                       d["_choice"] == "reference", fmap) if ok else None)
 
     def __setattr__(self, name: str, value) -> None:
