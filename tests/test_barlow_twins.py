@@ -501,3 +501,18 @@ def test_dropin_in_lightly_model_trains_like_lightly():
     for a, b in zip(ours[:5], theirs[:5]):
         assert a == pytest.approx(b, rel=1e-4), (ours, theirs)
     assert last == pytest.approx(sum(theirs[-w:]) / w, rel=0.1), (ours, theirs)
+
+
+def test_device_tile_configs_of_the_new_kernels():
+    """The GPU tiles (checked for registers/spills by a static sm_90 compile, see
+    ops/configs.py): colstats fills a wave of 132 SMs from k = 2097 on, 2048-element tiles;
+    cross_gram takes 16-row chunks for fp32 rows that are not 16-element aligned."""
+    from minc_kernels.ops import configs
+
+    for k in (1, 130, 512, 1001, 2096, 2097, 4096, 8192, 16384):
+        cfg = configs.colstats_config(k, for_device=True)
+        assert cfg["BLOCK_B"] * cfg["BLOCK_K"] == 2048 and cfg["BLOCK_K"] >= 16
+        assert (-(-k // cfg["BLOCK_K"]) >= 132) == (k >= 2097), (k, cfg)
+    assert configs.cross_gram_config(1001, torch.float32, for_device=True)["BLOCK_B"] == 16
+    assert configs.cross_gram_config(1024, torch.float32, for_device=True) == \
+        configs.gram_config(1024, torch.float32, for_device=True)

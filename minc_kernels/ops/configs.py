@@ -16,7 +16,7 @@ import torch
 from ._common import TARGET_PROGRAMS, TARGET_SMS, cdiv, interpreting, is_fp32, next_pow2
 
 __all__ = ["rowmat_config", "gram_config", "pairwise_config", "pairwise_split", "rows_config",
-           "MIOConfig", "pick_config"]
+           "MIOConfig", "pick_config", "colstats_config", "cross_gram_config"]
 
 
 _ONE_WAVE = TARGET_SMS
@@ -223,10 +223,29 @@ def pick_config(b: int, k: int, dtype: torch.dtype, on_gpu: bool = True,
 
 
 # ----------------------------------------------------------------------------- Barlow Twins / VICReg
-def colstats_config(k: int) -> dict:
+def colstats_config(k: int, for_device: bool = False) -> dict:
     """:func:`~minc_kernels.kernels.gram.colstats_kernel` and its backward: one program per
-    ``BLOCK_K`` columns streams every row (grid k/BLOCK_K: 128 programs at k = 8192, only
-    8 at k = 512, where a row split would fill the device better; not done)."""
-    if interpreting():
+    ``BLOCK_K`` columns streams every row, so the grid is only k/BLOCK_K programs: the
+    column block narrows (64 -> 32 -> 16, 2048-element tiles) until a wave of 132 SMs runs;
+    below k = 2097 the grid still under-fills the device (k = 512: 32 programs; a row split
+    with a second reduction stage would fix it, not done).  8 warps: with 4, the kernels
+    took 120-188 registers on sm_90 and spilled 4-8 B at k = 1001 (fp32 32×64, bf16
+    128×16 tiles); with 8, 64-108 registers and no spill (static compile, no GPU run).
+    """
+    if interpreting() and not for_device:
         return dict(BLOCK_B=16, BLOCK_K=16, num_warps=4)
-    return dict(BLOCK_B=32, BLOCK_K=min(64, max(16, next_pow2(k))), num_warps=4)
+    kk = max(16, next_pow2(k))
+    bk = min(64, kk)
+    while bk > 16 and cdiv(k, bk) < TARGET_SMS:
+        bk //= 2
+    return dict(BLOCK_B=2048 // bk, BLOCK_K=bk, num_warps=8)
+
+
+def cross_gram_config(k: int, dtype: torch.dtype, for_device: bool = False) -> dict:
+    """:func:`~minc_kernels.kernels.gram.cross_gram_kernel` (``Xᵀ Y``): the tiles of
+    :func:`gram_config`, except fp32 with rows not 16-element aligned: two operands loaded
+    through registers spill 12/8 B with 32-row chunks on sm_90 (k = 1001); 16 rows: none."""
+    cfg = gram_config(k, dtype, for_device)
+    if is_fp32(dtype) and k % 16 and (for_device or not interpreting()):
+        cfg.update(BLOCK_B=16)
+    return cfg

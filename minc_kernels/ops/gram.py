@@ -82,7 +82,7 @@ def gram_dot(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 def cross_gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``Xᵀ Y`` as fp32 (k, k), from the storage dtype (tiles and row split as :func:`gram`)."""
     b, k = x.shape
-    cfg = configs.gram_config(k, x.dtype)
+    cfg = configs.cross_gram_config(k, x.dtype)
     nk = cdiv(k, cfg["BLOCK_K"])
     nb = cdiv(b, cfg["BLOCK_B"])
     split = max(1, min(nb, cdiv(2 * num_sms(x.device), nk * nk)))
