@@ -45,3 +45,14 @@ def test_backward_scales_the_forward_gradient(name, kernel_device):
     loss = fn(*x)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(loss, [x[i] for i in grad_args], create_graph=True)
+
+
+def test_host_helpers_match_triton():
+    """ops/_common's plain-Python cdiv/next_pow2 (host overhead) agree with triton's."""
+    import triton
+
+    from minc_kernels.ops._common import cdiv, next_pow2
+    for a in range(0, 2100, 7):
+        assert next_pow2(a) == triton.next_power_of_2(a), a
+        for b in (1, 2, 3, 16, 64, 128):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)

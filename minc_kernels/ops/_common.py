@@ -45,8 +45,17 @@ __all__ = [
 TARGET_SMS = 132  # H100/H200 SXM; also what a meta tensor's "device" has (module docstring)
 TARGET_PROGRAMS = 2 * TARGET_SMS  # about two waves: what the grids aim to fill
 
-cdiv = triton.cdiv
-next_pow2 = triton.next_power_of_2
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ints.  Plain Python on purpose: ``triton.cdiv`` is a
+    ``ConstexprFunction`` in triton 3.8 and costs ~3.5 µs per host call (the spectral
+    forward made ~45: benchmarks/results/cpu-host-overhead-2026-12-04)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (as ``triton.next_power_of_2``, 0 for 0); plain
+    Python, see :func:`cdiv`."""
+    return 0 if n <= 0 else 1 << (int(n) - 1).bit_length()
 
 
 def check_kernel_dtype(name: str, *tensors: torch.Tensor) -> None:

@@ -28,6 +28,7 @@ so second derivatives through these ops would come out as zero (use the referenc
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -111,8 +112,11 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> dic
     return {"pairwise": pairwise, "gram": t_gram}
 
 
+@functools.lru_cache(maxsize=1024)
 def choose_algorithm(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> str:
-    """``"pairwise"`` or ``"gram"``, whichever :func:`estimate_seconds` says is faster."""
+    """``"pairwise"`` or ``"gram"``, whichever :func:`estimate_seconds` says is faster.
+    Cached: it depends only on its arguments (device tiles, not the interpreter's), and the
+    model costs tens of µs of host time per call."""
     est = estimate_seconds(b, k, dtype, need_grad)
     return "pairwise" if est["pairwise"] <= est["gram"] else "gram"
 
