@@ -164,7 +164,6 @@ def test_registry_entry():
 # Under TRITON_INTERPRET=1 on the CPU (conftest), on CUDA when present; tiny shapes.
 triton = pytest.importorskip("triton")
 from minc_kernels.ops import barlow_twins as ops  # noqa: E402
-from minc_kernels.ops import spectral as spectral_ops  # noqa: E402
 
 F32 = dict(rel=2e-6, abs=1e-7)  # as tests/test_ops_spectral.py
 
@@ -256,9 +255,9 @@ def test_triton_forward_only_and_deterministic(kernel_device, algorithm):
     assert all(torch.equal(x, y) for x, y in zip(r1, r2))
 
 
-def test_triton_auto_runs_the_spectral_cost_model_choice(kernel_device):
+def test_triton_auto_runs_the_cost_model_choice(kernel_device):
     za, zb = _views(37, 5, torch.float32, seed=5, device=kernel_device)
-    choice = spectral_ops.choose_algorithm(37, 5, torch.float32, True)
+    choice = ops.choose_algorithm(37, 5, torch.float32, True)
     a = _run(_kernel(0.1, "auto"), za, zb, 1.0)
     b = _run(_kernel(0.1, choice), za, zb, 1.0)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
@@ -516,3 +515,22 @@ def test_device_tile_configs_of_the_new_kernels():
     assert configs.cross_gram_config(1001, torch.float32, for_device=True)["BLOCK_B"] == 16
     assert configs.cross_gram_config(1024, torch.float32, for_device=True) == \
         configs.gram_config(1024, torch.float32, for_device=True)
+
+
+def test_cost_model_picks_the_smaller_side_from_the_spectral_estimates(monkeypatch):
+    for dtype in (torch.float32, torch.bfloat16):
+        for need_grad in (False, True):
+            assert ops.choose_algorithm(256, 8192, dtype, need_grad) == "pairwise"
+            assert ops.choose_algorithm(4096, 8192, dtype, need_grad) == "pairwise"
+            assert ops.choose_algorithm(4096, 512, dtype, need_grad) == "gram"
+    # it is the spectral model's Gram-path estimate, of Zᵀ against Z
+    calls = []
+
+    def fake(b, k, dtype, need_grad):
+        calls.append((b, k))
+        return {"gram": 1.0 if b == 8 else 2.0, "pairwise": 0.0}
+
+    monkeypatch.setattr(ops, "estimate_seconds", fake)
+    assert ops.choose_algorithm(8, 3, torch.float32, True) == "gram"
+    assert ops.choose_algorithm(3, 8, torch.float32, True) == "pairwise"
+    assert sorted(calls[:2]) == [(3, 8), (8, 3)]

@@ -154,7 +154,6 @@ def test_registry_entry():
 # Under TRITON_INTERPRET=1 on the CPU (conftest), on CUDA when present; tiny shapes.
 triton = pytest.importorskip("triton")
 from minc_kernels.ops import vicreg as ops  # noqa: E402
-from minc_kernels.ops import spectral as spectral_ops  # noqa: E402
 
 F32 = dict(rel=2e-6, abs=1e-7)  # as tests/test_ops_spectral.py
 
@@ -253,9 +252,9 @@ def test_triton_forward_only_and_deterministic(kernel_device, algorithm):
     assert all(torch.equal(x, y) for x, y in zip(r1, r2))
 
 
-def test_triton_auto_runs_the_spectral_cost_model_choice(kernel_device):
+def test_triton_auto_runs_the_cost_model_choice(kernel_device):
     za, zb = _views(37, 5, torch.float32, seed=5, device=kernel_device)
-    choice = spectral_ops.choose_algorithm(37, 5, torch.float32, True)
+    choice = ops.choose_algorithm(37, 5, torch.float32, True)
     a = _run(_kernel(KW, "auto"), za, zb, 1.0)
     b = _run(_kernel(KW, choice), za, zb, 1.0)
     assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -4,9 +4,14 @@ Op ``minc_kernels::barlow_twins_loss_fwd(z_a, z_b, lambda_param, algorithm, need
 -> (loss, grad_z_a, grad_z_b)``: the fp32 loss and, with ``need_grad``, the fp32 gradients
 for a unit upstream gradient (empty otherwise); the autograd is
 :func:`~minc_kernels.ops._grad_in_forward.register_grad_in_forward` (backward only scales).
-``algorithm`` is ``"pairwise"`` or ``"gram"`` here; ``"auto"`` is resolved by the spectral
-loss's cost model (:func:`minc_kernels.ops.spectral.choose_algorithm`: its ``"pairwise"``
-is the N×N evaluation, its ``"gram"`` the k×k one; the flop counts scale the same way).
+``algorithm`` is ``"pairwise"`` or ``"gram"`` here; ``"auto"`` is resolved by
+:func:`choose_algorithm`: the spectral loss's calibrated cost model
+(:func:`minc_kernels.ops.spectral.estimate_seconds`), whose ``"gram"`` estimate prices
+exactly the launches both evaluations make (Grams + fused ``rowmat``), on ``Z`` (k×k) or
+on ``Zᵀ`` (N×N).  Its ``"pairwise"`` estimate prices the spectral pairwise-tile kernel,
+which these losses do not use: ``ops.spectral.choose_algorithm`` itself would pick the
+k×k form at N = 256, k = 8192 in fp32 (forward: a 256 MiB ``C`` and 34 GFLOP where the
+N×N form needs about 2).
 
 Passes:
 
@@ -35,9 +40,18 @@ import torch
 from ..losses.barlow_twins import BN_EPS
 from ._grad_in_forward import register_grad_in_forward
 from .gram import col_stats, col_stats_backward, cross_gram, gram, gram_dot, rowmat
-from .spectral import choose_algorithm
+from .spectral import estimate_seconds
 
-__all__ = ["barlow_twins_loss", "barlow_twins_loss_fwd", "barlow_twins_forward"]
+__all__ = ["barlow_twins_loss", "barlow_twins_loss_fwd", "barlow_twins_forward",
+           "choose_algorithm"]
+
+
+def choose_algorithm(n: int, k: int, dtype: torch.dtype, need_grad: bool) -> str:
+    """``"pairwise"`` (N×N) or ``"gram"`` (k×k) for Barlow Twins and VICReg: the spectral
+    cost model's Gram-path time of ``Zᵀ`` (N×N Grams) against that of ``Z`` (k×k)."""
+    by_rows = estimate_seconds(k, n, dtype, need_grad)["gram"]
+    by_cols = estimate_seconds(n, k, dtype, need_grad)["gram"]
+    return "pairwise" if by_rows < by_cols else "gram"
 
 
 def _flat_sq(t: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,9 @@ Op ``minc_kernels::vicreg_loss_fwd(z_a, z_b, lambda_param, mu_param, nu_param, e
 algorithm, need_grad) -> (loss, grad_z_a, grad_z_b)``: the fp32 loss and, with
 ``need_grad``, the fp32 gradients for a unit upstream gradient (empty otherwise); autograd by
 :func:`~minc_kernels.ops._grad_in_forward.register_grad_in_forward`.  ``algorithm`` is
-``"pairwise"`` (N×N) or ``"gram"`` (k×k) here; ``"auto"`` is resolved by the spectral
-loss's cost model (:func:`minc_kernels.ops.spectral.choose_algorithm`).
+``"pairwise"`` (N×N) or ``"gram"`` (k×k) here; ``"auto"`` is resolved by
+:func:`minc_kernels.ops.barlow_twins.choose_algorithm` (the spectral cost model's Gram-path
+estimate of both orientations; the launches are the same kinds as Barlow Twins').
 
 Passes:
 
@@ -32,7 +33,7 @@ import torch
 
 from ._grad_in_forward import register_grad_in_forward
 from .gram import col_stats, col_stats_backward, gram, rowmat
-from .spectral import choose_algorithm
+from .barlow_twins import choose_algorithm
 
 __all__ = ["vicreg_loss", "vicreg_loss_fwd", "vicreg_forward"]
 
