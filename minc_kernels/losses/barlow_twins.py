@@ -54,14 +54,14 @@ def barlow_twins_loss_reference(z_a: torch.Tensor, z_b: torch.Tensor,
     ``C = Ẑaᵀ Ẑb / N``, ``L = Σ_i (1 - C_ii)² + λ Σ_{i≠j} C_ij²``.
     ``algorithm``: ``"gram"`` forms the k×k ``C`` (lightly's formulation, O(Nk²));
     ``"pairwise"`` uses ``‖C‖_F² = <Ẑa Ẑaᵀ, Ẑb Ẑbᵀ>_F / N²`` (two N×N Grams, O(N²k)) and
-    ``C_ii = Σ_n ẑa_ni ẑb_ni / N``; ``"auto"``: the cheaper by flop count (``N <= 2k``:
-    pairwise).  Both are exact.
+    ``C_ii = Σ_n ẑa_ni ẑb_ni / N``; ``"auto"``: the cheaper by flop count (two N×N Grams,
+    4N²k, against ``C``, 2Nk²: ``2N <= k`` pairwise).  Both are exact.
     """
     n, k = z_a.shape
     na = barlow_twins_standardize(z_a)
     nb = barlow_twins_standardize(z_b)
     if algorithm == "auto":
-        algorithm = "pairwise" if n <= 2 * k else "gram"
+        algorithm = "pairwise" if 2 * n <= k else "gram"
     if algorithm == "gram":
         return _loss_from_c(acc(na.T @ nb) / n, lambda_param)
     if algorithm == "pairwise":

@@ -60,7 +60,7 @@ def _var_cov(z_a, z_b, mu_param, nu_param, eps, algorithm):
     """``μ·(v(z_a) + v(z_b))/2 + ν·(c(z_a) + c(z_b))``."""
     n, k = z_a.shape
     if algorithm == "auto":
-        algorithm = "pairwise" if n <= 2 * k else "gram"
+        algorithm = "pairwise" if n <= k else "gram"  # 2N²k against 2Nk² flops per view
     zca, var_a = _centered(z_a)
     zcb, var_b = _centered(z_b)
     var_loss = 0.5 * (vicreg_variance(var_a, eps) + vicreg_variance(var_b, eps))
@@ -78,7 +78,7 @@ def vicreg_loss_reference(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: fl
     ``v(z) = (1/k) Σ_i relu(1 - sqrt(Var_i + eps))`` (unbiased ``Var``) and
     ``c(z) = (1/k) Σ_{i≠j} Cov_ij²``, ``Cov = (z - mean)ᵀ (z - mean) / (N-1)``.
     ``algorithm``: ``"gram"`` (k×k covariance), ``"pairwise"`` (N×N Gram of the centred
-    rows) or ``"auto"`` (``N <= 2k``: pairwise); both exact.
+    rows) or ``"auto"`` (the fewer flops: ``N <= k`` pairwise); both exact.
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be 'auto', 'pairwise' or 'gram', got {algorithm!r}")
