@@ -4,7 +4,10 @@
 * matmul: a large square ``torch.mm`` in the benchmark dtype, TFLOP/s (``2n³/t``);
 * launch: the time per call of the cheapest device op from Python (``x.add_(1)`` on one
   element), timed like the cases (CUDA events around back-to-back calls), ms.  It is the
-  floor of the smallest shapes, where a call costs its launches, not its arithmetic.
+  floor of the smallest shapes, where a call costs its launches, not its arithmetic;
+* custom_op: one ``torch.library`` custom op with a registered backward (what every fused
+  op of the package is), forward and forward + backward per call: the fixed cost of such
+  an op in a training step, shown beside the floors (not part of them: eager needs none).
 
 A ceiling is the machine's best, so it uses the fastest repeat (``min_ms``), where the
 cases report medians; the runner measures them at the start and again at the end of a
@@ -56,8 +59,52 @@ def launch_ms(device: torch.device) -> dict:
             "how": "x.add_(1) on one element, back-to-back calls, fastest repeat"}
 
 
+_FLOOR_OP = None
+
+
+def _floor_op():
+    """A ``torch.library`` custom op with a registered backward around one elementwise
+    kernel (``x * 2``): the machinery every fused op of the package goes through."""
+    global _FLOOR_OP
+    if _FLOOR_OP is None:
+        @torch.library.custom_op("minc_bench::floor_op", mutates_args=())
+        def floor_op(x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+        @floor_op.register_fake
+        def _(x):
+            return torch.empty_like(x)
+
+        def backward(ctx, grad):
+            return grad * 2
+
+        floor_op.register_autograd(backward)
+        _FLOOR_OP = floor_op
+    return _FLOOR_OP
+
+
+def custom_op_ms(device: torch.device) -> dict:
+    """Per call: one custom op forward, and forward + ``.sum().backward()`` through its
+    registered autograd, on a 1024-element tensor (the fixed cost of one fused op in a
+    training step before any arithmetic), timed like the cases, fastest repeat."""
+    op = _floor_op()
+    x = torch.zeros(1024, device=device, requires_grad=True)
+    budget = Budget(warmup_ms=20, measure_ms=50, min_reps=20, max_reps=200)
+    fwd = measure(lambda: op(x), device, budget)
+
+    def fwd_bwd():
+        x.grad = None
+        op(x).sum().backward()
+
+    both = measure(fwd_bwd, device, budget)
+    return {"fwd_ms": fwd["min_ms"], "fwd_bwd_ms": both["min_ms"],
+            "how": "torch.library.custom_op (x * 2) with register_autograd, 1024 values; "
+                   "fwd, and fwd + .sum().backward(); fastest repeat"}
+
+
 def measure_ceilings(device: torch.device, dtypes: list[torch.dtype]) -> dict:
-    out = {"copy": copy_gbps(device), "matmul": {}, "launch": launch_ms(device)}
+    out = {"copy": copy_gbps(device), "matmul": {}, "launch": launch_ms(device),
+           "custom_op": custom_op_ms(device)}
     for dt in dtypes:
         out["matmul"][str(dt).replace("torch.", "")] = matmul_tflops(device, dt)
     return out
@@ -75,6 +122,9 @@ def merge_best(first: dict, second: dict) -> dict:
         other = second["matmul"].get(dt, m)
         best = other if other["tflops"] > m["tflops"] else m
         out["matmul"][dt] = dict(best, runs_tflops=[m["tflops"], other["tflops"]])
+    if "custom_op" in first:
+        pair = (first["custom_op"], second.get("custom_op", first["custom_op"]))
+        out["custom_op"] = min(pair, key=lambda c: c["fwd_bwd_ms"])
     if "launch" in first:  # a floor: the lower of the two is the machine's best
         runs = [first["launch"]["ms"], second.get("launch", first["launch"])["ms"]]
         best = second["launch"] if runs[1] < runs[0] else first["launch"]

@@ -42,14 +42,23 @@ def _ok(rec: dict) -> bool:
 
 
 def attach_launch_floor(data: dict, folder: Path) -> None:
-    """A results.json without ``ceilings.launch``: take it from ``gpu_floor.json`` beside
-    it when there is one (measured on the same machine: one 1-block Triton kernel launched
-    and synchronised, median, minus the median of an empty synchronise)."""
+    """A results.json without ``ceilings.launch`` (``custom_op``): take it from
+    ``gpu_floor.json`` beside it when there is one (measured on the same machine: one
+    1-block Triton kernel launched and synchronised, median, minus the median of an empty
+    synchronise; the custom op's synchronised medians)."""
     ceil = data.get("ceilings")
     side = folder / "gpu_floor.json"
-    if not ceil or ceil.get("launch") or not side.exists():
+    if not ceil or not side.exists():
         return
     f = json.loads(side.read_text())
+    if not ceil.get("custom_op") and f.get("custom_op_fwd_ms") and f.get("custom_op_fwd_bwd_ms"):
+        ceil["custom_op"] = {
+            "fwd_ms": f["custom_op_fwd_ms"], "fwd_bwd_ms": f["custom_op_fwd_bwd_ms"],
+            "how": "gpu_floor.json: a torch.library.custom_op around one Triton launch, with a "
+                   "registered backward; synchronised medians (a synchronise after each call)",
+            "source": "gpu_floor.json"}
+    if ceil.get("launch"):
+        return
     if f.get("triton_launch_ms") and f.get("sync_roundtrip_ms") is not None:
         ceil["launch"] = {
             "ms": f["triton_launch_ms"] - f["sync_roundtrip_ms"],
@@ -227,6 +236,11 @@ def _ceiling_lines(data: dict) -> list[str]:
         lines.append(f"- launch floor: **{la['ms'] * 1e3:.1f} µs** per kernel ({la['how']}); a "
                      f"call needs at least {floors.MIN_LAUNCHES['fwd']} (fwd, bwd) or "
                      f"{floors.MIN_LAUNCHES['fwd+bwd']} (fwd+bwd)")
+    if ceil.get("custom_op"):
+        co = ceil["custom_op"]
+        lines.append(f"- one custom op with a registered backward: **{co['fwd_ms'] * 1e3:.1f} µs** "
+                     f"fwd, **{co['fwd_bwd_ms'] * 1e3:.1f} µs** fwd+bwd per call ({co['how']}): "
+                     f"the fixed cost of a fused op before any arithmetic (not part of the floors)")
     return lines or ["- ceilings not measured"]
 
 

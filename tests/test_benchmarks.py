@@ -39,6 +39,15 @@ def test_runner_end_to_end_writes_json_markdown_plots(tmp_path):
         assert key in meta
     assert data["ceilings"]["copy"]["gbps"] > 0
     assert data["ceilings"]["matmul"]["float32"]["tflops"] > 0
+    ceil = data["ceilings"]
+    assert 0 < ceil["launch"]["ms"] <= ceil["launch"]["median_ms"]
+    assert 0 < ceil["custom_op"]["fwd_ms"] < ceil["custom_op"]["fwd_bwd_ms"]
+    for r in data["cases"]:  # every case has its floor, at or below the measurement
+        assert r["floor"]["launch_ms"] == pytest.approx(
+            ceil["launch"]["ms"] * (2 if r["mode"] == "fwd+bwd" else 1))
+        assert r["floor"]["ms"] == max(v for k_, v in r["floor"].items()
+                                       if k_.endswith("_ms") and k_ != "ms" and v is not None)
+        assert r["frac_floor"] == pytest.approx(r["floor"]["ms"] / r["median_ms"])
 
     recs = data["cases"]
     # 2 modes × (spectral: 2 eager entries + minc + mio) × 2 batch sizes
@@ -75,6 +84,7 @@ def test_runner_end_to_end_writes_json_markdown_plots(tmp_path):
         for mode in ("fwd+bwd", "bwd"):
             assert f"## {loss}, {mode}, fp32" in md
     assert "| B | k | eager-pairwise ms | eager-gram ms |" in md
+    assert "launch floor" in md and "custom op with a registered backward" in md
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert "time_spectral_fwd_bwd_fp32.png" in pngs and "ema.png" in pngs
     assert not [p for p in pngs if p.startswith("speedup_")]  # eager only: nothing to compare
@@ -268,6 +278,7 @@ def test_h200_report_has_floors_and_no_case_above_the_peak(tmp_path):
     assert report.main([str(tmp_path), "--no-plots", "--quiet"]) == 0
     data = _load(tmp_path)
     assert data["ceilings"]["launch"]["source"] == "gpu_floor.json"
+    assert data["ceilings"]["custom_op"]["source"] == "gpu_floor.json"
     ok = [r for r in data["cases"] if r["status"] == "ok"]
     assert len(ok) == 723
     for r in ok:
