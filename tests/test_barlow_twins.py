@@ -132,7 +132,6 @@ def test_training_step_has_no_host_sync():
     (lambda: mk.BarlowTwinsLoss(lambda_param="0.1"), TypeError, "lambda_param"),
     (lambda: mk.BarlowTwinsLoss(algorithm="kxk"), ValueError, "algorithm"),
     (lambda: mk.BarlowTwinsLoss(backend="cuda"), ValueError, "backend"),
-    (lambda: mk.BarlowTwinsLoss(gather_distributed=True, backend="triton"), ValueError, "triton"),
     (lambda: Fn.barlow_twins_loss(torch.randn(3, 4), torch.randn(3, 4), float("inf")),
      ValueError, "lambda_param"),
 ])
@@ -277,6 +276,21 @@ def test_triton_module_and_functional(kernel_device):
     _close(_run(lambda a, c: Fn.barlow_twins_loss(a, c, backend="triton"), za, zb, 1.0), want)
 
 
+def test_triton_cross_correlation_op_matches_eager(kernel_device):
+    """The distributed form's op: Ẑaᵀ Ẑb and its backward (a real one), against autograd
+    through the eager standardisation."""
+    za, zb = _views(13, 9, torch.float32, seed=12, device=kernel_device)
+    g = torch.randn(9, 9, generator=torch.Generator().manual_seed(1)).to(kernel_device)
+    got = ops.cross_correlation(za, zb)
+    ga, gb = torch.autograd.grad((got * g).sum(), (za, zb))
+    a, b = za.detach().cpu().double().requires_grad_(), zb.detach().cpu().double().requires_grad_()
+    want = home.barlow_twins_standardize(a).T @ home.barlow_twins_standardize(b)
+    wa, wb = torch.autograd.grad((want * g.cpu().double()).sum(), (a, b))
+    _close([got.detach().cpu().double(), ga.cpu().double(), gb.cpu().double()],
+           [want.detach(), wa, wb])
+    torch.library.opcheck(ops.barlow_twins_cross_corr, (za, zb))
+
+
 @pytest.mark.parametrize("algorithm", ["pairwise", "gram"])
 def test_triton_opcheck(kernel_device, algorithm):
     za, zb = _views(7, 5, torch.float32, seed=9, device=kernel_device)
@@ -395,6 +409,9 @@ def _dist_worker(rank, port, outdir):
     for alg in ("pairwise", "gram"):  # algorithm is ignored when distributed: one C all-reduce
         run(f"train_ours_{alg}", lambda alg=alg: _train(
             mk.BarlowTwinsLoss(gather_distributed=True, algorithm=alg), rank))
+    run("train_triton", lambda: _train(mk.BarlowTwinsLoss(gather_distributed=True,
+                                                          backend="triton"), rank,
+                                       dtype=torch.float32))
     torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -534,3 +551,12 @@ def test_cost_model_picks_the_smaller_side_from_the_spectral_estimates(monkeypat
     assert ops.choose_algorithm(8, 3, torch.float32, True) == "gram"
     assert ops.choose_algorithm(3, 8, torch.float32, True) == "pairwise"
     assert sorted(calls[:2]) == [(3, 8), (8, 3)]
+
+
+def test_distributed_triton_ddp_matches_single_process(dist_results):
+    """The kernels form each rank's C (fp32, interpreted on the CPU) under DDP."""
+    got = _get(dist_results, "train_triton")
+    single = _train(_averaged_c_loss, dtype=torch.float32)
+    for r in range(W):
+        for a, c in zip(got[r]["params"], single["params"]):
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)

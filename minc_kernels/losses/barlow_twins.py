@@ -72,28 +72,23 @@ def barlow_twins_loss_reference(z_a: torch.Tensor, z_b: torch.Tensor,
 
 
 # --------------------------------------------------------------------------- distributed (docs/math.md §7)
-def _barlow_twins_distributed(z_a, z_b, lambda_param):
+def _barlow_twins_distributed(z_a, z_b, lambda_param, op=None):
     """lightly's ``gather_distributed=True``: every rank standardises its *own* batch and
     forms its ``C_r = Ẑa_rᵀ Ẑb_r / N_r``; the loss is that of the rank average
     ``C = (1/W) Σ_r C_r`` (the same value on every rank).  The all-reduce's backward sums
-    the ranks' gradients, so DDP's average applies ``∇L(C)`` exactly (lightly #1977)."""
+    the ranks' gradients, so DDP's average applies ``∇L(C)`` exactly (lightly #1977).
+    ``op``: the Triton op module forms ``Ẑa_rᵀ Ẑb_r`` (and its backward); the k×k loss of
+    ``C`` is eager either way."""
     n = z_a.shape[0]
-    na = barlow_twins_standardize(z_a)
-    nb = barlow_twins_standardize(z_b)
-    c = D.all_reduce_sum(acc(na.T @ nb) / (n * D.world_size()))
+    if op is None:
+        cross = acc(barlow_twins_standardize(z_a).T @ barlow_twins_standardize(z_b))
+    else:
+        cross = op.cross_correlation(z_a, z_b)
+    c = D.all_reduce_sum(cross / (n * D.world_size()))
     return _loss_from_c(c, lambda_param)
 
 
 # --------------------------------------------------------------------------- functional
-def check_config(choice: str, gather_distributed: bool) -> None:
-    """An explicit ``backend="triton"`` must be honoured: the distributed form all-reduces
-    the k×k cross-correlation in eager PyTorch, so that combination is refused."""
-    if choice == "triton" and gather_distributed:
-        raise ValueError("backend='triton' cannot be honoured with gather_distributed=True (the "
-                         "all-reduced k×k cross-correlation is composed in eager PyTorch); use "
-                         "backend='auto' or 'reference'")
-
-
 def _check_dist_available(gather_distributed: bool) -> None:
     if gather_distributed and not D._AVAILABLE:
         raise ValueError("gather_distributed=True needs torch.distributed, which this torch "
@@ -121,7 +116,6 @@ def barlow_twins_loss(
     lambda_param = check_nonnegative("lambda_param", lambda_param)
     check_choice("algorithm", algorithm, ALGORITHMS)
     _check_dist_available(bool(gather_distributed))
-    check_config(choice, bool(gather_distributed))
     gather = bool(gather_distributed) and D.is_distributed()
     check_pair("z_a", z_a, "z_b", z_b, min_batch=2)
     return _barlow_twins(z_a, z_b, lambda_param, algorithm, choice, gather)
@@ -129,9 +123,9 @@ def barlow_twins_loss(
 
 def _barlow_twins(z_a, z_b, lambda_param: float, algorithm: str, choice: str, gather: bool):
     """Checked arguments; ``gather``: a process group of W > 1 ranks is active."""
-    if gather:
-        return _barlow_twins_distributed(z_a, z_b, lambda_param)
     op = select(choice, "barlow_twins", z_a)
+    if gather:
+        return _barlow_twins_distributed(z_a, z_b, lambda_param, op)
     if op is None:
         return barlow_twins_loss_reference(z_a, z_b, lambda_param, algorithm)
     return op.barlow_twins_loss(z_a, z_b, lambda_param, algorithm)
@@ -148,7 +142,8 @@ class BarlowTwinsLoss(nn.Module):
             rank-averaged cross-correlation matrix (all-reduce of the k×k ``C``; each rank
             standardises its own batch), equal on every rank; DDP's gradient averaging then
             applies exactly the gradient of that loss (lightly's semantics; default False, a
-            no-op when not distributed).  Eager PyTorch: refused with ``backend="triton"``.
+            no-op when not distributed).  The kernels form each rank's ``C``; the loss of the
+            all-reduced ``C`` (k×k) is eager.
         algorithm: ``"auto"`` | ``"pairwise"`` (N×N Grams) | ``"gram"`` (the k×k ``C``).
         backend: ``"auto"`` | ``"triton"`` | ``"reference"`` (default: env
             ``MINC_KERNELS_BACKEND``, read here, or ``"auto"``).
@@ -166,7 +161,6 @@ class BarlowTwinsLoss(nn.Module):
         self.algorithm = check_choice("algorithm", algorithm, ALGORITHMS)
         self.backend = backend
         self._choice = requested_backend(backend)
-        check_config(self._choice, self.gather_distributed)
         preload("barlow_twins", self._choice)
 
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ from .gram import col_stats, col_stats_backward, cross_gram, gram, gram_dot, row
 from .spectral import estimate_seconds
 
 __all__ = ["barlow_twins_loss", "barlow_twins_loss_fwd", "barlow_twins_forward",
-           "choose_algorithm"]
+           "choose_algorithm", "cross_correlation", "barlow_twins_cross_corr"]
 
 
 def choose_algorithm(n: int, k: int, dtype: torch.dtype, need_grad: bool) -> str:
@@ -128,3 +128,68 @@ def barlow_twins_loss(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float,
         algorithm = choose_algorithm(n, k, z_a.dtype, need_grad)
     loss, _, _ = barlow_twins_loss_fwd(z_a, z_b, float(lambda_param), algorithm, need_grad)
     return loss
+
+
+# ----------------------------------------------------------------------------- distributed form
+# lightly's gather_distributed=True all-reduces each rank's C (docs/math.md §7): the rank's
+# Ẑaᵀ Ẑb is a differentiable op of its own (real backward: the all-reduce's gradient arrives
+# as dL/dC only after the collective, so it cannot be formed in the forward).
+
+
+@torch.library.custom_op("minc_kernels::barlow_twins_cross_corr", mutates_args=())
+def barlow_twins_cross_corr(z_a: torch.Tensor, z_b: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(Ẑaᵀ Ẑb, Ẑa, Ẑb, stats)``: the fp32 (k, k) cross-product of the standardised views
+    (not divided by N) and what its backward needs (non-differentiable)."""
+    na, nb, stats = col_stats(z_a, z_b, True, BN_EPS, transposed=False)
+    return cross_gram(na, nb), na, nb, stats
+
+
+@barlow_twins_cross_corr.register_fake
+def _barlow_twins_cross_corr_fake(z_a, z_b):
+    k = z_a.shape[1]
+    return (z_a.new_empty((k, k), dtype=torch.float32),
+            torch.empty_like(z_a, memory_format=torch.contiguous_format),
+            torch.empty_like(z_b, memory_format=torch.contiguous_format),
+            z_a.new_empty((10, k), dtype=torch.float32))
+
+
+@torch.library.custom_op("minc_kernels::barlow_twins_cross_corr_backward", mutates_args=())
+def barlow_twins_cross_corr_backward(grad_c: torch.Tensor, z_a: torch.Tensor, z_b: torch.Tensor,
+                                     na: torch.Tensor, nb: torch.Tensor, stats: torch.Tensor
+                                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dL/dz_a, dL/dz_b`` (input dtypes) from ``dL/d(Ẑaᵀ Ẑb)``: ``Ẑb Gᵀ``, ``Ẑa G``
+    (:func:`rowmat`), then the standardisation's Jacobian."""
+    g = grad_c.float().contiguous()
+    _, _, dna = rowmat(nb, g, nb, None, 1.0, 0.0, 0.0, False, True)
+    _, _, dnb = rowmat(na, g.T, na, None, 1.0, 0.0, 0.0, False, True)
+    ga, gb = col_stats_backward(dna, dnb, na, nb, z_a, z_b, stats, 0.0)
+    return ga.to(z_a.dtype), gb.to(z_b.dtype)
+
+
+@barlow_twins_cross_corr_backward.register_fake
+def _barlow_twins_cross_corr_backward_fake(grad_c, z_a, z_b, na, nb, stats):
+    return torch.empty_like(z_a), torch.empty_like(z_b)
+
+
+def _cross_corr_setup(ctx, inputs, output):
+    _, na, nb, stats = output
+    ctx.mark_non_differentiable(na, nb, stats)
+    ctx.save_for_backward(inputs[0], inputs[1], na, nb, stats)
+
+
+def _cross_corr_backward(ctx, grad_c, *_):
+    z_a, z_b, na, nb, stats = ctx.saved_tensors
+    if grad_c is None:
+        return None, None
+    return barlow_twins_cross_corr_backward(grad_c, z_a, z_b, na, nb, stats)
+
+
+barlow_twins_cross_corr.register_autograd(_cross_corr_backward, setup_context=_cross_corr_setup)
+
+
+def cross_correlation(z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+    """``Ẑaᵀ Ẑb`` (fp32 (k, k), not divided by N), differentiable wrt ``z_a`` and ``z_b``
+    (first derivatives)."""
+    c, _, _, _ = barlow_twins_cross_corr(z_a, z_b)
+    return c
