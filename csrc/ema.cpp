@@ -99,27 +99,28 @@ void check_pairs(at::TensorList first, at::TensorList second, const char* first_
   }
 }
 
-// Bytes [begin, end) of a dense tensor (checked dense before any Span is made).
+// Bytes [begin, end) a tensor can touch: exact for dense tensors (the op's case), a bound
+// for strided views (the Python foreach path calls check_aliasing through pybind too).
 struct Span {
   uintptr_t begin, end;
   const char* list;
   size_t index;
   int group;  // 0: target/online, 1: copy_target/copy_source
+  const at::Tensor* tensor;
 };
 
 void add_spans(std::vector<Span>& spans, at::TensorList list, const char* name, int group) {
   for (size_t i = 0; i < list.size(); ++i) {
-    const int64_t nbytes = list[i].numel() * static_cast<int64_t>(list[i].element_size());
-    if (nbytes == 0) continue;
-    const auto begin = reinterpret_cast<uintptr_t>(list[i].data_ptr());
-    spans.push_back({begin, begin + static_cast<uintptr_t>(nbytes), name, i, group});
+    const at::Tensor& t = list[i];
+    if (t.numel() == 0) continue;
+    int64_t extent = 1;  // elements from the first to the last one touched
+    for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
+    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+    spans.push_back({begin, begin + static_cast<uintptr_t>(extent * t.element_size()), name, i,
+                     group, &t});
   }
 }
 
-// Step 4: aliasing.  Two written tensors sharing memory would race (and the result would
-// depend on the order); a written tensor overlapping a tensor read for another pair (or
-// its own partner shifted, or reinterpreted as another dtype) too.  A target that is its
-// own online tensor (the same memory, same extent) is a well-defined no-op and allowed.
 void check_aliasing(at::TensorList target, at::TensorList online, at::TensorList copy_target,
                     at::TensorList copy_source) {
   std::vector<Span> written, read;
@@ -143,8 +144,10 @@ void check_aliasing(at::TensorList target, at::TensorList online, at::TensorList
     auto w = std::upper_bound(written.begin(), written.end(), r.begin,
                               [](uintptr_t b, const Span& s) { return b < s.end; });
     for (; w != written.end() && w->begin < r.end; ++w) {
-      const bool own_partner =
-          w->group == r.group && w->index == r.index && w->begin == r.begin && w->end == r.end;
+      const bool own_partner = w->group == r.group && w->index == r.index &&
+                               w->begin == r.begin && w->end == r.end &&
+                               w->tensor->scalar_type() == r.tensor->scalar_type() &&
+                               w->tensor->strides() == r.tensor->strides();
       TORCH_CHECK_VALUE(own_partner, kOp, ": ", w->list, "[", w->index, "] (written) and ",
                         r.list, "[", r.index,
                         "] (read) share memory; a written tensor may alias only its own partner "
@@ -160,6 +163,13 @@ double read_cpu_scalar(const at::Tensor& t) {
 }
 
 }  // namespace
+
+// The aliasing rule alone, for the Python foreach path (pybind: _C.check_aliasing).
+void check_aliasing_only(const std::vector<at::Tensor>& target, const std::vector<at::Tensor>& online,
+                         const std::vector<at::Tensor>& copy_target,
+                         const std::vector<at::Tensor>& copy_source) {
+  check_aliasing(target, online, copy_target, copy_source);
+}
 
 EmaMomentum check_ema_args(at::TensorList target, at::TensorList online,
                            const at::Tensor* momentum_tensor, double momentum,
@@ -524,6 +534,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>(),
         "In place: target[i] <- momentum*target[i] + (1-momentum)*online[i] (fp32 math), "
         "copy_target[j] <- copy_source[j]; calls torch.ops.minc_kernels.ema_update_.");
+  m.def("check_aliasing", &minc_kernels::check_aliasing_only, pybind11::arg("target"),
+        pybind11::arg("online"), pybind11::arg("copy_target"), pybind11::arg("copy_source"),
+        "The op's aliasing rule alone (ValueError naming the pair): written tensors disjoint, a "
+        "written tensor overlapping no read tensor but its own partner as the same memory.");
   m.def("build_info", &minc_kernels::build_info,
         "Versions this extension was built against and whether CUDA kernels are compiled in.");
 }

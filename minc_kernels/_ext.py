@@ -109,8 +109,15 @@ def live(device_type: str) -> bool:
     """Whether the extension (loaded now if it was not) has a kernel for ``device_type``
     tensors.  torch.compile runs this at trace time and keeps the answer as a constant, so
     the first update in a fresh process may be compiled with fullgraph=True (the load
-    reads files, which Dynamo cannot trace)."""
-    return load() is not None and supports(device_type)
+    reads files, which Dynamo cannot trace).  The answer is cached per device type (the hot
+    path of every eager update asks)."""
+    cache = _state.get("live")
+    if cache is None:
+        cache = _state["live"] = {}
+    answer = cache.get(device_type)
+    if answer is None:
+        answer = cache[device_type] = load() is not None and supports(device_type)
+    return answer
 
 
 # ------------------------------------------------- the op minc_kernels::ema_update_: fakes

@@ -141,8 +141,45 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
 def _check_aliasing(targets: list, onlines: list, copy_targets: list, copy_sources: list) -> None:
     """The extension's rule (csrc/ema.cpp), for the foreach path: written tensors pairwise
     disjoint, and a written tensor overlaps no read tensor except its own partner when the
-    two are the very same memory (same start, strides and dtype: a no-op).  For strided
-    views the spans are bounds, so interleaved views of one buffer are refused too."""
+    two are the very same memory (same start, strides and dtype: a no-op).
+
+    With the extension loaded, its C++ check (``_C.check_aliasing``, ~0.1 us per tensor).
+    Otherwise one sweep over the byte spans sorted by start; only a call with an overlap
+    goes on to ``_name_aliasing``, which names the pair or lets a target that is its own
+    online tensor through."""
+    ext = _ext.load()
+    if ext is not None and hasattr(ext, "check_aliasing"):
+        ext.check_aliasing(targets, onlines, copy_targets, copy_sources)
+        return
+    written = targets + copy_targets
+    tensors = written + onlines + copy_sources
+    begins = [t.data_ptr() for t in tensors]
+    sizes = [t.nbytes for t in tensors]
+    if not all([t.is_contiguous() for t in tensors]):  # strided views: their span, not nbytes
+        sizes = [_span(t)[1] - _span(t)[0] for t in tensors]
+    n_written = len(written)
+    end_written = end_read = 0
+    for k in sorted(range(len(tensors)), key=begins.__getitem__):
+        size = sizes[k]
+        if not size:
+            continue
+        begin = begins[k]
+        if k < n_written:
+            if begin < end_written or begin < end_read:
+                break
+            end_written = max(end_written, begin + size)
+        else:
+            if begin < end_written:
+                break
+            end_read = max(end_read, begin + size)
+    else:
+        return
+    _name_aliasing(targets, onlines, copy_targets, copy_sources)
+
+
+def _name_aliasing(targets: list, onlines: list, copy_targets: list, copy_sources: list) -> None:
+    """The exact check behind ``_check_aliasing``: raises naming the pair, or returns when
+    every overlap is a target that is its own partner."""
     written = [(*_span(t), "target", i, t) for i, t in enumerate(targets) if t.numel()]
     written += [(*_span(t), "copy_target", i, t) for i, t in enumerate(copy_targets) if t.numel()]
     if not written:
@@ -307,7 +344,7 @@ def _ema_update(targets: list, onlines: list, momentum, check_finite: bool, back
                                                                  copy_sources)
         first = (targets or copy_targets or [None])[0]
     if backend != "foreach":
-        if _ext_live(first, backend == "extension"):
+        if isinstance(first, torch.Tensor) and _ext.live(first.device.type):
             if check_finite:  # opt-in: the checks first (the finite check needs them), then values
                 _check_lists(targets, onlines, layout=True)
                 with torch.no_grad():
@@ -343,6 +380,7 @@ def _ema_update(targets: list, onlines: list, momentum, check_finite: bool, back
                 _check_lists(targets, onlines, layout=True)
                 raise
             return
+        _ext.load(required=backend == "extension")  # "extension": why it is missing
         if backend == "extension" and isinstance(first, torch.Tensor):
             raise RuntimeError(f"the minc_kernels extension has no kernel for {first.device} "
                                f"tensors (built with {_ext.build_info()}); rebuild it with CUDA "
@@ -367,19 +405,6 @@ def _ema_update(targets: list, onlines: list, momentum, check_finite: bool, back
             _foreach_ema(targets, onlines, momentum)
         if copy_targets:
             torch._foreach_copy_(copy_targets, copy_sources)
-
-
-def _ext_live(first, required: bool) -> bool:
-    """Whether the extension has a kernel for ``first``'s device (loaded on first use;
-    ``_ext.live`` is a constant to torch.compile); ``required``: re-raise why it is missing."""
-    if not isinstance(first, torch.Tensor):
-        _ext.load(required=required)
-        return False
-    if _ext.live(first.device.type):
-        return True
-    if required:
-        _ext.load(required=True)
-    return False
 
 
 def _foreach_ema(targets: list, onlines: list, momentum) -> None:

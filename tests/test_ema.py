@@ -187,9 +187,19 @@ def _alias_cases():
     ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def _without_extension(monkeypatch):
+    """The foreach path as without a built extension: its Python aliasing check."""
+    from minc_kernels import ema
+
+    monkeypatch.setattr(ema._ext, "load", lambda required=False: None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["foreach-python"])
 @pytest.mark.parametrize("name,make,match", _alias_cases(), ids=[c[0] for c in _alias_cases()])
-def test_aliasing_is_refused_on_every_backend(backend, name, make, match):
+def test_aliasing_is_refused_on_every_backend(backend, name, make, match, monkeypatch):
+    if backend == "foreach-python":
+        _without_extension(monkeypatch)
+        backend = "foreach"
     targets, onlines = make()
     snap = [t.clone() for t in targets]
     with pytest.raises(ValueError, match=match):
@@ -197,12 +207,27 @@ def test_aliasing_is_refused_on_every_backend(backend, name, make, match):
     assert all(torch.equal(a, b) for a, b in zip(targets, snap))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_a_target_that_is_its_own_online_is_a_noop(backend):
+@pytest.mark.parametrize("backend", BACKENDS + ["foreach-python"])
+def test_a_target_that_is_its_own_online_is_a_noop(backend, monkeypatch):
+    if backend == "foreach-python":
+        _without_extension(monkeypatch)
+        backend = "foreach"
     x = _rand(6, seed=1)
     keep = x.clone()
     mk.ema_update_([x], [x], 0.3, backend=backend)
     assert torch.equal(x, keep)
+    # reads may share memory (one online tensor for two targets); strided disjoint views pass
+    buf = _rand(8, seed=2)
+    a, b = _rand(4, seed=3), _rand(4, seed=4)
+    mk.ema_update_([a, b], [buf[:4], buf[:4]], 0.5, backend=backend)
+    # strided views are compared by memory range: row blocks pass, interleaved columns
+    # (disjoint elements, overlapping ranges) are refused, conservatively
+    big = torch.zeros(6, 4)
+    mk.ema_update_([big[:3, ::2], big[3:, ::2]], [_rand(3, 2, seed=5), _rand(3, 2, seed=6)], 0.5,
+                   backend="foreach")
+    with pytest.raises(ValueError, match="share memory"):
+        mk.ema_update_([big[:, :2], big[:, 2:]], [_rand(6, 2, seed=5), _rand(6, 2, seed=6)], 0.5,
+                       backend="foreach")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
