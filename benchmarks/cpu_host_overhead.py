@@ -38,6 +38,9 @@ moment) and ``module`` (the ``nn.Module``, MINC's with its moment update), each 
 (the training forward: inputs require grad) and ``fwd+bwd`` (``loss.backward()``).  A
 ``control`` row times an empty call (the timer's floor).
 
+``python -m benchmarks.cpu_host_overhead --compare OUT.md A=DIR,DIR B=DIR,DIR`` writes an
+A/B table of such runs (alternate A and B runs, so that load drifts hit both).
+
 Writes ``results.json`` and ``results.md`` into ``--out`` (default
 ``benchmarks/results/cpu-host-overhead-<date>/``).  On a shared working tree, measure a
 clean copy of a commit: ``git archive HEAD | tar -x -C /tmp/clean``, then in /tmp/clean
@@ -404,6 +407,53 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare_markdown(runs: dict[str, list[dict]]) -> str:
+    """A/B table from several runs per label (``{label: [results.json data, ...]}``):
+    per case, each label's median CPU µs per run and the ratio of the labels' medians over
+    runs (first label / others).  Runs of one label should alternate with the others'
+    (A, B, A, B) so that load drifts hit both."""
+    labels = list(runs)
+    keys: list = []
+    cell: dict = collections.defaultdict(lambda: collections.defaultdict(list))
+    launches: dict = {}
+    meta = {}
+    for label, datas in runs.items():
+        for data in datas:
+            meta.setdefault(label, data["meta"])
+            for r in data["cases"]:
+                key = (r["loss"], r["path"], r["mode"], r["B"], r["k"])
+                if key not in keys:
+                    keys.append(key)
+                cell[key][label].append(r["cpu_us"]["median"])
+                launches[(key, label)] = r.get("launches")
+    lines = ["# A/B: host time per call, launches stubbed", ""]
+    for label in labels:
+        m = meta[label]
+        lines.append(f"- **{label}**: commit `{m['git_commit']}`, {len(runs[label])} runs; "
+                     f"machine {m['machine']}; load averages at the starts: "
+                     + ", ".join(str(d["meta"]["load_average_start"]) for d in runs[label]))
+    lines += ["", "CPU µs = thread CPU time per call (each run: median over its rounds of "
+              "the round medians); ratio = median over runs of the first label / that of "
+              "the other (> 1: the other is faster).", ""]
+    header = (["loss", "path", "mode", "B", "k"]
+              + [f"{lb} CPU µs (runs)" for lb in labels]
+              + [f"{labels[0]} / {lb}" for lb in labels[1:]]
+              + [f"{lb} launches" for lb in labels])
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for key in keys:
+        row = [str(x) if x is not None else "" for x in key]
+        med = {}
+        for lb in labels:
+            vals = cell[key].get(lb, [])
+            med[lb] = statistics.median(vals) if vals else None
+            row.append(f"{med[lb]:.0f} ({', '.join(f'{v:.0f}' for v in vals)})" if vals else "")
+        for lb in labels[1:]:
+            row.append(f"{med[labels[0]] / med[lb]:.2f}×" if med[labels[0]] and med[lb] else "")
+        row += [str(launches.get((key, lb), "")) for lb in labels]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _shapes(text: str) -> list[tuple[int, int]]:
     out = []
     for item in text.split(","):
@@ -440,6 +490,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--compare"]:
+        return compare_main(argv[1:])
     args = parse_args(argv)
     data = run_benchmark(args)
     day = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
@@ -449,6 +502,24 @@ def main(argv=None) -> int:
     (out / "results.md").write_text(markdown(data))
     print(markdown(data))
     print(f"wrote {out}/results.json, results.md")
+    return 0
+
+
+def compare_main(argv) -> int:
+    """``--compare OUT.md LABEL=DIR[,DIR...] LABEL=DIR[,DIR...]``: the A/B table of
+    :func:`compare_markdown` from the runs' results.json, written to OUT.md."""
+    if len(argv) < 3 or any("=" not in a for a in argv[1:]):
+        print("usage: python -m benchmarks.cpu_host_overhead --compare OUT.md "
+              "LABEL=DIR[,DIR...] LABEL=DIR[,DIR...]", file=sys.stderr)
+        return 2
+    runs = {}
+    for item in argv[1:]:
+        label, _, dirs = item.partition("=")
+        runs[label] = [json.loads((Path(d) / "results.json").read_text())
+                       for d in dirs.split(",") if d]
+    text = compare_markdown(runs)
+    Path(argv[0]).write_text(text)
+    print(text)
     return 0
 
 

@@ -427,6 +427,12 @@ def test_cpu_host_overhead_stubs_launches_and_counts_them(tmp_path):
     assert "| mio | functional | fwd+bwd | 16 | 8 |" in md and "thread CPU time" in md
     with pytest.raises(SystemExit):
         cho.parse_args(["--losses", "nope"])
+    # A/B table of runs: the same run as A and B gives ratios of 1
+    ab = tmp_path / "ab.md"
+    assert cho.main(["--compare", str(ab), f"A={tmp_path}", f"B={tmp_path},{tmp_path}"]) == 0
+    text = ab.read_text()
+    assert "| mio | functional | fwd+bwd | 16 | 8 |" in text and "1.00×" in text
+    assert cho.main(["--compare", str(ab), "A"]) == 2
 
 
 def test_sync_check_steps_every_registry_loss(tmp_path):
