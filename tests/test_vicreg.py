@@ -59,6 +59,19 @@ def test_reference_matches_lightly_float64(b, k, algorithm, kw):
     _assert_rel(fn, want, REL)
 
 
+@pytest.mark.parametrize("shape", [(6, 3, 5), (5, 2, 3, 4)])
+@pytest.mark.parametrize("algorithm", ["auto", "pairwise", "gram"])
+def test_reference_matches_lightly_on_positions_float64(shape, algorithm):
+    """(N, ..., k) as lightly accepts: the mean over positions of the (N, k) loss."""
+    g = torch.Generator().manual_seed(sum(shape))
+    za = (torch.randn(shape, generator=g, dtype=torch.float64) * 1.3).requires_grad_()
+    zb = (za.detach() + 0.6 * torch.randn(shape, generator=g, dtype=torch.float64)).requires_grad_()
+    kw = dict(lambda_param=2.0, mu_param=3.0, nu_param=0.7)
+    want = _value_and_grads(lightly_loss.VICRegLoss(**kw), za, zb)
+    got = _value_and_grads(mk.VICRegLoss(**kw, algorithm=algorithm, backend="reference"), za, zb)
+    _assert_rel(got, want, REL)
+
+
 def test_test_views_cross_the_variance_hinge():
     za, _ = _views(40, 6, seed=4006)
     std = za.detach().var(dim=0).add(1e-4).sqrt()
@@ -119,7 +132,12 @@ def test_training_step_has_no_host_sync(device, algorithm):
 @pytest.mark.parametrize("call,exc,match", [
     (lambda: mk.VICRegLoss()(torch.randn(1, 4), torch.randn(1, 4)), ValueError, "B >= 2"),
     (lambda: mk.VICRegLoss()(torch.randn(3, 4), torch.randn(3, 5)), ValueError, "same shape"),
-    (lambda: mk.VICRegLoss()(torch.randn(3, 4, 2), torch.randn(3, 4, 2)), ValueError, "2 dims"),
+    (lambda: mk.VICRegLoss()(torch.randn(3), torch.randn(3)), ValueError, "2 dims"),
+    (lambda: mk.VICRegLoss()(torch.randn(3, 2, 4), torch.randn(3, 4, 2)), ValueError, "same shape"),
+    (lambda: mk.VICRegLoss()(torch.randn(1, 2, 4), torch.randn(1, 2, 4)), ValueError, "B >= 2"),
+    (lambda: mk.VICRegLoss()(torch.randn(3, 0, 4), torch.randn(3, 0, 4)), ValueError, "middle"),
+    (lambda: mk.VICRegLoss()(torch.randn(3, 2, 4), torch.randn(3, 2, 4).double()), TypeError,
+     "dtype"),
     (lambda: mk.VICRegLoss()(torch.randn(3, 4), torch.randn(3, 4).double()), TypeError, "dtype"),
     (lambda: mk.VICRegLoss(lambda_param=float("nan")), ValueError, "lambda_param"),
     (lambda: mk.VICRegLoss(mu_param=-1.0), ValueError, "mu_param"),
@@ -278,6 +296,17 @@ def test_triton_module_and_functional(kernel_device):
     _close(_run(lambda a, c: Fn.vicreg_loss(a, c, backend="triton"), za, zb, 1.0), want)
 
 
+def test_triton_positions_match_lightly(kernel_device):
+    g = torch.Generator().manual_seed(3)
+    za = torch.randn(9, 2, 3, 6, generator=g, dtype=torch.float64)
+    zb = za + 0.5 * torch.randn(9, 2, 3, 6, generator=g, dtype=torch.float64)
+    za32 = za.float().to(kernel_device).requires_grad_()
+    zb32 = zb.float().to(kernel_device).requires_grad_()
+    got = _run(mk.VICRegLoss(**KW, backend="triton"), za32, zb32, 1.0)
+    want = _oracle(za32, zb32, KW, 1.0)
+    _close(got, want)
+
+
 @pytest.mark.parametrize("algorithm", ["pairwise", "gram"])
 def test_triton_opcheck(kernel_device, algorithm):
     za, zb = _views(7, 5, torch.float32, seed=9, device=kernel_device)
@@ -371,6 +400,16 @@ def _loss_level(rank, fn):
     return _value_and_grads(fn, za.requires_grad_(), zb.requires_grad_())
 
 
+def _loss_level_positions(rank, fn):
+    """(4, 2, 5) local views: two positions."""
+    x1, x2 = _batch(8)
+    g = torch.Generator().manual_seed(10)
+    w = torch.randn(6, 10, generator=g, dtype=torch.float64)
+    za = (x1 @ w).reshape(-1, 2, 5)[rank * HALF:(rank + 1) * HALF]
+    zb = (x2 @ w).reshape(-1, 2, 5)[rank * HALF:(rank + 1) * HALF]
+    return _value_and_grads(fn, za.requires_grad_(), zb.requires_grad_())
+
+
 def _dist_worker(rank, port, outdir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W)
@@ -386,6 +425,8 @@ def _dist_worker(rank, port, outdir):
     theirs = lightly_loss.VICRegLoss(gather_distributed=True)
     run("loss_ours", lambda: _loss_level(rank, ours))
     run("loss_lightly", lambda: _loss_level(rank, theirs))
+    run("positions_ours", lambda: _loss_level_positions(rank, ours))
+    run("positions_lightly", lambda: _loss_level_positions(rank, theirs))
     run("train_ours", lambda: _train(ours, rank))
     run("train_lightly", lambda: _train(theirs, rank))
     for alg in ("pairwise", "gram"):
@@ -434,6 +475,8 @@ def test_distributed_matches_lightly_values_and_gradients(dist_results):
     for o, t in zip(ours, theirs):
         _assert_rel(o, t, REL)
     assert not torch.equal(ours[0][0], ours[1][0])  # the invariance term is the rank's own
+    for o, t in zip(_get(dist_results, "positions_ours"), _get(dist_results, "positions_lightly")):
+        _assert_rel(o, t, REL)
 
 
 def test_distributed_ddp_updates_match_lightly_and_single_process(dist_results):

@@ -1,6 +1,7 @@
 """VICReg loss (Bardes et al. 2022), docs/math.md §8: the module, the functional form, the
 dispatch (Triton op, eager math, distributed composition) and the eager math every fast path
-is checked against.  A drop-in for ``lightly.loss.VICRegLoss`` on (N, k) projections: same
+is checked against.  A drop-in for ``lightly.loss.VICRegLoss`` (on (N, k) projections, and
+(N, ..., k) ones as lightly accepts them): same
 constructor names and defaults, same formula (unbiased variance, ``eps`` inside the square
 root, covariance ``/ (N-1)`` and ``/ k``), same ``gather_distributed`` semantics.
 Kernels: :mod:`minc_kernels.ops.vicreg`.
@@ -93,6 +94,22 @@ def _check_dist_available(gather_distributed: bool) -> None:
                          "build does not provide; set gather_distributed=False")
 
 
+def check_views(z_a, z_b) -> None:
+    """(N, k) views, or (N, ..., k) as lightly accepts (the variance and covariance terms
+    then average over the middle positions); N >= 2, one shape, dtype and device."""
+    if isinstance(z_a, torch.Tensor) and isinstance(z_b, torch.Tensor) and z_a.dim() > 2:
+        if z_a.shape != z_b.shape:
+            raise ValueError(f"z_b must have the same shape as z_a: expected {tuple(z_a.shape)}, "
+                             f"got {tuple(z_b.shape)}")
+        if 0 in z_a.shape[1:-1]:
+            raise ValueError(f"z_a must have non-empty middle dimensions, got shape "
+                             f"{tuple(z_a.shape)}")
+        # dtype, device, N >= 2 and k >= 1 on the first position's (N, k) slice (a view)
+        check_pair("z_a", z_a.flatten(1, -2)[:, 0], "z_b", z_b.flatten(1, -2)[:, 0], min_batch=2)
+        return
+    check_pair("z_a", z_a, "z_b", z_b, min_batch=2)
+
+
 def _check_params(lambda_param, mu_param, nu_param, eps):
     return (check_nonnegative("lambda_param", lambda_param),
             check_nonnegative("mu_param", mu_param),
@@ -112,6 +129,7 @@ def vicreg_loss(
     backend: str | None = None,
 ) -> torch.Tensor:
     """VICReg loss of (N, k) projections ``z_a``, ``z_b`` (docs/math.md §8); N >= 2.
+    (N, ..., k) projections: the mean over the middle positions of the (N, k) loss (lightly).
 
     ``L = λ·mse(z_a, z_b) + μ·(v(z_a) + v(z_b))/2 + ν·(c(z_a) + c(z_b))``, see
     :func:`vicreg_loss_reference`.  ``gather_distributed=True`` in a process group of W > 1
@@ -124,7 +142,7 @@ def vicreg_loss(
     check_choice("algorithm", algorithm, ALGORITHMS)
     _check_dist_available(bool(gather_distributed))
     gather = bool(gather_distributed) and D.is_distributed()
-    check_pair("z_a", z_a, "z_b", z_b, min_batch=2)
+    check_views(z_a, z_b)
     return _vicreg(z_a, z_b, *params, algorithm, choice, gather)
 
 
@@ -132,6 +150,9 @@ def _vicreg(z_a, z_b, lambda_param, mu_param, nu_param, eps, algorithm: str, cho
             gather: bool):
     """Checked arguments; ``gather``: a process group of W > 1 ranks is active."""
     op = select(choice, "vicreg", z_a)
+    if z_a.dim() > 2:
+        return _vicreg_positions(z_a, z_b, lambda_param, mu_param, nu_param, eps, algorithm, op,
+                                 gather)
     if gather:
         # lightly: invariance of the local pairs; variance/covariance of the gathered batch
         # (one all-gather of [z_a | z_b]; its backward is the reduce-scatter of the gradients).
@@ -145,6 +166,25 @@ def _vicreg(z_a, z_b, lambda_param, mu_param, nu_param, eps, algorithm: str, cho
     if op is None:
         return vicreg_loss_reference(z_a, z_b, lambda_param, mu_param, nu_param, eps, algorithm)
     return op.vicreg_loss(z_a, z_b, lambda_param, mu_param, nu_param, eps, algorithm)
+
+
+def _vicreg_positions(z_a, z_b, lambda_param, mu_param, nu_param, eps, algorithm, op, gather):
+    """(N, ..., k) views, as lightly: the invariance is the MSE over every element, the
+    variance hinge averages over positions and features, the covariance term is that of each
+    position's (N, k) slice averaged over positions; so the loss is the mean over positions
+    of the (N, k) loss.  One all-gather of every position when distributed."""
+    n, k = z_a.shape[0], z_a.shape[-1]
+    za, zb = z_a.reshape(n, -1, k), z_b.reshape(n, -1, k)
+    inv = lambda_param * vicreg_invariance(za, zb)
+    if gather:
+        zg = D.all_gather(torch.cat([za, zb], dim=2))
+        za, zb = zg[..., :k], zg[..., k:]
+    terms = []
+    for i in range(za.shape[1]):
+        a, b = za[:, i], zb[:, i]
+        terms.append(_var_cov(a, b, mu_param, nu_param, eps, algorithm) if op is None
+                     else op.vicreg_loss(a, b, 0.0, mu_param, nu_param, eps, algorithm))
+    return inv + torch.stack(terms).mean()
 
 
 # --------------------------------------------------------------------------- module
@@ -164,8 +204,9 @@ class VICRegLoss(nn.Module):
         backend: ``"auto"`` | ``"triton"`` | ``"reference"`` (default: env
             ``MINC_KERNELS_BACKEND``, read here, or ``"auto"``).
 
-    ``forward(z_a, z_b)``: two (N, k) projections of one dtype, N >= 2; returns a scalar
-    (float32; float64 for float64 inputs).
+    ``forward(z_a, z_b)``: two (N, k) projections of one dtype, N >= 2, or (N, ..., k) as
+    lightly accepts (the mean over the middle positions of the (N, k) loss; a loop over the
+    positions); returns a scalar (float32; float64 for float64 inputs).
     """
 
     def __init__(self, lambda_param: float = 25.0, mu_param: float = 25.0,
@@ -183,7 +224,7 @@ class VICRegLoss(nn.Module):
 
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
         gather = self.gather_distributed and D.is_distributed()
-        check_pair("z_a", z_a, "z_b", z_b, min_batch=2)
+        check_views(z_a, z_b)
         return _vicreg(z_a, z_b, self.lambda_param, self.mu_param, self.nu_param, self.eps,
                        self.algorithm, self._choice, gather)
 
