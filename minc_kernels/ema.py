@@ -310,8 +310,11 @@ def ema_update_(target, online, momentum, check_finite: bool = False,
             when built for the tensors' device (one call; its checks run in C++, ~0.1 us
             per tensor), otherwise ``torch._foreach_lerp_`` (checks in Python first).
             ``"extension"`` (re-raises why it is missing) or ``"foreach"``.  Every backend
-            refuses aliasing: written tensors sharing memory, or a target sharing memory
-            with any online tensor but its own partner as the very same tensor.
+            refuses aliasing in eager mode: written tensors sharing memory, or a target
+            sharing memory with any online tensor but its own partner as the very same
+            tensor (under ``torch.compile`` data pointers are not known while tracing, and
+            the compiled op may run on functionalized copies: aliasing is not checked
+            there; the argument order is, while tracing).
     """
     if isinstance(target, nn.Module) or isinstance(online, nn.Module):
         target, online = _module_parameters(target, online)
@@ -345,6 +348,11 @@ def _ema_update(targets: list, onlines: list, momentum, check_finite: bool, back
         first = (targets or copy_targets or [None])[0]
     if backend != "foreach":
         if isinstance(first, torch.Tensor) and _ext.live(first.device.type):
+            if torch.compiler.is_compiling():
+                # Tracing: the op may run on functionalized copies that no longer require
+                # grad, so its C++ order check would not see a swap: check the metadata here
+                # (at trace time only: nothing of it runs per compiled call).
+                _check_not_swapped(targets, onlines)
             if check_finite:  # opt-in: the checks first (the finite check needs them), then values
                 _check_lists(targets, onlines, layout=True)
                 with torch.no_grad():

@@ -336,3 +336,19 @@ def test_compiled_schedule_compiles_once_momentum_encoder(backend):
         ref.update(mk.cosine_momentum(s, 20), backend=backend)
     for a, b in zip(enc.state_dict().values(), ref.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_swapped_order_is_refused_under_compile(backend):
+    """Under aot_eager the extension's op runs on functionalized copies (no requires_grad):
+    the order is checked while tracing instead; the error names the swap."""
+    online, ema = _net(), _net()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    snap = [p.detach().clone() for p in online.parameters()]
+    torch._dynamo.reset()
+    step = torch.compile(lambda m: mk.ema_update_(online, ema, m, backend=backend),
+                         backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match="swapped"):
+        step(torch.tensor(0.5, dtype=torch.float64))
+    assert all(torch.equal(p.detach(), s) for p, s in zip(online.parameters(), snap))
