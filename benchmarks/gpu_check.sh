@@ -172,9 +172,10 @@ if want gputests; then
     FILES=$GPU_TEST_FILES
   else
     # Every test file that holds GPU tests: ops and extension files first.
-    FILES=$( { ls tests/test_ops_*.py tests/test_ema_ext.py 2>/dev/null
-               grep -l "mark.gpu" tests/test_*.py 2>/dev/null; } | awk '!seen[$0]++' \
-             | while read -r f; do grep -q "mark.gpu" "$f" && echo "$f"; done )
+    GPU_MARK='^[[:space:]]*(@pytest\.mark\.gpu|pytestmark.*mark\.gpu)'
+    FILES=$( { for f in tests/test_ops_*.py tests/test_ema_ext.py tests/test_*.py; do
+                 [ -f "$f" ] && echo "$f"; done; } | awk '!seen[$0]++' \
+             | while read -r f; do grep -qE "$GPU_MARK" "$f" && echo "$f"; done )
   fi
   step "GPU tests first: pytest -m gpu, one process per file (${GPU_TEST_TIMEOUT_S}s in all)"
   : > "$OUT/pytest_gpu.txt"

@@ -4,6 +4,7 @@ extension that did not build is reported loudly, the train step runs the install
 application, and everything is packed into a few files.
 (The bench step's dry run is in tests/test_benchmarks.py.)"""
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -78,13 +79,16 @@ def test_gpu_test_files_are_discovered_ops_first(tmp_path):
     proc = _run(tmp_path, STEPS="gputests", GPU_TEST_TIMEOUT_S="5")
     assert proc.returncode == 0, proc.stdout[-3000:]
     names = [n for n in _steps(tmp_path / "out") if n.startswith("gpu:")]
+    marker = re.compile(r"^\s*(@pytest\.mark\.gpu|pytestmark.*mark\.gpu)", re.M)
     expect = sorted(p.stem for p in (ROOT / "tests").glob("test_*.py")
-                    if "mark.gpu" in p.read_text())
+                    if marker.search(p.read_text()))
     assert sorted(n[4:] for n in names) == expect
     first_other = next(i for i, n in enumerate(names)
                        if not n.startswith(("gpu:test_ops_", "gpu:test_ema_ext")))
     assert all(n.startswith(("gpu:test_ops_", "gpu:test_ema_ext")) for n in names[:first_other])
     assert "gpu:test_ops_mio" in names[:first_other]
+    assert names[0].startswith("gpu:test_ops_")  # the kernels' own tests first
+    assert "gpu:test_gpu_check" not in names  # its "@pytest.mark.gpu" is inside a string
 
 
 def test_extension_that_did_not_build_fails_loudly(tmp_path):
