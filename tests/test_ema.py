@@ -352,3 +352,31 @@ def test_swapped_order_is_refused_under_compile(backend):
     with pytest.raises(Exception, match="swapped"):
         step(torch.tensor(0.5, dtype=torch.float64))
     assert all(torch.equal(p.detach(), s) for p, s in zip(online.parameters(), snap))
+
+
+def test_momentum_encoder_with_a_given_target():
+    """target=: the copy is the module given (for modules that cannot be deep-copied, e.g.
+    FSDP2's), set from online's values, frozen; a mismatched module is refused."""
+    online = _net()
+    online.train()
+    online(torch.randn(16, 4))  # BN buffers away from their initial values
+    given = _net()
+    with torch.no_grad():
+        for p in given.parameters():
+            p.fill_(float("nan"))  # anything: overwritten
+    enc = mk.MomentumEncoder(online, target=given)
+    assert enc.target is given
+    for a, b in zip([*given.parameters(), *given.buffers()], [*online.parameters(), *online.buffers()]):
+        assert torch.equal(a, b.detach())
+    assert all(not p.requires_grad for p in given.parameters())
+    assert all(p.requires_grad for p in online.parameters())
+    enc.update(0.5)
+    with pytest.raises(ValueError, match="another module than online"):
+        mk.MomentumEncoder(online, target=online)
+    with pytest.raises(ValueError, match="parameters and buffers of online"):
+        mk.MomentumEncoder(online, target=nn.Linear(4, 8))
+    with pytest.raises(ValueError, match="shape"):
+        mk.MomentumEncoder(online, target=nn.Sequential(nn.Linear(4, 9), nn.BatchNorm1d(8), nn.ReLU(),
+                                                       nn.Linear(8, 3)))
+    with pytest.raises(TypeError, match="target must be an nn.Module"):
+        mk.MomentumEncoder(online, target=[torch.zeros(3)])
