@@ -172,10 +172,18 @@ if want gputests; then
     FILES=$GPU_TEST_FILES
   else
     # Every test file that holds GPU tests: ops and extension files first.
-    GPU_MARK='^[[:space:]]*(@pytest\.mark\.gpu|pytestmark.*mark\.gpu)'
-    FILES=$( { for f in tests/test_ops_*.py tests/test_ema_ext.py tests/test_*.py; do
-                 [ -f "$f" ] && echo "$f"; done; } | awk '!seen[$0]++' \
-             | while read -r f; do grep -qE "$GPU_MARK" "$f" && echo "$f"; done )
+    # Every test file whose code (not a string in it) says mark.gpu: ops and extension
+    # files first.
+    FILES=$("$PY" - <<'EOF'
+import glob, io, tokenize
+first = sorted(glob.glob("tests/test_ops_*.py")) + glob.glob("tests/test_ema_ext.py")
+for f in dict.fromkeys(first + sorted(glob.glob("tests/test_*.py"))):
+    toks = [t.string for t in tokenize.generate_tokens(io.StringIO(open(f).read()).readline)
+            if t.type in (tokenize.NAME, tokenize.OP)]
+    if any(toks[i:i + 3] == ["mark", ".", "gpu"] for i in range(len(toks) - 2)):
+        print(f)
+EOF
+)
   fi
   step "GPU tests first: pytest -m gpu, one process per file (${GPU_TEST_TIMEOUT_S}s in all)"
   : > "$OUT/pytest_gpu.txt"
