@@ -208,6 +208,9 @@ def summary_rows(data: dict) -> list[list[str]]:
             if not ok:
                 reasons = {r.get("reason") or r.get("status") for r in mine if not _ok(r)}
                 why = "; ".join(sorted(str(x) for x in reasons))[:90]
+            elif mode != "fwd+bwd" and all(r.get("grad_in_forward") for r in ok):
+                why = ("gradient formed in fwd (bwd only scales it): the fwd+bwd rows "
+                       "compare like with like")
             rows.append([loss, mode, dt, prov, f"{len(ok)}/{len(mine)}",
                          _fmt_x(_geomean(sp)), _fmt_x(min(sp) if sp else None),
                          _fmt_x(max(sp) if sp else None),
