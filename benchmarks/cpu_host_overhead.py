@@ -16,8 +16,8 @@ measures that host work without a GPU:
   real on the CPU tensors: on partial buffers of a few hundred bytes that is dispatch cost,
   but the elementwise ops on B×k tensors (the backward's gradient scaling, MINC's feature
   normalisation) also do their arithmetic, which a GPU runs asynchronously.  So the
-  16×16 shape (default first) shows the host work alone; larger shapes add that arithmetic.  **Not included**: Triton's own
-  launcher (binding, specialisation key, cache lookup, the driver call), which on a GPU
+  16×16 shape (default first) shows the host work alone; larger shapes add that
+  arithmetic.  **Not included**: Triton's own launcher (binding, specialisation key, cache lookup, the driver call), which on a GPU
   costs per launch what ``gpu_floor.json`` of the H200 results measured; add
   ``launches × that`` for a GPU estimate.
 * Launch counts per call, from one extra call: Triton launches (per kernel), and torch
@@ -371,11 +371,12 @@ def markdown(data: dict) -> str:
              "Triton's own per-launch cost (add launches × a measured launch time for a GPU "
              "estimate). The torch ops run for real on the CPU tensors: at 16×16 that is "
              "dispatch cost alone; at larger shapes the elementwise ops on B×k tensors add "
-             "CPU arithmetic that a GPU would run asynchronously. CPU µs = thread CPU time per call, median over rounds of each round's "
-             "median call (range of round medians). Launch counts from one call: Triton "
-             "launches; torch ops that would launch a kernel on a GPU (approximate: the "
-             "outermost `aten::` ops except allocations and views); all `aten::` ops. The reference "
-             "backend's kernel-op count on the same call is given for comparison.", ""]
+             "CPU arithmetic that a GPU would run asynchronously. CPU µs = thread CPU time "
+             "per call, median over rounds of each round's median call (range of round "
+             "medians). Launch counts from one call: Triton launches; torch ops that would "
+             "launch a kernel on a GPU (approximate: the outermost `aten::` ops except "
+             "allocations and views); all `aten::` ops. The reference backend's kernel-op "
+             "count on the same call is given for comparison.", ""]
     header = ["loss", "path", "mode", "B", "k", "CPU µs (range)", "wall µs", "Triton launches",
               "torch kernel ops", "launches", "aten ops", "reference kernel ops", "Triton kernels"]
     rows = []
