@@ -17,9 +17,9 @@ measures that host work without a GPU:
   but the elementwise ops on B×k tensors (the backward's gradient scaling, MINC's feature
   normalisation) also do their arithmetic, which a GPU runs asynchronously.  So the
   16×16 shape (default first) shows the host work alone; larger shapes add that
-  arithmetic.  **Not included**: Triton's own launcher (binding, specialisation key, cache lookup, the driver call), which on a GPU
-  costs per launch what ``gpu_floor.json`` of the H200 results measured; add
-  ``launches × that`` for a GPU estimate.
+  arithmetic.  **Not included**: Triton's own launcher (binding, specialisation key, cache
+  lookup, the driver call), which on a GPU costs per launch what ``gpu_floor.json`` of the
+  H200 results measured; add ``launches × that`` for a GPU estimate.
 * Launch counts per call, from one extra call: Triton launches (per kernel), and torch
   operators from the profiler: all ``aten::`` ops, and those that would launch a device
   kernel on a GPU (approximate: the outermost ``aten::`` ops, except allocations and views,
