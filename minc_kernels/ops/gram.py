@@ -5,8 +5,22 @@ MINC is :func:`rowmat` + :func:`gram`; the spectral feature-Gram path uses all t
 A new loss whose gradient is ``α·X Gᵀ + (β + γ·d)∘Y`` for a fp32 k×k ``G`` calls these and
 adds no kernel (see docs/kernels.md).  Tile sizes: :mod:`minc_kernels.ops.configs`.
 Deterministic: per-program fp32 partials summed by ``torch.sum`` in a fixed order.
+
+Two implementations of the GEMM-shaped launchers (:func:`gram`, :func:`gram_dot`,
+:func:`cross_gram`, :func:`rowmat`), chosen by ``MINC_KERNELS_GRAM`` (read per call):
+
+* ``"triton"`` (default): the fused kernels of :mod:`minc_kernels.kernels.gram`;
+* ``"cublas"``: a candidate for Hopper, to be chosen (or not) by measurement
+  (``benchmarks/gpu_check.sh`` runs both): ``torch.mm`` for the products — half inputs
+  with fp32 output (``out_dtype``), a fp32 ``G`` against half rows as three half GEMMs of
+  its hi/mid/lo split (bf16; fp16 rows take one fp32 GEMM, exact but off the tensor cores),
+  fp32 as fp32 GEMMs (cuBLAS honours the global TF32 switch: leave it off for exact fp32) —
+  and torch elementwise ops for the epilogues.  Same math and precision class as the
+  kernels; not bit-identical to them.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -16,13 +30,62 @@ from . import configs
 from ._common import (cdiv, device_guard, interpreting, is_fp32, num_sms, rhs_f32_mode,
                       upcast_bf16_dot)
 
-__all__ = ["rowmat", "gram", "gram_dot", "cross_gram", "col_stats", "col_stats_backward"]
+__all__ = ["rowmat", "gram", "gram_dot", "cross_gram", "col_stats", "col_stats_backward",
+           "gram_backend", "GRAM_BACKENDS"]
+
+GRAM_BACKENDS = ("triton", "cublas")
+GRAM_ENV = "MINC_KERNELS_GRAM"
+
+
+def gram_backend() -> str:
+    """``MINC_KERNELS_GRAM`` (``"triton"`` unless set), validated."""
+    value = os.environ.get(GRAM_ENV, "triton") or "triton"
+    if value not in GRAM_BACKENDS:
+        raise ValueError(f"environment variable {GRAM_ENV} must be one of "
+                         f"{', '.join(map(repr, GRAM_BACKENDS))}, got {value!r}")
+    return value
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` as fp32 from operands of one storage dtype, fp32 accumulation."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()  # exact products, fp32 sums: what the GPU GEMM computes
+
+
+def _mm_rhs_f32(x: torch.Tensor, g_t: torch.Tensor) -> torch.Tensor:
+    """``x @ g_t`` for storage-dtype rows ``x`` and a fp32 ``g_t``, fp32 out: bf16 rows as
+    three bf16 GEMMs on the hi/mid/lo split of ``g_t`` (~24 mantissa bits, as the kernels'
+    MODE 1); fp16 and fp32 rows as one fp32 GEMM."""
+    if x.dtype != torch.bfloat16:
+        return x.float() @ g_t
+    hi = g_t.to(torch.bfloat16)
+    rest = g_t - hi.float()
+    mid = rest.to(torch.bfloat16)
+    lo = (rest - mid.float()).to(torch.bfloat16)
+    return _mm_f32(x, hi).add_(_mm_f32(x, mid)).add_(_mm_f32(x, lo))
+
+
+def _rowmat_mm(x, g, y, d, alpha, beta, gamma, gha, need_grad):
+    q = _mm_rhs_f32(x, (torch.tril(g) if gha else g).T)
+    xf, yf = x.float(), y.float()
+    # the value uses M itself even with gha (the GHA ordering changes the gradient only)
+    quad = (xf * (q if not gha else _mm_rhs_f32(x, g.T))).sum()
+    cross = (xf * yf).sum()
+    if not need_grad:
+        return quad, cross, None
+    coef = beta if d is None else (beta + gamma * d.float()).unsqueeze(1)
+    return quad, cross, q.mul_(alpha).add_(coef * yf)
 
 
 def rowmat(x: torch.Tensor, g: torch.Tensor, y: torch.Tensor, d: torch.Tensor | None,
            alpha: float, beta: float, gamma: float, gha: bool, need_grad: bool):
     """``Q = X Gᵀ`` fused: returns ``(Σ x∘q, Σ x∘y, out)`` with ``out = α·Q' + (β + γ·d)·y``
     (fp32 (B, k), ``Q'`` = ``X LT(G)ᵀ`` with ``gha``) or ``None`` without ``need_grad``."""
+    if gram_backend() == "cublas":
+        return _rowmat_mm(x, g, y, d, alpha, beta, gamma, bool(gha and need_grad), need_grad)
     b, k = x.shape
     cfg = configs.rowmat_config(k, x.dtype, gha=bool(gha and need_grad), b=b)
     grid = (cdiv(b, cfg["BLOCK_M"]), cdiv(k, cfg["BLOCK_N"]))
@@ -67,6 +130,8 @@ def _gram_launch(x: torch.Tensor, other: torch.Tensor | None):
 
 def gram(x: torch.Tensor) -> torch.Tensor:
     """``Xᵀ X`` = ``Σ_j x_j x_jᵀ`` as fp32 (k, k), from the storage dtype of ``x``."""
+    if gram_backend() == "cublas":
+        return _mm_f32(x.T, x)
     out, split = _gram_launch(x, None)
     return out[0] if split == 1 else out.sum(dim=0)
 
@@ -74,6 +139,8 @@ def gram(x: torch.Tensor) -> torch.Tensor:
 def gram_dot(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """``<other, Xᵀ X>_F`` (fp32 scalar) for a symmetric contiguous fp32 (k, k) ``other``,
     without writing ``Xᵀ X``."""
+    if gram_backend() == "cublas":
+        return (_mm_f32(x.T, x) * other).sum()
     out, _ = _gram_launch(x, other.contiguous())
     return out.sum()
 
@@ -81,6 +148,8 @@ def gram_dot(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- Barlow Twins / VICReg
 def cross_gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``Xᵀ Y`` as fp32 (k, k), from the storage dtype (tiles and row split as :func:`gram`)."""
+    if gram_backend() == "cublas":
+        return _mm_f32(x.T, y)
     b, k = x.shape
     cfg = configs.cross_gram_config(k, x.dtype)
     nk = cdiv(k, cfg["BLOCK_K"])
