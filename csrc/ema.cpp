@@ -1,4 +1,5 @@
-// minc_kernels::ema_update_: schema, argument checks, CPU kernel, pybind entry points.
+// minc_kernels::ema_update_: schema, argument checks, CPU kernel, CUDA entry points (the
+// kernels are in ema_cuda.cu), registration, pybind entry points.
 //
 // CPU: the lerp pairs are laid end to end as one virtual array of elements and cut
 // into equal ranges by at::parallel_for, so threads get the same number of elements
@@ -371,6 +372,26 @@ void ema_update_cpu_tensor(at::TensorList target, at::TensorList online,
   run_cpu(target, online, m.value, copy_target, copy_source);
 }
 
+#ifdef MINC_WITH_CUDA
+// The CUDA entry points: every check first (the devices of all four lists before anything
+// else: a CPU tensor in any list is refused here with a ValueError), then the kernels of
+// ema_cuda.cu.
+void ema_update_cuda(at::TensorList target, at::TensorList online, double momentum,
+                     at::TensorList copy_target, at::TensorList copy_source) {
+  const EmaMomentum m =
+      check_ema_args(target, online, nullptr, momentum, copy_target, copy_source, c10::kCUDA);
+  run_cuda(target, online, m, copy_target, copy_source);
+}
+
+void ema_update_cuda_tensor(at::TensorList target, at::TensorList online,
+                            const at::Tensor& momentum, at::TensorList copy_target,
+                            at::TensorList copy_source) {
+  const EmaMomentum m =
+      check_ema_args(target, online, &momentum, 0.0, copy_target, copy_source, c10::kCUDA);
+  run_cuda(target, online, m, copy_target, copy_source);
+}
+#endif
+
 namespace {
 
 using EmaFn = void(at::TensorList, at::TensorList, double, at::TensorList, at::TensorList);
@@ -515,6 +536,13 @@ TORCH_LIBRARY_IMPL(minc_kernels, CPU, m) {
   m.impl("ema_update_.with_copy", &minc_kernels::ema_update_cpu);
   m.impl("ema_update_.tensor_momentum", &minc_kernels::ema_update_cpu_tensor);
 }
+
+#ifdef MINC_WITH_CUDA
+TORCH_LIBRARY_IMPL(minc_kernels, CUDA, m) {
+  m.impl("ema_update_.with_copy", &minc_kernels::ema_update_cuda);
+  m.impl("ema_update_.tensor_momentum", &minc_kernels::ema_update_cuda_tensor);
+}
+#endif
 
 TORCH_LIBRARY_IMPL(minc_kernels, CompositeExplicitAutograd, m) {
   m.impl("ema_update_.with_copy", &minc_kernels::ema_update_no_backend);

@@ -59,11 +59,11 @@ void ema_update_cpu_tensor(at::TensorList target, at::TensorList online,
                            at::TensorList copy_source);
 
 #ifdef MINC_WITH_CUDA
-void ema_update_cuda(at::TensorList target, at::TensorList online, double momentum,
-                     at::TensorList copy_target, at::TensorList copy_source);
-void ema_update_cuda_tensor(at::TensorList target, at::TensorList online,
-                            const at::Tensor& momentum, at::TensorList copy_target,
-                            at::TensorList copy_source);
+// The CUDA kernels (ema_cuda.cu), called only after check_ema_args passed: the CUDA entry
+// points and their registration are in ema.cpp, so every argument error is raised by
+// host-compiled code before any CUDA-file code runs.
+void run_cuda(at::TensorList target, at::TensorList online, const EmaMomentum& momentum,
+              at::TensorList copy_target, at::TensorList copy_source);
 // CUDA runtime version the kernels were compiled with (CUDART_VERSION), e.g. 13000.
 int cuda_runtime_version_compiled();
 #endif

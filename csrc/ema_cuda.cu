@@ -14,7 +14,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <cuda_runtime.h>
 
@@ -169,11 +168,11 @@ void launch_pairs(const std::vector<std::pair<void*, const void*>>& pairs,
 
 int cuda_runtime_version_compiled() { return CUDART_VERSION; }
 
-namespace {
-
-// The CUDA kernels proper: only ever called after check_ema_args passed, so every tensor
-// here is a CUDA tensor of one device with a checked layout, and no data pointer is read
-// before that (the checks read devices first, data pointers last).
+// The CUDA kernels proper, called by the CUDA entry points in ema.cpp only after
+// check_ema_args passed (so every tensor here is a CUDA tensor of one device with a checked
+// layout).  The entry points, their checks and the op registration live in ema.cpp,
+// compiled by the host compiler: every argument error is raised there, before this file's
+// code runs.
 void run_cuda(at::TensorList target, at::TensorList online, const EmaMomentum& momentum,
               at::TensorList copy_target, at::TensorList copy_source) {
   const at::Tensor& any = !target.empty() ? target[0] : (!copy_target.empty() ? copy_target[0] : at::Tensor());
@@ -224,28 +223,4 @@ void run_cuda(at::TensorList target, at::TensorList online, const EmaMomentum& m
   if (!pairs.empty()) launch_pairs<uint8_t, uint8_t, 16>(pairs, nbytes, /*chunk=*/65536, CopyOp{}, stream);
 }
 
-}  // namespace
-
-void ema_update_cuda(at::TensorList target, at::TensorList online, double momentum,
-                     at::TensorList copy_target, at::TensorList copy_source) {
-  // First: every check (devices of all four lists before anything else); a CPU tensor in
-  // any list is refused here with a ValueError, never reaches a kernel.
-  const EmaMomentum m =
-      check_ema_args(target, online, nullptr, momentum, copy_target, copy_source, c10::kCUDA);
-  run_cuda(target, online, m, copy_target, copy_source);
-}
-
-void ema_update_cuda_tensor(at::TensorList target, at::TensorList online,
-                            const at::Tensor& momentum, at::TensorList copy_target,
-                            at::TensorList copy_source) {
-  const EmaMomentum m =
-      check_ema_args(target, online, &momentum, 0.0, copy_target, copy_source, c10::kCUDA);
-  run_cuda(target, online, m, copy_target, copy_source);
-}
-
 }  // namespace minc_kernels
-
-TORCH_LIBRARY_IMPL(minc_kernels, CUDA, m) {
-  m.impl("ema_update_.with_copy", &minc_kernels::ema_update_cuda);
-  m.impl("ema_update_.tensor_momentum", &minc_kernels::ema_update_cuda_tensor);
-}

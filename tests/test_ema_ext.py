@@ -529,36 +529,44 @@ def _function_body(src: str, signature: str) -> str:
 
 
 def test_kernels_check_every_argument_before_any_pointer_statically():
-    """The static half of the check-order proof: in both kernel files, every entry point's
-    first statement is check_ema_args, the kernels proper (run_cpu / run_cuda, where every
-    data_ptr() of the kernels is) are called only after it, and inside check_ema_args the
-    devices are checked before anything else and the data pointers (aliasing) last."""
+    """The static half of the check-order proof.  Every kernel entry point (CPU and CUDA,
+    all in ema.cpp, compiled by the host compiler) starts with check_ema_args and only then
+    calls the kernel proper (run_cpu in ema.cpp, run_cuda in ema_cuda.cu, where every
+    data_ptr() of the kernels is); ema_cuda.cu registers nothing and checks no argument;
+    inside check_ema_args the devices come first and the data pointers (aliasing) last."""
     import re
 
     csrc = Path(__file__).resolve().parents[1] / "csrc"
     strip = lambda text: re.sub(r"//[^\n]*", "", text)  # noqa: E731 - code, not comments
     cpp, cu = strip((csrc / "ema.cpp").read_text()), strip((csrc / "ema_cuda.cu").read_text())
-    for src, run, entries in ((cpp, "run_cpu(", ("void ema_update_cpu(", "void ema_update_cpu_tensor(")),
-                              (cu, "run_cuda(", ("void ema_update_cuda(", "void ema_update_cuda_tensor("))):
+    for run, entries in (("run_cpu(", ("void ema_update_cpu(", "void ema_update_cpu_tensor(")),
+                         ("run_cuda(", ("void ema_update_cuda(", "void ema_update_cuda_tensor("))):
         for entry in entries:
-            body = _function_body(src, entry)
+            body = _function_body(cpp, entry)
             first = body[1:].strip().split(";")[0]
             assert "check_ema_args(" in first, (entry, first)
             assert run in body and body.index("check_ema_args(") < body.index(run)
             assert "data_ptr" not in body
-        # every data pointer of the kernel file is read inside the kernel proper or the checks
+    assert cpp.count("run_cpu(") == 3 and cpp.count("run_cuda(") == 2  # defined/called 1+2, 0+2
+    assert cu.count("run_cuda(") == 1 and "TORCH_LIBRARY" not in cu and "check_ema_args" not in cu
+    assert "TORCH_CHECK_VALUE" not in cu and "TORCH_CHECK_TYPE" not in cu
+    # every data pointer is read inside a kernel proper or the checks' last step
+    for src, fns in ((cpp, ("void run_cpu(", "void add_spans(", "double read_cpu_scalar(",
+                            "EmaMomentum check_ema_args(")),  # (the last: checked below)
+                     (cu, ("void run_cuda(",))):
         rest = src
-        for fn in (f"void {run}", "void add_spans(", "double read_cpu_scalar(", "EmaMomentum check_ema_args("):
-            if fn in rest:
-                rest = rest.replace(_function_body(rest, fn), "{}")
-        assert "data_ptr" not in rest, "a data pointer read outside the checked kernel"
-        assert src.count(run) == 3  # defined once, called by the two entry points only
+        for fn in fns:
+            rest = rest.replace(_function_body(rest, fn), "{}")
+        assert "data_ptr" not in rest, "a data pointer read outside the checked kernels"
     checks = _function_body(cpp, "EmaMomentum check_ema_args(")
     order = [checks.index(s) for s in ("check_devices(target", "check_devices(copy_target",
                                        "read_cpu_scalar(", "check_pairs(target", "check_aliasing(")]
     assert order == sorted(order), order
-    assert "data_ptr" not in checks.replace("const_data_ptr", "")[: checks.index("check_aliasing(")] \
-        .replace("read_cpu_scalar", "")
+    aliasing = _function_body(cpp, "void check_aliasing(")
+    assert "add_spans(" in aliasing
+    # the one pointer check_ema_args takes itself: the momentum tensor's, after its checks
+    assert "data_ptr" not in checks.replace("mt->const_data_ptr()", "")
+    assert checks.index("mt->is_cpu() ||") < checks.index("mt->const_data_ptr()")
 
 
 # -------------------------------------------------------------------- compile (issue 23)
