@@ -403,7 +403,7 @@ def _ema_update(targets: list, onlines: list, momentum, check_finite: bool, back
     if not torch.compiler.is_compiling():  # data pointers: not traceable
         _check_aliasing(targets, onlines, copy_targets, copy_sources)
     if isinstance(momentum, torch.Tensor):
-        _check_momentum_tensor_eagerly(momentum, first, check_finite)
+        momentum = _foreach_momentum(momentum, first, check_finite)
     # no_grad here, not around the whole call: on the extension's path (not differentiable,
     # its Autograd kernel only dispatches) the context manager measurably slowed the call.
     with torch.no_grad():
@@ -432,14 +432,20 @@ def _foreach_ema(targets: list, onlines: list, momentum) -> None:
     torch._foreach_lerp_(targets, onlines, [weights[t.dtype, t.device] for t in targets])
 
 
-def _check_momentum_tensor_eagerly(momentum: torch.Tensor, first, check_finite: bool) -> None:
-    """The foreach path's range check of a tensor momentum: in eager mode for a CPU tensor
-    (host memory: no device sync) or with check_finite=True; never under torch.compile."""
+def _foreach_momentum(momentum: torch.Tensor, first, check_finite: bool):
+    """The foreach path's tensor momentum.  Eagerly, a CPU tensor is read (host memory: no
+    device sync), range-checked and used as a float, which also spares a GPU update a
+    host-to-device copy; a GPU tensor is used as it is, range-checked only with
+    check_finite=True.  Under torch.compile it stays a tensor and is not read."""
     _ext.check_momentum_tensor(momentum, first.device if isinstance(first, torch.Tensor) else None)
     if torch.compiler.is_compiling():
-        return
-    if momentum.device.type == "cpu" or check_finite:
+        return momentum
+    if momentum.device.type == "cpu":
         _check_momentum_value(momentum)
+        return float(momentum)
+    if check_finite:
+        _check_momentum_value(momentum)
+    return momentum
 
 
 def _check_momentum_value(momentum) -> None:
