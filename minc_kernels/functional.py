@@ -11,6 +11,7 @@ once (the loss modules do it in their constructors).
 """
 from __future__ import annotations
 
+from . import _ext
 from ._backend import preload, requested_backend
 from .losses import REGISTRY
 from .losses.barlow_twins import barlow_twins_loss
@@ -32,7 +33,8 @@ __all__ = [
 
 
 def load_kernels(backend: str | None = None) -> None:
-    """Import the Triton ops now (outside any compiled region) if ``backend`` may use them.
+    """Import the Triton ops now (outside any compiled region) if ``backend`` may use them,
+    and load the compiled EMA extension (a no-op where it was not built).
 
     A no-op for ``backend="reference"`` and on machines without CUDA (unless
     ``TRITON_INTERPRET=1``); an unavailable op is remembered and reported when requested.
@@ -41,3 +43,4 @@ def load_kernels(backend: str | None = None) -> None:
     for spec in REGISTRY.values():
         if spec.op is not None:
             preload(spec.op, choice)
+    _ext.load()  # the EMA extension too: its first load reads files, which compile cannot trace
