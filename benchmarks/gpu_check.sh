@@ -20,6 +20,9 @@
 #              (benchmarks/sync_check.py)
 # 7. train:    the ResNet-50 training step, eager vs minc_kernels, all three losses
 #              (python -m minc_train.bench_step from the installed examples/ application)
+#    gramab:   opt-in: MINC_KERNELS_GRAM=triton vs =cublas, minc_kernels fwd+bwd, the same
+#              cases (GRAMAB_ARGS, default B 1024/4096/8192 x k 512/2048/8192), half of
+#              GRAMAB_S (default 200 s) or of the time left each; gram_ab.md side by side
 # 8. bench:    the benchmark runner, with what is left as its --time-budget
 # 9. rest:     pytest -m "not slow and not gpu" on the rest, only if time is left
 # then a summary, last, and (PACK=1, the default) everything packed into a few files:
@@ -35,7 +38,8 @@
 # TOTAL_S, BUILD_TIMEOUT_S, GPU_TEST_TIMEOUT_S (all GPU test files together),
 # GPU_FILE_TIMEOUT_S (one file), GPU_TEST_FILES (override the discovered list),
 # SYNC_TIMEOUT_S, TRAIN_TIMEOUT_S, TRAIN_ARGS (default: ResNet-50 defaults of the app,
-# --steps 10 --warmup 3), BENCH_ARGS (extra runner arguments), SYNC_ARGS, PACK (1/0),
+# --steps 10 --warmup 3), GRAMAB_S, GRAMAB_ARGS, BENCH_ARGS (extra runner arguments),
+# SYNC_ARGS, PACK (1/0),
 # PYTHON, PYPROJECT (the file the setup step reads; tests).
 set -u
 OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
@@ -225,6 +229,36 @@ if want train; then
     --out "$OUT" ${TRAIN_ARGS:---steps 10 --warmup 3} > "$OUT/train_step.txt" 2>&1
   rc=$?; tail -12 "$OUT/train_step.txt"
   record train "$rc" "$(crashnote "$rc")train_step.json, train_step.txt"
+fi
+
+if want gramab; then
+  # Opt-in (STEPS=...,gramab): the Gram layer's Triton kernels against its cuBLAS candidate
+  # (MINC_KERNELS_GRAM, read per call), minc_kernels fwd+bwd only, same cases, half the
+  # time each; then the side-by-side table gram_ab.md.
+  HALF=$(( ($(left) - 60) / 2 ))
+  CAP=$(( ${GRAMAB_S:-200} / 2 ))
+  [ "$HALF" -gt "$CAP" ] && HALF=$CAP
+  if [ "$HALF" -lt 30 ]; then
+    record gramab skip "no time left"
+  else
+    rc_all=0
+    for impl in triton cublas; do
+      step "Gram layer A/B: MINC_KERNELS_GRAM=$impl python -m benchmarks.run (budget ${HALF}s)"
+      # shellcheck disable=SC2086
+      MINC_KERNELS_GRAM=$impl timeout --signal=TERM --kill-after=15 $(( HALF + 30 )) \
+        "$PY" -m benchmarks.run --out "$OUT/gram-$impl" --providers minc_kernels \
+        --modes fwd+bwd --ema off --memory-case off --no-plots --no-progress \
+        --time-budget "$HALF" ${GRAMAB_ARGS:---B 1024,4096,8192 --k 512,2048,8192} \
+        > "$OUT/gram-$impl.log" 2>&1
+      rc=$?; [ "$rc" = 0 ] || rc_all=$rc
+    done
+    if [ -f "$OUT/gram-triton/results.json" ] && [ -f "$OUT/gram-cublas/results.json" ]; then
+      "$PY" -m benchmarks.report --ab "$OUT/gram-triton" "$OUT/gram-cublas" \
+        --labels triton,cublas --out "$OUT/gram_ab.md" > /dev/null 2>&1 || rc_all=1
+      sed -n 1,20p "$OUT/gram_ab.md"
+    fi
+    record gramab "$rc_all" "gram_ab.md, gram-triton/, gram-cublas/"
+  fi
 fi
 
 if want bench; then

@@ -1,7 +1,9 @@
 """Tables and plots from ``results.json``.
 
 ``python -m benchmarks.report DIR`` rebuilds ``DIR/results.md`` and the plots from
-``DIR/results.json`` (e.g. after a run was cut short) and prints the summary.
+``DIR/results.json`` (e.g. after a run was cut short) and prints the summary;
+``python -m benchmarks.report --ab DIR_A DIR_B`` puts the cases two runs both measured
+side by side (e.g. the Gram layer's Triton kernels against its cuBLAS candidate).
 
 Derived numbers (added to every record by :func:`add_derived`):
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -495,8 +498,70 @@ def write_report(data: dict, out: Path, plots: bool = True) -> None:
     (out / "results.md").write_text(markdown(data, names))
 
 
+def ab_text(a: dict, b: dict, label_a: str, label_b: str) -> str:
+    """Markdown: the cases both runs measured (same loss, B, k, dtype, mode, provider),
+    side by side, with the ratio of medians (A / B: > 1 means B is faster) and each one's
+    % of floor; a geomean of the ratio per loss, mode and provider first."""
+    add_derived(a)
+    add_derived(b)
+
+    def key(r):
+        return (r["loss"], r["mode"], r["dtype"], r["provider"], r["B"], r["k"])
+
+    bs = {key(r): r for r in b.get("cases", []) if _ok(r)}
+    pairs = [(r, bs[key(r)]) for r in a.get("cases", []) if _ok(r) and key(r) in bs]
+    groups: dict = defaultdict(list)
+    for ra, rb in pairs:
+        groups[key(ra)[:4]].append(ra["median_ms"] / rb["median_ms"])
+    lines = [f"# A/B: {label_a} vs {label_b}", "",
+             f"- A = {label_a}: {a.get('meta', {}).get('device')}, commit "
+             f"`{str(a.get('meta', {}).get('git_commit'))[:10]}`, {a.get('meta', {}).get('date_utc')}",
+             f"- B = {label_b}: {b.get('meta', {}).get('device')}, commit "
+             f"`{str(b.get('meta', {}).get('git_commit'))[:10]}`, {b.get('meta', {}).get('date_utc')}",
+             f"- {len(pairs)} cases measured by both; A / B = ratio of medians (> 1: B faster)",
+             "", "| loss | mode | dtype | provider | cases | geomean A / B | min | max |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (loss, mode, dt, prov), rs in groups.items():
+        lines.append(f"| {loss} | {mode} | {dt} | {prov} | {len(rs)} | {_fmt_x(_geomean(rs))} "
+                     f"| {_fmt_x(min(rs))} | {_fmt_x(max(rs))} |")
+    lines += ["", "| loss | mode | dtype | provider | B | k | A ms | B ms | A / B | A % of floor "
+              "| B % of floor |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for ra, rb in pairs:
+        lines.append(f"| {ra['loss']} | {ra['mode']} | {ra['dtype']} | {ra['provider']} | "
+                     f"{ra['B']} | {ra['k']} | {_fmt_ms(ra)} | {_fmt_ms(rb)} | "
+                     f"{_fmt_x(ra['median_ms'] / rb['median_ms'])} | "
+                     f"{_fmt_pct(ra.get('frac_floor'))} | {_fmt_pct(rb.get('frac_floor'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def ab_main(argv) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report --ab")
+    p.add_argument("a", type=Path, help="folder A (results.json)")
+    p.add_argument("b", type=Path, help="folder B (results.json)")
+    p.add_argument("--labels", default=None, help="A,B labels (default: the folder names)")
+    p.add_argument("--out", type=Path, default=None, help="write the Markdown here")
+    args = p.parse_args(argv)
+    la, lb = (args.labels.split(",", 1) if args.labels else (args.a.name, args.b.name))
+    data = []
+    for d in (args.a, args.b):
+        x = json.loads((d / "results.json").read_text())
+        attach_launch_floor(x, d)
+        data.append(x)
+    text = ab_text(data[0], data[1], la, lb)
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+    return 0
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.report")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--ab"]:
+        return ab_main(argv[1:])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report",
+                                epilog="python -m benchmarks.report --ab DIR_A DIR_B "
+                                       "[--labels A,B] [--out AB.md]: the cases both runs "
+                                       "measured, side by side")
     p.add_argument("dir", type=Path, help="folder holding results.json")
     p.add_argument("--no-plots", action="store_true",
                    help="draw no plots (results.md links the plots already in DIR)")

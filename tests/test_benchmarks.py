@@ -289,6 +289,15 @@ def test_h200_report_has_floors_and_no_case_above_the_peak(tmp_path):
             assert r["flops"] == 0 and r["tflops"] is None
     md = (tmp_path / "results.md").read_text()
     assert "minc_kernels floor ms" in md and "% of floor" in md and "launch floor" in md
+    # report --ab: a run against itself, every case side by side at 1×
+    ab = tmp_path / "ab.md"
+    assert report.main(["--ab", str(tmp_path), str(tmp_path), "--labels", "A,B",
+                        "--out", str(ab)]) == 0
+    text = ab.read_text()
+    assert "723 cases measured by both" in text
+    row = next(ln for ln in text.splitlines()
+               if ln.startswith("| mio | fwd+bwd | bf16 | minc_kernels |"))
+    assert row.endswith("| 1× | 1× | 1× |"), row  # grid + the B = 32768 memory case
 
 
 def test_ema_shapes_and_bytes():

@@ -4,6 +4,7 @@ extension that did not build is reported loudly, the train step runs the install
 application, and everything is packed into a few files.
 (The bench step's dry run is in tests/test_benchmarks.py.)"""
 import io
+import json
 import os
 import subprocess
 import sys
@@ -129,3 +130,18 @@ def test_too_old_setuptools_skips_the_build(tmp_path):
     assert "setup      rc=1" in steps and "build      rc=skip" in steps
     assert not (out / "build.log").exists()
     assert "failed steps: setup" in (out / "summary.txt").read_text()
+
+
+def test_gram_ab_step_measures_both_gram_layers(tmp_path):
+    """Opt-in gramab step: the runner twice, MINC_KERNELS_GRAM=triton and =cublas (here on
+    the CPU under the interpreter, tiny), and the side-by-side table of the common cases."""
+    proc = _run(tmp_path, STEPS="gramab", GRAMAB_ARGS="--device cpu --B 8 --k 4 --interpret "
+                "--losses minc --case-ms 5")
+    out = tmp_path / "out"
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert " rc=0 " in _steps(out)["gramab"]
+    ab = (out / "gram_ab.md").read_text()
+    assert "# A/B: triton vs cublas" in ab and "| minc | fwd+bwd | fp32 | minc_kernels | 8 | 4 |" in ab
+    for impl in ("triton", "cublas"):
+        recs = json.loads((out / f"gram-{impl}" / "results.json").read_text())["cases"]
+        assert [r["provider"] for r in recs] == ["minc_kernels"] and recs[0]["status"] == "ok"
