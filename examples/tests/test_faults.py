@@ -410,6 +410,9 @@ def test_failed_download_is_one_line(tmp_path, capsys, monkeypatch):
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://...\n"
                            "<urlopen error [Errno -2] Name or service not known>")
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    # whatever this machine has installed (Debian's dataset-fashion-mnist): not found
+    from minc_train import data as data_mod
+    monkeypatch.setattr(data_mod, "FASHION_MNIST_DIRS", ())
     empty = tmp_path / "nothing"
     empty.mkdir()
     err = fails(["--data-dir", str(empty), "--out-dir", str(tmp_path / "r")], capsys)
