@@ -2,7 +2,7 @@
 
 ``python -m minc_train.studies.batch_size [--budget cpu|gpu] [--threads 1] [--seeds 2]``
 
-Pre-trains spectral, MINC (ordering standard and gha) and MIO on Fashion-MNIST at each
+Pre-trains spectral, MINC (ordering standard and gha), MIO, Barlow Twins and VICReg on Fashion-MNIST at each
 batch size with the same number of images seen (``epochs x epoch_size``), through the
 training program (``minc_train.cli.resolve_config`` + ``Trainer``), then fits a
 linear probe (L-BFGS logistic regression on standardised backbone features, train split ->
@@ -41,9 +41,11 @@ DEFAULT_WORK = os.path.join(ROOT, "runs", "studies", "batch_size")
 METHODS = {"spectral": ["--method", "spectral"],
            "minc": ["--method", "minc", "--ordering", "standard"],
            "minc-gha": ["--method", "minc", "--ordering", "gha"],
-           "mio": ["--method", "mio"]}
+           "mio": ["--method", "mio"],
+           "barlow": ["--method", "barlow"],
+           "vicreg": ["--method", "vicreg"]}
 LABELS = {"spectral": "spectral contrastive", "minc": "MINC (standard)", "minc-gha": "MINC (GHA ordering)",
-          "mio": "MIO"}
+          "mio": "MIO", "barlow": "Barlow Twins", "vicreg": "VICReg"}
 
 # Budgets: the same images seen at every batch size (epochs x epoch_size; epoch_size is a
 # multiple of 1024 so every batch size uses all of it).  CPU: measured ~1.1-1.3 ms per image
