@@ -155,3 +155,18 @@ def test_spectral_exports_with_a_dynamic_batch():
     for n in (4, 64):  # pairwise-sized and gram-sized batches
         a, c = _rand(n, 8, 2), _rand(n, 8, 3)
         torch.testing.assert_close(ep.module()(a, c), loss(a, c))
+
+
+@pytest.mark.parametrize("name", ["spectral", "minc", "mio", "barlow_twins", "vicreg"])
+def test_every_loss_runs_inside_cpu_bf16_autocast(name):
+    """The training program's CPU default is bf16 autocast around the whole step: each
+    loss's module (default backend) runs forward and backward there."""
+    from minc_kernels.losses import REGISTRY
+    spec = REGISTRY[name]
+    loss = spec.module(**spec.module_kwargs(16))
+    w = torch.randn(16, 16)
+    a, b = _rand(8, 16, 0).requires_grad_(), _rand(8, 16, 1).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = loss(a @ w, (b @ w) if 1 in spec.grad_args else (b @ w).detach())
+    out.float().backward()
+    assert torch.isfinite(out) and torch.isfinite(a.grad).all()

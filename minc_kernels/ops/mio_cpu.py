@@ -112,8 +112,17 @@ def mio_blocked_forward(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: flo
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss (scalar) and, if ``need_grad``, ``dL/d[z1; z2]`` ((2B, k); else an empty tensor).
 
-    Both in float32 (float64 for float64 inputs).
+    Both in float32 (float64 for float64 inputs).  Autocast is switched off inside: the
+    tiles are computed in the stated dtypes (a bf16-autocast region around the loss would
+    otherwise turn the fp32 tile matmuls into bf16 ones, against fp32 accumulators).
     """
+    with torch.autocast(device_type=z1.device.type, enabled=False):
+        return _mio_blocked_forward(z1, z2, pos_temperature, neg_temperature, lambda_l2,
+                                    need_grad, block_rows, block_cols)
+
+
+def _mio_blocked_forward(z1, z2, pos_temperature, neg_temperature, lambda_l2, need_grad,
+                         block_rows, block_cols):
     if z1.dtype not in _FLOAT_DTYPES or z2.dtype != z1.dtype:
         raise TypeError(f"z1, z2 must be floating tensors of one dtype, got {z1.dtype} and "
                         f"{z2.dtype}")
