@@ -118,8 +118,10 @@ def worker(case: dict) -> dict:
 
     step(*inputs(4))  # warm-up: lazy imports, thread pool, MKL buffers
     z1, z2 = inputs(case["b"])
-    rss0 = _proc_status_kib("VmRSS")
+    # reset the peak first, then read the baseline: memory freed between the two reads
+    # (the allocator trimming, another thread) would otherwise give a negative "extra"
     reset = _reset_peak()
+    rss0 = _proc_status_kib("VmRSS")
     if not reset:
         import resource
         hwm0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
