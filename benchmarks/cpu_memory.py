@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 K = 128
 GIB = float(1 << 30)

@@ -38,8 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import minc_kernels as mk  # noqa: E402
+import minc_kernels as mk
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 

@@ -9,9 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-# benchmarks/ is a top-level folder of the repository, not part of the installed package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from benchmarks import cases, report, run
 from benchmarks.timing import Budget, is_oom, measure
 from minc_kernels import _backend
