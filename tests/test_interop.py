@@ -1,4 +1,4 @@
-"""EMA interop with lightly and timm (issue 13): same numbers, and the conventions the README states.
+"""EMA interop with lightly and timm (issue 13): same numbers, and the conventions docs/interop.md states.
 
 Skipped per library where it is not installed (the ``test`` extra installs both).
 """
