@@ -32,7 +32,12 @@ def test_assignment_updates_what_depends_on_it():
     loss.mu = 4.0
     assert loss._divisor == 4.0
     loss.backend = "reference"
-    assert loss._choice == "reference"
+    assert loss._choice == "reference" and loss._hot[3]
+    fast = mk.MINCLoss(4)
+    fast.backend = "triton"  # the default-call path serves reference/auto only
+    assert fast._choice == "triton" and fast._hot is None
+    fast.backend = "reference"
+    assert fast._hot is not None and fast._hot[3]
     p, t = _rand(6, 4, 0), _rand(6, 4, 1)
     want = mk.MINCLoss(4, feature_norm="clip", mu=4.0, backend="reference")
     torch.testing.assert_close(loss(p, t), want(p, t), rtol=0, atol=0)

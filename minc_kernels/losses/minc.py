@@ -348,7 +348,8 @@ _Tensor, _F32 = torch.Tensor, torch.float32
 #: The MINCLoss attributes the fast path of :meth:`MINCLoss.forward` depends on (assigning
 #: one recomputes ``_hot``).
 _HOT_CONFIG = frozenset({"moment_momentum", "bias_correction", "ordering", "feature_norm", "mu",
-                         "scale", "_divisor", "check_finite", "_choice", "gather_distributed"})
+                         "scale", "_divisor", "check_finite", "_choice", "backend",
+                         "gather_distributed"})
 
 _CHECK_FINITE = {True: "raise", False: "ignore", "skip": "skip", "raise": "raise", "ignore": "ignore"}
 
