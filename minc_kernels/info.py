@@ -132,8 +132,9 @@ def main() -> None:
     for key, value in collect().items():
         if isinstance(value, dict):
             print(f"{key}:")
+            width = max(map(len, value), default=0)
             for k, v in value.items():
-                print(f"  {k:10s} {v}")
+                print(f"  {k:{width}s} {v}")
         elif isinstance(value, list):
             print(f"{key}: {', '.join(value) if value else '(none)'}")
         else:
