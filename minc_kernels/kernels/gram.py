@@ -75,6 +75,25 @@ def dot_rhs_f32(x, m, acc, MODE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def slice_outer_product(x_ptr, y_ptr, ka, kb, ka_mask, kb_mask, row_start, row_end,
+                        stride_xb, stride_xk, stride_yb, stride_yk,
+                        IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The (ka, kb) tile of ``Σ_{j in [row_start, row_end)} x_j y_jᵀ``, fp32: the one row loop
+    of the Gram layer's ``XᵀX`` (``y_ptr = x_ptr``) and ``XᵀY`` kernels."""
+    acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)
+    for r0 in range(row_start, row_end, BLOCK_B):
+        rows = r0 + tl.arange(0, BLOCK_B)
+        r_mask = rows < row_end
+        xa_t = tl.load(x_ptr + rows[None, :] * stride_xb + ka[:, None] * stride_xk,
+                       mask=ka_mask[:, None] & r_mask[None, :], other=0.0)
+        yb = tl.load(y_ptr + rows[:, None] * stride_yb + kb[None, :] * stride_yk,
+                     mask=r_mask[:, None] & kb_mask[None, :], other=0.0)
+        acc = dot_same(xa_t, yb, acc, IS_FP32, UPCAST)
+    return acc
+
+
+@triton.jit
 def moment_partial_kernel(
     x_ptr, out_ptr, other_ptr, B, K, stride_xb, stride_xk, rows_per_split,
     IS_FP32: tl.constexpr, UPCAST: tl.constexpr, DOT_WITH_OTHER: tl.constexpr,
@@ -100,15 +119,9 @@ def moment_partial_kernel(
     kb_mask = kb < K
     row_start = pid_s.to(tl.int64) * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, B)
-    acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)
-    for r0 in range(row_start, row_end, BLOCK_B):
-        rows = r0 + tl.arange(0, BLOCK_B)
-        r_mask = rows < row_end
-        xa_t = tl.load(x_ptr + rows[None, :] * stride_xb + ka[:, None] * stride_xk,
-                       mask=ka_mask[:, None] & r_mask[None, :], other=0.0)
-        xb = tl.load(x_ptr + rows[:, None] * stride_xb + kb[None, :] * stride_xk,
-                     mask=r_mask[:, None] & kb_mask[None, :], other=0.0)
-        acc = dot_same(xa_t, xb, acc, IS_FP32, UPCAST)
+    acc = slice_outer_product(x_ptr, x_ptr, ka, kb, ka_mask, kb_mask, row_start, row_end,
+                              stride_xb, stride_xk, stride_xb, stride_xk,
+                              IS_FP32, UPCAST, BLOCK_K, BLOCK_B)
     mask = ka_mask[:, None] & kb_mask[None, :]
     if DOT_WITH_OTHER:
         other = tl.load(other_ptr + ka[:, None] * K + kb[None, :], mask=mask, other=0.0)
@@ -402,14 +415,8 @@ def cross_gram_kernel(
     kb_mask = kb < K
     row_start = pid_s.to(tl.int64) * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, B)
-    acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)
-    for r0 in range(row_start, row_end, BLOCK_B):
-        rows = r0 + tl.arange(0, BLOCK_B)
-        r_mask = rows < row_end
-        xa_t = tl.load(x_ptr + rows[None, :] * stride_xb + ka[:, None] * stride_xk,
-                       mask=ka_mask[:, None] & r_mask[None, :], other=0.0)
-        yb = tl.load(y_ptr + rows[:, None] * stride_yb + kb[None, :] * stride_yk,
-                     mask=r_mask[:, None] & kb_mask[None, :], other=0.0)
-        acc = dot_same(xa_t, yb, acc, IS_FP32, UPCAST)
+    acc = slice_outer_product(x_ptr, y_ptr, ka, kb, ka_mask, kb_mask, row_start, row_end,
+                              stride_xb, stride_xk, stride_yb, stride_yk,
+                              IS_FP32, UPCAST, BLOCK_K, BLOCK_B)
     out = out_ptr + pid_s.to(tl.int64) * K * K
     tl.store(out + ka[:, None] * K + kb[None, :], acc, mask=ka_mask[:, None] & kb_mask[None, :])

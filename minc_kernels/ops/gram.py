@@ -105,16 +105,21 @@ def rowmat(x: torch.Tensor, g: torch.Tensor, y: torch.Tensor, d: torch.Tensor | 
     return sums[0], sums[1], (out if need_grad else None)
 
 
+def _row_split(b: int, block_b: int, tiles: int, device: torch.device) -> tuple[int, int]:
+    """``(slices, rows per slice)`` of a k×k-tile grid with ``tiles`` tiles: enough row
+    slices to fill the device (about two programs per SM); the slices' partials are summed
+    afterwards in a fixed order."""
+    nb = cdiv(b, block_b)
+    split = max(1, min(nb, cdiv(2 * num_sms(device), tiles)))
+    rows_per_split = cdiv(nb, split) * block_b
+    return cdiv(b, rows_per_split), rows_per_split
+
+
 def _gram_launch(x: torch.Tensor, other: torch.Tensor | None):
     b, k = x.shape
     cfg = configs.gram_config(k, x.dtype)
     nk = cdiv(k, cfg["BLOCK_K"])
-    nb = cdiv(b, cfg["BLOCK_B"])
-    tiles = nk * (nk + 1) // 2
-    # Enough programs to fill the device; the slices' partials are summed afterwards.
-    split = max(1, min(nb, cdiv(2 * num_sms(x.device), tiles)))
-    rows_per_split = cdiv(nb, split) * cfg["BLOCK_B"]
-    split = cdiv(b, rows_per_split)
+    split, rows_per_split = _row_split(b, cfg["BLOCK_B"], nk * (nk + 1) // 2, x.device)
     if other is None:
         out = torch.empty(split, k, k, dtype=torch.float32, device=x.device)
     else:
@@ -153,10 +158,7 @@ def cross_gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     b, k = x.shape
     cfg = configs.cross_gram_config(k, x.dtype)
     nk = cdiv(k, cfg["BLOCK_K"])
-    nb = cdiv(b, cfg["BLOCK_B"])
-    split = max(1, min(nb, cdiv(2 * num_sms(x.device), nk * nk)))
-    rows_per_split = cdiv(nb, split) * cfg["BLOCK_B"]
-    split = cdiv(b, rows_per_split)
+    split, rows_per_split = _row_split(b, cfg["BLOCK_B"], nk * nk, x.device)
     out = torch.empty(split, k, k, dtype=torch.float32, device=x.device)
     with device_guard(x):
         cross_gram_kernel[(nk, nk, split)](
