@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import minc_kernels as mk
+from dist_helpers import free_port, spawn
 from minc_kernels import functional as Fn
 from minc_kernels import reference
 from minc_kernels.losses import REGISTRY
@@ -334,13 +335,10 @@ def test_triton_gpu_large_shapes(b, k, dtype, algorithm):
 # lightly's in the same processes (values, gradients, DDP updates), and against the
 # single-process loss of the rank-averaged C (each half standardised on its own).
 import os  # noqa: E402
-import socket  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 import traceback  # noqa: E402
 
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 from torch import nn  # noqa: E402
 
 W, HALF, LR = 2, 4, 0.1
@@ -425,21 +423,8 @@ def _dist_worker(rank, port, outdir):
 def dist_results():
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is needed")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as outdir:
-        ctx = mp.start_processes(_dist_worker, args=(port, outdir), nprocs=W, join=False,
-                                 start_method="spawn")
-        deadline = time.monotonic() + 240
-        try:
-            while not ctx.join(timeout=1):
-                if time.monotonic() > deadline:
-                    pytest.fail("distributed workers did not finish in 240 s")
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
+        spawn(_dist_worker, (free_port(), outdir), nprocs=W)
         yield [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False)
                for r in range(W)]
 

@@ -9,19 +9,17 @@ mis-scaled forms show that these comparisons do catch a 1/W gradient.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
-import time
 import traceback
 from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import minc_kernels as mk
+from dist_helpers import free_port, spawn
 from minc_kernels import distributed as D
 from minc_kernels import functional as Fn
 
@@ -232,26 +230,10 @@ def _worker(rank, port, outdir):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def dist_results():
     with tempfile.TemporaryDirectory() as outdir:
-        ctx = mp.start_processes(_worker, args=(_free_port(), outdir), nprocs=W, join=False,
-                                 start_method="spawn")
-        deadline = time.monotonic() + SPAWN_TIMEOUT_S
-        try:
-            while not ctx.join(timeout=1):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"distributed workers did not finish in {SPAWN_TIMEOUT_S} s")
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
+        spawn(_worker, (free_port(), outdir), nprocs=W, timeout_s=SPAWN_TIMEOUT_S)
         yield [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False)
                for r in range(W)]
 

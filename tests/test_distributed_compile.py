@@ -3,16 +3,15 @@ the size exchange runs in its static-size mode, and each compiled step matches e
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import minc_kernels as mk
+from dist_helpers import free_port, spawn
 
 if not (dist.is_available() and dist.is_gloo_available()):  # pragma: no cover
     pytest.skip("torch.distributed with gloo is needed", allow_module_level=True)
@@ -66,19 +65,10 @@ def _worker(rank, port, out_dir):
 
 @pytest.fixture(scope="module")
 def compiled_results():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as d:
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker, args=(r, port, d)) for r in range(W)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(600)
+        spawn(_worker, (free_port(), d), nprocs=W, timeout_s=600)
         errs = [open(os.path.join(d, f)).read() for f in sorted(os.listdir(d)) if f.endswith(".err")]
         assert not errs, "\n".join(errs)
-        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
         return [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(W)]
 
 

@@ -11,19 +11,17 @@ compiled-EMA recipe is run verbatim on two processes by ``test_docs_recipe_runs_
 """
 import os
 import re
-import socket
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import minc_kernels as mk
+from dist_helpers import free_port, spawn
 
 W = 2
 STEPS = 5
@@ -153,29 +151,14 @@ def _worker(rank, port, outdir):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(fn, args):
-    ctx = mp.start_processes(fn, args=args, nprocs=W, join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed workers did not finish in {SPAWN_TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    spawn(fn, args, nprocs=W, timeout_s=SPAWN_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
 def fsdp_results():
     with tempfile.TemporaryDirectory() as outdir:
-        _spawn(_worker, (_free_port(), outdir))
+        _spawn(_worker, (free_port(), outdir))
         yield torch.load(os.path.join(outdir, "rank0.pt"), weights_only=False)
 
 
@@ -250,7 +233,7 @@ def test_docs_recipe_runs_verbatim():
     20 scheduled steps."""
     code = _recipe_code()
     with tempfile.TemporaryDirectory() as outdir:
-        _spawn(_recipe_worker, (_free_port(), outdir, code))
+        _spawn(_recipe_worker, (free_port(), outdir, code))
         for r in range(W):
             res = torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False)
             assert res["stats"].get("unique_graphs") == 1, res["stats"]
