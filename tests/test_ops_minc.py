@@ -96,7 +96,8 @@ def test_gha_with_rectangular_tiles(kernel_device, monkeypatch, tiles):
     lower triangle must hold for any shape, not only for the interpreter's square tiles."""
     bm, bn, bk = tiles
     monkeypatch.setattr(configs, "rowmat_config",
-                        lambda k, *a, **kw: dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4))
+                        lambda k, *a, **kw: configs.KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                                                 num_warps=4))
     p, t, m = _inputs(7, 70, torch.float32, kernel_device, seed=12)
     _assert_close_fp32(_run(_kernel("gha"), p, t, m, 1.1), _oracle(p, t, m, "gha", 1.1))
 

@@ -74,7 +74,7 @@ def test_fp32_matches_float64_oracle(kernel_device, b, k, tp, tn, lam):
 def test_launch_paths_match(kernel_device, overrides):
     b, k, (tp, tn, lam) = 21, 40, (0.2, 0.1, 0.8)
     cfg = mio_ops.pick_config(b, k, torch.float32, on_gpu=kernel_device.type == "cuda", **overrides)
-    assert cfg.acc_in_regs == ("block_k" not in overrides)
+    assert cfg["ACC_IN_REGS"] == ("block_k" not in overrides)
     z1, z2 = _inputs(b, k, "cpu", seed=5)
     lo, g1o, g2o = _loss_and_grads(_ref(tp, tn, lam), z1, z2, torch.tensor(1.0, dtype=torch.float64))
     loss, dz = mio_ops.mio_forward(z1.float().to(kernel_device), z2.float().to(kernel_device),
@@ -102,7 +102,7 @@ def test_large_k_strip_path(kernel_device):
     """k > 256 (not a power of two): S over k chunks into a strip, gradient by a GEMM."""
     b, k = 5, 300
     cfg = mio_ops.pick_config(b, k, torch.float32, on_gpu=kernel_device.type == "cuda")
-    assert not cfg.acc_in_regs and cfg.strip_rows > 0
+    assert not cfg["ACC_IN_REGS"] and cfg["strip_rows"] > 0
     z1, z2 = _inputs(b, k, "cpu", seed=3)
     up = torch.tensor(-1.3, dtype=torch.float64)
     lo, g1o, g2o = _loss_and_grads(_ref(0.5, 0.5, 1.0), z1, z2, up)
@@ -239,15 +239,15 @@ def test_pick_config_never_leaves_an_empty_split():
         for k in (3, 128, 257, 8192):
             for dt in (torch.float32, torch.bfloat16):
                 cfg = mio_ops.pick_config(b, k, dt, on_gpu=True)
-                n_col = -(-2 * b // cfg.block_n)
-                bps = -(-n_col // cfg.n_splits)
-                assert 1 <= cfg.n_splits <= 16 and (cfg.n_splits - 1) * bps < n_col
-                assert cfg.acc_in_regs == (k <= 256)
-                if cfg.acc_in_regs:
-                    assert cfg.block_k >= k
+                n_col = -(-2 * b // cfg["BLOCK_N"])
+                bps = -(-n_col // cfg["n_splits"])
+                assert 1 <= cfg["n_splits"] <= 16 and (cfg["n_splits"] - 1) * bps < n_col
+                assert cfg["ACC_IN_REGS"] == (k <= 256)
+                if cfg["ACC_IN_REGS"]:
+                    assert cfg["BLOCK_K"] >= k
                 else:  # strip path: whole row blocks per group, strip <= max(2048, 2k) rows
-                    assert cfg.strip_rows % cfg.block_m == 0 and cfg.n_splits == 1
-                    assert cfg.strip_rows <= max(2048, 2 * k + cfg.block_k)
+                    assert cfg["strip_rows"] % cfg["BLOCK_M"] == 0 and cfg["n_splits"] == 1
+                    assert cfg["strip_rows"] <= max(2048, 2 * k + cfg["BLOCK_K"])
 
 
 def test_pick_config_small_batch_fills_the_device():
@@ -257,8 +257,9 @@ def test_pick_config_small_batch_fills_the_device():
         for b, k in ((256, 8192), (256, 1024), (512, 4096)):
             cfg = mio_ops.pick_config(b, k, dt, on_gpu=True)
             n = 2 * b
-            assert -(-cfg.strip_rows // cfg.block_m) * -(-n // cfg.block_n) >= 256, (dt, b, k, cfg)
-            assert -(-cfg.strip_rows // cfg.block_m) * -(-k // cfg.block_n) >= 132, (dt, b, k, cfg)
+            row_blocks = -(-cfg["strip_rows"] // cfg["BLOCK_M"])
+            assert row_blocks * -(-n // cfg["BLOCK_N"]) >= 256, (dt, b, k, cfg)
+            assert row_blocks * -(-k // cfg["BLOCK_N"]) >= 132, (dt, b, k, cfg)
 
 
 # --------------------------------------------------------------------------- GPU only
@@ -309,7 +310,7 @@ def test_import_fails_with_importerror_without_triton():
 def test_gpu_launch_configs_in_interpreter(kernel_device, b, k, dtype):
     """The exact tile sizes and column splits a GPU gets, run here (interpreter) vs the oracle."""
     cfg = mio_ops.pick_config(b, k, dtype, on_gpu=True)
-    assert cfg.n_splits > 1 if k <= 256 else cfg.strip_rows > 0
+    assert cfg["n_splits"] > 1 if k <= 256 else cfg["strip_rows"] > 0
     z1, z2 = _inputs(b, k, "cpu", seed=21)
     z1o, z2o = z1.to(dtype).double(), z2.to(dtype).double()
     lo, g1o, g2o = _loss_and_grads(_ref(0.1, 0.2, 1.0), z1o, z2o, torch.tensor(1.0, dtype=torch.float64))

@@ -123,8 +123,8 @@ def test_pairwise_with_rectangular_tiles(kernel_device, monkeypatch, tiles):
     """GPU tiles are not the interpreter's 16-squares: diagonal masking and column chunks
     must hold for BLOCK_M != BLOCK_N and BLOCK_K != BLOCK_C."""
     bm, bn, bk, bc = tiles
-    monkeypatch.setattr(configs, "pairwise_config", lambda b, k, dtype, for_device=False: dict(
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_C=bc, num_warps=4))
+    monkeypatch.setattr(configs, "pairwise_config", lambda b, k, dtype, for_device=False: (
+        configs.KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_C=bc, num_warps=4)))
     z1, z2 = _inputs(37, 33, torch.float32, kernel_device, seed=13)
     want = _oracle(z1, z2, MU, True, 0.8)
     got = _run(_kernel(MU, True, "pairwise"), z1, z2, 0.8)

@@ -4,19 +4,81 @@ Each function maps a shape class (and dtype) to the constexpr tile sizes, ``num_
 ``num_stages`` of one kernel.  No autotuning: the configuration depends only on the shape
 and dtype, so the same input gives the same bits on any GPU.  ``for_device=True`` gives the
 GPU tiles even under the CPU interpreter (the cost model must not depend on where it runs).
+Every function returns a :class:`KernelConfig`.
 The sm_90 facts quoted in the comments come from the static suite
 (``python -m benchmarks.static_sm90``, table in ``benchmarks/results/static-sm90/``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 
 import torch
 
 from ._common import TARGET_PROGRAMS, TARGET_SMS, cdiv, interpreting, is_fp32, next_pow2
 
-__all__ = ["rowmat_config", "gram_config", "pairwise_config", "pairwise_split", "rows_config",
-           "MIOConfig", "pick_config", "colstats_config", "cross_gram_config"]
+__all__ = ["KernelConfig", "rowmat_config", "gram_config", "pairwise_config", "pairwise_split",
+           "rows_config", "pick_config", "colstats_config", "cross_gram_config"]
+
+
+class KernelConfig(Mapping):
+    """A launch configuration: a read-only, hashable mapping of a kernel's meta-parameters,
+    named exactly as the kernel and Triton name them (``BLOCK_M``, ..., ``num_warps``,
+    ``num_stages``), so ``kernel[grid](..., **cfg)`` and ``cfg["BLOCK_M"]`` work.
+
+    Values are ints (or bools).  Nothing changes one in place: :meth:`replace` returns a new
+    configuration with some values changed.  A configuration that also carries launcher
+    decisions (MIO's :func:`pick_config`: lower-case keys such as ``n_splits``) is not
+    splatted: its launcher passes each kernel its own keys.
+    """
+
+    __slots__ = ("_params",)
+
+    def __init__(self, **params: int) -> None:
+        for key, value in params.items():
+            if not isinstance(value, int):  # bool is an int
+                raise TypeError(f"KernelConfig: {key} must be an int or a bool, got "
+                                f"{type(value).__name__} {value!r}")
+        object.__setattr__(self, "_params", params)
+
+    def __getitem__(self, key: str) -> int:
+        try:
+            return self._params[key]
+        except KeyError:
+            raise KeyError(f"{key!r} is not a parameter of this kernel configuration "
+                           f"(it has {', '.join(self._params)})") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._params)
+
+    def __len__(self) -> int:
+        return len(self._params)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._params.items()))
+
+    def __repr__(self) -> str:
+        return f"KernelConfig({', '.join(f'{k}={v!r}' for k, v in self._params.items())})"
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"KernelConfig is read-only (setting {name!r}): use replace()")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"KernelConfig is read-only (deleting {name!r})")
+
+    def __reduce__(self):
+        return _kernel_config, (dict(self._params),)
+
+    def replace(self, **changes: int) -> KernelConfig:
+        """A new configuration with ``changes`` applied; each must name an existing key."""
+        unknown = [key for key in changes if key not in self._params]
+        if unknown:
+            raise TypeError(f"KernelConfig.replace: no parameter {', '.join(map(repr, unknown))} "
+                            f"to replace (it has {', '.join(self._params)})")
+        return KernelConfig(**{**self._params, **changes})
+
+
+def _kernel_config(params: dict) -> KernelConfig:  # for pickle / copy
+    return KernelConfig(**params)
 
 
 _ONE_WAVE = TARGET_SMS
@@ -26,7 +88,7 @@ _TARGET_PROGRAMS = TARGET_PROGRAMS  # about two waves of an H100; a shape consta
 
 # ----------------------------------------------------------------------------- Gram layer
 def rowmat_config(k: int, dtype: torch.dtype = torch.float32, gha: bool = False,
-                  for_device: bool = False, b: int | None = None) -> dict:
+                  for_device: bool = False, b: int | None = None) -> KernelConfig:
     """:func:`~minc_kernels.kernels.gram.rowmat_kernel` (``X Gᵀ`` fused), grid
     (B/BLOCK_M) × (k/BLOCK_N).
 
@@ -39,28 +101,29 @@ def rowmat_config(k: int, dtype: torch.dtype = torch.float32, gha: bool = False,
     196 registers where 3 stages need 255 and spill.
     """
     if interpreting() and not for_device:
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4)
+        return KernelConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4)
     kk = max(16, next_pow2(k))
-    cfg = dict(BLOCK_M=64, BLOCK_N=min(64, kk), BLOCK_K=min(32, kk), num_warps=8, num_stages=3)
+    cfg = KernelConfig(BLOCK_M=64, BLOCK_N=min(64, kk), BLOCK_K=min(32, kk), num_warps=8,
+                       num_stages=3)
     if b is not None:
         n_n = cdiv(k, cfg["BLOCK_N"])
         # below one wave only: smaller row tiles lose the m64 wgmma shape
         while cdiv(b, cfg["BLOCK_M"]) * n_n < _ONE_WAVE and cfg["BLOCK_M"] > 16:
-            cfg.update(BLOCK_M=cfg["BLOCK_M"] // 2)
+            cfg = cfg.replace(BLOCK_M=cfg["BLOCK_M"] // 2)
     if gha and is_fp32(dtype):
-        cfg.update(BLOCK_K=16, num_stages=3 if k % 16 == 0 else 1)
+        cfg = cfg.replace(BLOCK_K=16, num_stages=3 if k % 16 == 0 else 1)
     return cfg
 
 
-def gram_config(k: int, dtype: torch.dtype, for_device: bool = False) -> dict:
+def gram_config(k: int, dtype: torch.dtype, for_device: bool = False) -> KernelConfig:
     """:func:`~minc_kernels.kernels.gram.moment_partial_kernel` (``Xᵀ X`` by row slices)."""
     if interpreting() and not for_device:
-        return dict(BLOCK_K=16, BLOCK_B=16, num_warps=4)
+        return KernelConfig(BLOCK_K=16, BLOCK_B=16, num_warps=4)
     # Half inputs: 64-row chunks, except when the rows are not 16-element aligned: the
     # masked loads then go through registers and 64 rows need 253-255 of them (sm_90); 32: 166.
     half_rows = 64 if k % 16 == 0 else 32
-    return dict(BLOCK_K=min(64, max(16, next_pow2(k))), BLOCK_B=32 if is_fp32(dtype) else half_rows,
-                num_warps=4, num_stages=3)
+    return KernelConfig(BLOCK_K=min(64, max(16, next_pow2(k))),
+                        BLOCK_B=32 if is_fp32(dtype) else half_rows, num_warps=4, num_stages=3)
 
 
 # ----------------------------------------------------------------------------- spectral
@@ -68,7 +131,8 @@ PAIRWISE_TARGET_PROGRAMS = _TARGET_PROGRAMS
 PAIRWISE_MAX_SPLITS_GRAD = 16  # each split holds a (B, k) fp32 partial of the gradient
 
 
-def pairwise_config(b: int, k: int, dtype: torch.dtype, for_device: bool = False) -> dict:
+def pairwise_config(b: int, k: int, dtype: torch.dtype, for_device: bool = False
+                    ) -> KernelConfig:
     """:func:`~minc_kernels.kernels.spectral.pairwise_offdiag_kernel`, by shape class.
 
     The grid is (row blocks) × (column-stream splits) without a gradient, so small B needs
@@ -78,7 +142,7 @@ def pairwise_config(b: int, k: int, dtype: torch.dtype, for_device: bool = False
     accumulators).  Half inputs take a 64-wide k chunk, fp32 (strict ``ieee`` FMA dots) 32.
     """
     if interpreting() and not for_device:
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_C=16, num_warps=4)
+        return KernelConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_C=16, num_warps=4)
     kk = max(16, next_pow2(k))
     # Rows not 16-element aligned (k % 16): no vector/async copies, the masked loads go
     # through registers: fp32 then spills 8-16 B with 2-3 stages (none with 1), and half
@@ -86,21 +150,21 @@ def pairwise_config(b: int, k: int, dtype: torch.dtype, for_device: bool = False
     aligned = k % 16 == 0
     f32_stages = None if aligned else 1
     if b <= 256:
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=min(32 if is_fp32(dtype) else 64, kk),
-                    BLOCK_C=min(64, kk), num_warps=2,
-                    num_stages=(f32_stages or 3) if is_fp32(dtype) else 3)
+        return KernelConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=min(32 if is_fp32(dtype) else 64, kk),
+                            BLOCK_C=min(64, kk), num_warps=2,
+                            num_stages=(f32_stages or 3) if is_fp32(dtype) else 3)
     if b <= 512:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=min(32 if is_fp32(dtype) else 64, kk),
-                    BLOCK_C=min(64, kk), num_warps=4,
-                    num_stages=(f32_stages or 3) if is_fp32(dtype) else 3)
+        return KernelConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_K=min(32 if is_fp32(dtype) else 64, kk),
+                            BLOCK_C=min(64, kk), num_warps=4,
+                            num_stages=(f32_stages or 3) if is_fp32(dtype) else 3)
     if is_fp32(dtype):
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(32, kk), BLOCK_C=min(64, kk),
-                    num_warps=8, num_stages=f32_stages or 2)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(64 if aligned else 16, kk),
-                BLOCK_C=min(128, kk), num_warps=8, num_stages=3)
+        return KernelConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(32, kk), BLOCK_C=min(64, kk),
+                            num_warps=8, num_stages=f32_stages or 2)
+    return KernelConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(64 if aligned else 16, kk),
+                        BLOCK_C=min(128, kk), num_warps=8, num_stages=3)
 
 
-def pairwise_split(b: int, k: int, need_grad: bool, cfg: dict) -> tuple[int, int]:
+def pairwise_split(b: int, k: int, need_grad: bool, cfg: KernelConfig) -> tuple[int, int]:
     """``(splits, column blocks per split)`` of the pairwise kernel's column stream.
 
     Row blocks × output-column chunks alone give (B/64)·1 programs without a gradient (16 at
@@ -117,11 +181,12 @@ def pairwise_split(b: int, k: int, need_grad: bool, cfg: dict) -> tuple[int, int
     return cdiv(n_cb, per), per
 
 
-def rows_config(k: int) -> dict:
+def rows_config(k: int) -> KernelConfig:
     """The spectral row kernels (clipping, its Jacobian)."""
     if interpreting():
-        return dict(BLOCK_R=16, BLOCK_K=min(64, max(16, next_pow2(k))), num_warps=4)
-    return dict(BLOCK_R=8, BLOCK_K=min(512, max(16, next_pow2(k))), num_warps=8)  # 4 warps spill (sm_90)
+        return KernelConfig(BLOCK_R=16, BLOCK_K=min(64, max(16, next_pow2(k))), num_warps=4)
+    # 8 warps: 4 spill (sm_90)
+    return KernelConfig(BLOCK_R=8, BLOCK_K=min(512, max(16, next_pow2(k))), num_warps=8)
 
 
 # ----------------------------------------------------------------------------- MIO
@@ -130,27 +195,29 @@ _MIO_MAX_SPLITS = 16
 MIO_REG_MAX_K = 256  # largest padded k whose row tile and gradient accumulator live in registers
 
 
-@dataclass(frozen=True)
-class MIOConfig:
-    """Launch configuration of the MIO negative-tile kernels (+ the row kernels)."""
+_MIO_ROWS_BLOCK_R = 16  # rows per program of the row kernels (normalize, gradient finalize)
+_MIO_ROWS_BLOCK_K = 128  # their k chunk
 
-    block_m: int
-    block_n: int
-    block_k: int  # padded k (register path) or the k chunk (streamed path)
-    acc_in_regs: bool
-    num_warps: int
-    num_stages: int
-    n_splits: int
-    block_r: int = 16  # rows per program of the row kernels
-    block_kr: int = 128  # k chunk of the row kernels
-    strip_rows: int = 0  # > 0: the large-k "strip" path, rows of S per group (see mio_forward)
+
+def _mio_config(bm: int, bn: int, bk: int, acc_in_regs: bool, nw: int, ns: int, n_splits: int,
+                strip_rows: int) -> KernelConfig:
+    return KernelConfig(
+        # the negative-tile kernels' own (mio_negative_tiles; the strip kernels take all but
+        # ACC_IN_REGS); BLOCK_K: padded k (register path) or the k chunk (streamed, strip)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ACC_IN_REGS=acc_in_regs, num_warps=nw, num_stages=ns,
+        # the row kernels' BLOCK_R and BLOCK_K (mio_normalize_rows, mio_grad_finalize)
+        ROWS_BLOCK_R=_MIO_ROWS_BLOCK_R, ROWS_BLOCK_K=_MIO_ROWS_BLOCK_K,
+        # launcher only: column-range splits of the one-pass path; strip_rows > 0: the large-k
+        # "strip" path, rows of S per group (see mio_forward)
+        n_splits=n_splits, strip_rows=strip_rows)
 
 
 def pick_config(b: int, k: int, dtype: torch.dtype, on_gpu: bool = True,
                 block_m: int | None = None, block_n: int | None = None,
                 block_k: int | None = None, n_splits: int | None = None,
-                strip_rows: int | None = None) -> MIOConfig:
-    """MIO tile sizes by shape and dtype.
+                strip_rows: int | None = None) -> KernelConfig:
+    """MIO tile sizes by shape and dtype: one :class:`KernelConfig` for all of MIO's launches
+    (keys: see :func:`_mio_config`; the launcher passes each kernel its own).
 
     Paths: k <= 256 (padded): "registers" (row tile and gradient accumulator in registers,
     one pass); larger k: "strip" (S tiles over k chunks -> a strip of σ(S/τn) of
@@ -188,7 +255,7 @@ def pick_config(b: int, k: int, dtype: torch.dtype, on_gpu: bool = True,
         if strip_rows is None:
             strip_rows = max(2048, 2 * cdiv(k, bk) * bk)
         strip_rows = min(cdiv(strip_rows, bm) * bm, cdiv(n, bm) * bm)
-        return MIOConfig(bm, bn, bk, False, nw, ns, 1, strip_rows=strip_rows)
+        return _mio_config(bm, bn, bk, False, nw, ns, 1, strip_rows)
     if block_k is not None:
         acc_in_regs = block_k >= k
         bk = block_k
@@ -219,11 +286,11 @@ def pick_config(b: int, k: int, dtype: torch.dtype, on_gpu: bool = True,
     n_splits = max(1, min(n_splits, n_col_blocks))
     # no empty split: recompute from the number of column blocks per split
     n_splits = cdiv(n_col_blocks, cdiv(n_col_blocks, n_splits))
-    return MIOConfig(bm, bn, bk, acc_in_regs, nw, ns, n_splits)
+    return _mio_config(bm, bn, bk, acc_in_regs, nw, ns, n_splits, 0)
 
 
 # ----------------------------------------------------------------------------- Barlow Twins / VICReg
-def colstats_config(k: int, for_device: bool = False) -> dict:
+def colstats_config(k: int, for_device: bool = False) -> KernelConfig:
     """:func:`~minc_kernels.kernels.gram.colstats_kernel` and its backward: one program per
     ``BLOCK_K`` columns streams every row, so the grid is only k/BLOCK_K programs: the
     column block narrows (64 -> 32 -> 16, 2048-element tiles) until a wave of 132 SMs runs;
@@ -233,19 +300,19 @@ def colstats_config(k: int, for_device: bool = False) -> dict:
     128×16 tiles); with 8, 64-108 registers and no spill (static compile, no GPU run).
     """
     if interpreting() and not for_device:
-        return dict(BLOCK_B=16, BLOCK_K=16, num_warps=4)
+        return KernelConfig(BLOCK_B=16, BLOCK_K=16, num_warps=4)
     kk = max(16, next_pow2(k))
     bk = min(64, kk)
     while bk > 16 and cdiv(k, bk) < TARGET_SMS:
         bk //= 2
-    return dict(BLOCK_B=2048 // bk, BLOCK_K=bk, num_warps=8)
+    return KernelConfig(BLOCK_B=2048 // bk, BLOCK_K=bk, num_warps=8)
 
 
-def cross_gram_config(k: int, dtype: torch.dtype, for_device: bool = False) -> dict:
+def cross_gram_config(k: int, dtype: torch.dtype, for_device: bool = False) -> KernelConfig:
     """:func:`~minc_kernels.kernels.gram.cross_gram_kernel` (``Xᵀ Y``): the tiles of
     :func:`gram_config`, except fp32 with rows not 16-element aligned: two operands loaded
     through registers spill 12/8 B with 32-row chunks on sm_90 (k = 1001); 16 rows: none."""
     cfg = gram_config(k, dtype, for_device)
     if is_fp32(dtype) and k % 16 and (for_device or not interpreting()):
-        cfg.update(BLOCK_B=16)
+        cfg = cfg.replace(BLOCK_B=16)
     return cfg

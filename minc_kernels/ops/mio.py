@@ -42,15 +42,15 @@ from ..kernels.mio import (
 )
 from ._common import cdiv, check_kernel_dtype, device_guard, fast_math, interpreting, upcast_bf16_dot
 from ._grad_in_forward import register_grad_in_forward
-from .configs import MIOConfig, pick_config
+from .configs import KernelConfig, pick_config
 
-__all__ = ["mio_loss", "mio_forward", "MIOConfig", "pick_config"]
+__all__ = ["mio_loss", "mio_forward", "pick_config"]
 
 EPS = 1e-12  # F.normalize's eps, as in the reference
 
 
 @functools.lru_cache(maxsize=256)
-def _default_config(b: int, k: int, dtype: torch.dtype, on_gpu: bool) -> MIOConfig:
+def _default_config(b: int, k: int, dtype: torch.dtype, on_gpu: bool) -> KernelConfig:
     return pick_config(b, k, dtype, on_gpu=on_gpu)
 
 
@@ -58,22 +58,23 @@ def _negatives_in_one_pass(zhat, b, n, ks, neg_temperature, need_grad, cfg, is_f
                            interp_bf16):
     """Registers / streamed path: ``(gpart (n_splits, N, KS), neg_part)`` in one launch."""
     dev, f32 = zhat.device, torch.float32
-    n_row_blocks = cdiv(n, cfg.block_m)
-    n_col_blocks = cdiv(n, cfg.block_n)
-    bps = cdiv(n_col_blocks, cfg.n_splits)
+    n_splits = cfg["n_splits"]
+    n_row_blocks = cdiv(n, cfg["BLOCK_M"])
+    n_col_blocks = cdiv(n, cfg["BLOCK_N"])
+    bps = cdiv(n_col_blocks, n_splits)
     if need_grad:
-        alloc = torch.empty if cfg.acc_in_regs else torch.zeros
-        gpart = alloc((cfg.n_splits, n, ks), dtype=f32, device=dev)
+        alloc = torch.empty if cfg["ACC_IN_REGS"] else torch.zeros
+        gpart = alloc((n_splits, n, ks), dtype=f32, device=dev)
     else:
         gpart = torch.empty((1,), dtype=f32, device=dev)
-    neg_part = torch.empty((cfg.n_splits, n_row_blocks), dtype=f32, device=dev)
-    mio_negative_tiles[(n_row_blocks, cfg.n_splits)](
+    neg_part = torch.empty((n_splits, n_row_blocks), dtype=f32, device=dev)
+    mio_negative_tiles[(n_row_blocks, n_splits)](
         zhat, gpart, neg_part, b, n, ks,
         1.0 / neg_temperature, n_col_blocks, bps,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        ACC_IN_REGS=cfg.acc_in_regs, COMPUTE_GRAD=need_grad, IS_FP32=is_f32,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        ACC_IN_REGS=cfg["ACC_IN_REGS"], COMPUTE_GRAD=need_grad, IS_FP32=is_f32,
         INTERP_BF16=interp_bf16, FAST_MATH=fast_math(zhat),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return gpart, neg_part
 
@@ -88,36 +89,38 @@ def _negatives_by_strips(zhat, b, n, ks, neg_temperature, need_grad, cfg, is_f32
     buffer: O(B·k).
     """
     dev, f32 = zhat.device, torch.float32
-    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    strip_rows, nw, ns = cfg["strip_rows"], cfg["num_warps"], cfg["num_stages"]
     n_col_blocks = cdiv(n, bn)
     np_ = n_col_blocks * bn
     neg_part = torch.empty((cdiv(n, bm), n_col_blocks), dtype=f32, device=dev)
     if need_grad:
-        strip = torch.empty((cfg.strip_rows, np_), dtype=zhat.dtype, device=dev)
+        strip = torch.empty((strip_rows, np_), dtype=zhat.dtype, device=dev)
         gpart = torch.empty((1, n, ks), dtype=f32, device=dev)
     else:
         strip = gpart = torch.empty((1,), dtype=f32, device=dev)
-    for row0 in range(0, n, cfg.strip_rows):
-        rows_here = min(cfg.strip_rows, n - row0)
+    for row0 in range(0, n, strip_rows):
+        rows_here = min(strip_rows, n - row0)
         mio_negative_strip[(cdiv(rows_here, bm), n_col_blocks)](
             zhat, strip, neg_part, b, n, ks, np_, row0, 1.0 / neg_temperature,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, COMPUTE_GRAD=need_grad, IS_FP32=is_f32,
-            INTERP_BF16=interp_bf16, FAST_MATH=fast_math(zhat),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            INTERP_BF16=interp_bf16, FAST_MATH=fast_math(zhat), num_warps=nw, num_stages=ns,
         )
         if need_grad:
             mio_strip_matmul[(cdiv(rows_here, bm), cdiv(ks, bn))](
                 strip, zhat, gpart, n, ks, np_, row0, rows_here,
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IS_FP32=is_f32,
-                INTERP_BF16=interp_bf16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                INTERP_BF16=interp_bf16, num_warps=nw, num_stages=ns,
             )
     return gpart, neg_part
 
 
 def mio_forward(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float, neg_temperature: float,
-                lambda_l2: float, need_grad: bool, config: MIOConfig | None = None
+                lambda_l2: float, need_grad: bool, config: KernelConfig | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss (fp32 scalar) and, if ``need_grad``, ``dL/d[z1; z2]`` ((2B, k) fp32; else empty)."""
+    """Loss (fp32 scalar) and, if ``need_grad``, ``dL/d[z1; z2]`` ((2B, k) fp32; else empty).
+    ``config``: a :func:`~minc_kernels.ops.configs.pick_config` result (default: the one for
+    this shape and dtype)."""
     check_kernel_dtype("mio_loss", z1, z2)
     if z1.dim() != 2 or z1.shape != z2.shape or z1.shape[0] < 2:
         raise ValueError(f"z1, z2 must both have shape (B, k) with B >= 2, got {tuple(z1.shape)} "
@@ -125,28 +128,29 @@ def mio_forward(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float, neg_
     b, k = z1.shape
     n = 2 * b
     dev = z1.device
-    cfg = config or _default_config(b, k, z1.dtype, not interpreting())
+    cfg = config if config is not None else _default_config(b, k, z1.dtype, not interpreting())
     f32 = torch.float32
     # Workarounds for the CPU interpreter's bf16 (dot on raw bits, truncating casts).
     interp_bf16 = upcast_bf16_dot(z1.dtype)
     with device_guard(z1):
         # Row stride of ẑ and of the gradient partials: k padded to the tile's k (zeros).
-        ks = cdiv(k, cfg.block_k) * cfg.block_k
+        ks = cdiv(k, cfg["BLOCK_K"]) * cfg["BLOCK_K"]
         zhat = torch.empty((n, ks), dtype=z1.dtype, device=dev)
         norms = torch.empty((n,), dtype=f32, device=dev)
         pos_coef = torch.empty((b,), dtype=f32, device=dev)
-        n_row_prog = cdiv(b, cfg.block_r)
+        rows_br, rows_bk = cfg["ROWS_BLOCK_R"], cfg["ROWS_BLOCK_K"]
+        n_row_prog = cdiv(b, rows_br)
         pos_part = torch.empty((n_row_prog,), dtype=f32, device=dev)
         reg_part = torch.empty((n_row_prog,), dtype=f32, device=dev)
         mio_normalize_rows[(n_row_prog,)](
             z1, z2, zhat, norms, pos_coef, pos_part, reg_part,
             b, k, ks, z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1),
             1.0 / pos_temperature,
-            EPS=EPS, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_kr, INTERP_BF16=interp_bf16,
+            EPS=EPS, BLOCK_R=rows_br, BLOCK_K=rows_bk, INTERP_BF16=interp_bf16,
         )
         # fp32: strict IEEE (dot_same); 16-bit operands: the native half dot
         is_f32 = z1.dtype == torch.float32
-        if cfg.strip_rows:
+        if cfg["strip_rows"]:
             gpart, neg_part = _negatives_by_strips(zhat, b, n, ks, neg_temperature, need_grad,
                                                    cfg, is_f32, interp_bf16)
         else:
@@ -162,10 +166,10 @@ def mio_forward(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float, neg_
             return loss, torch.empty((0,), dtype=f32, device=dev)
         dz = torch.empty((n, k), dtype=f32, device=dev)
         mio_grad_finalize[(n_row_prog,)](
-            z1, z2, norms, pos_coef, gpart, dz, b, n, k, ks, cfg.n_splits,
+            z1, z2, norms, pos_coef, gpart, dz, b, n, k, ks, cfg["n_splits"],
             z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1),
             2.0 / (neg_temperature * n_neg), 1.0 / b, 2.0 * lambda_l2 / (b * k),
-            EPS=EPS, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_kr,
+            EPS=EPS, BLOCK_R=rows_br, BLOCK_K=rows_bk,
         )
     return loss, dz
 
