@@ -15,12 +15,16 @@ stack; Triton's metadata the dynamic shared memory; the PTX whether fp32 variant
 tf32/mma and whether the loads are pipelined (``cp.async``) and dots use ``wgmma``.
 
 The losses are those of ``minc_kernels.losses.REGISTRY`` whose op has a meta-tensor launcher
-in :data:`LAUNCHERS` (the registry's variants included); a registered loss with kernels
-but no launcher there is listed as uncovered in the results' meta and printed.
+in :data:`LAUNCHERS` (the registry's variants included, plus the suite's own: Barlow Twins'
+distributed cross-correlation op); a registered loss with kernels but no launcher there is
+listed as uncovered in the results' meta and printed.  The Gram-layer launchers run as
+``MINC_KERNELS_GRAM=triton`` (the kernels, not the cuBLAS candidate).
 
 Per launch, the table gives the grid, the resident CTAs per SM (registers, shared memory
-and threads of sm_90), waves over 132 SMs, the SM fill of the first wave, and for spectral
-the cost model's estimate (``ops.spectral.estimate_seconds``) of the algorithm it launched.
+and threads of sm_90), waves over 132 SMs, the SM fill of the first wave, the launch's ideal
+time (useful flops at peak; the column-statistics kernels: bytes at the copy bandwidth),
+and for spectral, Barlow Twins and VICReg the cost model's estimate
+(``ops.spectral.estimate_seconds``) of the algorithm it launched.
 :func:`violations` is what ``tests/test_static_sm90.py`` asserts.
 """
 from __future__ import annotations
@@ -31,6 +35,8 @@ if __name__ == "__main__":
     # Compiling for sm_90 needs the real JIT, not the interpreter: before triton is imported.
     # (Imported as a module, e.g. by a test for `violations`, it leaves the environment be.)
     os.environ.pop("TRITON_INTERPRET", None)
+    # the Gram layer's Triton kernels (MINC_KERNELS_GRAM=cublas would launch none of them)
+    os.environ["MINC_KERNELS_GRAM"] = "triton"
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -66,9 +72,18 @@ REG_LIMIT = 255
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Launches whose work grows with B·k or B²·k: the ones grid fill matters for.  The row
-# kernels (one pass over B·k elements), mio_loss_combine (one program by design) are light.
+# kernels (one pass over B·k elements, a grid over the rows), mio_loss_combine (one program
+# by design) are light.  The column-statistics kernels of Barlow Twins / VICReg are one
+# pass over B·k elements too, but their grid is over the columns only (k/BLOCK_K programs
+# stream all B rows): their fill is checked, against their bytes (MEMORY_BOUND).
+MEMORY_BOUND = {"colstats_kernel", "colstats_backward_kernel"}
 HEAVY = {"pairwise_offdiag_kernel", "rowmat_kernel", "moment_partial_kernel",
-         "mio_negative_tiles", "mio_negative_strip", "mio_strip_matmul"}
+         "cross_gram_kernel", "mio_negative_tiles", "mio_negative_strip",
+         "mio_strip_matmul"} | MEMORY_BOUND
+# Kernels of the shared Gram layer: their work is priced on the launch's own (B, K)
+# arguments, which differ from the case's (B, k) where a loss multiplies transposed views
+# (Barlow Twins / VICReg "pairwise": N×N Grams of the (k, N) views).
+GRAM_LAYER = {"rowmat_kernel", "moment_partial_kernel", "cross_gram_kernel"} | MEMORY_BOUND
 # The sizes users run (GPU.md): B 256-8192, k 128-8192; grid fill is asserted there.
 BENCH_B = (256, 8192)
 BENCH_K = (128, 8192)
@@ -76,19 +91,36 @@ BENCH_K = (128, 8192)
 # bound by launch latency (~4-5 us on H100), not by its grid: fill is not asserted for it.
 LATENCY_BOUND_US = 5.0
 PEAK_FLOPS = {"fp32": 5.0e13, "half": 8.0e14, "half_x_f32": 2.5e14}  # rough H100, as ops/_common
+BYTES_PER_S = 3.0e12  # rough H100 memory bandwidth, as ops/_common.DEVICE_BW
 
 
-def useful_flops(kernel: str, b: int, k: int, grad: bool, dtype: str, grid, tiles, flags) -> tuple:
-    """(flops, peak) of the work a launch must do at least (recomputation not counted)."""
+def useful_work(kernel: str, b: int, k: int, grad: bool, dtype: str, grid, tiles, flags,
+                dims=None) -> tuple:
+    """(work, rate) of what a launch must do at least (recomputation not counted): flops
+    and the peak flop/s, or for MEMORY_BOUND kernels bytes and BYTES_PER_S.  ``dims``: the
+    launch's own ``(B, K)`` arguments (GRAM_LAYER kernels are priced on them)."""
     half = dtype != "fp32"
     same = PEAK_FLOPS["half" if half else "fp32"]
     n = 2 * b
+    if kernel in GRAM_LAYER and dims is not None:
+        b, k = dims
+    if kernel == "colstats_kernel":
+        # read both views, write both centred/standardised copies (storage dtype)
+        return 4.0 * b * k * (2 if half else 4), BYTES_PER_S
+    if kernel == "colstats_backward_kernel":
+        # read both fp32 gradients, write both fp32 results; the standardised copies
+        # (STANDARDIZE) and the inputs (INVARIANCE) in the storage dtype
+        per = 16 + 2 * (2 if half else 4) * (bool(flags.get("STANDARDIZE"))
+                                              + bool(flags.get("INVARIANCE")))
+        return 1.0 * b * k * per, BYTES_PER_S
     if kernel == "pairwise_offdiag_kernel":
         return 2.0 * b * b * k * (2 if flags.get("NEED_GRAD") else 1), same
     if kernel == "rowmat_kernel":
         return 2.0 * b * k * k, PEAK_FLOPS["half_x_f32" if half else "fp32"]
     if kernel == "moment_partial_kernel":
         return 1.0 * b * k * k, same  # symmetric: half of 2·B·k²
+    if kernel == "cross_gram_kernel":
+        return 2.0 * b * k * k, same  # XᵀY: not symmetric
     if kernel == "mio_negative_tiles":
         return 2.0 * n * n * k * (2 if flags.get("COMPUTE_GRAD") else 1), same
     if kernel in ("mio_negative_strip", "mio_strip_matmul"):
@@ -122,6 +154,7 @@ class Launch:
     constexprs: dict
     compiled: object
     ptxas_log: str
+    dims: tuple | None = None  # the kernel's own (B, K) arguments, where it has both
 
 
 @contextlib.contextmanager
@@ -138,7 +171,9 @@ def compile_launches_for_sm90():
             compiled = orig_run(self, *args, grid=grid, warmup=True, **kwargs)
         g = tuple(int(x) for x in grid) + (1,) * (3 - len(grid))
         consts = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
-        records.append(Launch(self.fn.__name__, g, consts, compiled, buf.getvalue()))
+        bound = dict(zip(self.arg_names, args))
+        dims = (int(bound["B"]), int(bound["K"])) if "B" in bound and "K" in bound else None
+        records.append(Launch(self.fn.__name__, g, consts, compiled, buf.getvalue(), dims))
         return compiled
 
     _driver.set_active(_Sm90Driver())
@@ -247,15 +282,82 @@ def _launch_mio(b, k, dtype, need_grad, variant):
     return {"algorithm": "flash"}
 
 
+def _body(op):
+    """The plain Python body of a ``torch.library.custom_op`` (called on meta tensors, the op
+    itself would run its fake implementation, not the launchers)."""
+    fn = getattr(op, "_init_fn", None)
+    if fn is None:
+        raise RuntimeError(f"{op}: this torch's CustomOpDef has no _init_fn; the suite "
+                           "cannot reach the op's launchers")
+    return fn
+
+
+def _default(module_cls, name):
+    import inspect
+
+    return inspect.signature(module_cls).parameters[name].default
+
+
+def _gram_pair_estimates(b, k, dtype, need_grad, algo):
+    """The cost model behind ``ops.barlow_twins.choose_algorithm``: the spectral Gram-path
+    estimate of ``Zᵀ`` (N×N, "pairwise") and of ``Z`` (k×k, "gram"), µs."""
+    from minc_kernels.ops.spectral import estimate_seconds
+
+    est = {"pairwise": estimate_seconds(k, b, dtype, need_grad)["gram"],
+           "gram": estimate_seconds(b, k, dtype, need_grad)["gram"]}
+    other = "gram" if algo == "pairwise" else "pairwise"
+    return {"est_us": round(est[algo] * 1e6, 2), "est_other_us": round(est[other] * 1e6, 2)}
+
+
+def _launch_barlow_twins(b, k, dtype, need_grad, variant):
+    from minc_kernels.losses.barlow_twins import BarlowTwinsLoss
+    from minc_kernels.ops import barlow_twins as ob
+
+    za, zb = _meta(b, k, dtype), _meta(b, k, dtype)
+    if variant.get("distributed"):
+        # gather_distributed=True: the rank's Ẑaᵀ Ẑb (op barlow_twins_cross_corr) and, with
+        # the gradient, its backward op (rowmat twice, then the standardisation's Jacobian)
+        c, na, nb, stats = _body(ob.barlow_twins_cross_corr)(za, zb)
+        if need_grad:
+            _body(ob.barlow_twins_cross_corr_backward)(torch.empty_like(c), za, zb, na, nb,
+                                                       stats)
+        return {"algorithm": "cross_corr"}
+    chosen = ob.choose_algorithm(b, k, dtype, need_grad)
+    algo = variant.get("algorithm", chosen)
+    ob.barlow_twins_forward(za, zb, _default(BarlowTwinsLoss, "lambda_param"), algo, need_grad)
+    return {"algorithm": algo, "auto_choice": chosen,
+            **_gram_pair_estimates(b, k, dtype, need_grad, algo)}
+
+
+def _launch_vicreg(b, k, dtype, need_grad, variant):
+    from minc_kernels.losses.vicreg import VICRegLoss
+    from minc_kernels.ops import barlow_twins as ob
+    from minc_kernels.ops import vicreg as ov
+
+    chosen = ob.choose_algorithm(b, k, dtype, need_grad)
+    algo = variant.get("algorithm", chosen)
+    hp = [_default(VICRegLoss, n) for n in ("lambda_param", "mu_param", "nu_param", "eps")]
+    ov.vicreg_forward(_meta(b, k, dtype), _meta(b, k, dtype), *hp, algo, need_grad)
+    return {"algorithm": algo, "auto_choice": chosen,
+            **_gram_pair_estimates(b, k, dtype, need_grad, algo)}
+
+
 # How to run an op's launchers on meta tensors, by the registry's ``op`` name: the label of
-# the default call, the launcher, and the variants that change only the gradient (run with
-# grad only).  The registry has no such hook yet, so an op missing here is listed as
+# the default call, the launcher, the variants that change only the gradient (run with
+# grad only), and the suite's own variants beyond the registry's (label -> keywords for the
+# launcher).  The registry has no such hook yet, so an op missing here is listed as
 # uncovered (:func:`uncovered_losses`) instead of being skipped silently.
 LAUNCHERS = {
-    "spectral": ("auto", _launch_spectral, ()),
-    "minc": ("standard", _launch_minc, ("gha",)),
-    "mio": ("flash", _launch_mio, ()),
+    "spectral": ("auto", _launch_spectral, (), {}),
+    "minc": ("standard", _launch_minc, ("gha",), {}),
+    "mio": ("flash", _launch_mio, (), {}),
+    "barlow_twins": ("auto", _launch_barlow_twins, (), {"cross_corr": {"distributed": True}}),
+    "vicreg": ("auto", _launch_vicreg, (), {}),
 }
+# Losses whose variants force the algorithm that ``auto`` would choose by a cost model:
+# only the auto choice (what the loss runs) is checked for grid fill.
+ALGORITHM_CHOICE = {"spectral", "barlow_twins", "vicreg"}
+FORCED_ALGORITHMS = ("pairwise", "gram")
 
 
 def covered_losses() -> dict:
@@ -281,8 +383,13 @@ def run_case(loss: str, b: int, k: int, dtype: torch.dtype, need_grad: bool, var
     spec = REGISTRY[loss]
     if spec.op not in LAUNCHERS:
         raise ValueError(f"{loss}: no meta-tensor launcher for op {spec.op!r} (LAUNCHERS)")
-    default, launch, _ = LAUNCHERS[spec.op]
-    kwargs = {} if variant == default else dict(spec.variants[variant])
+    default, launch, _, extra_variants = LAUNCHERS[spec.op]
+    if variant == default:
+        kwargs = {}
+    elif variant in extra_variants:
+        kwargs = dict(extra_variants[variant])
+    else:
+        kwargs = dict(spec.variants[variant])
     with compile_launches_for_sm90() as rec:
         extra = launch(b, k, dtype, need_grad, kwargs)
     return rec, extra
@@ -303,13 +410,15 @@ def rows_of_case(loss, b, k, dtype_name, need_grad, variant):
         tiles = {k_: v for k_, v in ln.constexprs.items() if k_.startswith("BLOCK") or k_ in (
             "num_warps", "num_stages", "ACC_IN_REGS")}
         variant_flags = {k_: v for k_, v in ln.constexprs.items() if k_ in (
-            "NEED_GRAD", "GHA", "COMPUTE_GRAD", "DOT_WITH_OTHER", "MODE", "CLIP")}
-        flops, peak = useful_flops(ln.kernel, b, k, need_grad, dtype_name, ln.grid, tiles,
-                                   variant_flags)
+            "NEED_GRAD", "GHA", "COMPUTE_GRAD", "DOT_WITH_OTHER", "MODE", "CLIP",
+            "STANDARDIZE", "INVARIANCE")}
+        work, rate = useful_work(ln.kernel, b, k, need_grad, dtype_name, ln.grid, tiles,
+                                 variant_flags, ln.dims)
         rows.append(dict(
-            ideal_us=round(flops / peak * 1e6, 3),
+            ideal_us=round(work / rate * 1e6, 3),
             loss=loss, variant=variant, B=b, k=k, dtype=dtype_name, grad=bool(need_grad),
             kernel=ln.kernel, flags=variant_flags, tiles=tiles, grid=list(ln.grid),
+            dims=list(ln.dims) if ln.dims else None,
             programs=programs, ctas_per_sm=occ,
             waves=round(programs / (SMS * occ), 3) if occ else None,
             sm_fill=round(min(1.0, programs / SMS), 3),
@@ -340,10 +449,11 @@ def shape_grid(subset: str):
         dts = ("fp32", "bf16", "fp16")
     else:
         raise ValueError(f"subset must be 'ci' or 'full', got {subset!r}")
-    variants = {}
+    variants, extra_variants = {}, {}
     for loss, spec in covered_losses().items():
-        default, _, grad_only = LAUNCHERS[spec.op]
-        variants[loss] = ([default] + list(spec.variants), grad_only)
+        default, _, grad_only, extra = LAUNCHERS[spec.op]
+        variants[loss] = ([default] + list(spec.variants) + list(extra), grad_only)
+        extra_variants[loss] = set(extra)
     cases = []
     for b, k in shapes:
         for dt in dts:
@@ -357,6 +467,13 @@ def shape_grid(subset: str):
                             # issue names (B 256-4096 with k <= 1024)
                             if v == "gram" or k > 1024:
                                 continue
+                        if (loss in ("barlow_twins", "vicreg") and v != "auto"
+                                and subset == "ci"):
+                            # CI: the auto choice, plus both forced algorithms (the N×N
+                            # and the k×k path) at k <= 1024; the distributed op
+                            # (cross_corr) compiles the gram path's kernels: full grid only
+                            if v in extra_variants[loss] or k > 1024:
+                                continue
                         cases.append((loss, b, k, dt, g, v))
     return cases
 
@@ -364,6 +481,15 @@ def shape_grid(subset: str):
 # ----------------------------------------------------------------------------- checks
 def in_bench_shapes(r) -> bool:
     return BENCH_B[0] <= r["B"] <= BENCH_B[1] and BENCH_K[0] <= r["k"] <= BENCH_K[1]
+
+
+def fill_checked(r) -> bool:
+    """Whether a launch's grid fill is asserted: a heavy launch the loss actually runs (not a
+    forced algorithm that ``auto`` did not choose) at the benchmark shapes, with at least
+    LATENCY_BOUND_US of ideal work."""
+    forced = r["loss"] in ALGORITHM_CHOICE and r["variant"] in FORCED_ALGORITHMS
+    return (not forced and r["heavy"] and in_bench_shapes(r)
+            and r["ideal_us"] >= LATENCY_BOUND_US)
 
 
 def violations(rows) -> list[str]:
@@ -384,11 +510,9 @@ def violations(rows) -> list[str]:
             out.append(f"{tag}: {r['regs']} registers (>= {REG_LIMIT})")
         if r["ctas_per_sm"] < 1:
             out.append(f"{tag}: does not fit on an SM")
-        # Grid fill: only the launches the loss actually runs (spectral: the cost model's
-        # choice) at the benchmark shapes.
-        runs = not (r["loss"] == "spectral" and r["variant"] != "auto")
-        if (runs and r["heavy"] and in_bench_shapes(r) and r["ideal_us"] >= LATENCY_BOUND_US
-                and r["programs"] < SMS):
+        # Grid fill: only the launches the loss actually runs (spectral, Barlow Twins,
+        # VICReg: the cost model's choice) at the benchmark shapes (fill_checked).
+        if fill_checked(r) and r["programs"] < SMS:
             out.append(f"{tag}: grid {r['grid']} = {r['programs']} programs < {SMS} SMs "
                        f"(ideal {r['ideal_us']} us)")
     return out
@@ -429,7 +553,7 @@ def write_markdown(rows, meta, viol, path: Path):
     lines += ["", "Columns: regs = registers/thread, spill = spill store+load bytes, smem = "
               "dynamic shared memory (KB), occ = resident CTAs/SM, fill = min(1, programs/132), "
               "waves = programs/(132·occ), ideal = µs of the launch's useful flops at peak on "
-              "132 SMs (fill is asserted only from 5 µs up), tf32/mma/wgmma/cp.async = counts in the PTX, "
+              "132 SMs (colstats kernels: its bytes at 3 TB/s; fill is asserted only from 5 µs up), tf32/mma/wgmma/cp.async = counts in the PTX, "
               "est = cost-model µs of the launched algorithm (other algorithm in brackets).", "",
               "| loss | variant | B | k | dtype | grad | kernel | tiles | grid | programs | "
               "regs | spill | smem KB | occ | waves | fill | ideal µs | tf32/mma/wgmma | cp.async | est µs |",
