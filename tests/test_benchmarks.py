@@ -454,3 +454,25 @@ def test_sync_check_steps_every_registry_loss(tmp_path):
     assert all(r["status"] == "ok" and math.isfinite(r["loss_value"]) for r in res), res
     with pytest.raises(SystemExit):
         sync_check.main(["--device", "cpu", "--losses", "nope"])
+
+
+def test_op_memory_measures_allocations_with_launches_stubbed(tmp_path):
+    """benchmarks/op_memory.py: the calibration allocation is measured to within a few MiB,
+    and the stubbed launchers' allocations show the k×k matrix of the Gram path (4 MiB at
+    k = 1024, fp32) and not on the N×N path (32×32)."""
+    from benchmarks import op_memory
+
+    assert op_memory.main(["--losses", "barlow_twins", "--shapes", "32x1024", "--dtypes", "fp32",
+                           "--providers", "minc_kernels-gram,minc_kernels-pairwise",
+                           "--threads", "1", "--no-progress", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    by = {r["provider"]: r for r in data["cases"]}
+    assert set(by) == {"probe", "minc_kernels-gram", "minc_kernels-pairwise"}
+    assert all(r["status"] == "ok" for r in by.values()), by
+    assert op_memory.PROBE_MIB <= by["probe"]["peak_mib"] < op_memory.PROBE_MIB + 8
+    gram, pairwise = by["minc_kernels-gram"], by["minc_kernels-pairwise"]
+    assert gram["launches"]["cross_gram_kernel"] == 1 and "cross_gram_kernel" not in pairwise["launches"]
+    assert gram["peak_mib"] >= 4.0 > pairwise["peak_mib"]
+    assert "| barlow_twins | 32 × 1024 | fp32 | minc_kernels-gram |" in (tmp_path / "results.md").read_text()
+    with pytest.raises(SystemExit):
+        op_memory.parse_args(["--shapes", "1x8"])

@@ -54,3 +54,44 @@ def test_unknown_gram_backend_is_named(monkeypatch):
     monkeypatch.setenv(G.GRAM_ENV, "cutlass")
     with pytest.raises(ValueError, match="MINC_KERNELS_GRAM"):
         G.gram(torch.randn(4, 3, device=DEV))
+
+
+@pytest.mark.parametrize("backend", G.GRAM_BACKENDS)
+def test_rowmat_into_a_given_destination_and_in_place_jacobian(monkeypatch, backend):
+    """``rowmat(out=)`` through a transposed view gives the same bits as its own contiguous
+    buffer; ``col_stats_backward(in_place=True)`` the same bits as separate outputs; both
+    refuse destinations of the wrong shape, dtype or layout and write nothing then."""
+    monkeypatch.setenv(G.GRAM_ENV, backend)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(20, 24, generator=g).to(DEV)
+    m = torch.randn(24, 24, generator=g).to(DEV)
+    d = torch.randn(20, generator=g).to(DEV)
+    want = G.rowmat(x, m, x, d, 0.7, -0.3, 0.2, False, True)
+    buf = torch.full((24, 20), float("nan"), device=DEV)
+    got = G.rowmat(x, m, x, d, 0.7, -0.3, 0.2, False, True, out=buf.T)
+    assert got[2].data_ptr() == buf.data_ptr()
+    for w, v in zip(want, got):
+        torch.testing.assert_close(v, w, rtol=0, atol=0)
+    for bad in (torch.empty(24, 20, device=DEV), torch.empty(20, 24, dtype=torch.float64, device=DEV)):
+        with pytest.raises(ValueError, match="out must be a float32 tensor of shape"):
+            G.rowmat(x, m, x, d, 0.7, -0.3, 0.2, False, True, out=bad)
+    with pytest.raises(ValueError, match="need_grad"):
+        G.rowmat(x, m, x, d, 0.7, -0.3, 0.2, False, False, out=torch.empty(20, 24, device=DEV))
+
+    za, zb = torch.randn(2, 20, 24, generator=g).to(DEV)
+    for standardize in (True, False):
+        na, nb, stats = G.col_stats(za, zb, standardize, 1e-5, transposed=False)
+        gx, gy = torch.randn(2, 20, 24, generator=g).to(DEV)
+        ref = G.col_stats_backward(gx, gy, na if standardize else None, nb if standardize else None,
+                                   za, zb, stats, 0.1)
+        gx2, gy2 = gx.clone(), gy.clone()
+        ox, oy = G.col_stats_backward(gx2, gy2, na if standardize else None,
+                                      nb if standardize else None, za, zb, stats, 0.1, in_place=True)
+        assert ox.data_ptr() == gx2.data_ptr() and oy.data_ptr() == gy2.data_ptr()
+        torch.testing.assert_close(ox, ref[0], rtol=0, atol=0)
+        torch.testing.assert_close(oy, ref[1], rtol=0, atol=0)
+        strided = gx.clone().T.contiguous().T
+        keep = strided.clone()
+        with pytest.raises(ValueError, match="in_place needs gx as a contiguous float32"):
+            G.col_stats_backward(strided, gy.clone(), None, None, za, zb, stats, 0.0, in_place=True)
+        assert torch.equal(strided, keep)

@@ -30,8 +30,11 @@ Passes:
 
 Memory beyond tiles: the k×k ``C`` (``"gram"``) or one (forward) / two (with gradient)
 N×N Grams (``"pairwise"``) are written in fp32: the gradient needs the whole matrix
-before its product with the other view.  Standardised copies of both views (2·N·k,
-storage dtype) and fp32 gradients (2·N·k).  Deterministic (no atomics).
+before its product with the other view; they are freed before pass 3.  Standardised
+copies of both views (2·N·k, storage dtype) and the fp32 gradients (2·N·k), which pass 3
+overwrites in place: with the gradient, at most ``2·N·k·(itemsize + 4)`` bytes plus the
+k×k matrix (``"gram"``, 4k² bytes) or the two N×N ones (8N² bytes); measured by
+``benchmarks/op_memory.py``.  Deterministic (no atomics).
 """
 from __future__ import annotations
 
@@ -79,6 +82,8 @@ def barlow_twins_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: flo
             torch.diagonal(gam).copy_(2.0 * diag - 2.0)  # ... diagonal -2(1 - C_ii)
             _, _, ga = rowmat(nb, gam, nb, None, 1.0 / n, 0.0, 0.0, False, True)
             _, _, gb = rowmat(na, gam.T, na, None, 1.0 / n, 0.0, 0.0, False, True)
+        del c  # the k×k matrix (and Γ, its in-place successor) is dead before pass 3
+        gam = None
     else:
         diag = stats[8] / n
         na_t, nb_t = na.T, nb.T  # contiguous (k, N)
@@ -86,17 +91,22 @@ def barlow_twins_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: flo
         if need_grad:
             g_b = gram(nb_t)
             coef = (2.0 * lam / (n * n), -2.0 / n, (2.0 - 2.0 * lam) / n)
-            raw, _, ga_t = rowmat(na_t, g_b, nb_t, diag, *coef, False, True)
-            _, _, gb_t = rowmat(nb_t, g_a, na_t, diag, *coef, False, True)
-            ga, gb = ga_t.T, gb_t.T
+            # written through transposed views: the gradients come out contiguous (N, k),
+            # what the in-place Jacobian pass below needs
+            ga = torch.empty((n, k), dtype=torch.float32, device=z_a.device)
+            gb = torch.empty((n, k), dtype=torch.float32, device=z_a.device)
+            raw, _, _ = rowmat(na_t, g_b, nb_t, diag, *coef, False, True, out=ga.T)
+            rowmat(nb_t, g_a, na_t, diag, *coef, False, True, out=gb.T)
+            del g_b
         else:
             raw = gram_dot(nb_t, g_a)
+        del g_a
         frob = raw / (n * n)
     loss = (1.0 - diag).pow(2).sum() + lam * (frob - diag.pow(2).sum())
     if not need_grad:
         return (loss, z_a.new_empty((0,), dtype=torch.float32),
                 z_a.new_empty((0,), dtype=torch.float32))
-    ga, gb = col_stats_backward(ga, gb, na, nb, z_a, z_b, stats, 0.0)
+    ga, gb = col_stats_backward(ga, gb, na, nb, z_a, z_b, stats, 0.0, in_place=True)
     return loss, ga, gb
 
 

@@ -81,16 +81,28 @@ def _rowmat_mm(x, g, y, d, alpha, beta, gamma, gha, need_grad):
 
 
 def rowmat(x: torch.Tensor, g: torch.Tensor, y: torch.Tensor, d: torch.Tensor | None,
-           alpha: float, beta: float, gamma: float, gha: bool, need_grad: bool):
+           alpha: float, beta: float, gamma: float, gha: bool, need_grad: bool,
+           out: torch.Tensor | None = None):
     """``Q = X Gᵀ`` fused: returns ``(Σ x∘q, Σ x∘y, out)`` with ``out = α·Q' + (β + γ·d)·y``
-    (fp32 (B, k), ``Q'`` = ``X LT(G)ᵀ`` with ``gha``) or ``None`` without ``need_grad``."""
+    (fp32 (B, k), ``Q'`` = ``X LT(G)ᵀ`` with ``gha``) or ``None`` without ``need_grad``.
+
+    ``out``: an fp32 (B, k) destination of any strides (e.g. the transpose of a contiguous
+    (k, B) buffer, so that the N×N paths of Barlow Twins/VICReg get their gradient in the
+    inputs' layout without a copy); allocated contiguous when None."""
+    if out is not None and (not need_grad or out.shape != x.shape or out.dtype != torch.float32
+                            or out.device != x.device):
+        raise ValueError(f"out must be a float32 tensor of shape {tuple(x.shape)} on {x.device} "
+                         f"(and need_grad True), got {out.dtype} {tuple(out.shape)} on {out.device}")
     if gram_backend() == "cublas":
-        return _rowmat_mm(x, g, y, d, alpha, beta, gamma, bool(gha and need_grad), need_grad)
+        quad, cross, res = _rowmat_mm(x, g, y, d, alpha, beta, gamma, bool(gha and need_grad),
+                                      need_grad)
+        return quad, cross, (res if out is None or res is None else out.copy_(res))
     b, k = x.shape
     cfg = configs.rowmat_config(k, x.dtype, gha=bool(gha and need_grad), b=b)
     grid = (cdiv(b, cfg["BLOCK_M"]), cdiv(k, cfg["BLOCK_N"]))
     part = torch.empty(grid[0] * grid[1], 2, dtype=torch.float32, device=x.device)
-    out = torch.empty((b, k) if need_grad else (1, 1), dtype=torch.float32, device=x.device)
+    if out is None:
+        out = torch.empty((b, k) if need_grad else (1, 1), dtype=torch.float32, device=x.device)
     d_arg = d if d is not None else part
     with device_guard(x):
         rowmat_kernel[grid](
@@ -198,17 +210,28 @@ def col_stats(x: torch.Tensor, y: torch.Tensor, standardize: bool, eps: float,
 
 def col_stats_backward(gx: torch.Tensor, gy: torch.Tensor, nx: torch.Tensor | None,
                        ny: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
-                       stats: torch.Tensor, inv_coef: float):
+                       stats: torch.Tensor, inv_coef: float, in_place: bool = False):
     """Gradients with respect to ``x``, ``y`` (contiguous fp32 (B, k)) from the fp32
     gradients ``gx``, ``gy`` (any strides) with respect to :func:`col_stats`' outputs:
     the standardisation's Jacobian when ``nx``/``ny`` (its outputs) are given, the
-    centring's otherwise; plus ``±inv_coef·(x - y)`` when ``inv_coef != 0``."""
+    centring's otherwise; plus ``±inv_coef·(x - y)`` when ``inv_coef != 0``.
+
+    ``in_place``: written into ``gx``/``gy`` (which must then be contiguous (B, k)), saving
+    two fp32 (B, k) buffers: each program reads its columns of ``g`` completely (the column
+    means) before it overwrites them, element by element after reading them."""
     b, k = x.shape
     standardize = nx is not None
     nx = nx if standardize else gx
     ny = ny if standardize else gy
-    ox = torch.empty((b, k), dtype=torch.float32, device=x.device)
-    oy = torch.empty((b, k), dtype=torch.float32, device=x.device)
+    if in_place:
+        for name, g in (("gx", gx), ("gy", gy)):
+            if g.shape != (b, k) or not g.is_contiguous() or g.dtype != torch.float32:
+                raise ValueError(f"in_place needs {name} as a contiguous float32 ({b}, {k}) "
+                                 f"tensor, got {g.dtype} {tuple(g.shape)} strides {g.stride()}")
+        ox, oy = gx, gy
+    else:
+        ox = torch.empty((b, k), dtype=torch.float32, device=x.device)
+        oy = torch.empty((b, k), dtype=torch.float32, device=x.device)
     cfg = configs.colstats_config(k)
     with device_guard(x):
         colstats_backward_kernel[(cdiv(k, cfg["BLOCK_K"]),)](

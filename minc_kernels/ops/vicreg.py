@@ -24,7 +24,9 @@ Passes:
    invariance gradient ``±2λ(z_a - z_b)/(N k)`` in one pass.
 
 Memory beyond tiles: one k×k (``"gram"``) or N×N (``"pairwise"``) fp32 matrix per view
-(written; reused in place for the gradient), centred copies of both views, fp32 gradients.
+(written; reused in place for the gradient; freed once the view's gradient is formed),
+centred copies of both views, fp32 gradients (which pass 3 overwrites in place; measured:
+``benchmarks/op_memory.py``).
 Deterministic (no atomics).
 """
 from __future__ import annotations
@@ -60,8 +62,11 @@ def _cov_view(xc: torch.Tensor, sq: torch.Tensor, h: torch.Tensor, alpha: float,
     hh = gram(xt)  # Z_c Z_cᵀ (N×N)
     if not need_grad:
         return _flat_sq(hh) - sq.pow(2).sum(), None
-    frob, _, grad_t = rowmat(xt, hh, xt, h - alpha * sq, alpha, 0.0, 1.0, False, True)
-    return frob - sq.pow(2).sum(), grad_t.T
+    # written through a transposed view: the gradient comes out contiguous (N, k), what the
+    # in-place Jacobian pass needs
+    grad = torch.empty(xc.shape, dtype=torch.float32, device=xc.device)
+    frob, _, _ = rowmat(xt, hh, xt, h - alpha * sq, alpha, 0.0, 1.0, False, True, out=grad.T)
+    return frob - sq.pow(2).sum(), grad
 
 
 def vicreg_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float, mu_param: float,
@@ -85,7 +90,8 @@ def vicreg_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float, mu
     if not need_grad:
         return (loss, z_a.new_empty((0,), dtype=torch.float32),
                 z_a.new_empty((0,), dtype=torch.float32))
-    ga, gb = col_stats_backward(gxa, gxb, None, None, z_a, z_b, stats, 2.0 * lam / (n * k))
+    ga, gb = col_stats_backward(gxa, gxb, None, None, z_a, z_b, stats, 2.0 * lam / (n * k),
+                                in_place=True)
     return loss, ga, gb
 
 
