@@ -36,6 +36,9 @@ def register_grad_in_forward(op, need_grad_index: int, what: str,
     def setup_context(ctx, inputs, output):
         grads = output[1:]
         ctx.mark_non_differentiable(*grads)
+        # the gradient outputs get no upstream gradient: without this, autograd would hand
+        # backward a zero tensor of each one's size (2·B·k fp32 more at backward's peak)
+        ctx.set_materialize_grads(False)
         ctx.need_grad = inputs[need_grad_index]
         ctx.n_inputs = len(inputs)
         ctx.b = inputs[0].shape[0]
@@ -45,7 +48,7 @@ def register_grad_in_forward(op, need_grad_index: int, what: str,
     def backward(ctx, grad_loss, *_grad_grads):
         saved = ctx.saved_tensors
         wanted = [ctx.needs_input_grad[i] for i in grad_inputs]
-        if not any(wanted):
+        if not any(wanted) or grad_loss is None:
             return (None,) * ctx.n_inputs
         if not ctx.need_grad:
             raise RuntimeError(f"{what} was called with need_grad=False; its gradient was not computed")
