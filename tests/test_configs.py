@@ -24,7 +24,7 @@ def test_every_config_function_returns_a_kernel_config():
             cfg = configs.pick_config(21, k, f32, on_gpu=on_gpu)
             assert type(cfg) is KernelConfig
             assert {"BLOCK_M", "BLOCK_N", "BLOCK_K", "ACC_IN_REGS", "num_warps", "num_stages",
-                    "ROWS_BLOCK_R", "ROWS_BLOCK_K", "n_splits", "strip_rows"} == set(cfg)
+                    "ROWS_BLOCK_R", "ROWS_BLOCK_K", "FINALIZE_NUM_WARPS", "n_splits", "strip_rows"} == set(cfg)
 
 
 def test_mapping_splat_and_read_by_key():

@@ -197,6 +197,10 @@ MIO_REG_MAX_K = 256  # largest padded k whose row tile and gradient accumulator 
 
 _MIO_ROWS_BLOCK_R = 16  # rows per program of the row kernels (normalize, gradient finalize)
 _MIO_ROWS_BLOCK_K = 128  # their k chunk
+# mio_grad_finalize's warps: its 16×128 chunk holds four fp32 tiles (ẑ and g of both views);
+# with 4 warps it compiled at 168-255 registers on sm_90 (255 at k = 130 in every dtype, 16 B
+# spilled in bf16 at B = 1031); with 8, 103-168 and no spill (static suite, triton 3.8)
+_MIO_FINALIZE_NUM_WARPS = 8
 
 
 def _mio_config(bm: int, bn: int, bk: int, acc_in_regs: bool, nw: int, ns: int, n_splits: int,
@@ -207,6 +211,7 @@ def _mio_config(bm: int, bn: int, bk: int, acc_in_regs: bool, nw: int, ns: int, 
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ACC_IN_REGS=acc_in_regs, num_warps=nw, num_stages=ns,
         # the row kernels' BLOCK_R and BLOCK_K (mio_normalize_rows, mio_grad_finalize)
         ROWS_BLOCK_R=_MIO_ROWS_BLOCK_R, ROWS_BLOCK_K=_MIO_ROWS_BLOCK_K,
+        FINALIZE_NUM_WARPS=_MIO_FINALIZE_NUM_WARPS,
         # launcher only: column-range splits of the one-pass path; strip_rows > 0: the large-k
         # "strip" path, rows of S per group (see mio_forward)
         n_splits=n_splits, strip_rows=strip_rows)

@@ -169,7 +169,7 @@ def mio_forward(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float, neg_
             z1, z2, norms, pos_coef, gpart, dz, b, n, k, ks, cfg["n_splits"],
             z1.stride(0), z1.stride(1), z2.stride(0), z2.stride(1),
             2.0 / (neg_temperature * n_neg), 1.0 / b, 2.0 * lambda_l2 / (b * k),
-            EPS=EPS, BLOCK_R=rows_br, BLOCK_K=rows_bk,
+            EPS=EPS, BLOCK_R=rows_br, BLOCK_K=rows_bk, num_warps=cfg["FINALIZE_NUM_WARPS"],
         )
     return loss, dz
 
