@@ -49,6 +49,9 @@ import sys
 import time
 from pathlib import Path
 
+from .cpu_memory import _proc_status_kib as _status_kib
+from .cpu_memory import _reset_peak
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 MIB = float(1 << 20)
@@ -64,19 +67,6 @@ def _fixed_mmap_threshold(nbytes: int = 64 << 10) -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
     except (OSError, AttributeError):  # pragma: no cover - not glibc
         return False
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
 # --------------------------------------------------------------------------- providers
@@ -147,7 +137,8 @@ def worker(case: dict) -> dict:
     inputs = cases.make_inputs(case["loss"], case["b"], case["k"], dtype, cpu, seed=1)
     if stub is not None:
         stub.counts.clear()  # launches of the measured call only
-    _reset_peak()
+    if not _reset_peak():
+        raise RuntimeError("op_memory needs Linux's /proc/self/clear_refs to reset the peak")
     rss0 = _status_kib("VmRSS")
     t0 = time.perf_counter()
     value = step(inputs)
