@@ -84,10 +84,24 @@ def test_default_minc_training_step_has_no_host_sync(device, symmetric):
     assert torch.isfinite(loss_fn.moment).all()
 
 
-@pytest.mark.parametrize("loss_fn", [mk.SpectralContrastiveLoss(), mk.MIOLoss()],
-                         ids=["spectral", "mio"])
-def test_pair_losses_have_no_host_sync(loss_fn):
-    z1 = torch.randn(9, 5, requires_grad=True)
-    z2 = torch.randn(9, 5, requires_grad=True)
-    with NoHostReads():
+_PAIR_LOSSES = {
+    "spectral": lambda: mk.SpectralContrastiveLoss(),
+    "mio": lambda: mk.MIOLoss(),
+    **{f"{name}-{algo}": (lambda cls=cls, algo=algo: cls(algorithm=algo))
+       for name, cls in (("barlow_twins", mk.BarlowTwinsLoss), ("vicreg", mk.VICRegLoss))
+       for algo in ("auto", "pairwise", "gram")},
+}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("name", list(_PAIR_LOSSES))
+def test_pair_losses_have_no_host_sync(name, device):
+    """Default backend: the eager math on the CPU, the Triton ops on CUDA (there also under
+    ``torch.cuda.set_sync_debug_mode("error")``)."""
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(5)
+    z1 = (torch.randn(9, 5, generator=g) * 2 + 1).to(device).requires_grad_()
+    z2 = (torch.randn(9, 5, generator=g) * 2 - 1).to(device).requires_grad_()
+    loss_fn = _PAIR_LOSSES[name]()
+    with NoHostReads(), _no_sync(device):
         loss_fn(z1, z2).backward()
