@@ -195,18 +195,6 @@ def plan(args) -> list[dict]:
     return out
 
 
-def _git() -> tuple[str, bool | None]:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=ROOT).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "minc_kernels",
-                                     "benchmarks"], capture_output=True, text=True,
-                                    cwd=ROOT).stdout.strip())
-    except OSError:
-        return "", None
-    return os.environ.get("MINC_KERNELS_GIT_COMMIT", sha), dirty
-
-
 def markdown(data: dict) -> str:
     lines = [
         "# Peak memory of one forward + backward, by provider (measured on the CPU)",
@@ -285,15 +273,15 @@ def main(argv=None) -> int:
         print(json.dumps(worker(json.loads(argv[1]))))
         return 0
     args = parse_args(argv)
-    import platform
-
     import torch
+
+    from .cpu_host_overhead import _cpu_model, _git
     todo = plan(args)
-    commit, dirty = _git()
+    commit, dirty = _git()  # MINC_KERNELS_GIT_COMMIT names the commit of a git-archive tree
     now = _dt.datetime.now(_dt.timezone.utc)
     out = args.out or RESULTS_ROOT / f"cpu-op-memory-{now:%Y-%m-%d}"
-    data = {"date": f"{now:%Y-%m-%d %H:%M}", "machine": f"{platform.processor() or platform.machine()}"
-            f", {os.cpu_count()} cores", "torch": torch.__version__, "commit": commit,
+    data = {"date": f"{now:%Y-%m-%d %H:%M}", "machine": f"{_cpu_model()}, {os.cpu_count()} cores",
+            "torch": torch.__version__, "commit": commit,
             "dirty": dirty, "command": "python -m benchmarks.op_memory " + " ".join(argv),
             "cases": []}
     for i, case in enumerate(todo, 1):

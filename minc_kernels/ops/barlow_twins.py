@@ -82,8 +82,7 @@ def barlow_twins_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: flo
             torch.diagonal(gam).copy_(2.0 * diag - 2.0)  # ... diagonal -2(1 - C_ii)
             _, _, ga = rowmat(nb, gam, nb, None, 1.0 / n, 0.0, 0.0, False, True)
             _, _, gb = rowmat(na, gam.T, na, None, 1.0 / n, 0.0, 0.0, False, True)
-        del c  # the k×k matrix (and Γ, its in-place successor) is dead before pass 3
-        gam = None
+        c = gam = None  # free the k×k matrix (Γ is C, scaled in place) before pass 3
     else:
         diag = stats[8] / n
         na_t, nb_t = na.T, nb.T  # contiguous (k, N)
