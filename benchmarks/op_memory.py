@@ -12,7 +12,12 @@ runs on.  This benchmark measures it on the CPU, one case per fresh process:
   allocation counts whether or not a kernel writes it, as on a GPU.
 * glibc's ``mallopt(M_MMAP_THRESHOLD, 64 KiB)``: every allocation of 64 KiB or more is its
   own ``mmap`` and goes back to the kernel when freed, so the resident set follows the live
-  allocations (no heap growth that a free leaves behind).
+  allocations (no heap growth that a free leaves behind); and ``M_TRIM_THRESHOLD`` at its
+  maximum: the heap of small allocations never shrinks during the call, so a free cannot
+  take the resident set below the reading taken before it (which made the calibration read
+  a few hundred KiB *under* its allocation once).  File-backed pages (shared libraries)
+  that the kernel reclaims under memory pressure still can: readings are good to about
+  1 MiB either way.
 * The peak is ``VmHWM`` after ``/proc/self/clear_refs`` reset it, minus ``VmRSS`` before
   the call: the inputs (and anything a warm-up call left) are excluded; the gradients
   the call writes into ``.grad`` are included, as in the GPU runner
@@ -58,13 +63,16 @@ MIB = float(1 << 20)
 PROBE_MIB = 256
 # lightly's modules for the losses that have one: (class name, constructor kwargs)
 LIGHTLY = {"barlow_twins": ("BarlowTwinsLoss", {}), "vicreg": ("VICRegLoss", {})}
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter numbers
+M_TRIM_THRESHOLD = -1
 
 
 def _fixed_mmap_threshold(nbytes: int = 64 << 10) -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
+        # both, or the reading is not the one the docstring describes
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes)) and bool(
+            libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
     except (OSError, AttributeError):  # pragma: no cover - not glibc
         return False
 

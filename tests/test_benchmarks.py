@@ -472,7 +472,9 @@ def test_op_memory_measures_allocations_with_launches_stubbed(tmp_path):
     by = {r["provider"]: r for r in data["cases"]}
     assert set(by) == {"probe", "minc_kernels-gram", "minc_kernels-pairwise"}
     assert all(r["status"] == "ok" for r in by.values()), by
-    assert op_memory.PROBE_MIB <= by["probe"]["peak_mib"] < op_memory.PROBE_MIB + 8
+    # about 1 MiB low at worst: file-backed pages reclaimed during the call (op_memory's docstring)
+    assert op_memory.PROBE_MIB - 1 <= by["probe"]["peak_mib"] < op_memory.PROBE_MIB + 8
+    assert by["probe"]["mmap_threshold_fixed"] is True
     gram, pairwise = by["minc_kernels-gram"], by["minc_kernels-pairwise"]
     assert gram["launches"]["cross_gram_kernel"] == 1 and "cross_gram_kernel" not in pairwise["launches"]
     assert gram["peak_mib"] >= 16.0
