@@ -75,8 +75,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # kernels (one pass over B·k elements, a grid over the rows), mio_loss_combine (one program
 # by design) are light.  The column-statistics kernels of Barlow Twins / VICReg are one
 # pass over B·k elements too, but their grid is over the columns only (k/BLOCK_K programs
-# stream all B rows): their fill is checked, against their bytes (MEMORY_BOUND).
-MEMORY_BOUND = {"colstats_kernel", "colstats_backward_kernel"}
+# stream its rows, split into slices where the columns alone leave SMs idle): their fill is
+# checked, against their bytes (MEMORY_BOUND); so is the first stage of a row split.
+MEMORY_BOUND = {"colstats_kernel", "colstats_backward_kernel", "colstats_partial_kernel",
+                "colstats_backward_partial_kernel"}
 HEAVY = {"pairwise_offdiag_kernel", "rowmat_kernel", "moment_partial_kernel",
          "cross_gram_kernel", "mio_negative_tiles", "mio_negative_strip",
          "mio_strip_matmul"} | MEMORY_BOUND
@@ -107,6 +109,12 @@ def useful_work(kernel: str, b: int, k: int, grad: bool, dtype: str, grid, tiles
     if kernel == "colstats_kernel":
         # read both views, write both centred/standardised copies (storage dtype)
         return 4.0 * b * k * (2 if half else 4), BYTES_PER_S
+    if kernel == "colstats_partial_kernel":
+        return 2.0 * b * k * (2 if half else 4), BYTES_PER_S  # read both views
+    if kernel == "colstats_backward_partial_kernel":
+        # read both fp32 gradients, and the standardised copies (STANDARDIZE)
+        return 1.0 * b * k * (8 + 2 * (2 if half else 4) * bool(flags.get("STANDARDIZE"))), \
+            BYTES_PER_S
     if kernel == "colstats_backward_kernel":
         # read both fp32 gradients, write both fp32 results; the standardised copies
         # (STANDARDIZE) and the inputs (INVARIANCE) in the storage dtype

@@ -95,3 +95,49 @@ def test_rowmat_into_a_given_destination_and_in_place_jacobian(monkeypatch, back
         with pytest.raises(ValueError, match="in_place needs gx as a contiguous float32"):
             G.col_stats_backward(strided, gy.clone(), None, None, za, zb, stats, 0.0, in_place=True)
         assert torch.equal(strided, keep)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_column_statistics_row_split_matches_one_slice(monkeypatch, dtype):
+    """The column-statistics row split (issue 21/22: the grid filled when the column blocks
+    alone leave SMs idle): per-slice moments merged by Chan's update, then per-slice outputs
+    and sums, gives what one slice gives (to fp32 rounding of the merged sums; outputs in
+    the storage dtype to one rounding), the float64 moments, and the same Jacobian in place."""
+    monkeypatch.setattr(G, "COLSTATS_SPLIT_MIN_SECONDS", 0.0)  # small shapes split on a GPU too
+    g = torch.Generator().manual_seed(11)
+    b, k = 70, 12  # 70 = 4 slices of 16-row tiles (interpreter) with a short last one
+    x = (torch.randn(b, k, generator=g) * 3 + 5).to(dtype).to(DEV)
+    y = (torch.randn(b, k, generator=g) - 2).to(dtype).to(DEV)
+    from minc_kernels.ops import configs
+    slices, rows = G._colstats_split(b, k, 1 << 40, configs.colstats_config(k), DEV)
+    assert slices > 1 and (slices - 1) * rows < b <= slices * rows
+    one = lambda *a: (1, a[0])  # noqa: E731
+    out_tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for standardize in (True, False):
+        for transposed in (False, True):
+            got = G.col_stats(x, y, standardize, 1e-5, transposed)
+            with monkeypatch.context() as m:
+                m.setattr(G, "_colstats_split", one)
+                want = G.col_stats(x, y, standardize, 1e-5, transposed)
+            torch.testing.assert_close(got[0], want[0], **out_tol)
+            torch.testing.assert_close(got[1], want[1], **out_tol)
+            torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-4)
+            xd, yd = x.double(), y.double()
+            m2 = ((xd - xd.mean(0)) ** 2).sum(0)
+            torch.testing.assert_close(got[2][0].double(), xd.mean(0), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(got[2][2].double(), m2, rtol=1e-5, atol=0)
+            torch.testing.assert_close(got[2][9].double(), ((xd - yd) ** 2).sum(0), rtol=1e-5, atol=0)
+            nx, ny, stats = got
+            gx, gy = torch.randn(2, b, k, generator=g).to(DEV)
+            args = (nx if standardize else None, ny if standardize else None, x, y, stats, 0.2)
+            split = G.col_stats_backward(gx, gy, *args)
+            with monkeypatch.context() as m:
+                m.setattr(G, "_colstats_split", one)
+                ref = G.col_stats_backward(gx, gy, *args)
+            torch.testing.assert_close(split[0], ref[0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(split[1], ref[1], rtol=1e-5, atol=1e-6)
+            gx2, gy2 = gx.clone(), gy.clone()
+            inplace = G.col_stats_backward(gx2, gy2, *args, in_place=True)
+            assert inplace[0].data_ptr() == gx2.data_ptr()
+            torch.testing.assert_close(inplace[0], split[0], rtol=0, atol=0)
+            torch.testing.assert_close(inplace[1], split[1], rtol=0, atol=0)

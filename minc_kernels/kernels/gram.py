@@ -251,42 +251,27 @@ def round_bf16_rne(x):
 
 
 @triton.jit
-def colstats_kernel(
-    x_ptr, y_ptr, xo_ptr, yo_ptr, stats_ptr, B, K,
-    stride_xb, stride_xk, stride_yb, stride_yk,
-    stride_xob, stride_xok, stride_yob, stride_yok, eps,
-    STANDARDIZE: tl.constexpr, RNE_BF16: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Columns ``[pid·BK, (pid+1)·BK)`` of two (B, K) views ``X``, ``Y``; grid (cdiv(K, BK),).
-
-    Three passes over the rows (fp32): column means; ``M2 = Σ (x - m)²`` and the invariance
-    partial ``Σ (x - y)²``; then the output rows ``xo = (x - m)·s`` in the output's dtype
-    (``s = 1/sqrt(M2/B + eps)`` with ``STANDARDIZE``, else 1: centring) at any strides, with
-    ``Σ xo²`` and ``Σ xo∘yo`` of the rounded outputs.  ``stats`` is (10, K) fp32:
-    rows 0-1 means, 2-3 ``M2``, 4-5 ``s``, 6-7 ``Σ xo²``, ``Σ yo²``, 8 ``Σ xo∘yo``,
-    9 ``Σ (x - y)²`` (rows ``x`` then ``y``).  ``RNE_BF16``: see :func:`round_bf16_rne`.
-    """
-    pid = tl.program_id(0)
-    cols = pid.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    c_mask = cols < K
+def _col_moments(x_ptr, y_ptr, stride_xb, stride_xk, stride_yb, stride_yk, cols, c_mask,
+                 r_lo, r_hi, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Over the rows ``[r_lo, r_hi)`` of the columns ``cols`` (fp32, two passes): the means of
+    ``X`` and ``Y``, ``M2 = Σ (x - m)²`` about those means, and ``Σ (x - y)²``."""
     sx = tl.zeros((BLOCK_K,), dtype=tl.float32)
     sy = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for r0 in range(0, B, BLOCK_B):
+    for r0 in range(r_lo, r_hi, BLOCK_B):
         rows = r0 + tl.arange(0, BLOCK_B).to(tl.int64)
-        m = (rows < B)[:, None] & c_mask[None, :]
+        m = (rows < r_hi)[:, None] & c_mask[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xk, mask=m, other=0.0)
         y = tl.load(y_ptr + rows[:, None] * stride_yb + cols[None, :] * stride_yk, mask=m, other=0.0)
         sx += tl.sum(x.to(tl.float32), axis=0)
         sy += tl.sum(y.to(tl.float32), axis=0)
-    mx = sx / B
-    my = sy / B
+    mx = sx / (r_hi - r_lo)
+    my = sy / (r_hi - r_lo)
     m2x = tl.zeros((BLOCK_K,), dtype=tl.float32)
     m2y = tl.zeros((BLOCK_K,), dtype=tl.float32)
     d2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for r0 in range(0, B, BLOCK_B):
+    for r0 in range(r_lo, r_hi, BLOCK_B):
         rows = r0 + tl.arange(0, BLOCK_B).to(tl.int64)
-        m = (rows < B)[:, None] & c_mask[None, :]
+        m = (rows < r_hi)[:, None] & c_mask[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xk, mask=m, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + rows[:, None] * stride_yb + cols[None, :] * stride_yk, mask=m, other=0.0).to(tl.float32)
         cx = tl.where(m, x - mx[None, :], 0.0)
@@ -294,6 +279,88 @@ def colstats_kernel(
         m2x += tl.sum(cx * cx, axis=0)
         m2y += tl.sum(cy * cy, axis=0)
         d2 += tl.sum((x - y) * (x - y), axis=0)
+    return mx, my, m2x, m2y, d2
+
+
+@triton.jit
+def colstats_partial_kernel(
+    x_ptr, y_ptr, part_ptr, B, K, stride_xb, stride_xk, stride_yb, stride_yk, rows_per_split,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """First stage of the row-split :func:`colstats_kernel`; grid (cdiv(K, BK), slices).
+
+    Slice ``s`` (rows ``[s·R, min(B, (s+1)·R))``, ``R = rows_per_split``) writes, for its
+    columns, its own means, ``M2`` about them and ``Σ (x - y)²`` into ``part`` (slices, 8, K)
+    fp32, rows 0-4 (x mean, y mean, x M2, y M2, d2); rows 5-7 are the second stage's."""
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    c_mask = cols < K
+    r_lo = pid_s * rows_per_split
+    r_hi = tl.minimum(B, r_lo + rows_per_split)
+    mx, my, m2x, m2y, d2 = _col_moments(x_ptr, y_ptr, stride_xb, stride_xk, stride_yb,
+                                        stride_yk, cols, c_mask, r_lo, r_hi, BLOCK_B, BLOCK_K)
+    out = part_ptr + pid_s.to(tl.int64) * 8 * K + cols
+    tl.store(out + 0 * K, mx, mask=c_mask)
+    tl.store(out + 1 * K, my, mask=c_mask)
+    tl.store(out + 2 * K, m2x, mask=c_mask)
+    tl.store(out + 3 * K, m2y, mask=c_mask)
+    tl.store(out + 4 * K, d2, mask=c_mask)
+
+
+@triton.jit
+def colstats_kernel(
+    x_ptr, y_ptr, xo_ptr, yo_ptr, stats_ptr, part_ptr, B, K,
+    stride_xb, stride_xk, stride_yb, stride_yk,
+    stride_xob, stride_xok, stride_yob, stride_yok, eps, rows_per_split,
+    STANDARDIZE: tl.constexpr, RNE_BF16: tl.constexpr, SPLIT: tl.constexpr,
+    SPLIT_P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Columns ``[pid·BK, (pid+1)·BK)`` of two (B, K) views ``X``, ``Y``; grid
+    (cdiv(K, BK), slices).
+
+    Three passes over the rows (fp32): column means; ``M2 = Σ (x - m)²`` and the invariance
+    partial ``Σ (x - y)²``; then the output rows ``xo = (x - m)·s`` in the output's dtype
+    (``s = 1/sqrt(M2/B + eps)`` with ``STANDARDIZE``, else 1: centring) at any strides, with
+    ``Σ xo²`` and ``Σ xo∘yo`` of the rounded outputs.  ``stats`` is (10, K) fp32:
+    rows 0-1 means, 2-3 ``M2``, 4-5 ``s``, 6-7 ``Σ xo²``, ``Σ yo²``, 8 ``Σ xo∘yo``,
+    9 ``Σ (x - y)²`` (rows ``x`` then ``y``).  ``RNE_BF16``: see :func:`round_bf16_rne`.
+
+    ``SPLIT`` (row split, when the column blocks alone would leave SMs idle): the first two
+    passes were done per row slice by :func:`colstats_partial_kernel`; every program merges
+    the slices' partials of its columns (Chan et al.'s pairwise update:
+    ``M2 = Σ_s M2_s + n_s (m_s - m)²``), then writes the outputs of its own slice only, and
+    its ``Σ xo²``, ``Σ yo²``, ``Σ xo∘yo`` into ``part`` rows 5-7 (the launcher sums the
+    slices in order); slice 0 stores ``stats`` rows 0-5 and 9.
+    """
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    c_mask = cols < K
+    if SPLIT:
+        # the slices' partials of these columns as one (SPLIT_P, BK) tile per quantity
+        sl = tl.arange(0, SPLIT_P)
+        s_mask = sl < tl.num_programs(1)
+        n_s = tl.where(s_mask, tl.minimum(rows_per_split, B - sl * rows_per_split), 0)
+        n_s = n_s.to(tl.float32)[:, None]
+        src = part_ptr + sl.to(tl.int64)[:, None] * 8 * K + cols[None, :]
+        pm = s_mask[:, None] & c_mask[None, :]
+        px = tl.load(src + 0 * K, mask=pm, other=0.0)
+        py = tl.load(src + 1 * K, mask=pm, other=0.0)
+        mx = tl.sum(n_s * px, axis=0) / B
+        my = tl.sum(n_s * py, axis=0) / B
+        dx = px - mx[None, :]
+        dy = py - my[None, :]
+        m2x = tl.sum(tl.load(src + 2 * K, mask=pm, other=0.0) + n_s * dx * dx, axis=0)
+        m2y = tl.sum(tl.load(src + 3 * K, mask=pm, other=0.0) + n_s * dy * dy, axis=0)
+        d2 = tl.sum(tl.load(src + 4 * K, mask=pm, other=0.0), axis=0)
+        r_lo = pid_s * rows_per_split
+        r_hi = tl.minimum(B, r_lo + rows_per_split)
+    else:
+        mx, my, m2x, m2y, d2 = _col_moments(x_ptr, y_ptr, stride_xb, stride_xk, stride_yb,
+                                            stride_yk, cols, c_mask, 0, B, BLOCK_B, BLOCK_K)
+        r_lo = 0
+        r_hi = B
     if STANDARDIZE:
         one = tl.full((BLOCK_K,), 1.0, tl.float32)
         scx = tl.div_rn(one, tl.sqrt_rn(m2x / B + eps))
@@ -304,9 +371,9 @@ def colstats_kernel(
     qx = tl.zeros((BLOCK_K,), dtype=tl.float32)
     qy = tl.zeros((BLOCK_K,), dtype=tl.float32)
     xy = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for r0 in range(0, B, BLOCK_B):
-        rows = r0 + tl.arange(0, BLOCK_B).to(tl.int64)
-        m = (rows < B)[:, None] & c_mask[None, :]
+    for r0 in range(0, r_hi - r_lo, BLOCK_B):
+        rows = r_lo + r0 + tl.arange(0, BLOCK_B).to(tl.int64)
+        m = (rows < r_hi)[:, None] & c_mask[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xk, mask=m, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + rows[:, None] * stride_yb + cols[None, :] * stride_yk, mask=m, other=0.0).to(tl.float32)
         xo = (x - mx[None, :]) * scx[None, :]
@@ -323,44 +390,39 @@ def colstats_kernel(
         qx += tl.sum(xf * xf, axis=0)
         qy += tl.sum(yf * yf, axis=0)
         xy += tl.sum(xf * yf, axis=0)
-    tl.store(stats_ptr + 0 * K + cols, mx, mask=c_mask)
-    tl.store(stats_ptr + 1 * K + cols, my, mask=c_mask)
-    tl.store(stats_ptr + 2 * K + cols, m2x, mask=c_mask)
-    tl.store(stats_ptr + 3 * K + cols, m2y, mask=c_mask)
-    tl.store(stats_ptr + 4 * K + cols, scx, mask=c_mask)
-    tl.store(stats_ptr + 5 * K + cols, scy, mask=c_mask)
-    tl.store(stats_ptr + 6 * K + cols, qx, mask=c_mask)
-    tl.store(stats_ptr + 7 * K + cols, qy, mask=c_mask)
-    tl.store(stats_ptr + 8 * K + cols, xy, mask=c_mask)
-    tl.store(stats_ptr + 9 * K + cols, d2, mask=c_mask)
+    first = c_mask & (pid_s == 0)  # every slice merged the same values: slice 0 stores them
+    tl.store(stats_ptr + 0 * K + cols, mx, mask=first)
+    tl.store(stats_ptr + 1 * K + cols, my, mask=first)
+    tl.store(stats_ptr + 2 * K + cols, m2x, mask=first)
+    tl.store(stats_ptr + 3 * K + cols, m2y, mask=first)
+    tl.store(stats_ptr + 4 * K + cols, scx, mask=first)
+    tl.store(stats_ptr + 5 * K + cols, scy, mask=first)
+    tl.store(stats_ptr + 9 * K + cols, d2, mask=first)
+    if SPLIT:
+        dst = part_ptr + pid_s.to(tl.int64) * 8 * K + cols
+        tl.store(dst + 5 * K, qx, mask=c_mask)
+        tl.store(dst + 6 * K, qy, mask=c_mask)
+        tl.store(dst + 7 * K, xy, mask=c_mask)
+    else:
+        tl.store(stats_ptr + 6 * K + cols, qx, mask=c_mask)
+        tl.store(stats_ptr + 7 * K + cols, qy, mask=c_mask)
+        tl.store(stats_ptr + 8 * K + cols, xy, mask=c_mask)
 
 
 @triton.jit
-def colstats_backward_kernel(
-    gx_ptr, gy_ptr, nx_ptr, ny_ptr, x_ptr, y_ptr, stats_ptr, ox_ptr, oy_ptr, B, K,
-    stride_gxb, stride_gxk, stride_gyb, stride_gyk, stride_nxb, stride_nxk,
-    stride_nyb, stride_nyk, stride_xb, stride_xk, stride_yb, stride_yk, inv_coef,
-    STANDARDIZE: tl.constexpr, INVARIANCE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """The Jacobian of :func:`colstats_kernel`'s outputs, per column block; grid (cdiv(K, BK),).
-
-    For each view, ``g`` (fp32, any strides) is the gradient with respect to the output
-    ``n``: ``o = s·(g - mean(g) - n·mean(g∘n))`` with ``STANDARDIZE`` (``n`` the rounded
-    standardised rows, ``s`` from ``stats`` row 4/5), else ``o = g - mean(g)`` (centring).
-    ``INVARIANCE`` adds ``±inv_coef·(x - y)`` (``+`` for ``X``, ``-`` for ``Y``).
-    ``ox``, ``oy``: contiguous fp32 (B, K).
-    """
-    pid = tl.program_id(0)
-    cols = pid.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    c_mask = cols < K
+def _grad_col_sums(gx_ptr, gy_ptr, nx_ptr, ny_ptr, stride_gxb, stride_gxk, stride_gyb,
+                   stride_gyk, stride_nxb, stride_nxk, stride_nyb, stride_nyk, cols, c_mask,
+                   r_lo, r_hi, STANDARDIZE: tl.constexpr, BLOCK_B: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """Over the rows ``[r_lo, r_hi)``: ``Σ g`` of both views and, with ``STANDARDIZE``,
+    ``Σ g∘n`` (zeros otherwise)."""
     sgx = tl.zeros((BLOCK_K,), dtype=tl.float32)
     sgy = tl.zeros((BLOCK_K,), dtype=tl.float32)
     snx = tl.zeros((BLOCK_K,), dtype=tl.float32)
     sny = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for r0 in range(0, B, BLOCK_B):
+    for r0 in range(r_lo, r_hi, BLOCK_B):
         rows = r0 + tl.arange(0, BLOCK_B).to(tl.int64)
-        m = (rows < B)[:, None] & c_mask[None, :]
+        m = (rows < r_hi)[:, None] & c_mask[None, :]
         gx = tl.load(gx_ptr + rows[:, None] * stride_gxb + cols[None, :] * stride_gxk, mask=m, other=0.0)
         gy = tl.load(gy_ptr + rows[:, None] * stride_gyb + cols[None, :] * stride_gyk, mask=m, other=0.0)
         sgx += tl.sum(gx, axis=0)
@@ -370,6 +432,77 @@ def colstats_backward_kernel(
             ny = tl.load(ny_ptr + rows[:, None] * stride_nyb + cols[None, :] * stride_nyk, mask=m, other=0.0).to(tl.float32)
             snx += tl.sum(gx * nx, axis=0)
             sny += tl.sum(gy * ny, axis=0)
+    return sgx, sgy, snx, sny
+
+
+@triton.jit
+def colstats_backward_partial_kernel(
+    gx_ptr, gy_ptr, nx_ptr, ny_ptr, part_ptr, B, K,
+    stride_gxb, stride_gxk, stride_gyb, stride_gyk, stride_nxb, stride_nxk,
+    stride_nyb, stride_nyk, rows_per_split,
+    STANDARDIZE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """First stage of the row-split :func:`colstats_backward_kernel`; grid (cdiv(K, BK),
+    slices): slice ``s`` writes its ``Σ g`` (both views) and ``Σ g∘n`` into ``part``
+    (slices, 4, K) fp32."""
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    c_mask = cols < K
+    r_lo = pid_s * rows_per_split
+    r_hi = tl.minimum(B, r_lo + rows_per_split)
+    sgx, sgy, snx, sny = _grad_col_sums(
+        gx_ptr, gy_ptr, nx_ptr, ny_ptr, stride_gxb, stride_gxk, stride_gyb, stride_gyk,
+        stride_nxb, stride_nxk, stride_nyb, stride_nyk, cols, c_mask, r_lo, r_hi,
+        STANDARDIZE, BLOCK_B, BLOCK_K)
+    out = part_ptr + pid_s.to(tl.int64) * 4 * K + cols
+    tl.store(out + 0 * K, sgx, mask=c_mask)
+    tl.store(out + 1 * K, sgy, mask=c_mask)
+    tl.store(out + 2 * K, snx, mask=c_mask)
+    tl.store(out + 3 * K, sny, mask=c_mask)
+
+
+@triton.jit
+def colstats_backward_kernel(
+    gx_ptr, gy_ptr, nx_ptr, ny_ptr, x_ptr, y_ptr, stats_ptr, part_ptr, ox_ptr, oy_ptr, B, K,
+    stride_gxb, stride_gxk, stride_gyb, stride_gyk, stride_nxb, stride_nxk,
+    stride_nyb, stride_nyk, stride_xb, stride_xk, stride_yb, stride_yk, inv_coef,
+    rows_per_split,
+    STANDARDIZE: tl.constexpr, INVARIANCE: tl.constexpr, SPLIT: tl.constexpr,
+    SPLIT_P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The Jacobian of :func:`colstats_kernel`'s outputs, per column block; grid
+    (cdiv(K, BK), slices).
+
+    For each view, ``g`` (fp32, any strides) is the gradient with respect to the output
+    ``n``: ``o = s·(g - mean(g) - n·mean(g∘n))`` with ``STANDARDIZE`` (``n`` the rounded
+    standardised rows, ``s`` from ``stats`` row 4/5), else ``o = g - mean(g)`` (centring).
+    ``INVARIANCE`` adds ``±inv_coef·(x - y)`` (``+`` for ``X``, ``-`` for ``Y``).
+    ``ox``, ``oy``: contiguous fp32 (B, K).  ``SPLIT``: the column sums come from the slices'
+    partials (:func:`colstats_backward_partial_kernel`, summed in slice order) and each
+    program writes its own slice of rows.
+    """
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    c_mask = cols < K
+    if SPLIT:  # the slices' sums of these columns, as (SPLIT_P, BK) tiles
+        sl = tl.arange(0, SPLIT_P)
+        src = part_ptr + sl.to(tl.int64)[:, None] * 4 * K + cols[None, :]
+        pm = (sl < tl.num_programs(1))[:, None] & c_mask[None, :]
+        sgx = tl.sum(tl.load(src + 0 * K, mask=pm, other=0.0), axis=0)
+        sgy = tl.sum(tl.load(src + 1 * K, mask=pm, other=0.0), axis=0)
+        snx = tl.sum(tl.load(src + 2 * K, mask=pm, other=0.0), axis=0)
+        sny = tl.sum(tl.load(src + 3 * K, mask=pm, other=0.0), axis=0)
+        r_lo = pid_s * rows_per_split
+        r_hi = tl.minimum(B, r_lo + rows_per_split)
+    else:
+        sgx, sgy, snx, sny = _grad_col_sums(
+            gx_ptr, gy_ptr, nx_ptr, ny_ptr, stride_gxb, stride_gxk, stride_gyb, stride_gyk,
+            stride_nxb, stride_nxk, stride_nyb, stride_nyk, cols, c_mask, 0, B,
+            STANDARDIZE, BLOCK_B, BLOCK_K)
+        r_lo = 0
+        r_hi = B
     mgx = sgx / B
     mgy = sgy / B
     mnx = snx / B
@@ -377,9 +510,9 @@ def colstats_backward_kernel(
     if STANDARDIZE:
         scx = tl.load(stats_ptr + 4 * K + cols, mask=c_mask, other=0.0)
         scy = tl.load(stats_ptr + 5 * K + cols, mask=c_mask, other=0.0)
-    for r0 in range(0, B, BLOCK_B):
-        rows = r0 + tl.arange(0, BLOCK_B).to(tl.int64)
-        m = (rows < B)[:, None] & c_mask[None, :]
+    for r0 in range(0, r_hi - r_lo, BLOCK_B):
+        rows = r_lo + r0 + tl.arange(0, BLOCK_B).to(tl.int64)
+        m = (rows < r_hi)[:, None] & c_mask[None, :]
         gx = tl.load(gx_ptr + rows[:, None] * stride_gxb + cols[None, :] * stride_gxk, mask=m, other=0.0)
         gy = tl.load(gy_ptr + rows[:, None] * stride_gyb + cols[None, :] * stride_gyk, mask=m, other=0.0)
         ox = gx - mgx[None, :]

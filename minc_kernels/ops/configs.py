@@ -297,10 +297,11 @@ def pick_config(b: int, k: int, dtype: torch.dtype, on_gpu: bool = True,
 # ----------------------------------------------------------------------------- Barlow Twins / VICReg
 def colstats_config(k: int, for_device: bool = False) -> KernelConfig:
     """:func:`~minc_kernels.kernels.gram.colstats_kernel` and its backward: one program per
-    ``BLOCK_K`` columns streams every row, so the grid is only k/BLOCK_K programs: the
-    column block narrows (64 -> 32 -> 16, 2048-element tiles) until a wave of 132 SMs runs;
-    below k = 2097 the grid still under-fills the device (k = 512: 32 programs; a row split
-    with a second reduction stage would fix it, not done).  8 warps: with 4, the kernels
+    ``BLOCK_K`` columns streams its rows: the column block narrows (64 -> 32 -> 16,
+    2048-element tiles) until a wave of 132 SMs runs; below k = 2097 the launcher splits the
+    rows into slices as well (``ops.gram._colstats_split``: a first launch of per-slice
+    partials, merged by the second), where the launch is large enough to be worth it.
+    8 warps: with 4, the kernels
     took 120-188 registers on sm_90 and spilled 4-8 B at k = 1001 (fp32 32×64, bf16
     128×16 tiles); with 8, 64-108 registers and no spill (static compile, no GPU run).
     """

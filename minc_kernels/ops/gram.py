@@ -24,11 +24,12 @@ import os
 
 import torch
 
-from ..kernels.gram import (colstats_backward_kernel, colstats_kernel, cross_gram_kernel,
+from ..kernels.gram import (colstats_backward_kernel, colstats_backward_partial_kernel,
+                            colstats_kernel, colstats_partial_kernel, cross_gram_kernel,
                             moment_partial_kernel, rowmat_kernel)
 from . import configs
-from ._common import (cdiv, device_guard, interpreting, is_fp32, num_sms, rhs_f32_mode,
-                      upcast_bf16_dot)
+from ._common import (DEVICE_BW, cdiv, device_guard, interpreting, is_fp32, num_sms,
+                      next_pow2, rhs_f32_mode, upcast_bf16_dot)
 
 __all__ = ["rowmat", "gram", "gram_dot", "cross_gram", "col_stats", "col_stats_backward",
            "gram_backend", "GRAM_BACKENDS"]
@@ -180,6 +181,24 @@ def cross_gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return out[0] if split == 1 else out.sum(dim=0)
 
 
+# A column-statistics launch whose bytes take less than this at the copy bandwidth runs
+# unsplit whatever its grid: a row split adds a launch (and a small torch sum), and such a
+# launch is bound by its latency (~4-5 us on an H100), not by its grid.  Half the latency
+# bound of benchmarks/static_sm90.py, so every launch that suite checks for grid fill splits.
+COLSTATS_SPLIT_MIN_SECONDS = 2.5e-6
+
+
+def _colstats_split(b: int, k: int, nbytes: int, cfg, device: torch.device) -> tuple[int, int]:
+    """``(slices, rows per slice)`` of a column-statistics launch that moves ``nbytes``: one
+    slice while the column blocks alone fill the device (or the launch is small), otherwise
+    the row split of :func:`_row_split` over ``cdiv(k, BLOCK_K)`` column blocks."""
+    nk = cdiv(k, cfg["BLOCK_K"])
+    if nk >= num_sms(device) or (not interpreting()
+                                 and nbytes < COLSTATS_SPLIT_MIN_SECONDS * DEVICE_BW):
+        return 1, b
+    return _row_split(b, cfg["BLOCK_B"], nk, device)
+
+
 def col_stats(x: torch.Tensor, y: torch.Tensor, standardize: bool, eps: float,
               transposed: bool):
     """Per-column statistics of two (B, k) views and their centred (or, ``standardize``,
@@ -198,13 +217,25 @@ def col_stats(x: torch.Tensor, y: torch.Tensor, standardize: bool, eps: float,
     xo, yo = out(), out()
     stats = torch.empty((10, k), dtype=torch.float32, device=x.device)
     cfg = configs.colstats_config(k)
+    # bytes: both views read, both outputs written (the static suite's model)
+    split, rows = _colstats_split(b, k, 4 * b * k * x.element_size(), cfg, x.device)
+    grid = (cdiv(k, cfg["BLOCK_K"]), split)
+    # row split: per-slice moments (rows 0-4), then per-slice output sums (rows 5-7)
+    part = torch.empty((split, 8, k), dtype=torch.float32, device=x.device) if split > 1 else stats
     with device_guard(x):
-        colstats_kernel[(cdiv(k, cfg["BLOCK_K"]),)](
-            x, y, xo, yo, stats, b, k, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-            xo.stride(0), xo.stride(1), yo.stride(0), yo.stride(1), float(eps),
+        if split > 1:
+            colstats_partial_kernel[grid](
+                x, y, part, b, k, x.stride(0), x.stride(1), y.stride(0), y.stride(1), rows,
+                **cfg,
+            )
+        colstats_kernel[grid](
+            x, y, xo, yo, stats, part, b, k, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+            xo.stride(0), xo.stride(1), yo.stride(0), yo.stride(1), float(eps), rows,
             STANDARDIZE=bool(standardize), RNE_BF16=interpreting() and x.dtype == torch.bfloat16,
-            **cfg,
+            SPLIT=split > 1, SPLIT_P=next_pow2(split), **cfg,
         )
+    if split > 1:
+        torch.sum(part[:, 5:8], dim=0, out=stats[6:9])
     return xo, yo, stats
 
 
@@ -217,8 +248,9 @@ def col_stats_backward(gx: torch.Tensor, gy: torch.Tensor, nx: torch.Tensor | No
     centring's otherwise; plus ``±inv_coef·(x - y)`` when ``inv_coef != 0``.
 
     ``in_place``: written into ``gx``/``gy`` (which must then be contiguous (B, k)), saving
-    two fp32 (B, k) buffers: each program reads its columns of ``g`` completely (the column
-    means) before it overwrites them, element by element after reading them."""
+    two fp32 (B, k) buffers: the column sums of ``g`` are complete (in the program, or in
+    the row split's first launch) before any element is overwritten, and each element is
+    overwritten by the program that read it, after reading it."""
     b, k = x.shape
     standardize = nx is not None
     nx = nx if standardize else gx
@@ -233,12 +265,23 @@ def col_stats_backward(gx: torch.Tensor, gy: torch.Tensor, nx: torch.Tensor | No
         ox = torch.empty((b, k), dtype=torch.float32, device=x.device)
         oy = torch.empty((b, k), dtype=torch.float32, device=x.device)
     cfg = configs.colstats_config(k)
+    # bytes: fp32 g read and o written for both views, plus the standardised copies and the
+    # inputs where they are read (the static suite's model)
+    nbytes = b * k * (16 + 2 * x.element_size() * (standardize + (inv_coef != 0.0)))
+    split, rows = _colstats_split(b, k, nbytes, cfg, x.device)
+    grid = (cdiv(k, cfg["BLOCK_K"]), split)
+    part = torch.empty((split, 4, k), dtype=torch.float32, device=x.device) if split > 1 else stats
+    strides = (gx.stride(0), gx.stride(1), gy.stride(0), gy.stride(1),
+               nx.stride(0), nx.stride(1), ny.stride(0), ny.stride(1))
     with device_guard(x):
-        colstats_backward_kernel[(cdiv(k, cfg["BLOCK_K"]),)](
-            gx, gy, nx, ny, x, y, stats, ox, oy, b, k,
-            gx.stride(0), gx.stride(1), gy.stride(0), gy.stride(1),
-            nx.stride(0), nx.stride(1), ny.stride(0), ny.stride(1),
-            x.stride(0), x.stride(1), y.stride(0), y.stride(1), float(inv_coef),
-            STANDARDIZE=standardize, INVARIANCE=inv_coef != 0.0, **cfg,
+        if split > 1:  # in place too: every slice's sums are read before any row is written
+            colstats_backward_partial_kernel[grid](
+                gx, gy, nx, ny, part, b, k, *strides, rows, STANDARDIZE=standardize, **cfg,
+            )
+        colstats_backward_kernel[grid](
+            gx, gy, nx, ny, x, y, stats, part, ox, oy, b, k, *strides,
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1), float(inv_coef), rows,
+            STANDARDIZE=standardize, INVARIANCE=inv_coef != 0.0, SPLIT=split > 1,
+            SPLIT_P=next_pow2(split), **cfg,
         )
     return ox, oy
