@@ -368,6 +368,16 @@ def colstats_kernel(
     else:
         scx = tl.full((BLOCK_K,), 1.0, tl.float32)
         scy = tl.full((BLOCK_K,), 1.0, tl.float32)
+    # stored before the output pass, so that M2 and d2 are not held across it;
+    # every slice merged the same values: slice 0 stores them
+    first = c_mask & (pid_s == 0)
+    tl.store(stats_ptr + 0 * K + cols, mx, mask=first)
+    tl.store(stats_ptr + 1 * K + cols, my, mask=first)
+    tl.store(stats_ptr + 2 * K + cols, m2x, mask=first)
+    tl.store(stats_ptr + 3 * K + cols, m2y, mask=first)
+    tl.store(stats_ptr + 4 * K + cols, scx, mask=first)
+    tl.store(stats_ptr + 5 * K + cols, scy, mask=first)
+    tl.store(stats_ptr + 9 * K + cols, d2, mask=first)
     qx = tl.zeros((BLOCK_K,), dtype=tl.float32)
     qy = tl.zeros((BLOCK_K,), dtype=tl.float32)
     xy = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -390,14 +400,6 @@ def colstats_kernel(
         qx += tl.sum(xf * xf, axis=0)
         qy += tl.sum(yf * yf, axis=0)
         xy += tl.sum(xf * yf, axis=0)
-    first = c_mask & (pid_s == 0)  # every slice merged the same values: slice 0 stores them
-    tl.store(stats_ptr + 0 * K + cols, mx, mask=first)
-    tl.store(stats_ptr + 1 * K + cols, my, mask=first)
-    tl.store(stats_ptr + 2 * K + cols, m2x, mask=first)
-    tl.store(stats_ptr + 3 * K + cols, m2y, mask=first)
-    tl.store(stats_ptr + 4 * K + cols, scx, mask=first)
-    tl.store(stats_ptr + 5 * K + cols, scy, mask=first)
-    tl.store(stats_ptr + 9 * K + cols, d2, mask=first)
     if SPLIT:
         dst = part_ptr + pid_s.to(tl.int64) * 8 * K + cols
         tl.store(dst + 5 * K, qx, mask=c_mask)
