@@ -30,7 +30,9 @@ Passes:
 
 Memory beyond tiles: the k×k ``C`` (``"gram"``) or one (forward) / two (with gradient)
 N×N Grams (``"pairwise"``) are written in fp32: the gradient needs the whole matrix
-before its product with the other view; they are freed before pass 3.  Standardised
+before its product with the other view (a tiles-only form would recompute each Gram
+tile once per output column block; docs/performance.md says why we keep the matrix);
+they are freed before pass 3.  Standardised
 copies of both views (2·N·k, storage dtype) and the fp32 gradients (2·N·k), which pass 3
 overwrites in place: with the gradient, at most ``2·N·k·(itemsize + 4)`` bytes plus the
 k×k matrix (``"gram"``, 4k² bytes) or the two N×N ones (8N² bytes); measured by
