@@ -70,6 +70,7 @@ def test_fp32_matches_float64_oracle(kernel_device, b, k, tp, tn, lam):
     dict(block_m=16, block_n=16, block_k=16, n_splits=2),  # streamed k, accumulator in memory
     dict(block_m=16, block_n=16, block_k=16, strip_rows=16),  # strips of S + GEMM, 3 groups
     dict(block_m=16, block_n=32, block_k=16, strip_rows=48),  # last group partly outside N
+    dict(block_m=16, block_n=16, block_k=16, strip_rows=32),  # uneven: 1 + 2 row blocks
 ])
 def test_launch_paths_match(kernel_device, overrides):
     b, k, (tp, tn, lam) = 21, 40, (0.2, 0.1, 0.8)
@@ -248,6 +249,45 @@ def test_pick_config_never_leaves_an_empty_split():
                 else:  # strip path: whole row blocks per group, strip <= max(2048, 2k) rows
                     assert cfg["strip_rows"] % cfg["BLOCK_M"] == 0 and cfg["n_splits"] == 1
                     assert cfg["strip_rows"] <= max(2048, 2 * k + cfg["BLOCK_K"])
+
+
+class _LaunchRecorder:
+    """Stands in for a Triton kernel: ``kernel[grid](*args)`` records ``(grid, args)``."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((grid, args))
+
+
+@pytest.mark.parametrize("b,k,dtype", [(1031, 1001, torch.float32), (1031, 1024, torch.float32),
+                                       (1031, 1024, torch.bfloat16), (4096, 300, torch.float32),
+                                       (38915, 300, torch.float32), (3000, 8192, torch.bfloat16)])
+def test_strips_are_even_and_cover_the_rows(monkeypatch, b, k, dtype):
+    """The strip path's row groups: whole row blocks, every row once, at most ``strip_rows``
+    each and within one row block of each other (B = 1031 in fp32 was 2048 + 14 rows: last
+    launches of 33 and 16 programs on 132 SMs)."""
+    strip, matmul = _LaunchRecorder(), _LaunchRecorder()
+    monkeypatch.setattr(mio_ops, "mio_negative_strip", strip)
+    monkeypatch.setattr(mio_ops, "mio_strip_matmul", matmul)
+    cfg = mio_ops.pick_config(b, k, dtype, on_gpu=True)
+    n, bm = 2 * b, cfg["BLOCK_M"]
+    ks = -(-k // cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    zhat = torch.empty((n, ks), dtype=dtype, device="meta")
+    mio_ops._negatives_by_strips(zhat, b, n, ks, 0.5, True, cfg, dtype == torch.float32, False)
+    groups = [(args[6], args[7]) for _, args in matmul.calls]  # (row0, rows)
+    assert [args[7] for _, args in strip.calls] == [r0 for r0, _ in groups]
+    assert groups[0][0] == 0 and sum(r for _, r in groups) == n
+    assert all(r0 + r == nxt for (r0, r), (nxt, _) in zip(groups, groups[1:]))
+    assert all(r0 % bm == 0 and r <= cfg["strip_rows"] for r0, r in groups)
+    blocks = [-(-r // bm) for _, r in groups]
+    assert max(blocks) - min(blocks) <= 1, blocks
+    n_col = -(-n // cfg["BLOCK_N"])
+    assert all(grid[1] == n_col for grid, _ in strip.calls)
+    if b == 1031 and dtype == torch.float32:  # each launch fills an H100's 132 SMs
+        assert all(g[0] * g[1] >= 132 for g, _ in strip.calls + matmul.calls), \
+            [g for g, _ in strip.calls + matmul.calls]
 
 
 def test_pick_config_small_batch_fills_the_device():

@@ -23,15 +23,14 @@ ROOT = Path(__file__).resolve().parent.parent
 # Defects the grid finds that the kernels do not fix yet, as (kernel, B, k) or
 # (kernel, B, k, kind), B and k None for any, kind the check it fails ("programs": grid
 # fill, "spills", "registers"; None or absent: any): reported, not hidden.  The checks
-# below hold for every other launch, and test_known_violations_still_hold fails once one
+# below hold for every other launch, and test_committed_full_table_is_clean fails once one
 # is fixed (then remove its entry).
 # Found by the issue-21 grid extension (odd k just past a tile edge, B just past 1024) in
 # the full table of benchmarks/results/static-sm90 (triton 3.8, ptxas 12.9).
-KNOWN_VIOLATIONS = {
-    ("mio_negative_strip", 1031, None):
-        "fp32 strip path at B = 1031, k 1001/1024: 33 programs on 132 SMs (ideal 5.3-5.4 us)",
-    ("mio_strip_matmul", 1031, None):
-        "fp32 strip path at B = 1031, k 1001/1024, with the gradient: 16 programs on 132 SMs",
+KNOWN_VIOLATIONS: dict = {
+    # (kernel, B or None, k or None[, "programs" | "spills" | "registers"]): why it stays.
+    # Empty since the MIO strip path's even strips (ops.mio._negatives_by_strips): the fp32
+    # strip path at B = 1031, k 1001/1024 ran a last strip of 14 rows (33 and 16 programs).
 }
 
 

@@ -400,15 +400,19 @@ def colstats_kernel(
         qx += tl.sum(xf * xf, axis=0)
         qy += tl.sum(yf * yf, axis=0)
         xy += tl.sum(xf * yf, axis=0)
+    # c_mask again, from 32-bit column indices: the same predicate, a value of its own, so
+    # that ptxas need not keep c_mask's predicate across the loop (at 80 registers it
+    # spilled it: 4 B of local memory, fp16/bf16 transposed outputs)
+    end_mask = pid * BLOCK_K + tl.arange(0, BLOCK_K) < K
     if SPLIT:
         dst = part_ptr + pid_s.to(tl.int64) * 8 * K + cols
-        tl.store(dst + 5 * K, qx, mask=c_mask)
-        tl.store(dst + 6 * K, qy, mask=c_mask)
-        tl.store(dst + 7 * K, xy, mask=c_mask)
+        tl.store(dst + 5 * K, qx, mask=end_mask)
+        tl.store(dst + 6 * K, qy, mask=end_mask)
+        tl.store(dst + 7 * K, xy, mask=end_mask)
     else:
-        tl.store(stats_ptr + 6 * K + cols, qx, mask=c_mask)
-        tl.store(stats_ptr + 7 * K + cols, qy, mask=c_mask)
-        tl.store(stats_ptr + 8 * K + cols, xy, mask=c_mask)
+        tl.store(stats_ptr + 6 * K + cols, qx, mask=end_mask)
+        tl.store(stats_ptr + 7 * K + cols, qy, mask=end_mask)
+        tl.store(stats_ptr + 8 * K + cols, xy, mask=end_mask)
 
 
 @triton.jit

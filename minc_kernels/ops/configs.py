@@ -248,8 +248,11 @@ def pick_config(b: int, k: int, dtype: torch.dtype, on_gpu: bool = True,
                 else:
                     bn //= 2
             # The strip @ Ẑ GEMM's grid is (strip rows / bm) × (k / bn): at k = 512 that was
-            # 16 × 8 programs; narrower column tiles fill it.
-            rows_est = min(max(2048, 2 * k), n)
+            # 16 × 8 programs; narrower column tiles fill it.  Strip rows: the smallest of
+            # the even strips that ops.mio._negatives_by_strips makes.
+            n_blocks = cdiv(n, bm)
+            per_strip = max(2048, 2 * cdiv(k, bk) * bk) // bm
+            rows_est = n_blocks // cdiv(n_blocks, per_strip) * bm
             while cdiv(rows_est, bm) * cdiv(k, bn) < _MIO_TARGET_PROGRAMS and bn > 32:
                 bn //= 2
             if bm * bn <= 32 * 64:
