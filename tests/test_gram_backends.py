@@ -141,3 +141,35 @@ def test_column_statistics_row_split_matches_one_slice(monkeypatch, dtype):
             assert inplace[0].data_ptr() == gx2.data_ptr()
             torch.testing.assert_close(inplace[0], split[0], rtol=0, atol=0)
             torch.testing.assert_close(inplace[1], split[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", [5, 1500])  # 1500: two passes of the kernel's 1024 columns
+@pytest.mark.parametrize("pairwise", [True, False])
+def test_column_terms_match_the_float64_formulas(k, pairwise):
+    """colstats_terms_kernel (one launch for the k-element terms of VICReg / Barlow Twins)
+    against docs/math.md §7-8 in float64: columns on both sides of the variance hinge."""
+    g = torch.Generator().manual_seed(k)
+    n, lam, mu, nu, eps = 37, 0.7, 25.0, 1.3, 1e-4
+    stats = torch.rand(10, k, generator=g, dtype=torch.float64) * 2 * (n - 1)  # var in [0, 2)
+    stats[6:10] = torch.rand(4, k, generator=g, dtype=torch.float64) * 40
+    s64 = stats.clone()
+    stats = stats.float().to(DEV)
+    alpha = 4.0 * nu / (k * (n - 1) ** 2)
+    coef, base = G.col_terms(stats, n, True, pairwise, lam=lam, mu=mu, nu=nu, eps=eps,
+                             alpha=alpha)
+    std = torch.sqrt(s64[2:4] / (n - 1) + eps)
+    assert (std < 1).any() and (std > 1).any()
+    h = torch.where(std < 1, -mu / (2.0 * k * (n - 1) * std), torch.zeros_like(std))
+    want_base = lam * s64[9].sum() / (n * k) + mu * 0.5 * torch.relu(1 - std).mean(1).sum()
+    if pairwise:
+        h = h - alpha * s64[6:8]
+        want_base = want_base - nu * (s64[6:8] ** 2).sum() / ((n - 1) ** 2 * k)
+    assert coef.shape == (2, k) and base.shape == ()
+    torch.testing.assert_close(coef.cpu().double(), h, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(base.cpu().double(), want_base, rtol=1e-5, atol=1e-6)
+    # Barlow Twins: C_ii = Σ ẑa∘ẑb / N, base = Σ (1 - C_ii)² - λ Σ C_ii²
+    d, base = G.col_terms(stats, n, False, lam=lam)
+    c = s64[8] / n
+    torch.testing.assert_close(d.cpu().double(), c[None], rtol=1e-6, atol=0)
+    torch.testing.assert_close(base.cpu().double(), ((1 - c) ** 2).sum() - lam * (c ** 2).sum(),
+                               rtol=1e-5, atol=1e-5)

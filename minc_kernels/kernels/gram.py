@@ -538,6 +538,58 @@ def colstats_backward_kernel(
 
 
 @triton.jit
+def colstats_terms_kernel(
+    stats_ptr, coef_ptr, base_ptr, K, n_f, eps, h_num, h_den, alpha, c_inv, c_hinge, c_diag,
+    lam, VICREG: tl.constexpr, PAIRWISE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The k-element terms of the Barlow Twins / VICReg losses after :func:`colstats_kernel`,
+    in one program (grid (1,)): what was a dozen to thirty small torch ops per call.
+
+    Reads ``stats`` (10, K); writes ``coef`` (2, K) fp32 (the per-column vectors the Gram
+    launches take) and ``base`` (a 0-dim fp32: the loss without its Gram term).
+
+    ``VICREG`` (centring stats; docs/math.md §8): per view ``s = sqrt(M2/(N-1) + eps)``,
+    ``h = h_num / (h_den·s)`` where ``s < 1``, else 0 (``h_num = -μ``,
+    ``h_den = 2K(N-1)``); ``coef`` = ``h - α Σ zc²`` with ``PAIRWISE`` (the N×N gradient's
+    diagonal term), else ``h``; ``base = c_inv Σ (za-zb)² + c_hinge Σ_views Σ relu(1 - s)``
+    ``- c_diag Σ_views Σ (Σ zc²)²`` (``PAIRWISE``: the k×k Gram's diagonal, which the N×N
+    Frobenius norm includes; ``c_diag = 0`` otherwise).
+    Barlow Twins (standardised stats, §7): ``coef[0] = d = Σ ẑa∘ẑb / N`` (``C_ii``) and
+    ``base = Σ (1 - d)² - λ Σ d²``.  ``n_f`` = N as a float; divisions are IEEE-rounded,
+    as torch's."""
+    acc0 = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c0 in range(0, K, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        m = cols < K
+        if VICREG:
+            acc0 += tl.load(stats_ptr + 9 * K + cols, mask=m, other=0.0)
+            for v in tl.static_range(2):
+                m2 = tl.load(stats_ptr + (2 + v) * K + cols, mask=m, other=0.0)
+                s = tl.sqrt_rn(tl.div_rn(m2, n_f - 1.0) + eps)
+                acc1 += tl.where(m, tl.maximum(1.0 - s, 0.0), 0.0)
+                h = tl.where(s < 1.0, tl.div_rn(tl.full((BLOCK,), h_num, tl.float32), h_den * s),
+                             0.0)
+                if PAIRWISE:
+                    sq = tl.load(stats_ptr + (6 + v) * K + cols, mask=m, other=0.0)
+                    h = h - alpha * sq
+                    acc2 += sq * sq
+                tl.store(coef_ptr + v * K + cols, h, mask=m)
+        else:
+            d = tl.div_rn(tl.load(stats_ptr + 8 * K + cols, mask=m, other=0.0), n_f)
+            tl.store(coef_ptr + cols, d, mask=m)
+            acc0 += tl.where(m, (1.0 - d) * (1.0 - d), 0.0)
+            acc1 += d * d
+    if VICREG:
+        base = c_inv * tl.sum(acc0, axis=0) + c_hinge * tl.sum(acc1, axis=0) \
+            - c_diag * tl.sum(acc2, axis=0)
+    else:
+        base = tl.sum(acc0, axis=0) - lam * tl.sum(acc1, axis=0)
+    tl.store(base_ptr, base)
+
+
+@triton.jit
 def cross_gram_kernel(
     x_ptr, y_ptr, out_ptr, B, K, stride_xb, stride_xk, stride_yb, stride_yk, rows_per_split,
     IS_FP32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,

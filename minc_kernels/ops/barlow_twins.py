@@ -17,7 +17,8 @@ Passes:
 
 1. :func:`~minc_kernels.ops.gram.col_stats` (one kernel, both views): column means and
    biased variances, the standardised ``Ẑa``, ``Ẑb`` (storage dtype; stored (k, N) for
-   the N×N path) and ``C_ii = Σ_n ẑa_ni ẑb_ni / N``.
+   the N×N path) and ``C_ii = Σ_n ẑa_ni ẑb_ni / N``.  The N×N path takes ``C_ii`` and
+   the loss's diagonal terms from :func:`~minc_kernels.ops.gram.col_terms` (one program).
 2. ``"gram"``: ``C = Ẑaᵀ Ẑb / N`` (:func:`~minc_kernels.ops.gram.cross_gram`, k×k fp32,
    written), ``‖C‖_F²``; gradient ``Γ = ∂L/∂C`` formed in place in ``C``, then
    ``Ẑb Γᵀ / N`` and ``Ẑa Γ / N`` (:func:`~minc_kernels.ops.gram.rowmat`).
@@ -44,7 +45,7 @@ import torch
 
 from ..losses.barlow_twins import BN_EPS
 from ._grad_in_forward import register_grad_in_forward
-from .gram import col_stats, col_stats_backward, cross_gram, gram, gram_dot, rowmat
+from .gram import col_stats, col_stats_backward, col_terms, cross_gram, gram, gram_dot, rowmat
 from .spectral import estimate_seconds
 
 __all__ = ["barlow_twins_loss", "barlow_twins_loss_fwd", "barlow_twins_forward",
@@ -78,7 +79,7 @@ def barlow_twins_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: flo
         c = cross_gram(na, nb)
         c.mul_(1.0 / n)
         diag = torch.diagonal(c).clone()
-        frob = _flat_sq(c)
+        loss = (1.0 - diag).pow(2).sum() + lam * (_flat_sq(c) - diag.pow(2).sum())
         if need_grad:
             gam = c.mul_(2.0 * lam)  # Γ = ∂L/∂C, in place: off-diagonal 2λC_ij ...
             torch.diagonal(gam).copy_(2.0 * diag - 2.0)  # ... diagonal -2(1 - C_ii)
@@ -86,7 +87,9 @@ def barlow_twins_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: flo
             _, _, gb = rowmat(na, gam.T, na, None, 1.0 / n, 0.0, 0.0, False, True)
         c = gam = None  # free the k×k matrix (Γ is C, scaled in place) before pass 3
     else:
-        diag = stats[8] / n
+        # C_ii = Σ ẑa∘ẑb / N (rowmat's d) and base = Σ (1 - C_ii)² - λ Σ C_ii², one launch
+        diag, base = col_terms(stats, n, False, lam=lam)
+        diag = diag[0]
         na_t, nb_t = na.T, nb.T  # contiguous (k, N)
         g_a = gram(na_t)  # Ẑa Ẑaᵀ (N×N)
         if need_grad:
@@ -102,8 +105,7 @@ def barlow_twins_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: flo
         else:
             raw = gram_dot(nb_t, g_a)
         del g_a
-        frob = raw / (n * n)
-    loss = (1.0 - diag).pow(2).sum() + lam * (frob - diag.pow(2).sum())
+        loss = torch.add(base, raw, alpha=lam / (n * n))
     if not need_grad:
         return (loss, z_a.new_empty((0,), dtype=torch.float32),
                 z_a.new_empty((0,), dtype=torch.float32))

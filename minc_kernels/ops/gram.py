@@ -25,13 +25,14 @@ import os
 import torch
 
 from ..kernels.gram import (colstats_backward_kernel, colstats_backward_partial_kernel,
-                            colstats_kernel, colstats_partial_kernel, cross_gram_kernel,
+                            colstats_kernel, colstats_partial_kernel, colstats_terms_kernel,
+                            cross_gram_kernel,
                             moment_partial_kernel, rowmat_kernel)
 from . import configs
 from ._common import (DEVICE_BW, cdiv, device_guard, interpreting, is_fp32, num_sms,
                       next_pow2, rhs_f32_mode, upcast_bf16_dot)
 
-__all__ = ["rowmat", "gram", "gram_dot", "cross_gram", "col_stats", "col_stats_backward",
+__all__ = ["rowmat", "gram", "gram_dot", "cross_gram", "col_stats", "col_stats_backward", "col_terms",
            "gram_backend", "GRAM_BACKENDS"]
 
 GRAM_BACKENDS = ("triton", "cublas")
@@ -237,6 +238,34 @@ def col_stats(x: torch.Tensor, y: torch.Tensor, standardize: bool, eps: float,
     if split > 1:
         torch.sum(part[:, 5:8], dim=0, out=stats[6:9])
     return xo, yo, stats
+
+
+def col_terms(stats: torch.Tensor, n: int, vicreg: bool, pairwise: bool = False, *,
+              lam: float = 0.0, mu: float = 0.0, nu: float = 0.0, eps: float = 0.0,
+              alpha: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-column terms of a loss from :func:`col_stats`' ``stats`` (N rows), in one
+    launch of :func:`~minc_kernels.kernels.gram.colstats_terms_kernel`: ``(coef, base)``.
+
+    ``vicreg`` (centred stats; ``mu``, ``nu``, ``lam``, ``eps``, ``alpha`` = the N×N / k×k
+    gradient's ``α``): ``coef`` (2, k) per view ``h - α Σ zc²`` (``pairwise``) or ``h``
+    (the variance hinge's factor), ``base`` = the invariance and variance terms, minus the
+    Gram diagonal with ``pairwise``; add ``ν/((N-1)² k)`` × the two Frobenius norms (N×N)
+    or off-diagonal sums (k×k).  Barlow Twins (standardised stats, ``lam``): ``coef`` (1, k)
+    ``C_ii``, ``base = Σ (1 - C_ii)² - λ Σ C_ii²``; add ``λ ‖C‖_F²``."""
+    k = stats.shape[1]
+    f32 = torch.float32
+    coef = torch.empty((2 if vicreg else 1, k), dtype=f32, device=stats.device)
+    base = torch.empty((), dtype=f32, device=stats.device)
+    kn = float(k) * (n - 1)
+    with device_guard(stats):
+        colstats_terms_kernel[(1,)](
+            stats, coef, base, k, float(n), float(eps), -float(mu), 2.0 * kn, float(alpha),
+            float(lam) / (float(n) * k), 0.5 * float(mu) / k,
+            float(nu) / (kn * (n - 1)) if pairwise else 0.0, float(lam),
+            VICREG=bool(vicreg), PAIRWISE=bool(pairwise),
+            BLOCK=min(1024, max(16, next_pow2(k))), num_warps=4,
+        )
+    return coef, base
 
 
 def col_stats_backward(gx: torch.Tensor, gy: torch.Tensor, nx: torch.Tensor | None,

@@ -13,8 +13,10 @@ Passes:
 1. :func:`~minc_kernels.ops.gram.col_stats` (one kernel, both views): column means, the
    centred ``Z_c`` (storage dtype; stored (k, N) for the N×N path), ``Σ_n (z_n - m)²``
    (fp32, the unbiased variance's numerator), ``Σ_n zc_n²`` of the rounded ``Z_c`` and the
-   invariance sum ``Σ (z_a - z_b)²``.  The variance hinge and its derivative ``h`` are
-   k-element torch expressions.
+   invariance sum ``Σ (z_a - z_b)²``.  Then :func:`~minc_kernels.ops.gram.col_terms` (one
+   program): the variance hinge, its derivative ``h`` per view, the invariance term and
+   (N×N) the Gram diagonal's share, i.e. the loss without its Frobenius terms (one launch
+   where 25-30 small torch ops were).
 2. Per view, ``"gram"``: ``G = Z_cᵀ Z_c`` (k×k fp32, written), ``‖G‖_F²``; with a gradient
    ``Γ = α offdiag(G) + diag(h)`` in place in ``G`` and ``Z_c Γ`` (:func:`rowmat`).
    ``"pairwise"``: ``H = Z_c Z_cᵀ`` (N×N fp32, written); without a gradient ``‖H‖_F²``;
@@ -34,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from ._grad_in_forward import register_grad_in_forward
-from .gram import col_stats, col_stats_backward, gram, rowmat
+from .gram import col_stats, col_stats_backward, col_terms, gram, rowmat
 from .barlow_twins import choose_algorithm
 
 __all__ = ["vicreg_loss", "vicreg_loss_fwd", "vicreg_forward"]
@@ -45,28 +47,28 @@ def _flat_sq(t: torch.Tensor) -> torch.Tensor:
     return torch.dot(v, v)
 
 
-def _cov_view(xc: torch.Tensor, sq: torch.Tensor, h: torch.Tensor, alpha: float,
-              algorithm: str, need_grad: bool):
-    """``(Σ_{i≠j} G_ij², ∂/∂Z_c or None)`` of one centred view (docs/math.md §8)."""
+def _cov_view(xc: torch.Tensor, coef: torch.Tensor, alpha: float, algorithm: str,
+              need_grad: bool):
+    """``(Σ_{i≠j} G_ij² (k×k) or ‖Z_c Z_cᵀ‖_F² (N×N), ∂/∂Z_c or None)`` of one centred view
+    (docs/math.md §8); ``coef``: its row of :func:`col_terms` (``h``, or ``h - α Σ zc²``)."""
     if algorithm == "gram":
         g = gram(xc)
-        diag = torch.diagonal(g).clone()
-        off = _flat_sq(g) - diag.pow(2).sum()
+        off = _flat_sq(g) - torch.diagonal(g).pow(2).sum()
         if not need_grad:
             return off, None
         g.mul_(alpha)  # Γ = α offdiag(G) + diag(h), in place
-        torch.diagonal(g).copy_(h)
+        torch.diagonal(g).copy_(coef)
         _, _, grad = rowmat(xc, g, xc, None, 1.0, 0.0, 0.0, False, True)
         return off, grad
     xt = xc.T  # contiguous (k, N)
     hh = gram(xt)  # Z_c Z_cᵀ (N×N)
     if not need_grad:
-        return _flat_sq(hh) - sq.pow(2).sum(), None
+        return _flat_sq(hh), None
     # written through a transposed view: the gradient comes out contiguous (N, k), what the
     # in-place Jacobian pass needs
     grad = torch.empty(xc.shape, dtype=torch.float32, device=xc.device)
-    frob, _, _ = rowmat(xt, hh, xt, h - alpha * sq, alpha, 0.0, 1.0, False, True, out=grad.T)
-    return frob - sq.pow(2).sum(), grad
+    frob, _, _ = rowmat(xt, hh, xt, coef, alpha, 0.0, 1.0, False, True, out=grad.T)
+    return frob, grad
 
 
 def vicreg_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float, mu_param: float,
@@ -76,17 +78,15 @@ def vicreg_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float, mu
         raise ValueError(f"algorithm must be 'pairwise' or 'gram' here, got {algorithm!r}")
     n, k = z_a.shape
     lam, mu, nu = float(lambda_param), float(mu_param), float(nu_param)
-    xa, xb, stats = col_stats(z_a, z_b, False, 0.0, transposed=algorithm == "pairwise")
-    var = stats[2:4] / (n - 1)  # (2, k): unbiased variances of both views
-    std = torch.sqrt(var + float(eps))
-    var_loss = 0.5 * torch.relu(1.0 - std).mean(dim=1).sum()
-    # d(μ v/2)/d zc_ni = h_i zc_ni (relu' = 0 at s = 1, as torch)
-    h = torch.where(std < 1.0, -mu / (2.0 * k * (n - 1) * std), torch.zeros_like(std))
+    pairwise = algorithm == "pairwise"
+    xa, xb, stats = col_stats(z_a, z_b, False, 0.0, transposed=pairwise)
     alpha = 4.0 * nu / (k * (n - 1) ** 2)
-    off_a, gxa = _cov_view(xa, stats[6], h[0], alpha, algorithm, need_grad)
-    off_b, gxb = _cov_view(xb, stats[7], h[1], alpha, algorithm, need_grad)
-    inv = stats[9].sum() / (n * k)
-    loss = lam * inv + mu * var_loss + nu * (off_a + off_b) / ((n - 1) ** 2 * k)
+    # invariance + variance hinge (+ the Gram diagonal, N×N) and each view's coefficients
+    coef, base = col_terms(stats, n, True, pairwise, lam=lam, mu=mu, nu=nu, eps=eps,
+                           alpha=alpha)
+    off_a, gxa = _cov_view(xa, coef[0], alpha, algorithm, need_grad)
+    off_b, gxb = _cov_view(xb, coef[1], alpha, algorithm, need_grad)
+    loss = torch.add(base, off_a + off_b, alpha=nu / ((n - 1) ** 2 * k))
     if not need_grad:
         return (loss, z_a.new_empty((0,), dtype=torch.float32),
                 z_a.new_empty((0,), dtype=torch.float32))
