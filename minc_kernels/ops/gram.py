@@ -263,7 +263,7 @@ def col_terms(stats: torch.Tensor, n: int, vicreg: bool, pairwise: bool = False,
             float(lam) / (float(n) * k), 0.5 * float(mu) / k,
             float(nu) / (kn * (n - 1)) if pairwise else 0.0, float(lam),
             VICREG=bool(vicreg), PAIRWISE=bool(pairwise),
-            BLOCK=min(1024, max(16, next_pow2(k))), num_warps=4,
+            BLOCK=min(1024, max(16, next_pow2(k))), num_warps=8,
         )
     return coef, base
 
