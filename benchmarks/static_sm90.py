@@ -542,6 +542,29 @@ def _versions():
             "machine": f"{platform.node()} (CPU only)"}
 
 
+def large_batch_summary(rows, dtype: str = "bf16", min_b: int = 4096) -> list[dict]:
+    """Per heavy kernel, over the launches the losses run (``auto`` or their only path; not
+    a forced algorithm) at B >= ``min_b`` and k in BENCH_K, in ``dtype``: how many use
+    wgmma, reach 132 programs, and reach one full wave (programs >= 132 × resident CTAs
+    per SM), and the fewest waves (issue 21: "wgmma in the bf16 Gram-path kernels and full
+    waves at B >= 4096")."""
+    out = {}
+    for r in rows:
+        forced = r["loss"] in ALGORITHM_CHOICE and r["variant"] in FORCED_ALGORITHMS
+        if (forced or not r["heavy"] or r["dtype"] != dtype or r["B"] < min_b
+                or not BENCH_K[0] <= r["k"] <= BENCH_K[1]):
+            continue
+        s = out.setdefault(r["kernel"], dict(kernel=r["kernel"], launches=0, wgmma=0,
+                                             fill=0, full_wave=0, fewest_waves=None))
+        s["launches"] += 1
+        s["wgmma"] += bool(r["wgmma"])
+        s["fill"] += r["programs"] >= SMS
+        s["full_wave"] += bool(r["waves"] is not None and r["waves"] >= 1.0)
+        if r["waves"] is not None:
+            s["fewest_waves"] = min(r["waves"], s["fewest_waves"] or r["waves"])
+    return sorted(out.values(), key=lambda s: s["kernel"])
+
+
 def _fmt_tiles(t):
     short = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "K", "BLOCK_C": "C", "BLOCK_B": "B",
              "BLOCK_R": "R", "num_warps": "w", "num_stages": "s", "ACC_IN_REGS": "regs"}
@@ -558,6 +581,15 @@ def write_markdown(rows, meta, viol, path: Path):
         f"Violations of the CI checks: {len(viol)}", "",
     ]
     lines += [f"- {v}" for v in viol[:200]]
+    summary = large_batch_summary(rows)
+    if summary:
+        lines += ["", "Heavy bf16 launches at B >= 4096, k 128-8192, of the paths the losses "
+                  "run (not forced algorithms): tensor cores and fill "
+                  "(`large_batch_summary`; full wave: programs >= 132 × resident CTAs/SM).", "",
+                  "| kernel | launches | with wgmma | >= 132 programs | >= 1 full wave "
+                  "| fewest waves |", "|---|---|---|---|---|---|"]
+        lines += [f"| {s['kernel']} | {s['launches']} | {s['wgmma']} | {s['fill']} "
+                  f"| {s['full_wave']} | {s['fewest_waves']} |" for s in summary]
     lines += ["", "Columns: regs = registers/thread, spill = spill store+load bytes, smem = "
               "dynamic shared memory (KB), occ = resident CTAs/SM, fill = min(1, programs/132), "
               "waves = programs/(132·occ), ideal = µs of the launch's useful flops at peak on "

@@ -186,6 +186,7 @@ def cross_gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 # unsplit whatever its grid: a row split adds a launch (and a small torch sum), and such a
 # launch is bound by its latency (~4-5 us on an H100), not by its grid.  Half the latency
 # bound of benchmarks/static_sm90.py, so every launch that suite checks for grid fill splits.
+# (tests/conftest.py sets it to 0: the tests' small shapes take the split where it applies.)
 COLSTATS_SPLIT_MIN_SECONDS = 2.5e-6
 
 
@@ -194,8 +195,7 @@ def _colstats_split(b: int, k: int, nbytes: int, cfg, device: torch.device) -> t
     slice while the column blocks alone fill the device (or the launch is small), otherwise
     the row split of :func:`_row_split` over ``cdiv(k, BLOCK_K)`` column blocks."""
     nk = cdiv(k, cfg["BLOCK_K"])
-    if nk >= num_sms(device) or (not interpreting()
-                                 and nbytes < COLSTATS_SPLIT_MIN_SECONDS * DEVICE_BW):
+    if nk >= num_sms(device) or nbytes < COLSTATS_SPLIT_MIN_SECONDS * DEVICE_BW:
         return 1, b
     return _row_split(b, cfg["BLOCK_B"], nk, device)
 
