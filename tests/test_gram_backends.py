@@ -167,9 +167,15 @@ def test_column_terms_match_the_float64_formulas(k, pairwise):
     assert coef.shape == (2, k) and base.shape == ()
     torch.testing.assert_close(coef.cpu().double(), h, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(base.cpu().double(), want_base, rtol=1e-5, atol=1e-6)
-    # Barlow Twins: C_ii = Σ ẑa∘ẑb / N, base = Σ (1 - C_ii)² - λ Σ C_ii²
-    d, base = G.col_terms(stats, n, False, lam=lam)
+    # Barlow Twins: C_ii = Σ ẑa∘ẑb / N, base = Σ (1 - C_ii)² - λ Σ C_ii², and the diagonal
+    # 2 C_ii - 2 of ∂L/∂C; C_ii from the stats or read (strided) from a k×k C
     c = s64[8] / n
-    torch.testing.assert_close(d.cpu().double(), c[None], rtol=1e-6, atol=0)
-    torch.testing.assert_close(base.cpu().double(), ((1 - c) ** 2).sum() - lam * (c ** 2).sum(),
-                               rtol=1e-5, atol=1e-5)
+    cmat = torch.rand(k, k, generator=g, dtype=torch.float64)
+    cmat.diagonal().copy_(c)
+    for diag in (None, torch.diagonal(cmat.float().to(DEV))):
+        d, base = G.col_terms(stats, n, False, lam=lam, diag=diag)
+        torch.testing.assert_close(d.cpu().double(), torch.stack([c, 2 * c - 2]), rtol=1e-6,
+                                   atol=1e-6)
+        torch.testing.assert_close(base.cpu().double(),
+                                   ((1 - c) ** 2).sum() - lam * (c ** 2).sum(),
+                                   rtol=1e-5, atol=1e-5)

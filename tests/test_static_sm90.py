@@ -157,9 +157,10 @@ def test_barlow_twins_and_vicreg_kernels_are_compiled(rows):
     """Issue 22's losses: both algorithms, with and without the gradient, launch the Gram
     layer's kernels; the N×N path multiplies the transposed (k, N) views, and its work is
     priced on those launch dimensions."""
-    # (colstats_terms_kernel: the k-element loss terms in one program, where the path uses it)
+    # (colstats_terms_kernel: the k-element loss terms in one program)
     expect = {
-        ("barlow_twins", "gram"): {"colstats_kernel", "cross_gram_kernel"},
+        ("barlow_twins", "gram"): {"colstats_kernel", "colstats_terms_kernel",
+                                   "cross_gram_kernel"},
         ("barlow_twins", "pairwise"): {"colstats_kernel", "colstats_terms_kernel",
                                        "moment_partial_kernel"},
         ("vicreg", "gram"): {"colstats_kernel", "colstats_terms_kernel", "moment_partial_kernel"},

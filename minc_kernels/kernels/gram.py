@@ -539,8 +539,9 @@ def colstats_backward_kernel(
 
 @triton.jit
 def colstats_terms_kernel(
-    stats_ptr, coef_ptr, base_ptr, K, n_f, eps, h_num, h_den, alpha, c_inv, c_hinge, c_diag,
-    lam, VICREG: tl.constexpr, PAIRWISE: tl.constexpr, BLOCK: tl.constexpr,
+    stats_ptr, diag_ptr, coef_ptr, base_ptr, K, diag_stride, n_f, eps, h_num, h_den, alpha,
+    c_inv, c_hinge, c_diag, lam, VICREG: tl.constexpr, PAIRWISE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """The k-element terms of the Barlow Twins / VICReg losses after :func:`colstats_kernel`,
     in one program (grid (1,)): what was a dozen to thirty small torch ops per call.
@@ -554,9 +555,11 @@ def colstats_terms_kernel(
     diagonal term), else ``h``; ``base = c_inv Σ (za-zb)² + c_hinge Σ_views Σ relu(1 - s)``
     ``- c_diag Σ_views Σ (Σ zc²)²`` (``PAIRWISE``: the k×k Gram's diagonal, which the N×N
     Frobenius norm includes; ``c_diag = 0`` otherwise).
-    Barlow Twins (standardised stats, §7): ``coef[0] = d = Σ ẑa∘ẑb / N`` (``C_ii``) and
-    ``base = Σ (1 - d)² - λ Σ d²``.  ``n_f`` = N as a float; divisions are IEEE-rounded,
-    as torch's."""
+    Barlow Twins (§7): ``d = C_ii`` = ``diag[i·diag_stride] / n_f`` (``stats`` row 8, the
+    standardised views' column dots, with ``n_f`` = N; or the diagonal of the k×k ``C``,
+    already scaled, with ``n_f`` = 1), ``coef`` = ``d`` and ``2d - 2`` (the diagonal of
+    ``∂L/∂C``), ``base = Σ (1 - d)² - λ Σ d²``.  ``n_f`` is N as a float for VICReg;
+    divisions are IEEE-rounded, as torch's."""
     acc0 = tl.zeros((BLOCK,), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK,), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -577,8 +580,9 @@ def colstats_terms_kernel(
                     acc2 += sq * sq
                 tl.store(coef_ptr + v * K + cols, h, mask=m)
         else:
-            d = tl.div_rn(tl.load(stats_ptr + 8 * K + cols, mask=m, other=0.0), n_f)
+            d = tl.div_rn(tl.load(diag_ptr + cols * diag_stride, mask=m, other=0.0), n_f)
             tl.store(coef_ptr + cols, d, mask=m)
+            tl.store(coef_ptr + K + cols, 2.0 * d - 2.0, mask=m)
             acc0 += tl.where(m, (1.0 - d) * (1.0 - d), 0.0)
             acc1 += d * d
     if VICREG:

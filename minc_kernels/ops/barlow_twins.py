@@ -17,8 +17,9 @@ Passes:
 
 1. :func:`~minc_kernels.ops.gram.col_stats` (one kernel, both views): column means and
    biased variances, the standardised ``Ẑa``, ``Ẑb`` (storage dtype; stored (k, N) for
-   the N×N path) and ``C_ii = Σ_n ẑa_ni ẑb_ni / N``.  The N×N path takes ``C_ii`` and
-   the loss's diagonal terms from :func:`~minc_kernels.ops.gram.col_terms` (one program).
+   the N×N path) and ``C_ii = Σ_n ẑa_ni ẑb_ni / N``.  The loss's diagonal terms (and
+   ``C_ii``, the N×N path's ``d``) come from :func:`~minc_kernels.ops.gram.col_terms` (one
+   program): from these ``C_ii`` on the N×N path, from ``C``'s own diagonal on the k×k one.
 2. ``"gram"``: ``C = Ẑaᵀ Ẑb / N`` (:func:`~minc_kernels.ops.gram.cross_gram`, k×k fp32,
    written), ``‖C‖_F²``; gradient ``Γ = ∂L/∂C`` formed in place in ``C``, then
    ``Ẑb Γᵀ / N`` and ``Ẑa Γ / N`` (:func:`~minc_kernels.ops.gram.rowmat`).
@@ -78,11 +79,12 @@ def barlow_twins_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: flo
     if algorithm == "gram":
         c = cross_gram(na, nb)
         c.mul_(1.0 / n)
-        diag = torch.diagonal(c).clone()
-        loss = (1.0 - diag).pow(2).sum() + lam * (_flat_sq(c) - diag.pow(2).sum())
+        # C_ii read from C itself (the Frobenius norm below includes the same values)
+        coef, base = col_terms(stats, n, False, lam=lam, diag=torch.diagonal(c))
+        loss = torch.add(base, _flat_sq(c), alpha=lam)
         if need_grad:
             gam = c.mul_(2.0 * lam)  # Γ = ∂L/∂C, in place: off-diagonal 2λC_ij ...
-            torch.diagonal(gam).copy_(2.0 * diag - 2.0)  # ... diagonal -2(1 - C_ii)
+            torch.diagonal(gam).copy_(coef[1])  # ... diagonal -2(1 - C_ii)
             _, _, ga = rowmat(nb, gam, nb, None, 1.0 / n, 0.0, 0.0, False, True)
             _, _, gb = rowmat(na, gam.T, na, None, 1.0 / n, 0.0, 0.0, False, True)
         c = gam = None  # free the k×k matrix (Γ is C, scaled in place) before pass 3

@@ -242,26 +242,33 @@ def col_stats(x: torch.Tensor, y: torch.Tensor, standardize: bool, eps: float,
 
 def col_terms(stats: torch.Tensor, n: int, vicreg: bool, pairwise: bool = False, *,
               lam: float = 0.0, mu: float = 0.0, nu: float = 0.0, eps: float = 0.0,
-              alpha: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+              alpha: float = 0.0, diag: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-column terms of a loss from :func:`col_stats`' ``stats`` (N rows), in one
-    launch of :func:`~minc_kernels.kernels.gram.colstats_terms_kernel`: ``(coef, base)``.
+    launch of :func:`~minc_kernels.kernels.gram.colstats_terms_kernel`: ``(coef, base)``,
+    ``coef`` (2, k) fp32 and ``base`` a 0-dim fp32.
 
     ``vicreg`` (centred stats; ``mu``, ``nu``, ``lam``, ``eps``, ``alpha`` = the N×N / k×k
-    gradient's ``α``): ``coef`` (2, k) per view ``h - α Σ zc²`` (``pairwise``) or ``h``
-    (the variance hinge's factor), ``base`` = the invariance and variance terms, minus the
-    Gram diagonal with ``pairwise``; add ``ν/((N-1)² k)`` × the two Frobenius norms (N×N)
-    or off-diagonal sums (k×k).  Barlow Twins (standardised stats, ``lam``): ``coef`` (1, k)
-    ``C_ii``, ``base = Σ (1 - C_ii)² - λ Σ C_ii²``; add ``λ ‖C‖_F²``."""
+    gradient's ``α``): ``coef`` per view ``h - α Σ zc²`` (``pairwise``) or ``h`` (the
+    variance hinge's factor), ``base`` = the invariance and variance terms, minus the Gram
+    diagonal with ``pairwise``; add ``ν/((N-1)² k)`` × the two Frobenius norms (N×N) or
+    off-diagonal sums (k×k).  Barlow Twins (``lam``): ``coef`` = ``C_ii`` and ``2 C_ii - 2``,
+    ``base = Σ (1 - C_ii)² - λ Σ C_ii²`` (add ``λ ‖C‖_F²``), with ``C_ii`` from ``diag``
+    (the k×k ``C``'s diagonal, already divided by N) or, without it, from ``stats``."""
     k = stats.shape[1]
     f32 = torch.float32
-    coef = torch.empty((2 if vicreg else 1, k), dtype=f32, device=stats.device)
+    coef = torch.empty((2, k), dtype=f32, device=stats.device)
     base = torch.empty((), dtype=f32, device=stats.device)
+    if diag is None:
+        diag, n_div = stats[8], float(n)
+    else:
+        n_div = 1.0
     kn = float(k) * (n - 1)
     with device_guard(stats):
         colstats_terms_kernel[(1,)](
-            stats, coef, base, k, float(n), float(eps), -float(mu), 2.0 * kn, float(alpha),
-            float(lam) / (float(n) * k), 0.5 * float(mu) / k,
-            float(nu) / (kn * (n - 1)) if pairwise else 0.0, float(lam),
+            stats, diag, coef, base, k, diag.stride(0), float(n) if vicreg else n_div,
+            float(eps), -float(mu), 2.0 * kn, float(alpha), float(lam) / (float(n) * k),
+            0.5 * float(mu) / k, float(nu) / (kn * (n - 1)) if pairwise else 0.0, float(lam),
             VICREG=bool(vicreg), PAIRWISE=bool(pairwise),
             BLOCK=min(1024, max(16, next_pow2(k))), num_warps=8,
         )
