@@ -580,7 +580,9 @@ def colstats_terms_kernel(
                     acc2 += sq * sq
                 tl.store(coef_ptr + v * K + cols, h, mask=m)
         else:
-            d = tl.div_rn(tl.load(diag_ptr + cols * diag_stride, mask=m, other=0.0), n_f)
+            # 64-bit offsets: C's diagonal runs to k² elements (past 2^31 from k = 46341)
+            d = tl.div_rn(tl.load(diag_ptr + cols.to(tl.int64) * diag_stride, mask=m, other=0.0),
+                          n_f)
             tl.store(coef_ptr + cols, d, mask=m)
             tl.store(coef_ptr + K + cols, 2.0 * d - 2.0, mask=m)
             acc0 += tl.where(m, (1.0 - d) * (1.0 - d), 0.0)

@@ -26,14 +26,13 @@ import torch
 
 from ..kernels.gram import (colstats_backward_kernel, colstats_backward_partial_kernel,
                             colstats_kernel, colstats_partial_kernel, colstats_terms_kernel,
-                            cross_gram_kernel,
-                            moment_partial_kernel, rowmat_kernel)
+                            cross_gram_kernel, moment_partial_kernel, rowmat_kernel)
 from . import configs
 from ._common import (DEVICE_BW, cdiv, device_guard, interpreting, is_fp32, num_sms,
                       next_pow2, rhs_f32_mode, upcast_bf16_dot)
 
-__all__ = ["rowmat", "gram", "gram_dot", "cross_gram", "col_stats", "col_stats_backward", "col_terms",
-           "gram_backend", "GRAM_BACKENDS"]
+__all__ = ["rowmat", "gram", "gram_dot", "cross_gram", "col_stats", "col_stats_backward",
+           "col_terms", "gram_backend", "GRAM_BACKENDS"]
 
 GRAM_BACKENDS = ("triton", "cublas")
 GRAM_ENV = "MINC_KERNELS_GRAM"
