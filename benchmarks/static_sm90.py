@@ -560,8 +560,8 @@ def large_batch_summary(rows, dtype: str = "bf16", min_b: int = 4096) -> list[di
         s["wgmma"] += bool(r["wgmma"])
         s["fill"] += r["programs"] >= SMS
         s["full_wave"] += bool(r["waves"] is not None and r["waves"] >= 1.0)
-        if r["waves"] is not None:
-            s["fewest_waves"] = min(r["waves"], s["fewest_waves"] or r["waves"])
+        if r["waves"] is not None and (s["fewest_waves"] is None or r["waves"] < s["fewest_waves"]):
+            s["fewest_waves"] = r["waves"]
     return sorted(out.values(), key=lambda s: s["kernel"])
 
 

@@ -217,6 +217,12 @@ def _mio_config(bm: int, bn: int, bk: int, acc_in_regs: bool, nw: int, ns: int, 
         n_splits=n_splits, strip_rows=strip_rows)
 
 
+def _mio_strip_cap(k: int, bk: int) -> int:
+    """Rows of one σ strip at most (the strip path's O(B·k) buffer): max(2048, 2k), k padded
+    to the k chunk."""
+    return max(2048, 2 * cdiv(k, bk) * bk)
+
+
 def pick_config(b: int, k: int, dtype: torch.dtype, on_gpu: bool = True,
                 block_m: int | None = None, block_n: int | None = None,
                 block_k: int | None = None, n_splits: int | None = None,
@@ -251,8 +257,7 @@ def pick_config(b: int, k: int, dtype: torch.dtype, on_gpu: bool = True,
             # 16 × 8 programs; narrower column tiles fill it.  Strip rows: the smallest of
             # the even strips that ops.mio._negatives_by_strips makes.
             n_blocks = cdiv(n, bm)
-            per_strip = max(2048, 2 * cdiv(k, bk) * bk) // bm
-            rows_est = n_blocks // cdiv(n_blocks, per_strip) * bm
+            rows_est = n_blocks // cdiv(n_blocks, _mio_strip_cap(k, bk) // bm) * bm
             while cdiv(rows_est, bm) * cdiv(k, bn) < _MIO_TARGET_PROGRAMS and bn > 32:
                 bn //= 2
             if bm * bn <= 32 * 64:
@@ -261,7 +266,7 @@ def pick_config(b: int, k: int, dtype: torch.dtype, on_gpu: bool = True,
             bm, bn, bk = 32, 32, 32
         bm, bn, bk = block_m or bm, block_n or bn, block_k or bk
         if strip_rows is None:
-            strip_rows = max(2048, 2 * cdiv(k, bk) * bk)
+            strip_rows = _mio_strip_cap(k, bk)
         strip_rows = min(cdiv(strip_rows, bm) * bm, cdiv(n, bm) * bm)
         return _mio_config(bm, bn, bk, False, nw, ns, 1, strip_rows)
     if block_k is not None:
