@@ -18,26 +18,34 @@
 #              so a crash (a segfault kills its process) costs only its own file
 # 6. sync:     one training step per loss under torch.cuda.set_sync_debug_mode("error")
 #              (benchmarks/sync_check.py)
-# 7. train:    the ResNet-50 training step, eager vs minc_kernels, all three losses
+# 7. calibrate: python -m benchmarks.calibrate (CALIBRATE_S, default 150 s): the speed
+#              choices of `auto` measured on this GPU (Gram layer Triton vs cuBLAS per
+#              launcher, pairwise vs gram per loss), bf16, B 256-8192 x k 128-8192; writes
+#              calibration/table.json (commit it as minc_kernels/tables/<family>.json) and
+#              calibration/calibration.md.  The later steps run with that table
+#              (MINC_KERNELS_TABLE), so the benchmarks measure the calibrated auto
+# 8. bench:    the benchmark runner, with what is left (minus TRAIN_RESERVE_S) as its
+#              --time-budget
+# 9. train:    the ResNet-50 training step, eager vs minc_kernels, all three losses
 #              (python -m minc_train.bench_step from the installed examples/ application)
 #    gramab:   opt-in: MINC_KERNELS_GRAM=triton vs =cublas, minc_kernels fwd+bwd, the same
 #              cases (GRAMAB_ARGS, default B 1024/4096/8192 x k 512/2048/8192), half of
 #              GRAMAB_S (default 200 s) or of the time left each; gram_ab.md side by side
-# 8. bench:    the benchmark runner, with what is left as its --time-budget
-# 9. rest:     pytest -m "not slow and not gpu" on the rest, only if time is left
+# 10. rest:    pytest -m "not slow and not gpu" on the rest, only if time is left
 # then a summary, last, and (PACK=1, the default) everything packed into a few files:
 #   OUT_DIR/gpu_check.tar.gz (every file the steps wrote), OUT_DIR/summary.txt,
-#   OUT_DIR/steps.txt, OUT_DIR/results.md (a device run returns at most 8 files).
+#   OUT_DIR/steps.txt, OUT_DIR/results.md, OUT_DIR/calibration/{table.json,calibration.md}
+#   (a device run returns at most 8 files).
 #
 # Needs no network.  Everything fits in TOTAL_S seconds (default 540, inside a 10-minute
 # call): each step has a timeout, and every step writes its output under OUT_DIR as it goes
 # (steps.txt gets one line per finished step, one per GPU test file), so a run cut short
 # keeps what it got.  Exit code: 0 if every step that ran passed, 1 otherwise (the failed
 # steps are listed last).
-# Knobs (environment): STEPS (default setup,build,app,ext,info,gputests,sync,train,bench,rest),
-# TOTAL_S, BUILD_TIMEOUT_S, GPU_TEST_TIMEOUT_S (all GPU test files together),
+# Knobs (environment): STEPS (default
+# setup,build,app,ext,info,gputests,sync,calibrate,bench,train,rest), TOTAL_S, BUILD_TIMEOUT_S, GPU_TEST_TIMEOUT_S (all GPU test files together),
 # GPU_FILE_TIMEOUT_S (one file), GPU_TEST_FILES (override the discovered list),
-# SYNC_TIMEOUT_S, TRAIN_TIMEOUT_S, TRAIN_ARGS (default: ResNet-50 defaults of the app,
+# SYNC_TIMEOUT_S, CALIBRATE_S, CALIBRATE_ARGS, TRAIN_TIMEOUT_S, TRAIN_RESERVE_S, TRAIN_ARGS (default: ResNet-50 defaults of the app,
 # --steps 10 --warmup 3), GRAMAB_S, GRAMAB_ARGS, BENCH_ARGS (extra runner arguments),
 # SYNC_ARGS, PACK (1/0),
 # PYTHON, PYPROJECT (the file the setup step reads; tests).
@@ -58,8 +66,10 @@ GPU_TEST_TIMEOUT_S=${GPU_TEST_TIMEOUT_S:-150}
 GPU_FILE_TIMEOUT_S=${GPU_FILE_TIMEOUT_S:-90}
 SYNC_TIMEOUT_S=${SYNC_TIMEOUT_S:-90}
 TRAIN_TIMEOUT_S=${TRAIN_TIMEOUT_S:-120}
+TRAIN_RESERVE_S=${TRAIN_RESERVE_S:-70}
+CALIBRATE_S=${CALIBRATE_S:-150}
 PACK=${PACK:-1}
-STEPS=${STEPS:-setup,build,app,ext,info,gputests,sync,train,bench,rest}
+STEPS=${STEPS:-setup,build,app,ext,info,gputests,sync,calibrate,bench,train,rest}
 # "tests" (the step name before the split into GPU tests first and the rest last)
 case ",$STEPS," in *",tests,"*) STEPS="$STEPS,gputests,rest" ;; esac
 START=$(date +%s)
@@ -222,13 +232,26 @@ if want sync; then
   rc=$?; cat "$OUT/sync_check.txt"; record sync $rc "$(tail -1 "$OUT/sync_check.txt")"
 fi
 
-if want train; then
-  step "train step: python -m minc_train.bench_step (timeout ${TRAIN_TIMEOUT_S}s)"
-  # shellcheck disable=SC2086
-  timeout --signal=INT --kill-after=15 "$TRAIN_TIMEOUT_S" "$PY" -m minc_train.bench_step \
-    --out "$OUT" ${TRAIN_ARGS:---steps 10 --warmup 3} > "$OUT/train_step.txt" 2>&1
-  rc=$?; tail -12 "$OUT/train_step.txt"
-  record train "$rc" "$(crashnote "$rc")train_step.json, train_step.txt"
+if want calibrate; then
+  CAL=$CALIBRATE_S
+  [ "$CAL" -gt "$(( $(left) - 60 ))" ] && CAL=$(( $(left) - 60 ))
+  if [ "$CAL" -lt 30 ]; then
+    record calibrate skip "no time left"
+  else
+    step "calibrate: python -m benchmarks.calibrate (budget ${CAL}s)"
+    # shellcheck disable=SC2086
+    timeout --signal=TERM --kill-after=15 $(( CAL + 30 )) "$PY" -m benchmarks.calibrate \
+      --out "$OUT/calibration" --time-budget "$CAL" ${CALIBRATE_ARGS:-} \
+      > "$OUT/calibrate.log" 2>&1
+    rc=$?; tail -3 "$OUT/calibrate.log"
+    NOTE="no table written"
+    if [ -f "$OUT/calibration/table.json" ]; then
+      # what was measured decides from here on (the benchmarks measure the calibrated auto)
+      export MINC_KERNELS_TABLE="$OUT/calibration/table.json"
+      NOTE="calibration/table.json (MINC_KERNELS_TABLE set for the later steps), calibration.md"
+    fi
+    record calibrate "$rc" "$(crashnote "$rc")$NOTE; calibrate.log"
+  fi
 fi
 
 if want gramab; then
@@ -263,6 +286,7 @@ fi
 
 if want bench; then
   LEFT=$(left)
+  want train && LEFT=$(( LEFT - TRAIN_RESERVE_S ))
   BUDGET=$(( LEFT - 75 ))   # compile/OOM cases in flight, then tables and plots
   if [ "$BUDGET" -lt 30 ]; then BUDGET=30; fi
   HARD=$(( LEFT - 15 ))
@@ -275,6 +299,21 @@ if want bench; then
   if [ "$rc" != 0 ] && [ -f "$OUT/results.json" ]; then
     # Killed before it wrote the tables: rebuild them from what results.json holds.
     timeout 60 "$PY" -m benchmarks.report "$OUT" --quiet >> "$OUT/bench.log" 2>&1
+  fi
+fi
+
+if want train; then
+  TT=$TRAIN_TIMEOUT_S
+  [ "$TT" -gt "$(( $(left) - 10 ))" ] && TT=$(( $(left) - 10 ))
+  if [ "$TT" -lt 40 ]; then
+    record train skip "no time left"
+  else
+    step "train step: python -m minc_train.bench_step (timeout ${TT}s)"
+    # shellcheck disable=SC2086
+    timeout --signal=INT --kill-after=15 "$TT" "$PY" -m minc_train.bench_step \
+      --out "$OUT" ${TRAIN_ARGS:---steps 10 --warmup 3} > "$OUT/train_step.txt" 2>&1
+    rc=$?; tail -12 "$OUT/train_step.txt"
+    record train "$rc" "$(crashnote "$rc")train_step.json, train_step.txt"
   fi
 fi
 
@@ -312,6 +351,11 @@ for method, r in d["results"].items():
     print(f"  {method}: " + "; ".join(cells) + f"; step speed-up {r.get('step_speedup', float('nan')):.3f}x")
 EOF
   fi
+  if [ -f "$OUT/calibration/calibration.md" ]; then
+    echo
+    echo "calibration (calibration/calibration.md):"
+    grep -E '^## |differ from the choice' "$OUT/calibration/calibration.md"
+  fi
   if want bench && [ -f "$OUT/results.json" ]; then
     echo
     "$PY" -m benchmarks.report "$OUT" --summary-only 2>&1
@@ -327,7 +371,10 @@ if [ "$PACK" = 1 ]; then
   ( cd "$OUT" && find . -type f ! -name gpu_check.tar.gz | sort > "$LIST" \
       && tar -czf gpu_check.tar.gz -T "$LIST" \
       && while read -r f; do
-           case "$f" in ./summary.txt|./steps.txt|./results.md) ;; *) rm -f "$f" ;; esac
+           case "$f" in
+             ./summary.txt|./steps.txt|./results.md|./calibration/table.json|./calibration/calibration.md) ;;
+             *) rm -f "$f" ;;
+           esac
          done < "$LIST"
     find . -mindepth 1 -type d -empty -delete )
   rm -f "$LIST"

@@ -162,6 +162,20 @@ def _ops_of_registry() -> dict:
     return {name: spec.op for name, spec in REGISTRY.items()}
 
 
+def decision_table(device) -> dict:
+    """Which measured decision table ``auto`` used on ``device`` (minc_kernels.ops.tables):
+    its file, family and provenance, or None (the cost models decided)."""
+    from minc_kernels.ops import tables
+
+    table = tables.table_for(device)
+    return {"decision_table_env": os.environ.get(tables.TABLE_ENV),
+            "decision_table": None if table is None else {
+                "file": table.source, "family": table.family,
+                "measured_on": table.provenance.get("device"),
+                "commit": table.provenance.get("git_commit"),
+                "date_utc": table.provenance.get("date_utc")}}
+
+
 def environment(device, extension: tuple[bool, str] | None = None) -> dict:
     import torch
 
@@ -193,6 +207,7 @@ def environment(device, extension: tuple[bool, str] | None = None) -> dict:
                 for name, op in _ops_of_registry().items()},
         "extension": (extension or _ext.status())[1],
     }
+    env.update(decision_table(device))
     if device.type == "cuda":
         prop = torch.cuda.get_device_properties(device)
         env["capability"] = f"{prop.major}.{prop.minor}"

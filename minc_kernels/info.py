@@ -63,6 +63,7 @@ def collect() -> dict:
     info["loss_backends"] = {name: loss_backend_status(name, torch.cuda.is_available(),
                                                        _backend.triton_interpret())
                              for name, spec in REGISTRY.items() if spec.op is not None}
+    info["decision_tables"] = decision_tables()
     ok, _ = _ext.status()
     if ok:
         mod = _ext.load()
@@ -74,6 +75,40 @@ def collect() -> dict:
         info["ema_backend"] = extension_missing(_ext._state.get("error"), _extension_file_exists())
         info["build_extension"] = build_command()
     return info
+
+
+def decision_tables() -> dict:
+    """The measured tables ``auto`` reads (minc_kernels.ops.tables), one line per family
+    shipped or in force, and the override variable."""
+    import torch
+
+    from .ops import tables
+
+    out: dict = {}
+    override = os.environ.get(tables.TABLE_ENV)
+    if override is not None:
+        out[tables.TABLE_ENV] = override
+    fams = {p.stem for p in tables.shipped_path("x").parent.glob("*.json")}
+    if torch.cuda.is_available():
+        fams |= {f for i in range(torch.cuda.device_count())
+                 if (f := tables.family(torch.device("cuda", i)))}
+    for fam in sorted(fams):
+        try:
+            table = tables._table(fam, override)
+        except ValueError as exc:
+            out[fam] = f"UNUSABLE: {exc}"
+            continue
+        if table is None:
+            out[fam] = "no table: auto uses the cost models (python -m benchmarks.calibrate)"
+        else:
+            p = table.provenance
+            out[fam] = (f"{len(table.decisions)} decisions measured on {p.get('device')}, "
+                        f"commit {str(p.get('git_commit'))[:10]}, {p.get('date_utc')} "
+                        f"({table.source})")
+    if not fams:
+        out["(none)"] = ("no measured table shipped: auto uses the cost models "
+                         "(python -m benchmarks.calibrate on a GPU writes one)")
+    return out
 
 
 def _extension_file_exists() -> bool:

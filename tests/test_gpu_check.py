@@ -145,3 +145,36 @@ def test_gram_ab_step_measures_both_gram_layers(tmp_path):
     for impl in ("triton", "cublas"):
         recs = json.loads((out / f"gram-{impl}" / "results.json").read_text())["cases"]
         assert [r["provider"] for r in recs] == ["minc_kernels"] and recs[0]["status"] == "ok"
+
+
+def test_calibrate_step_writes_the_table_and_the_later_steps_use_it(tmp_path):
+    """The calibrate step (here a CPU dry run under the interpreter) writes calibration/
+    table.json and calibration.md, the summary quotes the decisions, and PACK=1 keeps both
+    files loose beside the archive."""
+    proc = _run(tmp_path, STEPS="calibrate", PACK="1",
+                CALIBRATE_ARGS="--interpret --rows 8 --cols 8 --dtype fp32 "
+                               "--decisions gram.gram --case-ms 1")
+    out = tmp_path / "out"
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert " rc=0 " in _steps(out)["calibrate"]
+    table = json.loads((out / "calibration" / "table.json").read_text())
+    assert table["family"] == "interpret" and list(table["decisions"]) == ["gram.gram/fp32"]
+    summary = (out / "summary.txt").read_text()
+    assert "## `gram.gram/fp32`: triton vs cublas" in summary
+    assert sorted(p.name for p in out.iterdir()) == ["calibration", "gpu_check.tar.gz",
+                                                     "steps.txt", "summary.txt"]
+    assert sorted(p.name for p in (out / "calibration").iterdir()) == ["calibration.md",
+                                                                      "table.json"]
+    # the script exported the fresh table for the steps after it
+    assert "MINC_KERNELS_TABLE set" in _steps(out)["calibrate"]
+    with tarfile.open(out / "gpu_check.tar.gz") as tar:
+        assert "./calibrate.log" in tar.getnames()
+
+
+def test_bench_environment_names_the_decision_table(monkeypatch, tmp_path):
+    import torch
+
+    from benchmarks.run import decision_table
+    monkeypatch.setenv("MINC_KERNELS_TABLE", str(tmp_path / "t.json"))
+    got = decision_table(torch.device("cpu"))
+    assert got == {"decision_table_env": str(tmp_path / "t.json"), "decision_table": None}

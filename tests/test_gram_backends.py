@@ -18,7 +18,7 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-5
 
 def _both(monkeypatch, fn):
     out = {}
-    for backend in G.GRAM_BACKENDS:
+    for backend in G.GRAM_IMPLS:
         monkeypatch.setenv(G.GRAM_ENV, backend)
         out[backend] = fn()
     return out["triton"], out["cublas"]
@@ -56,7 +56,7 @@ def test_unknown_gram_backend_is_named(monkeypatch):
         G.gram(torch.randn(4, 3, device=DEV))
 
 
-@pytest.mark.parametrize("backend", G.GRAM_BACKENDS)
+@pytest.mark.parametrize("backend", G.GRAM_IMPLS)
 def test_rowmat_into_a_given_destination_and_in_place_jacobian(monkeypatch, backend):
     """``rowmat(out=)`` through a transposed view gives the same bits as its own contiguous
     buffer; ``col_stats_backward(in_place=True)`` the same bits as separate outputs; both

@@ -4,8 +4,9 @@ Op ``minc_kernels::barlow_twins_loss_fwd(z_a, z_b, lambda_param, algorithm, need
 -> (loss, grad_z_a, grad_z_b)``: the fp32 loss and, with ``need_grad``, the fp32 gradients
 for a unit upstream gradient (empty otherwise); the autograd is
 :func:`~minc_kernels.ops._grad_in_forward.register_grad_in_forward` (backward only scales).
-``algorithm`` is ``"pairwise"`` or ``"gram"`` here; ``"auto"`` is resolved by
-:func:`choose_algorithm`: the spectral loss's calibrated cost model
+``algorithm`` is ``"pairwise"``, ``"gram"`` or ``"auto"``, resolved inside the op (at run
+time, on the real sizes) by :func:`choose_algorithm`: a measured table for the GPU family
+(:mod:`minc_kernels.ops.tables`) where one answers, else the spectral loss's cost model
 (:func:`minc_kernels.ops.spectral.estimate_seconds`), whose ``"gram"`` estimate prices
 exactly the launches both evaluations make (Grams + fused ``rowmat``), on ``Z`` (k×k) or
 on ``Zᵀ`` (N×N).  Its ``"pairwise"`` estimate prices the spectral pairwise-tile kernel,
@@ -47,15 +48,24 @@ import torch
 from ..losses.barlow_twins import BN_EPS
 from ._grad_in_forward import register_grad_in_forward
 from .gram import col_stats, col_stats_backward, col_terms, cross_gram, gram, gram_dot, rowmat
+from . import tables
 from .spectral import estimate_seconds
 
 __all__ = ["barlow_twins_loss", "barlow_twins_loss_fwd", "barlow_twins_forward",
            "choose_algorithm", "cross_correlation", "barlow_twins_cross_corr"]
 
 
-def choose_algorithm(n: int, k: int, dtype: torch.dtype, need_grad: bool) -> str:
-    """``"pairwise"`` (N×N) or ``"gram"`` (k×k) for Barlow Twins and VICReg: the spectral
-    cost model's Gram-path time of ``Zᵀ`` (N×N Grams) against that of ``Z`` (k×k)."""
+def choose_algorithm(n: int, k: int, dtype: torch.dtype, need_grad: bool,
+                     device: torch.device | None = None, loss: str = "barlow_twins") -> str:
+    """``"pairwise"`` (N×N) or ``"gram"`` (k×k) for Barlow Twins and VICReg (``loss``): the
+    measured table of ``device``'s GPU family (decision ``<loss>/<dtype>/<grad>``) where one
+    answers, else the spectral cost model's Gram-path time of ``Zᵀ`` (N×N Grams) against that
+    of ``Z`` (k×k)."""
+    if device is not None:
+        got = tables.choose(tables.algorithm_decision(loss, dtype, need_grad), device, n, k,
+                            ("pairwise", "gram"))
+        if got is not None:
+            return got
     by_rows = estimate_seconds(k, n, dtype, need_grad)["gram"]
     by_cols = estimate_seconds(n, k, dtype, need_grad)["gram"]
     return "pairwise" if by_rows < by_cols else "gram"
@@ -70,9 +80,11 @@ def _flat_sq(t: torch.Tensor) -> torch.Tensor:
 def barlow_twins_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float,
                          algorithm: str, need_grad: bool):
     """The body of :func:`barlow_twins_loss_fwd` (a plain function)."""
-    if algorithm not in ("pairwise", "gram"):
-        raise ValueError(f"algorithm must be 'pairwise' or 'gram' here, got {algorithm!r}")
     n, k = z_a.shape
+    if algorithm == "auto":
+        algorithm = choose_algorithm(n, k, z_a.dtype, need_grad, z_a.device)
+    elif algorithm not in ("pairwise", "gram"):
+        raise ValueError(f"algorithm must be 'auto', 'pairwise' or 'gram', got {algorithm!r}")
     lam = float(lambda_param)
     na, nb, stats = col_stats(z_a, z_b, True, BN_EPS, transposed=algorithm == "pairwise")
     ga = gb = None
@@ -138,9 +150,6 @@ def barlow_twins_loss(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float,
                       algorithm: str) -> torch.Tensor:
     """Fp32 scalar Barlow Twins loss (docs/math.md §7), differentiable wrt ``z_a`` and ``z_b``."""
     need_grad = torch.is_grad_enabled() and (z_a.requires_grad or z_b.requires_grad)
-    if algorithm == "auto":
-        n, k = z_a.shape
-        algorithm = choose_algorithm(n, k, z_a.dtype, need_grad)
     loss, _, _ = barlow_twins_loss_fwd(z_a, z_b, float(lambda_param), algorithm, need_grad)
     return loss
 

@@ -9,9 +9,11 @@ Deterministic: per-program fp32 partials summed by ``torch.sum`` in a fixed orde
 Two implementations of the GEMM-shaped launchers (:func:`gram`, :func:`gram_dot`,
 :func:`cross_gram`, :func:`rowmat`), chosen by ``MINC_KERNELS_GRAM`` (read per call):
 
-* ``"triton"`` (default): the fused kernels of :mod:`minc_kernels.kernels.gram`;
-* ``"cublas"``: a candidate for Hopper, to be chosen (or not) by measurement
-  (``benchmarks/gpu_check.sh`` runs both): ``torch.mm`` for the products — half inputs
+* ``"auto"`` (default): per launcher and shape, what the measured table of the GPU family
+  says (:mod:`minc_kernels.ops.tables`, decisions ``gram.<launcher>/<dtype>``, written by
+  ``python -m benchmarks.calibrate``); ``"triton"`` where no table answers;
+* ``"triton"``: the fused kernels of :mod:`minc_kernels.kernels.gram`;
+* ``"cublas"``: a candidate for Hopper: ``torch.mm`` for the products — half inputs
   with fp32 output (``out_dtype``), a fp32 ``G`` against half rows as three half GEMMs of
   its hi/mid/lo split (bf16; fp16 rows take one fp32 GEMM, exact but off the tensor cores),
   fp32 as fp32 GEMMs (cuBLAS honours the global TF32 switch: leave it off for exact fp32) —
@@ -27,24 +29,31 @@ import torch
 from ..kernels.gram import (colstats_backward_kernel, colstats_backward_partial_kernel,
                             colstats_kernel, colstats_partial_kernel, colstats_terms_kernel,
                             cross_gram_kernel, moment_partial_kernel, rowmat_kernel)
-from . import configs
+from . import configs, tables
 from ._common import (DEVICE_BW, cdiv, device_guard, interpreting, is_fp32, num_sms,
                       next_pow2, rhs_f32_mode, upcast_bf16_dot)
 
 __all__ = ["rowmat", "gram", "gram_dot", "cross_gram", "col_stats", "col_stats_backward",
-           "col_terms", "gram_backend", "GRAM_BACKENDS"]
+           "col_terms", "gram_backend", "GRAM_BACKENDS", "GRAM_IMPLS"]
 
-GRAM_BACKENDS = ("triton", "cublas")
+GRAM_BACKENDS = ("auto", "triton", "cublas")
 GRAM_ENV = "MINC_KERNELS_GRAM"
+GRAM_IMPLS = ("triton", "cublas")  # what "auto" chooses between
 
 
-def gram_backend() -> str:
-    """``MINC_KERNELS_GRAM`` (``"triton"`` unless set), validated."""
-    value = os.environ.get(GRAM_ENV, "triton") or "triton"
+def gram_backend(launcher: str | None = None, x: torch.Tensor | None = None) -> str:
+    """``"triton"`` or ``"cublas"`` for one launch of ``launcher`` on rows ``x``:
+    ``MINC_KERNELS_GRAM`` (validated), and under ``"auto"`` (the default) the measured table
+    of ``x``'s GPU family, else ``"triton"``.  Without ``launcher`` the variable's value."""
+    value = os.environ.get(GRAM_ENV, "auto") or "auto"
     if value not in GRAM_BACKENDS:
         raise ValueError(f"environment variable {GRAM_ENV} must be one of "
                          f"{', '.join(map(repr, GRAM_BACKENDS))}, got {value!r}")
-    return value
+    if value != "auto" or launcher is None:
+        return value
+    rows, cols = x.shape
+    return tables.choose(tables.gram_decision(launcher, x.dtype), x.device, rows, cols,
+                         GRAM_IMPLS) or "triton"
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -94,7 +103,7 @@ def rowmat(x: torch.Tensor, g: torch.Tensor, y: torch.Tensor, d: torch.Tensor | 
                             or out.device != x.device):
         raise ValueError(f"out must be a float32 tensor of shape {tuple(x.shape)} on {x.device} "
                          f"(and need_grad True), got {out.dtype} {tuple(out.shape)} on {out.device}")
-    if gram_backend() == "cublas":
+    if gram_backend("rowmat", x) == "cublas":
         quad, cross, res = _rowmat_mm(x, g, y, d, alpha, beta, gamma, bool(gha and need_grad),
                                       need_grad)
         return quad, cross, (res if out is None or res is None else out.copy_(res))
@@ -148,7 +157,7 @@ def _gram_launch(x: torch.Tensor, other: torch.Tensor | None):
 
 def gram(x: torch.Tensor) -> torch.Tensor:
     """``Xᵀ X`` = ``Σ_j x_j x_jᵀ`` as fp32 (k, k), from the storage dtype of ``x``."""
-    if gram_backend() == "cublas":
+    if gram_backend("gram", x) == "cublas":
         return _mm_f32(x.T, x)
     out, split = _gram_launch(x, None)
     return out[0] if split == 1 else out.sum(dim=0)
@@ -157,7 +166,7 @@ def gram(x: torch.Tensor) -> torch.Tensor:
 def gram_dot(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """``<other, Xᵀ X>_F`` (fp32 scalar) for a symmetric contiguous fp32 (k, k) ``other``,
     without writing ``Xᵀ X``."""
-    if gram_backend() == "cublas":
+    if gram_backend("gram_dot", x) == "cublas":
         return (_mm_f32(x.T, x) * other).sum()
     out, _ = _gram_launch(x, other.contiguous())
     return out.sum()
@@ -166,7 +175,7 @@ def gram_dot(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- Barlow Twins / VICReg
 def cross_gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``Xᵀ Y`` as fp32 (k, k), from the storage dtype (tiles and row split as :func:`gram`)."""
-    if gram_backend() == "cublas":
+    if gram_backend("cross_gram", x) == "cublas":
         return _mm_f32(x.T, y)
     b, k = x.shape
     cfg = configs.cross_gram_config(k, x.dtype)

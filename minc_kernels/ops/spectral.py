@@ -3,8 +3,9 @@
 Op ``minc_kernels::spectral_loss_fwd(z1, z2, mu, clip, algorithm, need_grad)
 -> (loss, grad_z1, grad_z2)``: the fp32 loss and, with ``need_grad``, the fp32 gradients
 for a unit upstream gradient (empty otherwise; non-differentiable outputs).  Backward only
-scales them.  ``algorithm`` is ``"pairwise"`` or ``"gram"`` here; ``"auto"`` is resolved
-by :func:`choose_algorithm` before the op is called.
+scales them.  ``algorithm`` is ``"pairwise"``, ``"gram"`` or ``"auto"``, resolved inside the
+op by :func:`choose_algorithm` (a measured table for the GPU family, else the cost model),
+so a compiled graph chooses at run time on the real sizes.
 
 Passes:
 
@@ -38,7 +39,7 @@ from . import configs
 from ._common import (DEVICE_BW, DEVICE_FLOPS, TARGET_PROGRAMS, TARGET_SMS, cdiv, device_guard, is_fp32,
                       upcast_bf16_dot)
 from ._grad_in_forward import register_grad_in_forward
-from .._backend import size_hint
+from . import tables
 from .gram import gram, gram_dot, rowmat
 
 __all__ = ["spectral_loss", "spectral_loss_fwd", "spectral_forward", "choose_algorithm",
@@ -113,12 +114,25 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> dic
 
 
 @functools.lru_cache(maxsize=1024)
-def choose_algorithm(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> str:
+def model_choice(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> str:
     """``"pairwise"`` or ``"gram"``, whichever :func:`estimate_seconds` says is faster.
     Cached: it depends only on its arguments (device tiles, not the interpreter's), and the
     model costs tens of µs of host time per call."""
     est = estimate_seconds(b, k, dtype, need_grad)
     return "pairwise" if est["pairwise"] <= est["gram"] else "gram"
+
+
+def choose_algorithm(b: int, k: int, dtype: torch.dtype, need_grad: bool,
+                     device: torch.device | None = None) -> str:
+    """What ``algorithm="auto"`` runs: the measured table of ``device``'s GPU family where
+    one answers (:mod:`minc_kernels.ops.tables`, decision ``spectral/<dtype>/<grad>``), else
+    :func:`model_choice`."""
+    if device is not None:
+        got = tables.choose(tables.algorithm_decision("spectral", dtype, need_grad), device,
+                            b, k, ("pairwise", "gram"))
+        if got is not None:
+            return got
+    return model_choice(b, k, dtype, need_grad)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -182,9 +196,11 @@ def spectral_forward(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool, 
                      need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The body of :func:`spectral_loss_fwd` (plain function: the static sm_90 suite calls it
     on meta tensors, which the custom op would send to its fake)."""
-    if algorithm not in ("pairwise", "gram"):
-        raise ValueError(f"algorithm must be 'pairwise' or 'gram' here, got {algorithm!r}")
     b, k = z1.shape
+    if algorithm == "auto":  # both exact: a speed choice on the real sizes, at run time
+        algorithm = choose_algorithm(b, k, z1.dtype, need_grad, z1.device)
+    elif algorithm not in ("pairwise", "gram"):
+        raise ValueError(f"algorithm must be 'auto', 'pairwise' or 'gram', got {algorithm!r}")
     z1c, z2c, d, n1, n2 = _clip_rows_dot(z1, z2, mu, clip)
     inv = 1.0 / (b * (b - 1) * mu)  # weight of Σ_{i≠j} S_ij²
     pos = -2.0 / (b * mu)  # weight of Σ_i d_i
@@ -238,9 +254,5 @@ def spectral_loss(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool,
                   algorithm: str) -> torch.Tensor:
     """Fp32 scalar spectral contrastive loss (docs/math.md §1), differentiable wrt ``z1`` and ``z2``."""
     need_grad = torch.is_grad_enabled() and (z1.requires_grad or z2.requires_grad)
-    if algorithm == "auto":
-        # both algorithms are exact: choose on the sizes' hints (no guard in a traced graph)
-        b, k = (size_hint(n) for n in z1.shape)
-        algorithm = "gram" if b is None or k is None else choose_algorithm(b, k, z1.dtype, need_grad)
     loss, _, _ = spectral_loss_fwd(z1, z2, float(mu), bool(clip), algorithm, need_grad)
     return loss

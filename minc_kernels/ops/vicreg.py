@@ -4,9 +4,10 @@ Op ``minc_kernels::vicreg_loss_fwd(z_a, z_b, lambda_param, mu_param, nu_param, e
 algorithm, need_grad) -> (loss, grad_z_a, grad_z_b)``: the fp32 loss and, with
 ``need_grad``, the fp32 gradients for a unit upstream gradient (empty otherwise); autograd by
 :func:`~minc_kernels.ops._grad_in_forward.register_grad_in_forward`.  ``algorithm`` is
-``"pairwise"`` (N×N) or ``"gram"`` (k×k) here; ``"auto"`` is resolved by
-:func:`minc_kernels.ops.barlow_twins.choose_algorithm` (the spectral cost model's Gram-path
-estimate of both orientations; the launches are the same kinds as Barlow Twins').
+``"pairwise"`` (N×N), ``"gram"`` (k×k) or ``"auto"``, resolved inside the op by
+:func:`minc_kernels.ops.barlow_twins.choose_algorithm` (VICReg's measured table where one
+answers, else the spectral cost model's Gram-path estimate of both orientations; the launches
+are the same kinds as Barlow Twins').
 
 Passes:
 
@@ -74,8 +75,11 @@ def _cov_view(xc: torch.Tensor, coef: torch.Tensor, alpha: float, algorithm: str
 def vicreg_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float, mu_param: float,
                    nu_param: float, eps: float, algorithm: str, need_grad: bool):
     """The body of :func:`vicreg_loss_fwd` (a plain function)."""
-    if algorithm not in ("pairwise", "gram"):
-        raise ValueError(f"algorithm must be 'pairwise' or 'gram' here, got {algorithm!r}")
+    if algorithm == "auto":
+        algorithm = choose_algorithm(z_a.shape[0], z_a.shape[1], z_a.dtype, need_grad,
+                                     z_a.device, loss="vicreg")
+    elif algorithm not in ("pairwise", "gram"):
+        raise ValueError(f"algorithm must be 'auto', 'pairwise' or 'gram', got {algorithm!r}")
     n, k = z_a.shape
     lam, mu, nu = float(lambda_param), float(mu_param), float(nu_param)
     pairwise = algorithm == "pairwise"
@@ -118,9 +122,6 @@ def vicreg_loss(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float, mu_pa
                 nu_param: float, eps: float, algorithm: str) -> torch.Tensor:
     """Fp32 scalar VICReg loss (docs/math.md §8), differentiable wrt ``z_a`` and ``z_b``."""
     need_grad = torch.is_grad_enabled() and (z_a.requires_grad or z_b.requires_grad)
-    if algorithm == "auto":
-        n, k = z_a.shape
-        algorithm = choose_algorithm(n, k, z_a.dtype, need_grad)
     loss, _, _ = vicreg_loss_fwd(z_a, z_b, float(lambda_param), float(mu_param),
                                  float(nu_param), float(eps), algorithm, need_grad)
     return loss
