@@ -56,3 +56,67 @@ def test_host_helpers_match_triton():
         assert next_pow2(a) == triton.next_power_of_2(a), a
         for b in (1, 2, 3, 16, 64, 128):
             assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+
+
+def _calls():
+    from minc_kernels.ops import barlow_twins, minc, mio, mio_cpu, spectral, vicreg
+    m = torch.eye(6) * 0.5
+    return {
+        "spectral": (spectral._spectral_loss, lambda a, b, ng: (a, b, 1.0, True, "gram", ng)),
+        "minc": (minc._minc_loss, lambda a, b, ng: (a, b.detach(), m, False, ng)),
+        "mio": (mio._mio_loss, lambda a, b, ng: (a, b, 0.5, 0.5, 1.0, ng)),
+        "mio_blocked": (mio_cpu._mio_loss_blocked, lambda a, b, ng: (a, b, 0.5, 0.5, 1.0, ng, 0, 0)),
+        "barlow_twins": (barlow_twins._barlow_twins_loss,
+                         lambda a, b, ng: (a, b, 5e-3, "pairwise", ng)),
+        "vicreg": (vicreg._vicreg_loss, lambda a, b, ng: (a, b, 25.0, 25.0, 1.0, 1e-4, "gram", ng)),
+    }
+
+
+def _op_events(fn) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name.startswith("minc_kernels::")]
+
+
+@pytest.mark.parametrize("name", ["spectral", "minc", "mio", "mio_blocked", "barlow_twins", "vicreg"])
+def test_eager_calls_skip_the_custom_op_with_the_same_bits(name, kernel_device):
+    """In eager mode the API runs the op's body under an autograd.Function (no custom-op
+    dispatch: host time); its loss and gradients are bit for bit the op's."""
+    import os
+    if kernel_device.type == "cpu" and name != "mio_blocked" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    call, args = _calls()[name]
+    g = torch.Generator().manual_seed(1)
+    a = (torch.randn(7, 6, generator=g) * 0.4).to(kernel_device)
+    b = (torch.randn(7, 6, generator=g) * 0.4).to(kernel_device)
+    outs = {}
+    for path, fn in (("eager", call), ("op", call.op)):
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        events = _op_events(lambda: fn(*args(x, y, True))[0].mul(-1.3).backward())
+        assert (events == []) == (path == "eager"), (path, events)
+        outs[path] = (fn(*args(a, b, False))[0], x.grad, y.grad)
+    for e, o in zip(outs["eager"], outs["op"]):
+        if o is None:
+            assert e is None
+        else:
+            torch.testing.assert_close(e, o, rtol=0, atol=0)
+
+
+def test_compiled_calls_trace_the_custom_op():
+    """Under torch.compile the callable hands TorchDynamo the op (traced through its fake, one
+    graph), not the autograd.Function running Triton launchers; values as in eager."""
+    from minc_kernels.ops import mio_cpu
+    call = mio_cpu._mio_loss_blocked
+    seen = []
+    torch._dynamo.reset()
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    f = torch.compile(lambda a, b: call(a, b, 0.5, 0.5, 1.0, False, 0, 0)[0], fullgraph=True,
+                      backend=backend)
+    a, b = torch.randn(7, 6), torch.randn(7, 6)
+    torch.testing.assert_close(f(a, b), call(a, b, 0.5, 0.5, 1.0, False, 0, 0)[0])
+    assert any("mio_loss_blocked_fwd" in s for s in seen), seen

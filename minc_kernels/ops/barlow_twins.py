@@ -142,15 +142,16 @@ def _barlow_twins_loss_fwd_fake(z_a, z_b, lambda_param, algorithm, need_grad):
             z_a.new_empty(shape, dtype=torch.float32))
 
 
-register_grad_in_forward(barlow_twins_loss_fwd, need_grad_index=4, grad_inputs=(0, 1),
-                         what="minc_kernels::barlow_twins_loss_fwd")
+_barlow_twins_loss = register_grad_in_forward(
+    barlow_twins_loss_fwd, need_grad_index=4, grad_inputs=(0, 1),
+    what="minc_kernels::barlow_twins_loss_fwd", body=barlow_twins_forward)
 
 
 def barlow_twins_loss(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float,
                       algorithm: str) -> torch.Tensor:
     """Fp32 scalar Barlow Twins loss (docs/math.md §7), differentiable wrt ``z_a`` and ``z_b``."""
     need_grad = torch.is_grad_enabled() and (z_a.requires_grad or z_b.requires_grad)
-    loss, _, _ = barlow_twins_loss_fwd(z_a, z_b, float(lambda_param), algorithm, need_grad)
+    loss, _, _ = _barlow_twins_loss(z_a, z_b, float(lambda_param), algorithm, need_grad)
     return loss
 
 

@@ -56,8 +56,8 @@ def _minc_loss_fwd_fake(p, t, moment, gha, need_grad):
     return p.new_empty((), dtype=torch.float32), p.new_empty(shape, dtype=torch.float32)
 
 
-register_grad_in_forward(minc_loss_fwd, need_grad_index=4, grad_inputs=(0,),
-                         what="minc_kernels::minc_loss_fwd")
+_minc_loss = register_grad_in_forward(minc_loss_fwd, need_grad_index=4, grad_inputs=(0,),
+                                      what="minc_kernels::minc_loss_fwd", body=minc_forward)
 
 
 @torch.library.custom_op("minc_kernels::minc_moment_sum", mutates_args=())
@@ -76,7 +76,7 @@ def _minc_moment_sum_fake(t):
 def minc_loss(p: torch.Tensor, t: torch.Tensor, moment: torch.Tensor, ordering: str) -> torch.Tensor:
     """Fp32 scalar ``(1/B) Σ_i [-2 p_i·t_i + p_iᵀ M p_i]``; gradient only wrt ``p``."""
     need_grad = torch.is_grad_enabled() and p.requires_grad
-    loss, _ = minc_loss_fwd(p, t.detach(), moment.detach().float(), ordering == "gha", need_grad)
+    loss, _ = _minc_loss(p, t.detach(), moment.detach().float(), ordering == "gha", need_grad)
     return loss
 
 

@@ -200,13 +200,14 @@ def _(z1, z2, pos_temperature, neg_temperature, lambda_l2, need_grad):
     return loss, dz
 
 
-register_grad_in_forward(_mio_loss_fwd, need_grad_index=5, layout="stacked", what="mio_loss (backend='triton')")
+_mio_loss = register_grad_in_forward(_mio_loss_fwd, need_grad_index=5, layout="stacked",
+                                     what="mio_loss (backend='triton')", body=mio_forward)
 
 
 def mio_loss(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float, neg_temperature: float,
              lambda_l2: float) -> torch.Tensor:
     """MIO loss of (B, k) views on the Triton kernels (docs/math.md §3); float32 scalar, differentiable."""
     need_grad = torch.is_grad_enabled() and (z1.requires_grad or z2.requires_grad)
-    loss, _ = torch.ops.minc_kernels.mio_loss_fwd(
+    loss, _ = _mio_loss(
         z1, z2, float(pos_temperature), float(neg_temperature), float(lambda_l2), bool(need_grad))
     return loss

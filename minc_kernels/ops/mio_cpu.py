@@ -222,7 +222,9 @@ def _(z1, z2, pos_temperature, neg_temperature, lambda_l2, need_grad, block_rows
     return loss, dz
 
 
-register_grad_in_forward(_mio_loss_blocked_fwd, need_grad_index=5, layout="stacked", what="the blocked MIO loss")
+_mio_loss_blocked = register_grad_in_forward(_mio_loss_blocked_fwd, need_grad_index=5,
+                                             layout="stacked", what="the blocked MIO loss",
+                                             body=mio_blocked_forward)
 
 
 def _check_block(name: str, value) -> int:
@@ -245,7 +247,7 @@ def mio_loss_blocked(z1: torch.Tensor, z2: torch.Tensor, pos_temperature: float 
     rows = _check_block("block_rows", block_rows)
     cols = _check_block("block_cols", block_cols)
     need_grad = torch.is_grad_enabled() and (z1.requires_grad or z2.requires_grad)
-    loss, _ = torch.ops.minc_kernels.mio_loss_blocked_fwd(
+    loss, _ = _mio_loss_blocked(
         z1, z2, float(pos_temperature), float(neg_temperature), float(lambda_l2),
         bool(need_grad), rows, cols)
     return loss

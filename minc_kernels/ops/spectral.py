@@ -245,8 +245,9 @@ def _spectral_loss_fwd_fake(z1, z2, mu, clip, algorithm, need_grad):
             z1.new_empty(shape, dtype=torch.float32))
 
 
-register_grad_in_forward(spectral_loss_fwd, need_grad_index=5, grad_inputs=(0, 1),
-                         what="minc_kernels::spectral_loss_fwd")
+_spectral_loss = register_grad_in_forward(spectral_loss_fwd, need_grad_index=5, grad_inputs=(0, 1),
+                                          what="minc_kernels::spectral_loss_fwd",
+                                          body=spectral_forward)
 
 
 # ----------------------------------------------------------------------------- API
@@ -254,5 +255,5 @@ def spectral_loss(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool,
                   algorithm: str) -> torch.Tensor:
     """Fp32 scalar spectral contrastive loss (docs/math.md §1), differentiable wrt ``z1`` and ``z2``."""
     need_grad = torch.is_grad_enabled() and (z1.requires_grad or z2.requires_grad)
-    loss, _, _ = spectral_loss_fwd(z1, z2, float(mu), bool(clip), algorithm, need_grad)
+    loss, _, _ = _spectral_loss(z1, z2, float(mu), bool(clip), algorithm, need_grad)
     return loss

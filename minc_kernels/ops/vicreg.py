@@ -114,14 +114,14 @@ def _vicreg_loss_fwd_fake(z_a, z_b, lambda_param, mu_param, nu_param, eps, algor
             z_a.new_empty(shape, dtype=torch.float32))
 
 
-register_grad_in_forward(vicreg_loss_fwd, need_grad_index=7, grad_inputs=(0, 1),
-                         what="minc_kernels::vicreg_loss_fwd")
+_vicreg_loss = register_grad_in_forward(vicreg_loss_fwd, need_grad_index=7, grad_inputs=(0, 1),
+                                        what="minc_kernels::vicreg_loss_fwd", body=vicreg_forward)
 
 
 def vicreg_loss(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float, mu_param: float,
                 nu_param: float, eps: float, algorithm: str) -> torch.Tensor:
     """Fp32 scalar VICReg loss (docs/math.md §8), differentiable wrt ``z_a`` and ``z_b``."""
     need_grad = torch.is_grad_enabled() and (z_a.requires_grad or z_b.requires_grad)
-    loss, _, _ = vicreg_loss_fwd(z_a, z_b, float(lambda_param), float(mu_param),
+    loss, _, _ = _vicreg_loss(z_a, z_b, float(lambda_param), float(mu_param),
                                  float(nu_param), float(eps), algorithm, need_grad)
     return loss
