@@ -228,7 +228,8 @@ def test_calibrate_dry_run_writes_a_table_the_loader_uses(tmp_path, monkeypatch)
     """benchmarks.calibrate under the interpreter: a table of every cell it measured, a
     Markdown report, and a family ('interpret') the loader can be pointed at."""
     from benchmarks import calibrate
-    monkeypatch.delenv(T.TABLE_ENV, raising=False)
+    # setenv first: monkeypatch then restores the variable calibrate.main sets (to its table)
+    monkeypatch.setenv(T.TABLE_ENV, "none")
     out = tmp_path / "cal"
     rc = calibrate.main(["--interpret", "--rows", "8,16", "--cols", "8", "--dtype", "fp32",
                          "--decisions", "gram.gram,spectral", "--case-ms", "1", "--quiet",

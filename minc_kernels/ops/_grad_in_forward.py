@@ -105,9 +105,14 @@ def register_grad_in_forward(op, need_grad_index: int, what: str,
     apply = Eager.apply
     is_compiling = torch.compiler.is_compiling
 
+    tensor = torch.Tensor
+
     def call(*inputs):
-        if is_compiling():
-            return op(*inputs)  # traced: the op and its fake, never the body
+        first = inputs[0]
+        if is_compiling() or type(first) is not tensor or first.is_meta:
+            # traced (the op and its fake, never the body); meta, fake or subclass tensors
+            # (DTensor, ...): the op's dispatch handles them
+            return op(*inputs)
         return apply(*inputs)
 
     call.__name__ = f"{name}_call"
