@@ -77,8 +77,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # pass over B·k elements too, but their grid is over the columns only (k/BLOCK_K programs
 # stream its rows, split into slices where the columns alone leave SMs idle): their fill is
 # checked, against their bytes (MEMORY_BOUND); so is the first stage of a row split.
+# MINCLoss's step kernels (l2 map, its Jacobian, the moment's EMA) are checked the same way.
 MEMORY_BOUND = {"colstats_kernel", "colstats_backward_kernel", "colstats_partial_kernel",
-                "colstats_backward_partial_kernel"}
+                "colstats_backward_partial_kernel", "l2_rows_kernel", "l2_rows_backward_kernel",
+                "moment_ema_kernel"}
 HEAVY = {"pairwise_offdiag_kernel", "rowmat_kernel", "moment_partial_kernel",
          "cross_gram_kernel", "mio_negative_tiles", "mio_negative_strip",
          "mio_strip_matmul"} | MEMORY_BOUND
@@ -121,6 +123,14 @@ def useful_work(kernel: str, b: int, k: int, grad: bool, dtype: str, grid, tiles
         per = 16 + 2 * (2 if half else 4) * (bool(flags.get("STANDARDIZE"))
                                               + bool(flags.get("INVARIANCE")))
         return 1.0 * b * k * per, BYTES_PER_S
+    isz = 2 if half else 4
+    if kernel == "l2_rows_kernel":
+        return 2.0 * b * k * isz, BYTES_PER_S  # read the rows, write the mapped rows
+    if kernel == "l2_rows_backward_kernel":
+        return 1.0 * b * k * (isz + 8), BYTES_PER_S  # read x, read and write the fp32 gradient
+    if kernel == "moment_ema_kernel":
+        # C and M read, M and the corrected copy written (fp32 k×k; fewer in eval)
+        return 4.0 * 4 * k * k, BYTES_PER_S
     if kernel == "pairwise_offdiag_kernel":
         return 2.0 * b * b * k * (2 if flags.get("NEED_GRAD") else 1), same
     if kernel == "rowmat_kernel":
@@ -278,8 +288,14 @@ def _launch_minc(b, k, dtype, need_grad, variant):
 
     m = torch.empty(k, k, dtype=torch.float32, device="meta")
     gha = variant.get("ordering") == "gha"
+    # the functional form: the loss op and the batch moment
     om.minc_forward(_meta(b, k, dtype), _meta(b, k, dtype), m, gha, need_grad)
     om.moment_sum(_meta(b, k, dtype))
+    # MINCLoss's default training step: the targets' map, moment and EMA, then the loss on
+    # the map of p with its Jacobian
+    counts = [torch.empty((), dtype=torch.int64, device="meta") for _ in range(2)]
+    outs = om.moment_step_body([_meta(b, k, dtype)], m, *counts, 0.99, True, True, True)
+    om.minc_l2_forward(_meta(b, k, dtype), outs[1], outs[0], gha, need_grad)
     return {"algorithm": "gha" if gha else "standard"}
 
 

@@ -221,3 +221,193 @@ def test_gpu_large_shapes(b, k, dtype, ordering):
     mom = ops.moment_sum(t)
     want_m = reference.minc_batch_moment_sum(t.cpu().double())
     assert float((mom.cpu().double() - want_m).abs().max()) <= 1e-5 * float(want_m.abs().max())
+
+
+# --------------------------------------------------------------------------- MINCLoss's step
+def _module_oracle(ps, ts, steps_beta=0.9):
+    """MINCLoss's default training call in float64 (reference backend): (loss, dp, M)."""
+    import minc_kernels as mk
+    k = ps[0].shape[1]
+    ref = mk.MINCLoss(k, moment_momentum=steps_beta, backend="reference").double()
+    p64 = [p.detach().cpu().double().requires_grad_() for p in ps]
+    t64 = [t.detach().cpu().double() for t in ts]
+    loss = ref(tuple(p64), tuple(t64)) if len(ps) > 1 else ref(p64[0], t64[0])
+    loss.backward()
+    return loss.detach(), [p.grad for p in p64], ref.corrected_moment().float()
+
+
+@pytest.mark.parametrize("b,k", [(7, 33), (37, 5), (20, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_module_step_matches_float64(kernel_device, b, k, dtype):
+    """MINCLoss's kernel step (l2 map, moment, EMA and bias correction, loss and its gradient
+    through the map) against the float64 module: fp32 to 1e-5 of the largest value; half
+    inputs: the loss within the first-order rounding bound of the storage dtype, the
+    gradient within 3x the eager module's error on the same inputs."""
+    import minc_kernels as mk
+    g = torch.Generator().manual_seed(b * k)
+    p = (torch.randn(b, k, generator=g) * 3).to(dtype)
+    t = (torch.randn(b, k, generator=g) * 3).to(dtype)
+    # a zero row: the map's eps branch (not in fp16 for the eager comparison: eager clamps
+    # the fp16 norm at 1e-12, which fp16 rounds to 0, so its zero row is 0/0 = NaN; the
+    # kernels divide in fp32, see test_fused_step_maps_an_fp16_zero_row_to_zero)
+    if dtype != torch.float16:
+        p[1] = 0.0
+    fast = mk.MINCLoss(k, moment_momentum=0.9, backend="triton").to(kernel_device)
+    pf = p.clone().to(kernel_device).requires_grad_()
+    got = fast(pf, t.to(kernel_device))
+    got.backward()
+    got = got.detach()
+    want_loss, (want_dp,), want_m = _module_oracle([p], [t])
+    if dtype == torch.float32:
+        assert abs(float(got) - float(want_loss)) <= 1e-5 * max(1.0, abs(float(want_loss)))
+        assert float((pf.grad.cpu().double() - want_dp).abs().max()) <= 1e-5 * float(want_dp.abs().max())
+        torch.testing.assert_close(fast.corrected_moment().cpu(), want_m, rtol=1e-5, atol=1e-6)
+        return
+    # The loss: both paths round the mapped rows to the storage dtype, and the loss of a
+    # single draw then errs by luck as much as by method (one fp16 draw gave eager 3e-7 and
+    # the kernels 4e-5 from maps of max error 2.2e-4 and 1.2e-4).  Its bound: the first-order
+    # effect of a relative rounding u on every mapped entry, Σ|∂L/∂p̂ ∘ p̂| + Σ|∂L/∂t̂ ∘ t̂|
+    # (M = T̂ᵀT̂/B moves with t̂), which both paths must meet.
+    from minc_kernels.losses.minc import bilinear_value, l2_rows
+    ph = l2_rows(p.double()).requires_grad_()  # leaves: a float64 copy of the map
+    th = l2_rows(t.double()).requires_grad_()
+    gp, gt = torch.autograd.grad(bilinear_value(ph, th, th.T @ th / b), (ph, th))
+    u = torch.finfo(dtype).eps / 2
+    bound = 2 * u * float((gp * ph).abs().sum() + (gt * th).abs().sum()) + 1e-6  # + fp32 sums
+    eager = mk.MINCLoss(k, moment_momentum=0.9, backend="reference")
+    pe = p.clone().requires_grad_()
+    e_loss = eager(pe, t)
+    e_loss.backward()
+    assert abs(float(e_loss) - float(want_loss)) <= bound  # the bound holds for eager too
+    assert abs(float(got) - float(want_loss)) <= bound, (float(got) - float(want_loss), bound)
+    # the gradient: within 3x eager's error (max over B·k entries: not one draw's luck)
+    err = float((pf.grad.cpu().double() - want_dp).abs().max())
+    err_eager = float((pe.grad.double() - want_dp).abs().max())
+    floor = 0.5 * torch.finfo(dtype).eps * float(want_dp.abs().max())
+    assert err <= 3 * err_eager + floor, (err, err_eager)
+
+
+def test_fused_step_runs_three_launches_and_few_torch_ops(kernel_device, monkeypatch):
+    """The default MINCLoss call takes the fused step (ops.minc.moment_step and
+    minc_l2_loss); other configurations (clip, raise, return_parts) the general path.  The
+    fused fwd+bwd runs 6 Triton launches and at most 10 other kernel ops where the general
+    path ran 47 (benchmarks/cpu_host_overhead.py's count)."""
+    import minc_kernels as mk
+    from benchmarks.cpu_host_overhead import LaunchStub, count_ops
+    calls = []
+    real = ops.moment_step
+    monkeypatch.setattr(ops, "moment_step", lambda *a: calls.append(1) or real(*a))
+    p = torch.randn(12, 16, device=kernel_device).requires_grad_()
+    t = torch.randn(12, 16, device=kernel_device)
+    for kw, fused in ((dict(), True), (dict(check_finite="ignore"), True),
+                      (dict(feature_norm="clip"), False), (dict(check_finite="raise"), False),
+                      (dict(scale=2.0), False)):
+        calls.clear()
+        mk.MINCLoss(16, backend="triton", **kw).to(kernel_device)(p, t)
+        assert bool(calls) == fused, kw
+    calls.clear()
+    mk.MINCLoss(16, backend="triton").to(kernel_device)(p, t, return_parts=True)
+    assert not calls
+    if kernel_device.type == "cuda":
+        return  # the op count below is of the CPU ops (launches stubbed)
+    loss = mk.MINCLoss(16, backend="triton")
+
+    def run():
+        p.grad = None
+        loss(p, t).backward()
+    run()
+    with LaunchStub() as stub:
+        got = count_ops(run)
+    assert sum(stub.counts.values()) == 6, dict(stub.counts)
+    assert got["aten_kernel_ops"] <= 10, got["aten_kernel_op_names"]
+
+
+@pytest.mark.parametrize("check", ["skip", "ignore"])
+def test_fused_step_skips_a_non_finite_target_on_the_device(kernel_device, check):
+    import minc_kernels as mk
+    loss = mk.MINCLoss(6, moment_momentum=0.5, check_finite=check, backend="triton").to(kernel_device)
+    loss(torch.randn(5, 6, device=kernel_device), torch.randn(5, 6, device=kernel_device))
+    m0 = loss.moment.clone()
+    t = torch.randn(5, 6, device=kernel_device)
+    t[2, 3] = float("inf")  # a row whose map is NaN
+    out = loss(torch.randn(5, 6, device=kernel_device), t)
+    if check == "skip":
+        assert torch.equal(loss.moment, m0) and int(loss.num_updates) == 1
+        assert int(loss.nonfinite_skips) == 1
+        assert torch.isnan(out)  # the NaN target row still reaches the cross term
+    else:
+        assert torch.isnan(loss.moment).all() and int(loss.num_updates) == 2
+    # eval: no update, the corrected M of the last state
+    loss.eval()
+    n = int(loss.num_updates)
+    loss(torch.randn(5, 6, device=kernel_device), torch.randn(5, 6, device=kernel_device))
+    assert int(loss.num_updates) == n
+
+
+def test_moment_ema_kernel_matches_the_torch_update(kernel_device):
+    """ops.minc.moment_ema_ against minc_moment_update_or_skip_ + minc_corrected_moment:
+    update, skip, eval (no update), no bias correction, β = 0."""
+    from minc_kernels.losses.minc import minc_corrected_moment, minc_moment_update_or_skip_
+    g = torch.Generator().manual_seed(3)
+    f = torch.randn(40, 9, generator=g)
+    m = (f.T @ f / 40).to(kernel_device)
+    x = torch.randn(30, 9, generator=g)
+    c = (x.T @ x).to(kernel_device)
+    for beta in (0.9, 0.0):
+        for bad in (False, True):
+            cc = c.clone()
+            if bad:
+                cc[0, 0] = float("nan")
+            m1, n1, s1 = m.clone(), torch.tensor(4, device=kernel_device), torch.tensor(2, device=kernel_device)
+            m2, n2, s2 = m.clone(), n1.clone(), s1.clone()
+            out = ops.moment_ema_(m1, n1, s1, cc, 30, beta, True, True, True)
+            minc_moment_update_or_skip_(m2, cc / 30, 1.0 - beta, n2, s2)
+            torch.testing.assert_close(m1, m2, rtol=1e-6, atol=1e-7)
+            assert (int(n1), int(s1)) == (int(n2), int(s2)) == ((4, 3) if bad else (5, 2))
+            if beta == 0.0:
+                assert out is None  # the loss reads M itself
+            else:
+                torch.testing.assert_close(out, minc_corrected_moment(m2, beta, n2), rtol=1e-6, atol=1e-7)
+    # eval: M and the counts untouched, the correction of the current count
+    m1, n1, s1 = m.clone(), torch.tensor(4, device=kernel_device), torch.tensor(2, device=kernel_device)
+    out = ops.moment_ema_(m1, n1, s1, None, 30, 0.9, False, True, True)
+    assert torch.equal(m1, m) and int(n1) == 4 and int(s1) == 2
+    torch.testing.assert_close(out, minc_corrected_moment(m, 0.9, n1), rtol=1e-6, atol=1e-7)
+    assert ops.moment_ema_(m1, n1, s1, None, 30, 0.9, False, True, False) is None
+
+
+def test_fused_module_compiles_with_its_state(kernel_device):
+    """Under torch.compile(fullgraph=True) the step's mutating op updates M and the counts
+    as in eager, two steps in a row, with the gradient."""
+    import minc_kernels as mk
+    torch._dynamo.reset()
+    eager = mk.MINCLoss(8, moment_momentum=0.7, backend="triton").to(kernel_device)
+    comp = mk.MINCLoss(8, moment_momentum=0.7, backend="triton").to(kernel_device)
+    f = torch.compile(comp, fullgraph=True, backend="aot_eager")
+    for step in range(2):
+        g = torch.Generator().manual_seed(step)
+        p = torch.randn(6, 8, generator=g).to(kernel_device)
+        t = torch.randn(6, 8, generator=g).to(kernel_device)
+        pa, pb = p.clone().requires_grad_(), p.clone().requires_grad_()
+        a, b = eager(pa, t), f(pb, t)
+        a.backward()
+        b.backward()
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(comp.moment, eager.moment, rtol=1e-6, atol=1e-7)
+        assert int(comp.num_updates) == int(eager.num_updates) == step + 1
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_step_ops_opcheck(kernel_device, bias):
+    p, t, m = _inputs(7, 5, torch.float32, kernel_device, seed=12)
+    torch.library.opcheck(ops.minc_l2_loss_fwd, (p, t, m, False, True))
+    counts = [torch.tensor(3, device=kernel_device), torch.tensor(0, device=kernel_device)]
+    torch.library.opcheck(ops.minc_l2_rows, (t,))
+    torch.library.opcheck(ops.minc_moment_update_, ([t, t * 2], m.clone(), *counts, 0.9, True,
+                                                   True, bias))
+
+
+def test_fused_step_maps_an_fp16_zero_row_to_zero(kernel_device):
+    h, denom = ops.l2_rows(torch.zeros(3, 5, dtype=torch.float16, device=kernel_device))
+    assert torch.equal(h, torch.zeros_like(h)) and torch.equal(denom, torch.full_like(denom, ops.L2_EPS))

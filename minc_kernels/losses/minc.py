@@ -468,6 +468,7 @@ class MINCLoss(CheckedHyperParams, nn.Module):
     #: Constants of the fast path of :meth:`forward` (see :meth:`_refresh_hot`); the class
     #: default None (an instance unpickled from an older version) takes the general path.
     _hot = None
+    _fused_step = False
 
     def __init__(self, dim: int | None = None, moment_momentum: float = 0.99,
                  bias_correction: bool = True, ordering: str = "standard",
@@ -679,6 +680,10 @@ class MINCLoss(CheckedHyperParams, nn.Module):
             "l2" if d["feature_norm"] == "l2" and d["scale"] == 1.0 else "other")
         d["_hot"] = ((beta, 1.0 - beta, d["_divisor"],
                       d["_choice"] == "reference", fmap) if ok else None)
+        # the kernels' fused step (_fused_forward): the l2 map at scale 1, a C check it can
+        # make on the device (the l2 map makes C finite unless a whole row is NaN)
+        d["_fused_step"] = (d["feature_norm"] == "l2" and d["scale"] == 1.0
+                            and d["check_finite"] in ("skip", "ignore"))
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)  # CheckedHyperParams: checks the hyper-parameters
@@ -713,22 +718,18 @@ class MINCLoss(CheckedHyperParams, nn.Module):
                 raise ValueError(f"p[{i}] must have feature dimension k={self.dim}, got shape "
                                  f"{tuple(pi.shape)}")
         op = select(self._choice, "minc", pairs[0][0])
+        # (in backward: activation checkpointing recomputes this forward; M was updated once
+        # already in the original forward, which used the M the recomputation reads)
+        update = self.training and not in_backward()
+        if not update:
+            self._warn_eval_unset()
+        if (op is not None and not return_parts and self._fused_step
+                and not (self.gather_distributed and D.is_distributed())):
+            return self._fused_forward(op, pairs, update)
         pairs = [_minc_features(pi, ti, self.feature_norm, self.mu, self.scale)
                  for pi, ti in pairs]
-        if self.training and not in_backward():
-            # (in backward: activation checkpointing recomputes this forward; M was updated
-            # once already in the original forward, which used the M the recomputation reads)
+        if update:
             self._update(op, [ti for _, ti in pairs])
-        elif not self._moment_set and not self._warned_eval and not torch.compiler.is_compiling():
-            # Once per module, in eval only: M may have been written directly (a host read of
-            # num_updates here is off the training path).
-            self._warned_eval = True
-            if bool(self.num_updates > 0):
-                self._moment_set = True
-            else:
-                warnings.warn("MINCLoss is in eval mode but its moment M was never updated (no "
-                              "training-mode call) nor loaded: M = 0, so the loss is only the "
-                              "cross term", RuntimeWarning, stacklevel=2)
         m = self.corrected_moment()
         loss = None
         for pi, ti in pairs:
@@ -743,6 +744,43 @@ class MINCLoss(CheckedHyperParams, nn.Module):
                         for pi, ti in pairs) / self._divisor
             parts = {"cross": cross, "cov": loss.detach() - cross, "moment_trace": torch.trace(m)}
         return loss, parts
+
+    def _warn_eval_unset(self) -> None:
+        """Once per module, in eval only: a warning when M was never updated nor loaded (M
+        may have been written directly: a host read of num_updates here is off the training
+        path)."""
+        if self._moment_set or self._warned_eval or torch.compiler.is_compiling():
+            return
+        self._warned_eval = True
+        if bool(self.num_updates > 0):
+            self._moment_set = True
+        else:
+            warnings.warn("MINCLoss is in eval mode but its moment M was never updated (no "
+                          "training-mode call) nor loaded: M = 0, so the loss is only the "
+                          "cross term", RuntimeWarning, stacklevel=3)
+
+    def _fused_forward(self, op, pairs, update: bool):
+        """The kernels' default step (feature map "l2", scale 1, check "skip" or "ignore", no
+        gather): the targets' map, their moment and the EMA with its bias correction in one
+        op (ops.minc.moment_step: three launches where the general path runs about 20 torch
+        ops), then per pair the map of p and the loss with its gradient chained through the
+        map in one op (ops.minc.minc_l2_loss).  Same math as the general path; the map's
+        rounding differs (one rounding of x/‖x‖ in the kernels, eager bf16 rounds the norm
+        first)."""
+        ts = [ti for _, ti in pairs]
+        if update and not torch.compiler.is_compiling():
+            self._moment_set = True  # a host flag: not set under compile (no guard on it)
+        bias = self.bias_correction and self.moment_momentum > 0.0
+        outs = op.moment_step(ts, self.moment, self.num_updates, self.nonfinite_skips,
+                              self.moment_momentum, update, self.check_finite == "skip",
+                              self.bias_correction)
+        m = outs[0] if bias else self.moment
+        hats = outs[1:] if bias else outs
+        loss = None
+        for (pi, _), hi in zip(pairs, hats):
+            li = op.minc_l2_loss(pi, hi, m, self.ordering)
+            loss = li if loss is None else loss + li
+        return loss
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, moment_momentum={self.moment_momentum}, "

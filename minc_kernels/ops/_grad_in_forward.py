@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["register_grad_in_forward"]
+__all__ = ["register_grad_in_forward", "eager_or_op"]
 
 
 def register_grad_in_forward(op, need_grad_index: int, what: str,
@@ -105,17 +105,27 @@ def register_grad_in_forward(op, need_grad_index: int, what: str,
     apply = Eager.apply
     is_compiling = torch.compiler.is_compiling
 
+    call = eager_or_op(op, apply)
+    call.function = Eager
+    return call
+
+
+def eager_or_op(op, eager: Callable) -> Callable:
+    """``f(*inputs)``: ``eager(*inputs)`` for plain, non-meta tensors outside
+    ``torch.compile``/``torch.export``, else ``op(*inputs)`` (traced through its fake; meta,
+    fake and subclass tensors such as DTensor go through the op's dispatch).  The first input
+    decides (a tensor, or a list of tensors)."""
     tensor = torch.Tensor
+    is_compiling = torch.compiler.is_compiling
 
     def call(*inputs):
         first = inputs[0]
+        if isinstance(first, (list, tuple)):
+            first = first[0]
         if is_compiling() or type(first) is not tensor or first.is_meta:
-            # traced (the op and its fake, never the body); meta, fake or subclass tensors
-            # (DTensor, ...): the op's dispatch handles them
             return op(*inputs)
-        return apply(*inputs)
+        return eager(*inputs)
 
-    call.__name__ = f"{name}_call"
+    call.__name__ = f"{getattr(op, '_name', 'op').split('::')[-1]}_call"
     call.op = op
-    call.function = Eager
     return call

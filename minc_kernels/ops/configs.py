@@ -189,6 +189,20 @@ def rows_config(k: int) -> KernelConfig:
     return KernelConfig(BLOCK_R=8, BLOCK_K=min(512, max(16, next_pow2(k))), num_warps=8)
 
 
+def l2_rows_config(b: int, k: int) -> KernelConfig:
+    """MINC's l2 row map and its Jacobian (kernels/minc.py): 8 rows per program as the
+    spectral row kernels, fewer where that would leave SMs idle (B = 512 would run 64
+    programs): rows per program the power of two under B / TARGET_PROGRAMS, 1 to 8."""
+    if interpreting():
+        return KernelConfig(BLOCK_R=16, BLOCK_K=min(64, max(16, next_pow2(k))), num_warps=4)
+    per = max(1, min(8, next_pow2(max(1, b // TARGET_PROGRAMS) + 1) // 2))
+    return KernelConfig(BLOCK_R=per, BLOCK_K=min(512, max(16, next_pow2(k))), num_warps=4)
+
+
+#: Elements of the flat k×k moment per program of MINC's EMA kernel (bandwidth-bound).
+MOMENT_EMA_BLOCK = 2048
+
+
 # ----------------------------------------------------------------------------- MIO
 _MIO_TARGET_PROGRAMS = 256  # ~TARGET_PROGRAMS rounded to a power of two (MIO's tiles are powers of two)
 _MIO_MAX_SPLITS = 16
