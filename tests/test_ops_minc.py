@@ -411,3 +411,38 @@ def test_step_ops_opcheck(kernel_device, bias):
 def test_fused_step_maps_an_fp16_zero_row_to_zero(kernel_device):
     h, denom = ops.l2_rows(torch.zeros(3, 5, dtype=torch.float16, device=kernel_device))
     assert torch.equal(h, torch.zeros_like(h)) and torch.equal(denom, torch.full_like(denom, ops.L2_EPS))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,k", [(4096, 256), (256, 2048), (1031, 130)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_fused_module_step_large(b, k, dtype):
+    """MINCLoss's fused step on the GPU, two steps, against the float64 module (fp32: 1e-5 of
+    the largest value; bf16: the loss within 1e-2 relative, the gradient within 3x eager's
+    error)."""
+    import minc_kernels as mk
+    dev = torch.device("cuda")
+    fast = mk.MINCLoss(k, moment_momentum=0.9, backend="triton").to(dev)
+    eager = mk.MINCLoss(k, moment_momentum=0.9, backend="reference").to(dev)
+    ref = mk.MINCLoss(k, moment_momentum=0.9, backend="reference").double()
+    for step in range(2):
+        g = torch.Generator().manual_seed(step)
+        p = torch.randn(b, k, generator=g).to(dtype)
+        t = torch.randn(b, k, generator=g).to(dtype)
+        pf, pe, pd = (p.to(dev).requires_grad_(), p.to(dev).requires_grad_(),
+                      p.double().requires_grad_())
+        lf, le, ld = fast(pf, t.to(dev)), eager(pe, t.to(dev)), ref(pd, t.double())
+        for x in (lf, le, ld):
+            x.backward()
+        scale = float(pd.grad.abs().max())
+        err = float((pf.grad.cpu().double() - pd.grad).abs().max())
+        if dtype == torch.float32:
+            assert abs(float(lf) - float(ld)) <= 1e-5 * max(1.0, abs(float(ld)))
+            assert err <= 1e-5 * scale
+        else:
+            assert abs(float(lf) - float(ld)) <= 1e-2 * max(1.0, abs(float(ld)))
+            err_e = float((pe.grad.cpu().double() - pd.grad).abs().max())
+            assert err <= 3 * err_e + 0.5 * torch.finfo(dtype).eps * scale
+        # M averages products of mapped entries, each rounded once to the storage dtype
+        m_tol = (1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps) * float(ref.moment.abs().max())
+        assert float((fast.moment.cpu().double() - ref.moment).abs().max()) <= m_tol
