@@ -81,6 +81,8 @@ want() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 elapsed() { echo $(( $(date +%s) - START )); }
 left() { echo $(( TOTAL_S - $(elapsed) )); }
 step() { echo; echo "=== [$(elapsed) s] $*"; }
+# capped N RESERVE: N seconds, or what is left less RESERVE if that is smaller
+capped() { local c=$(( $(left) - $2 )); [ "$1" -lt "$c" ] && c=$1; echo "$c"; }
 # record NAME RC NOTE: one line in steps.txt; a non-zero, non-skip rc is a failed step.
 record() {
   printf '%-10s rc=%-4s %5ss  %s\n' "$1" "$2" "$(elapsed)" "${3:-}" >> "$STATUS"
@@ -233,8 +235,7 @@ if want sync; then
 fi
 
 if want calibrate; then
-  CAL=$CALIBRATE_S
-  [ "$CAL" -gt "$(( $(left) - 60 ))" ] && CAL=$(( $(left) - 60 ))
+  CAL=$(capped "$CALIBRATE_S" 60)
   if [ "$CAL" -lt 30 ]; then
     record calibrate skip "no time left"
   else
@@ -303,8 +304,7 @@ if want bench; then
 fi
 
 if want train; then
-  TT=$TRAIN_TIMEOUT_S
-  [ "$TT" -gt "$(( $(left) - 10 ))" ] && TT=$(( $(left) - 10 ))
+  TT=$(capped "$TRAIN_TIMEOUT_S" 10)
   if [ "$TT" -lt 40 ]; then
     record train skip "no time left"
   else
