@@ -724,6 +724,7 @@ class MINCLoss(CheckedHyperParams, nn.Module):
         if not update:
             self._warn_eval_unset()
         if (op is not None and not return_parts and self._fused_step
+                and self.moment.is_contiguous()  # the EMA kernel walks M flat
                 and not (self.gather_distributed and D.is_distributed())):
             return self._fused_forward(op, pairs, update)
         pairs = [_minc_features(pi, ti, self.feature_norm, self.mu, self.scale)
