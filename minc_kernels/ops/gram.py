@@ -41,15 +41,15 @@ GRAM_ENV = "MINC_KERNELS_GRAM"
 GRAM_IMPLS = ("triton", "cublas")  # what "auto" chooses between
 
 
-def gram_backend(launcher: str | None = None, x: torch.Tensor | None = None) -> str:
+def gram_backend(launcher: str, x: torch.Tensor) -> str:
     """``"triton"`` or ``"cublas"`` for one launch of ``launcher`` on rows ``x``:
     ``MINC_KERNELS_GRAM`` (validated), and under ``"auto"`` (the default) the measured table
-    of ``x``'s GPU family, else ``"triton"``.  Without ``launcher`` the variable's value."""
+    of ``x``'s GPU family, else ``"triton"``."""
     value = os.environ.get(GRAM_ENV, "auto") or "auto"
     if value not in GRAM_BACKENDS:
         raise ValueError(f"environment variable {GRAM_ENV} must be one of "
                          f"{', '.join(map(repr, GRAM_BACKENDS))}, got {value!r}")
-    if value != "auto" or launcher is None:
+    if value != "auto":
         return value
     rows, cols = x.shape
     return tables.choose(tables.gram_decision(launcher, x.dtype), x.device, rows, cols,
