@@ -32,10 +32,12 @@ def _inputs(b, k, dtype, device, seed=0, noncontig=False):
         norms = torch.where(torch.arange(b) % 2 == 0, 2.0, 0.4) * math.sqrt(MU)
         norms = norms * (1 + 0.2 * torch.rand(b, generator=gen, dtype=torch.float64))
         z = (z * norms[:, None]).to(dtype)
-        if noncontig:
+        if noncontig == "alike":  # both column slices of wider buffers: equal strides
+            z = torch.cat([z, z], dim=1)[:, ::2]
+        elif noncontig:
             # a transposed view of a (k, B) buffer and a column slice of a wider one
             z = z.T.contiguous().T if not out else torch.cat([z, z], dim=1)[:, ::2]
-            assert not z.is_contiguous()
+        assert not noncontig or not z.is_contiguous()
         out.append(z.to(device).requires_grad_())
     return out
 
@@ -110,12 +112,33 @@ def test_half_error_within_3x_of_eager(kernel_device, dtype, algorithm, b, k):
 
 
 @pytest.mark.parametrize("algorithm", ["pairwise", "gram"])
-def test_noncontiguous_inputs(kernel_device, algorithm):
-    z1, z2 = _inputs(7, 33, torch.float32, kernel_device, seed=2, noncontig=True)
-    want = _oracle(z1, z2, MU, True, 0.9)
-    got = _run(_kernel(MU, True, algorithm), z1, z2, 0.9)
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("layout", ["mixed", "alike"])
+def test_noncontiguous_inputs(kernel_device, algorithm, clip, layout):
+    """The two-view launches (pairwise with its gradient, the clipping Jacobian) take one
+    set of strides: views that differ in layout ("mixed") are copied, strided views that
+    share theirs ("alike") are read in place."""
+    z1, z2 = _inputs(7, 33, torch.float32, kernel_device, seed=2, noncontig=layout)
+    assert (z1.stride() == z2.stride()) == (layout == "alike")
+    want = _oracle(z1, z2, MU, clip, 0.9)
+    got = _run(_kernel(MU, clip, algorithm), z1, z2, 0.9)
     for a, w in zip(got, want):
         assert float((a - w).abs().max()) <= 2e-6 * float(w.abs().max()) + 1e-7
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_pairwise_fwd_bwd_launches(clip):
+    """Issue 21 item 3: both views' gradients come from one pairwise launch and one
+    clipping-Jacobian launch (they were two each): 3 Triton launches per fwd+bwd with
+    clipping, 2 without (launches stubbed, CPU)."""
+    from benchmarks.cpu_host_overhead import LaunchStub
+    z1, z2 = _inputs(37, 5, torch.float32, "cpu")
+    with LaunchStub() as stub:
+        ops.spectral_loss(z1, z2, MU, clip, "pairwise").backward()
+    want = {"clip_rows_dot_kernel": 1, "pairwise_offdiag_kernel": 1}
+    if clip:
+        want["clip_rows_backward_kernel"] = 1
+    assert dict(stub.counts) == want
 
 
 @pytest.mark.parametrize("tiles", [(16, 32, 16, 32), (32, 16, 32, 16)])

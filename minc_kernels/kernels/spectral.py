@@ -5,8 +5,9 @@
 * :func:`pairwise_offdiag_kernel`: the pairwise-tile path.  Streams tiles of
   ``S = X Yᵀ``, zeroes the diagonal, and reduces ``Σ_{i≠j} S_ij²`` per row block; with
   ``NEED_GRAD`` it also forms ``α·offdiag(S) Y + β·Y`` for one chunk of output columns,
-  recomputing the S tiles (never storing a B×B matrix).  Called with ``(Z1, Z2)`` for
-  ``dZ1`` and with ``(Z2, Z1)`` for ``dZ2`` (``offdiag(S)ᵀ Z1``).
+  recomputing the S tiles (never storing a B×B matrix).  With the gradient one launch
+  gives both ``dZ1`` (programs on ``(Z1, Z2)``) and ``dZ2`` (programs on ``(Z2, Z1)``:
+  ``offdiag(S)ᵀ Z1``).
 * :func:`clip_rows_backward_kernel`: the clipping Jacobian, in place on a fp32 gradient.
 * The feature-Gram path uses :mod:`minc_kernels.kernels.gram` (``Zᵀ Z`` and ``Z G``).
 
@@ -66,23 +67,38 @@ def clip_rows_dot_kernel(
 
 @triton.jit
 def pairwise_offdiag_kernel(
-    x_ptr, y_ptr, out_ptr, part_ptr,
-    B, K, stride_xb, stride_xk, stride_yb, stride_yk, stride_os, stride_ob, stride_ok,
+    x_ptr, y_ptr, out_ptr, out2_ptr, part_ptr,
+    B, K, stride_b, stride_k, stride_os, stride_ob, stride_ok,
     alpha, beta, blocks_per_split,
     NEED_GRAD: tl.constexpr, IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Grid (cdiv(B, BM), nC, nS): row block ``m`` of ``S = X Yᵀ`` against the column blocks
-    ``[s·bps, (s+1)·bps)`` of split ``s``.
+    """Grid (cdiv(B, BM), nC, nS), or (cdiv(B, BM), nC, 2·nS) with ``NEED_GRAD``: row block
+    ``m`` of ``S = X Yᵀ`` against the column blocks ``[s·bps, (s+1)·bps)`` of split ``s``.
+    ``X`` and ``Y`` share their strides.
 
     ``part[(m·nC + c)·nS + s] = Σ_{i in m, j≠i, j in split s} S_ij²`` (every ``c`` computes
     the same value; the launcher reads ``c = 0``).  With ``NEED_GRAD``:
     ``out[s, m, chunk c] = α·offdiag(S)[:, split s] Y[split s] (+ β·Y for s = 0)``,
-    restricted to output columns ``[c·BC, (c+1)·BC)``; the launcher sums over ``s``.
+    restricted to output columns ``[c·BC, (c+1)·BC)``; the launcher sums over ``s``.  The
+    programs of the grid's second half (``nS ≤ pid < 2·nS`` on axis 2) do the same with
+    ``X`` and ``Y`` swapped into ``out2`` (``offdiag(S)ᵀ X``: the other view's gradient), so
+    one launch gives both gradients; they write no ``part``.
     """
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_s = tl.program_id(2)
+    n_s = tl.num_programs(2)
+    side = 0
+    if NEED_GRAD:
+        n_s = n_s // 2
+        side = pid_s // n_s
+        pid_s = pid_s - side * n_s
+        if side == 1:  # the (Y, X) side: same strides, so only the pointers change
+            t_ptr = x_ptr
+            x_ptr = y_ptr
+            y_ptr = t_ptr
+            out_ptr = out2_ptr
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_mask = rows < B
     cc = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -98,26 +114,26 @@ def pairwise_offdiag_kernel(
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
             k_mask = ks < K
-            x = tl.load(x_ptr + rows[:, None] * stride_xb + ks[None, :] * stride_xk,
+            x = tl.load(x_ptr + rows[:, None] * stride_b + ks[None, :] * stride_k,
                         mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-            yt = tl.load(y_ptr + cols[None, :] * stride_yb + ks[:, None] * stride_yk,
+            yt = tl.load(y_ptr + cols[None, :] * stride_b + ks[:, None] * stride_k,
                          mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             s = dot_same(x, yt, s, IS_FP32, UPCAST)
         # masked rows/columns loaded as 0, so only the diagonal needs zeroing
         s = tl.where(rows[:, None] != cols[None, :], s, 0.0)
         sq += tl.sum(s * s, axis=1)
         if NEED_GRAD:
-            yc = tl.load(y_ptr + cols[:, None] * stride_yb + cc[None, :] * stride_yk,
+            yc = tl.load(y_ptr + cols[:, None] * stride_b + cc[None, :] * stride_k,
                          mask=n_mask[:, None] & cc_mask[None, :], other=0.0)
             acc = dot_same(s.to(yc.dtype), yc, acc, IS_FP32, UPCAST)
-    n_s = tl.num_programs(2)
     slot = (pid_m.to(tl.int64) * tl.num_programs(1) + pid_c) * n_s + pid_s
-    tl.store(part_ptr + slot, tl.sum(sq, axis=0))
+    if side == 0:
+        tl.store(part_ptr + slot, tl.sum(sq, axis=0))
     if NEED_GRAD:
         tile_mask = r_mask[:, None] & cc_mask[None, :]
         g = alpha * acc
         if pid_s == 0:  # β·Y once, in the first split's partial
-            y_own = tl.load(y_ptr + rows[:, None] * stride_yb + cc[None, :] * stride_yk,
+            y_own = tl.load(y_ptr + rows[:, None] * stride_b + cc[None, :] * stride_k,
                             mask=tile_mask, other=0.0).to(tl.float32)
             g += beta * y_own
         out = out_ptr + pid_s.to(tl.int64) * stride_os
@@ -126,12 +142,18 @@ def pairwise_offdiag_kernel(
 
 @triton.jit
 def clip_rows_backward_kernel(
-    z_ptr, n_ptr, g_ptr, B, K, stride_zb, stride_zk, r,
+    z_ptr, n_ptr, g_ptr, z2_ptr, n2_ptr, g2_ptr, B, K, stride_zb, stride_zk, r,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """In place on the contiguous fp32 ``g`` (B, K): rows with ``||z_i|| >= r`` get
-    ``(r/||z_i||)(g_i - z_i (z_i·g_i)/||z_i||²)``, the others are unchanged."""
+    ``(r/||z_i||)(g_i - z_i (z_i·g_i)/||z_i||²)``, the others are unchanged.  Grid
+    (cdiv(B, BR), views): programs with ``pid 1 = 1`` do the same for ``(z2, n2, g2)``, which
+    shares ``z``'s strides (one launch for both views)."""
     pid = tl.program_id(0)
+    if tl.program_id(1) == 1:
+        z_ptr = z2_ptr
+        n_ptr = n2_ptr
+        g_ptr = g2_ptr
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = rows < B
     n = tl.load(n_ptr + rows, mask=r_mask, other=0.0)

@@ -169,12 +169,14 @@ def pairwise_split(b: int, k: int, need_grad: bool, cfg: KernelConfig) -> tuple[
 
     Row blocks × output-column chunks alone give (B/64)·1 programs without a gradient (16 at
     B = 1024): the column stream is split until about ``PAIRWISE_TARGET_PROGRAMS`` programs
-    run, each writing its own fp32 partials (summed in a fixed order: no atomics).
+    run, each writing its own fp32 partials (summed in a fixed order: no atomics).  With the
+    gradient the launch runs both views' programs (two per split).
     """
     n_m = cdiv(b, cfg["BLOCK_M"])
     n_c = cdiv(k, cfg["BLOCK_C"]) if need_grad else 1
     n_cb = cdiv(b, cfg["BLOCK_N"])
-    split = min(n_cb, max(1, cdiv(PAIRWISE_TARGET_PROGRAMS, n_m * n_c)))
+    views = 2 if need_grad else 1
+    split = min(n_cb, max(1, cdiv(PAIRWISE_TARGET_PROGRAMS, n_m * n_c * views)))
     if need_grad:
         split = min(split, PAIRWISE_MAX_SPLITS_GRAD)
     per = cdiv(n_cb, split)

@@ -12,11 +12,12 @@ Passes:
 1. :func:`~minc_kernels.kernels.spectral.clip_rows_dot_kernel`: clipped rows (storage
    dtype, like the reference) and ``d_i = z1c_i·z2c_i``.
 2. pairwise: :func:`~minc_kernels.kernels.spectral.pairwise_offdiag_kernel` on
-   ``(Z1c, Z2c)`` (loss partials, ``dZ1c``) and, for the gradient, on ``(Z2c, Z1c)``
-   (``dZ2c``), recomputing ``S`` tiles; gram: ``G1 = Z1cᵀZ1c``, ``G2 = Z2cᵀZ2c`` and, for the
+   ``(Z1c, Z2c)`` (loss partials, ``dZ1c``) and, for the gradient, in the same launch on
+   ``(Z2c, Z1c)`` (``dZ2c``), recomputing ``S`` tiles; gram: ``G1 = Z1cᵀZ1c``, ``G2 = Z2cᵀZ2c`` and, for the
    gradient, ``Z1c G2 - d∘Z2c`` / ``Z2c G1 - d∘Z1c`` (:mod:`minc_kernels.ops.gram` launchers),
    whose fused partial ``Σ z1cᵀ G2 z1c = <G1, G2>_F`` also gives the loss.
-3. :func:`~minc_kernels.kernels.spectral.clip_rows_backward_kernel`: the clipping Jacobian.
+3. :func:`~minc_kernels.kernels.spectral.clip_rows_backward_kernel`: the clipping Jacobian
+   of both views (one launch).
 
 ``tl.dot`` precision: fp32 inputs ``input_precision="ieee"`` (strict fp32, no TF32) in
 every dot; bf16/fp16 inputs: native half dots for ``Z Zᵀ``/``Zᵀ Z``/``offdiag(S) Z``
@@ -67,8 +68,9 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> dic
     launch's grid keeps busy over its waves.  DRAM bytes = compulsory traffic + re-streamed
     operand tiles divided by the number of programs resident at once (they stream the same
     tiles in the same order, so L2 serves the rest).  Pairwise: ``S`` tiles cost ``2B²k``;
-    with gradients each of the two passes recomputes them once per ``BLOCK_C``-wide chunk of
-    output columns and adds ``2B²k`` for ``offdiag(S) Z``, plus the split partials' sum.
+    with gradients each view's programs (one launch) recompute them once per
+    ``BLOCK_C``-wide chunk of output columns and add ``2B²k`` for ``offdiag(S) Z``, plus the
+    split partials' sums.
     Gram: two symmetric Grams (``≈Bk²`` each) and, with gradients, two ``Z G`` products
     (``2Bk²`` each, split dots).
     """
@@ -85,12 +87,13 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> dic
     pc = configs.pairwise_config(b, k, dtype, for_device=True)
     n_m = cdiv(b, pc["BLOCK_M"])
     n_split, _ = configs.pairwise_split(b, k, need_grad, pc)
-    if need_grad:
+    if need_grad:  # one launch, both views' programs
         n_c = cdiv(k, pc["BLOCK_C"])
-        pairwise = 2 * launch(n_c * 2.0 * b * b * k + 2.0 * b * b * k, rate_same,
-                              2 * isz * b * k + 4 * b * k * n_split,
-                              n_m * n_c * (b * k + b * pc["BLOCK_C"]) * isz, n_m * n_c * n_split)
-        if n_split > 1:  # the fixed-order sum of the split partials (a torch reduction)
+        pairwise = launch(2 * (n_c * 2.0 * b * b * k + 2.0 * b * b * k), rate_same,
+                          2 * (2 * isz * b * k + 4 * b * k * n_split),
+                          2 * n_m * n_c * (b * k + b * pc["BLOCK_C"]) * isz,
+                          2 * n_m * n_c * n_split)
+        if n_split > 1:  # the fixed-order sums of the split partials (torch reductions)
             pairwise += 2 * (2 * 4 * n_split * b * k / DEVICE_BW + _LAUNCH_S)
     else:
         pairwise = launch(2.0 * b * b * k, rate_same, 2 * isz * b * k, n_m * b * k * isz,
@@ -136,20 +139,31 @@ def choose_algorithm(b: int, k: int, dtype: torch.dtype, need_grad: bool,
 
 
 # ----------------------------------------------------------------------------- launchers
+def _same_strides(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` and ``y`` with one set of strides, as the two-view kernels take them: unchanged
+    when they already share theirs (always after clipping, and for the usual contiguous
+    inputs), else contiguous copies."""
+    if x.stride() == y.stride():
+        return x, y
+    return x.contiguous(), y.contiguous()
+
+
 def _pairwise(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float, need_grad: bool):
-    """``(Σ_{i≠j} (x_i·y_j)², α·offdiag(X Yᵀ) Y + β·Y or None)``."""
+    """``(Σ_{i≠j} (x_i·y_j)², gx, gy)``: with ``need_grad`` ``gx = α·offdiag(X Yᵀ) Y + β·Y``
+    and ``gy = α·offdiag(X Yᵀ)ᵀ X + β·X``, both from one launch; else ``None, None``."""
     b, k = x.shape
+    x, y = _same_strides(x, y)
     cfg = configs.pairwise_config(b, k, x.dtype)
     n_split, per_split = configs.pairwise_split(b, k, need_grad, cfg)
     n_c = cdiv(k, cfg["BLOCK_C"]) if need_grad else 1
-    grid = (cdiv(b, cfg["BLOCK_M"]), n_c, n_split)
+    grid = (cdiv(b, cfg["BLOCK_M"]), n_c, n_split * (2 if need_grad else 1))
     part = torch.empty(grid[0], n_c, n_split, dtype=torch.float32, device=x.device)
     shape = (n_split, b, k) if need_grad else (1, 1, 1)
     out = torch.empty(shape, dtype=torch.float32, device=x.device)
+    out2 = torch.empty(shape, dtype=torch.float32, device=x.device) if need_grad else out
     with device_guard(x):
         pairwise_offdiag_kernel[grid](
-            x, y, out, part, b, k,
-            x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+            x, y, out, out2, part, b, k, x.stride(0), x.stride(1),
             out.stride(0), out.stride(1), out.stride(2),
             float(alpha), float(beta), per_split,
             NEED_GRAD=bool(need_grad), IS_FP32=is_fp32(x.dtype), UPCAST=upcast_bf16_dot(x.dtype),
@@ -157,9 +171,11 @@ def _pairwise(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float, need_
         )
     off = part[:, 0].sum()
     if not need_grad:
-        return off, None
+        return off, None, None
     # the splits' fp32 partials, summed in a fixed order (deterministic)
-    return off, (out[0] if n_split == 1 else out.sum(dim=0))
+    if n_split == 1:
+        return off, out[0], out2[0]
+    return off, out.sum(dim=0), out2.sum(dim=0)
 
 
 def _clip_rows_dot(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool):
@@ -182,12 +198,15 @@ def _clip_rows_dot(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool):
     return z1c, z2c, d, n1, n2
 
 
-def _clip_rows_backward_(z: torch.Tensor, norms: torch.Tensor, g: torch.Tensor, mu: float) -> None:
-    b, k = z.shape
+def _clip_rows_backward_(z1: torch.Tensor, n1: torch.Tensor, g1: torch.Tensor, z2: torch.Tensor,
+                         n2: torch.Tensor, g2: torch.Tensor, mu: float) -> None:
+    """The clipping Jacobian of both views, in place on ``g1`` and ``g2`` (one launch)."""
+    b, k = z1.shape
+    z1, z2 = _same_strides(z1, z2)
     cfg = configs.rows_config(k)
-    with device_guard(z):
-        clip_rows_backward_kernel[(cdiv(b, cfg["BLOCK_R"]),)](
-            z, norms, g, b, k, z.stride(0), z.stride(1), math.sqrt(mu), **cfg,
+    with device_guard(z1):
+        clip_rows_backward_kernel[(cdiv(b, cfg["BLOCK_R"]), 2)](
+            z1, n1, g1, z2, n2, g2, b, k, z1.stride(0), z1.stride(1), math.sqrt(mu), **cfg,
         )
 
 
@@ -206,9 +225,7 @@ def spectral_forward(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool, 
     pos = -2.0 / (b * mu)  # weight of Σ_i d_i
     g1 = g2 = None
     if algorithm == "pairwise":
-        off, g1 = _pairwise(z1c, z2c, 2.0 * inv, pos, need_grad)
-        if need_grad:
-            _, g2 = _pairwise(z2c, z1c, 2.0 * inv, pos, True)
+        off, g1, g2 = _pairwise(z1c, z2c, 2.0 * inv, pos, need_grad)
     else:
         gram1 = gram(z1c)
         if need_grad:
@@ -221,8 +238,7 @@ def spectral_forward(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool, 
             frob = gram_dot(z2c, gram1)
         off = frob - (d * d).sum()
     if need_grad and clip:
-        _clip_rows_backward_(z1, n1, g1, mu)
-        _clip_rows_backward_(z2, n2, g2, mu)
+        _clip_rows_backward_(z1, n1, g1, z2, n2, g2, mu)
     loss = pos * d.sum() + inv * off
     if not need_grad:
         # two tensors: outputs of a custom op must not alias each other
