@@ -120,3 +120,45 @@ def test_compiled_calls_trace_the_custom_op():
     a, b = torch.randn(7, 6), torch.randn(7, 6)
     torch.testing.assert_close(f(a, b), call(a, b, 0.5, 0.5, 1.0, False, 0, 0)[0])
     assert any("mio_loss_blocked_fwd" in s for s in seen), seen
+
+
+@pytest.mark.parametrize("path", ["functional", "module"])
+def test_default_training_calls_enter_no_custom_op(path, kernel_device):
+    """Every loss with kernels, fwd+bwd through the public API as a training loop calls it
+    (the registry's ``step``, MINC's with its batch moment, and the module, MINCLoss's with
+    its moment update): in eager mode no ``minc_kernels::`` op is dispatched (each one costs
+    tens of µs of host time; benchmarks/cpu_host_overhead.py)."""
+    import os
+    if kernel_device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from benchmarks.cpu_host_overhead import call_fn, make_inputs
+    from minc_kernels.losses import REGISTRY
+
+    class Ops(TorchDispatchMode):  # every op dispatched (the profiler misses custom ops
+        def __init__(self):      # that have no autograd registered, e.g. minc_moment_sum)
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    checked = []
+    for name, spec in REGISTRY.items():
+        if spec.op is None:
+            continue
+        inputs = [x.detach().to(kernel_device).requires_grad_(x.requires_grad)
+                  for x in make_inputs(spec, 9, 6, torch.float32)]
+        fn = call_fn(spec, path, 6, "triton")
+        if path == "module":
+            fn = fn.to(kernel_device)
+        with Ops() as seen:
+            fn(*inputs).backward()
+        assert any(n.startswith("aten.") for n in seen.names), name  # the mode saw the call
+        mine = [n for n in seen.names if n.startswith("minc_kernels.")]
+        assert mine == [], (name, mine)
+        assert all(x.grad is not None for x in inputs if x.requires_grad), name
+        checked.append(name)
+    assert {"spectral", "minc", "mio"} <= set(checked), checked

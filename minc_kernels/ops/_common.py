@@ -72,11 +72,16 @@ def device_guard(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
+# Triton decides once, when ``@triton.jit`` decorates the kernels (imported with this
+# module), whether they are interpreted; read the flag then too, not on every launch (an
+# environment lookup per call: ~9 per MINCLoss step, a few µs of host time).
+_INTERPRETING = triton_interpret()
+
+
 def interpreting() -> bool:
-    """Kernels run under Triton's CPU interpreter (``TRITON_INTERPRET=1``), as
-    :func:`minc_kernels._backend.triton_interpret` decides (interpreter tile sizes, the bf16
-    dot workaround)."""
-    return triton_interpret()
+    """The kernels run under Triton's CPU interpreter (``TRITON_INTERPRET=1`` when they were
+    imported): interpreter tile sizes, the bf16 dot workaround."""
+    return _INTERPRETING
 
 
 def is_fp32(dtype: torch.dtype) -> bool:

@@ -103,9 +103,12 @@ def minc_loss(p: torch.Tensor, t: torch.Tensor, moment: torch.Tensor, ordering: 
     return loss
 
 
+_moment_sum = eager_or_op(minc_moment_sum, gram)  # eager: no custom-op dispatch
+
+
 def moment_sum(t: torch.Tensor) -> torch.Tensor:
     """``Σ_j t_j t_jᵀ`` as fp32 (k, k), no gradient."""
-    return minc_moment_sum(t.detach())
+    return _moment_sum(t.detach())
 
 
 # ----------------------------------------------------------------------------- MINCLoss step
