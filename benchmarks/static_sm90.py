@@ -131,12 +131,14 @@ def useful_work(kernel: str, b: int, k: int, grad: bool, dtype: str, grid, tiles
     if kernel == "moment_ema_kernel":
         # C and M read, M and the corrected copy written (fp32 k×k; fewer in eval)
         return 4.0 * 4 * k * k, BYTES_PER_S
+    views = flags.get("VIEWS", 1)  # Gram-layer launches over two views at once
     if kernel == "pairwise_offdiag_kernel":
-        return 2.0 * b * b * k * (2 if flags.get("NEED_GRAD") else 1), same
+        # with the gradient one launch does both views: S and offdiag(S) Y for each
+        return 2.0 * b * b * k * (4 if flags.get("NEED_GRAD") else 1), same
     if kernel == "rowmat_kernel":
-        return 2.0 * b * k * k, PEAK_FLOPS["half_x_f32" if half else "fp32"]
+        return 2.0 * b * k * k * views, PEAK_FLOPS["half_x_f32" if half else "fp32"]
     if kernel == "moment_partial_kernel":
-        return 1.0 * b * k * k, same  # symmetric: half of 2·B·k²
+        return 1.0 * b * k * k * views, same  # symmetric: half of 2·B·k² per view
     if kernel == "cross_gram_kernel":
         return 2.0 * b * k * k, same  # XᵀY: not symmetric
     if kernel == "mio_negative_tiles":
@@ -435,7 +437,7 @@ def rows_of_case(loss, b, k, dtype_name, need_grad, variant):
             "num_warps", "num_stages", "ACC_IN_REGS")}
         variant_flags = {k_: v for k_, v in ln.constexprs.items() if k_ in (
             "NEED_GRAD", "GHA", "COMPUTE_GRAD", "DOT_WITH_OTHER", "MODE", "CLIP",
-            "STANDARDIZE", "INVARIANCE")}
+            "STANDARDIZE", "INVARIANCE", "VIEWS")}
         work, rate = useful_work(ln.kernel, b, k, need_grad, dtype_name, ln.grid, tiles,
                                  variant_flags, ln.dims)
         rows.append(dict(

@@ -179,3 +179,105 @@ def test_column_terms_match_the_float64_formulas(k, pairwise):
         torch.testing.assert_close(base.cpu().double(),
                                    ((1 - c) ** 2).sum() - lam * (c ** 2).sum(),
                                    rtol=1e-5, atol=1e-5)
+
+
+def _pair_inputs(b, k, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    xs = [(torch.randn(b, k, generator=g) * 0.3).to(dtype).to(DEV) for _ in range(4)]
+    ms = []
+    for _ in range(2):
+        m = torch.randn(k, k, generator=g)
+        ms.append(((m + m.T) / 2).to(DEV))
+    ds = [torch.randn(b, generator=g).to(DEV) for _ in range(2)]
+    return xs, ms, ds
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,k", [(19, 24), (40, 5)])  # k = 5: one tile, a row split of 4
+def test_two_views_in_one_launch_give_the_bits_of_two(monkeypatch, dtype, b, k):
+    """gram_pair and rowmat_pair (kernels' VIEWS = 2) against one launch per view, bit for
+    bit: same tiles, same row slices, same partial sums.  Operands of different layouts
+    (a transposed ``out``, a strided ``x``) fall back to two launches."""
+    from benchmarks.cpu_host_overhead import LaunchStub
+    monkeypatch.setenv(G.GRAM_ENV, "triton")
+    xs, ms, ds = _pair_inputs(b, k, dtype, b * k)
+    pair = G.gram_pair(xs[0], xs[1])
+    for got, x in zip(pair, xs[:2]):
+        assert torch.equal(got, G.gram(x))
+    for gha in (False, True):
+        for need_grad in (False, True):
+            for use_d in (False, True):
+                views = [(xs[0], ms[0], xs[2], ds[0] if use_d else None, None),
+                         (xs[1], ms[1], xs[3], ds[1] if use_d else None, None)]
+                got = G.rowmat_pair(*views, 0.7, -0.3, 0.2, gha, need_grad)
+                for (gq, gc, go), v in zip(got, views):
+                    wq, wc, wo = G.rowmat(*v[:4], 0.7, -0.3, 0.2, gha, need_grad)
+                    assert torch.equal(gq, wq) and torch.equal(gc, wc)
+                    assert (go is None) == (wo is None) and (go is None or torch.equal(go, wo))
+    # one launch each where the layouts match, two where they do not
+    outs = [torch.empty(k, b, device=DEV).T, torch.empty(k, b, device=DEV).T]
+    strided = torch.zeros(b, 2 * k, dtype=dtype, device=DEV)[:, ::2].copy_(xs[1])  # same values
+    for second_x, second_out, launches in ((xs[1], outs[1], 1), (strided, outs[1], 2),
+                                           (xs[1], torch.empty(b, k, device=DEV), 2)):
+        with LaunchStub() as stub:
+            G.gram_pair(xs[0], second_x)
+            G.rowmat_pair((xs[0], ms[0], xs[2], None, outs[0]), (second_x, ms[1], xs[3], None, second_out),
+                          1.0, 0.0, 0.0, False, True)
+        assert dict(stub.counts) == {"moment_partial_kernel": 1 if second_x is xs[1] else 2,
+                                     "rowmat_kernel": launches}
+    got = G.rowmat_pair((xs[0], ms[0], xs[2], None, outs[0]), (strided, ms[1], xs[3], None, outs[1]),
+                        1.0, 0.0, 0.0, False, True)
+    want = G.rowmat(xs[1], ms[1], xs[3], None, 1.0, 0.0, 0.0, False, True)
+    assert torch.equal(got[1][2], want[2]) and got[1][2] is outs[1]
+
+
+def test_pairs_under_cublas_are_two_calls(monkeypatch):
+    monkeypatch.setenv(G.GRAM_ENV, "cublas")
+    xs, ms, ds = _pair_inputs(12, 6, torch.float32, 0)
+    for got, x in zip(G.gram_pair(xs[0], xs[1]), xs[:2]):
+        assert torch.equal(got, G.gram(x))
+    got = G.rowmat_pair((xs[0], ms[0], xs[2], ds[0], None), (xs[1], ms[1], xs[3], ds[1], None),
+                        0.5, 0.1, 0.2, False, True)
+    want = G.rowmat(xs[1], ms[1], xs[3], ds[1], 0.5, 0.1, 0.2, False, True)
+    assert all(torch.equal(a, b) for a, b in zip(got[1], want))
+
+
+@pytest.mark.parametrize("loss,algorithm", [("spectral", "gram"), ("vicreg", "gram"),
+                                            ("vicreg", "pairwise"), ("barlow_twins", "pairwise")])
+def test_losses_form_both_views_grams_in_one_launch(monkeypatch, loss, algorithm):
+    """fwd+bwd: one ``moment_partial_kernel`` and one ``rowmat_kernel`` launch for both views
+    (two each before); Barlow Twins' k×k path multiplies by ``Γ`` and ``Γᵀ`` (two layouts)
+    and keeps two rowmat launches."""
+    import minc_kernels.functional as Fn
+    from benchmarks.cpu_host_overhead import LaunchStub
+    monkeypatch.setenv(G.GRAM_ENV, "triton")
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(12, 10, generator=g).to(DEV).requires_grad_() for _ in range(2))
+    call = {"spectral": lambda: Fn.spectral_contrastive_loss(a, b, algorithm=algorithm, backend="triton"),
+            "vicreg": lambda: Fn.vicreg_loss(a, b, algorithm=algorithm, backend="triton"),
+            "barlow_twins": lambda: Fn.barlow_twins_loss(a, b, algorithm=algorithm, backend="triton")}[loss]
+    with LaunchStub() as stub:
+        call().backward()
+    assert stub.counts["moment_partial_kernel"] == 1 and stub.counts["rowmat_kernel"] == 1, \
+        dict(stub.counts)
+
+
+@pytest.mark.parametrize("algorithm", ["gram", "pairwise"])
+def test_vicreg_pairs_views_only_below_the_memory_threshold(monkeypatch, algorithm):
+    """VICReg frees one view's k×k (N×N) matrix before forming the other's: pairing them
+    keeps both alive, so it pairs only below ops.vicreg.PAIR_MAX_BYTES.  Above it: two
+    launches per pass, and the same bits."""
+    from benchmarks.cpu_host_overhead import LaunchStub
+    from minc_kernels.ops import vicreg as V
+    monkeypatch.setenv(G.GRAM_ENV, "triton")
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(12, 10, generator=g).to(DEV) for _ in range(2))
+    got = {}
+    for limit, launches in ((V.PAIR_MAX_BYTES, 1), (0, 2)):
+        monkeypatch.setattr(V, "PAIR_MAX_BYTES", limit)
+        with LaunchStub() as stub:
+            V.vicreg_forward(a, b, 25.0, 25.0, 1.0, 1e-4, algorithm, True)
+        assert stub.counts["moment_partial_kernel"] == stub.counts["rowmat_kernel"] == launches
+        got[launches] = V.vicreg_forward(a, b, 25.0, 25.0, 1.0, 1e-4, algorithm, True)
+    for x, y in zip(got[1], got[2]):
+        assert torch.equal(x, y)

@@ -184,8 +184,10 @@ def test_barlow_twins_and_vicreg_kernels_are_compiled(rows):
     for r in transposed:
         work, rate = S.useful_work(r["kernel"], r["B"], r["k"], r["grad"], r["dtype"],
                                    r["grid"], r["tiles"], r["flags"], r["dims"])
-        per = 1.0 if r["kernel"] == "moment_partial_kernel" else 2.0
+        per = (1.0 if r["kernel"] == "moment_partial_kernel" else 2.0) * r["flags"].get("VIEWS", 1)
         assert work == per * r["k"] * r["B"] ** 2, _tag(r)
+    # both views' N×N Grams and products in one launch each where the gradient is formed
+    assert any(r["flags"].get("VIEWS") == 2 for r in transposed if r["grad"])
     # the half k×k cross-correlation runs on the tensor cores
     assert all(r["wgmma"] for r in rows if r["kernel"] == "cross_gram_kernel"
                and r["dtype"] == "bf16")

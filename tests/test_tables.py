@@ -149,9 +149,10 @@ def test_spectral_auto_runs_the_tables_choice(cpu_is_sm90, monkeypatch, winner):
     from minc_kernels.ops import spectral as S
     cpu_is_sm90({"spectral/fp32/grad": _algorithm_grid(winner)})
     calls = []
-    real_pairwise, real_gram = S._pairwise, S.gram
+    real_pairwise, real_gram, real_pair = S._pairwise, S.gram, S.gram_pair
     monkeypatch.setattr(S, "_pairwise", lambda *a: calls.append("pairwise") or real_pairwise(*a))
     monkeypatch.setattr(S, "gram", lambda *a: calls.append("gram") or real_gram(*a))
+    monkeypatch.setattr(S, "gram_pair", lambda *a: calls.append("gram") or real_pair(*a))
     z1, z2 = torch.randn(12, 16), torch.randn(12, 16)
     got = S.spectral_forward(z1, z2, 1.0, True, "auto", True)
     assert set(calls) == {winner}

@@ -95,24 +95,32 @@ def slice_outer_product(x_ptr, y_ptr, ka, kb, ka_mask, kb_mask, row_start, row_e
 
 @triton.jit
 def moment_partial_kernel(
-    x_ptr, out_ptr, other_ptr, B, K, stride_xb, stride_xk, rows_per_split,
+    x_ptr, out_ptr, other_ptr, x2_ptr, out2_ptr, B, K, stride_xb, stride_xk, rows_per_split,
     IS_FP32: tl.constexpr, UPCAST: tl.constexpr, DOT_WITH_OTHER: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+    VIEWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """``C_s = Σ_{j in slice s} x_j x_jᵀ`` over row slices; grid (nK, nK, S).
+    """``C_s = Σ_{j in slice s} x_j x_jᵀ`` over row slices; grid (nK, nK, S), or
+    (nK, nK, 2·S) with ``VIEWS = 2``: the second half of axis 2 does the same for ``x2``
+    (same shape and strides) into ``out2`` (two Grams, one launch).
 
     Default: ``out[s] = C_s``, out (S, K, K) fp32.  Only tiles with ``a <= b`` compute; each
     also writes its mirror (the result is symmetric), halving the work.
-    ``DOT_WITH_OTHER``: ``C_s`` is never stored; instead ``out[pid] = <other, C_s>_F`` restricted
-    to this tile and its mirror (``other`` a symmetric, contiguous (K, K) fp32 matrix; the
-    slots of skipped ``a > b`` programs must be pre-zeroed).  Summing ``out`` gives
-    ``<other, XᵀX>_F`` without a k×k write.
+    ``DOT_WITH_OTHER`` (one view): ``C_s`` is never stored; instead ``out[pid] = <other,
+    C_s>_F`` restricted to this tile and its mirror (``other`` a symmetric, contiguous (K, K)
+    fp32 matrix; the slots of skipped ``a > b`` programs must be pre-zeroed).  Summing
+    ``out`` gives ``<other, XᵀX>_F`` without a k×k write.
     """
     pid_a = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_s = tl.program_id(2)
     if pid_a > pid_b:
         return
+    if VIEWS == 2:
+        n_s = tl.num_programs(2) // 2
+        if pid_s >= n_s:
+            pid_s = pid_s - n_s
+            x_ptr = x2_ptr
+            out_ptr = out2_ptr
     ka = pid_a.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     kb = pid_b.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     ka_mask = ka < K
@@ -140,14 +148,18 @@ def moment_partial_kernel(
 @triton.jit
 def rowmat_kernel(
     x_ptr, g_ptr, y_ptr, d_ptr, out_ptr, part_ptr,
+    x2_ptr, g2_ptr, y2_ptr, d2_ptr, out2_ptr,
     B, K,
     stride_xb, stride_xk, stride_gr, stride_gc, stride_yb, stride_yk, stride_ob, stride_ok,
     alpha, beta, gamma,
     NEED_GRAD: tl.constexpr, GHA: tl.constexpr, HAS_D: tl.constexpr, MODE: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, VIEWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One (BLOCK_M rows) × (BLOCK_N columns) tile of ``Q = X Gᵀ``, grid (cdiv(B, BM), cdiv(K, BN)).
+    """One (BLOCK_M rows) × (BLOCK_N columns) tile of ``Q = X Gᵀ``, grid (cdiv(B, BM),
+    cdiv(K, BN), VIEWS).  Programs with ``pid 2 = 1`` (``VIEWS = 2``) do the same on
+    ``(x2, g2, y2, d2) -> out2`` (each of the same strides as its first-view operand) and
+    write the second half of ``part``: two products, one launch.
 
     Writes ``part[pid, 0] = Σ_tile x∘q`` and ``part[pid, 1] = Σ_tile x∘y`` (fp32), and with
     ``NEED_GRAD`` ``out = α·Q' + (β + γ·d_i)·y`` (fp32) where ``Q' = Q``, or with ``GHA``
@@ -157,6 +169,14 @@ def rowmat_kernel(
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    if VIEWS == 2:
+        if tl.program_id(2) == 1:
+            x_ptr = x2_ptr
+            g_ptr = g2_ptr
+            y_ptr = y2_ptr
+            d_ptr = d2_ptr
+            out_ptr = out2_ptr
+            part_ptr = part_ptr + tl.num_programs(0) * tl.num_programs(1) * 2
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     r_mask = rows < B

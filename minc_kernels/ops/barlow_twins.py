@@ -47,7 +47,8 @@ import torch
 
 from ..losses.barlow_twins import BN_EPS
 from ._grad_in_forward import register_grad_in_forward
-from .gram import col_stats, col_stats_backward, col_terms, cross_gram, gram, gram_dot, rowmat
+from .gram import (col_stats, col_stats_backward, col_terms, cross_gram, gram, gram_dot, gram_pair,
+                   rowmat, rowmat_pair)
 from . import tables
 from .spectral import estimate_seconds
 
@@ -105,18 +106,18 @@ def barlow_twins_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: flo
         diag, base = col_terms(stats, n, False, lam=lam)
         diag = diag[0]
         na_t, nb_t = na.T, nb.T  # contiguous (k, N)
-        g_a = gram(na_t)  # Ẑa Ẑaᵀ (N×N)
         if need_grad:
-            g_b = gram(nb_t)
+            g_a, g_b = gram_pair(na_t, nb_t)  # Ẑa Ẑaᵀ, Ẑb Ẑbᵀ (N×N), one launch
             coef = (2.0 * lam / (n * n), -2.0 / n, (2.0 - 2.0 * lam) / n)
             # written through transposed views: the gradients come out contiguous (N, k),
             # what the in-place Jacobian pass below needs
             ga = torch.empty((n, k), dtype=torch.float32, device=z_a.device)
             gb = torch.empty((n, k), dtype=torch.float32, device=z_a.device)
-            raw, _, _ = rowmat(na_t, g_b, nb_t, diag, *coef, False, True, out=ga.T)
-            rowmat(nb_t, g_a, na_t, diag, *coef, False, True, out=gb.T)
+            (raw, _, _), _ = rowmat_pair((na_t, g_b, nb_t, diag, ga.T),
+                                         (nb_t, g_a, na_t, diag, gb.T), *coef, False, True)
             del g_b
         else:
+            g_a = gram(na_t)  # Ẑa Ẑaᵀ (N×N)
             raw = gram_dot(nb_t, g_a)
         del g_a
         loss = torch.add(base, raw, alpha=lam / (n * n))

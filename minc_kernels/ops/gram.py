@@ -33,7 +33,7 @@ from . import configs, tables
 from ._common import (DEVICE_BW, cdiv, device_guard, interpreting, is_fp32, num_sms,
                       next_pow2, rhs_f32_mode, upcast_bf16_dot)
 
-__all__ = ["rowmat", "gram", "gram_dot", "cross_gram", "col_stats", "col_stats_backward",
+__all__ = ["rowmat", "rowmat_pair", "gram", "gram_pair", "gram_dot", "cross_gram", "col_stats", "col_stats_backward",
            "col_terms", "gram_backend", "GRAM_BACKENDS", "GRAM_IMPLS"]
 
 GRAM_BACKENDS = ("auto", "triton", "cublas")
@@ -90,6 +90,13 @@ def _rowmat_mm(x, g, y, d, alpha, beta, gamma, gha, need_grad):
     return quad, cross, q.mul_(alpha).add_(coef * yf)
 
 
+def _check_out(x: torch.Tensor, out: torch.Tensor | None, need_grad: bool) -> None:
+    if out is not None and (not need_grad or out.shape != x.shape or out.dtype != torch.float32
+                            or out.device != x.device):
+        raise ValueError(f"out must be a float32 tensor of shape {tuple(x.shape)} on {x.device} "
+                         f"(and need_grad True), got {out.dtype} {tuple(out.shape)} on {out.device}")
+
+
 def rowmat(x: torch.Tensor, g: torch.Tensor, y: torch.Tensor, d: torch.Tensor | None,
            alpha: float, beta: float, gamma: float, gha: bool, need_grad: bool,
            out: torch.Tensor | None = None):
@@ -99,32 +106,63 @@ def rowmat(x: torch.Tensor, g: torch.Tensor, y: torch.Tensor, d: torch.Tensor | 
     ``out``: an fp32 (B, k) destination of any strides (e.g. the transpose of a contiguous
     (k, B) buffer, so that the N×N paths of Barlow Twins/VICReg get their gradient in the
     inputs' layout without a copy); allocated contiguous when None."""
-    if out is not None and (not need_grad or out.shape != x.shape or out.dtype != torch.float32
-                            or out.device != x.device):
-        raise ValueError(f"out must be a float32 tensor of shape {tuple(x.shape)} on {x.device} "
-                         f"(and need_grad True), got {out.dtype} {tuple(out.shape)} on {out.device}")
+    _check_out(x, out, need_grad)
     if gram_backend("rowmat", x) == "cublas":
         quad, cross, res = _rowmat_mm(x, g, y, d, alpha, beta, gamma, bool(gha and need_grad),
                                       need_grad)
         return quad, cross, (res if out is None or res is None else out.copy_(res))
+    return _rowmat_triton([(x, g, y, d, out)], alpha, beta, gamma, gha, need_grad)[0]
+
+
+def _same_layout(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return (a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+            and a.device == b.device)
+
+
+def rowmat_pair(first: tuple, second: tuple, alpha: float, beta: float, gamma: float,
+                gha: bool, need_grad: bool) -> list[tuple]:
+    """:func:`rowmat` of two views with the same scalars: ``first`` and ``second`` are each
+    ``(x, g, y, d, out)``; returns ``[(Σ x∘q, Σ x∘y, out)]`` per view.  One launch (the
+    kernel's ``VIEWS = 2``: both views' tiles in one grid, the same bits as two) where the
+    Triton kernels run and each operand has its counterpart's layout; else two calls."""
+    x = first[0]
+    for t in (first, second):
+        _check_out(t[0], t[4], need_grad)
+    if (gram_backend("rowmat", x) == "triton"
+            and all(_same_layout(a, b) for a, b in zip(first, second))):
+        return _rowmat_triton([first, second], alpha, beta, gamma, gha, need_grad)
+    return [rowmat(*t[:4], alpha, beta, gamma, gha, need_grad, out=t[4]) for t in (first, second)]
+
+
+def _rowmat_triton(views: list[tuple], alpha, beta, gamma, gha, need_grad) -> list[tuple]:
+    """One ``rowmat_kernel`` launch over one or two views ``(x, g, y, d, out)`` of one
+    layout (the second view's operands take the first's strides)."""
+    x, g, y, d, out = views[0]
     b, k = x.shape
+    n = len(views)
     cfg = configs.rowmat_config(k, x.dtype, gha=bool(gha and need_grad), b=b)
-    grid = (cdiv(b, cfg["BLOCK_M"]), cdiv(k, cfg["BLOCK_N"]))
-    part = torch.empty(grid[0] * grid[1], 2, dtype=torch.float32, device=x.device)
-    if out is None:
-        out = torch.empty((b, k) if need_grad else (1, 1), dtype=torch.float32, device=x.device)
-    d_arg = d if d is not None else part
+    grid = (cdiv(b, cfg["BLOCK_M"]), cdiv(k, cfg["BLOCK_N"]), n)
+    part = torch.empty(n, grid[0] * grid[1], 2, dtype=torch.float32, device=x.device)
+    ops = []
+    for vx, vg, vy, vd, vout in views:
+        if vout is None:
+            vout = torch.empty((b, k) if need_grad else (1, 1), dtype=torch.float32,
+                               device=x.device)
+        ops.append((vx, vg, vy, vd if vd is not None else part, vout))
+    out = ops[0][4]
     with device_guard(x):
         rowmat_kernel[grid](
-            x, g, y, d_arg, out, part, b, k,
+            *ops[0], part, *ops[-1], b, k,
             x.stride(0), x.stride(1), g.stride(0), g.stride(1), y.stride(0), y.stride(1),
             out.stride(0), out.stride(1),
             float(alpha), float(beta), float(gamma),
             NEED_GRAD=bool(need_grad), GHA=bool(gha), HAS_D=d is not None,
-            MODE=rhs_f32_mode(x.dtype), UPCAST=upcast_bf16_dot(x.dtype), **cfg,
+            MODE=rhs_f32_mode(x.dtype), UPCAST=upcast_bf16_dot(x.dtype), VIEWS=n, **cfg,
         )
-    sums = part.sum(dim=0)
-    return sums[0], sums[1], (out if need_grad else None)
+    sums = part.sum(dim=1)
+    return [(sums[v, 0], sums[v, 1], ops[v][4] if need_grad else None) for v in range(n)]
 
 
 def _row_split(b: int, block_b: int, tiles: int, device: torch.device) -> tuple[int, int]:
@@ -137,7 +175,10 @@ def _row_split(b: int, block_b: int, tiles: int, device: torch.device) -> tuple[
     return cdiv(b, rows_per_split), rows_per_split
 
 
-def _gram_launch(x: torch.Tensor, other: torch.Tensor | None):
+def _gram_launch(x: torch.Tensor, other: torch.Tensor | None, x2: torch.Tensor | None = None):
+    """``moment_partial_kernel`` on ``x`` (and ``x2``, same layout, in the same launch):
+    the per-slice partials of each view, and the slice count (the same with one view or
+    two, so a pair gives the bits of two launches)."""
     b, k = x.shape
     cfg = configs.gram_config(k, x.dtype)
     nk = cdiv(k, cfg["BLOCK_K"])
@@ -146,21 +187,37 @@ def _gram_launch(x: torch.Tensor, other: torch.Tensor | None):
         out = torch.empty(split, k, k, dtype=torch.float32, device=x.device)
     else:
         out = torch.zeros(split * nk * nk, dtype=torch.float32, device=x.device)
+    views = 1 if x2 is None else 2
+    out2 = out if x2 is None else torch.empty(split, k, k, dtype=torch.float32, device=x.device)
     with device_guard(x):
-        moment_partial_kernel[(nk, nk, split)](
-            x, out, other if other is not None else out, b, k, x.stride(0), x.stride(1),
+        moment_partial_kernel[(nk, nk, split * views)](
+            x, out, other if other is not None else out, x2 if x2 is not None else x, out2,
+            b, k, x.stride(0), x.stride(1),
             rows_per_split, IS_FP32=is_fp32(x.dtype), UPCAST=upcast_bf16_dot(x.dtype),
-            DOT_WITH_OTHER=other is not None, **cfg,
+            DOT_WITH_OTHER=other is not None, VIEWS=views, **cfg,
         )
-    return out, split
+    return (out, out2), split
+
+
+def _slices_sum(out: torch.Tensor, split: int) -> torch.Tensor:
+    return out[0] if split == 1 else out.sum(dim=0)
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
     """``Xᵀ X`` = ``Σ_j x_j x_jᵀ`` as fp32 (k, k), from the storage dtype of ``x``."""
     if gram_backend("gram", x) == "cublas":
         return _mm_f32(x.T, x)
-    out, split = _gram_launch(x, None)
-    return out[0] if split == 1 else out.sum(dim=0)
+    (out, _), split = _gram_launch(x, None)
+    return _slices_sum(out, split)
+
+
+def gram_pair(x: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Xᵀ X, X2ᵀ X2)``: one launch (bit-identical to two :func:`gram` calls) where the
+    Triton kernel runs and the two share shape, dtype and strides; else two calls."""
+    if gram_backend("gram", x) == "triton" and _same_layout(x, x2):
+        (out, out2), split = _gram_launch(x, None, x2)
+        return _slices_sum(out, split), _slices_sum(out2, split)
+    return gram(x), gram(x2)
 
 
 def gram_dot(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -168,7 +225,7 @@ def gram_dot(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     without writing ``Xᵀ X``."""
     if gram_backend("gram_dot", x) == "cublas":
         return (_mm_f32(x.T, x) * other).sum()
-    out, _ = _gram_launch(x, other.contiguous())
+    (out, _), _ = _gram_launch(x, other.contiguous())
     return out.sum()
 
 

@@ -13,9 +13,10 @@ Passes:
    dtype, like the reference) and ``d_i = z1c_i·z2c_i``.
 2. pairwise: :func:`~minc_kernels.kernels.spectral.pairwise_offdiag_kernel` on
    ``(Z1c, Z2c)`` (loss partials, ``dZ1c``) and, for the gradient, in the same launch on
-   ``(Z2c, Z1c)`` (``dZ2c``), recomputing ``S`` tiles; gram: ``G1 = Z1cᵀZ1c``, ``G2 = Z2cᵀZ2c`` and, for the
-   gradient, ``Z1c G2 - d∘Z2c`` / ``Z2c G1 - d∘Z1c`` (:mod:`minc_kernels.ops.gram` launchers),
-   whose fused partial ``Σ z1cᵀ G2 z1c = <G1, G2>_F`` also gives the loss.
+   ``(Z2c, Z1c)`` (``dZ2c``), recomputing ``S`` tiles; gram: ``G1 = Z1cᵀZ1c``,
+   ``G2 = Z2cᵀZ2c`` and, for the gradient, ``Z1c G2 - d∘Z2c`` / ``Z2c G1 - d∘Z1c``
+   (:mod:`minc_kernels.ops.gram` launchers, both views in one launch each), whose fused
+   partial ``Σ z1cᵀ G2 z1c = <G1, G2>_F`` also gives the loss.
 3. :func:`~minc_kernels.kernels.spectral.clip_rows_backward_kernel`: the clipping Jacobian
    of both views (one launch).
 
@@ -41,7 +42,7 @@ from ._common import (DEVICE_BW, DEVICE_FLOPS, TARGET_PROGRAMS, TARGET_SMS, cdiv
                       upcast_bf16_dot)
 from ._grad_in_forward import register_grad_in_forward
 from . import tables
-from .gram import gram, gram_dot, rowmat
+from .gram import gram, gram_dot, gram_pair, rowmat_pair
 
 __all__ = ["spectral_loss", "spectral_loss_fwd", "spectral_forward", "choose_algorithm",
            "estimate_seconds"]
@@ -72,7 +73,7 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> dic
     ``BLOCK_C``-wide chunk of output columns and add ``2B²k`` for ``offdiag(S) Z``, plus the
     split partials' sums.
     Gram: two symmetric Grams (``≈Bk²`` each) and, with gradients, two ``Z G`` products
-    (``2Bk²`` each, split dots).
+    (``2Bk²`` each, split dots), the two views of each in one launch.
     """
     isz = torch.empty((), dtype=dtype).element_size()
     half = not is_fp32(dtype)
@@ -104,15 +105,18 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> dic
     tiles = n_k * (n_k + 1) // 2
     n_b = cdiv(b, gc["BLOCK_B"])
     g_split = max(1, min(n_b, cdiv(2 * TARGET_SMS, tiles)))  # as ops.gram._gram_launch
-    # G1 written; G2 only reduced against G1 (read) when no gradient is needed
-    t_gram = 2 * launch(b * k * (k + gc["BLOCK_K"]), rate_same,
-                        isz * b * k + 4 * k * k * g_split,
-                        (n_k + 1) * b * k * isz, tiles * g_split)
+    # Without a gradient: G1 written, then G2 only reduced against G1 (two launches).  With
+    # it: both Grams in one launch, then both Z G products in one (views = 2).
+    views = 2 if need_grad else 1
+    t_gram = (2 // views) * launch(views * b * k * (k + gc["BLOCK_K"]), rate_same,
+                                   views * (isz * b * k + 4 * k * k * g_split),
+                                   views * (n_k + 1) * b * k * isz, views * tiles * g_split)
     if need_grad:
         rc = configs.rowmat_config(k, dtype, for_device=True, b=b)
         n_rm, n_rn = cdiv(b, rc["BLOCK_M"]), cdiv(k, rc["BLOCK_N"])
-        t_gram += 2 * launch(2.0 * b * k * k, rate_rhs, 4 * k * k + 2 * isz * b * k + 4 * b * k,
-                             n_rm * 4 * k * k + n_rn * isz * b * k, n_rm * n_rn)
+        t_gram += launch(2 * 2.0 * b * k * k, rate_rhs,
+                         2 * (4 * k * k + 2 * isz * b * k + 4 * b * k),
+                         2 * (n_rm * 4 * k * k + n_rn * isz * b * k), 2 * n_rm * n_rn)
     return {"pairwise": pairwise, "gram": t_gram}
 
 
@@ -227,15 +231,15 @@ def spectral_forward(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool, 
     if algorithm == "pairwise":
         off, g1, g2 = _pairwise(z1c, z2c, 2.0 * inv, pos, need_grad)
     else:
-        gram1 = gram(z1c)
         if need_grad:
-            gram2 = gram(z2c)
+            gram1, gram2 = gram_pair(z1c, z2c)  # one launch where the views share a layout
             # Z1c G2 - d∘Z2c = offdiag(S) Z2c; its fused partial Σ z1cᵀ G2 z1c = <G1, G2>_F.
-            frob, _, g1 = rowmat(z1c, gram2, z2c, d, 2.0 * inv, pos, -2.0 * inv, False, True)
-            _, _, g2 = rowmat(z2c, gram1, z1c, d, 2.0 * inv, pos, -2.0 * inv, False, True)
+            (frob, _, g1), (_, _, g2) = rowmat_pair(
+                (z1c, gram2, z2c, d, None), (z2c, gram1, z1c, d, None),
+                2.0 * inv, pos, -2.0 * inv, False, True)
         else:
             # <G1, G2>_F reduced tile by tile while G2 is formed: G2 is never written.
-            frob = gram_dot(z2c, gram1)
+            frob = gram_dot(z2c, gram(z1c))
         off = frob - (d * d).sum()
     if need_grad and clip:
         _clip_rows_backward_(z1, n1, g1, z2, n2, g2, mu)

@@ -18,7 +18,8 @@ Passes:
    program): the variance hinge, its derivative ``h`` per view, the invariance term and
    (N×N) the Gram diagonal's share, i.e. the loss without its Frobenius terms (one launch
    where 25-30 small torch ops were).
-2. Per view, ``"gram"``: ``G = Z_cᵀ Z_c`` (k×k fp32, written), ``‖G‖_F²``; with a gradient
+2. Per view (both views in one launch per Gram-layer pass while their matrices are small),
+   ``"gram"``: ``G = Z_cᵀ Z_c`` (k×k fp32, written), ``‖G‖_F²``; with a gradient
    ``Γ = α offdiag(G) + diag(h)`` in place in ``G`` and ``Z_c Γ`` (:func:`rowmat`).
    ``"pairwise"``: ``H = Z_c Z_cᵀ`` (N×N fp32, written); without a gradient ``‖H‖_F²``;
    with one ``α Z_cᵀ H + diag(h - α Σ zc²) Z_cᵀ`` by ``rowmat`` on the transposed view,
@@ -27,9 +28,10 @@ Passes:
    invariance gradient ``±2λ(z_a - z_b)/(N k)`` in one pass.
 
 Memory beyond tiles: one k×k (``"gram"``) or N×N (``"pairwise"``) fp32 matrix per view
-(written; reused in place for the gradient; freed once the view's gradient is formed),
-centred copies of both views, fp32 gradients (which pass 3 overwrites in place; measured:
-``benchmarks/op_memory.py``).
+(written; reused in place for the gradient; freed once the view's gradient is formed; both
+views' at once, formed and multiplied in one launch each, only while each is at most
+``PAIR_MAX_BYTES``), centred copies of both views, fp32 gradients (which pass 3 overwrites
+in place; measured: ``benchmarks/op_memory.py``).
 Deterministic (no atomics).
 """
 from __future__ import annotations
@@ -37,7 +39,7 @@ from __future__ import annotations
 import torch
 
 from ._grad_in_forward import register_grad_in_forward
-from .gram import col_stats, col_stats_backward, col_terms, gram, rowmat
+from .gram import col_stats, col_stats_backward, col_terms, gram, gram_pair, rowmat, rowmat_pair
 from .barlow_twins import choose_algorithm
 
 __all__ = ["vicreg_loss", "vicreg_loss_fwd", "vicreg_forward"]
@@ -48,28 +50,47 @@ def _flat_sq(t: torch.Tensor) -> torch.Tensor:
     return torch.dot(v, v)
 
 
+# Both views' k×k (or N×N) matrices in one launch only while they are small: a pair keeps
+# both alive at once where one view at a time frees the first before forming the second.
+# Below this size a call is bound by launches and host work (the pair saves two launches);
+# above it, by the arithmetic, and the second matrix would be pure extra memory.
+PAIR_MAX_BYTES = 16 << 20
+
+
 def _cov_view(xc: torch.Tensor, coef: torch.Tensor, alpha: float, algorithm: str,
               need_grad: bool):
     """``(Σ_{i≠j} G_ij² (k×k) or ‖Z_c Z_cᵀ‖_F² (N×N), ∂/∂Z_c or None)`` of one centred view
     (docs/math.md §8); ``coef``: its row of :func:`col_terms` (``h``, or ``h - α Σ zc²``)."""
+    return _cov_views([xc], [coef], alpha, algorithm, need_grad)[0]
+
+
+def _cov_views(xcs: list[torch.Tensor], coefs: list[torch.Tensor], alpha: float, algorithm: str,
+               need_grad: bool) -> list[tuple]:
+    """:func:`_cov_view` of one view, or of two in one launch per Gram-layer pass."""
+    pair = len(xcs) == 2
     if algorithm == "gram":
-        g = gram(xc)
-        off = _flat_sq(g) - torch.diagonal(g).pow(2).sum()
+        gs = gram_pair(*xcs) if pair else [gram(xcs[0])]
+        offs = [_flat_sq(g) - torch.diagonal(g).pow(2).sum() for g in gs]
         if not need_grad:
-            return off, None
-        g.mul_(alpha)  # Γ = α offdiag(G) + diag(h), in place
-        torch.diagonal(g).copy_(coef)
-        _, _, grad = rowmat(xc, g, xc, None, 1.0, 0.0, 0.0, False, True)
-        return off, grad
-    xt = xc.T  # contiguous (k, N)
-    hh = gram(xt)  # Z_c Z_cᵀ (N×N)
+            return [(off, None) for off in offs]
+        for g, coef in zip(gs, coefs):
+            g.mul_(alpha)  # Γ = α offdiag(G) + diag(h), in place
+            torch.diagonal(g).copy_(coef)
+        views = [(xc, g, xc, None, None) for xc, g in zip(xcs, gs)]
+        got = rowmat_pair(*views, 1.0, 0.0, 0.0, False, True) if pair else \
+            [rowmat(*views[0][:4], 1.0, 0.0, 0.0, False, True)]
+        return [(off, grad) for off, (_, _, grad) in zip(offs, got)]
+    xts = [xc.T for xc in xcs]  # contiguous (k, N)
+    hhs = gram_pair(*xts) if pair else [gram(xts[0])]  # Z_c Z_cᵀ (N×N)
     if not need_grad:
-        return _flat_sq(hh), None
+        return [(_flat_sq(hh), None) for hh in hhs]
     # written through a transposed view: the gradient comes out contiguous (N, k), what the
     # in-place Jacobian pass needs
-    grad = torch.empty(xc.shape, dtype=torch.float32, device=xc.device)
-    frob, _, _ = rowmat(xt, hh, xt, coef, alpha, 0.0, 1.0, False, True, out=grad.T)
-    return frob, grad
+    grads = [torch.empty(xc.shape, dtype=torch.float32, device=xc.device) for xc in xcs]
+    views = [(xt, hh, xt, coef, grad.T) for xt, hh, coef, grad in zip(xts, hhs, coefs, grads)]
+    got = rowmat_pair(*views, alpha, 0.0, 1.0, False, True) if pair else \
+        [rowmat(*views[0][:4], alpha, 0.0, 1.0, False, True, out=views[0][4])]
+    return [(frob, grad) for (frob, _, _), grad in zip(got, grads)]
 
 
 def vicreg_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float, mu_param: float,
@@ -88,8 +109,13 @@ def vicreg_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float, mu
     # invariance + variance hinge (+ the Gram diagonal, N×N) and each view's coefficients
     coef, base = col_terms(stats, n, True, pairwise, lam=lam, mu=mu, nu=nu, eps=eps,
                            alpha=alpha)
-    off_a, gxa = _cov_view(xa, coef[0], alpha, algorithm, need_grad)
-    off_b, gxb = _cov_view(xb, coef[1], alpha, algorithm, need_grad)
+    m = k if algorithm == "gram" else n
+    if 4 * m * m <= PAIR_MAX_BYTES:
+        (off_a, gxa), (off_b, gxb) = _cov_views([xa, xb], [coef[0], coef[1]], alpha, algorithm,
+                                                need_grad)
+    else:
+        off_a, gxa = _cov_view(xa, coef[0], alpha, algorithm, need_grad)
+        off_b, gxb = _cov_view(xb, coef[1], alpha, algorithm, need_grad)
     loss = torch.add(base, off_a + off_b, alpha=nu / ((n - 1) ** 2 * k))
     if not need_grad:
         return (loss, z_a.new_empty((0,), dtype=torch.float32),
