@@ -136,6 +136,11 @@ def rowmat_pair(first: tuple, second: tuple, alpha: float, beta: float, gamma: f
     return [rowmat(*t[:4], alpha, beta, gamma, gha, need_grad, out=t[4]) for t in (first, second)]
 
 
+# The second view's pointers of a one-view launch: None (a constexpr the kernel never reads;
+# cheaper for Triton's launcher to bind than five more tensors).
+_NO_VIEW = (None,) * 5
+
+
 def _rowmat_triton(views: list[tuple], alpha, beta, gamma, gha, need_grad) -> list[tuple]:
     """One ``rowmat_kernel`` launch over one or two views ``(x, g, y, d, out)`` of one
     layout (the second view's operands take the first's strides)."""
@@ -144,7 +149,7 @@ def _rowmat_triton(views: list[tuple], alpha, beta, gamma, gha, need_grad) -> li
     n = len(views)
     cfg = configs.rowmat_config(k, x.dtype, gha=bool(gha and need_grad), b=b)
     grid = (cdiv(b, cfg["BLOCK_M"]), cdiv(k, cfg["BLOCK_N"]), n)
-    part = torch.empty(n, grid[0] * grid[1], 2, dtype=torch.float32, device=x.device)
+    part = torch.empty(n * grid[0] * grid[1], 2, dtype=torch.float32, device=x.device)
     ops = []
     for vx, vg, vy, vd, vout in views:
         if vout is None:
@@ -154,14 +159,17 @@ def _rowmat_triton(views: list[tuple], alpha, beta, gamma, gha, need_grad) -> li
     out = ops[0][4]
     with device_guard(x):
         rowmat_kernel[grid](
-            *ops[0], part, *ops[-1], b, k,
+            *ops[0], part, *(ops[1] if n == 2 else _NO_VIEW), b, k,
             x.stride(0), x.stride(1), g.stride(0), g.stride(1), y.stride(0), y.stride(1),
             out.stride(0), out.stride(1),
             float(alpha), float(beta), float(gamma),
             NEED_GRAD=bool(need_grad), GHA=bool(gha), HAS_D=d is not None,
             MODE=rhs_f32_mode(x.dtype), UPCAST=upcast_bf16_dot(x.dtype), VIEWS=n, **cfg,
         )
-    sums = part.sum(dim=1)
+    if n == 1:
+        sums = part.sum(dim=0)
+        return [(sums[0], sums[1], out if need_grad else None)]
+    sums = part.view(n, -1, 2).sum(dim=1)
     return [(sums[v, 0], sums[v, 1], ops[v][4] if need_grad else None) for v in range(n)]
 
 
@@ -188,10 +196,10 @@ def _gram_launch(x: torch.Tensor, other: torch.Tensor | None, x2: torch.Tensor |
     else:
         out = torch.zeros(split * nk * nk, dtype=torch.float32, device=x.device)
     views = 1 if x2 is None else 2
-    out2 = out if x2 is None else torch.empty(split, k, k, dtype=torch.float32, device=x.device)
+    out2 = None if x2 is None else torch.empty(split, k, k, dtype=torch.float32, device=x.device)
     with device_guard(x):
         moment_partial_kernel[(nk, nk, split * views)](
-            x, out, other if other is not None else out, x2 if x2 is not None else x, out2,
+            x, out, other if other is not None else out, x2, out2,
             b, k, x.stride(0), x.stride(1),
             rows_per_split, IS_FP32=is_fp32(x.dtype), UPCAST=upcast_bf16_dot(x.dtype),
             DOT_WITH_OTHER=other is not None, VIEWS=views, **cfg,
