@@ -80,7 +80,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # MINCLoss's step kernels (l2 map, its Jacobian, the moment's EMA) are checked the same way.
 MEMORY_BOUND = {"colstats_kernel", "colstats_backward_kernel", "colstats_partial_kernel",
                 "colstats_backward_partial_kernel", "l2_rows_kernel", "l2_rows_backward_kernel",
-                "moment_ema_kernel"}
+                "moment_ema_kernel", "split_bf16x3_kernel"}
 HEAVY = {"pairwise_offdiag_kernel", "rowmat_kernel", "moment_partial_kernel",
          "cross_gram_kernel", "mio_negative_tiles", "mio_negative_strip",
          "mio_strip_matmul"} | MEMORY_BOUND
@@ -128,6 +128,8 @@ def useful_work(kernel: str, b: int, k: int, grad: bool, dtype: str, grid, tiles
         return 2.0 * b * k * isz, BYTES_PER_S  # read the rows, write the mapped rows
     if kernel == "l2_rows_backward_kernel":
         return 1.0 * b * k * (isz + 8), BYTES_PER_S  # read x, read and write the fp32 gradient
+    if kernel == "split_bf16x3_kernel":
+        return 10.0 * k * k, BYTES_PER_S  # read fp32 G, write its three bf16 pieces
     if kernel == "moment_ema_kernel":
         # C and M read, M and the corrected copy written (fp32 k×k; fewer in eval)
         return 4.0 * 4 * k * k, BYTES_PER_S
@@ -174,7 +176,7 @@ class Launch:
     constexprs: dict
     compiled: object
     ptxas_log: str
-    dims: tuple | None = None  # the kernel's own (B, K) arguments, where it has both
+    dims: tuple | None = None  # the kernel's own (B, K) arguments, where it has both (split: K)
 
 
 @contextlib.contextmanager
@@ -192,7 +194,8 @@ def compile_launches_for_sm90():
         g = tuple(int(x) for x in grid) + (1,) * (3 - len(grid))
         consts = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
         bound = dict(zip(self.arg_names, args))
-        dims = (int(bound["B"]), int(bound["K"])) if "B" in bound and "K" in bound else None
+        dims = ((int(bound["B"]), int(bound["K"])) if "B" in bound and "K" in bound
+                else (0, int(bound["K"])) if self.fn.__name__ == "split_bf16x3_kernel" else None)
         records.append(Launch(self.fn.__name__, g, consts, compiled, buf.getvalue(), dims))
         return compiled
 

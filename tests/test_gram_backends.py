@@ -281,3 +281,47 @@ def test_vicreg_pairs_views_only_below_the_memory_threshold(monkeypatch, algorit
         got[launches] = V.vicreg_forward(a, b, 25.0, 25.0, 1.0, 1e-4, algorithm, True)
     for x, y in zip(got[1], got[2]):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("b,k", [(19, 24), (40, 17)])
+def test_rowmat_with_g_split_beforehand_gives_the_same_bits(monkeypatch, b, k):
+    """bf16 rows against a fp32 G: the bf16 pieces of G formed once (split_bf16x3_kernel,
+    MODE 3, what large calls do) give exactly the bits of forming them in every program
+    (MODE 1): the same pieces, the same dots in the same order.  Also a strided G (Γᵀ, as
+    Barlow Twins passes), the GHA ordering, two views, and the variable's check."""
+    from benchmarks.cpu_host_overhead import LaunchStub
+    monkeypatch.setenv(G.GRAM_ENV, "triton")
+    xs, ms, ds = _pair_inputs(b, k, torch.bfloat16, 7 * b + k)
+    ms[1] = torch.randn(k, k, generator=torch.Generator().manual_seed(1)).to(DEV) * 3
+    got = {}
+    for split in ("never", "always"):
+        monkeypatch.setenv(G.ROWMAT_SPLIT_ENV, split)
+        out = []
+        for g in (ms[0], ms[1].T):
+            for gha in (False, True):
+                for need_grad in (False, True):
+                    out.append(G.rowmat(xs[0], g, xs[2], ds[0], 0.7, -0.3, 0.2, gha, need_grad))
+        out.append(G.rowmat_pair((xs[0], ms[0], xs[2], None, None), (xs[1], ms[1], xs[3], None, None),
+                                 1.0, 0.5, 0.0, False, True))
+        with LaunchStub() as stub:
+            G.rowmat(xs[0], ms[0], xs[2], None, 1.0, 0.0, 0.0, False, True)
+        got[split] = (out, dict(stub.counts))
+    assert got["never"][1] == {"rowmat_kernel": 1}
+    assert got["always"][1] == {"split_bf16x3_kernel": 1, "rowmat_kernel": 1}
+    flat = [[t for r in run for t in (r if isinstance(r, list) else [r])] for run in
+            (got["never"][0], got["always"][0])]
+    for a, w in zip(*flat):
+        for ta, tw in zip(a, w):
+            assert (ta is None) == (tw is None) and (ta is None or torch.equal(ta, tw))
+    # the pieces: hi + mid + lo is G to about 24 bits
+    pieces = G.split_bf16x3(ms[1].T)
+    torch.testing.assert_close(pieces.float().sum(0), ms[1].T, rtol=2 ** -22, atol=0)
+    monkeypatch.setenv(G.ROWMAT_SPLIT_ENV, "sometimes")
+    with pytest.raises(ValueError, match="MINC_KERNELS_ROWMAT_SPLIT"):
+        G.rowmat(xs[0], ms[0], xs[2], None, 1.0, 0.0, 0.0, False, True)
+
+
+def test_rowmat_splits_g_beforehand_only_for_large_bf16_calls():
+    from minc_kernels.ops import configs
+    assert configs.rowmat_presplit(4096, 4096) and configs.rowmat_presplit(2048, 256)
+    assert not configs.rowmat_presplit(1024, 8192) and not configs.rowmat_presplit(8192, 128)

@@ -8,7 +8,8 @@ and MIO tile kernels use :func:`dot_same` for every ``tl.dot``.
 * :func:`moment_partial_kernel`: ``Σ_j x_j x_jᵀ`` (k×k) over a slice of rows, one fp32
   partial per row slice (the launcher sums the slices in a fixed order: no atomics).
 * :func:`rowmat_kernel`: ``Q = X Gᵀ`` (row ``i`` is ``G x_i``) for a (B, k) ``X`` in its
-  storage dtype and a fp32 (k, k) ``G``, fused with the per-tile loss partials
+  storage dtype and a fp32 (k, k) ``G`` (or, for large bf16 calls, ``G``'s bf16 pieces from
+  :func:`split_bf16x3_kernel`), fused with the per-tile loss partials
   ``Σ x∘q`` and ``Σ x∘y`` and the row gradient ``α·Q + (β + γ·d_i)·y_i``.
   For MINC: ``X = p``, ``G = M``, ``Y = t``, ``α = 2/B``, ``β = -2/B``, ``γ = 0``.
 
@@ -20,7 +21,12 @@ Precision (``tl.dot`` input precision per input dtype; accumulation is always fp
   1 = bf16 ``X``, ``G`` split into three bf16 pieces (hi + mid + lo, 24 mantissa bits) and
   three bf16 dots (about fp32 accuracy at bf16 tensor-core speed);
   2 = fp16 ``X`` (exact in TF32), ``G`` split into two TF32-exact pieces and two
-  ``input_precision="tf32"`` dots (about 2^-21 relative per product).
+  ``input_precision="tf32"`` dots (about 2^-21 relative per product);
+  3 = bf16 ``X`` and the three bf16 pieces of ``G`` split once beforehand
+  (:func:`split_bf16x3_kernel`, a (3, K, K) buffer): the same pieces and the same dots in
+  the same order as 1, so the same bits, but the pieces are loaded like ``X`` (async copies
+  into shared memory, then wgmma) instead of being formed from fp32 tiles in registers by
+  every program, in every iteration of its loop.
   Rounding ``G`` to the half dtype instead would lose the fp32 moment's precision (and can
   overflow fp16).  The CPU interpreter computes every dot in full fp32.
 
@@ -55,10 +61,7 @@ def dot_rhs_f32(x, m, acc, MODE: tl.constexpr, UPCAST: tl.constexpr):
     if MODE == 0:
         acc = tl.dot(x, m, acc, input_precision="ieee")
     elif MODE == 1:
-        hi = m.to(tl.bfloat16)
-        r = m - hi.to(tl.float32)
-        mid = r.to(tl.bfloat16)
-        lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
+        hi, mid, lo = split_bf16x3(m)
         # smallest pieces first: they are lost least in the fp32 accumulator
         acc = dot_same(x, lo, acc, False, UPCAST)
         acc = dot_same(x, mid, acc, False, UPCAST)
@@ -71,6 +74,58 @@ def dot_rhs_f32(x, m, acc, MODE: tl.constexpr, UPCAST: tl.constexpr):
         lo = m - hi
         acc = tl.dot(xf, lo, acc, input_precision="tf32")
         acc = tl.dot(xf, hi, acc, input_precision="tf32")
+    return acc
+
+
+@triton.jit
+def split_bf16x3(m):
+    """The bf16 pieces ``(hi, mid, lo)`` of a fp32 tensor, ``hi + mid + lo`` ≈ ``m`` to 24
+    mantissa bits: what :func:`dot_rhs_f32`'s MODE 1 forms per tile."""
+    hi = m.to(tl.bfloat16)
+    r = m - hi.to(tl.float32)
+    mid = r.to(tl.bfloat16)
+    lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
+    return hi, mid, lo
+
+
+@triton.jit
+def split_bf16x3_kernel(g_ptr, out_ptr, K, stride_gr, stride_gc, BLOCK: tl.constexpr):
+    """``out[0], out[1], out[2]`` = the hi, mid, lo bf16 pieces of the fp32 (K, K) ``G`` (any
+    strides), each contiguous (K, K): the operand of ``rowmat_kernel``'s MODE 3."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    kk = K.to(tl.int64) * K
+    mask = idx < kk
+    m = tl.load(g_ptr + (idx // K) * stride_gr + (idx % K) * stride_gc, mask=mask, other=0.0)
+    hi, mid, lo = split_bf16x3(m)
+    tl.store(out_ptr + idx, hi, mask=mask)
+    tl.store(out_ptr + kk + idx, mid, mask=mask)
+    tl.store(out_ptr + 2 * kk + idx, lo, mask=mask)
+
+
+@triton.jit
+def load_g_tile(ptrs, mask, piece, MODE: tl.constexpr):
+    """The ``G`` operand tile at ``ptrs``: the fp32 values (MODES 0-2, three times), or the
+    three bf16 pieces ``(hi, mid, lo)`` ``piece`` elements apart (MODE 3)."""
+    if MODE == 3:
+        hi = tl.load(ptrs, mask=mask, other=0.0)
+        mid = tl.load(ptrs + piece, mask=mask, other=0.0)
+        lo = tl.load(ptrs + 2 * piece, mask=mask, other=0.0)
+        return hi, mid, lo
+    else:
+        m = tl.load(ptrs, mask=mask, other=0.0)
+        return m, m, m
+
+
+@triton.jit
+def dot_g_tile(x, hi, mid, lo, acc, MODE: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + x @ G`` for a tile from :func:`load_g_tile`."""
+    if MODE == 3:
+        # as MODE 1: smallest pieces first
+        acc = dot_same(x, lo, acc, False, UPCAST)
+        acc = dot_same(x, mid, acc, False, UPCAST)
+        acc = dot_same(x, hi, acc, False, UPCAST)
+    else:
+        acc = dot_rhs_f32(x, hi, acc, MODE, UPCAST)
     return acc
 
 
@@ -165,7 +220,8 @@ def rowmat_kernel(
     ``NEED_GRAD`` ``out = α·Q' + (β + γ·d_i)·y`` (fp32) where ``Q' = Q``, or with ``GHA``
     ``Q' = X LT(G)ᵀ`` (row ``i`` is ``LT(G) x_i``, lower triangle incl. the diagonal).  The
     loss partial always uses the full ``G``.  Under ``GHA`` only the reduction tiles that
-    straddle the diagonal need a second (masked) dot.
+    straddle the diagonal need a second (masked) dot.  ``G``: fp32 (K, K) of any strides, or
+    with ``MODE = 3`` its three bf16 pieces, (3, K, K) contiguous (strides K, 1).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -184,6 +240,7 @@ def rowmat_kernel(
     n0 = pid_n * BLOCK_N
     x_rows = x_ptr + rows[:, None] * stride_xb
     g_cols = g_ptr + cols[None, :] * stride_gr
+    piece = K.to(tl.int64) * K  # MODE 3: G's bf16 pieces, (3, K, K)
     if GHA and NEED_GRAD:
         # Three loops with static structure (no branch inside: the pipeliner then issues
         # async copies and wgmma, which it does not across an `if` in the loop body):
@@ -199,28 +256,30 @@ def rowmat_kernel(
             j_mask = js < K
             x = tl.load(x_rows + js[None, :] * stride_xk, mask=r_mask[:, None] & j_mask[None, :],
                         other=0.0)
-            gt = tl.load(g_cols + js[:, None] * stride_gc, mask=j_mask[:, None] & c_mask[None, :],
-                         other=0.0)  # gt[j, n] = G[n, j]
-            acc_lt = dot_rhs_f32(x, gt, acc_lt, MODE, UPCAST)
+            # gt[j, n] = G[n, j]
+            g1, g2, g3 = load_g_tile(g_cols + js[:, None] * stride_gc,
+                                     j_mask[:, None] & c_mask[None, :], piece, MODE)
+            acc_lt = dot_g_tile(x, g1, g2, g3, acc_lt, MODE, UPCAST)
         acc = acc_lt  # the inner tiles count in full Q as well
         for j0 in range(lo, hi, BLOCK_K):
             js = j0 + tl.arange(0, BLOCK_K).to(tl.int64)
             j_mask = js < K
             x = tl.load(x_rows + js[None, :] * stride_xk, mask=r_mask[:, None] & j_mask[None, :],
                         other=0.0)
-            gt = tl.load(g_cols + js[:, None] * stride_gc, mask=j_mask[:, None] & c_mask[None, :],
-                         other=0.0)
-            acc = dot_rhs_f32(x, gt, acc, MODE, UPCAST)
-            gt_lt = tl.where(js[:, None] <= cols[None, :], gt, 0.0)
-            acc_lt = dot_rhs_f32(x, gt_lt, acc_lt, MODE, UPCAST)
+            g1, g2, g3 = load_g_tile(g_cols + js[:, None] * stride_gc,
+                                     j_mask[:, None] & c_mask[None, :], piece, MODE)
+            acc = dot_g_tile(x, g1, g2, g3, acc, MODE, UPCAST)
+            lt = js[:, None] <= cols[None, :]
+            acc_lt = dot_g_tile(x, tl.where(lt, g1, 0.0), tl.where(lt, g2, 0.0),
+                                tl.where(lt, g3, 0.0), acc_lt, MODE, UPCAST)
         for j0 in range(hi, K, BLOCK_K):
             js = j0 + tl.arange(0, BLOCK_K).to(tl.int64)
             j_mask = js < K
             x = tl.load(x_rows + js[None, :] * stride_xk, mask=r_mask[:, None] & j_mask[None, :],
                         other=0.0)
-            gt = tl.load(g_cols + js[:, None] * stride_gc, mask=j_mask[:, None] & c_mask[None, :],
-                         other=0.0)
-            acc = dot_rhs_f32(x, gt, acc, MODE, UPCAST)
+            g1, g2, g3 = load_g_tile(g_cols + js[:, None] * stride_gc,
+                                     j_mask[:, None] & c_mask[None, :], piece, MODE)
+            acc = dot_g_tile(x, g1, g2, g3, acc, MODE, UPCAST)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for j0 in range(0, K, BLOCK_K):
@@ -228,9 +287,9 @@ def rowmat_kernel(
             j_mask = js < K
             x = tl.load(x_rows + js[None, :] * stride_xk, mask=r_mask[:, None] & j_mask[None, :],
                         other=0.0)
-            gt = tl.load(g_cols + js[:, None] * stride_gc, mask=j_mask[:, None] & c_mask[None, :],
-                         other=0.0)
-            acc = dot_rhs_f32(x, gt, acc, MODE, UPCAST)
+            g1, g2, g3 = load_g_tile(g_cols + js[:, None] * stride_gc,
+                                     j_mask[:, None] & c_mask[None, :], piece, MODE)
+            acc = dot_g_tile(x, g1, g2, g3, acc, MODE, UPCAST)
     tile_mask = r_mask[:, None] & c_mask[None, :]
     xn = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xk,
                  mask=tile_mask, other=0.0).to(tl.float32)

@@ -16,8 +16,8 @@ import torch
 
 from ._common import TARGET_PROGRAMS, TARGET_SMS, cdiv, interpreting, is_fp32, next_pow2
 
-__all__ = ["KernelConfig", "rowmat_config", "gram_config", "pairwise_config", "pairwise_split",
-           "rows_config", "pick_config", "colstats_config", "cross_gram_config"]
+__all__ = ["KernelConfig", "rowmat_config", "rowmat_presplit", "gram_config", "pairwise_config",
+           "pairwise_split", "rows_config", "pick_config", "colstats_config", "cross_gram_config"]
 
 
 class KernelConfig(Mapping):
@@ -113,6 +113,23 @@ def rowmat_config(k: int, dtype: torch.dtype = torch.float32, gha: bool = False,
     if gha and is_fp32(dtype):
         cfg = cfg.replace(BLOCK_K=16, num_stages=3 if k % 16 == 0 else 1)
     return cfg
+
+
+# rowmat's bf16 path (a fp32 G against bf16 rows as three bf16 dots) splits G into its bf16
+# pieces once, in a pass of its own, instead of in every program's loop (kernels/gram.py,
+# MODE 3), from this many rows and columns.  The pass moves 10 bytes per element of G; the
+# product does 6·B flops per element, so the pass costs about 330/B of the product's time
+# (H100 bf16: 600 TFLOP/s against 3 TB/s): 16 % at B = 2048.  Smaller calls are bound by
+# launches, and the pass is one more.  A guess until a GPU measures both (issue 21):
+# MINC_KERNELS_ROWMAT_SPLIT=always|never overrides it.
+ROWMAT_PRESPLIT_MIN_ROWS = 2048
+ROWMAT_PRESPLIT_MIN_COLS = 256
+SPLIT_BLOCK = 1024  # elements per program of split_bf16x3_kernel
+
+
+def rowmat_presplit(b: int, k: int) -> bool:
+    """Whether a bf16 ``rowmat`` of (b, k) rows splits its fp32 ``G`` beforehand."""
+    return b >= ROWMAT_PRESPLIT_MIN_ROWS and k >= ROWMAT_PRESPLIT_MIN_COLS
 
 
 def gram_config(k: int, dtype: torch.dtype, for_device: bool = False) -> KernelConfig:

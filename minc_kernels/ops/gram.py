@@ -28,7 +28,8 @@ import torch
 
 from ..kernels.gram import (colstats_backward_kernel, colstats_backward_partial_kernel,
                             colstats_kernel, colstats_partial_kernel, colstats_terms_kernel,
-                            cross_gram_kernel, moment_partial_kernel, rowmat_kernel)
+                            cross_gram_kernel, moment_partial_kernel, rowmat_kernel,
+                            split_bf16x3_kernel)
 from . import configs, tables
 from ._common import (DEVICE_BW, cdiv, device_guard, interpreting, is_fp32, num_sms,
                       next_pow2, rhs_f32_mode, upcast_bf16_dot)
@@ -141,12 +142,43 @@ def rowmat_pair(first: tuple, second: tuple, alpha: float, beta: float, gamma: f
 _NO_VIEW = (None,) * 5
 
 
+ROWMAT_SPLIT_ENV = "MINC_KERNELS_ROWMAT_SPLIT"
+ROWMAT_SPLIT_CHOICES = ("auto", "always", "never")
+
+
+def _presplit(b: int, k: int) -> bool:
+    """Whether a bf16 rowmat splits ``G`` beforehand: ``MINC_KERNELS_ROWMAT_SPLIT``
+    (``auto`` by :func:`~minc_kernels.ops.configs.rowmat_presplit`, ``always``, ``never``)."""
+    value = os.environ.get(ROWMAT_SPLIT_ENV, "auto") or "auto"
+    if value not in ROWMAT_SPLIT_CHOICES:
+        raise ValueError(f"environment variable {ROWMAT_SPLIT_ENV} must be one of "
+                         f"{', '.join(map(repr, ROWMAT_SPLIT_CHOICES))}, got {value!r}")
+    return value == "always" or (value == "auto" and configs.rowmat_presplit(b, k))
+
+
+def split_bf16x3(g: torch.Tensor) -> torch.Tensor:
+    """The hi, mid and lo bf16 pieces of the fp32 (k, k) ``g`` (any strides), as one
+    contiguous (3, k, k) bf16 tensor (``kernels.gram.split_bf16x3_kernel``)."""
+    k = g.shape[0]
+    out = torch.empty((3, k, k), dtype=torch.bfloat16, device=g.device)
+    with device_guard(g):
+        split_bf16x3_kernel[(cdiv(k * k, configs.SPLIT_BLOCK),)](
+            g, out, k, g.stride(0), g.stride(1), BLOCK=configs.SPLIT_BLOCK, num_warps=4)
+    return out
+
+
 def _rowmat_triton(views: list[tuple], alpha, beta, gamma, gha, need_grad) -> list[tuple]:
     """One ``rowmat_kernel`` launch over one or two views ``(x, g, y, d, out)`` of one
-    layout (the second view's operands take the first's strides)."""
+    layout (the second view's operands take the first's strides).  bf16 rows against a
+    large ``G`` take its bf16 pieces, split beforehand (MODE 3, the same bits as MODE 1)."""
     x, g, y, d, out = views[0]
     b, k = x.shape
     n = len(views)
+    mode = rhs_f32_mode(x.dtype)
+    if mode == 1 and _presplit(b, k):
+        mode = 3
+        views = [(vx, split_bf16x3(vg), vy, vd, vout) for vx, vg, vy, vd, vout in views]
+        g = views[0][1]
     cfg = configs.rowmat_config(k, x.dtype, gha=bool(gha and need_grad), b=b)
     grid = (cdiv(b, cfg["BLOCK_M"]), cdiv(k, cfg["BLOCK_N"]), n)
     part = torch.empty(n * grid[0] * grid[1], 2, dtype=torch.float32, device=x.device)
@@ -160,11 +192,11 @@ def _rowmat_triton(views: list[tuple], alpha, beta, gamma, gha, need_grad) -> li
     with device_guard(x):
         rowmat_kernel[grid](
             *ops[0], part, *(ops[1] if n == 2 else _NO_VIEW), b, k,
-            x.stride(0), x.stride(1), g.stride(0), g.stride(1), y.stride(0), y.stride(1),
+            x.stride(0), x.stride(1), g.stride(-2), g.stride(-1), y.stride(0), y.stride(1),
             out.stride(0), out.stride(1),
             float(alpha), float(beta), float(gamma),
             NEED_GRAD=bool(need_grad), GHA=bool(gha), HAS_D=d is not None,
-            MODE=rhs_f32_mode(x.dtype), UPCAST=upcast_bf16_dot(x.dtype), VIEWS=n, **cfg,
+            MODE=mode, UPCAST=upcast_bf16_dot(x.dtype), VIEWS=n, **cfg,
         )
     if n == 1:
         sums = part.sum(dim=0)
