@@ -31,6 +31,9 @@
 #    gramab:   opt-in: MINC_KERNELS_GRAM=triton vs =cublas, minc_kernels fwd+bwd, the same
 #              cases (GRAMAB_ARGS, default B 1024/4096/8192 x k 512/2048/8192), half of
 #              GRAMAB_S (default 200 s) or of the time left each; gram_ab.md side by side
+#    splitab:  opt-in, the same for MINC_KERNELS_ROWMAT_SPLIT=never vs =always (bf16 rowmat:
+#              G's pieces per program or split once; SPLITAB_ARGS, default MINC and spectral
+#              bf16, B 2048/8192 x k 512/2048/8192; SPLITAB_S, default 120 s); split_ab.md
 # 10. rest:    pytest -m "not slow and not gpu" on the rest, only if time is left
 # then a summary, last, and (PACK=1, the default) everything packed into a few files:
 #   OUT_DIR/gpu_check.tar.gz (every file the steps wrote), OUT_DIR/summary.txt,
@@ -46,7 +49,7 @@
 # setup,build,app,ext,info,gputests,sync,calibrate,bench,train,rest), TOTAL_S, BUILD_TIMEOUT_S, GPU_TEST_TIMEOUT_S (all GPU test files together),
 # GPU_FILE_TIMEOUT_S (one file), GPU_TEST_FILES (override the discovered list),
 # SYNC_TIMEOUT_S, CALIBRATE_S, CALIBRATE_ARGS, TRAIN_TIMEOUT_S, TRAIN_RESERVE_S, TRAIN_ARGS (default: ResNet-50 defaults of the app,
-# --steps 10 --warmup 3), GRAMAB_S, GRAMAB_ARGS, BENCH_ARGS (extra runner arguments),
+# --steps 10 --warmup 3), GRAMAB_S, GRAMAB_ARGS, SPLITAB_S, SPLITAB_ARGS, BENCH_ARGS (extra runner arguments),
 # SYNC_ARGS, PACK (1/0),
 # PYTHON, PYPROJECT (the file the setup step reads; tests).
 set -u
@@ -255,34 +258,48 @@ if want calibrate; then
   fi
 fi
 
-if want gramab; then
-  # Opt-in (STEPS=...,gramab): the Gram layer's Triton kernels against its cuBLAS candidate
-  # (MINC_KERNELS_GRAM, read per call), minc_kernels fwd+bwd only, same cases, half the
-  # time each; then the side-by-side table gram_ab.md.
-  HALF=$(( ($(left) - 60) / 2 ))
-  CAP=$(( ${GRAMAB_S:-200} / 2 ))
-  [ "$HALF" -gt "$CAP" ] && HALF=$CAP
-  if [ "$HALF" -lt 30 ]; then
-    record gramab skip "no time left"
-  else
-    rc_all=0
-    for impl in triton cublas; do
-      step "Gram layer A/B: MINC_KERNELS_GRAM=$impl python -m benchmarks.run (budget ${HALF}s)"
-      # shellcheck disable=SC2086
-      MINC_KERNELS_GRAM=$impl timeout --signal=TERM --kill-after=15 $(( HALF + 30 )) \
-        "$PY" -m benchmarks.run --out "$OUT/gram-$impl" --providers minc_kernels \
-        --modes fwd+bwd --ema off --memory-case off --no-plots --no-progress \
-        --time-budget "$HALF" ${GRAMAB_ARGS:---B 1024,4096,8192 --k 512,2048,8192} \
-        > "$OUT/gram-$impl.log" 2>&1
-      rc=$?; [ "$rc" = 0 ] || rc_all=$rc
-    done
-    if [ -f "$OUT/gram-triton/results.json" ] && [ -f "$OUT/gram-cublas/results.json" ]; then
-      "$PY" -m benchmarks.report --ab "$OUT/gram-triton" "$OUT/gram-cublas" \
-        --labels triton,cublas --out "$OUT/gram_ab.md" > /dev/null 2>&1 || rc_all=1
-      sed -n 1,20p "$OUT/gram_ab.md"
-    fi
-    record gramab "$rc_all" "gram_ab.md, gram-triton/, gram-cublas/"
+# env_ab NAME PREFIX VAR A B SECONDS ARGS: an opt-in A/B of one environment switch read per
+# call: the runner with VAR=A, then VAR=B, on the same cases (ARGS), minc_kernels fwd+bwd
+# only, half of SECONDS (or of the time left) each; then PREFIX_ab.md side by side
+# (benchmarks.report --ab), the runs in PREFIX-A/ and PREFIX-B/.
+env_ab() {
+  local name=$1 prefix=$2 var=$3 a=$4 b=$5 secs=$6 args=$7 half cap rc rc_all=0 v
+  half=$(( ($(left) - 60) / 2 ))
+  cap=$(( secs / 2 ))
+  [ "$half" -gt "$cap" ] && half=$cap
+  if [ "$half" -lt 30 ]; then
+    record "$name" skip "no time left"
+    return
   fi
+  for v in "$a" "$b"; do
+    step "$name: $var=$v python -m benchmarks.run (budget ${half}s)"
+    # shellcheck disable=SC2086
+    env "$var=$v" timeout --signal=TERM --kill-after=15 $(( half + 30 )) \
+      "$PY" -m benchmarks.run --out "$OUT/$prefix-$v" --providers minc_kernels \
+      --modes fwd+bwd --ema off --memory-case off --no-plots --no-progress \
+      --time-budget "$half" $args > "$OUT/$prefix-$v.log" 2>&1
+    rc=$?; [ "$rc" = 0 ] || rc_all=$rc
+  done
+  if [ -f "$OUT/$prefix-$a/results.json" ] && [ -f "$OUT/$prefix-$b/results.json" ]; then
+    "$PY" -m benchmarks.report --ab "$OUT/$prefix-$a" "$OUT/$prefix-$b" \
+      --labels "$a,$b" --out "$OUT/${prefix}_ab.md" > /dev/null 2>&1 || rc_all=1
+    sed -n 1,20p "$OUT/${prefix}_ab.md"
+  fi
+  record "$name" "$rc_all" "${prefix}_ab.md, $prefix-$a/, $prefix-$b/"
+}
+
+# Opt-in (STEPS=...,gramab): the Gram layer's Triton kernels against its cuBLAS candidate
+# (MINC_KERNELS_GRAM).
+if want gramab; then
+  env_ab gramab gram MINC_KERNELS_GRAM triton cublas "${GRAMAB_S:-200}" \
+    "${GRAMAB_ARGS:---B 1024,4096,8192 --k 512,2048,8192}"
+fi
+# Opt-in (STEPS=...,splitab): bf16 rowmat with G's pieces formed in every program's loop
+# (MINC_KERNELS_ROWMAT_SPLIT=never) against split once beforehand (=always), on the shapes
+# where the size rule (ops.configs.rowmat_presplit) would split.
+if want splitab; then
+  env_ab splitab split MINC_KERNELS_ROWMAT_SPLIT never always "${SPLITAB_S:-120}" \
+    "${SPLITAB_ARGS:---losses minc,spectral --dtype bf16 --B 2048,8192 --k 512,2048,8192}"
 fi
 
 if want bench; then

@@ -12,6 +12,8 @@ import tarfile
 import tokenize
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 TINY_TRAIN = "--device cpu --tiny --steps 1 --warmup 1 --methods mio --batch 8 --image-size 16"
@@ -132,18 +134,24 @@ def test_too_old_setuptools_skips_the_build(tmp_path):
     assert "failed steps: setup" in (out / "summary.txt").read_text()
 
 
-def test_gram_ab_step_measures_both_gram_layers(tmp_path):
-    """Opt-in gramab step: the runner twice, MINC_KERNELS_GRAM=triton and =cublas (here on
-    the CPU under the interpreter, tiny), and the side-by-side table of the common cases."""
-    proc = _run(tmp_path, STEPS="gramab", GRAMAB_ARGS="--device cpu --B 8 --k 4 --interpret "
-                "--losses minc --case-ms 5")
+@pytest.mark.parametrize("step,prefix,labels,dtype", [
+    ("gramab", "gram", ("triton", "cublas"), "fp32"),  # MINC_KERNELS_GRAM
+    ("splitab", "split", ("never", "always"), "bf16"),  # MINC_KERNELS_ROWMAT_SPLIT
+])
+def test_env_ab_steps_measure_both_settings(tmp_path, step, prefix, labels, dtype):
+    """The opt-in A/B steps (one helper, env_ab): the runner twice, once per setting of the
+    switch (here on the CPU under the interpreter, tiny), and the side-by-side table of the
+    common cases."""
+    args = f"--device cpu --B 8 --k 4 --interpret --losses minc --dtype {dtype} --case-ms 5"
+    proc = _run(tmp_path, STEPS=step, **{f"{step.upper()}_ARGS": args})
     out = tmp_path / "out"
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert " rc=0 " in _steps(out)["gramab"]
-    ab = (out / "gram_ab.md").read_text()
-    assert "# A/B: triton vs cublas" in ab and "| minc | fwd+bwd | fp32 | minc_kernels | 8 | 4 |" in ab
-    for impl in ("triton", "cublas"):
-        recs = json.loads((out / f"gram-{impl}" / "results.json").read_text())["cases"]
+    assert " rc=0 " in _steps(out)[step]
+    ab = (out / f"{prefix}_ab.md").read_text()
+    assert f"# A/B: {labels[0]} vs {labels[1]}" in ab
+    assert f"| minc | fwd+bwd | {dtype} | minc_kernels | 8 | 4 |" in ab
+    for label in labels:
+        recs = json.loads((out / f"{prefix}-{label}" / "results.json").read_text())["cases"]
         assert [r["provider"] for r in recs] == ["minc_kernels"] and recs[0]["status"] == "ok"
 
 
