@@ -4,7 +4,8 @@ Every loss on the Gram kernels uses these: MINC (docs/math.md §2) is ``rowmat_k
 ``moment_partial_kernel``; the spectral feature-Gram path uses both; the spectral pairwise
 and MIO tile kernels use :func:`dot_same` for every ``tl.dot``.
 
-* :func:`dot_same` / :func:`dot_rhs_f32`: the one family of dot-precision helpers.
+* :func:`dot_same` / :func:`dot_g_tile` (with :func:`load_g_tile`, :func:`sum_pieces`):
+  the one family of dot-precision helpers.
 * :func:`moment_partial_kernel`: ``Σ_j x_j x_jᵀ`` (k×k) over a slice of rows, one fp32
   partial per row slice (the launcher sums the slices in a fixed order: no atomics).
 * :func:`rowmat_kernel`: ``Q = X Gᵀ`` (row ``i`` is ``G x_i``) for a (B, k) ``X`` in its
@@ -27,8 +28,10 @@ Precision (``tl.dot`` input precision per input dtype; accumulation is always fp
   the same order as 1, so the same bits, but the pieces are loaded like ``X`` (async copies
   into shared memory, then wgmma) instead of being formed from fp32 tiles in registers by
   every program, in every iteration of its loop.
-  Rounding ``G`` to the half dtype instead would lose the fp32 moment's precision (and can
-  overflow fp16).  The CPU interpreter computes every dot in full fp32.
+  Each piece's products go to an accumulator of their own, added smallest first after the
+  loop (:func:`dot_g_tile`).  Rounding ``G`` to the half dtype instead would lose the fp32
+  moment's precision (and can overflow fp16).  The CPU interpreter computes every dot in
+  full fp32.
 
 Offsets are int64.  No torch calls here.
 """
@@ -53,34 +56,9 @@ def dot_same(a, b, acc, IS_FP32: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def dot_rhs_f32(x, m, acc, MODE: tl.constexpr, UPCAST: tl.constexpr):
-    """``acc + x @ m`` with ``x`` in the storage dtype and ``m`` fp32 (see module docstring).
-
-    ``UPCAST``: interpreter only, see :func:`dot_same` (the bf16 pieces are still formed).
-    """
-    if MODE == 0:
-        acc = tl.dot(x, m, acc, input_precision="ieee")
-    elif MODE == 1:
-        hi, mid, lo = split_bf16x3(m)
-        # smallest pieces first: they are lost least in the fp32 accumulator
-        acc = dot_same(x, lo, acc, False, UPCAST)
-        acc = dot_same(x, mid, acc, False, UPCAST)
-        acc = dot_same(x, hi, acc, False, UPCAST)
-    else:
-        xf = x.to(tl.float32)
-        # truncate to the 10 explicit mantissa bits TF32 keeps: exact in TF32 whatever
-        # the hardware's rounding, and m - hi is exact in fp32.
-        hi = (m.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-        lo = m - hi
-        acc = tl.dot(xf, lo, acc, input_precision="tf32")
-        acc = tl.dot(xf, hi, acc, input_precision="tf32")
-    return acc
-
-
-@triton.jit
 def split_bf16x3(m):
     """The bf16 pieces ``(hi, mid, lo)`` of a fp32 tensor, ``hi + mid + lo`` ≈ ``m`` to 24
-    mantissa bits: what :func:`dot_rhs_f32`'s MODE 1 forms per tile."""
+    mantissa bits: what :func:`dot_g_tile`'s MODE 1 forms per tile."""
     hi = m.to(tl.bfloat16)
     r = m - hi.to(tl.float32)
     mid = r.to(tl.bfloat16)
@@ -117,16 +95,44 @@ def load_g_tile(ptrs, mask, piece, MODE: tl.constexpr):
 
 
 @triton.jit
-def dot_g_tile(x, hi, mid, lo, acc, MODE: tl.constexpr, UPCAST: tl.constexpr):
-    """``acc + x @ G`` for a tile from :func:`load_g_tile`."""
-    if MODE == 3:
-        # as MODE 1: smallest pieces first
-        acc = dot_same(x, lo, acc, False, UPCAST)
-        acc = dot_same(x, mid, acc, False, UPCAST)
-        acc = dot_same(x, hi, acc, False, UPCAST)
+def dot_g_tile(x, g1, g2, g3, a1, a2, a3, MODE: tl.constexpr, UPCAST: tl.constexpr):
+    """``x @ G`` for a tile from :func:`load_g_tile`, one accumulator per piece of ``G``:
+    ``(a1, a2, a3)`` gain the hi, mid and lo products (MODES 1 and 3), the hi and lo TF32
+    products (MODE 2, ``a3`` unused), or the strict fp32 product (MODE 0, ``a1`` only).
+    :func:`sum_pieces` adds them at the end.  Separate accumulators, not one chain: two or
+    more dots into one accumulator in a loop body made Triton (3.8, sm_90) round-trip the
+    accumulator through shared memory every iteration (12 shared stores and loads, 17
+    barriers per iteration in a 64×64×32 bf16 tile loop; three accumulators: none, 2)."""
+    if MODE == 0:
+        a1 = tl.dot(x, g1, a1, input_precision="ieee")
+    elif MODE == 2:
+        xf = x.to(tl.float32)
+        # truncate to the 10 explicit mantissa bits TF32 keeps: exact in TF32 whatever
+        # the hardware's rounding, and m - hi is exact in fp32.
+        hi = (g1.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        a1 = tl.dot(xf, hi, a1, input_precision="tf32")
+        a2 = tl.dot(xf, g1 - hi, a2, input_precision="tf32")
     else:
-        acc = dot_rhs_f32(x, hi, acc, MODE, UPCAST)
-    return acc
+        if MODE == 1:
+            hi, mid, lo = split_bf16x3(g1)
+        else:
+            hi, mid, lo = g1, g2, g3
+        a1 = dot_same(x, hi, a1, False, UPCAST)
+        a2 = dot_same(x, mid, a2, False, UPCAST)
+        a3 = dot_same(x, lo, a3, False, UPCAST)
+    return a1, a2, a3
+
+
+@triton.jit
+def sum_pieces(a1, a2, a3, MODE: tl.constexpr):
+    """The product from :func:`dot_g_tile`'s accumulators, smallest pieces first."""
+    if MODE == 0:
+        q = a1
+    elif MODE == 2:
+        q = a1 + a2
+    else:
+        q = a1 + (a2 + a3)
+    return q
 
 
 @triton.jit
@@ -250,7 +256,10 @@ def rowmat_kernel(
         lo = ((n0 + 1) // BLOCK_K) * BLOCK_K  # tiles [0, lo) lie inside LT(G)
         hi = tl.minimum(((n0 + BLOCK_N - 1) // BLOCK_K + 1) * BLOCK_K, K)  # [lo, hi) straddle
         lo = tl.minimum(lo, K)
-        acc_lt = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # one accumulator per piece of G (dot_g_tile): l1-l3 for LT(G), a1-a3 for G
+        l1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        l2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        l3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for j0 in range(0, lo, BLOCK_K):
             js = j0 + tl.arange(0, BLOCK_K).to(tl.int64)
             j_mask = js < K
@@ -259,8 +268,8 @@ def rowmat_kernel(
             # gt[j, n] = G[n, j]
             g1, g2, g3 = load_g_tile(g_cols + js[:, None] * stride_gc,
                                      j_mask[:, None] & c_mask[None, :], piece, MODE)
-            acc_lt = dot_g_tile(x, g1, g2, g3, acc_lt, MODE, UPCAST)
-        acc = acc_lt  # the inner tiles count in full Q as well
+            l1, l2, l3 = dot_g_tile(x, g1, g2, g3, l1, l2, l3, MODE, UPCAST)
+        a1, a2, a3 = l1, l2, l3  # the inner tiles count in full Q as well
         for j0 in range(lo, hi, BLOCK_K):
             js = j0 + tl.arange(0, BLOCK_K).to(tl.int64)
             j_mask = js < K
@@ -268,10 +277,10 @@ def rowmat_kernel(
                         other=0.0)
             g1, g2, g3 = load_g_tile(g_cols + js[:, None] * stride_gc,
                                      j_mask[:, None] & c_mask[None, :], piece, MODE)
-            acc = dot_g_tile(x, g1, g2, g3, acc, MODE, UPCAST)
+            a1, a2, a3 = dot_g_tile(x, g1, g2, g3, a1, a2, a3, MODE, UPCAST)
             lt = js[:, None] <= cols[None, :]
-            acc_lt = dot_g_tile(x, tl.where(lt, g1, 0.0), tl.where(lt, g2, 0.0),
-                                tl.where(lt, g3, 0.0), acc_lt, MODE, UPCAST)
+            l1, l2, l3 = dot_g_tile(x, tl.where(lt, g1, 0.0), tl.where(lt, g2, 0.0),
+                                    tl.where(lt, g3, 0.0), l1, l2, l3, MODE, UPCAST)
         for j0 in range(hi, K, BLOCK_K):
             js = j0 + tl.arange(0, BLOCK_K).to(tl.int64)
             j_mask = js < K
@@ -279,9 +288,13 @@ def rowmat_kernel(
                         other=0.0)
             g1, g2, g3 = load_g_tile(g_cols + js[:, None] * stride_gc,
                                      j_mask[:, None] & c_mask[None, :], piece, MODE)
-            acc = dot_g_tile(x, g1, g2, g3, acc, MODE, UPCAST)
+            a1, a2, a3 = dot_g_tile(x, g1, g2, g3, a1, a2, a3, MODE, UPCAST)
+        acc = sum_pieces(a1, a2, a3, MODE)
+        acc_lt = sum_pieces(l1, l2, l3, MODE)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        a1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        a2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        a3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for j0 in range(0, K, BLOCK_K):
             js = j0 + tl.arange(0, BLOCK_K).to(tl.int64)
             j_mask = js < K
@@ -289,7 +302,8 @@ def rowmat_kernel(
                         other=0.0)
             g1, g2, g3 = load_g_tile(g_cols + js[:, None] * stride_gc,
                                      j_mask[:, None] & c_mask[None, :], piece, MODE)
-            acc = dot_g_tile(x, g1, g2, g3, acc, MODE, UPCAST)
+            a1, a2, a3 = dot_g_tile(x, g1, g2, g3, a1, a2, a3, MODE, UPCAST)
+        acc = sum_pieces(a1, a2, a3, MODE)
     tile_mask = r_mask[:, None] & c_mask[None, :]
     xn = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xk,
                  mask=tile_mask, other=0.0).to(tl.float32)

@@ -89,7 +89,7 @@ def is_fp32(dtype: torch.dtype) -> bool:
 
 
 def rhs_f32_mode(dtype: torch.dtype) -> int:
-    """MODE of ``minc_kernels.kernels.gram.dot_rhs_f32`` for a storage dtype times a fp32 matrix:
+    """MODE of ``minc_kernels.kernels.gram.dot_g_tile`` for a storage dtype times a fp32 matrix:
     0 fp32 (``ieee``), 1 bf16 (three bf16 dots), 2 fp16 (two TF32 dots)."""
     if dtype == torch.float32:
         return 0
