@@ -324,4 +324,6 @@ def test_rowmat_with_g_split_beforehand_gives_the_same_bits(monkeypatch, b, k):
 def test_rowmat_splits_g_beforehand_only_for_large_bf16_calls():
     from minc_kernels.ops import configs
     assert configs.rowmat_presplit(4096, 4096) and configs.rowmat_presplit(2048, 256)
-    assert not configs.rowmat_presplit(1024, 8192) and not configs.rowmat_presplit(8192, 128)
+    assert not configs.rowmat_presplit(1024, 4096) and not configs.rowmat_presplit(8192, 128)
+    # the pieces (6k² bytes) stay within ROWMAT_PRESPLIT_MAX_BYTES: not at k = 8192 (384 MiB)
+    assert not configs.rowmat_presplit(8192, 8192)

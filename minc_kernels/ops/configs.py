@@ -120,16 +120,20 @@ def rowmat_config(k: int, dtype: torch.dtype = torch.float32, gha: bool = False,
 # MODE 3), from this many rows and columns.  The pass moves 10 bytes per element of G; the
 # product does 6·B flops per element, so the pass costs about 330/B of the product's time
 # (H100 bf16: 600 TFLOP/s against 3 TB/s): 16 % at B = 2048.  Smaller calls are bound by
-# launches, and the pass is one more.  A guess until a GPU measures both (issue 21):
+# launches, and the pass is one more.  The pieces take 6k² bytes beside G while the product
+# runs (384 MiB at k = 8192): above ROWMAT_PRESPLIT_MAX_BYTES the loop forms them (MODE 1)
+# rather than add that much memory.  A guess until a GPU measures both (issue 21):
 # MINC_KERNELS_ROWMAT_SPLIT=always|never overrides it.
 ROWMAT_PRESPLIT_MIN_ROWS = 2048
 ROWMAT_PRESPLIT_MIN_COLS = 256
+ROWMAT_PRESPLIT_MAX_BYTES = 128 << 20  # k up to 4729
 SPLIT_BLOCK = 1024  # elements per program of split_bf16x3_kernel
 
 
 def rowmat_presplit(b: int, k: int) -> bool:
     """Whether a bf16 ``rowmat`` of (b, k) rows splits its fp32 ``G`` beforehand."""
-    return b >= ROWMAT_PRESPLIT_MIN_ROWS and k >= ROWMAT_PRESPLIT_MIN_COLS
+    return (b >= ROWMAT_PRESPLIT_MIN_ROWS and k >= ROWMAT_PRESPLIT_MIN_COLS
+            and 6 * k * k <= ROWMAT_PRESPLIT_MAX_BYTES)
 
 
 def gram_config(k: int, dtype: torch.dtype, for_device: bool = False) -> KernelConfig:
