@@ -108,7 +108,7 @@ def dot_g_tile(x, g1, g2, g3, a1, a2, a3, MODE: tl.constexpr, UPCAST: tl.constex
     elif MODE == 2:
         xf = x.to(tl.float32)
         # truncate to the 10 explicit mantissa bits TF32 keeps: exact in TF32 whatever
-        # the hardware's rounding, and m - hi is exact in fp32.
+        # the hardware's rounding, and g1 - hi is exact in fp32.
         hi = (g1.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
         a1 = tl.dot(xf, hi, a1, input_precision="tf32")
         a2 = tl.dot(xf, g1 - hi, a2, input_precision="tf32")
