@@ -102,10 +102,7 @@ def register_grad_in_forward(op, need_grad_index: int, what: str,
 
     name = getattr(op, "_name", "op").split("::")[-1]
     Eager.__name__ = Eager.__qualname__ = f"{name}_eager"
-    apply = Eager.apply
-    is_compiling = torch.compiler.is_compiling
-
-    call = eager_or_op(op, apply)
+    call = eager_or_op(op, Eager.apply)
     call.function = Eager
     return call
 

@@ -34,8 +34,9 @@ from . import configs, tables
 from ._common import (DEVICE_BW, cdiv, device_guard, interpreting, is_fp32, num_sms,
                       next_pow2, rhs_f32_mode, upcast_bf16_dot)
 
-__all__ = ["rowmat", "rowmat_pair", "gram", "gram_pair", "gram_dot", "cross_gram", "col_stats", "col_stats_backward",
-           "col_terms", "gram_backend", "GRAM_BACKENDS", "GRAM_IMPLS"]
+__all__ = ["rowmat", "rowmat_pair", "gram", "gram_pair", "gram_dot", "cross_gram", "col_stats",
+           "col_stats_backward", "col_terms", "gram_backend", "split_bf16x3", "GRAM_BACKENDS",
+           "GRAM_IMPLS"]
 
 GRAM_BACKENDS = ("auto", "triton", "cublas")
 GRAM_ENV = "MINC_KERNELS_GRAM"
