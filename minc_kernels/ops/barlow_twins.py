@@ -46,6 +46,7 @@ from __future__ import annotations
 import torch
 
 from ..losses.barlow_twins import BN_EPS
+from ._common import flat_sq
 from ._grad_in_forward import register_grad_in_forward
 from .gram import (col_stats, col_stats_backward, col_terms, cross_gram, gram, gram_dot, gram_pair,
                    rowmat, rowmat_pair)
@@ -72,12 +73,6 @@ def choose_algorithm(n: int, k: int, dtype: torch.dtype, need_grad: bool,
     return "pairwise" if by_rows < by_cols else "gram"
 
 
-def _flat_sq(t: torch.Tensor) -> torch.Tensor:
-    """``Σ t²`` of a contiguous fp32 matrix without a temporary of its size."""
-    v = t.reshape(-1)
-    return torch.dot(v, v)
-
-
 def barlow_twins_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float,
                          algorithm: str, need_grad: bool):
     """The body of :func:`barlow_twins_loss_fwd` (a plain function)."""
@@ -94,7 +89,7 @@ def barlow_twins_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: flo
         c.mul_(1.0 / n)
         # C_ii read from C itself (the Frobenius norm below includes the same values)
         coef, base = col_terms(stats, n, False, lam=lam, diag=torch.diagonal(c))
-        loss = torch.add(base, _flat_sq(c), alpha=lam)
+        loss = torch.add(base, flat_sq(c), alpha=lam)
         if need_grad:
             gam = c.mul_(2.0 * lam)  # Γ = ∂L/∂C, in place: off-diagonal 2λC_ij ...
             torch.diagonal(gam).copy_(coef[1])  # ... diagonal -2(1 - C_ii)

@@ -38,16 +38,12 @@ from __future__ import annotations
 
 import torch
 
+from ._common import flat_sq
 from ._grad_in_forward import register_grad_in_forward
 from .gram import col_stats, col_stats_backward, col_terms, gram, gram_pair, rowmat, rowmat_pair
 from .barlow_twins import choose_algorithm
 
 __all__ = ["vicreg_loss", "vicreg_loss_fwd", "vicreg_forward"]
-
-
-def _flat_sq(t: torch.Tensor) -> torch.Tensor:
-    v = t.reshape(-1)
-    return torch.dot(v, v)
 
 
 # Both views' k×k (or N×N) matrices in one launch only while they are small: a pair keeps
@@ -70,7 +66,7 @@ def _cov_views(xcs: list[torch.Tensor], coefs: list[torch.Tensor], alpha: float,
     pair = len(xcs) == 2
     if algorithm == "gram":
         gs = gram_pair(*xcs) if pair else [gram(xcs[0])]
-        offs = [_flat_sq(g) - torch.diagonal(g).pow(2).sum() for g in gs]
+        offs = [flat_sq(g) - torch.diagonal(g).pow(2).sum() for g in gs]
         if not need_grad:
             return [(off, None) for off in offs]
         for g, coef in zip(gs, coefs):
@@ -83,7 +79,7 @@ def _cov_views(xcs: list[torch.Tensor], coefs: list[torch.Tensor], alpha: float,
     xts = [xc.T for xc in xcs]  # contiguous (k, N)
     hhs = gram_pair(*xts) if pair else [gram(xts[0])]  # Z_c Z_cᵀ (N×N)
     if not need_grad:
-        return [(_flat_sq(hh), None) for hh in hhs]
+        return [(flat_sq(hh), None) for hh in hhs]
     # written through a transposed view: the gradient comes out contiguous (N, k), what the
     # in-place Jacobian pass needs
     grads = [torch.empty(xc.shape, dtype=torch.float32, device=xc.device) for xc in xcs]
