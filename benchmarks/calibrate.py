@@ -10,7 +10,8 @@ formula predicts.  Decisions, in order of value (a time budget cuts the last):
 * ``gram.rowmat``, ``gram.gram``, ``gram.cross_gram``, ``gram.gram_dot``: the Gram layer's
   Triton kernels against its cuBLAS form (``MINC_KERNELS_GRAM``), launcher by launcher,
   X of shape (rows, cols);
-* ``spectral``, ``barlow_twins``, ``vicreg``: the ``"pairwise"`` or ``"gram"`` evaluation,
+* ``spectral``, ``barlow_twins``, ``vicreg``: the ``"pairwise"`` or ``"gram"`` evaluation
+  (spectral: also ``"matrix"``),
   (rows, cols) = (batch, features), with gradients, then (``--nograd``) without.  These
   are measured with the Gram-layer decisions of this run already in force (the table is
   rewritten after each decision and read through ``MINC_KERNELS_TABLE``).
@@ -151,7 +152,12 @@ def _with_env(env: dict, call):
 
 
 def candidates_of(decision: str) -> tuple[str, ...]:
-    return ("triton", "cublas") if decision.startswith("gram.") else ("pairwise", "gram")
+    if decision.startswith("gram."):
+        return ("triton", "cublas")
+    if decision == "spectral":
+        from minc_kernels.ops.spectral import ALGORITHMS
+        return ALGORITHMS  # pairwise, matrix, gram
+    return ("pairwise", "gram")
 
 
 def decision_name(decision: str, dtype, need_grad: bool) -> str:
@@ -208,8 +214,8 @@ def markdown(family: str, prov: dict, decisions: dict, notes: dict, failures: li
              f"- device: {prov.get('device')} (capability {prov.get('capability')}); torch "
              f"{prov.get('torch')}, triton {prov.get('triton')}, CUDA {prov.get('cuda')}",
              f"- commit {prov.get('git_commit')}, {prov.get('date_utc')}; `{prov.get('command')}`",
-             "- each cell: the faster candidate, its margin (slower / faster median time) and "
-             "the faster time; **bold** where `auto` chose otherwise before this table "
+             "- each cell: the fastest candidate, its margin (the runner-up's / its median "
+             "time) and its time; **bold** where `auto` chose otherwise before this table "
              "(the cost model, or Triton for the Gram layer); `-` not measured", ""]
     for name, grid in decisions.items():
         cands = list(grid["ms"])
@@ -224,9 +230,8 @@ def markdown(family: str, prov: dict, decisions: dict, notes: dict, failures: li
                 if any(v is None for v in times.values()):
                     cells.append("-")
                     continue
-                win = min(times, key=times.get)
-                lose = max(times, key=times.get)
-                margin = times[lose] / times[win]
+                win, runner_up = sorted(times, key=times.get)[:2]
+                margin = times[runner_up] / times[win]
                 base = notes.get(name, {}).get((r, c))
                 total += 1
                 text = f"{win} {margin:.2f}× ({times[win]:.3g} ms)"

@@ -12,7 +12,8 @@ Providers of a loss (one entry each in the results):
 * ``eager`` -- the loss's ``step`` with ``backend="reference"``.  A loss whose registry
   ``variants`` are exact alternative algorithms (keyword ``algorithm`` alone: the spectral
   loss's ``pairwise``, which materialises the B×B matrix ``Z1 Z2ᵀ``, and ``gram``, the k×k
-  feature Grams) gets one eager entry per algorithm (``eager-pairwise``, ``eager-gram``):
+  feature Grams; ``matrix`` is ``pairwise`` in eager PyTorch, the registry's
+  ``eager_alias``) gets one eager entry per algorithm (``eager-pairwise``, ``eager-gram``):
   which one is faster depends on B vs k, so the speed-up of the other providers is taken
   against the *faster of the two* (the strictest eager baseline).  Other variants (MINC's
   ``gha`` changes the gradient) are not baselines.
@@ -167,7 +168,8 @@ def provider_entries(loss: str, providers: tuple[str, ...]) -> list[ProviderEntr
     out = []
     for prov in providers:
         if prov == "eager" and algos:
-            out += [ProviderEntry(f"eager-{a}", "eager", a) for a in algos]
+            out += [ProviderEntry(f"eager-{a}", "eager", a) for a in algos
+                    if a not in spec(loss).eager_alias]
         elif prov == "eager":
             out.append(ProviderEntry("eager", "eager", None))
         else:

@@ -64,7 +64,8 @@ def loss_flops(loss: str, algorithm: str | None, b: int, k: int, mode: str,
 
     Gradient formed in backward (eager, torch.compile):
 
-    * spectral, pairwise: fwd ``2B²k`` (``S = Z1 Z2ᵀ``), bwd ``4B²k`` (``G Z2``, ``Gᵀ Z1``);
+    * spectral, pairwise and matrix: fwd ``2B²k`` (``S = Z1 Z2ᵀ``), bwd ``4B²k`` (``G Z2``,
+      ``Gᵀ Z1``; the pairwise kernel's recomputed ``S`` tiles are not useful work);
     * spectral, gram: fwd ``4Bk²`` (``Z1ᵀZ1``, ``Z2ᵀZ2``), bwd ``4Bk²`` (``Z1 G2``, ``Z2 G1``);
     * spectral, auto (compile, minc_kernels): the cheaper of the two for the mode;
     * minc: fwd ``4Bk²`` (moment ``TᵀT`` and ``P M``), bwd ``2Bk²`` (``(G∘P) Mᵀ``);
@@ -83,7 +84,7 @@ def loss_flops(loss: str, algorithm: str | None, b: int, k: int, mode: str,
     if loss == "spectral":
         pairwise = fwd * 2.0 * b * b * k + bwd * 4.0 * b * b * k
         gram = fwd * 4.0 * b * k * k + bwd * 4.0 * b * k * k
-        if algorithm == "pairwise":
+        if algorithm in ("pairwise", "matrix"):  # the same products (S written or not)
             return pairwise
         if algorithm == "gram":
             return gram

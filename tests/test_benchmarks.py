@@ -189,7 +189,8 @@ def test_losses_and_providers_come_from_the_registry():
         assert [i for i, x in enumerate(inputs.args) if x.requires_grad] == list(s.grad_args)
         assert cases.OP_NAME[name] == s.op
         labels = [e.label for e in cases.provider_entries(name, cases.PROVIDERS)]
-        algos = [v for v, kw in s.variants.items() if set(kw) == {"algorithm"}]
+        algos = [v for v, kw in s.variants.items()
+                 if set(kw) == {"algorithm"} and v not in s.eager_alias]
         assert labels == ([f"eager-{a}" for a in algos] or ["eager"]) + ["compile",
                                                                          "minc_kernels"]
         # eager = the registry's step on the reference backend, equal to its reference
@@ -201,7 +202,10 @@ def test_losses_and_providers_come_from_the_registry():
         if name not in ("spectral",):  # spectral's registry pair is one algorithm's
             assert cases.loss_flops(name, None, 64, 32, "fwd") == fwd
             assert cases.loss_flops(name, None, 64, 32, "bwd") == bwd
-    assert cases.algorithms("spectral") == ["pairwise", "gram"]
+    assert cases.algorithms("spectral") == ["pairwise", "matrix", "gram"]
+    # one eager baseline per distinct eager evaluation: "matrix" is eager "pairwise"
+    assert [e.label for e in cases.provider_entries("spectral", ("eager",))] == [
+        "eager-pairwise", "eager-gram"]
     assert cases.algorithms("minc") == []  # gha changes the gradient: not a baseline
     with pytest.raises(ValueError, match="registry"):
         cases.make_inputs("nope", 8, 4, torch.float32, torch.device("cpu"))

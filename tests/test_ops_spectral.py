@@ -65,7 +65,7 @@ def _errors(got, want):
 
 
 @pytest.mark.parametrize("b,k", [(2, 5), (7, 33), (37, 5)])
-@pytest.mark.parametrize("algorithm", ["pairwise", "gram", "auto"])
+@pytest.mark.parametrize("algorithm", ["pairwise", "matrix", "gram", "auto"])
 @pytest.mark.parametrize("clip", [True, False])
 def test_fp32_matches_float64_oracle(kernel_device, b, k, algorithm, clip):
     z1, z2 = _inputs(b, k, torch.float32, kernel_device)
@@ -96,7 +96,7 @@ def test_output_is_fp32_scalar(kernel_device):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("algorithm", ["pairwise", "gram"])
+@pytest.mark.parametrize("algorithm", ["pairwise", "matrix", "gram"])
 @pytest.mark.parametrize("b,k", [(7, 33), (37, 5)])
 def test_half_error_within_3x_of_eager(kernel_device, dtype, algorithm, b, k):
     z1, z2 = _inputs(b, k, dtype, kernel_device, seed=1)
@@ -111,7 +111,7 @@ def test_half_error_within_3x_of_eager(kernel_device, dtype, algorithm, b, k):
         assert err <= 3 * err_eager + floor, (name, err, err_eager, floor)
 
 
-@pytest.mark.parametrize("algorithm", ["pairwise", "gram"])
+@pytest.mark.parametrize("algorithm", ["pairwise", "matrix", "gram"])
 @pytest.mark.parametrize("clip", [True, False])
 @pytest.mark.parametrize("layout", ["mixed", "alike"])
 def test_noncontiguous_inputs(kernel_device, algorithm, clip, layout):
@@ -139,6 +139,38 @@ def test_pairwise_fwd_bwd_launches(clip):
     if clip:
         want["clip_rows_backward_kernel"] = 1
     assert dict(stub.counts) == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matrix_path_launches_and_modes(dtype, monkeypatch):
+    """The matrix path writes S once (one cross_gram launch) and takes both gradients from
+    it by two rowmat launches (S and Sᵀ are two layouts), with no pairwise launch; half
+    inputs multiply S rounded to their dtype (MODE 4: one dot per tile), fp32 strict fp32
+    (MODE 0); the gradients come out contiguous (B, k)."""
+    from benchmarks.cpu_host_overhead import LaunchStub
+    from minc_kernels.kernels.gram import rowmat_kernel
+    z1, z2 = _inputs(37, 53, dtype, "cpu", seed=14)
+    with LaunchStub() as stub:
+        ops.spectral_loss(z1, z2, MU, True, "matrix").backward()
+    assert dict(stub.counts) == {"clip_rows_dot_kernel": 1, "cross_gram_kernel": 1,
+                                 "rowmat_kernel": 2, "clip_rows_backward_kernel": 1}
+    seen = []
+    real = rowmat_kernel.run
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["MODE"], args[1].dtype))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rowmat_kernel, "run", spy)
+    loss, g1, g2 = ops.spectral_loss_fwd(z1.detach(), z2.detach(), MU, True, "matrix", True)
+    want_mode = 0 if dtype == torch.float32 else 4
+    assert seen == [(want_mode, dtype)] * 2
+    assert g1.is_contiguous() and g2.is_contiguous() and g1.shape == z1.shape
+    # without a gradient "matrix" is the pairwise pass (S is never needed whole)
+    with LaunchStub() as stub:
+        with torch.no_grad():
+            ops.spectral_loss(z1, z2, MU, True, "matrix")
+    assert dict(stub.counts) == {"clip_rows_dot_kernel": 1, "pairwise_offdiag_kernel": 1}
 
 
 @pytest.mark.parametrize("tiles", [(16, 32, 16, 32), (32, 16, 32, 16)])
@@ -194,9 +226,10 @@ def test_cost_model_counts_idle_sms():
     assert ops._fill(132) == 1.0 and ops._fill(133) == pytest.approx(133 / 264)
 
 
-def test_pairwise_and_gram_agree(kernel_device):
+@pytest.mark.parametrize("algorithm", ["pairwise", "matrix"])
+def test_algorithms_agree_with_gram(kernel_device, algorithm):
     z1, z2 = _inputs(37, 33, torch.float32, kernel_device, seed=3)
-    a = _run(_kernel(1.0, False, "pairwise"), z1, z2, 1.0)
+    a = _run(_kernel(1.0, False, algorithm), z1, z2, 1.0)
     b = _run(_kernel(1.0, False, "gram"), z1, z2, 1.0)
     for x, y in zip(a, b):
         assert float((x - y).abs().max()) <= 1e-6 * float(y.abs().max())
@@ -205,14 +238,14 @@ def test_pairwise_and_gram_agree(kernel_device):
 def test_k_one_and_b_two(kernel_device):
     for b, k in [(2, 1), (3, 1)]:
         z1, z2 = _inputs(b, k, torch.float32, kernel_device, seed=4)
-        for algorithm in ("pairwise", "gram"):
+        for algorithm in ("pairwise", "matrix", "gram"):
             got = _run(_kernel(MU, True, algorithm), z1, z2, 1.3)
             want = _oracle(z1, z2, MU, True, 1.3)
             for a, w in zip(got, want):
                 assert float((a - w).abs().max()) <= 2e-6 * float(w.abs().max()) + 1e-7
 
 
-@pytest.mark.parametrize("algorithm", ["pairwise", "gram"])
+@pytest.mark.parametrize("algorithm", ["pairwise", "matrix", "gram"])
 def test_deterministic_bits(kernel_device, algorithm):
     z1, z2 = _inputs(37, 33, torch.float32, kernel_device, seed=5)
     a = _run(_kernel(MU, True, algorithm), z1, z2, 1.0)
@@ -224,7 +257,7 @@ def test_deterministic_bits(kernel_device, algorithm):
 @pytest.mark.parametrize("b,k", [(7, 33), (37, 5)])
 def test_forward_only_skips_gradient_and_matches(kernel_device, b, k):
     z1, z2 = _inputs(b, k, torch.float32, kernel_device, seed=6)
-    for algorithm in ("pairwise", "gram"):
+    for algorithm in ("pairwise", "matrix", "gram"):
         loss, g1, g2 = ops.spectral_loss_fwd(z1.detach(), z2.detach(), MU, True, algorithm, False)
         assert g1.numel() == 0 and g2.numel() == 0
         with torch.no_grad():
@@ -244,10 +277,20 @@ def test_backward_without_saved_gradient_raises(kernel_device):
 def test_cost_model_picks_by_shape():
     for dtype in (torch.float32, torch.bfloat16):
         for need_grad in (False, True):
-            assert ops.choose_algorithm(64, 8192, dtype, need_grad) == "pairwise"
+            # B << k: S's tiles; with a gradient S written once (the pairwise kernel would
+            # recompute each tile once per 64 gradient columns: the H200 run of 15384f2
+            # measured its fwd+bwd at 3.75 ms at B = 256, k = 8192, bf16)
+            want = "matrix" if need_grad else "pairwise"
+            assert ops.choose_algorithm(256, 8192, dtype, need_grad) == want
+            assert ops.choose_algorithm(64, 8192, dtype, need_grad) != "gram"
             assert ops.choose_algorithm(8192, 64, dtype, need_grad) == "gram"
+        # the pairwise kernel where its gradient needs no recomputation (k <= BLOCK_C)
+        assert ops.choose_algorithm(1024, 16, dtype, True) in ("pairwise", "gram")
     est = ops.estimate_seconds(1024, 1024, torch.bfloat16, True)
-    assert set(est) == {"pairwise", "gram"} and all(v > 0 for v in est.values())
+    assert set(est) == set(ops.ALGORITHMS) and all(v > 0 for v in est.values())
+    # without a gradient "matrix" runs the pairwise pass: the same estimate
+    est = ops.estimate_seconds(256, 4096, torch.bfloat16, False)
+    assert est["matrix"] == est["pairwise"]
 
 
 def test_auto_runs_the_cost_model_choice(kernel_device):
@@ -266,7 +309,7 @@ def test_functional_triton_backend(kernel_device):
     assert abs(float(got.detach()) - float(want)) <= 2e-6 * abs(float(want))
 
 
-@pytest.mark.parametrize("algorithm", ["pairwise", "gram"])
+@pytest.mark.parametrize("algorithm", ["pairwise", "matrix", "gram"])
 def test_opcheck(kernel_device, algorithm):
     z1, z2 = _inputs(7, 5, torch.float32, kernel_device, seed=9)
     torch.library.opcheck(ops.spectral_loss_fwd, (z1, z2, MU, True, algorithm, True))
@@ -302,7 +345,7 @@ def test_import_without_triton_raises_importerror():
 @pytest.mark.gpu
 @pytest.mark.parametrize("b,k", [(1024, 256), (256, 2048), (4099, 130)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("algorithm", ["pairwise", "gram", "auto"])
+@pytest.mark.parametrize("algorithm", ["pairwise", "matrix", "gram", "auto"])
 def test_gpu_large_shapes(b, k, dtype, algorithm):
     z1, z2 = _inputs(b, k, dtype, torch.device("cuda"), seed=11)
     g = 0.8

@@ -140,17 +140,20 @@ def _algorithm_grid(winner):
     fast = [[1.0, 1.0], [1.0, 1.0]]
     slow = [[3.0, 3.0], [3.0, 3.0]]
     return _grid(rows, cols, pairwise=fast if winner == "pairwise" else slow,
+                 matrix=fast if winner == "matrix" else slow,
                  gram=fast if winner == "gram" else slow)
 
 
 @kernels
-@pytest.mark.parametrize("winner", ["pairwise", "gram"])
+@pytest.mark.parametrize("winner", ["pairwise", "matrix", "gram"])
 def test_spectral_auto_runs_the_tables_choice(cpu_is_sm90, monkeypatch, winner):
     from minc_kernels.ops import spectral as S
     cpu_is_sm90({"spectral/fp32/grad": _algorithm_grid(winner)})
     calls = []
-    real_pairwise, real_gram, real_pair = S._pairwise, S.gram, S.gram_pair
+    real_pairwise, real_matrix = S._pairwise, S._matrix
+    real_gram, real_pair = S.gram, S.gram_pair
     monkeypatch.setattr(S, "_pairwise", lambda *a: calls.append("pairwise") or real_pairwise(*a))
+    monkeypatch.setattr(S, "_matrix", lambda *a: calls.append("matrix") or real_matrix(*a))
     monkeypatch.setattr(S, "gram", lambda *a: calls.append("gram") or real_gram(*a))
     monkeypatch.setattr(S, "gram_pair", lambda *a: calls.append("gram") or real_pair(*a))
     z1, z2 = torch.randn(12, 16), torch.randn(12, 16)
@@ -242,14 +245,15 @@ def test_calibrate_dry_run_writes_a_table_the_loader_uses(tmp_path, monkeypatch)
     for grid in table.decisions.values():
         assert all(v is not None and v > 0 for m in grid.ms.values() for row in m for v in row)
     md = (out / "calibration.md").read_text()
-    assert "## `spectral/fp32/grad`: pairwise vs gram" in md
+    assert "## `spectral/fp32/grad`: pairwise vs matrix vs gram" in md
     assert "measured shapes differ" in md
     monkeypatch.setattr(T, "family", lambda d: "interpret")
     monkeypatch.setenv(T.TABLE_ENV, str(out / "table.json"))
     T.clear_cache()
     g = table.decisions["spectral/fp32/grad"]
-    want = min(("pairwise", "gram"), key=lambda c: g.ms[c][0][0])
-    assert T.choose("spectral/fp32/grad", torch.device("cpu"), 8, 8, ("pairwise", "gram")) == want
+    algos = ("pairwise", "matrix", "gram")
+    want = min(algos, key=lambda c: g.ms[c][0][0])
+    assert T.choose("spectral/fp32/grad", torch.device("cpu"), 8, 8, algos) == want
 
 
 def test_calibrate_refuses_bad_arguments(capsys):

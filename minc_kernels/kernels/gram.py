@@ -27,7 +27,10 @@ Precision (``tl.dot`` input precision per input dtype; accumulation is always fp
   (:func:`split_bf16x3_kernel`, a (3, K, K) buffer): the same pieces and the same dots in
   the same order as 1, so the same bits, but the pieces are loaded like ``X`` (async copies
   into shared memory, then wgmma) instead of being formed from fp32 tiles in registers by
-  every program, in every iteration of its loop.
+  every program, in every iteration of its loop;
+  4 = half ``X`` and a ``G`` the caller already rounded to that half dtype: one native dot
+  (the spectral loss's B×B path, whose ``offdiag(S)`` is rounded as eager autograd and the
+  pairwise kernel round it).
   Each piece's products go to an accumulator of their own, added smallest first after the
   loop (:func:`dot_g_tile`).  Rounding ``G`` to the half dtype instead would lose the fp32
   moment's precision (and can overflow fp16).  The CPU interpreter computes every dot in
@@ -98,13 +101,16 @@ def load_g_tile(ptrs, mask, piece, MODE: tl.constexpr):
 def dot_g_tile(x, g1, g2, g3, a1, a2, a3, MODE: tl.constexpr, UPCAST: tl.constexpr):
     """``x @ G`` for a tile from :func:`load_g_tile`, one accumulator per piece of ``G``:
     ``(a1, a2, a3)`` gain the hi, mid and lo products (MODES 1 and 3), the hi and lo TF32
-    products (MODE 2, ``a3`` unused), or the strict fp32 product (MODE 0, ``a1`` only).
+    products (MODE 2, ``a3`` unused), the strict fp32 product (MODE 0, ``a1`` only) or the
+    native half product of a half ``G`` (MODE 4, ``a1`` only).
     :func:`sum_pieces` adds them at the end.  Separate accumulators, not one chain: two or
     more dots into one accumulator in a loop body made Triton (3.8, sm_90) round-trip the
     accumulator through shared memory every iteration (12 shared stores and loads, 17
     barriers per iteration in a 64×64×32 bf16 tile loop; three accumulators: none, 2)."""
     if MODE == 0:
         a1 = tl.dot(x, g1, a1, input_precision="ieee")
+    elif MODE == 4:
+        a1 = dot_same(x, g1, a1, False, UPCAST)
     elif MODE == 2:
         xf = x.to(tl.float32)
         # truncate to the 10 explicit mantissa bits TF32 keeps: exact in TF32 whatever
@@ -126,7 +132,7 @@ def dot_g_tile(x, g1, g2, g3, a1, a2, a3, MODE: tl.constexpr, UPCAST: tl.constex
 @triton.jit
 def sum_pieces(a1, a2, a3, MODE: tl.constexpr):
     """The product from :func:`dot_g_tile`'s accumulators, smallest pieces first."""
-    if MODE == 0:
+    if MODE == 0 or MODE == 4:
         q = a1
     elif MODE == 2:
         q = a1 + a2
@@ -226,8 +232,9 @@ def rowmat_kernel(
     ``NEED_GRAD`` ``out = α·Q' + (β + γ·d_i)·y`` (fp32) where ``Q' = Q``, or with ``GHA``
     ``Q' = X LT(G)ᵀ`` (row ``i`` is ``LT(G) x_i``, lower triangle incl. the diagonal).  The
     loss partial always uses the full ``G``.  Under ``GHA`` only the reduction tiles that
-    straddle the diagonal need a second (masked) dot.  ``G``: fp32 (K, K) of any strides, or
-    with ``MODE = 3`` its three bf16 pieces, (3, K, K) contiguous (strides K, 1).
+    straddle the diagonal need a second (masked) dot.  ``G``: fp32 (K, K) of any strides,
+    with ``MODE = 3`` its three bf16 pieces, (3, K, K) (pieces K² elements apart), with
+    ``MODE = 4`` (K, K) in ``X``'s half dtype, any strides.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)

@@ -33,6 +33,9 @@ class LossSpec:
         cpu_fallback: what ``backend="auto"`` runs where the kernels do not (``info``).
         matmul_flops: ``(b, k) -> (fwd, bwd)`` useful matmul flops of one call (elementwise
             work not counted), for achieved TFLOP/s in the benchmarks.
+        eager_alias: variants whose eager (reference) evaluation is another variant's
+            (spectral ``"matrix"`` is ``"pairwise"`` in eager PyTorch): the benchmarks time
+            one eager baseline for both.
     """
 
     name: str
@@ -47,6 +50,7 @@ class LossSpec:
     cpu_fallback: str = "reference"
     module_kwargs: Callable[[int], dict] = field(default=lambda k: {})
     variants: dict = field(default_factory=dict)
+    eager_alias: dict = field(default_factory=dict)
 
 
 class CheckedHyperParams:

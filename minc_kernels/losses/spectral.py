@@ -15,7 +15,7 @@ __all__ = ["SpectralContrastiveLoss", "spectral_contrastive_loss", "spectral_los
            "spectral_pairwise_term", "spectral_gram_term", "spectral_dist_comm_choice",
            "ALGORITHMS", "DIST_COMMS", "SPEC"]
 
-ALGORITHMS = ("auto", "pairwise", "gram")
+ALGORITHMS = ("auto", "pairwise", "matrix", "gram")
 DIST_COMMS = ("auto", "gram", "gather")
 
 
@@ -40,8 +40,9 @@ def spectral_loss_reference(z1: torch.Tensor, z2: torch.Tensor, mu: float = 1.0,
 
     ``L = ( -(2/B) Σ_i z1_i·z2_i + 1/(B(B-1)) Σ_{i≠j} (z1_i·z2_j)^2 ) / mu`` after
     per-row norm clipping to ``sqrt(mu)`` (``clip=True``).
-    ``algorithm``: ``"pairwise"`` (B×B matrix), ``"gram"`` (k×k Grams) or ``"auto"``
-    (the cheaper one by flop count: B²k vs 2Bk²).
+    ``algorithm``: ``"pairwise"`` (B×B matrix; ``"matrix"`` is the same eager math: the
+    two differ only in the kernels), ``"gram"`` (k×k Grams) or ``"auto"`` (the cheaper one
+    by flop count: B²k vs 2Bk²).
     """
     b, k = z1.shape
     if clip:
@@ -51,12 +52,13 @@ def spectral_loss_reference(z1: torch.Tensor, z2: torch.Tensor, mu: float = 1.0,
         # both are exact: choose on the sizes' hints, without guarding a traced graph on them
         hb, hk = size_hint(b), size_hint(k)
         algorithm = "pairwise" if hb is not None and hk is not None and hb <= 2 * hk else "gram"
-    if algorithm == "pairwise":
+    if algorithm in ("pairwise", "matrix"):
         off = spectral_pairwise_term(z1, z2)
     elif algorithm == "gram":
         off = spectral_gram_term(z1, z2)
     else:
-        raise ValueError(f"algorithm must be 'auto', 'pairwise' or 'gram', got {algorithm!r}")
+        raise ValueError(f"algorithm must be 'auto', 'pairwise', 'matrix' or 'gram', got "
+                         f"{algorithm!r}")
     pos = (acc(z1) * acc(z2)).sum()
     return (-2.0 / b * pos + off / (b * (b - 1))) / mu
 
@@ -86,7 +88,11 @@ def spectral_contrastive_loss(
 
     ``L = ( -(2/B) Σ_i z1_i·z2_i + 1/(B(B-1)) Σ_{i≠j} (z1_i·z2_j)^2 ) / mu`` after clipping
     each row's norm to at most ``sqrt(mu)`` (``clip=True``).  ``algorithm`` picks the
-    pairwise-tile or feature-Gram evaluation (``"auto"``: a cost model); both are exact.
+    evaluation, all exact (``"auto"``: a measured table for the GPU, else a cost model):
+    ``"pairwise"`` streams tiles of ``S = Z1 Z2ᵀ`` and never stores it (O(Bk) memory; with
+    a gradient it recomputes each tile once per 64-128 gradient columns), ``"matrix"``
+    writes ``S`` (B×B fp32) once and takes the gradient from it (O(B²) memory; the choice
+    when B < k), ``"gram"`` goes through the k×k feature Grams (O(k²); when B > k).
 
     ``gather_distributed=True`` (docs/math.md §5), inside an initialised process group of
     W > 1 ranks: ``L`` of the *global* batch (B = Σ_r B_r, every cross-rank pair included),
@@ -174,7 +180,8 @@ class SpectralContrastiveLoss(CheckedHyperParams, nn.Module):
     Args:
         mu: the loss's scale; rows are clipped to norm ``sqrt(mu)`` (default 1.0).
         clip: apply the norm clipping (default True, as the authors' code).
-        algorithm: ``"auto"`` | ``"pairwise"`` | ``"gram"`` evaluation of the pairwise term.
+        algorithm: ``"auto"`` | ``"pairwise"`` | ``"matrix"`` | ``"gram"`` evaluation of the
+            pairwise term (see :func:`spectral_contrastive_loss`).
         backend: ``"auto"`` | ``"triton"`` | ``"reference"`` (default: env
             ``MINC_KERNELS_BACKEND``, read here, or ``"auto"``).
         gather_distributed: under ``torch.distributed`` with W > 1 ranks, compute the loss
@@ -242,5 +249,7 @@ SPEC = LossSpec(
     name="spectral", module=SpectralContrastiveLoss, functional=spectral_contrastive_loss,
     reference=spectral_loss_reference, step=_step, arg_names=("z1", "z2"), grad_args=(0, 1),
     op="spectral", matmul_flops=_flops,
-    variants={"pairwise": {"algorithm": "pairwise"}, "gram": {"algorithm": "gram"}},
+    variants={"pairwise": {"algorithm": "pairwise"}, "matrix": {"algorithm": "matrix"},
+              "gram": {"algorithm": "gram"}},
+    eager_alias={"matrix": "pairwise"},
 )

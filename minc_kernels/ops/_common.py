@@ -92,7 +92,8 @@ def is_fp32(dtype: torch.dtype) -> bool:
 def rhs_f32_mode(dtype: torch.dtype) -> int:
     """MODE of ``minc_kernels.kernels.gram.dot_g_tile`` for a storage dtype times a fp32 matrix:
     0 fp32 (``ieee``), 1 bf16 (three bf16 dots), 2 fp16 (two TF32 dots).  (MODE 3, bf16 on
-    pieces split beforehand, is the launcher's choice for large calls: ``ops.gram``.)"""
+    pieces split beforehand, is the launcher's choice for large calls, and MODE 4 its
+    choice for a ``G`` already in the half dtype: ``ops.gram``.)"""
     if dtype == torch.float32:
         return 0
     if dtype == torch.bfloat16:

@@ -70,7 +70,10 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _mm_rhs_f32(x: torch.Tensor, g_t: torch.Tensor) -> torch.Tensor:
     """``x @ g_t`` for storage-dtype rows ``x`` and a fp32 ``g_t``, fp32 out: bf16 rows as
     three bf16 GEMMs on the hi/mid/lo split of ``g_t`` (~24 mantissa bits, as the kernels'
-    MODE 1); fp16 and fp32 rows as one fp32 GEMM."""
+    MODE 1); fp16 and fp32 rows as one fp32 GEMM.  A ``g_t`` in ``x``'s half dtype: one
+    half GEMM (the kernels' MODE 4)."""
+    if g_t.dtype == x.dtype:
+        return _mm_f32(x, g_t)
     if x.dtype != torch.bfloat16:
         return x.float() @ g_t
     hi = g_t.to(torch.bfloat16)
@@ -104,6 +107,9 @@ def rowmat(x: torch.Tensor, g: torch.Tensor, y: torch.Tensor, d: torch.Tensor | 
            out: torch.Tensor | None = None):
     """``Q = X Gᵀ`` fused: returns ``(Σ x∘q, Σ x∘y, out)`` with ``out = α·Q' + (β + γ·d)·y``
     (fp32 (B, k), ``Q'`` = ``X LT(G)ᵀ`` with ``gha``) or ``None`` without ``need_grad``.
+
+    ``g``: fp32 (k, k), or (half ``x`` only) already rounded to ``x``'s dtype, which then
+    takes one native dot per tile instead of the fp32 split's two or three.
 
     ``out``: an fp32 (B, k) destination of any strides (e.g. the transpose of a contiguous
     (k, B) buffer, so that the N×N paths of Barlow Twins/VICReg get their gradient in the
@@ -176,7 +182,9 @@ def _rowmat_triton(views: list[tuple], alpha, beta, gamma, gha, need_grad) -> li
     b, k = x.shape
     n = len(views)
     mode = rhs_f32_mode(x.dtype)
-    if mode == 1 and _presplit(b, k):
+    if mode and g.dtype == x.dtype:
+        mode = 4  # a half G, rounded by the caller: one native dot
+    elif mode == 1 and _presplit(b, k):
         mode = 3
         views = [(vx, split_bf16x3(vg), vy, vd, vout) for vx, vg, vy, vd, vout in views]
         g = views[0][1]

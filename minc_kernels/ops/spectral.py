@@ -3,9 +3,9 @@
 Op ``minc_kernels::spectral_loss_fwd(z1, z2, mu, clip, algorithm, need_grad)
 -> (loss, grad_z1, grad_z2)``: the fp32 loss and, with ``need_grad``, the fp32 gradients
 for a unit upstream gradient (empty otherwise; non-differentiable outputs).  Backward only
-scales them.  ``algorithm`` is ``"pairwise"``, ``"gram"`` or ``"auto"``, resolved inside the
-op by :func:`choose_algorithm` (a measured table for the GPU family, else the cost model),
-so a compiled graph chooses at run time on the real sizes.
+scales them.  ``algorithm`` is ``"pairwise"``, ``"matrix"``, ``"gram"`` or ``"auto"``,
+resolved inside the op by :func:`choose_algorithm` (a measured table for the GPU family,
+else the cost model), so a compiled graph chooses at run time on the real sizes.
 
 Passes:
 
@@ -13,7 +13,16 @@ Passes:
    dtype, like the reference) and ``d_i = z1c_i·z2c_i``.
 2. pairwise: :func:`~minc_kernels.kernels.spectral.pairwise_offdiag_kernel` on
    ``(Z1c, Z2c)`` (loss partials, ``dZ1c``) and, for the gradient, in the same launch on
-   ``(Z2c, Z1c)`` (``dZ2c``), recomputing ``S`` tiles; gram: ``G1 = Z1cᵀZ1c``,
+   ``(Z2c, Z1c)`` (``dZ2c``), recomputing ``S`` tiles once per ``BLOCK_C`` columns of the
+   gradient (O(Bk) memory, but ``cdiv(k, BLOCK_C)`` times the ``2B²k`` flops of ``S``);
+   matrix (with a gradient; without one it is the pairwise pass, which then never
+   recomputes): ``S = Z1c Z2cᵀ`` written once (B×B fp32,
+   :func:`~minc_kernels.ops.gram.cross_gram` on the transposed views), its diagonal zeroed,
+   ``Σ_{i≠j} S_ij²`` from it, ``S`` rounded to the storage dtype (as the pairwise kernel
+   and eager autograd round it), and ``dZ1cᵀ = Z2cᵀ offdiag(S)ᵀ``, ``dZ2cᵀ = Z1cᵀ offdiag(S)``
+   by :func:`~minc_kernels.ops.gram.rowmat` on the transposed views, written through
+   transposed views of contiguous (B, k) gradients (O(B²) memory, ``6B²k`` flops: the
+   choice when B < k); gram: ``G1 = Z1cᵀZ1c``,
    ``G2 = Z2cᵀZ2c`` and, for the gradient, ``Z1c G2 - d∘Z2c`` / ``Z2c G1 - d∘Z1c``
    (:mod:`minc_kernels.ops.gram` launchers, both views in one launch each), whose fused
    partial ``Σ z1cᵀ G2 z1c = <G1, G2>_F`` also gives the loss.
@@ -38,14 +47,17 @@ import torch
 
 from ..kernels.spectral import clip_rows_backward_kernel, clip_rows_dot_kernel, pairwise_offdiag_kernel
 from . import configs
-from ._common import (DEVICE_BW, DEVICE_FLOPS, TARGET_PROGRAMS, TARGET_SMS, cdiv, device_guard, is_fp32,
-                      upcast_bf16_dot)
+from ._common import (DEVICE_BW, DEVICE_FLOPS, TARGET_PROGRAMS, TARGET_SMS, cdiv, device_guard,
+                      flat_sq, is_fp32, upcast_bf16_dot)
 from ._grad_in_forward import register_grad_in_forward
 from . import tables
-from .gram import gram, gram_dot, gram_pair, rowmat_pair
+from .gram import cross_gram, gram, gram_dot, gram_pair, rowmat_pair
 
 __all__ = ["spectral_loss", "spectral_loss_fwd", "spectral_forward", "choose_algorithm",
-           "estimate_seconds"]
+           "estimate_seconds", "ALGORITHMS"]
+
+#: The op's algorithms (``"auto"`` chooses among them).
+ALGORITHMS = ("pairwise", "matrix", "gram")
 
 _LAUNCH_S = 4e-6  # rough cost of one kernel launch / small torch op
 _RESIDENT_PROGRAMS = TARGET_PROGRAMS  # H100 SMs × the 2 programs per SM the tile sizes allow
@@ -74,6 +86,9 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> dic
     split partials' sums.
     Gram: two symmetric Grams (``≈Bk²`` each) and, with gradients, two ``Z G`` products
     (``2Bk²`` each, split dots), the two views of each in one launch.
+    Matrix (with gradients; without, it is the pairwise pass): ``S`` (``2B²k``, written
+    once), three passes over it (diagonal, ``Σ S²``, rounding) and two ``Zᵀ Sᵀ`` products
+    (``2B²k`` each, one native dot per tile), one launch per view.
     """
     isz = torch.empty((), dtype=dtype).element_size()
     half = not is_fp32(dtype)
@@ -117,16 +132,37 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> dic
         t_gram += launch(2 * 2.0 * b * k * k, rate_rhs,
                          2 * (4 * k * k + 2 * isz * b * k + 4 * b * k),
                          2 * (n_rm * 4 * k * k + n_rn * isz * b * k), 2 * n_rm * n_rn)
-    return {"pairwise": pairwise, "gram": t_gram}
+    return {"pairwise": pairwise, "matrix": _matrix_seconds(b, k, dtype, launch) if need_grad
+            else pairwise, "gram": t_gram}
+
+
+def _matrix_seconds(b: int, k: int, dtype: torch.dtype, launch) -> float:
+    """The matrix path with gradients (:func:`estimate_seconds`' ``launch`` prices each
+    launch): ``cross_gram`` on the transposed views (rows k, columns B) and the sum of its
+    row slices, three torch passes over ``S``, two ``rowmat`` launches (rows k, columns B)."""
+    isz = torch.empty((), dtype=dtype).element_size()
+    rate = DEVICE_FLOPS["fp32"] if is_fp32(dtype) else DEVICE_FLOPS["half"]
+    xc = configs.cross_gram_config(b, dtype, for_device=True)
+    n_t = cdiv(b, xc["BLOCK_K"])
+    split = max(1, min(cdiv(k, xc["BLOCK_B"]), cdiv(2 * TARGET_SMS, n_t * n_t)))
+    t = launch(2.0 * k * b * b, rate, 2 * isz * b * k + 4 * b * b * split,
+               2 * n_t * b * k * isz, n_t * n_t * split)
+    if split > 1:
+        t += 4 * b * b * (split + 1) / DEVICE_BW + _LAUNCH_S
+    t += 3 * (8 * b * b / DEVICE_BW + _LAUNCH_S)
+    rc = configs.rowmat_config(b, dtype, for_device=True, b=k)
+    n_m, n_n = cdiv(k, rc["BLOCK_M"]), cdiv(b, rc["BLOCK_N"])
+    return t + 2 * launch(2.0 * k * b * b, rate, isz * b * b + 2 * isz * b * k + 4 * b * k,
+                          n_m * isz * b * b + n_n * isz * b * k, n_m * n_n)
 
 
 @functools.lru_cache(maxsize=1024)
 def model_choice(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> str:
-    """``"pairwise"`` or ``"gram"``, whichever :func:`estimate_seconds` says is faster.
-    Cached: it depends only on its arguments (device tiles, not the interpreter's), and the
-    model costs tens of µs of host time per call."""
+    """The algorithm of :data:`ALGORITHMS` that :func:`estimate_seconds` says is fastest (the
+    first of equals).  Cached: it depends only on its arguments (device tiles, not the
+    interpreter's), and the model costs tens of µs of host time per call."""
     est = estimate_seconds(b, k, dtype, need_grad)
-    return "pairwise" if est["pairwise"] <= est["gram"] else "gram"
+    return min(ALGORITHMS, key=est.__getitem__)
 
 
 def choose_algorithm(b: int, k: int, dtype: torch.dtype, need_grad: bool,
@@ -136,7 +172,7 @@ def choose_algorithm(b: int, k: int, dtype: torch.dtype, need_grad: bool,
     :func:`model_choice`."""
     if device is not None:
         got = tables.choose(tables.algorithm_decision("spectral", dtype, need_grad), device,
-                            b, k, ("pairwise", "gram"))
+                            b, k, ALGORITHMS)
         if got is not None:
             return got
     return model_choice(b, k, dtype, need_grad)
@@ -182,6 +218,28 @@ def _pairwise(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float, need_
     return off, out.sum(dim=0), out2.sum(dim=0)
 
 
+def _matrix(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float):
+    """``(Σ_{i≠j} S_ij², gx, gy)`` from ``S = X Yᵀ`` written once (B×B fp32):
+    ``gx = α·offdiag(S) Y + β·Y`` and ``gy = α·offdiag(S)ᵀ X + β·X``, fp32 contiguous (B, k).
+
+    The Gram layer on the transposed views: ``S = cross_gram(Xᵀ, Yᵀ)``, and ``gxᵀ = Yᵀ S'ᵀ``
+    / ``gyᵀ = Xᵀ S'`` by ``rowmat`` with rows = features, written through transposed views
+    of the contiguous gradients.  ``S' = offdiag(S)`` is rounded to the storage dtype for
+    the products, as the pairwise kernel and eager autograd round ``S``."""
+    b, k = x.shape
+    s = cross_gram(x.T, y.T)  # (Xᵀ)ᵀ Yᵀ = X Yᵀ
+    torch.diagonal(s).zero_()
+    off = flat_sq(s)
+    if s.dtype != x.dtype:
+        s = s.to(x.dtype)  # the products then take one native dot per tile (MODE 4)
+    gx = torch.empty((b, k), dtype=torch.float32, device=x.device)
+    gy = torch.empty((b, k), dtype=torch.float32, device=x.device)
+    # two launches: S and Sᵀ are two layouts of G (rowmat_pair falls back to two calls)
+    rowmat_pair((y.T, s, y.T, None, gx.T), (x.T, s.T, x.T, None, gy.T), alpha, beta, 0.0,
+                False, True)
+    return off, gx, gy
+
+
 def _clip_rows_dot(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool):
     b, k = z1.shape
     d = torch.empty(b, dtype=torch.float32, device=z1.device)
@@ -222,14 +280,19 @@ def spectral_forward(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool, 
     b, k = z1.shape
     if algorithm == "auto":  # both exact: a speed choice on the real sizes, at run time
         algorithm = choose_algorithm(b, k, z1.dtype, need_grad, z1.device)
-    elif algorithm not in ("pairwise", "gram"):
-        raise ValueError(f"algorithm must be 'auto', 'pairwise' or 'gram', got {algorithm!r}")
+    elif algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be 'auto', 'pairwise', 'matrix' or 'gram', got "
+                         f"{algorithm!r}")
+    if algorithm == "matrix" and not need_grad:
+        algorithm = "pairwise"  # the value alone: S's tiles are reduced, never recomputed
     z1c, z2c, d, n1, n2 = _clip_rows_dot(z1, z2, mu, clip)
     inv = 1.0 / (b * (b - 1) * mu)  # weight of Σ_{i≠j} S_ij²
     pos = -2.0 / (b * mu)  # weight of Σ_i d_i
     g1 = g2 = None
     if algorithm == "pairwise":
         off, g1, g2 = _pairwise(z1c, z2c, 2.0 * inv, pos, need_grad)
+    elif algorithm == "matrix":
+        off, g1, g2 = _matrix(z1c, z2c, 2.0 * inv, pos)
     else:
         if need_grad:
             gram1, gram2 = gram_pair(z1c, z2c)  # one launch where the views share a layout
