@@ -231,6 +231,38 @@ def test_two_views_in_one_launch_give_the_bits_of_two(monkeypatch, dtype, b, k):
     assert torch.equal(got[1][2], want[2]) and got[1][2] is outs[1]
 
 
+@pytest.mark.parametrize("dtype,split,half_g", [
+    (torch.float32, "never", False), (torch.bfloat16, "never", False),
+    (torch.bfloat16, "always", False), (torch.bfloat16, "never", True),
+    (torch.float16, "never", False), (torch.float16, "never", True)])
+def test_g_and_its_transpose_pair_in_one_launch(monkeypatch, dtype, split, half_g):
+    """rowmat_pair of ``(x, G)`` and ``(x2, Gᵀ)`` (Barlow Twins' Γ and Γᵀ, the spectral
+    matrix path's S and Sᵀ): one launch with per-view strides of G, the bits of two calls;
+    split beforehand (MODE 3), G and Gᵀ share one split; a half G (MODE 4) too."""
+    from benchmarks.cpu_host_overhead import LaunchStub
+    monkeypatch.setenv(G.GRAM_ENV, "triton")
+    monkeypatch.setenv(G.ROWMAT_SPLIT_ENV, split)
+    xs, _, ds = _pair_inputs(19, 24, dtype, 5)
+    m = torch.randn(24, 24, generator=torch.Generator().manual_seed(2)).to(DEV)
+    if half_g:
+        m = m.to(dtype)
+    views = [(xs[0], m, xs[2], ds[0], None), (xs[1], m.T, xs[3], ds[1], None)]
+    with LaunchStub() as stub:
+        G.rowmat_pair(*views, 0.7, -0.3, 0.2, False, True)
+    want_counts = {"rowmat_kernel": 1}
+    if split == "always" and not half_g:
+        want_counts["split_bf16x3_kernel"] = 1
+    assert dict(stub.counts) == want_counts
+    for gha in ((False, True) if not half_g else (False,)):
+        got = G.rowmat_pair(*views, 0.7, -0.3, 0.2, gha, True)
+        for g_t, v in zip(got, views):
+            want = G.rowmat(*v[:4], 0.7, -0.3, 0.2, gha, True)
+            assert all(torch.equal(a, b) for a, b in zip(g_t, want))
+    if half_g:  # one native dot on the half G: its product, in fp32, to rounding
+        q = G.rowmat(xs[1], m.T, xs[3], None, 1.0, 0.0, 0.0, False, True)[2]
+        torch.testing.assert_close(q, xs[1].float() @ m.float(), rtol=1e-5, atol=1e-5)
+
+
 def test_pairs_under_cublas_are_two_calls(monkeypatch):
     monkeypatch.setenv(G.GRAM_ENV, "cublas")
     xs, ms, ds = _pair_inputs(12, 6, torch.float32, 0)
@@ -243,11 +275,12 @@ def test_pairs_under_cublas_are_two_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("loss,algorithm", [("spectral", "gram"), ("vicreg", "gram"),
-                                            ("vicreg", "pairwise"), ("barlow_twins", "pairwise")])
+                                            ("vicreg", "pairwise"), ("barlow_twins", "pairwise"),
+                                            ("barlow_twins", "gram")])
 def test_losses_form_both_views_grams_in_one_launch(monkeypatch, loss, algorithm):
     """fwd+bwd: one ``moment_partial_kernel`` and one ``rowmat_kernel`` launch for both views
-    (two each before); Barlow Twins' k×k path multiplies by ``Γ`` and ``Γᵀ`` (two layouts)
-    and keeps two rowmat launches."""
+    (two each before); Barlow Twins' k×k path multiplies by ``Γ`` and ``Γᵀ`` in one launch
+    too (its single Gram is a cross_gram)."""
     import minc_kernels.functional as Fn
     from benchmarks.cpu_host_overhead import LaunchStub
     monkeypatch.setenv(G.GRAM_ENV, "triton")
@@ -258,7 +291,8 @@ def test_losses_form_both_views_grams_in_one_launch(monkeypatch, loss, algorithm
             "barlow_twins": lambda: Fn.barlow_twins_loss(a, b, algorithm=algorithm, backend="triton")}[loss]
     with LaunchStub() as stub:
         call().backward()
-    assert stub.counts["moment_partial_kernel"] == 1 and stub.counts["rowmat_kernel"] == 1, \
+    grams = 0 if (loss, algorithm) == ("barlow_twins", "gram") else 1
+    assert stub.counts["moment_partial_kernel"] == grams and stub.counts["rowmat_kernel"] == 1, \
         dict(stub.counts)
 
 

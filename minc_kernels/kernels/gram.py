@@ -218,6 +218,7 @@ def rowmat_kernel(
     x2_ptr, g2_ptr, y2_ptr, d2_ptr, out2_ptr,
     B, K,
     stride_xb, stride_xk, stride_gr, stride_gc, stride_yb, stride_yk, stride_ob, stride_ok,
+    stride_g2r, stride_g2c,
     alpha, beta, gamma,
     NEED_GRAD: tl.constexpr, GHA: tl.constexpr, HAS_D: tl.constexpr, MODE: tl.constexpr,
     UPCAST: tl.constexpr, VIEWS: tl.constexpr,
@@ -225,7 +226,8 @@ def rowmat_kernel(
 ):
     """One (BLOCK_M rows) × (BLOCK_N columns) tile of ``Q = X Gᵀ``, grid (cdiv(B, BM),
     cdiv(K, BN), VIEWS).  Programs with ``pid 2 = 1`` (``VIEWS = 2``) do the same on
-    ``(x2, g2, y2, d2) -> out2`` (each of the same strides as its first-view operand) and
+    ``(x2, g2, y2, d2) -> out2`` (each of the same strides as its first-view operand, except
+    ``g2``: its own, ``stride_g2r``/``stride_g2c``, so that ``G`` and ``Gᵀ`` pair) and
     write the second half of ``part``: two products, one launch.
 
     Writes ``part[pid, 0] = Σ_tile x∘q`` and ``part[pid, 1] = Σ_tile x∘y`` (fp32), and with
@@ -246,6 +248,8 @@ def rowmat_kernel(
             d_ptr = d2_ptr
             out_ptr = out2_ptr
             part_ptr = part_ptr + tl.num_programs(0) * tl.num_programs(1) * 2
+            stride_gr = stride_g2r
+            stride_gc = stride_g2c
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     r_mask = rows < B

@@ -23,7 +23,7 @@ Passes:
    program): from these ``C_ii`` on the N×N path, from ``C``'s own diagonal on the k×k one.
 2. ``"gram"``: ``C = Ẑaᵀ Ẑb / N`` (:func:`~minc_kernels.ops.gram.cross_gram`, k×k fp32,
    written), ``‖C‖_F²``; gradient ``Γ = ∂L/∂C`` formed in place in ``C``, then
-   ``Ẑb Γᵀ / N`` and ``Ẑa Γ / N`` (:func:`~minc_kernels.ops.gram.rowmat`).
+   ``Ẑb Γᵀ / N`` and ``Ẑa Γ / N`` (:func:`~minc_kernels.ops.gram.rowmat_pair`: one launch).
    ``"pairwise"``: ``G_a = Ẑa Ẑaᵀ`` (N×N fp32, written) and, without a gradient,
    ``<G_a, Ẑb Ẑbᵀ>_F`` reduced tile by tile (:func:`~minc_kernels.ops.gram.gram_dot`: the
    second N×N Gram is never written); with a gradient ``G_b`` too, and
@@ -93,8 +93,10 @@ def barlow_twins_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: flo
         if need_grad:
             gam = c.mul_(2.0 * lam)  # Γ = ∂L/∂C, in place: off-diagonal 2λC_ij ...
             torch.diagonal(gam).copy_(coef[1])  # ... diagonal -2(1 - C_ii)
-            _, _, ga = rowmat(nb, gam, nb, None, 1.0 / n, 0.0, 0.0, False, True)
-            _, _, gb = rowmat(na, gam.T, na, None, 1.0 / n, 0.0, 0.0, False, True)
+            # Ẑb Γᵀ / N and Ẑa Γ / N: one launch (rowmat_pair takes Γ and Γᵀ together)
+            (_, _, ga), (_, _, gb) = rowmat_pair((nb, gam, nb, None, None),
+                                                 (na, gam.T, na, None, None),
+                                                 1.0 / n, 0.0, 0.0, False, True)
         c = gam = None  # free the k×k matrix (Γ is C, scaled in place) before pass 3
     else:
         # C_ii = Σ ẑa∘ẑb / N (rowmat's d) and base = Σ (1 - C_ii)² - λ Σ C_ii², one launch
@@ -182,8 +184,8 @@ def barlow_twins_cross_corr_backward(grad_c: torch.Tensor, z_a: torch.Tensor, z_
     """``dL/dz_a, dL/dz_b`` (input dtypes) from ``dL/d(Ẑaᵀ Ẑb)``: ``Ẑb Gᵀ``, ``Ẑa G``
     (:func:`rowmat`), then the standardisation's Jacobian."""
     g = grad_c.float().contiguous()
-    _, _, dna = rowmat(nb, g, nb, None, 1.0, 0.0, 0.0, False, True)
-    _, _, dnb = rowmat(na, g.T, na, None, 1.0, 0.0, 0.0, False, True)
+    (_, _, dna), (_, _, dnb) = rowmat_pair((nb, g, nb, None, None), (na, g.T, na, None, None),
+                                           1.0, 0.0, 0.0, False, True)
     ga, gb = col_stats_backward(dna, dnb, na, nb, z_a, z_b, stats, 0.0)
     return ga.to(z_a.dtype), gb.to(z_b.dtype)
 

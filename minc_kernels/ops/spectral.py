@@ -234,7 +234,7 @@ def _matrix(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float):
         s = s.to(x.dtype)  # the products then take one native dot per tile (MODE 4)
     gx = torch.empty((b, k), dtype=torch.float32, device=x.device)
     gy = torch.empty((b, k), dtype=torch.float32, device=x.device)
-    # two launches: S and Sᵀ are two layouts of G (rowmat_pair falls back to two calls)
+    # one launch: rowmat_pair takes S and Sᵀ (per-view strides of G)
     rowmat_pair((y.T, s, y.T, None, gx.T), (x.T, s.T, x.T, None, gy.T), alpha, beta, 0.0,
                 False, True)
     return off, gx, gy
