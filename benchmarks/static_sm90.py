@@ -77,10 +77,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # pass over B·k elements too, but their grid is over the columns only (k/BLOCK_K programs
 # stream its rows, split into slices where the columns alone leave SMs idle): their fill is
 # checked, against their bytes (MEMORY_BOUND); so is the first stage of a row split.
-# MINCLoss's step kernels (l2 map, its Jacobian, the moment's EMA) are checked the same way.
+# MINCLoss's step kernels (l2 map, its Jacobian, the moment's EMA) are checked the same way,
+# and so are the k×k (B×B) passes: G's bf16 split, the spectral matrix path's offdiag pass.
 MEMORY_BOUND = {"colstats_kernel", "colstats_backward_kernel", "colstats_partial_kernel",
                 "colstats_backward_partial_kernel", "l2_rows_kernel", "l2_rows_backward_kernel",
-                "moment_ema_kernel", "split_bf16x3_kernel"}
+                "moment_ema_kernel", "split_bf16x3_kernel", "offdiag_finish_kernel"}
 HEAVY = {"pairwise_offdiag_kernel", "rowmat_kernel", "moment_partial_kernel",
          "cross_gram_kernel", "mio_negative_tiles", "mio_negative_strip",
          "mio_strip_matmul"} | MEMORY_BOUND
@@ -130,6 +131,8 @@ def useful_work(kernel: str, b: int, k: int, grad: bool, dtype: str, grid, tiles
         return 1.0 * b * k * (isz + 8), BYTES_PER_S  # read x, read and write the fp32 gradient
     if kernel == "split_bf16x3_kernel":
         return 10.0 * k * k, BYTES_PER_S  # read fp32 G, write its three bf16 pieces
+    if kernel == "offdiag_finish_kernel":
+        return (4.0 + isz) * k * k, BYTES_PER_S  # read fp32 S (one slice at least), write S'
     if kernel == "moment_ema_kernel":
         # C and M read, M and the corrected copy written (fp32 k×k; fewer in eval)
         return 4.0 * 4 * k * k, BYTES_PER_S
@@ -195,7 +198,8 @@ def compile_launches_for_sm90():
         consts = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
         bound = dict(zip(self.arg_names, args))
         dims = ((int(bound["B"]), int(bound["K"])) if "B" in bound and "K" in bound
-                else (0, int(bound["K"])) if self.fn.__name__ == "split_bf16x3_kernel" else None)
+                else (0, int(bound["K"]))
+                if self.fn.__name__ in ("split_bf16x3_kernel", "offdiag_finish_kernel") else None)
         records.append(Launch(self.fn.__name__, g, consts, compiled, buf.getvalue(), dims))
         return compiled
 

@@ -153,7 +153,8 @@ def test_matrix_path_launches_and_modes(dtype, monkeypatch):
     with LaunchStub() as stub:
         ops.spectral_loss(z1, z2, MU, True, "matrix").backward()
     assert dict(stub.counts) == {"clip_rows_dot_kernel": 1, "cross_gram_kernel": 1,
-                                 "rowmat_kernel": 1, "clip_rows_backward_kernel": 1}
+                                 "offdiag_finish_kernel": 1, "rowmat_kernel": 1,
+                                 "clip_rows_backward_kernel": 1}
     seen = []
     real = rowmat_kernel.run
 
@@ -171,6 +172,55 @@ def test_matrix_path_launches_and_modes(dtype, monkeypatch):
         with torch.no_grad():
             ops.spectral_loss(z1, z2, MU, True, "matrix")
     assert dict(stub.counts) == {"clip_rows_dot_kernel": 1, "pairwise_offdiag_kernel": 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_offdiag_finish_sums_slices_in_order_and_rounds_like_torch(dtype):
+    """offdiag_finish_kernel: S = ((part[0] + part[1]) + part[2]), its diagonal zeroed,
+    rounded to the storage dtype exactly as torch rounds (round to nearest even, also for
+    bf16 under the interpreter), and the per-program Σ S'² summing to the fp32 value."""
+    from minc_kernels.kernels.spectral import offdiag_finish_kernel
+    n = 45  # 2025 elements: two programs of 1024 and a partial one
+    part = torch.randn(3, n, n, generator=torch.Generator().manual_seed(15)) * 3
+    s = torch.empty(n, n, dtype=dtype)
+    n_prog = -(-n * n // configs.OFFDIAG_BLOCK)
+    sq = torch.empty(n_prog)
+    offdiag_finish_kernel[(n_prog,)](part, s, sq, n, 3, RNE_BF16=dtype == torch.bfloat16,
+                                     BLOCK=configs.OFFDIAG_BLOCK, num_warps=4)
+    want = (part[0] + part[1]) + part[2]
+    want.diagonal().zero_()
+    assert torch.equal(s, want.to(dtype))
+    torch.testing.assert_close(sq.sum(), want.pow(2).sum(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matrix_path_with_row_slices(kernel_device, dtype):
+    """B = 5, k = 40: S's few tiles split the k rows of the transposed views into slices
+    (cross_gram's row split), which offdiag_finish_kernel adds: still the oracle's values."""
+    from minc_kernels.ops import gram as G
+    seen = []
+    real = G.cross_gram_partials
+
+    def spy(*a):
+        out, split = real(*a)
+        seen.append(split)
+        return out, split
+
+    z1, z2 = _inputs(5, 40, dtype, kernel_device, seed=16)
+    want = _oracle(z1, z2, MU, True, 1.1)
+    import unittest.mock
+    with unittest.mock.patch.object(ops, "cross_gram_partials", spy):
+        got = _run(_kernel(MU, True, "matrix"), z1, z2, 1.1)
+    assert seen and seen[0] > 1
+    if dtype == torch.float32:
+        for a, w in zip(got, want):
+            assert float((a - w).abs().max()) <= 2e-6 * float(w.abs().max()) + 1e-7
+    else:
+        eager = _run(lambda a, c: reference.spectral_loss(a, c, MU, True, "pairwise"), z1, z2, 1.1)
+        eps = torch.finfo(dtype).eps
+        for a, e, w in zip(got, eager, want):
+            err, err_eager = float((a - w).abs().max()), float((e - w).abs().max())
+            assert err <= 3 * err_eager + 0.5 * eps * float(w.abs().max())
 
 
 @pytest.mark.parametrize("tiles", [(16, 32, 16, 32), (32, 16, 32, 16)])

@@ -128,6 +128,7 @@ ROWMAT_PRESPLIT_MIN_ROWS = 2048
 ROWMAT_PRESPLIT_MIN_COLS = 256
 ROWMAT_PRESPLIT_MAX_BYTES = 128 << 20  # k up to 4729
 SPLIT_BLOCK = 1024  # elements per program of split_bf16x3_kernel
+OFFDIAG_BLOCK = 1024  # elements per program of the spectral offdiag_finish_kernel
 
 
 def rowmat_presplit(b: int, k: int) -> bool:

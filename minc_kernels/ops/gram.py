@@ -34,7 +34,8 @@ from . import configs, tables
 from ._common import (DEVICE_BW, cdiv, device_guard, interpreting, is_fp32, num_sms,
                       next_pow2, rhs_f32_mode, upcast_bf16_dot)
 
-__all__ = ["rowmat", "rowmat_pair", "gram", "gram_pair", "gram_dot", "cross_gram", "col_stats",
+__all__ = ["rowmat", "rowmat_pair", "gram", "gram_pair", "gram_dot", "cross_gram",
+           "cross_gram_partials", "col_stats",
            "col_stats_backward", "col_terms", "gram_backend", "split_bf16x3", "GRAM_BACKENDS",
            "GRAM_IMPLS"]
 
@@ -216,14 +217,16 @@ def _rowmat_triton(views: list[tuple], alpha, beta, gamma, gha, need_grad) -> li
                                device=x.device)
         ops.append((vx, vg, vy, vd if vd is not None else part, vout))
     out = ops[0][4]
+    g2 = views[-1][1]
+    g2_strides = g2.stride()[-2:] != g.stride()[-2:]  # G and Gᵀ: the body compiled per view
     with device_guard(x):
         rowmat_kernel[grid](
             *ops[0], part, *(ops[1] if n == 2 else _NO_VIEW), b, k,
             x.stride(0), x.stride(1), g.stride(-2), g.stride(-1), y.stride(0), y.stride(1),
-            out.stride(0), out.stride(1), views[-1][1].stride(-2), views[-1][1].stride(-1),
+            out.stride(0), out.stride(1), g2.stride(-2), g2.stride(-1),
             float(alpha), float(beta), float(gamma),
             NEED_GRAD=bool(need_grad), GHA=bool(gha), HAS_D=d is not None,
-            MODE=mode, UPCAST=upcast_bf16_dot(x.dtype), VIEWS=n, **cfg,
+            MODE=mode, UPCAST=upcast_bf16_dot(x.dtype), VIEWS=n, G2_STRIDES=g2_strides, **cfg,
         )
     if n == 1:
         sums = part.sum(dim=0)
@@ -301,6 +304,13 @@ def cross_gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``Xᵀ Y`` as fp32 (k, k), from the storage dtype (tiles and row split as :func:`gram`)."""
     if gram_backend("cross_gram", x) == "cublas":
         return _mm_f32(x.T, y)
+    out, split = cross_gram_partials(x, y)
+    return _slices_sum(out, split)
+
+
+def cross_gram_partials(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The Triton ``Xᵀ Y``'s row-slice partials, (S, k, k) fp32, and S: for a caller that
+    sums them in its own pass (the spectral matrix path's ``offdiag_finish_kernel``)."""
     b, k = x.shape
     cfg = configs.cross_gram_config(k, x.dtype)
     nk = cdiv(k, cfg["BLOCK_K"])
@@ -311,7 +321,7 @@ def cross_gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             x, y, out, b, k, x.stride(0), x.stride(1), y.stride(0), y.stride(1), rows_per_split,
             IS_FP32=is_fp32(x.dtype), UPCAST=upcast_bf16_dot(x.dtype), **cfg,
         )
-    return out[0] if split == 1 else out.sum(dim=0)
+    return out, split
 
 
 # A column-statistics launch whose bytes take less than this at the copy bandwidth runs

@@ -17,11 +17,12 @@ Passes:
    gradient (O(Bk) memory, but ``cdiv(k, BLOCK_C)`` times the ``2B²k`` flops of ``S``);
    matrix (with a gradient; without one it is the pairwise pass, which then never
    recomputes): ``S = Z1c Z2cᵀ`` written once (B×B fp32,
-   :func:`~minc_kernels.ops.gram.cross_gram` on the transposed views), its diagonal zeroed,
-   ``Σ_{i≠j} S_ij²`` from it, ``S`` rounded to the storage dtype (as the pairwise kernel
-   and eager autograd round it), and ``dZ1cᵀ = Z2cᵀ offdiag(S)ᵀ``, ``dZ2cᵀ = Z1cᵀ offdiag(S)``
-   by :func:`~minc_kernels.ops.gram.rowmat` on the transposed views, written through
-   transposed views of contiguous (B, k) gradients (O(B²) memory, ``6B²k`` flops: the
+   :func:`~minc_kernels.ops.gram.cross_gram_partials` on the transposed views), then
+   :func:`~minc_kernels.kernels.spectral.offdiag_finish_kernel` (row slices summed,
+   diagonal zeroed, ``Σ_{i≠j} S_ij²``, ``S`` rounded to the storage dtype as the pairwise
+   kernel and eager autograd round it), and ``dZ1cᵀ = Z2cᵀ offdiag(S)ᵀ``,
+   ``dZ2cᵀ = Z1cᵀ offdiag(S)`` by one :func:`~minc_kernels.ops.gram.rowmat_pair` launch on
+   the transposed views, written through transposed views of contiguous (B, k) gradients (O(B²) memory, ``6B²k`` flops: the
    choice when B < k); gram: ``G1 = Z1cᵀZ1c``,
    ``G2 = Z2cᵀZ2c`` and, for the gradient, ``Z1c G2 - d∘Z2c`` / ``Z2c G1 - d∘Z1c``
    (:mod:`minc_kernels.ops.gram` launchers, both views in one launch each), whose fused
@@ -45,13 +46,15 @@ import math
 
 import torch
 
-from ..kernels.spectral import clip_rows_backward_kernel, clip_rows_dot_kernel, pairwise_offdiag_kernel
+from ..kernels.spectral import (clip_rows_backward_kernel, clip_rows_dot_kernel,
+                                offdiag_finish_kernel, pairwise_offdiag_kernel)
 from . import configs
 from ._common import (DEVICE_BW, DEVICE_FLOPS, TARGET_PROGRAMS, TARGET_SMS, cdiv, device_guard,
-                      flat_sq, is_fp32, upcast_bf16_dot)
+                      interpreting, is_fp32, upcast_bf16_dot)
 from ._grad_in_forward import register_grad_in_forward
 from . import tables
-from .gram import cross_gram, gram, gram_dot, gram_pair, rowmat_pair
+from .gram import (cross_gram, cross_gram_partials, gram, gram_backend, gram_dot, gram_pair,
+                   rowmat_pair)
 
 __all__ = ["spectral_loss", "spectral_loss_fwd", "spectral_forward", "choose_algorithm",
            "estimate_seconds", "ALGORITHMS"]
@@ -87,8 +90,8 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> dic
     Gram: two symmetric Grams (``≈Bk²`` each) and, with gradients, two ``Z G`` products
     (``2Bk²`` each, split dots), the two views of each in one launch.
     Matrix (with gradients; without, it is the pairwise pass): ``S`` (``2B²k``, written
-    once), three passes over it (diagonal, ``Σ S²``, rounding) and two ``Zᵀ Sᵀ`` products
-    (``2B²k`` each, one native dot per tile), one launch per view.
+    once), one pass over it (diagonal, ``Σ S²``, rounding) and two ``Zᵀ Sᵀ`` products
+    (``2B²k`` each, one native dot per tile), both views in one launch.
     """
     isz = torch.empty((), dtype=dtype).element_size()
     half = not is_fp32(dtype)
@@ -138,8 +141,9 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> dic
 
 def _matrix_seconds(b: int, k: int, dtype: torch.dtype, launch) -> float:
     """The matrix path with gradients (:func:`estimate_seconds`' ``launch`` prices each
-    launch): ``cross_gram`` on the transposed views (rows k, columns B) and the sum of its
-    row slices, three torch passes over ``S``, two ``rowmat`` launches (rows k, columns B)."""
+    launch): ``cross_gram`` on the transposed views (rows k, columns B), one pass over its
+    row slices (``offdiag_finish_kernel``) and the sum of that pass's partials, and one
+    ``rowmat`` launch of both views (rows k, columns B)."""
     isz = torch.empty((), dtype=dtype).element_size()
     rate = DEVICE_FLOPS["fp32"] if is_fp32(dtype) else DEVICE_FLOPS["half"]
     xc = configs.cross_gram_config(b, dtype, for_device=True)
@@ -147,13 +151,12 @@ def _matrix_seconds(b: int, k: int, dtype: torch.dtype, launch) -> float:
     split = max(1, min(cdiv(k, xc["BLOCK_B"]), cdiv(2 * TARGET_SMS, n_t * n_t)))
     t = launch(2.0 * k * b * b, rate, 2 * isz * b * k + 4 * b * b * split,
                2 * n_t * b * k * isz, n_t * n_t * split)
-    if split > 1:
-        t += 4 * b * b * (split + 1) / DEVICE_BW + _LAUNCH_S
-    t += 3 * (8 * b * b / DEVICE_BW + _LAUNCH_S)
+    # offdiag_finish_kernel (the slices read, S' written) and the sum of its partials
+    t += (4 * split + isz) * b * b / DEVICE_BW + 2 * _LAUNCH_S
     rc = configs.rowmat_config(b, dtype, for_device=True, b=k)
     n_m, n_n = cdiv(k, rc["BLOCK_M"]), cdiv(b, rc["BLOCK_N"])
-    return t + 2 * launch(2.0 * k * b * b, rate, isz * b * b + 2 * isz * b * k + 4 * b * k,
-                          n_m * isz * b * b + n_n * isz * b * k, n_m * n_n)
+    return t + launch(2 * 2.0 * k * b * b, rate, 2 * (isz * b * b + 2 * isz * b * k + 4 * b * k),
+                      2 * (n_m * isz * b * b + n_n * isz * b * k), 2 * n_m * n_n)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -222,16 +225,27 @@ def _matrix(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float):
     """``(Σ_{i≠j} S_ij², gx, gy)`` from ``S = X Yᵀ`` written once (B×B fp32):
     ``gx = α·offdiag(S) Y + β·Y`` and ``gy = α·offdiag(S)ᵀ X + β·X``, fp32 contiguous (B, k).
 
-    The Gram layer on the transposed views: ``S = cross_gram(Xᵀ, Yᵀ)``, and ``gxᵀ = Yᵀ S'ᵀ``
-    / ``gyᵀ = Xᵀ S'`` by ``rowmat`` with rows = features, written through transposed views
-    of the contiguous gradients.  ``S' = offdiag(S)`` is rounded to the storage dtype for
-    the products, as the pairwise kernel and eager autograd round ``S``."""
+    The Gram layer on the transposed views: ``S = cross_gram(Xᵀ, Yᵀ)`` (its row-slice
+    partials), then ``offdiag_finish_kernel`` (slices summed, ``S' = offdiag(S)``, ``Σ S'²``,
+    ``S'`` rounded to the storage dtype, as the pairwise kernel and eager autograd round
+    ``S``), and ``gxᵀ = Yᵀ S'ᵀ`` / ``gyᵀ = Xᵀ S'`` by one ``rowmat_pair`` launch with
+    rows = features, written through transposed views of the contiguous gradients."""
     b, k = x.shape
-    s = cross_gram(x.T, y.T)  # (Xᵀ)ᵀ Yᵀ = X Yᵀ
-    torch.diagonal(s).zero_()
-    off = flat_sq(s)
-    if s.dtype != x.dtype:
-        s = s.to(x.dtype)  # the products then take one native dot per tile (MODE 4)
+    xt, yt = x.T, y.T
+    if gram_backend("cross_gram", xt) == "cublas":
+        part, split = cross_gram(xt, yt).unsqueeze(0), 1
+    else:
+        part, split = cross_gram_partials(xt, yt)  # (Xᵀ)ᵀ Yᵀ = X Yᵀ, per row slice
+    # one pass: the slices summed, the diagonal zeroed, Σ S'² per program, S' rounded to the
+    # storage dtype (the products then take one native dot per tile: rowmat's MODE 4)
+    s = torch.empty((b, b), dtype=x.dtype, device=x.device)
+    n_prog = cdiv(b * b, configs.OFFDIAG_BLOCK)
+    sq = torch.empty((n_prog,), dtype=torch.float32, device=x.device)
+    with device_guard(x):
+        offdiag_finish_kernel[(n_prog,)](
+            part, s, sq, b, split, RNE_BF16=interpreting() and x.dtype == torch.bfloat16,
+            BLOCK=configs.OFFDIAG_BLOCK, num_warps=4)
+    off = sq.sum()
     gx = torch.empty((b, k), dtype=torch.float32, device=x.device)
     gy = torch.empty((b, k), dtype=torch.float32, device=x.device)
     # one launch: rowmat_pair takes S and Sᵀ (per-view strides of G)
