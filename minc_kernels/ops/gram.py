@@ -207,7 +207,10 @@ def _rowmat_triton(views: list[tuple], alpha, beta, gamma, gha, need_grad) -> li
         views = [(vx, vp, vy, vd, vout)
                  for (vx, _, vy, vd, vout), vp in zip(views, split)]
         g = pieces
-    cfg = configs.rowmat_config(k, x.dtype, gha=bool(gha and need_grad), b=b)
+    g2 = views[-1][1]
+    g2_strides = g2.stride()[-2:] != g.stride()[-2:]  # G and Gᵀ: the body compiled per view
+    cfg = configs.rowmat_config(k, x.dtype, gha=bool(gha and need_grad), b=b,
+                                g_and_gt=g2_strides)
     grid = (cdiv(b, cfg["BLOCK_M"]), cdiv(k, cfg["BLOCK_N"]), n)
     part = torch.empty(n * grid[0] * grid[1], 2, dtype=torch.float32, device=x.device)
     ops = []
@@ -217,8 +220,6 @@ def _rowmat_triton(views: list[tuple], alpha, beta, gamma, gha, need_grad) -> li
                                device=x.device)
         ops.append((vx, vg, vy, vd if vd is not None else part, vout))
     out = ops[0][4]
-    g2 = views[-1][1]
-    g2_strides = g2.stride()[-2:] != g.stride()[-2:]  # G and Gᵀ: the body compiled per view
     with device_guard(x):
         rowmat_kernel[grid](
             *ops[0], part, *(ops[1] if n == 2 else _NO_VIEW), b, k,

@@ -153,7 +153,7 @@ def _matrix_seconds(b: int, k: int, dtype: torch.dtype, launch) -> float:
                2 * n_t * b * k * isz, n_t * n_t * split)
     # offdiag_finish_kernel (the slices read, S' written) and the sum of its partials
     t += (4 * split + isz) * b * b / DEVICE_BW + 2 * _LAUNCH_S
-    rc = configs.rowmat_config(b, dtype, for_device=True, b=k)
+    rc = configs.rowmat_config(b, dtype, for_device=True, b=k, g_and_gt=True)
     n_m, n_n = cdiv(k, rc["BLOCK_M"]), cdiv(b, rc["BLOCK_N"])
     return t + launch(2 * 2.0 * k * b * b, rate, 2 * (isz * b * b + 2 * isz * b * k + 4 * b * k),
                       2 * (n_m * isz * b * b + n_n * isz * b * k), 2 * n_m * n_n)
