@@ -141,7 +141,9 @@ def useful_work(kernel: str, b: int, k: int, grad: bool, dtype: str, grid, tiles
         # with the gradient one launch does both views: S and offdiag(S) Y for each
         return 2.0 * b * b * k * (4 if flags.get("NEED_GRAD") else 1), same
     if kernel == "rowmat_kernel":
-        return 2.0 * b * k * k * views, PEAK_FLOPS["half_x_f32" if half else "fp32"]
+        # MODE 4: a G already in the half dtype, one native dot (the spectral matrix path)
+        rate = "fp32" if not half else "half" if flags.get("MODE") == 4 else "half_x_f32"
+        return 2.0 * b * k * k * views, PEAK_FLOPS[rate]
     if kernel == "moment_partial_kernel":
         return 1.0 * b * k * k * views, same  # symmetric: half of 2·B·k² per view
     if kernel == "cross_gram_kernel":
