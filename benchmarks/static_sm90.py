@@ -132,7 +132,7 @@ def useful_work(kernel: str, b: int, k: int, grad: bool, dtype: str, grid, tiles
     if kernel == "split_bf16x3_kernel":
         return 10.0 * k * k, BYTES_PER_S  # read fp32 G, write its three bf16 pieces
     if kernel == "offdiag_finish_kernel":
-        return (4.0 + isz) * k * k, BYTES_PER_S  # read fp32 S (one slice at least), write S'
+        return (4.0 + 2 * isz) * k * k, BYTES_PER_S  # read fp32 S (a slice at least), write S', S'ᵀ
     if kernel == "moment_ema_kernel":
         # C and M read, M and the corrected copy written (fp32 k×k; fewer in eval)
         return 4.0 * 4 * k * k, BYTES_PER_S

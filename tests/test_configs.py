@@ -66,13 +66,3 @@ def test_hashable_and_picklable():
     for c in (pickle.loads(pickle.dumps(a)), copy.copy(a), copy.deepcopy(a)):
         assert type(c) is KernelConfig and c == a and hash(c) == hash(a)
 
-
-def test_rowmat_pairing_g_with_its_transpose_takes_two_stages_below_64_rows():
-    """rowmat_pair of G and Gᵀ compiles the kernel's body once per view: with 32-row tiles
-    and three stages that spilled 8 B on sm_90 (bf16, B = 1024, k = 257, static suite)."""
-    bf16 = torch.bfloat16
-    small = configs.rowmat_config(257, bf16, for_device=True, b=1024, g_and_gt=True)
-    assert small["BLOCK_M"] == 32 and small["num_stages"] == 2
-    assert configs.rowmat_config(257, bf16, for_device=True, b=1024)["num_stages"] == 3
-    big = configs.rowmat_config(2048, bf16, for_device=True, b=4096, g_and_gt=True)
-    assert big["BLOCK_M"] == 64 and big["num_stages"] == 3

@@ -143,8 +143,8 @@ def test_pairwise_fwd_bwd_launches(clip):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_matrix_path_launches_and_modes(dtype, monkeypatch):
-    """The matrix path writes S once (one cross_gram launch) and takes both gradients from
-    it in one rowmat launch (S and Sᵀ, per-view strides), with no pairwise launch; half
+    """The matrix path writes S once (one cross_gram launch), and S' with its transpose in
+    one pass, and takes both gradients in one rowmat launch, with no pairwise launch; half
     inputs multiply S rounded to their dtype (MODE 4: one dot per tile), fp32 strict fp32
     (MODE 0); the gradients come out contiguous (B, k)."""
     from benchmarks.cpu_host_overhead import LaunchStub
@@ -180,16 +180,16 @@ def test_offdiag_finish_sums_slices_in_order_and_rounds_like_torch(dtype):
     rounded to the storage dtype exactly as torch rounds (round to nearest even, also for
     bf16 under the interpreter), and the per-program Σ S'² summing to the fp32 value."""
     from minc_kernels.kernels.spectral import offdiag_finish_kernel
-    n = 45  # 2025 elements: two programs of 1024 and a partial one
+    n = 45  # 3×3 tiles of 16, the last ones partial
     part = torch.randn(3, n, n, generator=torch.Generator().manual_seed(15)) * 3
-    s = torch.empty(n, n, dtype=dtype)
-    n_prog = -(-n * n // configs.OFFDIAG_BLOCK)
-    sq = torch.empty(n_prog)
-    offdiag_finish_kernel[(n_prog,)](part, s, sq, n, 3, RNE_BF16=dtype == torch.bfloat16,
-                                     BLOCK=configs.OFFDIAG_BLOCK, num_warps=4)
+    s, s_t = torch.empty(n, n, dtype=dtype), torch.empty(n, n, dtype=dtype)
+    n_t = -(-n // 16)
+    sq = torch.empty(n_t * n_t)
+    offdiag_finish_kernel[(n_t, n_t)](part, s, s_t, sq, n, 3, RNE_BF16=dtype == torch.bfloat16,
+                                      BLOCK=16, num_warps=4)
     want = (part[0] + part[1]) + part[2]
     want.diagonal().zero_()
-    assert torch.equal(s, want.to(dtype))
+    assert torch.equal(s, want.to(dtype)) and torch.equal(s_t, want.T.to(dtype))
     torch.testing.assert_close(sq.sum(), want.pow(2).sum(), rtol=1e-6, atol=0)
 
 

@@ -218,19 +218,15 @@ def rowmat_kernel(
     x2_ptr, g2_ptr, y2_ptr, d2_ptr, out2_ptr,
     B, K,
     stride_xb, stride_xk, stride_gr, stride_gc, stride_yb, stride_yk, stride_ob, stride_ok,
-    stride_g2r, stride_g2c,
     alpha, beta, gamma,
     NEED_GRAD: tl.constexpr, GHA: tl.constexpr, HAS_D: tl.constexpr, MODE: tl.constexpr,
-    UPCAST: tl.constexpr, VIEWS: tl.constexpr, G2_STRIDES: tl.constexpr,
+    UPCAST: tl.constexpr, VIEWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One (BLOCK_M rows) × (BLOCK_N columns) tile of ``Q = X Gᵀ``, grid (cdiv(B, BM),
     cdiv(K, BN), VIEWS).  Programs with ``pid 2 = 1`` (``VIEWS = 2``) do the same on
-    ``(x2, g2, y2, d2) -> out2`` (each of the same strides as its first-view operand, except
-    ``g2`` with ``G2_STRIDES``: its own, ``stride_g2r``/``stride_g2c``, so that ``G`` and
-    ``Gᵀ`` pair) and write the second half of ``part``: two products, one launch.  The
-    body is :func:`_rowmat_tile`; with ``G2_STRIDES`` it is compiled once per view (a
-    stride of 1 is a compile-time constant, which the loads need to vectorise).
+    ``(x2, g2, y2, d2) -> out2`` (each of the same strides as its first-view operand) and
+    write the second half of ``part``: two products, one launch.
 
     Writes ``part[pid, 0] = Σ_tile x∘q`` and ``part[pid, 1] = Σ_tile x∘y`` (fp32), and with
     ``NEED_GRAD`` ``out = α·Q' + (β + γ·d_i)·y`` (fp32) where ``Q' = Q``, or with ``GHA``
@@ -240,44 +236,16 @@ def rowmat_kernel(
     with ``MODE = 3`` its three bf16 pieces, (3, K, K) (pieces K² elements apart), with
     ``MODE = 4`` (K, K) in ``X``'s half dtype, any strides.
     """
-    part2 = part_ptr + tl.num_programs(0) * tl.num_programs(1) * 2
-    if G2_STRIDES:
-        if tl.program_id(2) == 1:
-            _rowmat_tile(x2_ptr, g2_ptr, y2_ptr, d2_ptr, out2_ptr, part2, B, K,
-                         stride_xb, stride_xk, stride_g2r, stride_g2c, stride_yb, stride_yk,
-                         stride_ob, stride_ok, alpha, beta, gamma, NEED_GRAD, GHA, HAS_D, MODE,
-                         UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
-        else:
-            _rowmat_tile(x_ptr, g_ptr, y_ptr, d_ptr, out_ptr, part_ptr, B, K,
-                         stride_xb, stride_xk, stride_gr, stride_gc, stride_yb, stride_yk,
-                         stride_ob, stride_ok, alpha, beta, gamma, NEED_GRAD, GHA, HAS_D, MODE,
-                         UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
-    else:
-        if VIEWS == 2:
-            if tl.program_id(2) == 1:
-                x_ptr = x2_ptr
-                g_ptr = g2_ptr
-                y_ptr = y2_ptr
-                d_ptr = d2_ptr
-                out_ptr = out2_ptr
-                part_ptr = part2
-        _rowmat_tile(x_ptr, g_ptr, y_ptr, d_ptr, out_ptr, part_ptr, B, K,
-                     stride_xb, stride_xk, stride_gr, stride_gc, stride_yb, stride_yk,
-                     stride_ob, stride_ok, alpha, beta, gamma, NEED_GRAD, GHA, HAS_D, MODE,
-                     UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
-
-
-@triton.jit
-def _rowmat_tile(
-    x_ptr, g_ptr, y_ptr, d_ptr, out_ptr, part_ptr, B, K,
-    stride_xb, stride_xk, stride_gr, stride_gc, stride_yb, stride_yk, stride_ob, stride_ok,
-    alpha, beta, gamma,
-    NEED_GRAD: tl.constexpr, GHA: tl.constexpr, HAS_D: tl.constexpr, MODE: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """One tile of :func:`rowmat_kernel` on one view (``part_ptr``: that view's partials)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    if VIEWS == 2:
+        if tl.program_id(2) == 1:
+            x_ptr = x2_ptr
+            g_ptr = g2_ptr
+            y_ptr = y2_ptr
+            d_ptr = d2_ptr
+            out_ptr = out2_ptr
+            part_ptr = part_ptr + tl.num_programs(0) * tl.num_programs(1) * 2
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     r_mask = rows < B

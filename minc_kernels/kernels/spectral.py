@@ -10,8 +10,8 @@
   ``offdiag(S)ᵀ Z1``).
 * :func:`clip_rows_backward_kernel`: the clipping Jacobian, in place on a fp32 gradient.
 * :func:`offdiag_finish_kernel`: the matrix path's ``S`` (B×B, from the row slices of
-  ``cross_gram``): slices summed, diagonal zeroed, rounded to the storage dtype, and
-  ``Σ_{i≠j} S_ij²`` per program, in one pass.
+  ``cross_gram``): slices summed, diagonal zeroed, rounded to the storage dtype and written
+  with its transpose, and ``Σ_{i≠j} S_ij²`` per program, in one pass.
 * The feature-Gram path uses :mod:`minc_kernels.kernels.gram` (``Zᵀ Z`` and ``Z G``).
 
 Precision: ``S`` tiles use ``input_precision="ieee"`` (strict fp32) for fp32 inputs and the
@@ -25,24 +25,31 @@ from .gram import dot_same, round_bf16_rne
 
 
 @triton.jit
-def offdiag_finish_kernel(part_ptr, out_ptr, sq_ptr, K, SPLIT, RNE_BF16: tl.constexpr,
-                          BLOCK: tl.constexpr):
-    """``out = offdiag(Σ_s part[s])`` for the (SPLIT, K, K) fp32 row-slice partials of
-    ``S`` (slices added in order 0, 1, ...), stored in ``out``'s dtype (contiguous (K, K));
-    ``sq[pid]`` = this program's ``Σ S_ij²`` (fp32, before the rounding).  ``RNE_BF16``
-    (the interpreter, bf16): round to nearest even as the GPU does (round_bf16_rne)."""
-    pid = tl.program_id(0)
-    idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def offdiag_finish_kernel(part_ptr, out_ptr, out_t_ptr, sq_ptr, K, SPLIT,
+                          RNE_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    """Tile ``(i, j)`` (grid ``(cdiv(K, BLOCK), cdiv(K, BLOCK))``) of ``S' = offdiag(Σ_s
+    part[s])`` for the (SPLIT, K, K) fp32 row-slice partials of ``S`` (slices added in order
+    0, 1, ...): stored in the outputs' dtype into ``out`` and, transposed, into ``out_t``
+    (both contiguous (K, K): the two products then read operands of one layout), and
+    ``sq[pid]`` = the tile's ``Σ S'²`` (fp32, before the rounding).  ``RNE_BF16`` (the
+    interpreter, bf16): round to nearest even as the GPU does (round_bf16_rne)."""
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    rows = pid_i.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    cols = pid_j.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = (rows < K)[:, None] & (cols < K)[None, :]
+    idx = rows[:, None] * K + cols[None, :]
     kk = K.to(tl.int64) * K
-    mask = idx < kk
     acc = tl.load(part_ptr + idx, mask=mask, other=0.0)
     for s in range(1, SPLIT):
         acc += tl.load(part_ptr + s * kk + idx, mask=mask, other=0.0)
-    acc = tl.where(idx // K == idx % K, 0.0, acc)
-    tl.store(sq_ptr + pid, tl.sum(acc * acc, axis=0))
+    acc = tl.where(rows[:, None] == cols[None, :], 0.0, acc)
+    tl.store(sq_ptr + pid_i * tl.num_programs(1) + pid_j, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
     if RNE_BF16:
         acc = round_bf16_rne(acc)
-    tl.store(out_ptr + idx, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    val = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + idx, val, mask=mask)
+    tl.store(out_t_ptr + cols[None, :] * K + rows[:, None], val, mask=mask)
 
 
 @triton.jit

@@ -23,7 +23,8 @@ Passes:
    program): from these ``C_ii`` on the N×N path, from ``C``'s own diagonal on the k×k one.
 2. ``"gram"``: ``C = Ẑaᵀ Ẑb / N`` (:func:`~minc_kernels.ops.gram.cross_gram`, k×k fp32,
    written), ``‖C‖_F²``; gradient ``Γ = ∂L/∂C`` formed in place in ``C``, then
-   ``Ẑb Γᵀ / N`` and ``Ẑa Γ / N`` (:func:`~minc_kernels.ops.gram.rowmat_pair`: one launch).
+   ``Ẑb Γᵀ / N`` and ``Ẑa Γ / N`` (:func:`~minc_kernels.ops.gram.rowmat_pair`: one launch
+   for large bf16 calls, whose ``Γ`` and ``Γᵀ`` are split into contiguous pieces, else two).
    ``"pairwise"``: ``G_a = Ẑa Ẑaᵀ`` (N×N fp32, written) and, without a gradient,
    ``<G_a, Ẑb Ẑbᵀ>_F`` reduced tile by tile (:func:`~minc_kernels.ops.gram.gram_dot`: the
    second N×N Gram is never written); with a gradient ``G_b`` too, and
@@ -93,7 +94,8 @@ def barlow_twins_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: flo
         if need_grad:
             gam = c.mul_(2.0 * lam)  # Γ = ∂L/∂C, in place: off-diagonal 2λC_ij ...
             torch.diagonal(gam).copy_(coef[1])  # ... diagonal -2(1 - C_ii)
-            # Ẑb Γᵀ / N and Ẑa Γ / N: one launch (rowmat_pair takes Γ and Γᵀ together)
+            # Ẑb Γᵀ / N and Ẑa Γ / N: one launch where bf16 rows take Γ's pieces split
+            # beforehand (both views' pieces contiguous), else two
             (_, _, ga), (_, _, gb) = rowmat_pair((nb, gam, nb, None, None),
                                                  (na, gam.T, na, None, None),
                                                  1.0 / n, 0.0, 0.0, False, True)

@@ -88,8 +88,7 @@ _TARGET_PROGRAMS = TARGET_PROGRAMS  # about two waves of an H100; a shape consta
 
 # ----------------------------------------------------------------------------- Gram layer
 def rowmat_config(k: int, dtype: torch.dtype = torch.float32, gha: bool = False,
-                  for_device: bool = False, b: int | None = None,
-                  g_and_gt: bool = False) -> KernelConfig:
+                  for_device: bool = False, b: int | None = None) -> KernelConfig:
     """:func:`~minc_kernels.kernels.gram.rowmat_kernel` (``X Gᵀ`` fused), grid
     (B/BLOCK_M) × (k/BLOCK_N).
 
@@ -100,9 +99,6 @@ def rowmat_config(k: int, dtype: torch.dtype = torch.float32, gha: bool = False,
     k chunk, 184 registers where 32 needs 255; and when the rows are not 16-element aligned
     (no vector / async copies: the loads go through registers) no software pipelining,
     196 registers where 3 stages need 255 and spill.
-    ``g_and_gt`` (two views on ``G`` and ``Gᵀ``: the body compiled once per view): row
-    tiles under 64 take two stages; with three, bf16 at B = 1024, k = 257 (32-row tiles,
-    ptxas capped at 128 registers) spilled 8 B on sm_90.
     """
     if interpreting() and not for_device:
         return KernelConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4)
@@ -116,8 +112,6 @@ def rowmat_config(k: int, dtype: torch.dtype = torch.float32, gha: bool = False,
             cfg = cfg.replace(BLOCK_M=cfg["BLOCK_M"] // 2)
     if gha and is_fp32(dtype):
         cfg = cfg.replace(BLOCK_K=16, num_stages=3 if k % 16 == 0 else 1)
-    if g_and_gt and cfg["BLOCK_M"] < 64:
-        cfg = cfg.replace(num_stages=min(2, cfg["num_stages"]))
     return cfg
 
 
@@ -134,7 +128,7 @@ ROWMAT_PRESPLIT_MIN_ROWS = 2048
 ROWMAT_PRESPLIT_MIN_COLS = 256
 ROWMAT_PRESPLIT_MAX_BYTES = 128 << 20  # k up to 4729
 SPLIT_BLOCK = 1024  # elements per program of split_bf16x3_kernel
-OFFDIAG_BLOCK = 1024  # elements per program of the spectral offdiag_finish_kernel
+OFFDIAG_BLOCK = 64  # tile side of the spectral offdiag_finish_kernel (64×64 per program)
 
 
 def rowmat_presplit(b: int, k: int) -> bool:

@@ -20,7 +20,7 @@ Passes:
    :func:`~minc_kernels.ops.gram.cross_gram_partials` on the transposed views), then
    :func:`~minc_kernels.kernels.spectral.offdiag_finish_kernel` (row slices summed,
    diagonal zeroed, ``Σ_{i≠j} S_ij²``, ``S`` rounded to the storage dtype as the pairwise
-   kernel and eager autograd round it), and ``dZ1cᵀ = Z2cᵀ offdiag(S)ᵀ``,
+   kernel and eager autograd round it, and written with its transpose), and ``dZ1cᵀ = Z2cᵀ offdiag(S)ᵀ``,
    ``dZ2cᵀ = Z1cᵀ offdiag(S)`` by one :func:`~minc_kernels.ops.gram.rowmat_pair` launch on
    the transposed views, written through transposed views of contiguous (B, k) gradients (O(B²) memory, ``6B²k`` flops: the
    choice when B < k); gram: ``G1 = Z1cᵀZ1c``,
@@ -151,9 +151,9 @@ def _matrix_seconds(b: int, k: int, dtype: torch.dtype, launch) -> float:
     split = max(1, min(cdiv(k, xc["BLOCK_B"]), cdiv(2 * TARGET_SMS, n_t * n_t)))
     t = launch(2.0 * k * b * b, rate, 2 * isz * b * k + 4 * b * b * split,
                2 * n_t * b * k * isz, n_t * n_t * split)
-    # offdiag_finish_kernel (the slices read, S' written) and the sum of its partials
-    t += (4 * split + isz) * b * b / DEVICE_BW + 2 * _LAUNCH_S
-    rc = configs.rowmat_config(b, dtype, for_device=True, b=k, g_and_gt=True)
+    # offdiag_finish_kernel (the slices read, S' and S'ᵀ written) and the sum of its partials
+    t += (4 * split + 2 * isz) * b * b / DEVICE_BW + 2 * _LAUNCH_S
+    rc = configs.rowmat_config(b, dtype, for_device=True, b=k)
     n_m, n_n = cdiv(k, rc["BLOCK_M"]), cdiv(b, rc["BLOCK_N"])
     return t + launch(2 * 2.0 * k * b * b, rate, 2 * (isz * b * b + 2 * isz * b * k + 4 * b * k),
                       2 * (n_m * isz * b * b + n_n * isz * b * k), 2 * n_m * n_n)
@@ -228,8 +228,9 @@ def _matrix(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float):
     The Gram layer on the transposed views: ``S = cross_gram(Xᵀ, Yᵀ)`` (its row-slice
     partials), then ``offdiag_finish_kernel`` (slices summed, ``S' = offdiag(S)``, ``Σ S'²``,
     ``S'`` rounded to the storage dtype, as the pairwise kernel and eager autograd round
-    ``S``), and ``gxᵀ = Yᵀ S'ᵀ`` / ``gyᵀ = Xᵀ S'`` by one ``rowmat_pair`` launch with
-    rows = features, written through transposed views of the contiguous gradients."""
+    ``S``, written with its transpose), and ``gxᵀ = Yᵀ S'ᵀ`` / ``gyᵀ = Xᵀ S'`` by one
+    ``rowmat_pair`` launch with rows = features, written through transposed views of the
+    contiguous gradients."""
     b, k = x.shape
     xt, yt = x.T, y.T
     if gram_backend("cross_gram", xt) == "cublas":
@@ -237,19 +238,20 @@ def _matrix(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float):
     else:
         part, split = cross_gram_partials(xt, yt)  # (Xᵀ)ᵀ Yᵀ = X Yᵀ, per row slice
     # one pass: the slices summed, the diagonal zeroed, Σ S'² per program, S' rounded to the
-    # storage dtype (the products then take one native dot per tile: rowmat's MODE 4)
+    # storage dtype (the products then take one native dot per tile: rowmat's MODE 4) and
+    # written with its transpose, so that both products read G of one layout (one launch)
     s = torch.empty((b, b), dtype=x.dtype, device=x.device)
-    n_prog = cdiv(b * b, configs.OFFDIAG_BLOCK)
-    sq = torch.empty((n_prog,), dtype=torch.float32, device=x.device)
+    s_t = torch.empty((b, b), dtype=x.dtype, device=x.device)
+    n_t = cdiv(b, configs.OFFDIAG_BLOCK)
+    sq = torch.empty((n_t * n_t,), dtype=torch.float32, device=x.device)
     with device_guard(x):
-        offdiag_finish_kernel[(n_prog,)](
-            part, s, sq, b, split, RNE_BF16=interpreting() and x.dtype == torch.bfloat16,
+        offdiag_finish_kernel[(n_t, n_t)](
+            part, s, s_t, sq, b, split, RNE_BF16=interpreting() and x.dtype == torch.bfloat16,
             BLOCK=configs.OFFDIAG_BLOCK, num_warps=4)
     off = sq.sum()
     gx = torch.empty((b, k), dtype=torch.float32, device=x.device)
     gy = torch.empty((b, k), dtype=torch.float32, device=x.device)
-    # one launch: rowmat_pair takes S and Sᵀ (per-view strides of G)
-    rowmat_pair((y.T, s, y.T, None, gx.T), (x.T, s.T, x.T, None, gy.T), alpha, beta, 0.0,
+    rowmat_pair((y.T, s, y.T, None, gx.T), (x.T, s_t, x.T, None, gy.T), alpha, beta, 0.0,
                 False, True)
     return off, gx, gy
 
