@@ -128,7 +128,10 @@ ROWMAT_PRESPLIT_MIN_ROWS = 2048
 ROWMAT_PRESPLIT_MIN_COLS = 256
 ROWMAT_PRESPLIT_MAX_BYTES = 128 << 20  # k up to 4729
 SPLIT_BLOCK = 1024  # elements per program of split_bf16x3_kernel
-OFFDIAG_BLOCK = 64  # tile side of the spectral offdiag_finish_kernel (64×64 per program)
+# Tile side of the spectral offdiag_finish_kernel (4 warps): 32×32.  64×64 tiles took up
+# to 252 registers on sm_90 at B = 1023 (fp32, unaligned rows: masked, unvectorised loads
+# and the transposed store's layout conversion); 32×32 at most 60.
+OFFDIAG_BLOCK = 32
 
 
 def rowmat_presplit(b: int, k: int) -> bool:
