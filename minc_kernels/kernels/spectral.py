@@ -35,15 +35,19 @@ def offdiag_finish_kernel(part_ptr, out_ptr, out_t_ptr, sq_ptr, K, SPLIT,
     interpreter, bf16): round to nearest even as the GPU does (round_bf16_rne)."""
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
-    rows = pid_i.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    cols = pid_j.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = (rows < K)[:, None] & (cols < K)[None, :]
+    # masks and the diagonal from 32-bit indices (64-bit compares kept across the slice loop
+    # spilled 4 B on sm_90 at K = 1031, bf16), 64-bit offsets
+    r32 = pid_i * BLOCK + tl.arange(0, BLOCK)
+    c32 = pid_j * BLOCK + tl.arange(0, BLOCK)
+    rows = r32.to(tl.int64)
+    cols = c32.to(tl.int64)
+    mask = (r32 < K)[:, None] & (c32 < K)[None, :]
     idx = rows[:, None] * K + cols[None, :]
     kk = K.to(tl.int64) * K
     acc = tl.load(part_ptr + idx, mask=mask, other=0.0)
     for s in range(1, SPLIT):
         acc += tl.load(part_ptr + s * kk + idx, mask=mask, other=0.0)
-    acc = tl.where(rows[:, None] == cols[None, :], 0.0, acc)
+    acc = tl.where(r32[:, None] == c32[None, :], 0.0, acc)
     tl.store(sq_ptr + pid_i * tl.num_programs(1) + pid_j, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
     if RNE_BF16:
         acc = round_bf16_rne(acc)
