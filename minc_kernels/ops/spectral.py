@@ -247,7 +247,7 @@ def _matrix(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float):
     with device_guard(x):
         offdiag_finish_kernel[(n_t, n_t)](
             part, s, s_t, sq, b, split, RNE_BF16=interpreting() and x.dtype == torch.bfloat16,
-            BLOCK=configs.OFFDIAG_BLOCK, num_warps=4)
+            BLOCK=configs.OFFDIAG_BLOCK, num_warps=configs.OFFDIAG_WARPS)
     off = sq.sum()
     gx = torch.empty((b, k), dtype=torch.float32, device=x.device)
     gy = torch.empty((b, k), dtype=torch.float32, device=x.device)
