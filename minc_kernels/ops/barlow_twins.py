@@ -50,7 +50,7 @@ from ..losses.barlow_twins import BN_EPS
 from ._common import flat_sq
 from ._grad_in_forward import register_grad_in_forward
 from .gram import (col_stats, col_stats_backward, col_terms, cross_gram, gram, gram_dot, gram_pair,
-                   rowmat, rowmat_pair)
+                   rowmat_pair)
 from . import tables
 from .spectral import estimate_seconds
 
@@ -184,7 +184,7 @@ def barlow_twins_cross_corr_backward(grad_c: torch.Tensor, z_a: torch.Tensor, z_
                                      na: torch.Tensor, nb: torch.Tensor, stats: torch.Tensor
                                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """``dL/dz_a, dL/dz_b`` (input dtypes) from ``dL/d(Ẑaᵀ Ẑb)``: ``Ẑb Gᵀ``, ``Ẑa G``
-    (:func:`rowmat`), then the standardisation's Jacobian."""
+    (:func:`rowmat_pair`), then the standardisation's Jacobian."""
     g = grad_c.float().contiguous()
     (_, _, dna), (_, _, dnb) = rowmat_pair((nb, g, nb, None, None), (na, g.T, na, None, None),
                                            1.0, 0.0, 0.0, False, True)

@@ -144,9 +144,8 @@ def rowmat_pair(first: tuple, second: tuple, alpha: float, beta: float, gamma: f
     for t in (first, second):
         _check_out(t[0], t[4], need_grad)
     g, g2 = first[1], second[1]
-    g_ok = _same_layout(g, g2) or (
-        g.shape == g2.shape and g.dtype == g2.dtype == torch.float32 and g.device == g2.device
-        and rhs_f32_mode(x.dtype) == 1 and _presplit(*x.shape))
+    g_ok = _same_layout(g, g2) or (g.shape == g2.shape and g.device == g2.device
+                                   and _takes_pieces(x, g) and g2.dtype == torch.float32)
     if (gram_backend("rowmat", x) == "triton" and g_ok
             and all(_same_layout(a, b) for i, (a, b) in enumerate(zip(first, second)) if i != 1)):
         return _rowmat_triton([first, second], alpha, beta, gamma, gha, need_grad)
@@ -172,6 +171,12 @@ def _presplit(b: int, k: int) -> bool:
     return value == "always" or (value == "auto" and configs.rowmat_presplit(b, k))
 
 
+def _takes_pieces(x: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether rowmat of bf16 rows ``x`` against the fp32 ``g`` runs on ``g``'s pieces split
+    beforehand (MODE 3, by :func:`_presplit`)."""
+    return g.dtype == torch.float32 and rhs_f32_mode(x.dtype) == 1 and _presplit(*x.shape)
+
+
 def split_bf16x3(g: torch.Tensor) -> torch.Tensor:
     """The hi, mid and lo bf16 pieces of the fp32 (k, k) ``g`` (any strides), as one
     contiguous (3, k, k) bf16 tensor (``kernels.gram.split_bf16x3_kernel``)."""
@@ -195,7 +200,7 @@ def _rowmat_triton(views: list[tuple], alpha, beta, gamma, gha, need_grad) -> li
     mode = rhs_f32_mode(x.dtype)
     if mode and g.dtype == x.dtype:
         mode = 4  # a half G, rounded by the caller: one native dot
-    elif mode == 1 and _presplit(b, k):
+    elif _takes_pieces(x, g):
         mode = 3  # each view's pieces contiguous, whatever the layout of its G
         views = [(vx, split_bf16x3(vg), vy, vd, vout) for vx, vg, vy, vd, vout in views]
         g = views[0][1]

@@ -20,10 +20,11 @@ Passes:
    :func:`~minc_kernels.ops.gram.cross_gram_partials` on the transposed views), then
    :func:`~minc_kernels.kernels.spectral.offdiag_finish_kernel` (row slices summed,
    diagonal zeroed, ``Σ_{i≠j} S_ij²``, ``S`` rounded to the storage dtype as the pairwise
-   kernel and eager autograd round it, and written with its transpose), and ``dZ1cᵀ = Z2cᵀ offdiag(S)ᵀ``,
-   ``dZ2cᵀ = Z1cᵀ offdiag(S)`` by one :func:`~minc_kernels.ops.gram.rowmat_pair` launch on
-   the transposed views, written through transposed views of contiguous (B, k) gradients (O(B²) memory, ``6B²k`` flops: the
-   choice when B < k); gram: ``G1 = Z1cᵀZ1c``,
+   kernel and eager autograd round it, and written with its transpose), and
+   ``dZ1cᵀ = Z2cᵀ offdiag(S)ᵀ``, ``dZ2cᵀ = Z1cᵀ offdiag(S)`` by one
+   :func:`~minc_kernels.ops.gram.rowmat_pair` launch on the transposed views, written
+   through transposed views of contiguous (B, k) gradients (O(B²) memory, ``6B²k`` flops:
+   the choice when B < k); gram: ``G1 = Z1cᵀZ1c``,
    ``G2 = Z2cᵀZ2c`` and, for the gradient, ``Z1c G2 - d∘Z2c`` / ``Z2c G1 - d∘Z1c``
    (:mod:`minc_kernels.ops.gram` launchers, both views in one launch each), whose fused
    partial ``Σ z1cᵀ G2 z1c = <G1, G2>_F`` also gives the loss.
