@@ -339,8 +339,8 @@ def _gram_pair_estimates(b, k, dtype, need_grad, algo):
     estimate of ``Zᵀ`` (N×N, "pairwise") and of ``Z`` (k×k, "gram"), µs."""
     from minc_kernels.ops.spectral import estimate_seconds
 
-    est = {"pairwise": estimate_seconds(k, b, dtype, need_grad)["gram"],
-           "gram": estimate_seconds(b, k, dtype, need_grad)["gram"]}
+    est = {"pairwise": estimate_seconds(k, b, dtype, need_grad, round_grams=False)["gram"],
+           "gram": estimate_seconds(b, k, dtype, need_grad, round_grams=False)["gram"]}
     other = "gram" if algo == "pairwise" else "pairwise"
     return {"est_us": round(est[algo] * 1e6, 2), "est_other_us": round(est[other] * 1e6, 2)}
 

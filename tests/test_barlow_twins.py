@@ -518,7 +518,8 @@ def test_cost_model_picks_the_smaller_side_from_the_spectral_estimates(monkeypat
     # it is the spectral model's Gram-path estimate, of Zᵀ against Z
     calls = []
 
-    def fake(b, k, dtype, need_grad):
+    def fake(b, k, dtype, need_grad, round_grams=True):
+        assert round_grams is False  # Barlow Twins multiplies by fp32 Γ
         calls.append((b, k))
         return {"gram": 1.0 if b == 8 else 2.0, "pairwise": 0.0}
 

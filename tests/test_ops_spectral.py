@@ -175,6 +175,54 @@ def test_matrix_path_launches_and_modes(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gram_path_rounds_the_grams_for_bf16_only(dtype, monkeypatch):
+    """The gram path's gradient products: bf16 rows take the Grams rounded to bf16 (MODE 4,
+    one native dot, exactly torch's rounding of the fp32 Grams), fp16 and fp32 rows the
+    fp32 Grams (MODE 2 / 0); both views in one rowmat launch either way."""
+    from minc_kernels.kernels.gram import rowmat_kernel
+    z1, z2 = _inputs(37, 21, dtype, "cpu", seed=17)
+    seen = []
+    real = rowmat_kernel.run
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["MODE"], args[1].dtype, args[1].clone(), args[7].clone()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rowmat_kernel, "run", spy)
+    ops.spectral_loss_fwd(z1.detach(), z2.detach(), MU, False, "gram", True)
+    (mode, g_dtype, g2, g1), = seen
+    assert (mode, g_dtype) == {torch.float32: (0, torch.float32), torch.float16: (2, torch.float32),
+                               torch.bfloat16: (4, torch.bfloat16)}[dtype]
+    if dtype == torch.bfloat16:  # (no clipping: the Grams of the inputs themselves)
+        from minc_kernels.ops.gram import gram
+        for g, z in ((g1, z1), (g2, z2)):
+            assert torch.equal(g, gram(z.detach()).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("b,k", [(96, 24), (130, 7)])
+def test_bf16_gram_path_meets_the_eager_pairwise_bound(kernel_device, b, k):
+    """The bf16 gram path (B > k, where ``auto`` takes it) against the stricter eager
+    form, the pairwise one: loss and gradients within 3x its error against float64, on
+    aligned views (z2 ≈ z1, as in training), where <G1, G2>_F - Σ d² cancels to a few
+    percent: the loss must keep the fp32 Grams (from the rounded ones its error would be
+    ~2^-9 <G1, G2>_F, far above eager's)."""
+    gen = torch.Generator().manual_seed(18)
+    base = torch.randn(b, k, generator=gen, dtype=torch.float64)
+    z1 = base + 0.05 * torch.randn(b, k, generator=gen, dtype=torch.float64)
+    z2 = base + 0.05 * torch.randn(b, k, generator=gen, dtype=torch.float64)
+    z1, z2 = [(z / z.norm(dim=1, keepdim=True) * 0.8).bfloat16().to(kernel_device)
+              .requires_grad_() for z in (z1, z2)]
+    want = _oracle(z1, z2, MU, True, -1.3)
+    got = _run(_kernel(MU, True, "gram"), z1, z2, -1.3)
+    eager = _run(lambda a, c: reference.spectral_loss(a, c, MU, True, "pairwise"), z1, z2, -1.3)
+    eps = torch.finfo(torch.bfloat16).eps
+    for name, a, e, w in zip(("loss", "dz1", "dz2"), got, eager, want):
+        err, err_eager = float((a - w).abs().max()), float((e - w).abs().max())
+        floor = 0.5 * eps * float(w.abs().max()) if name != "loss" else 0.0
+        assert err <= 3 * err_eager + floor, (name, err, err_eager, floor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_offdiag_finish_sums_slices_in_order_and_rounds_like_torch(dtype):
     """offdiag_finish_kernel: S = ((part[0] + part[1]) + part[2]), its diagonal zeroed,
     rounded to the storage dtype exactly as torch rounds (round to nearest even, also for
@@ -333,7 +381,9 @@ def test_cost_model_picks_by_shape():
             want = "matrix" if need_grad else "pairwise"
             assert ops.choose_algorithm(256, 8192, dtype, need_grad) == want
             assert ops.choose_algorithm(64, 8192, dtype, need_grad) != "gram"
-            assert ops.choose_algorithm(8192, 64, dtype, need_grad) == "gram"
+            # B >> k: the Grams (at 8192×64 bf16 both paths are bound by host launches,
+            # where the pairwise path's two beat the gram path's five)
+            assert ops.choose_algorithm(32768, 128, dtype, need_grad) == "gram"
         # the pairwise kernel where its gradient needs no recomputation (k <= BLOCK_C)
         assert ops.choose_algorithm(1024, 16, dtype, True) in ("pairwise", "gram")
     est = ops.estimate_seconds(1024, 1024, torch.bfloat16, True)
@@ -341,6 +391,25 @@ def test_cost_model_picks_by_shape():
     # without a gradient "matrix" runs the pairwise pass: the same estimate
     est = ops.estimate_seconds(256, 4096, torch.bfloat16, False)
     assert est["matrix"] == est["pairwise"]
+
+
+def test_cost_model_prices_host_launches_and_rounded_grams():
+    """Each algorithm costs at least its launches' host time: where the device time is a
+    few µs (B = 256, k = 2048) the pairwise path (2 launches) beats the matrix path (5),
+    which saves only modelled device µs there.  The bf16 gram path's products on rounded
+    Grams are priced at the native dot rate (Barlow Twins and VICReg keep fp32 Γ:
+    ``round_grams=False``); fp16 and fp32 are unaffected."""
+    est = ops.estimate_seconds(256, 2048, torch.bfloat16, True)
+    assert est["matrix"] == pytest.approx(5 * ops._HOST_LAUNCH_S)
+    assert est["pairwise"] < est["matrix"]
+    assert ops.model_choice(256, 2048, torch.bfloat16, True) == "pairwise"
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        rounded = ops.estimate_seconds(8192, 2048, dtype, True)["gram"]
+        kept = ops.estimate_seconds(8192, 2048, dtype, True, round_grams=False)["gram"]
+        if dtype == torch.bfloat16:
+            assert rounded < 0.6 * kept
+        else:
+            assert rounded == kept
 
 
 def test_auto_runs_the_cost_model_choice(kernel_device):

@@ -69,8 +69,8 @@ def choose_algorithm(n: int, k: int, dtype: torch.dtype, need_grad: bool,
                             ("pairwise", "gram"))
         if got is not None:
             return got
-    by_rows = estimate_seconds(k, n, dtype, need_grad)["gram"]
-    by_cols = estimate_seconds(n, k, dtype, need_grad)["gram"]
+    by_rows = estimate_seconds(k, n, dtype, need_grad, round_grams=False)["gram"]
+    by_cols = estimate_seconds(n, k, dtype, need_grad, round_grams=False)["gram"]
     return "pairwise" if by_rows < by_cols else "gram"
 
 

@@ -242,18 +242,24 @@ def _row_split(b: int, block_b: int, tiles: int, device: torch.device) -> tuple[
 
 def _gram_launch(x: torch.Tensor, other: torch.Tensor | None, x2: torch.Tensor | None = None):
     """``moment_partial_kernel`` on ``x`` (and ``x2``, same layout, in the same launch):
-    the per-slice partials of each view, and the slice count (the same with one view or
-    two, so a pair gives the bits of two launches)."""
+    the per-slice partials, (S, k, k) fp32, or (2, S, k, k) with ``x2`` (one buffer, so one
+    torch op sums both views' slices), and the slice count S (the same with one view or
+    two, so a pair gives the bits of two launches).  With ``other``: the flat per-tile
+    partials of ``<other, Xᵀ X>_F``."""
     b, k = x.shape
     cfg = configs.gram_config(k, x.dtype)
     nk = cdiv(k, cfg["BLOCK_K"])
     split, rows_per_split = _row_split(b, cfg["BLOCK_B"], nk * (nk + 1) // 2, x.device)
-    if other is None:
-        out = torch.empty(split, k, k, dtype=torch.float32, device=x.device)
-    else:
-        out = torch.zeros(split * nk * nk, dtype=torch.float32, device=x.device)
     views = 1 if x2 is None else 2
-    out2 = None if x2 is None else torch.empty(split, k, k, dtype=torch.float32, device=x.device)
+    if other is not None:
+        buf = out = torch.zeros(split * nk * nk, dtype=torch.float32, device=x.device)
+        out2 = None
+    elif views == 1:
+        buf = out = torch.empty(split, k, k, dtype=torch.float32, device=x.device)
+        out2 = None
+    else:
+        buf = torch.empty(2, split, k, k, dtype=torch.float32, device=x.device)
+        out, out2 = buf[0], buf[1]
     with device_guard(x):
         moment_partial_kernel[(nk, nk, split * views)](
             x, out, other if other is not None else out, x2, out2,
@@ -261,7 +267,7 @@ def _gram_launch(x: torch.Tensor, other: torch.Tensor | None, x2: torch.Tensor |
             rows_per_split, IS_FP32=is_fp32(x.dtype), UPCAST=upcast_bf16_dot(x.dtype),
             DOT_WITH_OTHER=other is not None, VIEWS=views, **cfg,
         )
-    return (out, out2), split
+    return buf, split
 
 
 def _slices_sum(out: torch.Tensor, split: int) -> torch.Tensor:
@@ -272,17 +278,21 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     """``Xᵀ X`` = ``Σ_j x_j x_jᵀ`` as fp32 (k, k), from the storage dtype of ``x``."""
     if gram_backend("gram", x) == "cublas":
         return _mm_f32(x.T, x)
-    (out, _), split = _gram_launch(x, None)
+    out, split = _gram_launch(x, None)
     return _slices_sum(out, split)
 
 
-def gram_pair(x: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Xᵀ X, X2ᵀ X2)``: one launch (bit-identical to two :func:`gram` calls) where the
-    Triton kernel runs and the two share shape, dtype and strides; else two calls."""
+def gram_pair(x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """``Xᵀ X`` and ``X2ᵀ X2`` stacked, fp32 (2, k, k) contiguous (unpacks as two): one
+    launch, and at most one torch sum of the row slices, bit-identical to two :func:`gram`
+    calls, where the Triton kernel runs and the two share shape, dtype and strides; else
+    two calls, copied into one buffer."""
     if gram_backend("gram", x) == "triton" and _same_layout(x, x2):
-        (out, out2), split = _gram_launch(x, None, x2)
-        return _slices_sum(out, split), _slices_sum(out2, split)
-    return gram(x), gram(x2)
+        out, split = _gram_launch(x, None, x2)
+        return out[:, 0] if split == 1 else out.sum(dim=1)
+    both = torch.empty((2,) + (x.shape[1],) * 2, dtype=torch.float32, device=x.device)
+    both[0], both[1] = gram(x), gram(x2)
+    return both
 
 
 def gram_dot(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -290,7 +300,7 @@ def gram_dot(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     without writing ``Xᵀ X``."""
     if gram_backend("gram_dot", x) == "cublas":
         return (_mm_f32(x.T, x) * other).sum()
-    (out, _), _ = _gram_launch(x, other.contiguous())
+    out, _ = _gram_launch(x, other.contiguous())
     return out.sum()
 
 

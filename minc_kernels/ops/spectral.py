@@ -27,14 +27,16 @@ Passes:
    the choice when B < k); gram: ``G1 = Z1cᵀZ1c``,
    ``G2 = Z2cᵀZ2c`` and, for the gradient, ``Z1c G2 - d∘Z2c`` / ``Z2c G1 - d∘Z1c``
    (:mod:`minc_kernels.ops.gram` launchers, both views in one launch each), whose fused
-   partial ``Σ z1cᵀ G2 z1c = <G1, G2>_F`` also gives the loss.
+   partial ``Σ z1cᵀ G2 z1c = <G1, G2>_F`` also gives the loss (bf16: ``<G1, G2>_F`` by a
+   fp32 dot, and the products on the Grams rounded to bf16: :func:`_gram_grad`).
 3. :func:`~minc_kernels.kernels.spectral.clip_rows_backward_kernel`: the clipping Jacobian
    of both views (one launch).
 
 ``tl.dot`` precision: fp32 inputs ``input_precision="ieee"`` (strict fp32, no TF32) in
 every dot; bf16/fp16 inputs: native half dots for ``Z Zᵀ``/``Zᵀ Z``/``offdiag(S) Z``
 (``S`` rounded to the storage dtype for that second dot, as eager autograd does), and
-``Z G`` with the fp32 Gram as three bf16 dots (bf16) or two TF32 dots (fp16).  fp32
+``Z G`` with ``G`` rounded to bf16 (bf16: one native dot, as eager autograd rounds it) or
+the fp32 ``G`` as two TF32 dots (fp16: a fp16 ``G`` could overflow).  fp32
 accumulation and fp32 partials throughout; no atomics (deterministic).
 
 Double backward is not supported: backward scales a saved, non-differentiable gradient,
@@ -63,7 +65,11 @@ __all__ = ["spectral_loss", "spectral_loss_fwd", "spectral_forward", "choose_alg
 #: The op's algorithms (``"auto"`` chooses among them).
 ALGORITHMS = ("pairwise", "matrix", "gram")
 
-_LAUNCH_S = 4e-6  # rough cost of one kernel launch / small torch op
+_LAUNCH_S = 4e-6  # device time one launch adds (start and drain of a kernel or torch op)
+# Host time per launch: the H200 run of 15384f2 measured one Triton launch at 26 µs
+# synchronised, 19 µs above an empty synchronise (gpu_floor.json); torch ops cost less on
+# the host.  10 µs is the rough mean the model takes: a guess until a table is measured.
+_HOST_LAUNCH_S = 10e-6
 _RESIDENT_PROGRAMS = TARGET_PROGRAMS  # H100 SMs × the 2 programs per SM the tile sizes allow
 
 
@@ -76,9 +82,11 @@ def _fill(programs: int) -> float:
 
 
 # ----------------------------------------------------------------------------- cost model
-def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> dict[str, float]:
-    """Rough H100 time of each algorithm: Σ over launches of
-    (flops/peak + DRAM bytes/bandwidth) / fill + launch latency.
+def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool, *,
+                     round_grams: bool = True) -> dict[str, float]:
+    """Rough H100 time of each algorithm: the larger of its device time, Σ over launches
+    of (flops/peak + DRAM bytes/bandwidth) / fill + launch latency, and its host time,
+    launches × :data:`_HOST_LAUNCH_S` (small shapes are bound by the host).
 
     Uses the device tile sizes and splits (not the interpreter's), so the choice depends only
     on (B, k, dtype, need_grad).  ``fill`` (:func:`_fill`) is the share of the 132 SMs the
@@ -89,10 +97,13 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> dic
     ``BLOCK_C``-wide chunk of output columns and add ``2B²k`` for ``offdiag(S) Z``, plus the
     split partials' sums.
     Gram: two symmetric Grams (``≈Bk²`` each) and, with gradients, two ``Z G`` products
-    (``2Bk²`` each, split dots), the two views of each in one launch.
+    (``2Bk²`` each; split dots, or with ``round_grams`` native ones on Grams rounded to
+    bf16 for bf16, as the spectral op does; Barlow Twins and VICReg, pricing their own
+    Gram paths with this, keep fp32 ``Γ``), the two views of each in one launch.
     Matrix (with gradients; without, it is the pairwise pass): ``S`` (``2B²k``, written
     once), one pass over it (diagonal, ``Σ S²``, rounding) and two ``Zᵀ Sᵀ`` products
     (``2B²k`` each, one native dot per tile), both views in one launch.
+    The launches shared by all (clipping, its backward) are left out of both times.
     """
     isz = torch.empty((), dtype=dtype).element_size()
     half = not is_fp32(dtype)
@@ -104,20 +115,27 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> dic
         return ((flops / rate + (compulsory + streamed / reuse) / DEVICE_BW) / _fill(programs)
                 + _LAUNCH_S)
 
+    def total(device_s: float, launches: int) -> float:
+        return max(device_s, launches * _HOST_LAUNCH_S)
+
     pc = configs.pairwise_config(b, k, dtype, for_device=True)
     n_m = cdiv(b, pc["BLOCK_M"])
     n_split, _ = configs.pairwise_split(b, k, need_grad, pc)
-    if need_grad:  # one launch, both views' programs
+    if need_grad:  # one launch, both views' programs, and the sum of its loss partials
         n_c = cdiv(k, pc["BLOCK_C"])
         pairwise = launch(2 * (n_c * 2.0 * b * b * k + 2.0 * b * b * k), rate_same,
                           2 * (2 * isz * b * k + 4 * b * k * n_split),
                           2 * n_m * n_c * (b * k + b * pc["BLOCK_C"]) * isz,
-                          2 * n_m * n_c * n_split)
+                          2 * n_m * n_c * n_split) + _LAUNCH_S
+        pairwise_launches = 2
         if n_split > 1:  # the fixed-order sums of the split partials (torch reductions)
             pairwise += 2 * (2 * 4 * n_split * b * k / DEVICE_BW + _LAUNCH_S)
+            pairwise_launches += 2
     else:
         pairwise = launch(2.0 * b * b * k, rate_same, 2 * isz * b * k, n_m * b * k * isz,
-                          n_m * n_split)
+                          n_m * n_split) + _LAUNCH_S
+        pairwise_launches = 2
+    pairwise = total(pairwise, pairwise_launches)
 
     gc = configs.gram_config(k, dtype, for_device=True)
     n_k = cdiv(k, gc["BLOCK_K"])
@@ -130,21 +148,33 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool) -> dic
     t_gram = (2 // views) * launch(views * b * k * (k + gc["BLOCK_K"]), rate_same,
                                    views * (isz * b * k + 4 * k * k * g_split),
                                    views * (n_k + 1) * b * k * isz, views * tiles * g_split)
+    # torch ops: the row slices' sum (one op for both views), the sum of the partials, Σ d²
+    torch_ops = (1 if g_split > 1 else 0) + 2
     if need_grad:
         rc = configs.rowmat_config(k, dtype, for_device=True, b=b)
         n_rm, n_rn = cdiv(b, rc["BLOCK_M"]), cdiv(k, rc["BLOCK_N"])
-        t_gram += launch(2 * 2.0 * b * k * k, rate_rhs,
-                         2 * (4 * k * k + 2 * isz * b * k + 4 * b * k),
-                         2 * (n_rm * 4 * k * k + n_rn * isz * b * k), 2 * n_rm * n_rn)
-    return {"pairwise": pairwise, "matrix": _matrix_seconds(b, k, dtype, launch) if need_grad
-            else pairwise, "gram": t_gram}
+        rounded = round_grams and dtype == torch.bfloat16
+        g_bytes, rate = (2, rate_same) if rounded else (4, rate_rhs)
+        if rounded:  # <G1, G2>_F by a fp32 dot, then both Grams rounded (8k² + 12k² bytes)
+            t_gram += 20 * k * k / DEVICE_BW
+            torch_ops += 2
+        t_gram += launch(2 * 2.0 * b * k * k, rate,
+                         2 * (g_bytes * k * k + 2 * isz * b * k + 4 * b * k),
+                         2 * (n_rm * g_bytes * k * k + n_rn * isz * b * k), 2 * n_rm * n_rn)
+    t_gram += torch_ops * _LAUNCH_S
+    gram_launches = 2 + torch_ops  # Triton: gram_pair and rowmat, or gram and gram_dot
+    matrix = _matrix_seconds(b, k, dtype, launch) if need_grad else None
+    return {"pairwise": pairwise,
+            "matrix": total(matrix, 5) if need_grad else pairwise,
+            "gram": total(t_gram, gram_launches)}
 
 
 def _matrix_seconds(b: int, k: int, dtype: torch.dtype, launch) -> float:
-    """The matrix path with gradients (:func:`estimate_seconds`' ``launch`` prices each
-    launch): ``cross_gram`` on the transposed views (rows k, columns B), one pass over its
-    row slices (``offdiag_finish_kernel``) and the sum of that pass's partials, and one
-    ``rowmat`` launch of both views (rows k, columns B)."""
+    """The matrix path's device time with gradients (:func:`estimate_seconds`' ``launch``
+    prices each launch; five launches): ``cross_gram`` on the transposed views (rows k,
+    columns B), one pass over its row slices (``offdiag_finish_kernel``) and the sum of that
+    pass's partials, and one ``rowmat`` launch of both views (rows k, columns B) and the
+    sum of its partials."""
     isz = torch.empty((), dtype=dtype).element_size()
     rate = DEVICE_FLOPS["fp32"] if is_fp32(dtype) else DEVICE_FLOPS["half"]
     xc = configs.cross_gram_config(b, dtype, for_device=True)
@@ -157,7 +187,7 @@ def _matrix_seconds(b: int, k: int, dtype: torch.dtype, launch) -> float:
     rc = configs.rowmat_config(b, dtype, for_device=True, b=k)
     n_m, n_n = cdiv(k, rc["BLOCK_M"]), cdiv(b, rc["BLOCK_N"])
     return t + launch(2 * 2.0 * k * b * b, rate, 2 * (isz * b * b + 2 * isz * b * k + 4 * b * k),
-                      2 * (n_m * isz * b * b + n_n * isz * b * k), 2 * n_m * n_n)
+                      2 * (n_m * isz * b * b + n_n * isz * b * k), 2 * n_m * n_n) + _LAUNCH_S
 
 
 @functools.lru_cache(maxsize=1024)
@@ -257,6 +287,32 @@ def _matrix(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float):
     return off, gx, gy
 
 
+def _gram_grad(x: torch.Tensor, y: torch.Tensor, d: torch.Tensor, alpha: float, beta: float):
+    """``(Σ_{i≠j} S_ij², gx, gy)`` through the k×k Grams ``G1 = XᵀX``, ``G2 = YᵀY`` (fp32,
+    one launch): ``gx = α(X G2 - d∘Y) + β·Y = α·offdiag(S) Y + β·Y`` and
+    ``gy = α(Y G1 - d∘X) + β·X``, both views in one ``rowmat_pair`` launch, whose fused
+    partial ``Σ xᵀ G2 x = <G1, G2>_F`` gives the loss, ``<G1, G2>_F - Σ d²``.
+
+    bf16 rows multiply by the Grams **rounded to bf16** (rowmat's MODE 4: one native dot
+    per tile, a third of the split MODE 1/3's three), as eager autograd multiplies by
+    ``G`` rounded to the storage dtype; the loss keeps the fp32 Grams (``<G1, G2>_F`` by
+    one fp32 dot, since the rounded Grams would not cancel against ``Σ d²`` to fp32
+    accuracy).  The gradients' error stays that of the output rounding: against a float64
+    oracle the max error equals the fp32 Grams' to within 30% and is at most half eager's
+    at B 1024-8192, k 128-2048 (random, aligned and collapsed embeddings; docs/math.md §1).
+    fp16 keeps the fp32 Grams (two TF32 dots): a fp16 Gram overflows at B·μ > 65504."""
+    grams = gram_pair(x, y)  # (2, k, k): one launch where the views share a layout
+    if x.dtype == torch.bfloat16:
+        frob = torch.dot(grams[0].reshape(-1), grams[1].reshape(-1))
+        grams = grams.to(x.dtype)  # both in one op
+    gram1, gram2 = grams
+    (part, _, gx), (_, _, gy) = rowmat_pair((x, gram2, y, d, None), (y, gram1, x, d, None),
+                                            alpha, beta, -alpha, False, True)
+    if x.dtype != torch.bfloat16:
+        frob = part  # Σ xᵀ G2 x with the fp32 G2
+    return frob - (d * d).sum(), gx, gy
+
+
 def _clip_rows_dot(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool):
     b, k = z1.shape
     d = torch.empty(b, dtype=torch.float32, device=z1.device)
@@ -312,15 +368,10 @@ def spectral_forward(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool, 
         off, g1, g2 = _matrix(z1c, z2c, 2.0 * inv, pos)
     else:
         if need_grad:
-            gram1, gram2 = gram_pair(z1c, z2c)  # one launch where the views share a layout
-            # Z1c G2 - d∘Z2c = offdiag(S) Z2c; its fused partial Σ z1cᵀ G2 z1c = <G1, G2>_F.
-            (frob, _, g1), (_, _, g2) = rowmat_pair(
-                (z1c, gram2, z2c, d, None), (z2c, gram1, z1c, d, None),
-                2.0 * inv, pos, -2.0 * inv, False, True)
+            off, g1, g2 = _gram_grad(z1c, z2c, d, 2.0 * inv, pos)
         else:
             # <G1, G2>_F reduced tile by tile while G2 is formed: G2 is never written.
-            frob = gram_dot(z2c, gram(z1c))
-        off = frob - (d * d).sum()
+            off = gram_dot(z2c, gram(z1c)) - (d * d).sum()
     if need_grad and clip:
         _clip_rows_backward_(z1, n1, g1, z2, n2, g2, mu)
     loss = pos * d.sum() + inv * off
