@@ -486,3 +486,20 @@ def test_op_memory_measures_allocations_with_launches_stubbed(tmp_path):
     assert "| barlow_twins | 256 × 2048 | fp32 | minc_kernels-gram |" in (tmp_path / "results.md").read_text()
     with pytest.raises(SystemExit):
         op_memory.parse_args(["--shapes", "1x8"])
+
+
+def test_gram_precision_emulation_is_the_op(tmp_path):
+    """benchmarks.gram_precision: its float64 emulation of the bf16 gram path gives the
+    same gradient errors as the Triton op (interpreted), the rounded Grams stay within
+    eager's error, and the tables are written."""
+    from benchmarks import gram_precision
+    gram_precision.main(["--out", str(tmp_path), "--shapes", "40x7", "--op-max", "1000"])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [r["regime"] for r in data["rows"]] == list(gram_precision.REGIMES)
+    for r in data["rows"]:
+        e = r["errors"]
+        for key in ("dz1", "dz2"):
+            assert e["op"][key] == pytest.approx(e["bf16-G"][key], rel=1e-6)
+            assert e["bf16-G"][key] <= 3 * e["eager-pairwise"][key]
+        assert e["op"]["loss"] <= e["eager-pairwise"]["loss"]
+    assert "bf16-G dz / eager-pairwise dz" in (tmp_path / "results.md").read_text()
