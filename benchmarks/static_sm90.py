@@ -334,13 +334,15 @@ def _default(module_cls, name):
     return inspect.signature(module_cls).parameters[name].default
 
 
-def _gram_pair_estimates(b, k, dtype, need_grad, algo):
+def _gram_pair_estimates(b, k, dtype, need_grad, algo, loss):
     """The cost model behind ``ops.barlow_twins.choose_algorithm``: the spectral Gram-path
-    estimate of ``Zᵀ`` (N×N, "pairwise") and of ``Z`` (k×k, "gram"), µs."""
+    estimate of ``Zᵀ`` (N×N, "pairwise") and of ``Z`` (k×k, "gram"; Barlow Twins' rounds Γ
+    for bf16 rows), µs."""
     from minc_kernels.ops.spectral import estimate_seconds
 
     est = {"pairwise": estimate_seconds(k, b, dtype, need_grad, round_grams=False)["gram"],
-           "gram": estimate_seconds(b, k, dtype, need_grad, round_grams=False)["gram"]}
+           "gram": estimate_seconds(b, k, dtype, need_grad,
+                                    round_grams=loss == "barlow_twins")["gram"]}
     other = "gram" if algo == "pairwise" else "pairwise"
     return {"est_us": round(est[algo] * 1e6, 2), "est_other_us": round(est[other] * 1e6, 2)}
 
@@ -362,7 +364,7 @@ def _launch_barlow_twins(b, k, dtype, need_grad, variant):
     algo = variant.get("algorithm", chosen)
     ob.barlow_twins_forward(za, zb, _default(BarlowTwinsLoss, "lambda_param"), algo, need_grad)
     return {"algorithm": algo, "auto_choice": chosen,
-            **_gram_pair_estimates(b, k, dtype, need_grad, algo)}
+            **_gram_pair_estimates(b, k, dtype, need_grad, algo, "barlow_twins")}
 
 
 def _launch_vicreg(b, k, dtype, need_grad, variant):
@@ -370,12 +372,12 @@ def _launch_vicreg(b, k, dtype, need_grad, variant):
     from minc_kernels.ops import barlow_twins as ob
     from minc_kernels.ops import vicreg as ov
 
-    chosen = ob.choose_algorithm(b, k, dtype, need_grad)
+    chosen = ob.choose_algorithm(b, k, dtype, need_grad, loss="vicreg")
     algo = variant.get("algorithm", chosen)
     hp = [_default(VICRegLoss, n) for n in ("lambda_param", "mu_param", "nu_param", "eps")]
     ov.vicreg_forward(_meta(b, k, dtype), _meta(b, k, dtype), *hp, algo, need_grad)
     return {"algorithm": algo, "auto_choice": chosen,
-            **_gram_pair_estimates(b, k, dtype, need_grad, algo)}
+            **_gram_pair_estimates(b, k, dtype, need_grad, algo, "vicreg")}
 
 
 # How to run an op's launchers on meta tensors, by the registry's ``op`` name: the label of

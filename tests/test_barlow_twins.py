@@ -519,14 +519,17 @@ def test_cost_model_picks_the_smaller_side_from_the_spectral_estimates(monkeypat
     calls = []
 
     def fake(b, k, dtype, need_grad, round_grams=True):
-        assert round_grams is False  # Barlow Twins multiplies by fp32 Γ
-        calls.append((b, k))
+        calls.append((b, k, round_grams))
         return {"gram": 1.0 if b == 8 else 2.0, "pairwise": 0.0}
 
     monkeypatch.setattr(ops, "estimate_seconds", fake)
     assert ops.choose_algorithm(8, 3, torch.float32, True) == "gram"
     assert ops.choose_algorithm(3, 8, torch.float32, True) == "pairwise"
-    assert sorted(calls[:2]) == [(3, 8), (8, 3)]
+    # Zᵀ (the N×N path) keeps its fp32 Grams; Z (the k×k path) rounds Γ where rows are bf16
+    assert sorted(calls[:2]) == [(3, 8, False), (8, 3, True)]
+    calls.clear()  # VICReg's k×k path keeps its fp32 Γ
+    ops.choose_algorithm(8, 3, torch.float32, True, loss="vicreg")
+    assert sorted(calls) == [(3, 8, False), (8, 3, False)]
 
 
 def test_distributed_triton_ddp_matches_single_process(dist_results):

@@ -231,21 +231,29 @@ def test_two_views_in_one_launch_give_the_bits_of_two(monkeypatch, dtype, b, k):
     assert torch.equal(got[1][2], want[2]) and got[1][2] is outs[1]
 
 
-@pytest.mark.parametrize("dtype,split,launches", [
-    (torch.float32, "never", 2), (torch.bfloat16, "never", 2), (torch.bfloat16, "always", 1)])
-def test_g_and_its_transpose_pair_only_when_split_beforehand(monkeypatch, dtype, split, launches):
-    """rowmat_pair of ``(x, G)`` and ``(x2, Gᵀ)`` (Barlow Twins' Γ and Γᵀ): one launch where
-    bf16 rows take G's pieces split beforehand (each view's pieces contiguous), else two
-    (the kernel takes one layout of G for both views); the bits of two calls either way."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_g_and_its_transpose_pair_once_copied_into_one_layout(monkeypatch, dtype):
+    """rowmat_pair of ``(x, G)`` and ``(x2, Gᵀ)`` (Barlow Twins' Γ and Γᵀ): two launches
+    (the kernel takes one layout of G for both views); one once ``rounded`` copies them into
+    one (2, k, k) buffer, with the bits of one call per rounded operand."""
     from benchmarks.cpu_host_overhead import LaunchStub
     monkeypatch.setenv(G.GRAM_ENV, "triton")
-    monkeypatch.setenv(G.ROWMAT_SPLIT_ENV, split)
+    monkeypatch.setenv(G.ROWMAT_SPLIT_ENV, "always")
     xs, _, ds = _pair_inputs(19, 24, dtype, 5)
     m = torch.randn(24, 24, generator=torch.Generator().manual_seed(2)).to(DEV)
     views = [(xs[0], m, xs[2], ds[0], None), (xs[1], m.T, xs[3], ds[1], None)]
     with LaunchStub() as stub:
         G.rowmat_pair(*views, 0.7, -0.3, 0.2, False, True)
-    assert stub.counts["rowmat_kernel"] == launches
+    assert stub.counts["rowmat_kernel"] == 2
+    half = torch.bfloat16
+    both = G.rounded(m, m.T, half)
+    assert both.is_contiguous() and torch.equal(both[1], m.T.to(half))
+    assert torch.equal(both[0], m.to(half))
+    xb = [x.to(half) for x in xs]
+    views = [(xb[0], both[0], xb[2], ds[0], None), (xb[1], both[1], xb[3], ds[1], None)]
+    with LaunchStub() as stub:
+        G.rowmat_pair(*views, 0.7, -0.3, 0.2, False, True)
+    assert stub.counts["rowmat_kernel"] == 1
     for gha in (False, True):
         got = G.rowmat_pair(*views, 0.7, -0.3, 0.2, gha, True)
         for g_t, v in zip(got, views):
@@ -276,18 +284,21 @@ def test_pairs_under_cublas_are_two_calls(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(got[1], want))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("loss,algorithm", [("spectral", "gram"), ("vicreg", "gram"),
                                             ("vicreg", "pairwise"), ("barlow_twins", "pairwise"),
                                             ("barlow_twins", "gram")])
-def test_losses_form_both_views_grams_in_one_launch(monkeypatch, loss, algorithm):
+def test_losses_form_both_views_grams_in_one_launch(monkeypatch, loss, algorithm, dtype):
     """fwd+bwd: one ``moment_partial_kernel`` and one ``rowmat_kernel`` launch for both views
-    (two each before); Barlow Twins' k×k path multiplies by ``Γ`` and ``Γᵀ``, one launch
-    only where G is split beforehand (large bf16), so two here (its Gram is a cross_gram)."""
+    (two each before); Barlow Twins' k×k path multiplies by ``Γ`` and ``Γᵀ``: one launch
+    for bf16 rows (both rounded into one buffer), two for fp32 (two layouts; its Gram is a
+    cross_gram)."""
     import minc_kernels.functional as Fn
     from benchmarks.cpu_host_overhead import LaunchStub
     monkeypatch.setenv(G.GRAM_ENV, "triton")
     g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(12, 10, generator=g).to(DEV).requires_grad_() for _ in range(2))
+    a, b = (torch.randn(12, 10, generator=g).to(dtype).to(DEV).requires_grad_()
+            for _ in range(2))
     call = {"spectral": lambda: Fn.spectral_contrastive_loss(a, b, algorithm=algorithm, backend="triton"),
             "vicreg": lambda: Fn.vicreg_loss(a, b, algorithm=algorithm, backend="triton"),
             "barlow_twins": lambda: Fn.barlow_twins_loss(a, b, algorithm=algorithm, backend="triton")}[loss]
@@ -295,7 +306,42 @@ def test_losses_form_both_views_grams_in_one_launch(monkeypatch, loss, algorithm
         call().backward()
     k_by_k = (loss, algorithm) == ("barlow_twins", "gram")
     assert stub.counts["moment_partial_kernel"] == (0 if k_by_k else 1), dict(stub.counts)
-    assert stub.counts["rowmat_kernel"] == (2 if k_by_k else 1), dict(stub.counts)
+    two = k_by_k and dtype == torch.float32
+    assert stub.counts["rowmat_kernel"] == (2 if two else 1), dict(stub.counts)
+
+
+@pytest.mark.parametrize("dtype,mode", [(torch.float32, 0), (torch.bfloat16, 4),
+                                        (torch.float16, 2)])
+@pytest.mark.parametrize("loss", ["spectral", "vicreg", "barlow_twins"])
+def test_k_by_k_products_take_operands_rounded_for_bf16_only(monkeypatch, loss, dtype, mode):
+    """The k×k paths' gradient products: bf16 rows multiply by the fp32 operand (the
+    spectral Grams, Barlow Twins' Γ and Γᵀ) rounded to bf16 (MODE 4, one native dot per
+    tile), as eager autograd rounds it (``rounds_operand``); fp16 rows by the fp32 operand
+    as two TF32 pieces (MODE 2), fp32 rows strict fp32 (MODE 0).  With the presplit forced
+    on, so bf16 would otherwise take MODE 3, as VICReg's does: its Γ holds the variance
+    hinge's derivative on the diagonal, which eager forms in fp32 (rounded, it measured up
+    to 1.3× eager's gradient error)."""
+    import minc_kernels.functional as Fn
+    from minc_kernels.kernels.gram import rowmat_kernel
+    monkeypatch.setenv(G.GRAM_ENV, "triton")
+    monkeypatch.setenv(G.ROWMAT_SPLIT_ENV, "always")
+    seen = []
+    real = rowmat_kernel.run
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["MODE"], args[1].dtype))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rowmat_kernel, "run", spy)
+    g = torch.Generator().manual_seed(4)
+    a, b = (torch.randn(12, 10, generator=g).to(dtype).to(DEV).requires_grad_()
+            for _ in range(2))
+    fn = {"spectral": Fn.spectral_contrastive_loss, "vicreg": Fn.vicreg_loss,
+          "barlow_twins": Fn.barlow_twins_loss}[loss]
+    fn(a, b, algorithm="gram", backend="triton").backward()
+    if loss == "vicreg" and mode == 4:
+        mode = 3  # G's bf16 pieces, split beforehand
+    assert seen and set(seen) == {(mode, dtype if mode in (3, 4) else torch.float32)}, seen
 
 
 @pytest.mark.parametrize("algorithm", ["gram", "pairwise"])

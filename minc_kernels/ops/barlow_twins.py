@@ -23,8 +23,9 @@ Passes:
    program): from these ``C_ii`` on the N×N path, from ``C``'s own diagonal on the k×k one.
 2. ``"gram"``: ``C = Ẑaᵀ Ẑb / N`` (:func:`~minc_kernels.ops.gram.cross_gram`, k×k fp32,
    written), ``‖C‖_F²``; gradient ``Γ = ∂L/∂C`` formed in place in ``C``, then
-   ``Ẑb Γᵀ / N`` and ``Ẑa Γ / N`` (:func:`~minc_kernels.ops.gram.rowmat_pair`: one launch
-   for large bf16 calls, whose ``Γ`` and ``Γᵀ`` are split into contiguous pieces, else two).
+   ``Ẑb Γᵀ / N`` and ``Ẑa Γ / N`` (:func:`_times_gamma`: bf16 rows take ``Γ`` and ``Γᵀ``
+   rounded to bf16 into one buffer, one ``rowmat_pair`` launch, as eager autograd rounds
+   ``∂L/∂C``; fp16/fp32 rows the fp32 ``Γ`` and ``Γᵀ``, two launches).
    ``"pairwise"``: ``G_a = Ẑa Ẑaᵀ`` (N×N fp32, written) and, without a gradient,
    ``<G_a, Ẑb Ẑbᵀ>_F`` reduced tile by tile (:func:`~minc_kernels.ops.gram.gram_dot`: the
    second N×N Gram is never written); with a gradient ``G_b`` too, and
@@ -50,7 +51,7 @@ from ..losses.barlow_twins import BN_EPS
 from ._common import flat_sq
 from ._grad_in_forward import register_grad_in_forward
 from .gram import (col_stats, col_stats_backward, col_terms, cross_gram, gram, gram_dot, gram_pair,
-                   rowmat_pair)
+                   rounded, rounds_operand, rowmat_pair)
 from . import tables
 from .spectral import estimate_seconds
 
@@ -69,9 +70,27 @@ def choose_algorithm(n: int, k: int, dtype: torch.dtype, need_grad: bool,
                             ("pairwise", "gram"))
         if got is not None:
             return got
+    # Barlow Twins' k×k path rounds Γ for bf16 rows (as the spectral Gram path rounds its
+    # Grams); VICReg's does not, and the N×N paths keep their fp32 Grams (whose fused
+    # partial gives the loss)
     by_rows = estimate_seconds(k, n, dtype, need_grad, round_grams=False)["gram"]
-    by_cols = estimate_seconds(n, k, dtype, need_grad, round_grams=False)["gram"]
+    by_cols = estimate_seconds(n, k, dtype, need_grad,
+                               round_grams=loss == "barlow_twins")["gram"]
     return "pairwise" if by_rows < by_cols else "gram"
+
+
+def _times_gamma(na: torch.Tensor, nb: torch.Tensor, gam: torch.Tensor, scale: float):
+    """``scale·Ẑb Γᵀ`` and ``scale·Ẑa Γ`` (fp32 (N, k)) for the fp32 (k, k) ``Γ``, as
+    ``rowmat_pair`` results.  bf16 rows take ``Γ`` and ``Γᵀ`` rounded to bf16 into one
+    (2, k, k) buffer (two copies; one launch, one native dot per tile), as eager autograd
+    rounds ``∂L/∂C``; fp16/fp32 rows the fp32 ``Γ`` and ``Γᵀ`` (two layouts: two
+    launches)."""
+    if rounds_operand(na.dtype):
+        gam, gam_t = rounded(gam, gam.T, na.dtype)
+    else:
+        gam_t = gam.T
+    return rowmat_pair((nb, gam, nb, None, None), (na, gam_t, na, None, None),
+                       scale, 0.0, 0.0, False, True)
 
 
 def barlow_twins_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float,
@@ -94,11 +113,8 @@ def barlow_twins_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: flo
         if need_grad:
             gam = c.mul_(2.0 * lam)  # Γ = ∂L/∂C, in place: off-diagonal 2λC_ij ...
             torch.diagonal(gam).copy_(coef[1])  # ... diagonal -2(1 - C_ii)
-            # Ẑb Γᵀ / N and Ẑa Γ / N: one launch where bf16 rows take Γ's pieces split
-            # beforehand (both views' pieces contiguous), else two
-            (_, _, ga), (_, _, gb) = rowmat_pair((nb, gam, nb, None, None),
-                                                 (na, gam.T, na, None, None),
-                                                 1.0 / n, 0.0, 0.0, False, True)
+            # Ẑb Γᵀ / N and Ẑa Γ / N (one launch where both operands share a layout)
+            (_, _, ga), (_, _, gb) = _times_gamma(na, nb, gam, 1.0 / n)
         c = gam = None  # free the k×k matrix (Γ is C, scaled in place) before pass 3
     else:
         # C_ii = Σ ẑa∘ẑb / N (rowmat's d) and base = Σ (1 - C_ii)² - λ Σ C_ii², one launch
@@ -185,9 +201,7 @@ def barlow_twins_cross_corr_backward(grad_c: torch.Tensor, z_a: torch.Tensor, z_
                                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """``dL/dz_a, dL/dz_b`` (input dtypes) from ``dL/d(Ẑaᵀ Ẑb)``: ``Ẑb Gᵀ``, ``Ẑa G``
     (:func:`rowmat_pair`), then the standardisation's Jacobian."""
-    g = grad_c.float().contiguous()
-    (_, _, dna), (_, _, dnb) = rowmat_pair((nb, g, nb, None, None), (na, g.T, na, None, None),
-                                           1.0, 0.0, 0.0, False, True)
+    (_, _, dna), (_, _, dnb) = _times_gamma(na, nb, grad_c.float(), 1.0)
     ga, gb = col_stats_backward(dna, dnb, na, nb, z_a, z_b, stats, 0.0)
     return ga.to(z_a.dtype), gb.to(z_b.dtype)
 

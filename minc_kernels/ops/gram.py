@@ -36,8 +36,8 @@ from ._common import (DEVICE_BW, cdiv, device_guard, interpreting, is_fp32, num_
 
 __all__ = ["rowmat", "rowmat_pair", "gram", "gram_pair", "gram_dot", "cross_gram",
            "cross_gram_partials", "col_stats",
-           "col_stats_backward", "col_terms", "gram_backend", "split_bf16x3", "GRAM_BACKENDS",
-           "GRAM_IMPLS"]
+           "col_stats_backward", "col_terms", "gram_backend", "split_bf16x3", "rounds_operand",
+           "rounded", "GRAM_BACKENDS", "GRAM_IMPLS"]
 
 GRAM_BACKENDS = ("auto", "triton", "cublas")
 GRAM_ENV = "MINC_KERNELS_GRAM"
@@ -135,19 +135,16 @@ def rowmat_pair(first: tuple, second: tuple, alpha: float, beta: float, gamma: f
     """:func:`rowmat` of two views with the same scalars: ``first`` and ``second`` are each
     ``(x, g, y, d, out)``; returns ``[(Σ x∘q, Σ x∘y, out)]`` per view.  One launch (the
     kernel's ``VIEWS = 2``: both views' tiles in one grid, the same bits as two) where the
-    Triton kernels run and each operand has its counterpart's layout (``G`` and ``Gᵀ`` too
-    where bf16 rows take ``G``'s pieces split beforehand: the split writes both
-    contiguous); else two calls.  (Pairing ``G`` with ``Gᵀ`` in the kernel itself needs its
-    body compiled once per view, to keep a stride of 1 a compile-time constant: on sm_90
-    that raised registers by up to 94 and cost occupancy, so it is not done.)"""
+    Triton kernels run and each operand has its counterpart's layout; else two calls.
+    (``G`` with ``Gᵀ``: a caller copies them into one layout, as :func:`rounded` does.
+    Pairing them in the kernel itself needs its body compiled once per view, to keep a
+    stride of 1 a compile-time constant: on sm_90 that raised registers by up to 94 and
+    cost occupancy, so it is not done.)"""
     x = first[0]
     for t in (first, second):
         _check_out(t[0], t[4], need_grad)
-    g, g2 = first[1], second[1]
-    g_ok = _same_layout(g, g2) or (g.shape == g2.shape and g.device == g2.device
-                                   and _takes_pieces(x, g) and g2.dtype == torch.float32)
-    if (gram_backend("rowmat", x) == "triton" and g_ok
-            and all(_same_layout(a, b) for i, (a, b) in enumerate(zip(first, second)) if i != 1)):
+    if (gram_backend("rowmat", x) == "triton"
+            and all(_same_layout(a, b) for a, b in zip(first, second))):
         return _rowmat_triton([first, second], alpha, beta, gamma, gha, need_grad)
     return [rowmat(*t[:4], alpha, beta, gamma, gha, need_grad, out=t[4]) for t in (first, second)]
 
@@ -177,6 +174,28 @@ def _takes_pieces(x: torch.Tensor, g: torch.Tensor) -> bool:
     return g.dtype == torch.float32 and rhs_f32_mode(x.dtype) == 1 and _presplit(*x.shape)
 
 
+def rounds_operand(dtype: torch.dtype) -> bool:
+    """Whether rows of ``dtype`` multiply by a k×k (or N×N) fp32 operand rounded to their
+    dtype (rowmat's MODE 4, one native dot per tile) where eager autograd rounds it too: the
+    gradient products of the spectral Gram path and of Barlow Twins' k×k path (not VICReg's,
+    whose Γ carries the variance hinge's derivative, which eager keeps in fp32).  bf16
+    only: a fp16 copy of a Gram could overflow (entries reach B·μ), and fp32 stays strict
+    fp32.  The losses' values keep the fp32 operands."""
+    return dtype == torch.bfloat16
+
+
+def rounded(g: torch.Tensor, g2: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``g`` (and ``g2``) rounded to ``dtype``, contiguous: (k, k), or (2, k, k) holding both
+    in one layout (``rowmat_pair`` then takes them in one launch, e.g. ``Γ`` with ``Γᵀ``).
+    One torch op per operand (a (2, k, k) ``g`` with ``g2=None``: one op for both)."""
+    if g2 is None:
+        return g.to(dtype, memory_format=torch.contiguous_format)
+    out = torch.empty((2,) + tuple(g.shape), dtype=dtype, device=g.device)
+    out[0].copy_(g)
+    out[1].copy_(g2)
+    return out
+
+
 def split_bf16x3(g: torch.Tensor) -> torch.Tensor:
     """The hi, mid and lo bf16 pieces of the fp32 (k, k) ``g`` (any strides), as one
     contiguous (3, k, k) bf16 tensor (``kernels.gram.split_bf16x3_kernel``)."""
@@ -190,10 +209,10 @@ def split_bf16x3(g: torch.Tensor) -> torch.Tensor:
 
 def _rowmat_triton(views: list[tuple], alpha, beta, gamma, gha, need_grad) -> list[tuple]:
     """One ``rowmat_kernel`` launch over one or two views ``(x, g, y, d, out)`` of one
-    layout (the second view's operands take the first's strides; ``g`` too, unless it is
-    split beforehand).  bf16 rows against a large ``G`` take its bf16 pieces, split
-    beforehand into a contiguous buffer (MODE 3, the same bits as MODE 1).  A half ``G``
-    (rounded by the caller) takes one native dot (MODE 4)."""
+    layout (the second view's operands take the first's strides).  bf16 rows against a
+    large fp32 ``G`` take its bf16 pieces, split beforehand into a contiguous buffer
+    (MODE 3, the same bits as MODE 1).  A half ``G`` (rounded by the caller) takes one
+    native dot (MODE 4)."""
     x, g, y, d, out = views[0]
     b, k = x.shape
     n = len(views)
@@ -201,7 +220,7 @@ def _rowmat_triton(views: list[tuple], alpha, beta, gamma, gha, need_grad) -> li
     if mode and g.dtype == x.dtype:
         mode = 4  # a half G, rounded by the caller: one native dot
     elif _takes_pieces(x, g):
-        mode = 3  # each view's pieces contiguous, whatever the layout of its G
+        mode = 3
         views = [(vx, split_bf16x3(vg), vy, vd, vout) for vx, vg, vy, vd, vout in views]
         g = views[0][1]
     cfg = configs.rowmat_config(k, x.dtype, gha=bool(gha and need_grad), b=b)

@@ -57,7 +57,7 @@ from ._common import (DEVICE_BW, DEVICE_FLOPS, TARGET_PROGRAMS, TARGET_SMS, cdiv
 from ._grad_in_forward import register_grad_in_forward
 from . import tables
 from .gram import (cross_gram, cross_gram_partials, gram, gram_backend, gram_dot, gram_pair,
-                   rowmat_pair)
+                   rounded, rounds_operand, rowmat_pair)
 
 __all__ = ["spectral_loss", "spectral_loss_fwd", "spectral_forward", "choose_algorithm",
            "estimate_seconds", "ALGORITHMS"]
@@ -153,9 +153,9 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool, *,
     if need_grad:
         rc = configs.rowmat_config(k, dtype, for_device=True, b=b)
         n_rm, n_rn = cdiv(b, rc["BLOCK_M"]), cdiv(k, rc["BLOCK_N"])
-        rounded = round_grams and dtype == torch.bfloat16
-        g_bytes, rate = (2, rate_same) if rounded else (4, rate_rhs)
-        if rounded:  # <G1, G2>_F by a fp32 dot, then both Grams rounded (8k² + 12k² bytes)
+        rounds = round_grams and rounds_operand(dtype)
+        g_bytes, rate = (2, rate_same) if rounds else (4, rate_rhs)
+        if rounds:  # <G1, G2>_F by a fp32 dot, then both Grams rounded (8k² + 12k² bytes)
             t_gram += 20 * k * k / DEVICE_BW
             torch_ops += 2
         t_gram += launch(2 * 2.0 * b * k * k, rate,
@@ -302,13 +302,14 @@ def _gram_grad(x: torch.Tensor, y: torch.Tensor, d: torch.Tensor, alpha: float, 
     (random, aligned and collapsed embeddings; docs/math.md §1).
     fp16 keeps the fp32 Grams (two TF32 dots): a fp16 Gram overflows at B·μ > 65504."""
     grams = gram_pair(x, y)  # (2, k, k): one launch where the views share a layout
-    if x.dtype == torch.bfloat16:
+    rounds = rounds_operand(x.dtype)
+    if rounds:
         frob = torch.dot(grams[0].reshape(-1), grams[1].reshape(-1))
-        grams = grams.to(x.dtype)  # both in one op
+        grams = rounded(grams, None, x.dtype)  # both in one op
     gram1, gram2 = grams
     (part, _, gx), (_, _, gy) = rowmat_pair((x, gram2, y, d, None), (y, gram1, x, d, None),
                                             alpha, beta, -alpha, False, True)
-    if x.dtype != torch.bfloat16:
+    if not rounds:
         frob = part  # Σ xᵀ G2 x with the fp32 G2
     return frob - (d * d).sum(), gx, gy
 
