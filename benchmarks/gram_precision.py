@@ -20,8 +20,16 @@ identity): ``random`` (independent views), ``aligned`` (z2 = z1 + noise, as in t
 gets).  Errors are the max absolute error over all entries divided by the largest entry
 of the oracle, for the loss and each gradient.
 
-Usage: ``python -m benchmarks.gram_precision --out DIR [--shapes BxK ...] [--op-max N]``
-writes ``DIR/results.json`` and ``DIR/results.md``.
+A second table (``--kxk-shapes``) does the same for the k×k paths of Barlow Twins and
+VICReg with the Triton ops themselves (interpreted, so small shapes): the op as shipped,
+the op with the rounding switched off (``rounds_operand`` patched to False: the fp32
+operand as split pieces) and eager, on independent and aligned views.  Barlow Twins
+rounds its ``Γ`` (eager autograd rounds ``∂L/∂C``); VICReg does not (its ``Γ`` carries the
+variance hinge's derivative, which eager keeps in fp32), so its two op columns agree and
+its rows check the op against eager.
+
+Usage: ``python -m benchmarks.gram_precision --out DIR [--shapes BxK ...] [--op-max N]
+[--kxk-shapes NxK ...]`` writes ``DIR/results.json`` and ``DIR/results.md``.
 """
 from __future__ import annotations
 
@@ -117,6 +125,74 @@ def run(shapes, op_max, seed=0):
     return rows
 
 
+def run_kxk(shapes, seed=0):
+    """Barlow Twins and VICReg, ``algorithm="gram"``: the op with and without the rounded
+    k×k operand, and eager, against float64."""
+    import torch
+
+    import minc_kernels.functional as Fn
+    from minc_kernels import reference
+    from minc_kernels.ops import barlow_twins as ob
+    from minc_kernels.ops import gram as og
+    from minc_kernels.ops import vicreg as ov
+    losses = {
+        "barlow_twins": (lambda a, c: Fn.barlow_twins_loss(a, c, algorithm="gram", backend="triton"),
+                         lambda a, c: reference.barlow_twins_loss(a, c, 5e-3, "gram")),
+        "vicreg": (lambda a, c: Fn.vicreg_loss(a, c, algorithm="gram", backend="triton"),
+                   lambda a, c: reference.vicreg_loss(a, c, algorithm="gram")),
+    }
+    rows = []
+    g = 0.8
+    for loss, (op, ref) in losses.items():
+        for shape in shapes:
+            n, k = map(int, shape.split("x"))
+            for regime in ("random", "aligned"):
+                gen = torch.Generator().manual_seed(seed)
+                za = torch.randn(n, k, generator=gen, dtype=torch.float64)
+                noise = torch.randn(n, k, generator=gen, dtype=torch.float64)
+                zb = za + 0.3 * noise if regime == "aligned" else noise
+                za, zb = za.bfloat16(), zb.bfloat16()
+                want = _autograd(torch, ref, za.double(), zb.double(), g)
+                got = {"eager": _autograd(torch, ref, za, zb, g),
+                       "op": _autograd(torch, op, za, zb, g)}
+                saved = [(m, m.rounds_operand) for m in (og, ob, ov)
+                         if hasattr(m, "rounds_operand")]
+                try:
+                    for m, _ in saved:
+                        m.rounds_operand = lambda dtype: False
+                    got["op, fp32 operand"] = _autograd(torch, op, za, zb, g)
+                finally:
+                    for m, f in saved:
+                        m.rounds_operand = f
+                rows.append({"loss": loss, "N": n, "k": k, "regime": regime,
+                             "errors": {name: dict(zip(("loss", "dz1", "dz2"), _rel_errors(v, want)))
+                                        for name, v in got.items()}})
+                print(f"{loss} {n}x{k} {regime}: " + "  ".join(
+                    f"{nm} {e['dz1']:.2e}/{e['dz2']:.2e}" for nm, e in rows[-1]["errors"].items()),
+                    file=sys.stderr, flush=True)
+    return rows
+
+
+def kxk_markdown(rows):
+    if not rows:
+        return ""
+    names = list(rows[0]["errors"])
+    lines = ["", "## Barlow Twins and VICReg, k×k path (the Triton ops, interpreted)", "",
+             "`op`: as shipped (Barlow Twins rounds Γ for bf16 rows; VICReg keeps its fp32 Γ, "
+             "so its two op columns agree); `op, fp32 operand`: with the rounding switched off.",
+             ""]
+    header = ["loss", "N", "k", "regime"] + [f"{n} dz" for n in names] + \
+        ["op dz / eager dz", "op dz / fp32-operand dz"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    for r in rows:
+        dz = {n: max(v["dz1"], v["dz2"]) for n, v in r["errors"].items()}
+        cells = [r["loss"], str(r["N"]), str(r["k"]), r["regime"]]
+        cells += [f"{dz[n]:.2e}" for n in names]
+        cells += [f"{dz['op'] / dz['eager']:.2f}", f"{dz['op'] / dz['op, fp32 operand']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def to_markdown(meta, rows):
     names = list(rows[0]["errors"]) if rows else []
     for r in rows:
@@ -149,20 +225,23 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES))
     parser.add_argument("--op-max", type=int, default=0,
                         help="run the Triton op too where B*k <= this (interpreted: slow)")
+    parser.add_argument("--kxk-shapes", nargs="*", default=[],
+                        help="NxK shapes for the Barlow Twins / VICReg k×k table (interpreted)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
     rows = run(args.shapes, args.op_max)
+    kxk = run_kxk(args.kxk_shapes)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "commit": os.environ.get("MINC_KERNELS_GIT_COMMIT", "unknown"),
             "torch": torch.__version__,
             "command": "python -m benchmarks.gram_precision " + " ".join(argv or sys.argv[1:])}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows, "kxk_rows": kxk}, f, indent=1)
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(to_markdown(meta, rows))
+        f.write(to_markdown(meta, rows) + kxk_markdown(kxk))
 
 
 if __name__ == "__main__":
