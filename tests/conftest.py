@@ -39,3 +39,21 @@ def _column_statistics_split_at_test_shapes(monkeypatch):
 def kernel_device():
     """Where the Triton kernels run in this session: CUDA if present, else the CPU interpreter."""
     return torch.device("cuda") if HAS_CUDA else torch.device("cpu")
+
+
+@pytest.fixture
+def rowmat_calls(monkeypatch):
+    """The ``rowmat_kernel`` launches of the test, as ``(MODE, G's dtype, G, second view's
+    G)`` (the G tensors cloned at launch); the launches still run."""
+    from minc_kernels.kernels.gram import rowmat_kernel
+    seen = []
+    real = rowmat_kernel.run
+
+    def spy(*args, **kwargs):
+        g2 = args[7]
+        seen.append((kwargs["MODE"], args[1].dtype, args[1].clone(),
+                     g2.clone() if isinstance(g2, torch.Tensor) else None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rowmat_kernel, "run", spy)
+    return seen

@@ -142,30 +142,22 @@ def test_pairwise_fwd_bwd_launches(clip):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_matrix_path_launches_and_modes(dtype, monkeypatch):
+def test_matrix_path_launches_and_modes(dtype, request):
     """The matrix path writes S once (one cross_gram launch), and S' with its transpose in
     one pass, and takes both gradients in one rowmat launch, with no pairwise launch; half
     inputs multiply S rounded to their dtype (MODE 4: one dot per tile), fp32 strict fp32
     (MODE 0); the gradients come out contiguous (B, k)."""
     from benchmarks.cpu_host_overhead import LaunchStub
-    from minc_kernels.kernels.gram import rowmat_kernel
     z1, z2 = _inputs(37, 53, dtype, "cpu", seed=14)
     with LaunchStub() as stub:
         ops.spectral_loss(z1, z2, MU, True, "matrix").backward()
     assert dict(stub.counts) == {"clip_rows_dot_kernel": 1, "cross_gram_kernel": 1,
                                  "offdiag_finish_kernel": 1, "rowmat_kernel": 1,
                                  "clip_rows_backward_kernel": 1}
-    seen = []
-    real = rowmat_kernel.run
-
-    def spy(*args, **kwargs):
-        seen.append((kwargs["MODE"], args[1].dtype))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(rowmat_kernel, "run", spy)
+    rowmat_calls = request.getfixturevalue("rowmat_calls")  # after the stub: launches run
     loss, g1, g2 = ops.spectral_loss_fwd(z1.detach(), z2.detach(), MU, True, "matrix", True)
     want_mode = 0 if dtype == torch.float32 else 4
-    assert seen == [(want_mode, dtype)]
+    assert [c[:2] for c in rowmat_calls] == [(want_mode, dtype)]
     assert g1.is_contiguous() and g2.is_contiguous() and g1.shape == z1.shape
     # without a gradient "matrix" is the pairwise pass (S is never needed whole)
     with LaunchStub() as stub:
@@ -175,22 +167,13 @@ def test_matrix_path_launches_and_modes(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_gram_path_rounds_the_grams_for_bf16_only(dtype, monkeypatch):
+def test_gram_path_rounds_the_grams_for_bf16_only(dtype, rowmat_calls):
     """The gram path's gradient products: bf16 rows take the Grams rounded to bf16 (MODE 4,
     one native dot, exactly torch's rounding of the fp32 Grams), fp16 and fp32 rows the
     fp32 Grams (MODE 2 / 0); both views in one rowmat launch either way."""
-    from minc_kernels.kernels.gram import rowmat_kernel
     z1, z2 = _inputs(37, 21, dtype, "cpu", seed=17)
-    seen = []
-    real = rowmat_kernel.run
-
-    def spy(*args, **kwargs):
-        seen.append((kwargs["MODE"], args[1].dtype, args[1].clone(), args[7].clone()))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(rowmat_kernel, "run", spy)
     ops.spectral_loss_fwd(z1.detach(), z2.detach(), MU, False, "gram", True)
-    (mode, g_dtype, g2, g1), = seen
+    (mode, g_dtype, g2, g1), = rowmat_calls
     assert (mode, g_dtype) == {torch.float32: (0, torch.float32), torch.float16: (2, torch.float32),
                                torch.bfloat16: (4, torch.bfloat16)}[dtype]
     if dtype == torch.bfloat16:  # (no clipping: the Grams of the inputs themselves)
