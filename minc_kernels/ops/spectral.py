@@ -97,9 +97,10 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool, *,
     ``BLOCK_C``-wide chunk of output columns and add ``2B²k`` for ``offdiag(S) Z``, plus the
     split partials' sums.
     Gram: two symmetric Grams (``≈Bk²`` each) and, with gradients, two ``Z G`` products
-    (``2Bk²`` each; split dots, or with ``round_grams`` native ones on Grams rounded to
-    bf16 for bf16, as the spectral op does; Barlow Twins and VICReg, pricing their own
-    Gram paths with this, keep fp32 ``Γ``), the two views of each in one launch.
+    (``2Bk²`` each; split dots, or with ``round_grams`` native ones on operands rounded to
+    bf16 for bf16 rows, as the spectral op and Barlow Twins' k×k path do; VICReg and the
+    N×N paths, priced with ``round_grams=False``, keep fp32 operands), the two views of
+    each in one launch.
     Matrix (with gradients; without, it is the pairwise pass): ``S`` (``2B²k``, written
     once), one pass over it (diagonal, ``Σ S²``, rounding) and two ``Zᵀ Sᵀ`` products
     (``2B²k`` each, one native dot per tile), both views in one launch.
