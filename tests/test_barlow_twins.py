@@ -509,7 +509,7 @@ def test_device_tile_configs_of_the_new_kernels():
         configs.gram_config(1024, torch.float32, for_device=True)
 
 
-def test_cost_model_picks_the_smaller_side_from_the_spectral_estimates(monkeypatch):
+def test_cost_model_picks_the_smaller_side_from_the_spectral_estimates(monkeypatch, request):
     for dtype in (torch.float32, torch.bfloat16):
         for need_grad in (False, True):
             assert ops.choose_algorithm(256, 8192, dtype, need_grad) == "pairwise"
@@ -523,6 +523,8 @@ def test_cost_model_picks_the_smaller_side_from_the_spectral_estimates(monkeypat
         return {"gram": 1.0 if b == 8 else 2.0, "pairwise": 0.0}
 
     monkeypatch.setattr(ops, "estimate_seconds", fake)
+    ops.model_choice.cache_clear()  # the model's choice is cached per shape: no old
+    request.addfinalizer(ops.model_choice.cache_clear)  # answers in, no fake ones out
     assert ops.choose_algorithm(8, 3, torch.float32, True) == "gram"
     assert ops.choose_algorithm(3, 8, torch.float32, True) == "pairwise"
     # Zᵀ (the N×N path) keeps its fp32 Grams; Z (the k×k path) rounds Γ where rows are bf16
@@ -530,6 +532,9 @@ def test_cost_model_picks_the_smaller_side_from_the_spectral_estimates(monkeypat
     calls.clear()  # VICReg's k×k path keeps its fp32 Γ
     ops.choose_algorithm(8, 3, torch.float32, True, loss="vicreg")
     assert sorted(calls) == [(3, 8, False), (8, 3, False)]
+    calls.clear()  # cached: the same question asks the model nothing
+    assert ops.choose_algorithm(8, 3, torch.float32, True, loss="vicreg") == "gram"
+    assert calls == []
 
 
 def test_distributed_triton_ddp_matches_single_process(dist_results):

@@ -263,7 +263,7 @@ def test_triton_forward_only_and_deterministic(kernel_device, algorithm):
 
 def test_triton_auto_runs_the_cost_model_choice(kernel_device):
     za, zb = _views(37, 5, torch.float32, seed=5, device=kernel_device)
-    choice = ops.choose_algorithm(37, 5, torch.float32, True)
+    choice = ops.choose_algorithm(37, 5, torch.float32, True, loss="vicreg")
     a = _run(_kernel(KW, "auto"), za, zb, 1.0)
     b = _run(_kernel(KW, choice), za, zb, 1.0)
     assert all(torch.equal(x, y) for x, y in zip(a, b))

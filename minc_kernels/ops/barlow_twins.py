@@ -45,6 +45,8 @@ k×k matrix (``"gram"``, 4k² bytes) or the two N×N ones (8N² bytes); measured
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..losses.barlow_twins import BN_EPS
@@ -56,7 +58,7 @@ from . import tables
 from .spectral import estimate_seconds
 
 __all__ = ["barlow_twins_loss", "barlow_twins_loss_fwd", "barlow_twins_forward",
-           "choose_algorithm", "cross_correlation", "barlow_twins_cross_corr"]
+           "choose_algorithm", "model_choice", "cross_correlation", "barlow_twins_cross_corr"]
 
 
 def choose_algorithm(n: int, k: int, dtype: torch.dtype, need_grad: bool,
@@ -70,6 +72,16 @@ def choose_algorithm(n: int, k: int, dtype: torch.dtype, need_grad: bool,
                             ("pairwise", "gram"))
         if got is not None:
             return got
+    return model_choice(n, k, dtype, need_grad, loss)
+
+
+@functools.lru_cache(maxsize=1024)
+def model_choice(n: int, k: int, dtype: torch.dtype, need_grad: bool,
+                 loss: str = "barlow_twins") -> str:
+    """The cost model's side: :func:`~minc_kernels.ops.spectral.estimate_seconds`' Gram-path
+    time of ``Zᵀ`` (N×N Grams) against that of ``Z`` (k×k).  Cached, as the spectral
+    ``model_choice``: it depends only on its arguments, and two estimates cost about 100 µs
+    of host time per call (``benchmarks/results/cpu-host-overhead-2026-12-06b/``)."""
     # Barlow Twins' k×k path rounds Γ for bf16 rows (as the spectral Gram path rounds its
     # Grams); VICReg's does not, and the N×N paths keep their fp32 Grams (whose fused
     # partial gives the loss)

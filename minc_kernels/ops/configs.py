@@ -10,6 +10,7 @@ The sm_90 facts quoted in the comments come from the static suite
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -81,12 +82,18 @@ def _kernel_config(params: dict) -> KernelConfig:  # for pickle / copy
     return KernelConfig(**params)
 
 
+# A configuration depends only on its arguments (and on the interpreter flag, fixed at
+# import); launchers ask for one on every call, and a small call's time is host time:
+# cached (issue 21; benchmarks/results/cpu-host-overhead-2026-12-06b/).
+_cached = functools.lru_cache(maxsize=4096)
+
 _ONE_WAVE = TARGET_SMS
 _TARGET_PROGRAMS = TARGET_PROGRAMS  # about two waves of an H100; a shape constant, so tiles (and with
 # them the bits) depend only on the shape, not on the GPU
 
 
 # ----------------------------------------------------------------------------- Gram layer
+@_cached
 def rowmat_config(k: int, dtype: torch.dtype = torch.float32, gha: bool = False,
                   for_device: bool = False, b: int | None = None) -> KernelConfig:
     """:func:`~minc_kernels.kernels.gram.rowmat_kernel` (``X Gᵀ`` fused), grid
@@ -142,6 +149,7 @@ def rowmat_presplit(b: int, k: int) -> bool:
             and 6 * k * k <= ROWMAT_PRESPLIT_MAX_BYTES)
 
 
+@_cached
 def gram_config(k: int, dtype: torch.dtype, for_device: bool = False) -> KernelConfig:
     """:func:`~minc_kernels.kernels.gram.moment_partial_kernel` (``Xᵀ X`` by row slices)."""
     if interpreting() and not for_device:
@@ -158,6 +166,7 @@ PAIRWISE_TARGET_PROGRAMS = _TARGET_PROGRAMS
 PAIRWISE_MAX_SPLITS_GRAD = 16  # each split holds a (B, k) fp32 partial of the gradient
 
 
+@_cached
 def pairwise_config(b: int, k: int, dtype: torch.dtype, for_device: bool = False
                     ) -> KernelConfig:
     """:func:`~minc_kernels.kernels.spectral.pairwise_offdiag_kernel`, by shape class.
@@ -191,6 +200,7 @@ def pairwise_config(b: int, k: int, dtype: torch.dtype, for_device: bool = False
                         BLOCK_C=min(128, kk), num_warps=8, num_stages=3)
 
 
+@_cached
 def pairwise_split(b: int, k: int, need_grad: bool, cfg: KernelConfig) -> tuple[int, int]:
     """``(splits, column blocks per split)`` of the pairwise kernel's column stream.
 
@@ -210,6 +220,7 @@ def pairwise_split(b: int, k: int, need_grad: bool, cfg: KernelConfig) -> tuple[
     return cdiv(n_cb, per), per
 
 
+@_cached
 def rows_config(k: int) -> KernelConfig:
     """The spectral row kernels (clipping, its Jacobian)."""
     if interpreting():
@@ -218,6 +229,7 @@ def rows_config(k: int) -> KernelConfig:
     return KernelConfig(BLOCK_R=8, BLOCK_K=min(512, max(16, next_pow2(k))), num_warps=8)
 
 
+@_cached
 def l2_rows_config(b: int, k: int) -> KernelConfig:
     """MINC's l2 row map and its Jacobian (kernels/minc.py): 8 rows per program as the
     spectral row kernels, fewer where that would leave SMs idle (B = 512 would run 64
@@ -346,6 +358,7 @@ def pick_config(b: int, k: int, dtype: torch.dtype, on_gpu: bool = True,
 
 
 # ----------------------------------------------------------------------------- Barlow Twins / VICReg
+@_cached
 def colstats_config(k: int, for_device: bool = False) -> KernelConfig:
     """:func:`~minc_kernels.kernels.gram.colstats_kernel` and its backward: one program per
     ``BLOCK_K`` columns streams its rows: the column block narrows (64 -> 32 -> 16,
@@ -365,6 +378,7 @@ def colstats_config(k: int, for_device: bool = False) -> KernelConfig:
     return KernelConfig(BLOCK_B=2048 // bk, BLOCK_K=bk, num_warps=8)
 
 
+@_cached
 def cross_gram_config(k: int, dtype: torch.dtype, for_device: bool = False) -> KernelConfig:
     """:func:`~minc_kernels.kernels.gram.cross_gram_kernel` (``Xᵀ Y``): the tiles of
     :func:`gram_config`, except fp32 with rows not 16-element aligned: two operands loaded
