@@ -53,40 +53,38 @@ __all__ = ["vicreg_loss", "vicreg_loss_fwd", "vicreg_forward"]
 PAIR_MAX_BYTES = 16 << 20
 
 
-def _cov_view(xc: torch.Tensor, coef: torch.Tensor, alpha: float, algorithm: str,
-              need_grad: bool):
-    """``(Σ_{i≠j} G_ij² (k×k) or ‖Z_c Z_cᵀ‖_F² (N×N), ∂/∂Z_c or None)`` of one centred view
-    (docs/math.md §8); ``coef``: its row of :func:`col_terms` (``h``, or ``h - α Σ zc²``)."""
-    return _cov_views([xc], [coef], alpha, algorithm, need_grad)[0]
-
-
-def _cov_views(xcs: list[torch.Tensor], coefs: list[torch.Tensor], alpha: float, algorithm: str,
-               need_grad: bool) -> list[tuple]:
-    """:func:`_cov_view` of one view, or of two in one launch per Gram-layer pass."""
+def _cov_views(xcs: list[torch.Tensor], coefs: torch.Tensor, alpha: float, algorithm: str,
+               need_grad: bool) -> tuple[torch.Tensor, list]:
+    """``(Σ over the views of Σ_{i≠j} G_ij² (k×k) or ‖Z_c Z_cᵀ‖_F² (N×N), [∂/∂Z_c or
+    None per view])`` of one centred view or of two (docs/math.md §8), two in one launch
+    per Gram-layer pass; ``coefs``: the views' rows of :func:`col_terms` (``h``, or
+    ``h - α Σ zc²``).  The views' matrices sit in one (views, m, m) buffer, so the sums and
+    the in-place ``Γ`` take one torch op for both views."""
     pair = len(xcs) == 2
     if algorithm == "gram":
-        gs = gram_pair(*xcs) if pair else [gram(xcs[0])]
-        offs = [flat_sq(g) - torch.diagonal(g).pow(2).sum() for g in gs]
+        gs = gram_pair(*xcs) if pair else gram(xcs[0]).unsqueeze(0)  # (views, k, k)
+        diag = torch.diagonal(gs, dim1=1, dim2=2)
+        off = flat_sq(gs) - diag.pow(2).sum()
         if not need_grad:
-            return [(off, None) for off in offs]
-        for g, coef in zip(gs, coefs):
-            g.mul_(alpha)  # Γ = α offdiag(G) + diag(h), in place
-            torch.diagonal(g).copy_(coef)
+            return off, [None] * len(xcs)
+        gs.mul_(alpha)  # Γ = α offdiag(G) + diag(h), in place, both views
+        diag.copy_(coefs)
         views = [(xc, g, xc, None, None) for xc, g in zip(xcs, gs)]
         got = rowmat_pair(*views, 1.0, 0.0, 0.0, False, True) if pair else \
             [rowmat(*views[0][:4], 1.0, 0.0, 0.0, False, True)]
-        return [(off, grad) for off, (_, _, grad) in zip(offs, got)]
+        return off, [grad for _, _, grad in got]
     xts = [xc.T for xc in xcs]  # contiguous (k, N)
-    hhs = gram_pair(*xts) if pair else [gram(xts[0])]  # Z_c Z_cᵀ (N×N)
     if not need_grad:
-        return [(flat_sq(hh), None) for hh in hhs]
+        return flat_sq(gram_pair(*xts) if pair else gram(xts[0])), [None] * len(xcs)
+    hhs = gram_pair(*xts) if pair else [gram(xts[0])]  # Z_c Z_cᵀ (N×N)
     # written through a transposed view: the gradient comes out contiguous (N, k), what the
     # in-place Jacobian pass needs
     grads = [torch.empty(xc.shape, dtype=torch.float32, device=xc.device) for xc in xcs]
     views = [(xt, hh, xt, coef, grad.T) for xt, hh, coef, grad in zip(xts, hhs, coefs, grads)]
     got = rowmat_pair(*views, alpha, 0.0, 1.0, False, True) if pair else \
         [rowmat(*views[0][:4], alpha, 0.0, 1.0, False, True, out=views[0][4])]
-    return [(frob, grad) for (frob, _, _), grad in zip(got, grads)]
+    frob = got[0][0] + got[1][0] if pair else got[0][0]  # the fused partials: ‖H‖_F² per view
+    return frob, grads
 
 
 def vicreg_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float, mu_param: float,
@@ -107,12 +105,12 @@ def vicreg_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float, mu
                            alpha=alpha)
     m = k if algorithm == "gram" else n
     if 4 * m * m <= PAIR_MAX_BYTES:
-        (off_a, gxa), (off_b, gxb) = _cov_views([xa, xb], [coef[0], coef[1]], alpha, algorithm,
-                                                need_grad)
-    else:
-        off_a, gxa = _cov_view(xa, coef[0], alpha, algorithm, need_grad)
-        off_b, gxb = _cov_view(xb, coef[1], alpha, algorithm, need_grad)
-    loss = torch.add(base, off_a + off_b, alpha=nu / ((n - 1) ** 2 * k))
+        off, (gxa, gxb) = _cov_views([xa, xb], coef[:2], alpha, algorithm, need_grad)
+    else:  # one view at a time: the first view's matrix is freed before the second's
+        off_a, (gxa,) = _cov_views([xa], coef[:1], alpha, algorithm, need_grad)
+        off_b, (gxb,) = _cov_views([xb], coef[1:2], alpha, algorithm, need_grad)
+        off = off_a + off_b
+    loss = torch.add(base, off, alpha=nu / ((n - 1) ** 2 * k))
     if not need_grad:
         return (loss, z_a.new_empty((0,), dtype=torch.float32),
                 z_a.new_empty((0,), dtype=torch.float32))
