@@ -7,9 +7,12 @@ chosen otherwise).  Committed as ``minc_kernels/tables/<family>.json`` (``sm90``
 H200 share one), the table makes ``auto`` run what was measured fastest instead of what a
 formula predicts.  Decisions, in order of value (a time budget cuts the last):
 
-* ``gram.rowmat``, ``gram.gram``, ``gram.cross_gram``, ``gram.gram_dot``: the Gram layer's
-  Triton kernels against its cuBLAS form (``MINC_KERNELS_GRAM``), launcher by launcher,
-  X of shape (rows, cols);
+* ``gram.rowmat``, ``gram.rowmat_rounded``, ``gram.gram``, ``gram.cross_gram``,
+  ``gram.gram_dot``: the Gram layer's Triton kernels against its cuBLAS form
+  (``MINC_KERNELS_GRAM``), launcher by launcher, X of shape (rows, cols); ``rowmat`` with a
+  fp32 ``G``, ``rowmat_rounded`` with ``G`` rounded to the rows' half dtype (what the bf16
+  spectral Gram path and Barlow Twins' k×k path run; not measured in fp32 runs, where it
+  would be ``rowmat`` again);
 * ``spectral``, ``barlow_twins``, ``vicreg``: the ``"pairwise"`` or ``"gram"`` evaluation
   (spectral: also ``"matrix"``),
   (rows, cols) = (batch, features), with gradients, then (``--nograd``) without.  These
@@ -35,9 +38,10 @@ import time
 from pathlib import Path
 
 ALGORITHM_LOSSES = ("spectral", "barlow_twins", "vicreg")
-GRAM_LAUNCHERS = ("rowmat", "gram", "cross_gram", "gram_dot")
-DEFAULT_ORDER = ("gram.rowmat", "gram.gram", "spectral", "gram.cross_gram", "barlow_twins",
-                 "vicreg", "gram.gram_dot")
+GRAM_LAUNCHERS = ("rowmat", "rowmat_rounded", "gram", "cross_gram", "gram_dot")
+DEFAULT_ORDER = ("gram.rowmat_rounded", "gram.rowmat", "gram.gram", "spectral",
+                 "gram.cross_gram", "barlow_twins", "vicreg", "gram.gram_dot")
+HALF_ONLY = ("gram.rowmat_rounded",)  # decisions with no fp32 case
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -114,10 +118,14 @@ def case_fn(decision: str, candidate: str, rows: int, cols: int, dtype, device, 
     if decision.startswith("gram."):
         launcher = decision.split(".", 1)[1]
         # a symmetric fp32 (k, k) operand, as MINC's moment or spectral's Gram (values do
-        # not change the speed; made here, outside the timed call)
-        m = (x.float().T @ x.float()).div_(rows) if launcher in ("rowmat", "gram_dot") else None
+        # not change the speed; made here, outside the timed call), rounded to the rows'
+        # dtype for rowmat_rounded
+        m = None
+        if launcher in ("rowmat", "rowmat_rounded", "gram_dot"):
+            m = (x.float().T @ x.float()).div_(rows)
+            m = m.to(dtype) if launcher == "rowmat_rounded" else m
         env = {G.GRAM_ENV: candidate}
-        if launcher == "rowmat":
+        if launcher in ("rowmat", "rowmat_rounded"):
             call = lambda: G.rowmat(x, m, y, None, 2.0 / rows, -2.0 / rows, 0.0, False, True)  # noqa: E731
         elif launcher == "gram":
             call = lambda: G.gram(x)  # noqa: E731
@@ -291,7 +299,7 @@ def main(argv=None) -> int:
     budget = Budget(warmup_ms=min(10.0, args.case_ms), measure_ms=args.case_ms, min_reps=3,
                     max_reps=50)
     deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
-    plan = [(d, True) for d in args.decisions]
+    plan = [(d, True) for d in args.decisions if d not in HALF_ONLY or dtype != torch.float32]
     if args.nograd:
         plan += [(d, False) for d in args.decisions if d in ALGORITHM_LOSSES]
     n_cases = sum(len(candidates_of(d)) for d, _ in plan) * len(args.rows) * len(args.cols)

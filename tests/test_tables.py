@@ -211,6 +211,30 @@ def test_gram_layer_auto_runs_the_tables_choice(cpu_is_sm90, monkeypatch, winner
     assert G.gram_backend("gram", x) == "triton"
 
 
+@kernels
+def test_rowmat_on_a_rounded_g_asks_its_own_decision(cpu_is_sm90, monkeypatch):
+    """rowmat against a G already in the rows' bf16 (one native dot per tile, the bf16
+    spectral and Barlow Twins gradients) races one bf16 GEMM; against a fp32 G (the split's
+    dots) three: the table keeps them apart, and a fp32 G's entry does not decide for it."""
+    from minc_kernels.ops import gram as G
+    monkeypatch.delenv(G.GRAM_ENV, raising=False)
+    fast, slow = [[1.0, 1.0], [1.0, 1.0]], [[2.0, 2.0], [2.0, 2.0]]
+    cpu_is_sm90({"gram.rowmat_rounded/bf16": _grid([8, 64], [8, 64], triton=slow, cublas=fast),
+                 "gram.rowmat/bf16": _grid([8, 64], [8, 64], triton=fast, cublas=slow)})
+    x = torch.randn(20, 12).to(torch.bfloat16)
+    g = torch.randn(12, 12)
+    g = g + g.T
+    cublas_calls = []
+    real = G._rowmat_mm
+    monkeypatch.setattr(G, "_rowmat_mm", lambda *a: cublas_calls.append(a[1].dtype) or real(*a))
+    G.rowmat(x, g, x, None, 1.0, 0.0, 0.0, False, True)
+    G.rowmat(x, g.to(torch.bfloat16), x, None, 1.0, 0.0, 0.0, False, True)
+    G.rowmat_pair((x, g.to(torch.bfloat16), x, None, None),
+                  (x, g.to(torch.bfloat16), x, None, None), 1.0, 0.0, 0.0, False, True)
+    assert cublas_calls == [torch.bfloat16] * 3  # the rounded G's three calls, not the fp32 one
+    assert G._rowmat_launcher(x.float(), g) == "rowmat"  # fp32 rows: one kind only
+
+
 def test_table_override_none_and_other_families(cpu_is_sm90, monkeypatch, tmp_path):
     cpu_is_sm90({"spectral/fp32/grad": _algorithm_grid("pairwise")})
     dev = torch.device("cpu")
@@ -254,6 +278,27 @@ def test_calibrate_dry_run_writes_a_table_the_loader_uses(tmp_path, monkeypatch)
     algos = ("pairwise", "matrix", "gram")
     want = min(algos, key=lambda c: g.ms[c][0][0])
     assert T.choose("spectral/fp32/grad", torch.device("cpu"), 8, 8, algos) == want
+
+
+@kernels
+def test_calibrate_measures_the_rounded_rowmat_in_half_runs_only(tmp_path, monkeypatch):
+    from benchmarks import calibrate
+    monkeypatch.setenv(T.TABLE_ENV, "none")
+    names = {}
+    for dtype in ("fp32", "bf16"):
+        out = tmp_path / dtype
+        assert calibrate.main(["--interpret", "--rows", "8", "--cols", "8", "--dtype", dtype,
+                               "--decisions", "gram.rowmat,gram.rowmat_rounded",
+                               "--case-ms", "1", "--quiet", "--out", str(out)]) == 0
+        names[dtype] = set(T.load_file(out / "table.json").decisions)
+    assert names == {"fp32": {"gram.rowmat/fp32"},
+                     "bf16": {"gram.rowmat/bf16", "gram.rowmat_rounded/bf16"}}
+    # the case really runs G in the rows' dtype
+    monkeypatch.setattr("minc_kernels.ops.gram.rowmat",
+                        lambda x, g, *a: (x.dtype, g.dtype))
+    x_dtype, g_dtype = calibrate.case_fn("gram.rowmat_rounded", "triton", 8, 8,
+                                         torch.bfloat16, torch.device("cpu"), True)()
+    assert x_dtype == g_dtype == torch.bfloat16
 
 
 def test_calibrate_refuses_bad_arguments(capsys):

@@ -116,11 +116,18 @@ def rowmat(x: torch.Tensor, g: torch.Tensor, y: torch.Tensor, d: torch.Tensor | 
     (k, B) buffer, so that the N×N paths of Barlow Twins/VICReg get their gradient in the
     inputs' layout without a copy); allocated contiguous when None."""
     _check_out(x, out, need_grad)
-    if gram_backend("rowmat", x) == "cublas":
+    if gram_backend(_rowmat_launcher(x, g), x) == "cublas":
         quad, cross, res = _rowmat_mm(x, g, y, d, alpha, beta, gamma, bool(gha and need_grad),
                                       need_grad)
         return quad, cross, (res if out is None or res is None else out.copy_(res))
     return _rowmat_triton([(x, g, y, d, out)], alpha, beta, gamma, gha, need_grad)[0]
+
+
+def _rowmat_launcher(x: torch.Tensor, g: torch.Tensor) -> str:
+    """The table's name for a rowmat call: ``"rowmat_rounded"`` where ``G`` is already in
+    the rows' half dtype (one native dot per tile against one half GEMM), else ``"rowmat"``
+    (a fp32 ``G``: the split's dots against three GEMMs).  Two decisions: the race differs."""
+    return "rowmat_rounded" if g.dtype == x.dtype and not is_fp32(x.dtype) else "rowmat"
 
 
 def _same_layout(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
@@ -143,7 +150,7 @@ def rowmat_pair(first: tuple, second: tuple, alpha: float, beta: float, gamma: f
     x = first[0]
     for t in (first, second):
         _check_out(t[0], t[4], need_grad)
-    if (gram_backend("rowmat", x) == "triton"
+    if (gram_backend(_rowmat_launcher(x, first[1]), x) == "triton"
             and all(_same_layout(a, b) for a, b in zip(first, second))):
         return _rowmat_triton([first, second], alpha, beta, gamma, gha, need_grad)
     return [rowmat(*t[:4], alpha, beta, gamma, gha, need_grad, out=t[4]) for t in (first, second)]
