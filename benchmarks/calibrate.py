@@ -12,7 +12,7 @@ formula predicts.  Decisions, in order of value (a time budget cuts the last):
   (``MINC_KERNELS_GRAM``), launcher by launcher, X of shape (rows, cols); ``rowmat`` with a
   fp32 ``G``, ``rowmat_rounded`` with ``G`` rounded to the rows' half dtype (what the bf16
   spectral Gram path and Barlow Twins' k×k path run; not measured in fp32 runs, where it
-  would be ``rowmat`` again);
+  would be ``rowmat`` again), which also races the kernels' wide tiles (``triton_wide``);
 * ``spectral``, ``barlow_twins``, ``vicreg``: the ``"pairwise"`` or ``"gram"`` evaluation
   (spectral: also ``"matrix"``),
   (rows, cols) = (batch, features), with gradients, then (``--nograd``) without.  These
@@ -161,7 +161,8 @@ def _with_env(env: dict, call):
 
 def candidates_of(decision: str) -> tuple[str, ...]:
     if decision.startswith("gram."):
-        return ("triton", "cublas")
+        from minc_kernels.ops.gram import gram_impls
+        return gram_impls(decision.split(".", 1)[1])  # rowmat_rounded: also triton_wide
     if decision == "spectral":
         from minc_kernels.ops.spectral import ALGORITHMS
         return ALGORITHMS  # pairwise, matrix, gram

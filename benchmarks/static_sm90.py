@@ -263,6 +263,9 @@ def analyse(launch: Launch) -> dict:
         tf32=len(re.findall(r"\btf32\b", ptx)),
         mma=len(re.findall(r"\bmma\.sync\b", ptx)),
         wgmma=len(re.findall(r"\bwgmma\.mma_async\b", ptx)),
+        # the instruction shapes (m64nNk16: a larger N moves fewer shared-memory bytes per flop)
+        wgmma_shape=",".join(sorted(set(re.findall(
+            r"\bwgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)))),
         cp_async=len(re.findall(r"\bcp\.async\b", ptx)),
     )
     _ANALYSIS[key] = facts
@@ -283,13 +286,30 @@ def _meta(b, k, dtype):
     return torch.empty(b, k, dtype=dtype, device="meta")
 
 
+@contextlib.contextmanager
+def _gram_impl(variant):
+    """``MINC_KERNELS_GRAM`` as the variant says (``"gram"``: e.g. ``triton_wide``, the wide
+    tiles of rowmat on a rounded G), else the suite's ``triton``."""
+    old = os.environ.get("MINC_KERNELS_GRAM")
+    os.environ["MINC_KERNELS_GRAM"] = variant.get("gram", "triton")
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MINC_KERNELS_GRAM", None)
+        else:
+            os.environ["MINC_KERNELS_GRAM"] = old
+
+
 def _launch_spectral(b, k, dtype, need_grad, variant):
     from minc_kernels.ops import spectral as osp
 
     est = osp.estimate_seconds(b, k, dtype, need_grad)
     chosen = osp.choose_algorithm(b, k, dtype, need_grad)
     algo = variant.get("algorithm", chosen)
-    osp.spectral_forward(_meta(b, k, dtype), _meta(b, k, dtype), 1.0, True, algo, need_grad)
+    with _gram_impl(variant):
+        osp.spectral_forward(_meta(b, k, dtype), _meta(b, k, dtype), 1.0, True, algo,
+                             need_grad)
     other = min(v for a, v in est.items() if a != algo)  # the best of the other algorithms
     return {"algorithm": algo, "auto_choice": chosen, "est_us": round(est[algo] * 1e6, 2),
             "est_other_us": round(other * 1e6, 2)}
@@ -362,7 +382,9 @@ def _launch_barlow_twins(b, k, dtype, need_grad, variant):
         return {"algorithm": "cross_corr"}
     chosen = ob.choose_algorithm(b, k, dtype, need_grad)
     algo = variant.get("algorithm", chosen)
-    ob.barlow_twins_forward(za, zb, _default(BarlowTwinsLoss, "lambda_param"), algo, need_grad)
+    with _gram_impl(variant):
+        ob.barlow_twins_forward(za, zb, _default(BarlowTwinsLoss, "lambda_param"), algo,
+                                need_grad)
     return {"algorithm": algo, "auto_choice": chosen,
             **_gram_pair_estimates(b, k, dtype, need_grad, algo, "barlow_twins")}
 
@@ -385,17 +407,22 @@ def _launch_vicreg(b, k, dtype, need_grad, variant):
 # grad only), and the suite's own variants beyond the registry's (label -> keywords for the
 # launcher).  The registry has no such hook yet, so an op missing here is listed as
 # uncovered (:func:`uncovered_losses`) instead of being skipped silently.
+# "gram_wide": the k×k path with rowmat's wide tiles on the rounded operand
+# (MINC_KERNELS_GRAM=triton_wide, a candidate only a measured table picks), bf16 with the
+# gradient only (no other case launches a rounded-operand rowmat).
+_WIDE = {"gram_wide": {"algorithm": "gram", "gram": "triton_wide"}}
 LAUNCHERS = {
-    "spectral": ("auto", _launch_spectral, (), {}),
+    "spectral": ("auto", _launch_spectral, ("gram_wide",), dict(_WIDE)),
     "minc": ("standard", _launch_minc, ("gha",), {}),
     "mio": ("flash", _launch_mio, (), {}),
-    "barlow_twins": ("auto", _launch_barlow_twins, (), {"cross_corr": {"distributed": True}}),
+    "barlow_twins": ("auto", _launch_barlow_twins, ("gram_wide",),
+                     {"cross_corr": {"distributed": True}, **_WIDE}),
     "vicreg": ("auto", _launch_vicreg, (), {}),
 }
 # Losses whose variants force the algorithm that ``auto`` would choose by a cost model:
 # only the auto choice (what the loss runs) is checked for grid fill.
 ALGORITHM_CHOICE = {"spectral", "barlow_twins", "vicreg"}
-FORCED_ALGORITHMS = ("pairwise", "matrix", "gram")
+FORCED_ALGORITHMS = ("pairwise", "matrix", "gram", "gram_wide")
 
 
 def covered_losses() -> dict:
@@ -500,10 +527,12 @@ def shape_grid(subset: str):
                     for v in vs:
                         if v in grad_only and not g:
                             continue  # e.g. MINC's GHA changes only the gradient
+                        if v in _WIDE and dt != "bf16":
+                            continue  # only bf16 rows take a rounded operand
                         if loss == "spectral" and v != "auto" and subset == "ci":
                             # CI: the auto choice plus the pairwise path at the shapes the
                             # issue names (B 256-4096 with k <= 1024)
-                            if v != "pairwise" or k > 1024:
+                            if v not in ("pairwise", "gram_wide") or k > 1024:
                                 continue
                         if (loss in ("barlow_twins", "vicreg") and v != "auto"
                                 and subset == "ci"):
@@ -623,7 +652,8 @@ def write_markdown(rows, meta, viol, path: Path):
     lines += ["", "Columns: regs = registers/thread, spill = spill store+load bytes, smem = "
               "dynamic shared memory (KB), occ = resident CTAs/SM, fill = min(1, programs/132), "
               "waves = programs/(132·occ), ideal = µs of the launch's useful flops at peak on "
-              "132 SMs (colstats kernels: its bytes at 3 TB/s; fill is asserted only from 5 µs up), tf32/mma/wgmma/cp.async = counts in the PTX, "
+              "132 SMs (colstats kernels: its bytes at 3 TB/s; fill is asserted only from 5 µs up), "
+              "tf32/mma/wgmma/cp.async = counts in the PTX (wgmma: with its instruction shapes), "
               "est = cost-model µs of the launched algorithm (the best other algorithm in brackets).", "",
               "| loss | variant | B | k | dtype | grad | kernel | tiles | grid | programs | "
               "regs | spill | smem KB | occ | waves | fill | ideal µs | tf32/mma/wgmma | cp.async | est µs |",
@@ -636,7 +666,8 @@ def write_markdown(rows, meta, viol, path: Path):
             f"| {_fmt_tiles(r['tiles'])} | {'×'.join(map(str, r['grid']))} | {r['programs']} "
             f"| {r['regs']} | {r['spill_st'] + r['spill_ld']} | {r['smem'] / 1024:.1f} "
             f"| {r['ctas_per_sm']} | {r['waves']} | {r['sm_fill']} | {r['ideal_us']} "
-            f"| {r['tf32']}/{r['mma']}/{r['wgmma']} | {r['cp_async']} | {est} |")
+            f"| {r['tf32']}/{r['mma']}/{r['wgmma']}"
+            f"{' ' + r['wgmma_shape'] if r.get('wgmma_shape') else ''} | {r['cp_async']} | {est} |")
     path.write_text("\n".join(lines) + "\n")
 
 

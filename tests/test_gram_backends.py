@@ -50,6 +50,49 @@ def test_launchers_agree(monkeypatch, dtype, b, k):
                     torch.testing.assert_close(cv, tv, **tol)
 
 
+@pytest.mark.parametrize("b,k", [(19, 32), (40, 48), (37, 17)])
+def test_rowmat_on_a_rounded_g_agrees_on_every_tiling_and_backend(monkeypatch, b, k):
+    """A G already in the rows' bf16 (MODE 4): the default tiles, the wide ones
+    (MINC_KERNELS_GRAM=triton_wide; unaligned rows keep the default) and cuBLAS give one
+    result, against a float64 product of the same bf16 operands.  triton_wide changes no
+    other launcher."""
+    g = torch.Generator().manual_seed(b * k)
+    x = (torch.randn(b, k, generator=g) * 0.3).to(torch.bfloat16).to(DEV)
+    y = (torch.randn(b, k, generator=g) * 0.3).to(torch.bfloat16).to(DEV)
+    m = torch.randn(k, k, generator=g)
+    m = ((m + m.T) / 2).to(torch.bfloat16).to(DEV)
+    d = torch.randn(b, generator=g).to(DEV)
+    rowmat_calls = []  # the tiles each rowmat launch is given
+    real = G.configs.rowmat_config
+    monkeypatch.setattr(G.configs, "rowmat_config",
+                        lambda *a, **kw: rowmat_calls.append(real(*a, **kw)) or rowmat_calls[-1])
+    q = x.double() @ m.double().T
+    want_grad = 0.7 * q + (-0.3 + 0.2 * d.double())[:, None] * y.double()
+    got = {}
+    for backend in ("triton", "triton_wide", "cublas"):
+        monkeypatch.setenv(G.GRAM_ENV, backend)
+        rowmat_calls.clear()
+        got[backend] = G.rowmat(x, m, y, d, 0.7, -0.3, 0.2, False, True)
+        quad, cross, grad = got[backend]
+        torch.testing.assert_close(quad.double(), (x.double() * q).sum(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cross.double(), (x.double() * y.double()).sum(),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-5)
+        if backend != "cublas":
+            (cfg,) = rowmat_calls
+            assert cfg == real(k, x.dtype, b=b, wide=backend == "triton_wide"), backend
+    # the wide tiling differs from the default (on a GPU: for aligned rows only)
+    differs = real(k, x.dtype, b=b, wide=True) != real(k, x.dtype, b=b)
+    assert differs == (G.interpreting() or k % 16 == 0)
+    # a fp32 G (the split's dots) and the other launchers have no wide tiling
+    monkeypatch.setenv(G.GRAM_ENV, "triton_wide")
+    assert G.gram_backend("rowmat", x) == G.gram_backend("gram", x) == "triton"
+    assert G.gram_backend("rowmat_rounded", x) == "triton_wide"
+    rowmat_calls.clear()
+    G.rowmat(x, m.float(), y, d, 0.7, -0.3, 0.2, False, True)
+    assert rowmat_calls == [real(k, x.dtype, b=b)]
+
+
 def test_unknown_gram_backend_is_named(monkeypatch):
     monkeypatch.setenv(G.GRAM_ENV, "cutlass")
     with pytest.raises(ValueError, match="MINC_KERNELS_GRAM"):

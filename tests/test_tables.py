@@ -219,7 +219,8 @@ def test_rowmat_on_a_rounded_g_asks_its_own_decision(cpu_is_sm90, monkeypatch):
     from minc_kernels.ops import gram as G
     monkeypatch.delenv(G.GRAM_ENV, raising=False)
     fast, slow = [[1.0, 1.0], [1.0, 1.0]], [[2.0, 2.0], [2.0, 2.0]]
-    cpu_is_sm90({"gram.rowmat_rounded/bf16": _grid([8, 64], [8, 64], triton=slow, cublas=fast),
+    cpu_is_sm90({"gram.rowmat_rounded/bf16": _grid([8, 64], [8, 64], triton=slow,
+                                                   triton_wide=slow, cublas=fast),
                  "gram.rowmat/bf16": _grid([8, 64], [8, 64], triton=fast, cublas=slow)})
     x = torch.randn(20, 12).to(torch.bfloat16)
     g = torch.randn(12, 12)
@@ -233,6 +234,16 @@ def test_rowmat_on_a_rounded_g_asks_its_own_decision(cpu_is_sm90, monkeypatch):
                   (x, g.to(torch.bfloat16), x, None, None), 1.0, 0.0, 0.0, False, True)
     assert cublas_calls == [torch.bfloat16] * 3  # the rounded G's three calls, not the fp32 one
     assert G._rowmat_launcher(x.float(), g) == "rowmat"  # fp32 rows: one kind only
+    # where the table says the wide tiles win, auto launches them
+    cpu_is_sm90({"gram.rowmat_rounded/bf16": _grid([8, 64], [8, 64], triton=slow,
+                                                   triton_wide=fast, cublas=slow)})
+    tiles = []
+    real_cfg = G.configs.rowmat_config
+    monkeypatch.setattr(G.configs, "rowmat_config",
+                        lambda *a, **kw: tiles.append(kw.get("wide")) or real_cfg(*a, **kw))
+    G.rowmat(x, g.to(torch.bfloat16), x, None, 1.0, 0.0, 0.0, False, True)
+    G.rowmat(x, g, x, None, 1.0, 0.0, 0.0, False, True)
+    assert tiles == [True, False]
 
 
 def test_table_override_none_and_other_families(cpu_is_sm90, monkeypatch, tmp_path):
@@ -293,6 +304,8 @@ def test_calibrate_measures_the_rounded_rowmat_in_half_runs_only(tmp_path, monke
         names[dtype] = set(T.load_file(out / "table.json").decisions)
     assert names == {"fp32": {"gram.rowmat/fp32"},
                      "bf16": {"gram.rowmat/bf16", "gram.rowmat_rounded/bf16"}}
+    rounded = T.load_file(tmp_path / "bf16" / "table.json").decisions["gram.rowmat_rounded/bf16"]
+    assert set(rounded.ms) == {"triton", "triton_wide", "cublas"}
     # the case really runs G in the rows' dtype
     monkeypatch.setattr("minc_kernels.ops.gram.rowmat",
                         lambda x, g, *a: (x.dtype, g.dtype))

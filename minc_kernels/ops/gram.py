@@ -13,6 +13,10 @@ Two implementations of the GEMM-shaped launchers (:func:`gram`, :func:`gram_dot`
   says (:mod:`minc_kernels.ops.tables`, decisions ``gram.<launcher>/<dtype>``, written by
   ``python -m benchmarks.calibrate``); ``"triton"`` where no table answers;
 * ``"triton"``: the fused kernels of :mod:`minc_kernels.kernels.gram`;
+* ``"triton_wide"``: the Triton kernels with wider tiles where a launcher has them
+  (``rowmat`` on a ``G`` rounded to the rows' half dtype:
+  :func:`~minc_kernels.ops.configs.rowmat_config`'s ``wide``), else as ``"triton"``.  A
+  candidate for Hopper, not a default: only a measured table chooses it under ``"auto"``;
 * ``"cublas"``: a candidate for Hopper: ``torch.mm`` for the products — half inputs
   with fp32 output (``out_dtype``), a fp32 ``G`` against half rows as three half GEMMs of
   its hi/mid/lo split (bf16; fp16 rows take one fp32 GEMM, exact but off the tensor cores),
@@ -37,26 +41,34 @@ from ._common import (DEVICE_BW, cdiv, device_guard, interpreting, is_fp32, num_
 __all__ = ["rowmat", "rowmat_pair", "gram", "gram_pair", "gram_dot", "cross_gram",
            "cross_gram_partials", "col_stats",
            "col_stats_backward", "col_terms", "gram_backend", "split_bf16x3", "rounds_operand",
-           "rounded", "GRAM_BACKENDS", "GRAM_IMPLS"]
+           "rounded", "GRAM_BACKENDS", "GRAM_IMPLS", "WIDE_LAUNCHERS", "gram_impls"]
 
-GRAM_BACKENDS = ("auto", "triton", "cublas")
+GRAM_BACKENDS = ("auto", "triton", "triton_wide", "cublas")
 GRAM_ENV = "MINC_KERNELS_GRAM"
 GRAM_IMPLS = ("triton", "cublas")  # what "auto" chooses between
+WIDE_LAUNCHERS = ("rowmat_rounded",)  # the launchers with a "triton_wide" tiling
+
+
+def gram_impls(launcher: str) -> tuple[str, ...]:
+    """The implementations a table chooses between for ``launcher``."""
+    return ("triton", "triton_wide", "cublas") if launcher in WIDE_LAUNCHERS else GRAM_IMPLS
 
 
 def gram_backend(launcher: str, x: torch.Tensor) -> str:
-    """``"triton"`` or ``"cublas"`` for one launch of ``launcher`` on rows ``x``:
-    ``MINC_KERNELS_GRAM`` (validated), and under ``"auto"`` (the default) the measured table
-    of ``x``'s GPU family, else ``"triton"``."""
+    """``"triton"``, ``"triton_wide"`` (only for :data:`WIDE_LAUNCHERS`) or ``"cublas"`` for
+    one launch of ``launcher`` on rows ``x``: ``MINC_KERNELS_GRAM`` (validated), and under
+    ``"auto"`` (the default) the measured table of ``x``'s GPU family, else ``"triton"``."""
     value = os.environ.get(GRAM_ENV, "auto") or "auto"
     if value not in GRAM_BACKENDS:
         raise ValueError(f"environment variable {GRAM_ENV} must be one of "
                          f"{', '.join(map(repr, GRAM_BACKENDS))}, got {value!r}")
+    if value == "triton_wide" and launcher not in WIDE_LAUNCHERS:
+        return "triton"
     if value != "auto":
         return value
     rows, cols = x.shape
     return tables.choose(tables.gram_decision(launcher, x.dtype), x.device, rows, cols,
-                         GRAM_IMPLS) or "triton"
+                         gram_impls(launcher)) or "triton"
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -116,11 +128,13 @@ def rowmat(x: torch.Tensor, g: torch.Tensor, y: torch.Tensor, d: torch.Tensor | 
     (k, B) buffer, so that the N×N paths of Barlow Twins/VICReg get their gradient in the
     inputs' layout without a copy); allocated contiguous when None."""
     _check_out(x, out, need_grad)
-    if gram_backend(_rowmat_launcher(x, g), x) == "cublas":
+    backend = gram_backend(_rowmat_launcher(x, g), x)
+    if backend == "cublas":
         quad, cross, res = _rowmat_mm(x, g, y, d, alpha, beta, gamma, bool(gha and need_grad),
                                       need_grad)
         return quad, cross, (res if out is None or res is None else out.copy_(res))
-    return _rowmat_triton([(x, g, y, d, out)], alpha, beta, gamma, gha, need_grad)[0]
+    return _rowmat_triton([(x, g, y, d, out)], alpha, beta, gamma, gha, need_grad,
+                          wide=backend == "triton_wide")[0]
 
 
 def _rowmat_launcher(x: torch.Tensor, g: torch.Tensor) -> str:
@@ -150,9 +164,10 @@ def rowmat_pair(first: tuple, second: tuple, alpha: float, beta: float, gamma: f
     x = first[0]
     for t in (first, second):
         _check_out(t[0], t[4], need_grad)
-    if (gram_backend(_rowmat_launcher(x, first[1]), x) == "triton"
-            and all(_same_layout(a, b) for a, b in zip(first, second))):
-        return _rowmat_triton([first, second], alpha, beta, gamma, gha, need_grad)
+    backend = gram_backend(_rowmat_launcher(x, first[1]), x)
+    if backend != "cublas" and all(_same_layout(a, b) for a, b in zip(first, second)):
+        return _rowmat_triton([first, second], alpha, beta, gamma, gha, need_grad,
+                              wide=backend == "triton_wide")
     return [rowmat(*t[:4], alpha, beta, gamma, gha, need_grad, out=t[4]) for t in (first, second)]
 
 
@@ -214,12 +229,14 @@ def split_bf16x3(g: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _rowmat_triton(views: list[tuple], alpha, beta, gamma, gha, need_grad) -> list[tuple]:
+def _rowmat_triton(views: list[tuple], alpha, beta, gamma, gha, need_grad,
+                   wide: bool = False) -> list[tuple]:
     """One ``rowmat_kernel`` launch over one or two views ``(x, g, y, d, out)`` of one
     layout (the second view's operands take the first's strides).  bf16 rows against a
     large fp32 ``G`` take its bf16 pieces, split beforehand into a contiguous buffer
     (MODE 3, the same bits as MODE 1).  A half ``G`` (rounded by the caller) takes one
-    native dot (MODE 4)."""
+    native dot (MODE 4), with ``wide`` on :func:`~minc_kernels.ops.configs.rowmat_config`'s
+    wide tiles."""
     x, g, y, d, out = views[0]
     b, k = x.shape
     n = len(views)
@@ -230,7 +247,8 @@ def _rowmat_triton(views: list[tuple], alpha, beta, gamma, gha, need_grad) -> li
         mode = 3
         views = [(vx, split_bf16x3(vg), vy, vd, vout) for vx, vg, vy, vd, vout in views]
         g = views[0][1]
-    cfg = configs.rowmat_config(k, x.dtype, gha=bool(gha and need_grad), b=b)
+    cfg = configs.rowmat_config(k, x.dtype, gha=bool(gha and need_grad), b=b,
+                                wide=wide and mode == 4)
     grid = (cdiv(b, cfg["BLOCK_M"]), cdiv(k, cfg["BLOCK_N"]), n)
     part = torch.empty(n * grid[0] * grid[1], 2, dtype=torch.float32, device=x.device)
     ops = []

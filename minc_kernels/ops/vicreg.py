@@ -55,9 +55,9 @@ PAIR_MAX_BYTES = 16 << 20
 
 def _cov_views(xcs: list[torch.Tensor], coefs: torch.Tensor, alpha: float, algorithm: str,
                need_grad: bool) -> tuple[torch.Tensor, list]:
-    """``(Σ over the views of Σ_{i≠j} G_ij² (k×k) or ‖Z_c Z_cᵀ‖_F² (N×N), [∂/∂Z_c or
-    None per view])`` of one centred view or of two (docs/math.md §8), two in one launch
-    per Gram-layer pass; ``coefs``: the views' rows of :func:`col_terms` (``h``, or
+    """``(Σ over the views of Σ_{i≠j} G_ij² (k×k) or ‖Z_c Z_cᵀ‖_F² (N×N),
+    [∂/∂Z_c or None per view])`` of one centred view or of two (docs/math.md §8), two in
+    one launch per Gram-layer pass; ``coefs``: the views' rows of :func:`col_terms` (``h``, or
     ``h - α Σ zc²``).  The views' matrices sit in one (views, m, m) buffer, so the sums and
     the in-place ``Γ`` take one torch op for both views."""
     pair = len(xcs) == 2
