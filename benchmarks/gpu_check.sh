@@ -34,6 +34,9 @@
 #    splitab:  opt-in, the same for MINC_KERNELS_ROWMAT_SPLIT=never vs =always (bf16 rowmat:
 #              G's pieces per program or split once; SPLITAB_ARGS, default MINC and spectral
 #              bf16, B 2048/8192 x k 512/2048/8192; SPLITAB_S, default 120 s); split_ab.md
+#    wideab:   opt-in, the same for MINC_KERNELS_GRAM=triton vs =triton_wide (rowmat's wide
+#              tiles on the rounded Grams; WIDEAB_ARGS, default spectral and Barlow Twins
+#              bf16, B 4096/8192 x k 512/2048/8192; WIDEAB_S, default 120 s); wide_ab.md
 # 10. rest:    pytest -m "not slow and not gpu" on the rest, only if time is left
 # then a summary, last, and (PACK=1, the default) everything packed into a few files:
 #   OUT_DIR/gpu_check.tar.gz (every file the steps wrote), OUT_DIR/summary.txt,
@@ -49,7 +52,7 @@
 # setup,build,app,ext,info,gputests,sync,calibrate,bench,train,rest), TOTAL_S, BUILD_TIMEOUT_S, GPU_TEST_TIMEOUT_S (all GPU test files together),
 # GPU_FILE_TIMEOUT_S (one file), GPU_TEST_FILES (override the discovered list),
 # SYNC_TIMEOUT_S, CALIBRATE_S, CALIBRATE_ARGS, TRAIN_TIMEOUT_S, TRAIN_RESERVE_S, TRAIN_ARGS (default: ResNet-50 defaults of the app,
-# --steps 10 --warmup 3), GRAMAB_S, GRAMAB_ARGS, SPLITAB_S, SPLITAB_ARGS, BENCH_ARGS (extra runner arguments),
+# --steps 10 --warmup 3), GRAMAB_S, GRAMAB_ARGS, SPLITAB_S, SPLITAB_ARGS, WIDEAB_S, WIDEAB_ARGS, BENCH_ARGS (extra runner arguments),
 # SYNC_ARGS, PACK (1/0),
 # PYTHON, PYPROJECT (the file the setup step reads; tests).
 set -u
@@ -300,6 +303,13 @@ fi
 if want splitab; then
   env_ab splitab split MINC_KERNELS_ROWMAT_SPLIT never always "${SPLITAB_S:-120}" \
     "${SPLITAB_ARGS:---losses minc,spectral --dtype bf16 --B 2048,8192 --k 512,2048,8192}"
+fi
+# Opt-in (STEPS=...,wideab): rowmat on the rounded Grams with the default tiles
+# (MINC_KERNELS_GRAM=triton) against the wide ones (=triton_wide), the bf16 k×k gradient
+# paths (spectral, Barlow Twins) where auto runs them.
+if want wideab; then
+  env_ab wideab wide MINC_KERNELS_GRAM triton triton_wide "${WIDEAB_S:-120}" \
+    "${WIDEAB_ARGS:---losses spectral,barlow_twins --dtype bf16 --B 4096,8192 --k 512,2048,8192}"
 fi
 
 if want bench; then
