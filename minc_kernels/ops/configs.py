@@ -110,20 +110,22 @@ def rowmat_config(k: int, dtype: torch.dtype = torch.float32, gha: bool = False,
 
     ``wide`` (a candidate for a half ``G`` rounded by the caller, MODE 4, chosen only by a
     measured table: ``MINC_KERNELS_GRAM=triton_wide``): 64×128 tiles with a 64-wide k chunk
-    and one warpgroup, for rows 16-element aligned (else the default tiles).  On sm_90 the
+    and one warpgroup, where both the row count and the row length are multiples of 16
+    (else the default tiles).  On sm_90 the
     default 64×64 tiles issue ``wgmma m64n32k16`` (8 warps: two warpgroups of 32 columns)
     and move 8 KB per 262 kFLOP through L2 (32 flop/B: about 320 TFLOP/s at ~10 TB/s of
     L2); wide tiles issue ``m64n128k16`` and move 24 KB per 1 MFLOP (43 flop/B), 244
     registers, no spill, 72 KB of shared memory, 2 CTAs per SM (B = k = 8192).  Unaligned
-    rows spilled 464-976 B with them (k = 1001, 130, 257).  A prediction until a GPU
-    measures both (issue 21).
+    rows spilled 464-976 B with them (k = 1001, 130, 257), an odd row count 16 B at 255
+    registers (B = 1023, 1031: the masked epilogue).  A prediction until a GPU measures
+    both (issue 21).
     """
     if interpreting() and not for_device:
         if wide:  # another tiling under the interpreter too (tests: any tiling, one result)
             return KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4)
         return KernelConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4)
     kk = max(16, next_pow2(k))
-    if wide and not gha and k % 16 == 0:
+    if wide and not gha and k % 16 == 0 and (b is None or b % 16 == 0):
         return KernelConfig(BLOCK_M=64, BLOCK_N=min(128, kk), BLOCK_K=min(64, kk), num_warps=4,
                             num_stages=3)
     cfg = KernelConfig(BLOCK_M=64, BLOCK_N=min(64, kk), BLOCK_K=min(32, kk), num_warps=8,
