@@ -7,7 +7,8 @@ Three choices in this package are pure speed questions between exact alternative
 * ``gram.<launcher>``: the Gram layer's Triton kernels or its cuBLAS form
   (:func:`minc_kernels.ops.gram.gram_backend`; launchers ``gram``, ``gram_dot``,
   ``cross_gram``, ``rowmat`` (a fp32 ``G``) and ``rowmat_rounded`` (``G`` already rounded
-  to the rows' half dtype, as the bf16 spectral and Barlow Twins gradients take it)).
+  to the rows' half dtype, as the bf16 spectral and Barlow Twins gradients take it; also
+  the kernels' wide tiles, ``triton_wide``)).
 
 A cost model answers them everywhere, but it was off by up to 9× on an H200 (issue 21).
 Where a table measured on the same GPU family exists, the measurement decides instead:
