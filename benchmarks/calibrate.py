@@ -30,6 +30,7 @@ interpreter's and its family (``interpret``) is never looked up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -144,18 +145,26 @@ def case_fn(decision: str, candidate: str, rows: int, cols: int, dtype, device, 
     return lambda: vicreg_forward(x, y, 25.0, 25.0, 1.0, 1e-4, candidate, need_grad)
 
 
+@contextlib.contextmanager
+def scoped_env(env: dict):
+    """The environment variables ``env`` set inside, restored (or removed) after: the
+    per-call switches (``MINC_KERNELS_GRAM``, ...) that the launchers read."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _with_env(env: dict, call):
     def run():
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with scoped_env(env):
             return call()
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
     return run
 
 

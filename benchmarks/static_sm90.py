@@ -286,19 +286,12 @@ def _meta(b, k, dtype):
     return torch.empty(b, k, dtype=dtype, device="meta")
 
 
-@contextlib.contextmanager
 def _gram_impl(variant):
     """``MINC_KERNELS_GRAM`` as the variant says (``"gram"``: e.g. ``triton_wide``, the wide
     tiles of rowmat on a rounded G), else the suite's ``triton``."""
-    old = os.environ.get("MINC_KERNELS_GRAM")
-    os.environ["MINC_KERNELS_GRAM"] = variant.get("gram", "triton")
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("MINC_KERNELS_GRAM", None)
-        else:
-            os.environ["MINC_KERNELS_GRAM"] = old
+    from benchmarks.calibrate import scoped_env
+
+    return scoped_env({"MINC_KERNELS_GRAM": variant.get("gram", "triton")})
 
 
 def _launch_spectral(b, k, dtype, need_grad, variant):
