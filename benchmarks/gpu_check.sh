@@ -37,6 +37,9 @@
 #    wideab:   opt-in, the same for MINC_KERNELS_GRAM=triton vs =triton_wide (rowmat's wide
 #              tiles on the rounded Grams; WIDEAB_ARGS, default spectral and Barlow Twins
 #              bf16, B 4096/8192 x k 512/2048/8192; WIDEAB_S, default 120 s); wide_ab.md
+#    orderab:  opt-in, the same for MINC_KERNELS_TILE_ORDER=launch vs =grouped (the Gram
+#              kernels' tile order; ORDERAB_ARGS, default spectral, MINC and Barlow Twins bf16,
+#              B 4096/8192 x k 2048/8192; ORDERAB_S, default 120 s); order_ab.md
 # 10. rest:    pytest -m "not slow and not gpu" on the rest, only if time is left
 # then a summary, last, and (PACK=1, the default) everything packed into a few files:
 #   OUT_DIR/gpu_check.tar.gz (every file the steps wrote), OUT_DIR/summary.txt,
@@ -52,7 +55,8 @@
 # setup,build,app,ext,info,gputests,sync,calibrate,bench,train,rest), TOTAL_S, BUILD_TIMEOUT_S, GPU_TEST_TIMEOUT_S (all GPU test files together),
 # GPU_FILE_TIMEOUT_S (one file), GPU_TEST_FILES (override the discovered list),
 # SYNC_TIMEOUT_S, CALIBRATE_S, CALIBRATE_ARGS, TRAIN_TIMEOUT_S, TRAIN_RESERVE_S, TRAIN_ARGS (default: ResNet-50 defaults of the app,
-# --steps 10 --warmup 3), GRAMAB_S, GRAMAB_ARGS, SPLITAB_S, SPLITAB_ARGS, WIDEAB_S, WIDEAB_ARGS, BENCH_ARGS (extra runner arguments),
+# --steps 10 --warmup 3), GRAMAB_S, GRAMAB_ARGS, SPLITAB_S, SPLITAB_ARGS, WIDEAB_S, WIDEAB_ARGS,
+# ORDERAB_S, ORDERAB_ARGS, BENCH_ARGS (extra runner arguments),
 # SYNC_ARGS, PACK (1/0),
 # PYTHON, PYPROJECT (the file the setup step reads; tests).
 set -u
@@ -310,6 +314,12 @@ fi
 if want wideab; then
   env_ab wideab wide MINC_KERNELS_GRAM triton triton_wide "${WIDEAB_S:-120}" \
     "${WIDEAB_ARGS:---losses spectral,barlow_twins --dtype bf16 --B 4096,8192 --k 512,2048,8192}"
+fi
+# Opt-in (STEPS=...,orderab): the Gram kernels' tiles in launch order against the grouped
+# order (the default; benchmarks/tile_order.py predicts less HBM traffic at k = 8192, B >= 4096).
+if want orderab; then
+  env_ab orderab order MINC_KERNELS_TILE_ORDER launch grouped "${ORDERAB_S:-120}" \
+    "${ORDERAB_ARGS:---losses spectral,minc,barlow_twins --dtype bf16 --B 4096,8192 --k 2048,8192}"
 fi
 
 if want bench; then

@@ -466,7 +466,7 @@ def rows_of_case(loss, b, k, dtype_name, need_grad, variant):
         programs = ln.grid[0] * ln.grid[1] * ln.grid[2]
         occ = occupancy(facts["regs"], facts["smem"], facts["num_warps"])
         tiles = {k_: v for k_, v in ln.constexprs.items() if k_.startswith("BLOCK") or k_ in (
-            "num_warps", "num_stages", "ACC_IN_REGS")}
+            "num_warps", "num_stages", "ACC_IN_REGS", "GROUP")}
         variant_flags = {k_: v for k_, v in ln.constexprs.items() if k_ in (
             "NEED_GRAD", "GHA", "COMPUTE_GRAD", "DOT_WITH_OTHER", "MODE", "CLIP",
             "STANDARDIZE", "INVARIANCE", "VIEWS")}
@@ -619,7 +619,8 @@ def large_batch_summary(rows, dtype: str = "bf16", min_b: int = 4096) -> list[di
 
 def _fmt_tiles(t):
     short = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "K", "BLOCK_C": "C", "BLOCK_B": "B",
-             "BLOCK_R": "R", "num_warps": "w", "num_stages": "s", "ACC_IN_REGS": "regs"}
+             "BLOCK_R": "R", "num_warps": "w", "num_stages": "s", "ACC_IN_REGS": "regs",
+             "GROUP": "G"}
     return " ".join(f"{short.get(k, k)}{int(v)}" for k, v in t.items())
 
 

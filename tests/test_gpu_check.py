@@ -138,6 +138,7 @@ def test_too_old_setuptools_skips_the_build(tmp_path):
     ("gramab", "gram", ("triton", "cublas"), "fp32"),  # MINC_KERNELS_GRAM
     ("splitab", "split", ("never", "always"), "bf16"),  # MINC_KERNELS_ROWMAT_SPLIT
     ("wideab", "wide", ("triton", "triton_wide"), "bf16"),  # MINC_KERNELS_GRAM
+    ("orderab", "order", ("launch", "grouped"), "bf16"),  # MINC_KERNELS_TILE_ORDER
 ])
 def test_env_ab_steps_measure_both_settings(tmp_path, step, prefix, labels, dtype):
     """The opt-in A/B steps (one helper, env_ab): the runner twice, once per setting of the

@@ -142,6 +142,37 @@ def sum_pieces(a1, a2, a3, MODE: tl.constexpr):
 
 
 @triton.jit
+def grouped_tile(lin, n_m, n_n, GROUP: tl.constexpr):
+    """The ``(m, n)`` tile of the ``lin``-th program in launch order, over ``n_m × n_n``
+    tiles, by groups of ``GROUP`` m-blocks: a group's programs take its m-blocks fastest,
+    then the next n-block, so the programs in flight at once (about 264 on 132 SMs) share
+    ``GROUP`` m-blocks and ``264 / GROUP`` n-blocks of the operands, not every m-block and
+    two n-blocks: at k = 8192 with B >= 2048 that keeps what they read inside the 50 MB L2
+    (``benchmarks/tile_order.py``, a model, not a measurement).  With ``n_m <= GROUP`` it is
+    the launch order itself (m fastest).  A permutation of the tiles: no value changes."""
+    per_group = GROUP * n_n
+    first = (lin // per_group) * GROUP
+    size = tl.minimum(n_m - first, GROUP)
+    r = lin % per_group
+    return first + r % size, r // size
+
+
+@triton.jit
+def _tile(GROUP: tl.constexpr):
+    """This program's tile over the grid's first two axes: :func:`grouped_tile` of its
+    launch index, or with ``GROUP = 0`` its program ids themselves (launch order, axis 0
+    fastest: ``MINC_KERNELS_TILE_ORDER=launch``)."""
+    if GROUP == 0:
+        m = tl.program_id(0)
+        n = tl.program_id(1)
+    else:
+        n_m = tl.num_programs(0)
+        m, n = grouped_tile(tl.program_id(1) * n_m + tl.program_id(0), n_m, tl.num_programs(1),
+                            GROUP)
+    return m, n
+
+
+@triton.jit
 def slice_outer_product(x_ptr, y_ptr, ka, kb, ka_mask, kb_mask, row_start, row_end,
                         stride_xb, stride_xk, stride_yb, stride_yk,
                         IS_FP32: tl.constexpr, UPCAST: tl.constexpr,
@@ -164,11 +195,12 @@ def slice_outer_product(x_ptr, y_ptr, ka, kb, ka_mask, kb_mask, row_start, row_e
 def moment_partial_kernel(
     x_ptr, out_ptr, other_ptr, x2_ptr, out2_ptr, B, K, stride_xb, stride_xk, rows_per_split,
     IS_FP32: tl.constexpr, UPCAST: tl.constexpr, DOT_WITH_OTHER: tl.constexpr,
-    VIEWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+    VIEWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, GROUP: tl.constexpr,
 ):
     """``C_s = Σ_{j in slice s} x_j x_jᵀ`` over row slices; grid (nK, nK, S), or
     (nK, nK, 2·S) with ``VIEWS = 2``: the second half of axis 2 does the same for ``x2``
-    (same shape and strides) into ``out2`` (two Grams, one launch).
+    (same shape and strides) into ``out2`` (two Grams, one launch).  Tiles ``(a, b)`` in the
+    order of :func:`_tile` (``GROUP`` a-blocks at a time).
 
     Default: ``out[s] = C_s``, out (S, K, K) fp32.  Only tiles with ``a <= b`` compute; each
     also writes its mirror (the result is symmetric), halving the work.
@@ -177,8 +209,7 @@ def moment_partial_kernel(
     fp32 matrix; the slots of skipped ``a > b`` programs must be pre-zeroed).  Summing
     ``out`` gives ``<other, XᵀX>_F`` without a k×k write.
     """
-    pid_a = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    pid_a, pid_b = _tile(GROUP)
     pid_s = tl.program_id(2)
     if pid_a > pid_b:
         return
@@ -221,12 +252,13 @@ def rowmat_kernel(
     alpha, beta, gamma,
     NEED_GRAD: tl.constexpr, GHA: tl.constexpr, HAS_D: tl.constexpr, MODE: tl.constexpr,
     UPCAST: tl.constexpr, VIEWS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """One (BLOCK_M rows) × (BLOCK_N columns) tile of ``Q = X Gᵀ``, grid (cdiv(B, BM),
-    cdiv(K, BN), VIEWS).  Programs with ``pid 2 = 1`` (``VIEWS = 2``) do the same on
-    ``(x2, g2, y2, d2) -> out2`` (each of the same strides as its first-view operand) and
-    write the second half of ``part``: two products, one launch.
+    cdiv(K, BN), VIEWS), tiles in the order of :func:`_tile` (``GROUP`` row blocks at a
+    time).  Programs with ``pid 2 = 1`` (``VIEWS = 2``) do the same on ``(x2, g2, y2, d2)
+    -> out2`` (each of the same strides as its first-view operand) and write the second half
+    of ``part``: two products, one launch.
 
     Writes ``part[pid, 0] = Σ_tile x∘q`` and ``part[pid, 1] = Σ_tile x∘y`` (fp32), and with
     ``NEED_GRAD`` ``out = α·Q' + (β + γ·d_i)·y`` (fp32) where ``Q' = Q``, or with ``GHA``
@@ -236,8 +268,7 @@ def rowmat_kernel(
     with ``MODE = 3`` its three bf16 pieces, (3, K, K) (pieces K² elements apart), with
     ``MODE = 4`` (K, K) in ``X``'s half dtype, any strides.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile(GROUP)
     if VIEWS == 2:
         if tl.program_id(2) == 1:
             x_ptr = x2_ptr
@@ -699,12 +730,13 @@ def colstats_terms_kernel(
 def cross_gram_kernel(
     x_ptr, y_ptr, out_ptr, B, K, stride_xb, stride_xk, stride_yb, stride_yk, rows_per_split,
     IS_FP32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
     """``C_s = Σ_{j in slice s} x_j y_jᵀ`` (``Xᵀ Y`` over a slice of rows); grid (nK, nK, S),
-    ``out[s]`` (S, K, K) fp32 (the launcher sums the slices in a fixed order).  Unlike
-    :func:`moment_partial_kernel` every tile computes (``Xᵀ Y`` is not symmetric)."""
-    pid_a = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    ``out[s]`` (S, K, K) fp32 (the launcher sums the slices in a fixed order), tiles in the
+    order of :func:`_tile`.  Unlike :func:`moment_partial_kernel` every tile computes
+    (``Xᵀ Y`` is not symmetric)."""
+    pid_a, pid_b = _tile(GROUP)
     pid_s = tl.program_id(2)
     ka = pid_a.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     kb = pid_b.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)

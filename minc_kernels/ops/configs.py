@@ -139,6 +139,20 @@ def rowmat_config(k: int, dtype: torch.dtype = torch.float32, gha: bool = False,
     return cfg
 
 
+# The Gram kernels' tile order (kernels.gram.grouped_tile): programs by groups of this many
+# row blocks (rowmat) or column blocks (moment_partial, cross_gram), so the ~264 programs in
+# flight read ~16 blocks of one operand and ~16 of the other, not all of one.  16 from
+# benchmarks/tile_order.py (an L2 model, not a measurement): at k = 8192 it predicts bf16
+# rowmat's operand traffic from HBM 3.7× smaller than in launch order at B = 4096 and 7×
+# at B = 8192 (8080 -> 1152 MiB: about 2.5 ms -> 0.36 ms at 3.35 TB/s, against a 1.5 ms
+# flop floor); at B = 2048 (X fits in L2) 1.8× larger, both far under the flop floor.  32
+# is a little better in the model but at the edge of a cliff once the footprint outgrows
+# L2.  The order changes no value.  Half rows only (ops.gram.tile_group: fp32 rows are
+# FMA-bound).  Under the interpreter 2, so that small test shapes take it.
+TILE_GROUP = 16
+TILE_GROUP_INTERPRETER = 2
+
+
 # rowmat's bf16 path (a fp32 G against bf16 rows as three bf16 dots) splits G into its bf16
 # pieces once, in a pass of its own, instead of in every program's loop (kernels/gram.py,
 # MODE 3), from this many rows and columns.  The pass moves 10 bytes per element of G; the

@@ -41,12 +41,35 @@ from ._common import (DEVICE_BW, cdiv, device_guard, interpreting, is_fp32, num_
 __all__ = ["rowmat", "rowmat_pair", "gram", "gram_pair", "gram_dot", "cross_gram",
            "cross_gram_partials", "col_stats",
            "col_stats_backward", "col_terms", "gram_backend", "split_bf16x3", "rounds_operand",
-           "rounded", "GRAM_BACKENDS", "GRAM_IMPLS", "WIDE_LAUNCHERS", "gram_impls"]
+           "rounded", "GRAM_BACKENDS", "GRAM_IMPLS", "WIDE_LAUNCHERS", "gram_impls", "tile_group",
+           "TILE_ORDERS"]
 
 GRAM_BACKENDS = ("auto", "triton", "triton_wide", "cublas")
 GRAM_ENV = "MINC_KERNELS_GRAM"
 GRAM_IMPLS = ("triton", "cublas")  # what "auto" chooses between
 WIDE_LAUNCHERS = ("rowmat_rounded",)  # the launchers with a "triton_wide" tiling
+
+
+TILE_ORDER_ENV = "MINC_KERNELS_TILE_ORDER"
+TILE_ORDERS = ("grouped", "launch")
+
+
+def tile_group(dtype: torch.dtype) -> int:
+    """The ``GROUP`` of the Gram kernels' tile order for rows of ``dtype``
+    (``MINC_KERNELS_TILE_ORDER``, read per call): ``"grouped"`` (default:
+    :data:`~minc_kernels.ops.configs.TILE_GROUP` for half rows; 0 for fp32 rows, whose strict
+    fp32 dots are bound by FMA throughput, not by memory, and where the grouped map's
+    integers cost a 4 B spill on sm_90 at B = 1023, k = 1001) or ``"launch"`` (0: the grid's
+    own order, for an A/B on a GPU).  No value depends on it."""
+    value = os.environ.get(TILE_ORDER_ENV, "grouped") or "grouped"
+    if value == "grouped":
+        if is_fp32(dtype):
+            return 0
+        return configs.TILE_GROUP_INTERPRETER if interpreting() else configs.TILE_GROUP
+    if value == "launch":
+        return 0
+    raise ValueError(f"environment variable {TILE_ORDER_ENV} must be one of "
+                     f"{', '.join(map(repr, TILE_ORDERS))}, got {value!r}")
 
 
 def gram_impls(launcher: str) -> tuple[str, ...]:
@@ -265,7 +288,7 @@ def _rowmat_triton(views: list[tuple], alpha, beta, gamma, gha, need_grad,
             out.stride(0), out.stride(1),
             float(alpha), float(beta), float(gamma),
             NEED_GRAD=bool(need_grad), GHA=bool(gha), HAS_D=d is not None,
-            MODE=mode, UPCAST=upcast_bf16_dot(x.dtype), VIEWS=n, **cfg,
+            MODE=mode, UPCAST=upcast_bf16_dot(x.dtype), VIEWS=n, GROUP=tile_group(x.dtype), **cfg,
         )
     if n == 1:
         sums = part.sum(dim=0)
@@ -309,7 +332,7 @@ def _gram_launch(x: torch.Tensor, other: torch.Tensor | None, x2: torch.Tensor |
             x, out, other if other is not None else out, x2, out2,
             b, k, x.stride(0), x.stride(1),
             rows_per_split, IS_FP32=is_fp32(x.dtype), UPCAST=upcast_bf16_dot(x.dtype),
-            DOT_WITH_OTHER=other is not None, VIEWS=views, **cfg,
+            DOT_WITH_OTHER=other is not None, VIEWS=views, GROUP=tile_group(x.dtype), **cfg,
         )
     return buf, split
 
@@ -368,7 +391,7 @@ def cross_gram_partials(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
     with device_guard(x):
         cross_gram_kernel[(nk, nk, split)](
             x, y, out, b, k, x.stride(0), x.stride(1), y.stride(0), y.stride(1), rows_per_split,
-            IS_FP32=is_fp32(x.dtype), UPCAST=upcast_bf16_dot(x.dtype), **cfg,
+            IS_FP32=is_fp32(x.dtype), UPCAST=upcast_bf16_dot(x.dtype), GROUP=tile_group(x.dtype), **cfg,
         )
     return out, split
 
