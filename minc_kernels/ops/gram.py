@@ -391,7 +391,8 @@ def cross_gram_partials(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
     with device_guard(x):
         cross_gram_kernel[(nk, nk, split)](
             x, y, out, b, k, x.stride(0), x.stride(1), y.stride(0), y.stride(1), rows_per_split,
-            IS_FP32=is_fp32(x.dtype), UPCAST=upcast_bf16_dot(x.dtype), GROUP=tile_group(x.dtype), **cfg,
+            IS_FP32=is_fp32(x.dtype), UPCAST=upcast_bf16_dot(x.dtype),
+            GROUP=tile_group(x.dtype), **cfg,
         )
     return out, split
 
