@@ -109,7 +109,7 @@ CASES = [
 SHAPES = [(4096, 2048), (8192, 2048), (2048, 8192), (4096, 8192), (8192, 8192)]
 
 
-def model(kind, b, k, group, occ, **t):
+def model(kind, b, k, group, occ, l2=L2_BYTES, **t):
     wave = SMS * occ
     if kind == "rowmat":
         progs = rowmat_programs(b, k, t["bm"], t["bn"], t["x"], t["g"], group)
@@ -119,17 +119,17 @@ def model(kind, b, k, group, occ, **t):
         progs = moment_programs(b, k, t["bk"], t["x"], group, symmetric=kind == "moment")
         flops = (1 if kind == "moment" else 2) * b * k * k
         compulsory = (1 if kind == "moment" else 2) * b * k * t["x"]
-    return hbm_bytes(progs, wave), flops, compulsory
+    return hbm_bytes(progs, wave, l2), flops, compulsory
 
 
-def table(group: int = 16):
+def table(group: int = 16, l2: int = L2_BYTES):
     rows = []
     for name, spec in CASES:
         spec = dict(spec)
         kind, occ = spec.pop("kind"), spec.pop("occ")
         for b, k in SHAPES:
-            lin, flops, comp = model(kind, b, k, 0, occ, **spec)
-            grp, _, _ = model(kind, b, k, group, occ, **spec)
+            lin, flops, comp = model(kind, b, k, 0, occ, l2, **spec)
+            grp, _, _ = model(kind, b, k, group, occ, l2, **spec)
             rows.append(dict(kernel=name, B=b, k=k, group=group, compulsory_mb=comp / 2**20,
                              linear_mb=lin / 2**20, grouped_mb=grp / 2**20,
                              flop_us=flops / MATMUL_FLOPS * 1e6,
@@ -154,15 +154,19 @@ def markdown(rows) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--group", type=int, default=16)
-    ap.add_argument("--out", type=Path, default=None, help="write table.md and table.json here")
+    ap.add_argument("--l2-mib", type=float, default=L2_BYTES / 2**20,
+                    help="the L2 the model assumes (default 50: GH100)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="write table.md and table.json here (table-l2-<MiB>.* off the default)")
     args = ap.parse_args(argv)
-    rows = table(args.group)
+    rows = table(args.group, int(args.l2_mib * 2**20))
     text = markdown(rows)
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "table.md").write_text(text + "\n")
-        (args.out / "table.json").write_text(json.dumps(rows, indent=1) + "\n")
+        stem = "table" if args.l2_mib * 2**20 == L2_BYTES else f"table-l2-{args.l2_mib:g}"
+        (args.out / f"{stem}.md").write_text(text + "\n")
+        (args.out / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ and MIO tile kernels use :func:`dot_same` for every ``tl.dot``.
 
 * :func:`dot_same` / :func:`dot_g_tile` (with :func:`load_g_tile`, :func:`sum_pieces`):
   the one family of dot-precision helpers.
+* :func:`grouped_tile` (through :func:`_tile`): the tile order of the three GEMM-shaped
+  kernels below, by groups of row (or column) blocks, so the programs in flight share
+  their operands in L2 (a permutation of the tiles: no value depends on it).
 * :func:`moment_partial_kernel`: ``Σ_j x_j x_jᵀ`` (k×k) over a slice of rows, one fp32
   partial per row slice (the launcher sums the slices in a fixed order: no atomics).
 * :func:`rowmat_kernel`: ``Q = X Gᵀ`` (row ``i`` is ``G x_i``) for a (B, k) ``X`` in its
