@@ -19,7 +19,8 @@ measures that host work without a GPU:
   16×16 shape (default first) shows the host work alone; larger shapes add that
   arithmetic.  **Not included**: Triton's own launcher (binding, specialisation key, cache
   lookup, the driver call), which on a GPU costs per launch what ``gpu_floor.json`` of the
-  H200 results measured; add ``launches × that`` for a GPU estimate.
+  H200 results measured; ``benchmarks.triton_host`` measures all of it but the driver call
+  on a CPU.
 * Launch counts per call, from one extra call: Triton launches (per kernel), and torch
   operators from the profiler: all ``aten::`` ops, and those that would launch a device
   kernel on a GPU (approximate: the outermost ``aten::`` ops, except allocations and views,

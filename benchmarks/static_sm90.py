@@ -182,6 +182,18 @@ class Launch:
     compiled: object
     ptxas_log: str
     dims: tuple | None = None  # the kernel's own (B, K) arguments, where it has both (split: K)
+    call: tuple = ()  # (JITFunction, args, kwargs, grid): the launch as made, to replay it
+
+
+@contextlib.contextmanager
+def sm90_driver():
+    """Inside: Triton's active driver is :class:`_Sm90Driver` (compile for sm_90, no GPU)."""
+    prev_active = _driver._active
+    _driver.set_active(_Sm90Driver())
+    try:
+        yield
+    finally:
+        _driver._active = prev_active
 
 
 @contextlib.contextmanager
@@ -189,7 +201,6 @@ def compile_launches_for_sm90():
     """Inside: every ``kernel[grid](...)`` compiles for sm_90 and is recorded, not run."""
     records: list[Launch] = []
     orig_run = JITFunction.run
-    prev_active = _driver._active
     prev_dump = triton.knobs.nvidia.dump_ptxas_log
 
     def run(self, *args, grid, warmup, **kwargs):
@@ -202,18 +213,18 @@ def compile_launches_for_sm90():
         dims = ((int(bound["B"]), int(bound["K"])) if "B" in bound and "K" in bound
                 else (0, int(bound["K"]))
                 if self.fn.__name__ in ("split_bf16x3_kernel", "offdiag_finish_kernel") else None)
-        records.append(Launch(self.fn.__name__, g, consts, compiled, buf.getvalue(), dims))
+        records.append(Launch(self.fn.__name__, g, consts, compiled, buf.getvalue(), dims,
+                              (self, args, kwargs, grid)))
         return compiled
 
-    _driver.set_active(_Sm90Driver())
     triton.knobs.nvidia.dump_ptxas_log = True
     JITFunction.run = run
     try:
-        yield records
+        with sm90_driver():
+            yield records
     finally:
         JITFunction.run = orig_run
         triton.knobs.nvidia.dump_ptxas_log = prev_dump
-        _driver._active = prev_active
 
 
 _PTXAS_RE = {
