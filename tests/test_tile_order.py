@@ -38,13 +38,14 @@ def test_tile_order_is_a_permutation_and_the_modelled_order(kernel_device, n_m, 
 def test_tile_group_reads_the_environment(monkeypatch):
     monkeypatch.delenv(G.TILE_ORDER_ENV, raising=False)
     want = configs.TILE_GROUP_INTERPRETER if G.interpreting() else configs.TILE_GROUP
-    assert G.tile_group(torch.bfloat16) == G.tile_group(torch.float16) == want > 1
-    assert G.tile_group(torch.float32) == 0  # strict fp32: FMA-bound, keeps the grid's order
+    assert G.tile_group(torch.bfloat16, want + 1) == G.tile_group(torch.float16, 99) == want > 1
+    assert G.tile_group(torch.bfloat16, want) == 0  # one group: the grid's own order
+    assert G.tile_group(torch.float32, 99) == 0  # strict fp32: FMA-bound, the grid's order
     monkeypatch.setenv(G.TILE_ORDER_ENV, "launch")
-    assert G.tile_group(torch.bfloat16) == 0
+    assert G.tile_group(torch.bfloat16, 99) == 0
     monkeypatch.setenv(G.TILE_ORDER_ENV, "rows")
     with pytest.raises(ValueError, match="MINC_KERNELS_TILE_ORDER must be one of"):
-        G.tile_group(torch.bfloat16)
+        G.tile_group(torch.bfloat16, 99)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -54,18 +54,20 @@ TILE_ORDER_ENV = "MINC_KERNELS_TILE_ORDER"
 TILE_ORDERS = ("grouped", "launch")
 
 
-def tile_group(dtype: torch.dtype) -> int:
-    """The ``GROUP`` of the Gram kernels' tile order for rows of ``dtype``
-    (``MINC_KERNELS_TILE_ORDER``, read per call): ``"grouped"`` (default:
-    :data:`~minc_kernels.ops.configs.TILE_GROUP` for half rows; 0 for fp32 rows, whose strict
-    fp32 dots are bound by FMA throughput, not by memory, and where the grouped map's
-    integers cost a 4 B spill on sm_90 at B = 1023, k = 1001) or ``"launch"`` (0: the grid's
-    own order, for an A/B on a GPU).  No value depends on it."""
+def tile_group(dtype: torch.dtype, blocks: int) -> int:
+    """The ``GROUP`` of the Gram kernels' tile order for rows of ``dtype`` on a grid of
+    ``blocks`` blocks along its first axis (``MINC_KERNELS_TILE_ORDER``, read per call):
+    ``"grouped"`` (default: :data:`~minc_kernels.ops.configs.TILE_GROUP` for half rows
+    where the grid has more blocks than a group; else 0, the grid's own order, which is then
+    the same order without the map's integer work: on sm_90 that work cost up to 26
+    registers and a CTA per SM in some unaligned launches; fp32 rows, whose strict fp32 dots
+    are bound by FMA throughput rather than memory, keep it too: there it cost a 4 B spill
+    at B = 1023, k = 1001) or ``"launch"`` (0 always, for an A/B on a GPU).  No value
+    depends on it."""
     value = os.environ.get(TILE_ORDER_ENV, "grouped") or "grouped"
     if value == "grouped":
-        if is_fp32(dtype):
-            return 0
-        return configs.TILE_GROUP_INTERPRETER if interpreting() else configs.TILE_GROUP
+        group = configs.TILE_GROUP_INTERPRETER if interpreting() else configs.TILE_GROUP
+        return group if blocks > group and not is_fp32(dtype) else 0
     if value == "launch":
         return 0
     raise ValueError(f"environment variable {TILE_ORDER_ENV} must be one of "
@@ -288,7 +290,8 @@ def _rowmat_triton(views: list[tuple], alpha, beta, gamma, gha, need_grad,
             out.stride(0), out.stride(1),
             float(alpha), float(beta), float(gamma),
             NEED_GRAD=bool(need_grad), GHA=bool(gha), HAS_D=d is not None,
-            MODE=mode, UPCAST=upcast_bf16_dot(x.dtype), VIEWS=n, GROUP=tile_group(x.dtype), **cfg,
+            MODE=mode, UPCAST=upcast_bf16_dot(x.dtype), VIEWS=n,
+            GROUP=tile_group(x.dtype, grid[0]), **cfg,
         )
     if n == 1:
         sums = part.sum(dim=0)
@@ -332,7 +335,7 @@ def _gram_launch(x: torch.Tensor, other: torch.Tensor | None, x2: torch.Tensor |
             x, out, other if other is not None else out, x2, out2,
             b, k, x.stride(0), x.stride(1),
             rows_per_split, IS_FP32=is_fp32(x.dtype), UPCAST=upcast_bf16_dot(x.dtype),
-            DOT_WITH_OTHER=other is not None, VIEWS=views, GROUP=tile_group(x.dtype), **cfg,
+            DOT_WITH_OTHER=other is not None, VIEWS=views, GROUP=tile_group(x.dtype, nk), **cfg,
         )
     return buf, split
 
@@ -392,7 +395,7 @@ def cross_gram_partials(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
         cross_gram_kernel[(nk, nk, split)](
             x, y, out, b, k, x.stride(0), x.stride(1), y.stride(0), y.stride(1), rows_per_split,
             IS_FP32=is_fp32(x.dtype), UPCAST=upcast_bf16_dot(x.dtype),
-            GROUP=tile_group(x.dtype), **cfg,
+            GROUP=tile_group(x.dtype, nk), **cfg,
         )
     return out, split
 
