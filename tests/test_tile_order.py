@@ -38,14 +38,28 @@ def test_tile_order_is_a_permutation_and_the_modelled_order(kernel_device, n_m, 
 def test_tile_group_reads_the_environment(monkeypatch):
     monkeypatch.delenv(G.TILE_ORDER_ENV, raising=False)
     want = configs.TILE_GROUP_INTERPRETER if G.interpreting() else configs.TILE_GROUP
-    assert G.tile_group(torch.bfloat16, want + 1) == G.tile_group(torch.float16, 99) == want > 1
-    assert G.tile_group(torch.bfloat16, want) == 0  # one group: the grid's own order
-    assert G.tile_group(torch.float32, 99) == 0  # strict fp32: FMA-bound, the grid's order
+    big = 1 << 40
+    assert G.tile_group(torch.bfloat16, want + 1, big) == G.tile_group(torch.float16, 99, big) \
+        == want > 1
+    assert G.tile_group(torch.bfloat16, want, big) == 0  # one group: the grid's own order
+    assert G.tile_group(torch.float32, 99, big) == 0  # strict fp32: FMA-bound, the grid's order
     monkeypatch.setenv(G.TILE_ORDER_ENV, "launch")
-    assert G.tile_group(torch.bfloat16, 99) == 0
+    assert G.tile_group(torch.bfloat16, 99, big) == 0
     monkeypatch.setenv(G.TILE_ORDER_ENV, "rows")
     with pytest.raises(ValueError, match="MINC_KERNELS_TILE_ORDER must be one of"):
-        G.tile_group(torch.bfloat16, 99)
+        G.tile_group(torch.bfloat16, 99, big)
+
+
+def test_tile_group_on_a_gpu_groups_only_past_half_the_l2(monkeypatch):
+    """With the device's constants (not the interpreter's): grouped where the grid has more
+    than 16 blocks and the operand the grid's order would re-stream exceeds 25 MiB."""
+    monkeypatch.delenv(G.TILE_ORDER_ENV, raising=False)
+    monkeypatch.setattr(G, "interpreting", lambda: False)
+    x_bytes = lambda b, k: b * k * 2  # noqa: E731  (bf16 rows)
+    assert G.tile_group(torch.bfloat16, 8192 // 64, x_bytes(8192, 8192)) == configs.TILE_GROUP
+    assert G.tile_group(torch.bfloat16, 2048 // 64, x_bytes(2048, 8192)) == configs.TILE_GROUP
+    assert G.tile_group(torch.bfloat16, 4096 // 64, x_bytes(4096, 2048)) == 0  # 16 MiB: in L2
+    assert G.tile_group(torch.bfloat16, 1024 // 64, x_bytes(1024, 32768)) == 0  # 16 blocks
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

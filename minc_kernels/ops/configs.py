@@ -151,6 +151,11 @@ def rowmat_config(k: int, dtype: torch.dtype = torch.float32, gha: bool = False,
 # FMA-bound).  Under the interpreter 2, so that small test shapes take it.
 TILE_GROUP = 16
 TILE_GROUP_INTERPRETER = 2
+# ... and only where what the programs in flight read in the grid's own order (all of X for
+# rowmat, the row slice's columns for the moment kernels) exceeds half the 50 MB L2: below
+# that both orders read each block once in the model (k <= 2048 at B <= 4096), and the
+# map's integers only move registers.
+TILE_GROUP_MIN_BYTES = 25 << 20
 
 
 # rowmat's bf16 path (a fp32 G against bf16 rows as three bf16 dots) splits G into its bf16

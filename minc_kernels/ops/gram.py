@@ -54,20 +54,27 @@ TILE_ORDER_ENV = "MINC_KERNELS_TILE_ORDER"
 TILE_ORDERS = ("grouped", "launch")
 
 
-def tile_group(dtype: torch.dtype, blocks: int) -> int:
+def tile_group(dtype: torch.dtype, blocks: int, nbytes: int) -> int:
     """The ``GROUP`` of the Gram kernels' tile order for rows of ``dtype`` on a grid of
-    ``blocks`` blocks along its first axis (``MINC_KERNELS_TILE_ORDER``, read per call):
-    ``"grouped"`` (default: :data:`~minc_kernels.ops.configs.TILE_GROUP` for half rows
-    where the grid has more blocks than a group; else 0, the grid's own order, which is then
-    the same order without the map's integer work: on sm_90 that work cost up to 26
-    registers and a CTA per SM in some unaligned launches; fp32 rows, whose strict fp32 dots
-    are bound by FMA throughput rather than memory, keep it too: there it cost a 4 B spill
-    at B = 1023, k = 1001) or ``"launch"`` (0 always, for an A/B on a GPU).  No value
+    ``blocks`` blocks along its first axis, whose programs in flight would, in the grid's
+    own order, read ``nbytes`` of operand (``MINC_KERNELS_TILE_ORDER``, read per call).
+
+    ``"grouped"`` (default): :data:`~minc_kernels.ops.configs.TILE_GROUP` for half rows
+    where the grid has more blocks than a group and ``nbytes`` exceeds
+    :data:`~minc_kernels.ops.configs.TILE_GROUP_MIN_BYTES` (half the L2: below it L2 holds
+    what the programs share in either order); else 0, the grid's own order, without the
+    map's integer work (on sm_90 it moved registers by -72 to +58 and cost a CTA per SM
+    in some launches, mostly unaligned ones).  fp32 rows, whose strict fp32 dots are bound
+    by FMA throughput rather than memory, keep the grid's order (there the map cost a 4 B
+    spill at B = 1023, k = 1001).  ``"launch"``: 0 always, for an A/B on a GPU.  No value
     depends on it."""
     value = os.environ.get(TILE_ORDER_ENV, "grouped") or "grouped"
     if value == "grouped":
-        group = configs.TILE_GROUP_INTERPRETER if interpreting() else configs.TILE_GROUP
-        return group if blocks > group and not is_fp32(dtype) else 0
+        if interpreting():
+            group, min_bytes = configs.TILE_GROUP_INTERPRETER, 0
+        else:
+            group, min_bytes = configs.TILE_GROUP, configs.TILE_GROUP_MIN_BYTES
+        return group if blocks > group and nbytes > min_bytes and not is_fp32(dtype) else 0
     if value == "launch":
         return 0
     raise ValueError(f"environment variable {TILE_ORDER_ENV} must be one of "
@@ -291,7 +298,7 @@ def _rowmat_triton(views: list[tuple], alpha, beta, gamma, gha, need_grad,
             float(alpha), float(beta), float(gamma),
             NEED_GRAD=bool(need_grad), GHA=bool(gha), HAS_D=d is not None,
             MODE=mode, UPCAST=upcast_bf16_dot(x.dtype), VIEWS=n,
-            GROUP=tile_group(x.dtype, grid[0]), **cfg,
+            GROUP=tile_group(x.dtype, grid[0], b * k * x.element_size()), **cfg,
         )
     if n == 1:
         sums = part.sum(dim=0)
@@ -335,7 +342,8 @@ def _gram_launch(x: torch.Tensor, other: torch.Tensor | None, x2: torch.Tensor |
             x, out, other if other is not None else out, x2, out2,
             b, k, x.stride(0), x.stride(1),
             rows_per_split, IS_FP32=is_fp32(x.dtype), UPCAST=upcast_bf16_dot(x.dtype),
-            DOT_WITH_OTHER=other is not None, VIEWS=views, GROUP=tile_group(x.dtype, nk), **cfg,
+            DOT_WITH_OTHER=other is not None, VIEWS=views,
+            GROUP=tile_group(x.dtype, nk, rows_per_split * k * x.element_size()), **cfg,
         )
     return buf, split
 
@@ -395,7 +403,7 @@ def cross_gram_partials(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
         cross_gram_kernel[(nk, nk, split)](
             x, y, out, b, k, x.stride(0), x.stride(1), y.stride(0), y.stride(1), rows_per_split,
             IS_FP32=is_fp32(x.dtype), UPCAST=upcast_bf16_dot(x.dtype),
-            GROUP=tile_group(x.dtype, nk), **cfg,
+            GROUP=tile_group(x.dtype, nk, 2 * rows_per_split * k * x.element_size()), **cfg,
         )
     return out, split
 
