@@ -57,7 +57,7 @@ def replay_us(launch, calls: int) -> float:
 
 def n_args(launch) -> tuple[int, int]:
     """(runtime arguments, constexpr keyword arguments) of a launch."""
-    fn, args, kwargs, _ = launch.call
+    _, args, kwargs, _ = launch.call
     return len(args), sum(1 for key in kwargs if key not in ("num_warps", "num_stages"))
 
 
