@@ -47,6 +47,57 @@ def test_backward_scales_the_forward_gradient(name, kernel_device):
         torch.autograd.grad(loss, [x[i] for i in grad_args], create_graph=True)
 
 
+@pytest.mark.parametrize("name", ["mio_blocked", "spectral", "minc"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("wanted", ["both", "first"])
+def test_backward_is_one_op_per_buffer_with_the_bits_of_scale_then_cast(name, dtype, wanted,
+                                                                         kernel_device):
+    """Backward scales the saved fp32 gradient and rounds it to the input's dtype in one op
+    (``mul`` into a buffer of that dtype: one kernel, not a multiply and a cast), with the
+    bits of ``(grad_loss * g).to(dtype)``.  The stacked layout (MIO) scales both halves in
+    one op when both inputs want a gradient."""
+    import os
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    if kernel_device.type == "cpu" and name != "mio_blocked" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    if name == "minc" and wanted == "first":
+        pytest.skip("MINC's op has one gradient input")
+    call, args = _calls()[name]
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(2)
+    a = (torch.randn(7, 6, generator=g) * 0.4).to(kernel_device, dtype)
+    b = (torch.randn(7, 6, generator=g) * 0.4).to(kernel_device, dtype)
+    x, y = a.clone().requires_grad_(), b.clone().requires_grad_(wanted == "both")
+    out = call(*args(x, y, True))
+    scale = torch.tensor(-1.3, device=kernel_device)
+    with Ops() as seen:
+        torch.autograd.backward(out[0], scale)
+    saved = out[1:] if len(out) > 2 or name == "minc" else (out[1][:7], out[1][7:])
+    got = [x.grad, y.grad]
+    for i, s in enumerate(saved):
+        want = (scale * s).to(dtype)
+        if got[i] is None:
+            assert i == 1 and (wanted == "first" or name == "minc")
+            continue
+        assert got[i].dtype == dtype
+        assert torch.equal(got[i], want), (name, i)
+    muls = [n for n in seen.names if n.startswith("aten.mul")]
+    n_grads = sum(t is not None for t in got)
+    one_buffer = name == "mio_blocked" and n_grads == 2
+    assert len(muls) == (1 if one_buffer else n_grads), seen.names
+    assert not any("_to_copy" in n for n in seen.names), seen.names
+
+
 def test_host_helpers_match_triton():
     """ops/_common's plain-Python cdiv/next_pow2 (host overhead) agree with triton's."""
     import triton
