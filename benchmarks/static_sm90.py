@@ -359,14 +359,11 @@ def _default(module_cls, name):
 
 
 def _gram_pair_estimates(b, k, dtype, need_grad, algo, loss):
-    """The cost model behind ``ops.barlow_twins.choose_algorithm``: the spectral Gram-path
-    estimate of ``Zᵀ`` (N×N, "pairwise") and of ``Z`` (k×k, "gram"; Barlow Twins' rounds Γ
-    for bf16 rows), µs."""
-    from minc_kernels.ops.spectral import estimate_seconds
+    """The cost model behind ``ops.barlow_twins.choose_algorithm``
+    (``ops.barlow_twins.model_estimates``), µs."""
+    from minc_kernels.ops.barlow_twins import model_estimates
 
-    est = {"pairwise": estimate_seconds(k, b, dtype, need_grad, round_grams=False)["gram"],
-           "gram": estimate_seconds(b, k, dtype, need_grad,
-                                    round_grams=loss == "barlow_twins")["gram"]}
+    est = model_estimates(b, k, dtype, need_grad, loss)
     other = "gram" if algo == "pairwise" else "pairwise"
     return {"est_us": round(est[algo] * 1e6, 2), "est_other_us": round(est[other] * 1e6, 2)}
 

@@ -58,7 +58,8 @@ from . import tables
 from .spectral import estimate_seconds
 
 __all__ = ["barlow_twins_loss", "barlow_twins_loss_fwd", "barlow_twins_forward",
-           "choose_algorithm", "model_choice", "cross_correlation", "barlow_twins_cross_corr"]
+           "choose_algorithm", "model_choice", "model_estimates", "cross_correlation",
+           "barlow_twins_cross_corr"]
 
 
 def choose_algorithm(n: int, k: int, dtype: torch.dtype, need_grad: bool,
@@ -82,13 +83,20 @@ def model_choice(n: int, k: int, dtype: torch.dtype, need_grad: bool,
     time of ``Zᵀ`` (N×N Grams) against that of ``Z`` (k×k).  Cached, as the spectral
     ``model_choice``: it depends only on its arguments, and two estimates cost about 100 µs
     of host time per call (``benchmarks/results/cpu-host-overhead-2026-12-06b/``)."""
-    # Barlow Twins' k×k path rounds Γ for bf16 rows (as the spectral Gram path rounds its
-    # Grams); VICReg's does not, and the N×N paths keep their fp32 Grams (whose fused
-    # partial gives the loss)
-    by_rows = estimate_seconds(k, n, dtype, need_grad, round_grams=False)["gram"]
-    by_cols = estimate_seconds(n, k, dtype, need_grad,
-                               round_grams=loss == "barlow_twins")["gram"]
-    return "pairwise" if by_rows < by_cols else "gram"
+    est = model_estimates(n, k, dtype, need_grad, loss)
+    return "pairwise" if est["pairwise"] < est["gram"] else "gram"
+
+
+def model_estimates(n: int, k: int, dtype: torch.dtype, need_grad: bool,
+                    loss: str = "barlow_twins") -> dict[str, float]:
+    """Seconds of ``"pairwise"`` (the Gram path of ``Zᵀ``, N×N) and ``"gram"`` (of ``Z``,
+    k×k) by the spectral cost model, as :func:`model_choice` compares them."""
+    # Barlow Twins' k×k path rounds Γ and Γᵀ for bf16 rows (two copies, no dot: the loss
+    # has its own sum); VICReg's does not, and the N×N paths keep their fp32 Grams (whose
+    # fused partial gives the loss)
+    return {"pairwise": estimate_seconds(k, n, dtype, need_grad, round_grams=False)["gram"],
+            "gram": estimate_seconds(n, k, dtype, need_grad, round_grams=loss == "barlow_twins",
+                                     frob_dot=False)["gram"]}
 
 
 def _times_gamma(na: torch.Tensor, nb: torch.Tensor, gam: torch.Tensor, scale: float):

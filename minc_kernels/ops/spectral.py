@@ -50,7 +50,8 @@ import math
 import torch
 
 from ..kernels.spectral import (clip_rows_backward_kernel, clip_rows_dot_kernel,
-                                offdiag_finish_kernel, pairwise_offdiag_kernel)
+                                loss_combine_kernel, offdiag_finish_kernel,
+                                pairwise_offdiag_kernel)
 from . import configs
 from ._common import (DEVICE_BW, DEVICE_FLOPS, TARGET_PROGRAMS, TARGET_SMS, cdiv, device_guard,
                       interpreting, is_fp32, upcast_bf16_dot)
@@ -83,7 +84,7 @@ def _fill(programs: int) -> float:
 
 # ----------------------------------------------------------------------------- cost model
 def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool, *,
-                     round_grams: bool = True) -> dict[str, float]:
+                     round_grams: bool = True, frob_dot: bool = True) -> dict[str, float]:
     """Rough H100 time of each algorithm: the larger of its device time, Σ over launches
     of (flops/peak + DRAM bytes/bandwidth) / fill + launch latency, and its host time,
     launches × :data:`_HOST_LAUNCH_S` (small shapes are bound by the host).
@@ -100,11 +101,14 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool, *,
     (``2Bk²`` each; split dots, or with ``round_grams`` native ones on operands rounded to
     bf16 for bf16 rows, as the spectral op and Barlow Twins' k×k path do; VICReg and the
     N×N paths, priced with ``round_grams=False``, keep fp32 operands), the two views of
-    each in one launch.
+    each in one launch.  The rounding: with ``frob_dot`` (the spectral op) a fp32 dot of
+    the Grams for the loss, then both rounded in one op (20k² bytes); without (Barlow
+    Twins' ``Γ`` and ``Γᵀ``) two rounding copies (12k² bytes).
     Matrix (with gradients; without, it is the pairwise pass): ``S`` (``2B²k``, written
     once), one pass over it (diagonal, ``Σ S²``, rounding) and two ``Zᵀ Sᵀ`` products
     (``2B²k`` each, one native dot per tile), both views in one launch.
-    The launches shared by all (clipping, its backward) are left out of both times.
+    The launches shared by all (clipping, its backward, the loss's ``loss_combine_kernel``)
+    are left out of both times.
     """
     isz = torch.empty((), dtype=dtype).element_size()
     half = not is_fp32(dtype)
@@ -122,20 +126,20 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool, *,
     pc = configs.pairwise_config(b, k, dtype, for_device=True)
     n_m = cdiv(b, pc["BLOCK_M"])
     n_split, _ = configs.pairwise_split(b, k, need_grad, pc)
-    if need_grad:  # one launch, both views' programs, and the sum of its loss partials
+    if need_grad:  # one launch, both views' programs (its loss partials: the shared combine)
         n_c = cdiv(k, pc["BLOCK_C"])
         pairwise = launch(2 * (n_c * 2.0 * b * b * k + 2.0 * b * b * k), rate_same,
                           2 * (2 * isz * b * k + 4 * b * k * n_split),
                           2 * n_m * n_c * (b * k + b * pc["BLOCK_C"]) * isz,
-                          2 * n_m * n_c * n_split) + _LAUNCH_S
-        pairwise_launches = 2
+                          2 * n_m * n_c * n_split)
+        pairwise_launches = 1
         if n_split > 1:  # the fixed-order sums of the split partials (torch reductions)
             pairwise += 2 * (2 * 4 * n_split * b * k / DEVICE_BW + _LAUNCH_S)
             pairwise_launches += 2
     else:
         pairwise = launch(2.0 * b * b * k, rate_same, 2 * isz * b * k, n_m * b * k * isz,
-                          n_m * n_split) + _LAUNCH_S
-        pairwise_launches = 2
+                          n_m * n_split)
+        pairwise_launches = 1
     pairwise = total(pairwise, pairwise_launches)
 
     gc = configs.gram_config(k, dtype, for_device=True)
@@ -149,15 +153,17 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool, *,
     t_gram = (2 // views) * launch(views * b * k * (k + gc["BLOCK_K"]), rate_same,
                                    views * (isz * b * k + 4 * k * k * g_split),
                                    views * (n_k + 1) * b * k * isz, views * tiles * g_split)
-    # torch ops: the row slices' sum (one op for both views), the sum of the partials, Σ d²
-    torch_ops = (1 if g_split > 1 else 0) + 2
+    # torch ops: the row slices' sum (one op for both views), the sum of the product's
+    # partials (Σ d² is in the shared combine)
+    torch_ops = (1 if g_split > 1 else 0) + 1
     if need_grad:
         rc = configs.rowmat_config(k, dtype, for_device=True, b=b)
         n_rm, n_rn = cdiv(b, rc["BLOCK_M"]), cdiv(k, rc["BLOCK_N"])
         rounds = round_grams and rounds_operand(dtype)
         g_bytes, rate = (2, rate_same) if rounds else (4, rate_rhs)
-        if rounds:  # <G1, G2>_F by a fp32 dot, then both Grams rounded (8k² + 12k² bytes)
-            t_gram += 20 * k * k / DEVICE_BW
+        if rounds:  # <G1, G2>_F by a fp32 dot, then both Grams rounded (8k² + 12k² bytes);
+            # or Barlow Twins' Γ and Γᵀ, two copies (2 × 6k²)
+            t_gram += (20 if frob_dot else 12) * k * k / DEVICE_BW
             torch_ops += 2
         t_gram += launch(2 * 2.0 * b * k * k, rate,
                          2 * (g_bytes * k * k + 2 * isz * b * k + 4 * b * k),
@@ -166,15 +172,15 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool, *,
     gram_launches = 2 + torch_ops  # Triton: gram_pair and rowmat, or gram and gram_dot
     matrix = _matrix_seconds(b, k, dtype, launch) if need_grad else None
     return {"pairwise": pairwise,
-            "matrix": total(matrix, 5) if need_grad else pairwise,
+            "matrix": total(matrix, 4) if need_grad else pairwise,
             "gram": total(t_gram, gram_launches)}
 
 
 def _matrix_seconds(b: int, k: int, dtype: torch.dtype, launch) -> float:
     """The matrix path's device time with gradients (:func:`estimate_seconds`' ``launch``
-    prices each launch; five launches): ``cross_gram`` on the transposed views (rows k,
-    columns B), one pass over its row slices (``offdiag_finish_kernel``) and the sum of that
-    pass's partials, and one ``rowmat`` launch of both views (rows k, columns B) and the
+    prices each launch; four launches): ``cross_gram`` on the transposed views (rows k,
+    columns B), one pass over its row slices (``offdiag_finish_kernel``; its partials go to
+    the shared combine), and one ``rowmat`` launch of both views (rows k, columns B) and the
     sum of its partials."""
     isz = torch.empty((), dtype=dtype).element_size()
     rate = DEVICE_FLOPS["fp32"] if is_fp32(dtype) else DEVICE_FLOPS["half"]
@@ -183,8 +189,8 @@ def _matrix_seconds(b: int, k: int, dtype: torch.dtype, launch) -> float:
     split = max(1, min(cdiv(k, xc["BLOCK_B"]), cdiv(2 * TARGET_SMS, n_t * n_t)))
     t = launch(2.0 * k * b * b, rate, 2 * isz * b * k + 4 * b * b * split,
                2 * n_t * b * k * isz, n_t * n_t * split)
-    # offdiag_finish_kernel (the slices read, S' and S'ᵀ written) and the sum of its partials
-    t += (4 * split + 2 * isz) * b * b / DEVICE_BW + 2 * _LAUNCH_S
+    # offdiag_finish_kernel (the slices read, S' and S'ᵀ written)
+    t += (4 * split + 2 * isz) * b * b / DEVICE_BW + _LAUNCH_S
     rc = configs.rowmat_config(b, dtype, for_device=True, b=k)
     n_m, n_n = cdiv(k, rc["BLOCK_M"]), cdiv(b, rc["BLOCK_N"])
     return t + launch(2 * 2.0 * k * b * b, rate, 2 * (isz * b * b + 2 * isz * b * k + 4 * b * k),
@@ -224,8 +230,10 @@ def _same_strides(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def _pairwise(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float, need_grad: bool):
-    """``(Σ_{i≠j} (x_i·y_j)², gx, gy)``: with ``need_grad`` ``gx = α·offdiag(X Yᵀ) Y + β·Y``
-    and ``gy = α·offdiag(X Yᵀ)ᵀ X + β·X``, both from one launch; else ``None, None``."""
+    """``(partials of Σ_{i≠j} (x_i·y_j)², gx, gy)``: with ``need_grad``
+    ``gx = α·offdiag(X Yᵀ) Y + β·Y`` and ``gy = α·offdiag(X Yᵀ)ᵀ X + β·X``, both from one
+    launch; else ``None, None``.  The partials: a (programs, splits) view, for
+    :func:`_loss`."""
     b, k = x.shape
     x, y = _same_strides(x, y)
     cfg = configs.pairwise_config(b, k, x.dtype)
@@ -244,7 +252,7 @@ def _pairwise(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float, need_
             NEED_GRAD=bool(need_grad), IS_FP32=is_fp32(x.dtype), UPCAST=upcast_bf16_dot(x.dtype),
             **cfg,
         )
-    off = part[:, 0].sum()
+    off = part[:, 0]  # the first column chunk's programs hold the sum
     if not need_grad:
         return off, None, None
     # the splits' fp32 partials, summed in a fixed order (deterministic)
@@ -254,7 +262,7 @@ def _pairwise(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float, need_
 
 
 def _matrix(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float):
-    """``(Σ_{i≠j} S_ij², gx, gy)`` from ``S = X Yᵀ`` written once (B×B fp32):
+    """``(partials of Σ_{i≠j} S_ij², gx, gy)`` from ``S = X Yᵀ`` written once (B×B fp32):
     ``gx = α·offdiag(S) Y + β·Y`` and ``gy = α·offdiag(S)ᵀ X + β·X``, fp32 contiguous (B, k).
 
     The Gram layer on the transposed views: ``S = cross_gram(Xᵀ, Yᵀ)`` (its row-slice
@@ -280,7 +288,7 @@ def _matrix(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float):
         offdiag_finish_kernel[(n_t, n_t)](
             part, s, s_t, sq, b, split, RNE_BF16=interpreting() and x.dtype == torch.bfloat16,
             BLOCK=configs.OFFDIAG_BLOCK, num_warps=configs.OFFDIAG_WARPS)
-    off = sq.sum()
+    off = sq
     gx = torch.empty((b, k), dtype=torch.float32, device=x.device)
     gy = torch.empty((b, k), dtype=torch.float32, device=x.device)
     rowmat_pair((y.T, s, y.T, None, gx.T), (x.T, s_t, x.T, None, gy.T), alpha, beta, 0.0,
@@ -289,10 +297,10 @@ def _matrix(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float):
 
 
 def _gram_grad(x: torch.Tensor, y: torch.Tensor, d: torch.Tensor, alpha: float, beta: float):
-    """``(Σ_{i≠j} S_ij², gx, gy)`` through the k×k Grams ``G1 = XᵀX``, ``G2 = YᵀY`` (fp32,
+    """``(<G1, G2>_F = Σ_{i,j} S_ij², gx, gy)`` (the diagonal's ``Σ d²`` still in) through the k×k Grams ``G1 = XᵀX``, ``G2 = YᵀY`` (fp32,
     one launch): ``gx = α(X G2 - d∘Y) + β·Y = α·offdiag(S) Y + β·Y`` and
     ``gy = α(Y G1 - d∘X) + β·X``, both views in one ``rowmat_pair`` launch, whose fused
-    partial ``Σ xᵀ G2 x = <G1, G2>_F`` gives the loss, ``<G1, G2>_F - Σ d²``.
+    partial ``Σ xᵀ G2 x = <G1, G2>_F`` gives the loss, ``<G1, G2>_F - Σ d²`` (:func:`_loss`).
 
     bf16 rows multiply by the Grams **rounded to bf16** (rowmat's MODE 4: one native dot
     per tile, a third of the split MODE 1/3's three), as eager autograd multiplies by
@@ -312,7 +320,23 @@ def _gram_grad(x: torch.Tensor, y: torch.Tensor, d: torch.Tensor, alpha: float, 
                                             alpha, beta, -alpha, False, True)
     if not rounds:
         frob = part  # Σ xᵀ G2 x with the fp32 G2
-    return frob - (d * d).sum(), gx, gy
+    return frob, gx, gy
+
+
+def _loss(d: torch.Tensor, off: torch.Tensor, sub_d2: bool, pos: float, inv: float) -> torch.Tensor:
+    """``pos·Σ d + inv·(Σ off - [sub_d2] Σ d²)``, fp32 0-dim, by one launch of
+    ``loss_combine_kernel`` (five to seven tiny torch ops before: a launch each on a GPU).
+    ``off``: the path's fp32 partials of ``Σ_{i≠j} S_ij²``, 0-, 1- or 2-dimensional with
+    contiguous rows (``sub_d2``: the Gram path's ``<G1, G2>_F``, diagonal included)."""
+    rows, cols = (1, 1) if off.dim() == 0 else (1, off.shape[0]) if off.dim() == 1 else off.shape
+    if cols > 1 and off.stride(-1) != 1:  # not reached: the paths hand contiguous rows
+        off = off.contiguous()
+    out = torch.empty((), dtype=torch.float32, device=d.device)
+    with device_guard(d):
+        loss_combine_kernel[(1,)](
+            d, d.shape[0], off, rows, cols, off.stride(0) if off.dim() == 2 else cols, out,
+            pos, inv, SUB_D2=bool(sub_d2), BLOCK=configs.COMBINE_BLOCK)
+    return out
 
 
 def _clip_rows_dot(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool):
@@ -373,10 +397,10 @@ def spectral_forward(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool, 
             off, g1, g2 = _gram_grad(z1c, z2c, d, 2.0 * inv, pos)
         else:
             # <G1, G2>_F reduced tile by tile while G2 is formed: G2 is never written.
-            off = gram_dot(z2c, gram(z1c)) - (d * d).sum()
+            off = gram_dot(z2c, gram(z1c))
     if need_grad and clip:
         _clip_rows_backward_(z1, n1, g1, z2, n2, g2, mu)
-    loss = pos * d.sum() + inv * off
+    loss = _loss(d, off, algorithm == "gram", pos, inv)
     if not need_grad:
         # two tensors: outputs of a custom op must not alias each other
         g1 = z1.new_empty((0,), dtype=torch.float32)
