@@ -449,3 +449,36 @@ def test_rowmat_splits_g_beforehand_only_for_large_bf16_calls():
     assert not configs.rowmat_presplit(1024, 4096) and not configs.rowmat_presplit(8192, 128)
     # the pieces (6k² bytes) stay within ROWMAT_PRESPLIT_MAX_BYTES: not at k = 8192 (384 MiB)
     assert not configs.rowmat_presplit(8192, 8192)
+
+
+@pytest.mark.parametrize("n_a,a_stride", [(1, 1), (300, 1), (37, 2)])  # 300: two passes
+@pytest.mark.parametrize("p_shape", [(), (5,), (600,), (7, 3)])
+@pytest.mark.parametrize("wa2", [None, -1.0])
+def test_combine_matches_the_torch_formula(n_a, a_stride, p_shape, wa2):
+    """``combine``: ``wa·Σ a + wp·(Σ p + wa2·Σ a²)`` in one launch, on strided ``a`` and
+    0-2 dimensional ``p`` with rows apart (rowmat's (programs, 2) partials, the pairwise
+    kernel's chunk), against the same formula in float64."""
+    g = torch.Generator().manual_seed(n_a * 7 + len(p_shape))
+    a = torch.randn(n_a * a_stride, generator=g).to(DEV)[::a_stride]
+    if len(p_shape) == 2:  # rows 6 apart, columns contiguous
+        p = torch.randn(p_shape[0], 2 * p_shape[1], generator=g).to(DEV)[:, :p_shape[1]]
+    else:
+        p = torch.randn(p_shape, generator=g).to(DEV)
+    wa, wp = 0.37, -1.9
+    got = G.combine(a, wa, p, wp, wa2)
+    a64, p64 = a.double(), p.double()
+    want = wa * a64.sum() + wp * (p64.sum() + (wa2 * (a64 * a64).sum() if wa2 else 0.0))
+    assert got.shape == () and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    if len(p_shape) == 2:
+        with pytest.raises(ValueError, match="p's last dimension must be contiguous"):
+            G.combine(a, wa, p.T, wp)
+
+
+def test_combine_leaves_out_an_unused_square_term():
+    """Without ``wa2`` the ``Σ a²`` term is not formed: an infinite ``a`` gives ±inf, not
+    the NaN of ``0·inf``."""
+    a = torch.tensor([float("inf"), 1.0], device=DEV)
+    p = torch.ones(3, device=DEV)
+    assert G.combine(a, 1.0, p, 1.0).item() == float("inf")
+    assert torch.isnan(G.combine(a, 1.0, p, 1.0, 0.0))

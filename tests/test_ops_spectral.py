@@ -130,7 +130,7 @@ def test_noncontiguous_inputs(kernel_device, algorithm, clip, layout):
 def test_pairwise_fwd_bwd_launches(clip):
     """Issue 21 item 3: both views' gradients come from one pairwise launch and one
     clipping-Jacobian launch (they were two each), and the loss from one
-    ``loss_combine_kernel`` launch (five torch ops before): 4 Triton launches per fwd+bwd
+    ``combine_kernel`` launch (five torch ops before): 4 Triton launches per fwd+bwd
     with clipping, 3 without, and no torch op that would launch a kernel in the forward
     (launches stubbed, CPU)."""
     from benchmarks.cpu_host_overhead import LaunchStub, count_ops
@@ -139,7 +139,7 @@ def test_pairwise_fwd_bwd_launches(clip):
         ops.spectral_loss(z1, z2, MU, clip, "pairwise").backward()
         counts = dict(stub.counts)
         fwd_ops = count_ops(lambda: ops.spectral_loss(z1, z2, MU, clip, "pairwise"))
-    want = {"clip_rows_dot_kernel": 1, "pairwise_offdiag_kernel": 1, "loss_combine_kernel": 1}
+    want = {"clip_rows_dot_kernel": 1, "pairwise_offdiag_kernel": 1, "combine_kernel": 1}
     if clip:
         want["clip_rows_backward_kernel"] = 1
     assert counts == want
@@ -161,7 +161,7 @@ def test_matrix_path_launches_and_modes(dtype, request):
         ops.spectral_loss(z1, z2, MU, True, "matrix").backward()
     assert dict(stub.counts) == {"clip_rows_dot_kernel": 1, "cross_gram_kernel": 1,
                                  "offdiag_finish_kernel": 1, "rowmat_kernel": 1,
-                                 "clip_rows_backward_kernel": 1, "loss_combine_kernel": 1}
+                                 "clip_rows_backward_kernel": 1, "combine_kernel": 1}
     rowmat_calls = request.getfixturevalue("rowmat_calls")  # after the stub: launches run
     loss, g1, g2 = ops.spectral_loss_fwd(z1.detach(), z2.detach(), MU, True, "matrix", True)
     want_mode = 0 if dtype == torch.float32 else 4
@@ -172,7 +172,7 @@ def test_matrix_path_launches_and_modes(dtype, request):
         with torch.no_grad():
             ops.spectral_loss(z1, z2, MU, True, "matrix")
     assert dict(stub.counts) == {"clip_rows_dot_kernel": 1, "pairwise_offdiag_kernel": 1,
-                                 "loss_combine_kernel": 1}
+                                 "combine_kernel": 1}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

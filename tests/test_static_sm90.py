@@ -90,7 +90,8 @@ def _tag(r):
 def test_every_kernel_and_dtype_is_covered(rows):
     kernels = {r["kernel"] for r in rows}
     assert kernels >= S.HEAVY | {"clip_rows_dot_kernel", "clip_rows_backward_kernel",
-                                 "mio_normalize_rows", "mio_grad_finalize", "mio_loss_combine"}
+                                 "mio_normalize_rows", "mio_grad_finalize", "mio_loss_combine",
+                                 "combine_kernel"}
     assert {r["dtype"] for r in rows} == {"fp32", "bf16", "fp16"}
     assert {r["grad"] for r in rows} == {False, True}
     assert any(r["k"] % 16 and r["B"] % 16 for r in rows)  # the unaligned specialisation

@@ -9,6 +9,8 @@ and MIO tile kernels use :func:`dot_same` for every ``tl.dot``.
 * :func:`grouped_tile` (through :func:`_tile`): the tile order of the three GEMM-shaped
   kernels below, by groups of row (or column) blocks, so the programs in flight share
   their operands in L2 (a permutation of the tiles: no value depends on it).
+* :func:`combine_kernel`: a loss from the partials of the kernels above, in one program
+  (where a handful of tiny torch ops, a launch each, did it).
 * :func:`moment_partial_kernel`: ``Σ_j x_j x_jᵀ`` (k×k) over a slice of rows, one fp32
   partial per row slice (the launcher sums the slices in a fixed order: no atomics).
 * :func:`rowmat_kernel`: ``Q = X Gᵀ`` (row ``i`` is ``G x_i``) for a (B, k) ``X`` in its
@@ -752,3 +754,35 @@ def cross_gram_kernel(
                               IS_FP32, UPCAST, BLOCK_K, BLOCK_B)
     out = out_ptr + pid_s.to(tl.int64) * K * K
     tl.store(out + ka[:, None] * K + kb[None, :], acc, mask=ka_mask[:, None] & kb_mask[None, :])
+
+
+@triton.jit
+def combine_kernel(a_ptr, N_A, A_STRIDE, p_ptr, ROWS, COLS, ROW_STRIDE, out_ptr,
+                   wa, wa2, wp, A2: tl.constexpr, BLOCK: tl.constexpr):
+    """``out = wa·Σ a + wp·(Σ p + [A2] wa2·Σ a²)`` (one program, fp32 sums in a fixed
+    order; the spectral Gram path's ``<G1, G2>_F - Σ d²`` is formed before it is scaled).
+
+    ``a``: N_A fp32 values A_STRIDE apart (the spectral op's ``d``; the ``Σ x∘q`` column of
+    rowmat's partials); ``p``: a (ROWS, COLS) fp32 array, rows ROW_STRIDE apart, columns
+    contiguous (the pairwise kernel's partials of one column chunk, ``Σ x∘y`` partials).
+    ``A2`` is a constexpr, so ``wa2·Σ a²`` is not formed (no ``0·inf``) where it is unused.
+    """
+    offs = tl.arange(0, BLOCK)
+    sa = tl.zeros([BLOCK], dtype=tl.float32)
+    sa2 = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, N_A, BLOCK):
+        j = i + offs
+        v = tl.load(a_ptr + j * A_STRIDE, mask=j < N_A, other=0.0)
+        sa += v
+        if A2:
+            sa2 += v * v
+    sp = tl.zeros([BLOCK], dtype=tl.float32)
+    n = ROWS * COLS
+    for i in range(0, n, BLOCK):
+        j = i + offs
+        r = j // COLS
+        sp += tl.load(p_ptr + r * ROW_STRIDE + (j - r * COLS), mask=j < n, other=0.0)
+    p_sum = tl.sum(sp, axis=0)
+    if A2:
+        p_sum += wa2 * tl.sum(sa2, axis=0)
+    tl.store(out_ptr, wa * tl.sum(sa, axis=0) + wp * p_sum)

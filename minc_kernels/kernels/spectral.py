@@ -12,8 +12,7 @@
 * :func:`offdiag_finish_kernel`: the matrix path's ``S`` (B×B, from the row slices of
   ``cross_gram``): slices summed, diagonal zeroed, rounded to the storage dtype and written
   with its transpose, and ``Σ_{i≠j} S_ij²`` per program, in one pass.
-* :func:`loss_combine_kernel`: the loss from ``d`` and the path's partials of
-  ``Σ_{i≠j} S_ij²``, in one program (where five or more tiny torch ops did it).
+* The loss itself: ``kernels.gram.combine_kernel`` on ``d`` and the path's partials.
 * The feature-Gram path uses :mod:`minc_kernels.kernels.gram` (``Zᵀ Z`` and ``Z G``).
 
 Precision: ``S`` tiles use ``input_precision="ieee"`` (strict fp32) for fp32 inputs and the
@@ -212,31 +211,3 @@ def clip_rows_backward_kernel(
         g = tl.load(g_ptr + rows[:, None] * K + ks[None, :], mask=m, other=0.0)
         tl.store(g_ptr + rows[:, None] * K + ks[None, :], scale[:, None] * (g - proj[:, None] * z), mask=m)
 
-
-@triton.jit
-def loss_combine_kernel(d_ptr, B, part_ptr, ROWS, COLS, ROW_STRIDE, out_ptr, pos_scale,
-                        off_scale, SUB_D2: tl.constexpr, BLOCK: tl.constexpr):
-    """``out = pos_scale·Σ d + off_scale·(Σ part - [SUB_D2] Σ d²)`` (one program, fp32).
-
-    ``d``: the B diagonal products ``z1c_i·z2c_i``; ``part``: a (ROWS, COLS) fp32 array of
-    partials of ``Σ_{i≠j} S_ij²`` (rows ROW_STRIDE apart, columns contiguous), e.g. the
-    pairwise kernel's per-program partials of its first column chunk, or one ``<G1, G2>_F``
-    from which ``SUB_D2`` removes the diagonal.  Sums in a fixed order (deterministic)."""
-    offs = tl.arange(0, BLOCK)
-    sd = tl.zeros([BLOCK], dtype=tl.float32)
-    sd2 = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(0, B, BLOCK):
-        m = i + offs < B
-        v = tl.load(d_ptr + i + offs, mask=m, other=0.0)
-        sd += v
-        sd2 += v * v
-    sp = tl.zeros([BLOCK], dtype=tl.float32)
-    n = ROWS * COLS
-    for i in range(0, n, BLOCK):
-        j = i + offs
-        r = j // COLS
-        sp += tl.load(part_ptr + r * ROW_STRIDE + (j - r * COLS), mask=j < n, other=0.0)
-    off = tl.sum(sp, axis=0)
-    if SUB_D2:
-        off = off - tl.sum(sd2, axis=0)
-    tl.store(out_ptr, pos_scale * tl.sum(sd, axis=0) + off_scale * off)

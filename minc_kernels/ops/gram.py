@@ -32,13 +32,13 @@ import torch
 
 from ..kernels.gram import (colstats_backward_kernel, colstats_backward_partial_kernel,
                             colstats_kernel, colstats_partial_kernel, colstats_terms_kernel,
-                            cross_gram_kernel, moment_partial_kernel, rowmat_kernel,
-                            split_bf16x3_kernel)
+                            combine_kernel, cross_gram_kernel, moment_partial_kernel,
+                            rowmat_kernel, split_bf16x3_kernel)
 from . import configs, tables
 from ._common import (DEVICE_BW, cdiv, device_guard, interpreting, is_fp32, num_sms,
                       next_pow2, rhs_f32_mode, upcast_bf16_dot)
 
-__all__ = ["rowmat", "rowmat_pair", "gram", "gram_pair", "gram_dot", "cross_gram",
+__all__ = ["rowmat", "rowmat_pair", "rowmat_value", "combine", "gram", "gram_pair", "gram_dot", "cross_gram",
            "cross_gram_partials", "col_stats",
            "col_stats_backward", "col_terms", "gram_backend", "split_bf16x3", "rounds_operand",
            "rounded", "GRAM_BACKENDS", "GRAM_IMPLS", "WIDE_LAUNCHERS", "gram_impls", "tile_group",
@@ -169,6 +169,38 @@ def rowmat(x: torch.Tensor, g: torch.Tensor, y: torch.Tensor, d: torch.Tensor | 
                           wide=backend == "triton_wide")[0]
 
 
+def rowmat_value(x: torch.Tensor, g: torch.Tensor, y: torch.Tensor, alpha: float, beta: float,
+                 gha: bool, need_grad: bool, w_quad: float, w_cross: float):
+    """:func:`rowmat` (no ``d``, ``γ = 0``) reduced to one value: ``(w_quad·Σ x∘q +
+    w_cross·Σ x∘y, out)``, a fp32 0-dim tensor and the gradient (or ``None``).  The Triton
+    path reads rowmat's per-program partials in one :func:`combine` launch (MINC's loss:
+    four torch ops on the partials before, a launch each on a GPU)."""
+    backend = gram_backend(_rowmat_launcher(x, g), x)
+    if backend == "cublas":
+        quad, cross, res = rowmat(x, g, y, None, alpha, beta, 0.0, gha, need_grad)
+        return quad * w_quad + cross * w_cross, res
+    ((part, res),) = _rowmat_triton([(x, g, y, None, None)], alpha, beta, 0.0, gha, need_grad,
+                                    wide=backend == "triton_wide", raw=True)
+    return combine(part[:, 0], w_quad, part[:, 1:], w_cross), res
+
+
+def combine(a: torch.Tensor, wa: float, p: torch.Tensor, wp: float,
+            wa2: float | None = None) -> torch.Tensor:
+    """``wa·Σ a + wp·(Σ p + wa2·Σ a²)`` (the ``a²`` term only with ``wa2``) as a fp32 0-dim
+    tensor, in one launch of ``combine_kernel``: ``a`` a 1-dim fp32 tensor (any stride),
+    ``p`` a fp32 tensor of 0-2 dims whose last dimension is contiguous."""
+    rows, cols = (1, 1) if p.dim() == 0 else (1, p.shape[0]) if p.dim() == 1 else p.shape
+    if p.dim() > 0 and p.shape[-1] > 1 and p.stride(-1) != 1:
+        raise ValueError(f"p's last dimension must be contiguous, got strides {p.stride()}")
+    out = torch.empty((), dtype=torch.float32, device=a.device)
+    with device_guard(a):
+        combine_kernel[(1,)](
+            a, a.shape[0], a.stride(0), p, rows, cols, p.stride(0) if p.dim() == 2 else cols,
+            out, float(wa), 0.0 if wa2 is None else float(wa2), float(wp), A2=wa2 is not None,
+            BLOCK=configs.COMBINE_BLOCK)
+    return out
+
+
 def _rowmat_launcher(x: torch.Tensor, g: torch.Tensor) -> str:
     """The table's name for a rowmat call: ``"rowmat_rounded"`` where ``G`` is already in
     the rows' half dtype (one native dot per tile against one half GEMM), else ``"rowmat"``
@@ -262,13 +294,14 @@ def split_bf16x3(g: torch.Tensor) -> torch.Tensor:
 
 
 def _rowmat_triton(views: list[tuple], alpha, beta, gamma, gha, need_grad,
-                   wide: bool = False) -> list[tuple]:
+                   wide: bool = False, raw: bool = False) -> list[tuple]:
     """One ``rowmat_kernel`` launch over one or two views ``(x, g, y, d, out)`` of one
     layout (the second view's operands take the first's strides).  bf16 rows against a
     large fp32 ``G`` take its bf16 pieces, split beforehand into a contiguous buffer
     (MODE 3, the same bits as MODE 1).  A half ``G`` (rounded by the caller) takes one
     native dot (MODE 4), with ``wide`` on :func:`~minc_kernels.ops.configs.rowmat_config`'s
-    wide tiles."""
+    wide tiles.  ``raw`` (one view): ``[(partials, out)]``, the (programs, 2) fp32 partials
+    of ``Σ x∘q`` and ``Σ x∘y`` unsummed."""
     x, g, y, d, out = views[0]
     b, k = x.shape
     n = len(views)
@@ -300,6 +333,8 @@ def _rowmat_triton(views: list[tuple], alpha, beta, gamma, gha, need_grad,
             MODE=mode, UPCAST=upcast_bf16_dot(x.dtype), VIEWS=n,
             GROUP=tile_group(x.dtype, grid[0], b * k * x.element_size()), **cfg,
         )
+    if raw:
+        return [(part, out if need_grad else None)]
     if n == 1:
         sums = part.sum(dim=0)
         return [(sums[0], sums[1], out if need_grad else None)]

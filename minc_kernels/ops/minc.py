@@ -41,7 +41,7 @@ from ..kernels.minc import l2_rows_backward_kernel, l2_rows_kernel, moment_ema_k
 from . import configs
 from ._common import cdiv, device_guard, upcast_bf16_dot
 from ._grad_in_forward import eager_or_op, register_grad_in_forward
-from .gram import gram, rowmat
+from .gram import gram, rowmat_value
 
 __all__ = ["minc_loss", "moment_sum", "minc_loss_fwd", "minc_moment_sum", "minc_forward",
            "l2_rows", "l2_rows_backward_", "moment_ema_", "moment_update_body", "moment_step",
@@ -57,8 +57,7 @@ def minc_forward(p: torch.Tensor, t: torch.Tensor, moment: torch.Tensor, gha: bo
     """The body of :func:`minc_loss_fwd` (plain function: the static sm_90 suite calls it
     on meta tensors, which the custom op would send to its fake)."""
     b = p.shape[0]
-    quad, cross, grad = rowmat(p, moment, t, None, 2.0 / b, -2.0 / b, 0.0, gha, need_grad)
-    loss = (quad - 2.0 * cross) / b
+    loss, grad = rowmat_value(p, moment, t, 2.0 / b, -2.0 / b, gha, need_grad, 1.0 / b, -2.0 / b)
     if grad is None:
         grad = p.new_empty((0,), dtype=torch.float32)
     return loss, grad

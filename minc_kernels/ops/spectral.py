@@ -50,15 +50,14 @@ import math
 import torch
 
 from ..kernels.spectral import (clip_rows_backward_kernel, clip_rows_dot_kernel,
-                                loss_combine_kernel, offdiag_finish_kernel,
-                                pairwise_offdiag_kernel)
+                                offdiag_finish_kernel, pairwise_offdiag_kernel)
 from . import configs
 from ._common import (DEVICE_BW, DEVICE_FLOPS, TARGET_PROGRAMS, TARGET_SMS, cdiv, device_guard,
                       interpreting, is_fp32, upcast_bf16_dot)
 from ._grad_in_forward import register_grad_in_forward
 from . import tables
-from .gram import (cross_gram, cross_gram_partials, gram, gram_backend, gram_dot, gram_pair,
-                   rounded, rounds_operand, rowmat_pair)
+from .gram import (combine, cross_gram, cross_gram_partials, gram, gram_backend, gram_dot,
+                   gram_pair, rounded, rounds_operand, rowmat_pair)
 
 __all__ = ["spectral_loss", "spectral_loss_fwd", "spectral_forward", "choose_algorithm",
            "estimate_seconds", "ALGORITHMS"]
@@ -107,7 +106,7 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool, *,
     Matrix (with gradients; without, it is the pairwise pass): ``S`` (``2B²k``, written
     once), one pass over it (diagonal, ``Σ S²``, rounding) and two ``Zᵀ Sᵀ`` products
     (``2B²k`` each, one native dot per tile), both views in one launch.
-    The launches shared by all (clipping, its backward, the loss's ``loss_combine_kernel``)
+    The launches shared by all (clipping, its backward, the loss's ``combine_kernel``)
     are left out of both times.
     """
     isz = torch.empty((), dtype=dtype).element_size()
@@ -233,7 +232,7 @@ def _pairwise(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float, need_
     """``(partials of Σ_{i≠j} (x_i·y_j)², gx, gy)``: with ``need_grad``
     ``gx = α·offdiag(X Yᵀ) Y + β·Y`` and ``gy = α·offdiag(X Yᵀ)ᵀ X + β·X``, both from one
     launch; else ``None, None``.  The partials: a (programs, splits) view, for
-    :func:`_loss`."""
+    :func:`~minc_kernels.ops.gram.combine`."""
     b, k = x.shape
     x, y = _same_strides(x, y)
     cfg = configs.pairwise_config(b, k, x.dtype)
@@ -300,7 +299,7 @@ def _gram_grad(x: torch.Tensor, y: torch.Tensor, d: torch.Tensor, alpha: float, 
     """``(<G1, G2>_F = Σ_{i,j} S_ij², gx, gy)`` (the diagonal's ``Σ d²`` still in) through the k×k Grams ``G1 = XᵀX``, ``G2 = YᵀY`` (fp32,
     one launch): ``gx = α(X G2 - d∘Y) + β·Y = α·offdiag(S) Y + β·Y`` and
     ``gy = α(Y G1 - d∘X) + β·X``, both views in one ``rowmat_pair`` launch, whose fused
-    partial ``Σ xᵀ G2 x = <G1, G2>_F`` gives the loss, ``<G1, G2>_F - Σ d²`` (:func:`_loss`).
+    partial ``Σ xᵀ G2 x = <G1, G2>_F`` gives the loss, ``<G1, G2>_F - Σ d²`` (in the loss's ``combine``).
 
     bf16 rows multiply by the Grams **rounded to bf16** (rowmat's MODE 4: one native dot
     per tile, a third of the split MODE 1/3's three), as eager autograd multiplies by
@@ -321,22 +320,6 @@ def _gram_grad(x: torch.Tensor, y: torch.Tensor, d: torch.Tensor, alpha: float, 
     if not rounds:
         frob = part  # Σ xᵀ G2 x with the fp32 G2
     return frob, gx, gy
-
-
-def _loss(d: torch.Tensor, off: torch.Tensor, sub_d2: bool, pos: float, inv: float) -> torch.Tensor:
-    """``pos·Σ d + inv·(Σ off - [sub_d2] Σ d²)``, fp32 0-dim, by one launch of
-    ``loss_combine_kernel`` (five to seven tiny torch ops before: a launch each on a GPU).
-    ``off``: the path's fp32 partials of ``Σ_{i≠j} S_ij²``, 0-, 1- or 2-dimensional with
-    contiguous rows (``sub_d2``: the Gram path's ``<G1, G2>_F``, diagonal included)."""
-    rows, cols = (1, 1) if off.dim() == 0 else (1, off.shape[0]) if off.dim() == 1 else off.shape
-    if cols > 1 and off.stride(-1) != 1:  # not reached: the paths hand contiguous rows
-        off = off.contiguous()
-    out = torch.empty((), dtype=torch.float32, device=d.device)
-    with device_guard(d):
-        loss_combine_kernel[(1,)](
-            d, d.shape[0], off, rows, cols, off.stride(0) if off.dim() == 2 else cols, out,
-            pos, inv, SUB_D2=bool(sub_d2), BLOCK=configs.COMBINE_BLOCK)
-    return out
 
 
 def _clip_rows_dot(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool):
@@ -400,7 +383,8 @@ def spectral_forward(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool, 
             off = gram_dot(z2c, gram(z1c))
     if need_grad and clip:
         _clip_rows_backward_(z1, n1, g1, z2, n2, g2, mu)
-    loss = _loss(d, off, algorithm == "gram", pos, inv)
+    # pos·Σ d + inv·(Σ off - Σ d² on the Gram path, whose <G1, G2>_F has the diagonal)
+    loss = combine(d, pos, off, inv, -1.0 if algorithm == "gram" else None)
     if not need_grad:
         # two tensors: outputs of a custom op must not alias each other
         g1 = z1.new_empty((0,), dtype=torch.float32)
