@@ -59,7 +59,8 @@ def test_backward_is_one_op_per_buffer_with_the_bits_of_scale_then_cast(name, dt
     import os
 
     from torch.utils._python_dispatch import TorchDispatchMode
-    if kernel_device.type == "cpu" and name != "mio_blocked" and os.environ.get("TRITON_INTERPRET") != "1":
+    if (kernel_device.type == "cpu" and name != "mio_blocked"
+            and os.environ.get("TRITON_INTERPRET") != "1"):
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     if name == "minc" and wanted == "first":
         pytest.skip("MINC's op has one gradient input")

@@ -87,12 +87,13 @@ def l2_rows_backward_kernel(
 
 @triton.jit
 def moment_ema_kernel(
-    c_ptr, m_ptr, out_ptr, nu_ptr, sk_ptr, new_counts_ptr, N, rows, weight, log_beta, floor,
+    c_ptr, m_ptr, out_ptr, nu_ptr, sk_ptr, new_nu_ptr, N, rows, weight, log_beta, floor,
     UPDATE: tl.constexpr, CHECK: tl.constexpr, BIAS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One block of the flat k×k moment.  ``nu``/``sk``: the int64 update and skip counts
-    before the step; program 0 writes the new pair to ``new_counts`` (every program reads
-    the old count, so it cannot be updated in place here).
+    before the step.  Program 0 updates ``sk`` in place (no other program reads it) and
+    writes the new update count to ``new_nu`` (every program reads the old one, so it cannot
+    be updated in place here).
 
     ``CHECK``: C counts as finite iff ``C[0, 0]`` is: C is the moment of l2-mapped rows, whose
     entries are at most 1 in magnitude unless the whole row is NaN, and a NaN row makes every
@@ -118,8 +119,8 @@ def moment_ema_kernel(
         tl.store(m_ptr + offs, new, mask=mask)
         n_upd = n_upd + ok.to(tl.int64)
         if pid == 0:
-            tl.store(new_counts_ptr, n_upd)
-            tl.store(new_counts_ptr + 1, tl.load(sk_ptr) + 1 - ok.to(tl.int64))
+            tl.store(new_nu_ptr, n_upd)
+            tl.store(sk_ptr, tl.load(sk_ptr) + 1 - ok.to(tl.int64))
         m = new
     if BIAS:
         # 1 - β^u in fp64 (for β near 1), floored at its first-step value 1 - β (u = 0, never

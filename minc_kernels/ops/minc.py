@@ -149,17 +149,16 @@ def moment_ema_(moment: torch.Tensor, num_updates: torch.Tensor, skips: torch.Te
         return None
     n = moment.numel()
     out = torch.empty_like(moment) if bias else moment
-    counts = torch.empty((2,), dtype=torch.int64, device=moment.device)
+    new_nu = torch.empty((), dtype=torch.int64, device=moment.device)
     block = configs.MOMENT_EMA_BLOCK
     with device_guard(moment):
         moment_ema_kernel[(cdiv(n, block),)](
-            c_sum if update else moment, moment, out, num_updates, skips, counts, n,
+            c_sum if update else moment, moment, out, num_updates, skips, new_nu, n,
             float(max(rows, 1)), 1.0 - beta, math.log(beta) if beta > 0.0 else 0.0, 1.0 - beta,
             UPDATE=bool(update), CHECK=bool(check), BIAS=bias, BLOCK=block, num_warps=4,
         )
-    if update:  # the new counts, written by the kernel's first program
-        num_updates.copy_(counts[0])
-        skips.copy_(counts[1])
+    if update:  # the new count, written by the kernel's first program (skips: in place)
+        num_updates.copy_(new_nu)
     return out if bias else None
 
 

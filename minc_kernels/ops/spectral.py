@@ -296,10 +296,11 @@ def _matrix(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float):
 
 
 def _gram_grad(x: torch.Tensor, y: torch.Tensor, d: torch.Tensor, alpha: float, beta: float):
-    """``(<G1, G2>_F = Σ_{i,j} S_ij², gx, gy)`` (the diagonal's ``Σ d²`` still in) through the k×k Grams ``G1 = XᵀX``, ``G2 = YᵀY`` (fp32,
-    one launch): ``gx = α(X G2 - d∘Y) + β·Y = α·offdiag(S) Y + β·Y`` and
-    ``gy = α(Y G1 - d∘X) + β·X``, both views in one ``rowmat_pair`` launch, whose fused
-    partial ``Σ xᵀ G2 x = <G1, G2>_F`` gives the loss, ``<G1, G2>_F - Σ d²`` (in the loss's ``combine``).
+    """``(<G1, G2>_F = Σ_{i,j} S_ij², gx, gy)`` (the diagonal's ``Σ d²`` still in) through
+    the k×k Grams ``G1 = XᵀX``, ``G2 = YᵀY`` (fp32, one launch):
+    ``gx = α(X G2 - d∘Y) + β·Y = α·offdiag(S) Y + β·Y`` and ``gy = α(Y G1 - d∘X) + β·X``,
+    both views in one ``rowmat_pair`` launch, whose fused partial ``Σ xᵀ G2 x = <G1, G2>_F``
+    gives the loss, ``<G1, G2>_F - Σ d²`` (in the loss's ``combine``).
 
     bf16 rows multiply by the Grams **rounded to bf16** (rowmat's MODE 4: one native dot
     per tile, a third of the split MODE 1/3's three), as eager autograd multiplies by
