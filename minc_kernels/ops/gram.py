@@ -334,11 +334,12 @@ def _rowmat_triton(views: list[tuple], alpha, beta, gamma, gha, need_grad,
         )
     if raw:
         return [(part, out if need_grad else None)]
+    # the sums as views by one unbind (host time: four indexings cost twice as much)
     if n == 1:
-        sums = part.sum(dim=0)
-        return [(sums[0], sums[1], out if need_grad else None)]
-    sums = part.view(n, -1, 2).sum(dim=1)
-    return [(sums[v, 0], sums[v, 1], ops[v][4] if need_grad else None) for v in range(n)]
+        quad, cross = part.sum(dim=0).unbind()
+        return [(quad, cross, out if need_grad else None)]
+    sums = part.view(n, -1, 2).sum(dim=1).view(-1).unbind()
+    return [(sums[2 * v], sums[2 * v + 1], ops[v][4] if need_grad else None) for v in range(n)]
 
 
 def _row_split(b: int, block_b: int, tiles: int, device: torch.device) -> tuple[int, int]:
