@@ -324,9 +324,10 @@ def _launch_minc(b, k, dtype, need_grad, variant):
 
     m = torch.empty(k, k, dtype=torch.float32, device="meta")
     gha = variant.get("ordering") == "gha"
-    # the functional form: the loss op and the batch moment
-    om.minc_forward(_meta(b, k, dtype), _meta(b, k, dtype), m, gha, need_grad)
-    om.moment_sum(_meta(b, k, dtype))
+    if not variant.get("step_only"):  # (benchmarks.triton_host: what MINCLoss runs, alone)
+        # the functional form: the loss op and the batch moment
+        om.minc_forward(_meta(b, k, dtype), _meta(b, k, dtype), m, gha, need_grad)
+        om.moment_sum(_meta(b, k, dtype))
     # MINCLoss's default training step: the targets' map, moment and EMA, then the loss on
     # the map of p with its Jacobian
     counts = [torch.empty((), dtype=torch.int64, device="meta") for _ in range(2)]
@@ -440,8 +441,11 @@ def uncovered_losses() -> list[str]:
     return [n for n, s in REGISTRY.items() if s.op and s.op not in LAUNCHERS]
 
 
-def run_case(loss: str, b: int, k: int, dtype: torch.dtype, need_grad: bool, variant: str):
-    """Call the op's real launchers on meta tensors; returns (launches, extra facts)."""
+def run_case(loss: str, b: int, k: int, dtype: torch.dtype, need_grad: bool, variant: str,
+             **options):
+    """Call the op's real launchers on meta tensors; returns (launches, extra facts).
+    ``options``: more keyword arguments of the launcher (``step_only=True``: MINC's
+    ``MINCLoss`` step without the functional op)."""
     from minc_kernels.losses import REGISTRY
 
     if loss not in REGISTRY:
@@ -456,6 +460,7 @@ def run_case(loss: str, b: int, k: int, dtype: torch.dtype, need_grad: bool, var
         kwargs = dict(extra_variants[variant])
     else:
         kwargs = dict(spec.variants[variant])
+    kwargs.update(options)
     with compile_launches_for_sm90() as rec:
         extra = launch(b, k, dtype, need_grad, kwargs)
     return rec, extra

@@ -302,16 +302,17 @@ def test_committed_full_table_is_clean():
 
 def test_triton_host_replays_the_recorded_launches(rows, tmp_path):
     """benchmarks.triton_host: Triton's own host time per launch (binder, specialisation
-    key, cache lookup), replayed from launches recorded as this suite records them.  MIO at
-    1024×128 bf16 (compiled by the CI subset above: the cache is warm)."""
+    key, cache lookup), replayed from launches recorded as this suite records them.  MIO and
+    MINC at 1024×128 bf16 (compiled by the CI subset above: the cache is warm); MINC's are
+    the ``MINCLoss`` step's alone (``step_only``: without the suite's functional op)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("OMP_NUM_THREADS", "1")
     res = subprocess.run([sys.executable, "-m", "benchmarks.triton_host", "--shapes", "1024x128",
-                          "--losses", "mio", "--calls", "20", "--repeats", "2",
+                          "--losses", "mio,minc", "--calls", "20", "--repeats", "2",
                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    (case,) = json.loads((tmp_path / "results.json").read_text())["cases"]
+    case, minc = json.loads((tmp_path / "results.json").read_text())["cases"]
     assert case["loss"] == "mio" and case["B"] == 1024 and case["k"] == 128
     kernels = [r["kernel"] for r in case["launches"]]
     assert kernels == [r["kernel"] for r in rows if r["loss"] == "mio" and r["B"] == 1024
@@ -320,3 +321,14 @@ def test_triton_host_replays_the_recorded_launches(rows, tmp_path):
     assert all(r["us"] > 0 and r["runtime_args"] > 0 for r in case["launches"])
     assert case["total_us"] == pytest.approx(sum(r["us"] for r in case["launches"]), abs=0.2)
     assert "| mio (flash, bf16) | 1024 × 128 |" in (tmp_path / "results.md").read_text()
+    full = [r["kernel"] for r in rows if r["loss"] == "minc" and r["B"] == 1024
+            and r["k"] == 128 and r["dtype"] == "bf16" and r["grad"]
+            and r["variant"] == "standard"]
+    step = [r["kernel"] for r in minc["launches"]]
+    # (the suite's rows list a repeated launch once)
+    assert full[:2] == ["rowmat_kernel", "combine_kernel"] and set(step) == set(full)
+    assert step == ["l2_rows_kernel", "moment_partial_kernel", "moment_ema_kernel",
+                    "l2_rows_kernel", "rowmat_kernel", "combine_kernel",
+                    "l2_rows_backward_kernel"]
+    assert minc["variant"] == "standard, MINCLoss step"
+
