@@ -277,6 +277,89 @@ def _memory_rows(data: dict) -> list[list[str]]:
     return rows
 
 
+# --------------------------------------------------------------------------- issue 21 targets
+TARGET_DTYPE, TARGET_MODE = "bf16", "fwd+bwd"
+SMALL_B, SMALL_K, SMALL_MS = 1024, 512, 0.25  # fwd+bwd <= 0.25 ms for B <= 1024, k <= 512
+BIG_FLOPS, BIG_FRAC = 50e9, 0.5  # >= 50 GFLOP of model work at >= 50 % of the matmul ceiling
+GEOMEAN_VS_COMPILE = {"spectral": 1.5, "minc": 1.5, "mio": 2.0}
+
+
+def _case_tag(rec: dict) -> str:
+    return f"B={rec['B']}, k={rec['k']}"
+
+
+def target_rows(data: dict) -> list[list[str]]:
+    """Issue 21's speed targets (bf16, fwd+bwd, the benchmark grid), one row per target and
+    loss: ``[target, loss, verdict, detail]`` with the verdict ``met``, ``NOT met`` or
+    ``no data``, and the worst case named.  Needs :func:`add_derived`."""
+    rows = []
+    grid = [r for r in data.get("cases", []) if r.get("tag") != "memory"
+            and r["dtype"] == TARGET_DTYPE and r["mode"] == TARGET_MODE]
+    for loss in sorted({r["loss"] for r in grid}):
+        recs = [r for r in grid if r["loss"] == loss]
+        mine = {(r["B"], r["k"]): r for r in recs if r.get("family") == "minc_kernels"}
+        if not mine:
+            continue
+        ok = {key: r for key, r in mine.items() if _ok(r)}
+        others: dict = defaultdict(dict)  # shape -> {"eager": best ms, "compile": ms}
+        for r in recs:
+            fam = r.get("family")
+            if fam in ("eager", "compile") and _ok(r):
+                prev = others[(r["B"], r["k"])].get(fam)
+                others[(r["B"], r["k"])][fam] = min(prev, r["median_ms"]) if prev else r["median_ms"]
+
+        def verdict(passed: bool | None) -> str:
+            return "no data" if passed is None else ("met" if passed else "NOT met")
+
+        # 1. >= 1.0x the better of eager and torch.compile on every case
+        ratios = [(min(others[key].values()) / r["median_ms"], r) for key, r in ok.items()
+                  if others.get(key)]
+        if ratios:
+            worst = min(ratios, key=lambda x: x[0])
+            failed = sum(1 for x, _ in ratios if x < 1.0)
+            detail = (f"{len(ratios) - failed}/{len(ratios)} cases; worst "
+                      f"{_fmt_x(worst[0])} at {_case_tag(worst[1])}")
+            rows.append([">= 1.0x the better of eager and compile, every case", loss,
+                         verdict(failed == 0), detail])
+        else:
+            rows.append([">= 1.0x the better of eager and compile, every case", loss,
+                         verdict(None), ""])
+        # 2. geomean over torch.compile (spectral, MINC >= 1.5x; MIO >= 2x)
+        if loss in GEOMEAN_VS_COMPILE:
+            want = GEOMEAN_VS_COMPILE[loss]
+            sp = [others[key]["compile"] / r["median_ms"] for key, r in ok.items()
+                  if "compile" in others.get(key, {})]
+            g = _geomean(sp)
+            rows.append([f"geomean >= {_fmt_num(want)}x torch.compile", loss,
+                         verdict(None if g is None else g >= want),
+                         "" if g is None else f"{_fmt_x(g)} over {len(sp)} cases"])
+        # 3. cases with >= 50 GFLOP of model work at >= 50 % of the matmul ceiling
+        big = [r for r in ok.values() if (r.get("flops") or 0) >= BIG_FLOPS
+               and r.get("frac_matmul") is not None]
+        if big:
+            worst = min(big, key=lambda r: r["frac_matmul"])
+            failed = sum(1 for r in big if r["frac_matmul"] < BIG_FRAC)
+            rows.append([f">= {BIG_FRAC:.0%} of the matmul ceiling at >= 50 GFLOP", loss,
+                         verdict(failed == 0),
+                         f"{len(big) - failed}/{len(big)} cases; worst "
+                         f"{_fmt_pct(worst['frac_matmul'])} at {_case_tag(worst)}"])
+        # 4. fwd+bwd <= 0.25 ms for B <= 1024, k <= 512
+        small = [r for key, r in mine.items() if key[0] <= SMALL_B and key[1] <= SMALL_K]
+        if small:
+            timed = [r for r in small if _ok(r)]
+            worst = max(timed, key=lambda r: r["median_ms"]) if timed else None
+            failed = sum(1 for r in timed if r["median_ms"] > SMALL_MS) + len(small) - len(timed)
+            rows.append([f"fwd+bwd <= {SMALL_MS} ms at B <= {SMALL_B}, k <= {SMALL_K}", loss,
+                         verdict(failed == 0),
+                         f"{len(small) - failed}/{len(small)} cases"
+                         + (f"; slowest {_fmt_ms(worst)} ms at {_case_tag(worst)}"
+                            if worst else "")])
+    return rows
+
+
+TARGET_HEADER = ["target (issue 21; bf16, fwd+bwd)", "loss", "verdict", "detail"]
+
+
 def summary_text(data: dict) -> str:
     meta = data.get("meta", {})
     lines = [f"== benchmark summary: {meta.get('device')} | torch {meta.get('torch')} | "
@@ -290,6 +373,9 @@ def summary_text(data: dict) -> str:
                                                 "peak MB", "note"], mem)
     lines += ["", "losses (speed-up vs the best eager provider):"]
     lines += _table(SUMMARY_HEADER, summary_rows(data))
+    targets = target_rows(data)
+    if targets:
+        lines += ["", "issue 21 targets:"] + _table(TARGET_HEADER, targets)
     return "\n".join(lines)
 
 
@@ -320,6 +406,15 @@ def markdown(data: dict, plots: list[str]) -> str:
               "does (`benchmarks/floors.py`); % of floor = floor / measured time (100% = at "
               "the floor). `–` skipped (see `reason` in results.json), OOM out of memory.", ""]
     lines += ["## Summary", ""] + _table(SUMMARY_HEADER, summary_rows(data))
+    targets = target_rows(data)
+    if targets:
+        lines += ["", "## Issue 21 targets", "",
+                  "bf16, fwd+bwd, the benchmark grid: `minc_kernels` against the better of "
+                  "the eager providers and `torch.compile` per case; its geomean over "
+                  "`torch.compile`; the share of the measured matmul ceiling where the model "
+                  f"work is at least {BIG_FLOPS / 1e9:.0f} GFLOP; the time at "
+                  f"B <= {SMALL_B}, k <= {SMALL_K} (a case that did not run counts as "
+                  "not met).", ""] + _table(TARGET_HEADER, targets)
     if data.get("ema"):
         lines += ["", "## EMA update (BYOL/MINC target network)", "",
                   "GB/s counts 12 bytes per parameter for fp32 online (read target, read "

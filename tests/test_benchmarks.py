@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import cases, report, run
+from benchmarks import cases, floors, report, run
 from benchmarks.timing import Budget, is_oom, measure
 from minc_kernels import _backend
 
@@ -290,6 +290,15 @@ def test_h200_report_has_floors_and_no_case_above_the_peak(tmp_path):
             assert r["flops"] == 0 and r["tflops"] is None
     md = (tmp_path / "results.md").read_text()
     assert "minc_kernels floor ms" in md and "% of floor" in md and "launch floor" in md
+    # issue 21's targets, as the README quotes this run: none met but MIO's over compile
+    assert "## Issue 21 targets" in md
+    rows = {(r[0].split()[0] + r[0].split()[1], r[1]): r for r in report.target_rows(data)}
+    assert rows[("geomean>=", "spectral")][2:] == ["NOT met", "0.486× over 24 cases"]
+    assert rows[("geomean>=", "minc")][2:] == ["NOT met", "1.26× over 24 cases"]
+    assert rows[("geomean>=", "mio")][2:] == ["met", "2.58× over 24 cases"]
+    assert rows[("fwd+bwd<=", "spectral")][2:] == ["NOT met", "0/6 cases; slowest 1.840 ms at "
+                                                   "B=1024, k=512"]
+    assert [r[2] for r in rows.values()].count("met") == 1
     # report --ab: a run against itself, every case side by side at 1×
     ab = tmp_path / "ab.md"
     assert report.main(["--ab", str(tmp_path), str(tmp_path), "--labels", "A,B",
@@ -299,6 +308,41 @@ def test_h200_report_has_floors_and_no_case_above_the_peak(tmp_path):
     row = next(ln for ln in text.splitlines()
                if ln.startswith("| mio | fwd+bwd | bf16 | minc_kernels |"))
     assert row.endswith("| 1× | 1× | 1× |"), row  # grid + the B = 32768 memory case
+
+
+def test_targets_are_met_or_not_case_by_case():
+    """report.target_rows on a made-up grid: a case slower than compile, a small case over
+    0.25 ms, a big case under half the matmul ceiling each fail their target and are named
+    as the worst; a case that did not run fails the small-shape target."""
+    peak = 700.0  # TFLOP/s
+    big_flops = floors.loss_flops("minc", None, 8192, 8192, "fwd+bwd", True)
+    assert big_flops >= 50e9
+
+    def grid(small_ms, big_frac, small_status="ok"):
+        big_ms = big_flops / (big_frac * peak * 1e12) * 1e3
+        rows = [("eager", 256, 128, 1.0), ("compile", 256, 128, 0.5),
+                ("minc_kernels", 256, 128, small_ms), ("eager", 8192, 8192, 3 * big_ms),
+                ("compile", 8192, 8192, 2 * big_ms), ("minc_kernels", 8192, 8192, big_ms)]
+        data = dict(cases=[dict(loss="minc", family=f, provider=f, B=b, k=k, dtype="bf16",
+                                mode="fwd+bwd", median_ms=ms,
+                                status=small_status if (f, b) == ("minc_kernels", 256) else "ok")
+                           for f, b, k, ms in rows],
+                    ceilings={"matmul": {"bfloat16": {"tflops": peak}}})
+        report.add_derived(data)
+        return {r[0]: r[2:] for r in report.target_rows(data)}
+
+    got = grid(small_ms=0.2, big_frac=0.8)
+    assert [v[0] for v in got.values()] == ["met"] * 4, got
+    got = grid(small_ms=0.6, big_frac=0.3)  # slower than compile's 0.5 ms; 30 % of the peak
+    assert got[">= 1.0x the better of eager and compile, every case"] == [
+        "NOT met", "1/2 cases; worst 0.833× at B=256, k=128"]
+    assert got["geomean >= 1.5x torch.compile"][0] == "NOT met"
+    assert got[">= 50% of the matmul ceiling at >= 50 GFLOP"] == [
+        "NOT met", "0/1 cases; worst 30% at B=8192, k=8192"]
+    assert got["fwd+bwd <= 0.25 ms at B <= 1024, k <= 512"] == [
+        "NOT met", "0/1 cases; slowest 0.600 ms at B=256, k=128"]
+    got = grid(small_ms=0.2, big_frac=0.8, small_status="error")  # did not run: not met
+    assert got["fwd+bwd <= 0.25 ms at B <= 1024, k <= 512"] == ["NOT met", "0/1 cases"]
 
 
 def test_ema_shapes_and_bytes():
