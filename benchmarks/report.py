@@ -305,8 +305,8 @@ def target_rows(data: dict) -> list[list[str]]:
         for r in recs:
             fam = r.get("family")
             if fam in ("eager", "compile") and _ok(r):
-                prev = others[(r["B"], r["k"])].get(fam)
-                others[(r["B"], r["k"])][fam] = min(prev, r["median_ms"]) if prev else r["median_ms"]
+                shape = others[(r["B"], r["k"])]
+                shape[fam] = min(shape.get(fam, r["median_ms"]), r["median_ms"])
 
         def verdict(passed: bool | None) -> str:
             return "no data" if passed is None else ("met" if passed else "NOT met")

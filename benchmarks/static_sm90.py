@@ -74,9 +74,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Launches whose work grows with B·k or B²·k: the ones grid fill matters for.  The row
 # kernels (one pass over B·k elements, a grid over the rows), mio_loss_combine and
 # combine_kernel (one program by design) are light.  The column-statistics kernels of
-# Barlow Twins / VICReg are one pass over B·k elements too, but their grid is over the columns only (k/BLOCK_K programs
-# stream its rows, split into slices where the columns alone leave SMs idle): their fill is
-# checked, against their bytes (MEMORY_BOUND); so is the first stage of a row split.
+# Barlow Twins / VICReg are one pass over B·k elements too, but their grid is over the
+# columns only (k/BLOCK_K programs stream its rows, split into slices where the columns
+# alone leave SMs idle): their fill is checked, against their bytes (MEMORY_BOUND); so is
+# the first stage of a row split.
 # MINCLoss's step kernels (l2 map, its Jacobian, the moment's EMA) are checked the same way,
 # and so are the k×k (B×B) passes: G's bf16 split, the spectral matrix path's offdiag pass.
 MEMORY_BOUND = {"colstats_kernel", "colstats_backward_kernel", "colstats_partial_kernel",

@@ -9,6 +9,23 @@ from minc_kernels import reference  # noqa: E402
 from minc_kernels.ops.mio_cpu import mio_loss_blocked  # noqa: E402
 
 
+def _dispatched_ops():
+    """A dispatch mode that records every op it sees in ``.names`` (the profiler misses
+    custom ops that have no autograd registered, e.g. minc_moment_sum)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    return Ops()
+
+
 def _ops():
     from minc_kernels.ops import minc, mio, spectral
     m = torch.eye(6) * 0.5
@@ -57,31 +74,19 @@ def test_backward_is_one_op_per_buffer_with_the_bits_of_scale_then_cast(name, dt
     bits of ``(grad_loss * g).to(dtype)``.  The stacked layout (MIO) scales both halves in
     one op when both inputs want a gradient."""
     import os
-
-    from torch.utils._python_dispatch import TorchDispatchMode
     if (kernel_device.type == "cpu" and name != "mio_blocked"
             and os.environ.get("TRITON_INTERPRET") != "1"):
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     if name == "minc" and wanted == "first":
         pytest.skip("MINC's op has one gradient input")
     call, args = _calls()[name]
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     g = torch.Generator().manual_seed(2)
     a = (torch.randn(7, 6, generator=g) * 0.4).to(kernel_device, dtype)
     b = (torch.randn(7, 6, generator=g) * 0.4).to(kernel_device, dtype)
     x, y = a.clone().requires_grad_(), b.clone().requires_grad_(wanted == "both")
     out = call(*args(x, y, True))
     scale = torch.tensor(-1.3, device=kernel_device)
-    with Ops() as seen:
+    with _dispatched_ops() as seen:
         torch.autograd.backward(out[0], scale)
     saved = out[1:] if len(out) > 2 or name == "minc" else (out[1][:7], out[1][7:])
     got = [x.grad, y.grad]
@@ -183,19 +188,8 @@ def test_default_training_calls_enter_no_custom_op(path, kernel_device):
     import os
     if kernel_device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from benchmarks.cpu_host_overhead import call_fn, make_inputs
     from minc_kernels.losses import REGISTRY
-
-    class Ops(TorchDispatchMode):  # every op dispatched (the profiler misses custom ops
-        def __init__(self):      # that have no autograd registered, e.g. minc_moment_sum)
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     checked = []
     for name, spec in REGISTRY.items():
@@ -206,7 +200,7 @@ def test_default_training_calls_enter_no_custom_op(path, kernel_device):
         fn = call_fn(spec, path, 6, "triton")
         if path == "module":
             fn = fn.to(kernel_device)
-        with Ops() as seen:
+        with _dispatched_ops() as seen:
             fn(*inputs).backward()
         assert any(n.startswith("aten.") for n in seen.names), name  # the mode saw the call
         mine = [n for n in seen.names if n.startswith("minc_kernels.")]
