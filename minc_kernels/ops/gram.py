@@ -40,8 +40,8 @@ from ._common import (DEVICE_BW, cdiv, device_guard, interpreting, is_fp32, num_
 
 __all__ = ["rowmat", "rowmat_pair", "rowmat_value", "combine", "gram", "gram_pair", "gram_dot",
            "cross_gram", "cross_gram_partials", "col_stats", "col_stats_backward", "col_terms",
-           "gram_backend", "split_bf16x3", "rounds_operand", "rounded", "GRAM_BACKENDS", "GRAM_IMPLS", "WIDE_LAUNCHERS", "gram_impls", "tile_group",
-           "TILE_ORDERS"]
+           "gram_backend", "split_bf16x3", "rounds_operand", "rounded", "GRAM_BACKENDS",
+           "GRAM_IMPLS", "WIDE_LAUNCHERS", "gram_impls", "tile_group", "TILE_ORDERS"]
 
 GRAM_BACKENDS = ("auto", "triton", "triton_wide", "cublas")
 GRAM_ENV = "MINC_KERNELS_GRAM"
