@@ -129,9 +129,10 @@ def test_noncontiguous_inputs(kernel_device, algorithm, clip, layout):
 @pytest.mark.parametrize("clip", [True, False])
 def test_pairwise_fwd_bwd_launches(clip):
     """Issue 21 item 3: both views' gradients come from one pairwise launch and one
-    clipping-Jacobian launch (they were two each), and the loss from one
-    ``combine_kernel`` launch (five torch ops before): 4 Triton launches per fwd+bwd
-    with clipping, 3 without, and no torch op that would launch a kernel in the forward
+    clipping-Jacobian launch (they were two each), which also sums the gradients' split
+    partials (two torch ops before), and the loss from one ``combine_kernel`` launch (five
+    torch ops before): 4 Triton launches per fwd+bwd, 3 without clipping where the column
+    stream is not split, and no torch op that would launch a kernel in the forward
     (launches stubbed, CPU)."""
     from benchmarks.cpu_host_overhead import LaunchStub, count_ops
     z1, z2 = _inputs(37, 5, torch.float32, "cpu")
@@ -139,14 +140,48 @@ def test_pairwise_fwd_bwd_launches(clip):
         ops.spectral_loss(z1, z2, MU, clip, "pairwise").backward()
         counts = dict(stub.counts)
         fwd_ops = count_ops(lambda: ops.spectral_loss(z1, z2, MU, clip, "pairwise"))
+    n_split, _ = configs.pairwise_split(37, 5, True, configs.pairwise_config(37, 5, z1.dtype))
     want = {"clip_rows_dot_kernel": 1, "pairwise_offdiag_kernel": 1, "combine_kernel": 1}
-    if clip:
+    if clip or n_split > 1:
         want["clip_rows_backward_kernel"] = 1
     assert counts == want
-    # what is left: the gradients' fixed-order sums over row splits, where there are some
-    n_split, _ = configs.pairwise_split(37, 5, True, configs.pairwise_config(37, 5, z1.dtype))
-    want_ops = {"aten::sum": 2} if n_split > 1 else {}
-    assert fwd_ops["aten_kernel_op_names"] == want_ops, fwd_ops
+    assert fwd_ops["aten_kernel_op_names"] == {}, fwd_ops
+
+
+@pytest.mark.parametrize("b,k", [(37, 5), (130, 7), (64, 200)])
+@pytest.mark.parametrize("clip", [True, False])
+def test_split_partials_are_summed_in_order_by_the_clipping_pass(b, k, clip, kernel_device):
+    """The pairwise path's gradient partials (splits of its column stream) are summed by
+    ``clip_rows_backward_kernel`` in the fixed order 0, 1, ... (the bits of that sum in
+    fp32), then the clipping Jacobian applied: against the Jacobian applied by torch to
+    that sum (float64 arithmetic on the same summed fp32 gradient)."""
+    cfg = configs.pairwise_config(b, k, torch.float32)
+    n_split, _ = configs.pairwise_split(b, k, True, cfg)
+    assert n_split > 1  # the interpreter's tiles split these
+    z1, z2 = _inputs(b, k, torch.float32, kernel_device, seed=31)
+    z1, z2 = z1.detach() * 3.0, z2.detach() * 3.0  # rows over sqrt(mu): clipped
+    z1c, z2c, d, n1, n2 = ops._clip_rows_dot(z1, z2, MU, clip)
+    _, p1, p2 = ops._pairwise(z1c, z2c, 0.3, -0.7, True)
+    assert p1.shape == (n_split, b, k)
+    want = []
+    for p, z, n in ((p1, z1, n1), (p2, z2, n2)):
+        g = p[0].clone()
+        for s in range(1, n_split):
+            g = g + p[s]  # fp32, in order
+        if clip:
+            r = math.sqrt(MU)
+            zz, gg = z.double(), g.double()
+            norm = n.double()[:, None]
+            jac = (r / norm) * (gg - zz * (zz * gg).sum(1, keepdim=True) / norm ** 2)
+            g = torch.where(norm >= r, jac, gg)
+        want.append(g)
+    g1, g2 = ops._finish_grads_(z1, n1, p1, z2, n2, p2, MU, clip)
+    assert g1.data_ptr() == p1.data_ptr() and g2.data_ptr() == p2.data_ptr()  # in place
+    for got, w in zip((g1, g2), want):
+        if clip:
+            torch.testing.assert_close(got.double(), w, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(got, w)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -8,7 +8,8 @@
   recomputing the S tiles (never storing a B×B matrix).  With the gradient one launch
   gives both ``dZ1`` (programs on ``(Z1, Z2)``) and ``dZ2`` (programs on ``(Z2, Z1)``:
   ``offdiag(S)ᵀ Z1``).
-* :func:`clip_rows_backward_kernel`: the clipping Jacobian, in place on a fp32 gradient.
+* :func:`clip_rows_backward_kernel`: a gradient's split partials summed and the clipping
+  Jacobian applied, in place on the fp32 gradient.
 * :func:`offdiag_finish_kernel`: the matrix path's ``S`` (B×B, from the row slices of
   ``cross_gram``): slices summed, diagonal zeroed, rounded to the storage dtype and written
   with its transpose, and ``Σ_{i≠j} S_ij²`` per program, in one pass.
@@ -178,13 +179,17 @@ def pairwise_offdiag_kernel(
 
 @triton.jit
 def clip_rows_backward_kernel(
-    z_ptr, n_ptr, g_ptr, z2_ptr, n2_ptr, g2_ptr, B, K, stride_zb, stride_zk, r,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    z_ptr, n_ptr, g_ptr, z2_ptr, n2_ptr, g2_ptr, B, K, stride_zb, stride_zk, r, SPLITS,
+    CLIP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """In place on the contiguous fp32 ``g`` (B, K): rows with ``||z_i|| >= r`` get
-    ``(r/||z_i||)(g_i - z_i (z_i·g_i)/||z_i||²)``, the others are unchanged.  Grid
-    (cdiv(B, BR), views): programs with ``pid 1 = 1`` do the same for ``(z2, n2, g2)``, which
-    shares ``z``'s strides (one launch for both views)."""
+    """The gradient of a view from its ``SPLITS`` contiguous fp32 (B, K) partials at ``g``
+    (one (SPLITS, B, K) buffer; summed in the fixed order 0, 1, ...), written in place into
+    the first, and with ``CLIP`` the clipping Jacobian applied to it: rows with
+    ``||z_i|| >= r`` get ``(r/||z_i||)(g_i - z_i (z_i·g_i)/||z_i||²)``, the others are
+    unchanged.  Grid (cdiv(B, BR), views): programs with ``pid 1 = 1`` do the same for
+    ``(z2, n2, g2)``, which shares ``z``'s strides (one launch for both views).  One
+    launch in place of the split sums' two torch ops (the pairwise path splits its column
+    stream at small B) and the Jacobian's pass."""
     pid = tl.program_id(0)
     if tl.program_id(1) == 1:
         z_ptr = z2_ptr
@@ -192,22 +197,32 @@ def clip_rows_backward_kernel(
         g_ptr = g2_ptr
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = rows < B
-    n = tl.load(n_ptr + rows, mask=r_mask, other=0.0)
-    clipped = n >= r
+    split_stride = B.to(tl.int64) * K
     zg = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         m = r_mask[:, None] & (ks < K)[None, :]
-        z = tl.load(z_ptr + rows[:, None] * stride_zb + ks[None, :] * stride_zk, mask=m, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + rows[:, None] * K + ks[None, :], mask=m, other=0.0)
-        zg += tl.sum(z * g, axis=1)
-    safe_n = tl.maximum(n, r)  # equals n on clipped rows; keeps the unused branch finite
-    scale = tl.where(clipped, tl.div_rn(tl.full((BLOCK_R,), r, tl.float32), safe_n), 1.0)
-    proj = tl.where(clipped, tl.div_rn(zg, safe_n * safe_n), 0.0)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        m = r_mask[:, None] & (ks < K)[None, :]
-        z = tl.load(z_ptr + rows[:, None] * stride_zb + ks[None, :] * stride_zk, mask=m, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + rows[:, None] * K + ks[None, :], mask=m, other=0.0)
-        tl.store(g_ptr + rows[:, None] * K + ks[None, :], scale[:, None] * (g - proj[:, None] * z), mask=m)
-
+        offs = rows[:, None] * K + ks[None, :]
+        g = tl.load(g_ptr + offs, mask=m, other=0.0)
+        if SPLITS > 1:
+            for s in range(1, SPLITS):
+                g += tl.load(g_ptr + s * split_stride + offs, mask=m, other=0.0)
+            tl.store(g_ptr + offs, g, mask=m)
+        if CLIP:
+            z = tl.load(z_ptr + rows[:, None] * stride_zb + ks[None, :] * stride_zk, mask=m,
+                        other=0.0).to(tl.float32)
+            zg += tl.sum(z * g, axis=1)
+    if CLIP:
+        n = tl.load(n_ptr + rows, mask=r_mask, other=0.0)
+        clipped = n >= r
+        safe_n = tl.maximum(n, r)  # equals n on clipped rows; keeps the unused branch finite
+        scale = tl.where(clipped, tl.div_rn(tl.full((BLOCK_R,), r, tl.float32), safe_n), 1.0)
+        proj = tl.where(clipped, tl.div_rn(zg, safe_n * safe_n), 0.0)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            m = r_mask[:, None] & (ks < K)[None, :]
+            z = tl.load(z_ptr + rows[:, None] * stride_zb + ks[None, :] * stride_zk, mask=m,
+                        other=0.0).to(tl.float32)
+            offs = rows[:, None] * K + ks[None, :]
+            g = tl.load(g_ptr + offs, mask=m, other=0.0)
+            tl.store(g_ptr + offs, scale[:, None] * (g - proj[:, None] * z), mask=m)

@@ -106,8 +106,8 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool, *,
     Matrix (with gradients; without, it is the pairwise pass): ``S`` (``2B²k``, written
     once), one pass over it (diagonal, ``Σ S²``, rounding) and two ``Zᵀ Sᵀ`` products
     (``2B²k`` each, one native dot per tile), both views in one launch.
-    The launches shared by all (clipping, its backward, the loss's ``combine_kernel``)
-    are left out of both times.
+    The launches shared by all (clipping, its backward, which also sums the pairwise
+    path's split partials, and the loss's ``combine_kernel``) are left out of both times.
     """
     isz = torch.empty((), dtype=dtype).element_size()
     half = not is_fp32(dtype)
@@ -132,9 +132,8 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool, *,
                           2 * n_m * n_c * (b * k + b * pc["BLOCK_C"]) * isz,
                           2 * n_m * n_c * n_split)
         pairwise_launches = 1
-        if n_split > 1:  # the fixed-order sums of the split partials (torch reductions)
-            pairwise += 2 * (2 * 4 * n_split * b * k / DEVICE_BW + _LAUNCH_S)
-            pairwise_launches += 2
+        if n_split > 1:  # the split partials, summed in the shared clipping pass: their bytes
+            pairwise += 2 * 4 * n_split * b * k / DEVICE_BW
     else:
         pairwise = launch(2.0 * b * b * k, rate_same, 2 * isz * b * k, n_m * b * k * isz,
                           n_m * n_split)
@@ -231,7 +230,8 @@ def _same_strides(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch
 def _pairwise(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float, need_grad: bool):
     """``(partials of Σ_{i≠j} (x_i·y_j)², gx, gy)``: with ``need_grad``
     ``gx = α·offdiag(X Yᵀ) Y + β·Y`` and ``gy = α·offdiag(X Yᵀ)ᵀ X + β·X``, both from one
-    launch; else ``None, None``.  The partials: a (programs, splits) view, for
+    launch, each as its (splits, B, k) fp32 partials (summed by :func:`_finish_grads_`);
+    else ``None, None``.  The loss partials: a (programs, splits) view, for
     :func:`~minc_kernels.ops.gram.combine`."""
     b, k = x.shape
     x, y = _same_strides(x, y)
@@ -254,10 +254,8 @@ def _pairwise(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float, need_
     off = part[:, 0]  # the first column chunk's programs hold the sum
     if not need_grad:
         return off, None, None
-    # the splits' fp32 partials, summed in a fixed order (deterministic)
-    if n_split == 1:
-        return off, out[0], out2[0]
-    return off, out.sum(dim=0), out2.sum(dim=0)
+    # the splits' fp32 partials, (n_split, B, k) each: clip_rows_backward_kernel sums them
+    return off, out, out2
 
 
 def _matrix(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float):
@@ -343,16 +341,25 @@ def _clip_rows_dot(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool):
     return z1c, z2c, d, n1, n2
 
 
-def _clip_rows_backward_(z1: torch.Tensor, n1: torch.Tensor, g1: torch.Tensor, z2: torch.Tensor,
-                         n2: torch.Tensor, g2: torch.Tensor, mu: float) -> None:
-    """The clipping Jacobian of both views, in place on ``g1`` and ``g2`` (one launch)."""
+def _finish_grads_(z1: torch.Tensor, n1: torch.Tensor, g1: torch.Tensor, z2: torch.Tensor,
+                   n2: torch.Tensor, g2: torch.Tensor, mu: float, clip: bool):
+    """Both views' gradients from ``g1``/``g2``, each (B, k) or (splits, B, k) fp32 partials
+    (contiguous): the splits summed in a fixed order and, with ``clip``, the clipping
+    Jacobian applied, in place into the first split, in one launch (none where there is
+    nothing to do).  Returns the two (B, k) gradients."""
+    splits = g1.shape[0] if g1.dim() == 3 else 1
+    out1, out2 = (g1[0], g2[0]) if g1.dim() == 3 else (g1, g2)
+    if not clip and splits == 1:
+        return out1, out2
     b, k = z1.shape
     z1, z2 = _same_strides(z1, z2)
     cfg = configs.rows_config(k)
     with device_guard(z1):
         clip_rows_backward_kernel[(cdiv(b, cfg["BLOCK_R"]), 2)](
-            z1, n1, g1, z2, n2, g2, b, k, z1.stride(0), z1.stride(1), math.sqrt(mu), **cfg,
+            z1, n1, g1, z2, n2, g2, b, k, z1.stride(0), z1.stride(1), math.sqrt(mu), splits,
+            CLIP=bool(clip), **cfg,
         )
+    return out1, out2
 
 
 # ----------------------------------------------------------------------------- op
@@ -382,8 +389,8 @@ def spectral_forward(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool, 
         else:
             # <G1, G2>_F reduced tile by tile while G2 is formed: G2 is never written.
             off = gram_dot(z2c, gram(z1c))
-    if need_grad and clip:
-        _clip_rows_backward_(z1, n1, g1, z2, n2, g2, mu)
+    if need_grad:  # the pairwise path's split partials summed, the clipping Jacobian
+        g1, g2 = _finish_grads_(z1, n1, g1, z2, n2, g2, mu, clip)
     # pos·Σ d + inv·(Σ off - Σ d² on the Gram path, whose <G1, G2>_F has the diagonal)
     loss = combine(d, pos, off, inv, -1.0 if algorithm == "gram" else None)
     if not need_grad:
