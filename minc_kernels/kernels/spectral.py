@@ -180,16 +180,17 @@ def pairwise_offdiag_kernel(
 @triton.jit
 def clip_rows_backward_kernel(
     z_ptr, n_ptr, g_ptr, z2_ptr, n2_ptr, g2_ptr, B, K, stride_zb, stride_zk, r, SPLITS,
-    CLIP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    SUMS: tl.constexpr, CLIP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """The gradient of a view from its ``SPLITS`` contiguous fp32 (B, K) partials at ``g``
-    (one (SPLITS, B, K) buffer; summed in the fixed order 0, 1, ...), written in place into
-    the first, and with ``CLIP`` the clipping Jacobian applied to it: rows with
+    """A view's gradient, in place on the contiguous fp32 ``g`` (B, K).  ``SUMS``: ``g`` is
+    the first of ``SPLITS`` partials (one (SPLITS, B, K) buffer), which are summed into it
+    in the fixed order 0, 1, ... first (the pairwise path splits its column stream at small
+    B: one launch in place of two torch ops).  ``CLIP``: the clipping Jacobian, rows with
     ``||z_i|| >= r`` get ``(r/||z_i||)(g_i - z_i (z_i·g_i)/||z_i||²)``, the others are
     unchanged.  Grid (cdiv(B, BR), views): programs with ``pid 1 = 1`` do the same for
-    ``(z2, n2, g2)``, which shares ``z``'s strides (one launch for both views).  One
-    launch in place of the split sums' two torch ops (the pairwise path splits its column
-    stream at small B) and the Jacobian's pass."""
+    ``(z2, n2, g2)``, which shares ``z``'s strides (one launch for both views).  The sum is
+    a pass of its own: inside the Jacobian's first loop it held more registers (up to 147,
+    and 32 B spilled at B = 1023, k = 512 on sm_90)."""
     pid = tl.program_id(0)
     if tl.program_id(1) == 1:
         z_ptr = z2_ptr
@@ -197,24 +198,27 @@ def clip_rows_backward_kernel(
         g_ptr = g2_ptr
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = rows < B
-    split_stride = B.to(tl.int64) * K
-    zg = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        m = r_mask[:, None] & (ks < K)[None, :]
-        offs = rows[:, None] * K + ks[None, :]
-        g = tl.load(g_ptr + offs, mask=m, other=0.0)
-        if SPLITS > 1:
+    if SUMS:
+        split_stride = B.to(tl.int64) * K
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            m = r_mask[:, None] & (ks < K)[None, :]
+            offs = rows[:, None] * K + ks[None, :]
+            g = tl.load(g_ptr + offs, mask=m, other=0.0)
             for s in range(1, SPLITS):
                 g += tl.load(g_ptr + s * split_stride + offs, mask=m, other=0.0)
             tl.store(g_ptr + offs, g, mask=m)
-        if CLIP:
-            z = tl.load(z_ptr + rows[:, None] * stride_zb + ks[None, :] * stride_zk, mask=m,
-                        other=0.0).to(tl.float32)
-            zg += tl.sum(z * g, axis=1)
     if CLIP:
         n = tl.load(n_ptr + rows, mask=r_mask, other=0.0)
         clipped = n >= r
+        zg = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            m = r_mask[:, None] & (ks < K)[None, :]
+            z = tl.load(z_ptr + rows[:, None] * stride_zb + ks[None, :] * stride_zk, mask=m,
+                        other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + rows[:, None] * K + ks[None, :], mask=m, other=0.0)
+            zg += tl.sum(z * g, axis=1)
         safe_n = tl.maximum(n, r)  # equals n on clipped rows; keeps the unused branch finite
         scale = tl.where(clipped, tl.div_rn(tl.full((BLOCK_R,), r, tl.float32), safe_n), 1.0)
         proj = tl.where(clipped, tl.div_rn(zg, safe_n * safe_n), 0.0)

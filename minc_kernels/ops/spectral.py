@@ -357,7 +357,7 @@ def _finish_grads_(z1: torch.Tensor, n1: torch.Tensor, g1: torch.Tensor, z2: tor
     with device_guard(z1):
         clip_rows_backward_kernel[(cdiv(b, cfg["BLOCK_R"]), 2)](
             z1, n1, g1, z2, n2, g2, b, k, z1.stride(0), z1.stride(1), math.sqrt(mu), splits,
-            CLIP=bool(clip), **cfg,
+            SUMS=splits > 1, CLIP=bool(clip), **cfg,
         )
     return out1, out2
 
