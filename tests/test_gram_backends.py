@@ -482,3 +482,41 @@ def test_combine_leaves_out_an_unused_square_term():
     p = torch.ones(3, device=DEV)
     assert G.combine(a, 1.0, p, 1.0).item() == float("inf")
     assert torch.isnan(G.combine(a, 1.0, p, 1.0, 0.0))
+
+
+@pytest.mark.parametrize("backend", G.GRAM_IMPLS)
+def test_rowmat_pair_raw_partials_sum_to_the_pair_sums(monkeypatch, backend):
+    """``rowmat_pair(raw=True)``: a (2, programs, 2) tensor whose per-view sums are the
+    pair's ``(Σ x∘q, Σ x∘y)`` (Triton: the kernel's partials, one launch; cuBLAS: the two
+    calls' sums), and the same gradients."""
+    monkeypatch.setenv(G.GRAM_ENV, backend)
+    g = torch.Generator().manual_seed(5)
+    xs = [(torch.randn(33, 20, generator=g) * 0.3).to(DEV) for _ in range(4)]
+    gs = [torch.randn(20, 20, generator=g).to(DEV) for _ in range(2)]
+    first, second = (xs[0], gs[0], xs[1], None, None), (xs[2], gs[1], xs[3], None, None)
+    want = G.rowmat_pair(first, second, 0.5, -0.25, 0.0, False, True)
+    part, outs = G.rowmat_pair(first, second, 0.5, -0.25, 0.0, False, True, raw=True)
+    assert part.dim() == 3 and part.shape[0] == 2 and part.shape[2] == 2 and part.is_contiguous()
+    for v in range(2):
+        torch.testing.assert_close(part[v].sum(dim=0), torch.stack(want[v][:2]), rtol=1e-6,
+                                   atol=1e-6)
+        assert torch.equal(outs[v], want[v][2])
+
+
+@pytest.mark.parametrize("loss", ["barlow_twins", "vicreg"])
+def test_n_by_n_losses_combine_their_partials_in_one_launch(loss):
+    """Barlow Twins' and VICReg's N×N paths with the gradient take their loss from the
+    pair's partials by one ``combine_kernel`` launch (the partials' sum and one or two
+    adds before); the one torch op left in the forward is the N×N Grams' row-slice sum,
+    where ``gram_pair`` splits its rows (launches stubbed)."""
+    from benchmarks.cpu_host_overhead import LaunchStub, count_ops
+    from minc_kernels.ops import barlow_twins as ob, vicreg as ov
+    g = torch.Generator().manual_seed(6)
+    za = torch.randn(9, 24, generator=g).requires_grad_()
+    zb = torch.randn(9, 24, generator=g).requires_grad_()
+    call = (lambda: ob.barlow_twins_loss(za, zb, 5e-3, "pairwise")) if loss == "barlow_twins" \
+        else (lambda: ov.vicreg_loss(za, zb, 25.0, 25.0, 1.0, 1e-4, "pairwise"))
+    with LaunchStub() as stub:
+        ops = count_ops(call)
+    assert stub.counts["combine_kernel"] == 1, dict(stub.counts)
+    assert ops["aten_kernel_op_names"] in ({}, {"aten::sum": 1}), ops

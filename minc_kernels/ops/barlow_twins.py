@@ -52,8 +52,8 @@ import torch
 from ..losses.barlow_twins import BN_EPS
 from ._common import flat_sq
 from ._grad_in_forward import register_grad_in_forward
-from .gram import (col_stats, col_stats_backward, col_terms, cross_gram, gram, gram_dot, gram_pair,
-                   rounded, rounds_operand, rowmat_pair)
+from .gram import (col_stats, col_stats_backward, col_terms, combine, cross_gram, gram, gram_dot,
+                   gram_pair, rounded, rounds_operand, rowmat_pair)
 from . import tables
 from .spectral import estimate_seconds
 
@@ -148,14 +148,16 @@ def barlow_twins_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: flo
             # what the in-place Jacobian pass below needs
             ga = torch.empty((n, k), dtype=torch.float32, device=z_a.device)
             gb = torch.empty((n, k), dtype=torch.float32, device=z_a.device)
-            (raw, _, _), _ = rowmat_pair((na_t, g_b, nb_t, diag, ga.T),
-                                         (nb_t, g_a, na_t, diag, gb.T), *coef, False, True)
-            del g_b
+            part, _ = rowmat_pair((na_t, g_b, nb_t, diag, ga.T),
+                                  (nb_t, g_a, na_t, diag, gb.T), *coef, False, True, raw=True)
+            del g_b, g_a
+            # base + λ/N² Σ ẑaᵀ (Ẑb Ẑbᵀ) ẑa (the first view's Σ x∘q partials), one launch
+            loss = combine(base.view(1), 1.0, part[0, :, 0:1], lam / (n * n))
         else:
             g_a = gram(na_t)  # Ẑa Ẑaᵀ (N×N)
             raw = gram_dot(nb_t, g_a)
-        del g_a
-        loss = torch.add(base, raw, alpha=lam / (n * n))
+            del g_a
+            loss = torch.add(base, raw, alpha=lam / (n * n))
     if not need_grad:
         return (loss, z_a.new_empty((0,), dtype=torch.float32),
                 z_a.new_empty((0,), dtype=torch.float32))

@@ -215,7 +215,7 @@ def _same_layout(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 
 
 def rowmat_pair(first: tuple, second: tuple, alpha: float, beta: float, gamma: float,
-                gha: bool, need_grad: bool) -> list[tuple]:
+                gha: bool, need_grad: bool, raw: bool = False):
     """:func:`rowmat` of two views with the same scalars: ``first`` and ``second`` are each
     ``(x, g, y, d, out)``; returns ``[(Σ x∘q, Σ x∘y, out)]`` per view.  One launch (the
     kernel's ``VIEWS = 2``: both views' tiles in one grid, the same bits as two) where the
@@ -223,15 +223,23 @@ def rowmat_pair(first: tuple, second: tuple, alpha: float, beta: float, gamma: f
     (``G`` with ``Gᵀ``: a caller copies them into one layout, as :func:`rounded` does.
     Pairing them in the kernel itself needs its body compiled once per view, to keep a
     stride of 1 a compile-time constant: on sm_90 that raised registers by up to 94 and
-    cost occupancy, so it is not done.)"""
+    cost occupancy, so it is not done.)
+
+    ``raw``: ``(partials, [out, out])`` instead, the sums unsummed for :func:`combine` (a
+    loss from them in one launch): a contiguous (2, programs, 2) fp32 tensor of the two
+    views' per-program ``[Σ x∘q, Σ x∘y]`` (two calls: their sums, (2, 1, 2))."""
     x = first[0]
     for t in (first, second):
         _check_out(t[0], t[4], need_grad)
     backend = gram_backend(_rowmat_launcher(x, first[1]), x)
     if backend != "cublas" and all(_same_layout(a, b) for a, b in zip(first, second)):
-        return _rowmat_triton([first, second], alpha, beta, gamma, gha, need_grad,
-                              wide=backend == "triton_wide")
-    return [rowmat(*t[:4], alpha, beta, gamma, gha, need_grad, out=t[4]) for t in (first, second)]
+        got = _rowmat_triton([first, second], alpha, beta, gamma, gha, need_grad,
+                             wide=backend == "triton_wide", raw=raw)
+        return (got[0][0].view(2, -1, 2), [o for _, o in got]) if raw else got
+    got = [rowmat(*t[:4], alpha, beta, gamma, gha, need_grad, out=t[4]) for t in (first, second)]
+    if raw:
+        return torch.stack([torch.stack(g[:2]) for g in got]).view(2, 1, 2), [g[2] for g in got]
+    return got
 
 
 # The second view's pointers of a one-view launch: None (a constexpr the kernel never reads;
@@ -299,8 +307,9 @@ def _rowmat_triton(views: list[tuple], alpha, beta, gamma, gha, need_grad,
     large fp32 ``G`` take its bf16 pieces, split beforehand into a contiguous buffer
     (MODE 3, the same bits as MODE 1).  A half ``G`` (rounded by the caller) takes one
     native dot (MODE 4), with ``wide`` on :func:`~minc_kernels.ops.configs.rowmat_config`'s
-    wide tiles.  ``raw`` (one view): ``[(partials, out)]``, the (programs, 2) fp32 partials
-    of ``Σ x∘q`` and ``Σ x∘y`` unsummed."""
+    wide tiles.  ``raw``: ``[(partials, out)]`` per view, the one (views · programs, 2)
+    fp32 buffer of the per-program ``Σ x∘q`` and ``Σ x∘y`` unsummed (the same tensor for
+    both views)."""
     x, g, y, d, out = views[0]
     b, k = x.shape
     n = len(views)
@@ -333,7 +342,7 @@ def _rowmat_triton(views: list[tuple], alpha, beta, gamma, gha, need_grad,
             GROUP=tile_group(x.dtype, grid[0], b * k * x.element_size()), **cfg,
         )
     if raw:
-        return [(part, out if need_grad else None)]
+        return [(part, ops[v][4] if need_grad else None) for v in range(n)]
     # the sums as views by one unbind (host time: four indexings cost twice as much)
     if n == 1:
         quad, cross = part.sum(dim=0).unbind()

@@ -40,7 +40,8 @@ import torch
 
 from ._common import flat_sq
 from ._grad_in_forward import register_grad_in_forward
-from .gram import col_stats, col_stats_backward, col_terms, gram, gram_pair, rowmat, rowmat_pair
+from .gram import (col_stats, col_stats_backward, col_terms, combine, gram, gram_pair, rowmat,
+                   rowmat_pair)
 from .barlow_twins import choose_algorithm
 
 __all__ = ["vicreg_loss", "vicreg_loss_fwd", "vicreg_forward"]
@@ -55,7 +56,8 @@ PAIR_MAX_BYTES = 16 << 20
 
 def _cov_views(xcs: list[torch.Tensor], coefs: torch.Tensor, alpha: float, algorithm: str,
                need_grad: bool) -> tuple[torch.Tensor, list]:
-    """``(Σ over the views of Σ_{i≠j} G_ij² (k×k) or ‖Z_c Z_cᵀ‖_F² (N×N),
+    """``(Σ over the views of Σ_{i≠j} G_ij² (k×k) or ‖Z_c Z_cᵀ‖_F² (N×N) — a 0-dim sum, or
+    with the N×N pair's gradient the (programs, 1) partials, for ``combine`` —,
     [∂/∂Z_c or None per view])`` of one centred view or of two (docs/math.md §8), two in
     one launch per Gram-layer pass; ``coefs``: the views' rows of :func:`col_terms` (``h``, or
     ``h - α Σ zc²``).  The views' matrices sit in one (views, m, m) buffer, so the sums and
@@ -81,10 +83,11 @@ def _cov_views(xcs: list[torch.Tensor], coefs: torch.Tensor, alpha: float, algor
     # in-place Jacobian pass needs
     grads = [torch.empty(xc.shape, dtype=torch.float32, device=xc.device) for xc in xcs]
     views = [(xt, hh, xt, coef, grad.T) for xt, hh, coef, grad in zip(xts, hhs, coefs, grads)]
-    got = rowmat_pair(*views, alpha, 0.0, 1.0, False, True) if pair else \
-        [rowmat(*views[0][:4], alpha, 0.0, 1.0, False, True, out=views[0][4])]
-    frob = got[0][0] + got[1][0] if pair else got[0][0]  # the fused partials: ‖H‖_F² per view
-    return frob, grads
+    if pair:  # the fused partials, ‖H‖_F² per view: both views' Σ x∘q partials, unsummed
+        part, _ = rowmat_pair(*views, alpha, 0.0, 1.0, False, True, raw=True)
+        return part.view(-1, 2)[:, 0:1], grads
+    got = rowmat(*views[0][:4], alpha, 0.0, 1.0, False, True, out=views[0][4])
+    return got[0], grads
 
 
 def vicreg_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float, mu_param: float,
@@ -110,7 +113,8 @@ def vicreg_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float, mu
         off_a, (gxa,) = _cov_views([xa], coef[:1], alpha, algorithm, need_grad)
         off_b, (gxb,) = _cov_views([xb], coef[1:2], alpha, algorithm, need_grad)
         off = off_a + off_b
-    loss = torch.add(base, off, alpha=nu / ((n - 1) ** 2 * k))
+    # base + ν/((N-1)² k) Σ off (a sum, or the N×N pair's per-program partials): one launch
+    loss = combine(base.view(1), 1.0, off, nu / ((n - 1) ** 2 * k))
     if not need_grad:
         return (loss, z_a.new_empty((0,), dtype=torch.float32),
                 z_a.new_empty((0,), dtype=torch.float32))
