@@ -113,8 +113,11 @@ def vicreg_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float, mu
         off_a, (gxa,) = _cov_views([xa], coef[:1], alpha, algorithm, need_grad)
         off_b, (gxb,) = _cov_views([xb], coef[1:2], alpha, algorithm, need_grad)
         off = off_a + off_b
-    # base + ν/((N-1)² k) Σ off (a sum, or the N×N pair's per-program partials): one launch
-    loss = combine(base.view(1), 1.0, off, nu / ((n - 1) ** 2 * k))
+    # base + ν/((N-1)² k) Σ off: one op on a sum; the N×N pair's per-program partials in
+    # one launch (where their sum and two adds were)
+    scale = nu / ((n - 1) ** 2 * k)
+    loss = (combine(base.view(1), 1.0, off, scale) if off.dim()
+            else torch.add(base, off, alpha=scale))
     if not need_grad:
         return (loss, z_a.new_empty((0,), dtype=torch.float32),
                 z_a.new_empty((0,), dtype=torch.float32))
