@@ -171,6 +171,8 @@ def test_barlow_twins_and_vicreg_kernels_are_compiled(rows):
             got = {r["kernel"] for r in rows if r["loss"] == loss and r["variant"] == algo
                    and r["grad"] == grad}
             want = fwd | ({"rowmat_kernel", "colstats_backward_kernel"} if grad else set())
+            if grad and algo == "pairwise":  # the loss from the pair's partials
+                want = want | {"combine_kernel"}
             # plus the first stage of the column statistics' row split where it runs
             split = {"colstats_partial_kernel"} | ({"colstats_backward_partial_kernel"}
                                                    if grad else set())
