@@ -114,10 +114,10 @@ def rowmat_config(k: int, dtype: torch.dtype = torch.float32, gha: bool = False,
     (else the default tiles).  On sm_90 the default 64×64 tiles issue ``wgmma m64n32k16``
     (8 warps: two warpgroups of 32 columns) and move 8 KB per 262 kFLOP through L2
     (32 flop/B: about 320 TFLOP/s at ~10 TB/s of L2); wide tiles issue ``m64n128k16`` and
-    move 24 KB per 1 MFLOP (43 flop/B), 244 registers, no spill, 72 KB of shared memory, 2 CTAs per SM (B = k = 8192).  Unaligned
-    rows spilled 464-976 B with them (k = 1001, 130, 257), an odd row count 16 B at 255
-    registers (B = 1023, 1031: the masked epilogue).  A prediction until a GPU measures
-    both (issue 21).
+    move 24 KB per 1 MFLOP (43 flop/B), 244 registers, no spill, 72 KB of shared memory,
+    2 CTAs per SM (B = k = 8192).  Unaligned rows spilled 464-976 B with them (k = 1001,
+    130, 257), an odd row count 16 B at 255 registers (B = 1023, 1031: the masked
+    epilogue).  A prediction until a GPU measures both (issue 21).
     """
     if interpreting() and not for_device:
         if wide:  # another tiling under the interpreter too (tests: any tiling, one result)
