@@ -79,10 +79,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # alone leave SMs idle): their fill is checked, against their bytes (MEMORY_BOUND); so is
 # the first stage of a row split.
 # MINCLoss's step kernels (l2 map, its Jacobian, the moment's EMA) are checked the same way,
-# and so are the k×k (B×B) passes: G's bf16 split, the spectral matrix path's offdiag pass.
+# and so are the k×k (B×B) passes: G's bf16 split, the Grams' finishing pass (gram_finish).
 MEMORY_BOUND = {"colstats_kernel", "colstats_backward_kernel", "colstats_partial_kernel",
                 "colstats_backward_partial_kernel", "l2_rows_kernel", "l2_rows_backward_kernel",
-                "moment_ema_kernel", "split_bf16x3_kernel", "offdiag_finish_kernel"}
+                "moment_ema_kernel", "split_bf16x3_kernel", "gram_finish_kernel"}
 HEAVY = {"pairwise_offdiag_kernel", "rowmat_kernel", "moment_partial_kernel",
          "cross_gram_kernel", "mio_negative_tiles", "mio_negative_strip",
          "mio_strip_matmul"} | MEMORY_BOUND
@@ -132,8 +132,11 @@ def useful_work(kernel: str, b: int, k: int, grad: bool, dtype: str, grid, tiles
         return 1.0 * b * k * (isz + 8), BYTES_PER_S  # read x, read and write the fp32 gradient
     if kernel == "split_bf16x3_kernel":
         return 10.0 * k * k, BYTES_PER_S  # read fp32 G, write its three bf16 pieces
-    if kernel == "offdiag_finish_kernel":
-        return (4.0 + 2 * isz) * k * k, BYTES_PER_S  # read fp32 S (a slice at least), write S', S'ᵀ
+    if kernel == "gram_finish_kernel":
+        # per view: read fp32 G (a slice at least); with the gradient write Γ (fp32 in place)
+        # or Γ and Γᵀ in the storage dtype (TRANSPOSE: the spectral matrix path's S', S'ᵀ)
+        out = (2 * isz if flags.get("TRANSPOSE") else 4) if flags.get("NEED_GRAD") else 0
+        return (4.0 + out) * k * k * grid[2], BYTES_PER_S
     if kernel == "moment_ema_kernel":
         # C and M read, M and the corrected copy written (fp32 k×k; fewer in eval)
         return 4.0 * 4 * k * k, BYTES_PER_S
@@ -213,7 +216,7 @@ def compile_launches_for_sm90():
         bound = dict(zip(self.arg_names, args))
         dims = ((int(bound["B"]), int(bound["K"])) if "B" in bound and "K" in bound
                 else (0, int(bound["K"]))
-                if self.fn.__name__ in ("split_bf16x3_kernel", "offdiag_finish_kernel") else None)
+                if self.fn.__name__ in ("split_bf16x3_kernel", "gram_finish_kernel") else None)
         records.append(Launch(self.fn.__name__, g, consts, compiled, buf.getvalue(), dims,
                               (self, args, kwargs, grid)))
         return compiled

@@ -211,18 +211,14 @@ def test_column_terms_match_the_float64_formulas(k, pairwise):
     assert coef.shape == (2, k) and base.shape == ()
     torch.testing.assert_close(coef.cpu().double(), h, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(base.cpu().double(), want_base, rtol=1e-5, atol=1e-6)
-    # Barlow Twins: C_ii = Σ ẑa∘ẑb / N, base = Σ (1 - C_ii)² - λ Σ C_ii², and the diagonal
-    # 2 C_ii - 2 of ∂L/∂C; C_ii from the stats or read (strided) from a k×k C
+    # Barlow Twins' N×N path: C_ii = Σ ẑa∘ẑb / N (from the stats), base = Σ (1 - C_ii)²
+    # - λ Σ C_ii², and the diagonal 2 C_ii - 2 of ∂L/∂C
     c = s64[8] / n
-    cmat = torch.rand(k, k, generator=g, dtype=torch.float64)
-    cmat.diagonal().copy_(c)
-    for diag in (None, torch.diagonal(cmat.float().to(DEV))):
-        d, base = G.col_terms(stats, n, False, lam=lam, diag=diag)
-        torch.testing.assert_close(d.cpu().double(), torch.stack([c, 2 * c - 2]), rtol=1e-6,
-                                   atol=1e-6)
-        torch.testing.assert_close(base.cpu().double(),
-                                   ((1 - c) ** 2).sum() - lam * (c ** 2).sum(),
-                                   rtol=1e-5, atol=1e-5)
+    d, base = G.col_terms(stats, n, False, lam=lam)
+    torch.testing.assert_close(d.cpu().double(), torch.stack([c, 2 * c - 2]), rtol=1e-6,
+                               atol=1e-6)
+    torch.testing.assert_close(base.cpu().double(), ((1 - c) ** 2).sum() - lam * (c ** 2).sum(),
+                               rtol=1e-5, atol=1e-5)
 
 
 def _pair_inputs(b, k, dtype, seed):
@@ -520,3 +516,98 @@ def test_n_by_n_losses_combine_their_partials_in_one_launch(loss):
         ops = count_ops(call)
     assert stub.counts["combine_kernel"] == 1, dict(stub.counts)
     assert ops["aten_kernel_op_names"] in ({}, {"aten::sum": 1}), ops
+
+
+@pytest.mark.parametrize("diag", ["zero", "coef", "barlow"])
+@pytest.mark.parametrize("views,split,out", [
+    (1, 1, "in_place"), (2, 3, "in_place"), (1, 2, "in_place"), (2, 1, "no_grad"),
+    (1, 3, "no_grad"), (1, 1, "bf16_transposed"), (1, 2, "bf16_transposed")])
+def test_gram_finish_matches_float64(monkeypatch, diag, views, split, out):
+    """gram_finish (one pass over a Gram's row slices): G = scale·Σ_s part[s] with the
+    slices added in order; per tile Σ_{i≠j} G_ij² and Σ_i G_ii² (Barlow Twins: Σ (1 - G_ii)²)
+    summing to their float64 values; Γ = mul·G off the diagonal and 0 / coef / 2 G_ii - 2 on
+    it, fp32 in place over the first slice (each view's, whatever the slice count) with the
+    exact bits of the fp32 formula, or rounded to bf16 as torch rounds, with Γᵀ beside it."""
+    from minc_kernels.ops import configs
+    monkeypatch.setattr(configs, "FINISH_BLOCK", 16)
+    k = 37  # 3×3 tiles of 16, the last ones partial
+    g = torch.Generator().manual_seed(views * 10 + split)
+    part = (torch.randn(views, split, k, k, generator=g) * 2).to(DEV)
+    coef = torch.randn(views, k, generator=g).to(DEV)
+    scale, mul = 0.25, -1.5
+    want = part[:, 0].clone()
+    for s in range(1, split):
+        want = want + part[:, s]
+    want = want * scale
+    w64 = want.double()
+    eye = torch.eye(k, dtype=torch.bool, device=DEV)
+    d64 = torch.diagonal(w64, dim1=1, dim2=2)
+    want_off = w64.masked_fill(eye, 0).pow(2).sum()
+    want_diag = ((1 - d64) ** 2).sum() if diag == "barlow" else (d64 ** 2).sum()
+    gam_want = (want * mul).masked_fill(eye, 0)
+    dvals = {"zero": torch.zeros_like(coef), "coef": coef,
+             "barlow": 2.0 * torch.diagonal(want, dim1=1, dim2=2) - 2.0}[diag]
+    torch.diagonal(gam_want, dim1=1, dim2=2).copy_(dvals)
+    first = part[:, 0]
+    sq, gam = G.gram_finish(part, scale=scale, mul=mul, diag=diag,
+                            coef=coef if diag == "coef" else None, need_grad=out != "no_grad",
+                            out_dtype=torch.bfloat16 if out == "bf16_transposed" else torch.float32,
+                            transpose=out == "bf16_transposed")
+    assert sq.shape == (views * 9, 2) and sq.dtype == torch.float32
+    torch.testing.assert_close(sq[:, 0].double().sum(), want_off, rtol=1e-5, atol=0)
+    torch.testing.assert_close(sq[:, 1].double().sum(), want_diag, rtol=1e-5, atol=0)
+    if out == "no_grad":
+        assert gam is None
+    elif out == "in_place":
+        assert gam.data_ptr() == first.data_ptr() and gam.shape == (views, k, k)
+        assert torch.equal(gam, gam_want)
+    else:
+        assert gam.shape == (2, k, k) and gam.dtype == torch.bfloat16 and gam.is_contiguous()
+        assert torch.equal(gam[0], gam_want[0].to(torch.bfloat16))
+        assert torch.equal(gam[1], gam_want[0].T.to(torch.bfloat16))
+
+
+def test_gram_finish_names_bad_arguments():
+    part = torch.zeros(1, 1, 4, 4, device=DEV)
+    with pytest.raises(ValueError, match="part must be a contiguous float32"):
+        G.gram_finish(part.double())
+    with pytest.raises(ValueError, match="diag must be one of"):
+        G.gram_finish(part, diag="ones")
+    with pytest.raises(ValueError, match=r"coef as a float32 \(1, 4\)"):
+        G.gram_finish(part, diag="coef", coef=torch.zeros(2, 4, device=DEV))
+    with pytest.raises(ValueError, match="transpose needs one view"):
+        G.gram_finish(torch.zeros(2, 1, 4, 4, device=DEV), transpose=True)
+
+
+@pytest.mark.parametrize("loss", ["barlow_twins", "vicreg"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_k_by_k_paths_finish_their_grams_in_one_pass(monkeypatch, loss, dtype):
+    """Barlow Twins' and VICReg's k×k paths: the Gram's row slices summed, its Frobenius
+    partials and Γ formed by one gram_finish_kernel launch, the loss from them by one
+    combine_kernel launch: no torch op in the forward (before: the slices' sum, then five
+    to eight ops on the k×k matrix), with and without the gradient.  Barlow Twins' bf16
+    rows take Γ and Γᵀ in one rowmat launch; fp32 rows two (Γ and its transposed view),
+    whose unused partials one op joins."""
+    from benchmarks.cpu_host_overhead import LaunchStub, count_ops
+    from minc_kernels.ops import barlow_twins as ob, vicreg as ov
+    monkeypatch.setenv(G.GRAM_ENV, "triton")
+    monkeypatch.setattr(G, "COLSTATS_SPLIT_MIN_SECONDS", 1.0)  # one column-stats launch
+    g = torch.Generator().manual_seed(8)
+    za, zb = ((torch.randn(40, 12, generator=g) * 0.5).to(dtype) for _ in range(2))
+    gram_kernel = "cross_gram_kernel" if loss == "barlow_twins" else "moment_partial_kernel"
+    for need_grad in (True, False):
+        call = (lambda: ob.barlow_twins_forward(za, zb, 5e-3, "gram", need_grad)) \
+            if loss == "barlow_twins" else \
+            (lambda: ov.vicreg_forward(za, zb, 25.0, 25.0, 1.0, 1e-4, "gram", need_grad))
+        two = need_grad and loss == "barlow_twins" and dtype == torch.float32
+        with LaunchStub() as stub:
+            ops = count_ops(call)
+        assert ops["aten_kernel_op_names"] == ({"aten::cat": 1} if two else {}), ops
+        want = {"colstats_kernel": 1, gram_kernel: 1, "gram_finish_kernel": 1,
+                "combine_kernel": 1}
+        if loss == "vicreg":
+            want["colstats_terms_kernel"] = 1
+        if need_grad:
+            want["rowmat_kernel"] = 2 if two else 1
+            want["colstats_backward_kernel"] = 1
+        assert dict(stub.counts) == want, (need_grad, dict(stub.counts))

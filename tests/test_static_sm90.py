@@ -157,12 +157,16 @@ def test_barlow_twins_and_vicreg_kernels_are_compiled(rows):
     layer's kernels; the N×N path multiplies the transposed (k, N) views, and its work is
     priced on those launch dimensions."""
     # (colstats_terms_kernel: the k-element loss terms in one program)
+    # (the k×k paths: the Gram's slices summed, its Frobenius partials and Γ in one pass,
+    # gram_finish_kernel, and the loss from them by combine_kernel; Barlow Twins' k×k path
+    # has no colstats_terms_kernel: C's diagonal terms come from that pass)
     expect = {
-        ("barlow_twins", "gram"): {"colstats_kernel", "colstats_terms_kernel",
-                                   "cross_gram_kernel"},
+        ("barlow_twins", "gram"): {"colstats_kernel", "cross_gram_kernel",
+                                   "gram_finish_kernel", "combine_kernel"},
         ("barlow_twins", "pairwise"): {"colstats_kernel", "colstats_terms_kernel",
                                        "moment_partial_kernel"},
-        ("vicreg", "gram"): {"colstats_kernel", "colstats_terms_kernel", "moment_partial_kernel"},
+        ("vicreg", "gram"): {"colstats_kernel", "colstats_terms_kernel", "moment_partial_kernel",
+                             "gram_finish_kernel", "combine_kernel"},
         ("vicreg", "pairwise"): {"colstats_kernel", "colstats_terms_kernel",
                                  "moment_partial_kernel"},
     }
@@ -171,7 +175,8 @@ def test_barlow_twins_and_vicreg_kernels_are_compiled(rows):
             got = {r["kernel"] for r in rows if r["loss"] == loss and r["variant"] == algo
                    and r["grad"] == grad}
             want = fwd | ({"rowmat_kernel", "colstats_backward_kernel"} if grad else set())
-            if grad and algo == "pairwise":  # the loss from the pair's partials
+            # the loss from the pair's partials (VICReg's N×N forward: from ‖H‖_F² too)
+            if algo == "pairwise" and (grad or loss == "vicreg"):
                 want = want | {"combine_kernel"}
             # plus the first stage of the column statistics' row split where it runs
             split = {"colstats_partial_kernel"} | ({"colstats_backward_partial_kernel"}

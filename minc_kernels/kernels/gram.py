@@ -9,6 +9,9 @@ and MIO tile kernels use :func:`dot_same` for every ``tl.dot``.
 * :func:`grouped_tile` (through :func:`_tile`): the tile order of the three GEMM-shaped
   kernels below, by groups of row (or column) blocks, so the programs in flight share
   their operands in L2 (a permutation of the tiles: no value depends on it).
+* :func:`gram_finish_kernel`: one pass over a k×k Gram's row-slice partials: the slices
+  summed, the Frobenius partials of its off-diagonal and diagonal, and ``Γ = ∂L/∂G``
+  (Barlow Twins' and VICReg's k×k paths, the spectral matrix path's ``offdiag(S)``).
 * :func:`combine_kernel`: a loss from the partials of the kernels above, in one program
   (where a handful of tiny torch ops, a launch each, did it).
 * :func:`moment_partial_kernel`: ``Σ_j x_j x_jᵀ`` (k×k) over a slice of rows, one fp32
@@ -675,7 +678,7 @@ def colstats_backward_kernel(
 
 @triton.jit
 def colstats_terms_kernel(
-    stats_ptr, diag_ptr, coef_ptr, base_ptr, K, diag_stride, n_f, eps, h_num, h_den, alpha,
+    stats_ptr, coef_ptr, base_ptr, K, n_f, eps, h_num, h_den, alpha,
     c_inv, c_hinge, c_diag, lam, VICREG: tl.constexpr, PAIRWISE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -691,10 +694,9 @@ def colstats_terms_kernel(
     diagonal term), else ``h``; ``base = c_inv Σ (za-zb)² + c_hinge Σ_views Σ relu(1 - s)``
     ``- c_diag Σ_views Σ (Σ zc²)²`` (``PAIRWISE``: the k×k Gram's diagonal, which the N×N
     Frobenius norm includes; ``c_diag = 0`` otherwise).
-    Barlow Twins (§7): ``d = C_ii`` = ``diag[i·diag_stride] / n_f`` (``stats`` row 8, the
-    standardised views' column dots, with ``n_f`` = N; or the diagonal of the k×k ``C``,
-    already scaled, with ``n_f`` = 1), ``coef`` = ``d`` and ``2d - 2`` (the diagonal of
-    ``∂L/∂C``), ``base = Σ (1 - d)² - λ Σ d²``.  ``n_f`` is N as a float for VICReg;
+    Barlow Twins (§7, the N×N path): ``d = C_ii`` = ``stats[8, i] / n_f`` (the
+    standardised views' column dots), ``coef`` = ``d`` and ``2d - 2``
+    (the diagonal of ``∂L/∂C``), ``base = Σ (1 - d)² - λ Σ d²``.  ``n_f`` is N as a float;
     divisions are IEEE-rounded, as torch's."""
     acc0 = tl.zeros((BLOCK,), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -716,9 +718,7 @@ def colstats_terms_kernel(
                     acc2 += sq * sq
                 tl.store(coef_ptr + v * K + cols, h, mask=m)
         else:
-            # 64-bit offsets: C's diagonal runs to k² elements (past 2^31 from k = 46341)
-            d = tl.div_rn(tl.load(diag_ptr + cols.to(tl.int64) * diag_stride, mask=m, other=0.0),
-                          n_f)
+            d = tl.div_rn(tl.load(stats_ptr + 8 * K + cols, mask=m, other=0.0), n_f)
             tl.store(coef_ptr + cols, d, mask=m)
             tl.store(coef_ptr + K + cols, 2.0 * d - 2.0, mask=m)
             acc0 += tl.where(m, (1.0 - d) * (1.0 - d), 0.0)
@@ -754,6 +754,68 @@ def cross_gram_kernel(
                               IS_FP32, UPCAST, BLOCK_K, BLOCK_B)
     out = out_ptr + pid_s.to(tl.int64) * K * K
     tl.store(out + ka[:, None] * K + kb[None, :], acc, mask=ka_mask[:, None] & kb_mask[None, :])
+
+
+@triton.jit
+def gram_finish_kernel(part_ptr, coef_ptr, gam_ptr, gam_t_ptr, sq_ptr, K, SPLIT, gam_views,
+                       scale, mul, DIAG: tl.constexpr, NEED_GRAD: tl.constexpr, TRANSPOSE: tl.constexpr,
+                       RNE_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    """One pass over a k×k Gram's row-slice partials, tile ``(i, j)`` of view ``v`` (grid
+    ``(cdiv(K, BLOCK), cdiv(K, BLOCK), views)``): what the Frobenius terms of a loss and its
+    ``Γ = ∂L/∂G`` need, where a sum of slices and five to eight torch ops did it.
+
+    ``G = scale · Σ_s part[v, s]`` (``part``: (views, SPLIT, K, K) fp32 contiguous, slices
+    added in order 0, 1, ...).  ``sq[t] = (Σ_{i≠j} G_ij², D)`` per tile ``t`` (a (tiles, 2)
+    fp32 array, view-major), ``D = Σ_i (1 - G_ii)²`` with ``DIAG = 2`` (Barlow Twins), else
+    ``Σ_i G_ii²``: a loss's off-diagonal and diagonal sums, never formed as a difference.
+
+    ``NEED_GRAD``: ``Γ = mul·G`` off the diagonal; on it 0 (``DIAG = 0``: the spectral matrix
+    path's ``offdiag(S)``), ``coef[v, i]`` (1: VICReg's hinge factor ``h``) or ``2 G_ii - 2``
+    (2: Barlow Twins); stored in ``gam``'s dtype into ``gam[v]`` ((K, K) contiguous per view,
+    views ``gam_views`` elements apart; it may be ``part[v, 0]`` itself: each program reads
+    its tile's slices before it writes the tile) and, with ``TRANSPOSE``, ``Γᵀ`` into ``gam_t[v]`` (the two products then read
+    operands of one layout).  ``RNE_BF16`` (the interpreter, bf16): round to nearest even
+    as the GPU does (:func:`round_bf16_rne`)."""
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    v = tl.program_id(2)
+    # masks and the diagonal from 32-bit indices (64-bit compares kept across the slice loop
+    # spilled 4 B on sm_90 at K = 1031, bf16), 64-bit offsets
+    r32 = pid_i * BLOCK + tl.arange(0, BLOCK)
+    c32 = pid_j * BLOCK + tl.arange(0, BLOCK)
+    rows = r32.to(tl.int64)
+    cols = c32.to(tl.int64)
+    mask = (r32 < K)[:, None] & (c32 < K)[None, :]
+    on_diag = r32[:, None] == c32[None, :]
+    idx = rows[:, None] * K + cols[None, :]
+    kk = K.to(tl.int64) * K
+    src = part_ptr + v.to(tl.int64) * SPLIT * kk
+    acc = tl.load(src + idx, mask=mask, other=0.0)
+    for s in range(1, SPLIT):
+        acc += tl.load(src + s * kk + idx, mask=mask, other=0.0)
+    acc = acc * scale
+    off = tl.where(on_diag, 0.0, acc)
+    if DIAG == 2:
+        dd = tl.where(on_diag & mask, (1.0 - acc) * (1.0 - acc), 0.0)
+    else:
+        dd = tl.where(on_diag, acc * acc, 0.0)
+    tile = (v * tl.num_programs(0) + pid_i) * tl.num_programs(1) + pid_j
+    tl.store(sq_ptr + 2 * tile, tl.sum(tl.sum(off * off, axis=1), axis=0))
+    tl.store(sq_ptr + 2 * tile + 1, tl.sum(tl.sum(dd, axis=1), axis=0))
+    if NEED_GRAD:
+        gam = off * mul
+        if DIAG == 1:
+            h = tl.load(coef_ptr + v * K + rows, mask=r32 < K, other=0.0)
+            gam = tl.where(on_diag, h[:, None], gam)
+        elif DIAG == 2:
+            gam = tl.where(on_diag, 2.0 * acc - 2.0, gam)
+        if RNE_BF16:
+            gam = round_bf16_rne(gam)
+        val = gam.to(gam_ptr.dtype.element_ty)
+        dst = v.to(tl.int64) * gam_views
+        tl.store(gam_ptr + dst + idx, val, mask=mask)
+        if TRANSPOSE:
+            tl.store(gam_t_ptr + dst + cols[None, :] * K + rows[:, None], val, mask=mask)
 
 
 @triton.jit

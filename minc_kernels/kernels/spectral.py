@@ -10,9 +10,8 @@
   ``offdiag(S)ᵀ Z1``).
 * :func:`clip_rows_backward_kernel`: a gradient's split partials summed and the clipping
   Jacobian applied, in place on the fp32 gradient.
-* :func:`offdiag_finish_kernel`: the matrix path's ``S`` (B×B, from the row slices of
-  ``cross_gram``): slices summed, diagonal zeroed, rounded to the storage dtype and written
-  with its transpose, and ``Σ_{i≠j} S_ij²`` per program, in one pass.
+* The matrix path's pass over ``S`` (B×B, from the row slices of ``cross_gram``):
+  ``kernels.gram.gram_finish_kernel``.
 * The loss itself: ``kernels.gram.combine_kernel`` on ``d`` and the path's partials.
 * The feature-Gram path uses :mod:`minc_kernels.kernels.gram` (``Zᵀ Z`` and ``Z G``).
 
@@ -23,39 +22,7 @@ rounds ``offdiag(S)`` to the storage dtype first (as eager autograd does).  int6
 import triton
 import triton.language as tl
 
-from .gram import dot_same, round_bf16_rne
-
-
-@triton.jit
-def offdiag_finish_kernel(part_ptr, out_ptr, out_t_ptr, sq_ptr, K, SPLIT,
-                          RNE_BF16: tl.constexpr, BLOCK: tl.constexpr):
-    """Tile ``(i, j)`` (grid ``(cdiv(K, BLOCK), cdiv(K, BLOCK))``) of ``S' = offdiag(Σ_s
-    part[s])`` for the (SPLIT, K, K) fp32 row-slice partials of ``S`` (slices added in order
-    0, 1, ...): stored in the outputs' dtype into ``out`` and, transposed, into ``out_t``
-    (both contiguous (K, K): the two products then read operands of one layout), and
-    ``sq[pid]`` = the tile's ``Σ S'²`` (fp32, before the rounding).  ``RNE_BF16`` (the
-    interpreter, bf16): round to nearest even as the GPU does (round_bf16_rne)."""
-    pid_i = tl.program_id(0)
-    pid_j = tl.program_id(1)
-    # masks and the diagonal from 32-bit indices (64-bit compares kept across the slice loop
-    # spilled 4 B on sm_90 at K = 1031, bf16), 64-bit offsets
-    r32 = pid_i * BLOCK + tl.arange(0, BLOCK)
-    c32 = pid_j * BLOCK + tl.arange(0, BLOCK)
-    rows = r32.to(tl.int64)
-    cols = c32.to(tl.int64)
-    mask = (r32 < K)[:, None] & (c32 < K)[None, :]
-    idx = rows[:, None] * K + cols[None, :]
-    kk = K.to(tl.int64) * K
-    acc = tl.load(part_ptr + idx, mask=mask, other=0.0)
-    for s in range(1, SPLIT):
-        acc += tl.load(part_ptr + s * kk + idx, mask=mask, other=0.0)
-    acc = tl.where(r32[:, None] == c32[None, :], 0.0, acc)
-    tl.store(sq_ptr + pid_i * tl.num_programs(1) + pid_j, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
-    if RNE_BF16:
-        acc = round_bf16_rne(acc)
-    val = acc.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + idx, val, mask=mask)
-    tl.store(out_t_ptr + cols[None, :] * K + rows[:, None], val, mask=mask)
+from .gram import dot_same
 
 
 @triton.jit

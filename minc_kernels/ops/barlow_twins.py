@@ -37,7 +37,8 @@ Memory beyond tiles: the k×k ``C`` (``"gram"``) or one (forward) / two (with gr
 N×N Grams (``"pairwise"``) are written in fp32: the gradient needs the whole matrix
 before its product with the other view (a tiles-only form would recompute each Gram
 tile once per output column block; docs/performance.md says why we keep the matrix);
-they are freed before pass 3.  Standardised
+they are freed before pass 3 (``"gram"``: ``C``'s row slices where k is small enough for
+its tiles alone to leave SMs idle, and with bf16 rows ``Γ`` and ``Γᵀ`` in bf16, 4k² bytes).  Standardised
 copies of both views (2·N·k, storage dtype) and the fp32 gradients (2·N·k), which pass 3
 overwrites in place: with the gradient, at most ``2·N·k·(itemsize + 4)`` bytes plus the
 k×k matrix (``"gram"``, 4k² bytes) or the two N×N ones (8N² bytes); measured by
@@ -50,10 +51,10 @@ import functools
 import torch
 
 from ..losses.barlow_twins import BN_EPS
-from ._common import flat_sq
 from ._grad_in_forward import register_grad_in_forward
-from .gram import (col_stats, col_stats_backward, col_terms, combine, cross_gram, gram, gram_dot,
-                   gram_pair, rounded, rounds_operand, rowmat_pair)
+from .gram import (col_stats, col_stats_backward, col_terms, combine, cross_gram,
+                   cross_gram_partials, gram, gram_backend, gram_dot, gram_finish, gram_pair,
+                   rounded, rounds_operand, rowmat_pair)
 from . import tables
 from .spectral import estimate_seconds
 
@@ -91,17 +92,18 @@ def model_estimates(n: int, k: int, dtype: torch.dtype, need_grad: bool,
                     loss: str = "barlow_twins") -> dict[str, float]:
     """Seconds of ``"pairwise"`` (the Gram path of ``Zᵀ``, N×N) and ``"gram"`` (of ``Z``,
     k×k) by the spectral cost model, as :func:`model_choice` compares them."""
-    # Barlow Twins' k×k path rounds Γ and Γᵀ for bf16 rows (two copies, no dot: the loss
-    # has its own sum); VICReg's does not, and the N×N paths keep their fp32 Grams (whose
-    # fused partial gives the loss)
+    # the k×k paths finish their Grams in one pass (Barlow Twins' rounds Γ and Γᵀ for bf16
+    # rows there; VICReg's Γ stays fp32); the N×N paths keep their fp32 Grams (whose fused
+    # partial gives the loss)
     return {"pairwise": estimate_seconds(k, n, dtype, need_grad, round_grams=False)["gram"],
             "gram": estimate_seconds(n, k, dtype, need_grad, round_grams=loss == "barlow_twins",
-                                     frob_dot=False)["gram"]}
+                                     finish=True)["gram"]}
 
 
 def _times_gamma(na: torch.Tensor, nb: torch.Tensor, gam: torch.Tensor, scale: float):
     """``scale·Ẑb Γᵀ`` and ``scale·Ẑa Γ`` (fp32 (N, k)) for the fp32 (k, k) ``Γ``, as
-    ``rowmat_pair`` results.  bf16 rows take ``Γ`` and ``Γᵀ`` rounded to bf16 into one
+    ``rowmat_pair`` results (the distributed form's backward, whose ``Γ`` arrives from
+    autograd; the local k×k path forms and rounds its own in one pass).  bf16 rows take ``Γ`` and ``Γᵀ`` rounded to bf16 into one
     (2, k, k) buffer (two copies; one launch, one native dot per tile), as eager autograd
     rounds ``∂L/∂C``; fp16/fp32 rows the fp32 ``Γ`` and ``Γᵀ`` (two layouts: two
     launches)."""
@@ -125,17 +127,26 @@ def barlow_twins_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: flo
     na, nb, stats = col_stats(z_a, z_b, True, BN_EPS, transposed=algorithm == "pairwise")
     ga = gb = None
     if algorithm == "gram":
-        c = cross_gram(na, nb)
-        c.mul_(1.0 / n)
-        # C_ii read from C itself (the Frobenius norm below includes the same values)
-        coef, base = col_terms(stats, n, False, lam=lam, diag=torch.diagonal(c))
-        loss = torch.add(base, flat_sq(c), alpha=lam)
+        if gram_backend("cross_gram", na) == "cublas":
+            part = cross_gram(na, nb).view(1, 1, k, k)
+        else:
+            part = cross_gram_partials(na, nb)[0].unsqueeze(0)
+        # one pass over C = Σ slices / N: per tile Σ_{i≠j} C_ij² and Σ_i (1 - C_ii)² (the
+        # loss, from them in one launch) and Γ = ∂L/∂C (off-diagonal 2λC_ij, diagonal
+        # 2C_ii - 2); bf16 rows take Γ and Γᵀ rounded to bf16 (one buffer: one rowmat_pair
+        # launch, one native dot per tile), as eager autograd rounds ∂L/∂C; fp16/fp32 rows
+        # the fp32 Γ, in place, and its transposed view (two layouts: two launches)
+        half = rounds_operand(na.dtype)
+        sq, gam = gram_finish(part, scale=1.0 / n, mul=2.0 * lam, diag="barlow",
+                              need_grad=need_grad,
+                              out_dtype=na.dtype if half else torch.float32, transpose=half)
+        loss = combine(sq[:, 1], 1.0, sq[:, 0:1], lam)
         if need_grad:
-            gam = c.mul_(2.0 * lam)  # Γ = ∂L/∂C, in place: off-diagonal 2λC_ij ...
-            torch.diagonal(gam).copy_(coef[1])  # ... diagonal -2(1 - C_ii)
-            # Ẑb Γᵀ / N and Ẑa Γ / N (one launch where both operands share a layout)
-            (_, _, ga), (_, _, gb) = _times_gamma(na, nb, gam, 1.0 / n)
-        c = gam = None  # free the k×k matrix (Γ is C, scaled in place) before pass 3
+            gam_t = gam[1] if half else gam[0].T
+            # Ẑb Γᵀ / N and Ẑa Γ / N (rowmat's X Gᵀ; raw: their partials are not needed)
+            _, (ga, gb) = rowmat_pair((nb, gam[0], nb, None, None), (na, gam_t, na, None, None),
+                                      1.0 / n, 0.0, 0.0, False, True, raw=True)
+        part = gam = None  # free the k×k matrices before pass 3
     else:
         # C_ii = Σ ẑa∘ẑb / N (rowmat's d) and base = Σ (1 - C_ii)² - λ Σ C_ii², one launch
         diag, base = col_terms(stats, n, False, lam=lam)

@@ -172,12 +172,13 @@ ROWMAT_PRESPLIT_MIN_COLS = 256
 ROWMAT_PRESPLIT_MAX_BYTES = 128 << 20  # k up to 4729
 SPLIT_BLOCK = 1024  # elements per program of split_bf16x3_kernel
 COMBINE_BLOCK = 256  # lanes of the one-program combine_kernel (a loss from partials)
-# The spectral offdiag_finish_kernel: 32×32 tiles, 8 warps.  With 4 warps, 64×64 tiles took
+# gram_finish_kernel: 32×32 tiles, 8 warps.  Compiled for sm_90 by the static suite (as the
+# spectral matrix path's offdiag pass, which it generalises): with 4 warps, 64×64 tiles took
 # up to 252 registers on sm_90 at B = 1023 (fp32, unaligned rows: masked, unvectorised loads
 # and the transposed store's layout conversion) and 32×32 tiles spilled 4 B (bf16/fp16,
 # B = 1023 and 1031); 32×32 with 8 warps: at most 32 registers, no spill.
-OFFDIAG_BLOCK = 32
-OFFDIAG_WARPS = 8
+FINISH_BLOCK = 32
+FINISH_WARPS = 8
 
 
 def rowmat_presplit(b: int, k: int) -> bool:

@@ -32,14 +32,14 @@ import torch
 
 from ..kernels.gram import (colstats_backward_kernel, colstats_backward_partial_kernel,
                             colstats_kernel, colstats_partial_kernel, colstats_terms_kernel,
-                            combine_kernel, cross_gram_kernel, moment_partial_kernel,
-                            rowmat_kernel, split_bf16x3_kernel)
+                            combine_kernel, cross_gram_kernel, gram_finish_kernel,
+                            moment_partial_kernel, rowmat_kernel, split_bf16x3_kernel)
 from . import configs, tables
 from ._common import (DEVICE_BW, cdiv, device_guard, interpreting, is_fp32, num_sms,
                       next_pow2, rhs_f32_mode, upcast_bf16_dot)
 
 __all__ = ["rowmat", "rowmat_pair", "rowmat_value", "combine", "gram", "gram_pair", "gram_dot",
-           "cross_gram", "cross_gram_partials", "col_stats", "col_stats_backward", "col_terms",
+           "gram_slices", "gram_finish", "FINISH_DIAG", "cross_gram", "cross_gram_partials", "col_stats", "col_stats_backward", "col_terms",
            "gram_backend", "split_bf16x3", "rounds_operand", "rounded", "GRAM_BACKENDS",
            "GRAM_IMPLS", "WIDE_LAUNCHERS", "gram_impls", "tile_group", "TILE_ORDERS"]
 
@@ -227,7 +227,8 @@ def rowmat_pair(first: tuple, second: tuple, alpha: float, beta: float, gamma: f
 
     ``raw``: ``(partials, [out, out])`` instead, the sums unsummed for :func:`combine` (a
     loss from them in one launch): a contiguous (2, programs, 2) fp32 tensor of the two
-    views' per-program ``[Σ x∘q, Σ x∘y]`` (two calls: their sums, (2, 1, 2))."""
+    views' per-program ``[Σ x∘q, Σ x∘y]`` (two Triton launches: their partials joined by one
+    op; two cuBLAS calls: their sums, (2, 1, 2))."""
     x = first[0]
     for t in (first, second):
         _check_out(t[0], t[4], need_grad)
@@ -236,6 +237,10 @@ def rowmat_pair(first: tuple, second: tuple, alpha: float, beta: float, gamma: f
         got = _rowmat_triton([first, second], alpha, beta, gamma, gha, need_grad,
                              wide=backend == "triton_wide", raw=raw)
         return (got[0][0].view(2, -1, 2), [o for _, o in got]) if raw else got
+    if raw and backend != "cublas":  # two launches, their partials joined by one op
+        got = [_rowmat_triton([t], alpha, beta, gamma, gha, need_grad,
+                              wide=backend == "triton_wide", raw=True)[0] for t in (first, second)]
+        return torch.cat([p for p, _ in got]).view(2, -1, 2), [o for _, o in got]
     got = [rowmat(*t[:4], alpha, beta, gamma, gha, need_grad, out=t[4]) for t in (first, second)]
     if raw:
         return torch.stack([torch.stack(g[:2]) for g in got]).view(2, 1, 2), [g[2] for g in got]
@@ -426,6 +431,70 @@ def gram_dot(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return out.sum()
 
 
+def gram_slices(xs: list[torch.Tensor]) -> torch.Tensor:
+    """``Xᵀ X`` of one view or two (same shape and dtype) as row-slice partials, a contiguous
+    (views, S, k, k) fp32 tensor for :func:`gram_finish` (which sums the slices): one launch
+    where the Triton kernel runs and the views share a layout; else the whole Grams, S = 1."""
+    x = xs[0]
+    if gram_backend("gram", x) == "triton" and (len(xs) == 1 or _same_layout(x, xs[1])):
+        buf, split = _gram_launch(x, None, xs[1] if len(xs) == 2 else None)
+        return buf.view(len(xs), split, *buf.shape[-2:])
+    if len(xs) == 1:
+        return gram(x).view(1, 1, *(x.shape[1],) * 2)
+    return gram_pair(*xs).unsqueeze(1)
+
+
+# What a Gram's diagonal is in the Γ of gram_finish (kernels.gram.gram_finish_kernel's DIAG)
+FINISH_DIAG = {"zero": 0, "coef": 1, "barlow": 2}
+
+
+def gram_finish(part: torch.Tensor, *, scale: float = 1.0, mul: float = 1.0,
+                diag: str = "zero", coef: torch.Tensor | None = None, need_grad: bool = True,
+                out_dtype: torch.dtype = torch.float32, transpose: bool = False):
+    """One launch of :func:`~minc_kernels.kernels.gram.gram_finish_kernel` over the row-slice
+    partials ``part`` ((views, S, k, k) fp32 contiguous) of k×k Grams ``G = scale·Σ_s part``:
+    ``(sq, gam)``.
+
+    ``sq``: (views·tiles, 2) fp32, per tile ``[Σ_{i≠j} G_ij², Σ_i G_ii²]`` (``diag="barlow"``:
+    ``Σ_i (1 - G_ii)²`` in the second column), for :func:`combine`.  ``gam`` (``None``
+    without ``need_grad``): ``Γ = mul·G`` off the diagonal, and on it 0 (``"zero"``),
+    ``coef[v]`` (``"coef"``: a (views, k) fp32 tensor, rows contiguous) or ``2 G_ii - 2``
+    (``"barlow"``).  fp32 without ``transpose``: written in place over ``part[:, 0]``, a
+    (views, k, k) view of it (no k×k buffer more).  Else a new contiguous (views, k, k)
+    tensor of ``out_dtype``, with ``transpose`` (one view) (2, k, k): ``Γ`` and ``Γᵀ`` (two
+    products then read one layout: one ``rowmat_pair`` launch)."""
+    views, split, k = part.shape[0], part.shape[1], part.shape[-1]
+    if part.dtype != torch.float32 or not part.is_contiguous() or part.shape[2:] != (k, k):
+        raise ValueError(f"part must be a contiguous float32 (views, S, k, k) tensor, got "
+                         f"{part.dtype} {tuple(part.shape)} strides {part.stride()}")
+    if diag not in FINISH_DIAG:
+        raise ValueError(f"diag must be one of {', '.join(map(repr, FINISH_DIAG))}, got {diag!r}")
+    if diag == "coef" and (coef is None or coef.shape != (views, k) or coef.stride(-1) != 1
+                           or coef.dtype != torch.float32):
+        got = None if coef is None else f"{coef.dtype} {tuple(coef.shape)}"
+        raise ValueError(f"diag='coef' needs coef as a float32 ({views}, {k}) tensor, got {got}")
+    if transpose and views != 1:
+        raise ValueError(f"transpose needs one view, got {views}")
+    if not need_grad:
+        gam = gam_t = None
+    elif out_dtype == torch.float32 and not transpose:
+        gam = gam_t = part[:, 0]
+    else:
+        gam = torch.empty((2 if transpose else views, k, k), dtype=out_dtype, device=part.device)
+        gam_t = gam[1] if transpose else gam
+    n_t = cdiv(k, configs.FINISH_BLOCK)
+    sq = torch.empty((views * n_t * n_t, 2), dtype=torch.float32, device=part.device)
+    with device_guard(part):
+        gram_finish_kernel[(n_t, n_t, views)](
+            part, coef if diag == "coef" else sq, gam if need_grad else sq,
+            gam_t if need_grad else sq, sq, k, split, gam.stride(0) if need_grad else 0,
+            float(scale), float(mul),
+            DIAG=FINISH_DIAG[diag], NEED_GRAD=bool(need_grad), TRANSPOSE=bool(transpose),
+            RNE_BF16=interpreting() and out_dtype == torch.bfloat16,
+            BLOCK=configs.FINISH_BLOCK, num_warps=configs.FINISH_WARPS)
+    return sq, gam
+
+
 # ----------------------------------------------------------------------------- Barlow Twins / VICReg
 def cross_gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``Xᵀ Y`` as fp32 (k, k), from the storage dtype (tiles and row split as :func:`gram`)."""
@@ -437,7 +506,7 @@ def cross_gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def cross_gram_partials(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The Triton ``Xᵀ Y``'s row-slice partials, (S, k, k) fp32, and S: for a caller that
-    sums them in its own pass (the spectral matrix path's ``offdiag_finish_kernel``)."""
+    sums them in its own pass (:func:`gram_finish`)."""
     b, k = x.shape
     cfg = configs.cross_gram_config(k, x.dtype)
     nk = cdiv(k, cfg["BLOCK_K"])
@@ -512,8 +581,7 @@ def col_stats(x: torch.Tensor, y: torch.Tensor, standardize: bool, eps: float,
 
 def col_terms(stats: torch.Tensor, n: int, vicreg: bool, pairwise: bool = False, *,
               lam: float = 0.0, mu: float = 0.0, nu: float = 0.0, eps: float = 0.0,
-              alpha: float = 0.0, diag: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              alpha: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-column terms of a loss from :func:`col_stats`' ``stats`` (N rows), in one
     launch of :func:`~minc_kernels.kernels.gram.colstats_terms_kernel`: ``(coef, base)``,
     ``coef`` (2, k) fp32 and ``base`` a 0-dim fp32.
@@ -522,21 +590,16 @@ def col_terms(stats: torch.Tensor, n: int, vicreg: bool, pairwise: bool = False,
     gradient's ``α``): ``coef`` per view ``h - α Σ zc²`` (``pairwise``) or ``h`` (the
     variance hinge's factor), ``base`` = the invariance and variance terms, minus the Gram
     diagonal with ``pairwise``; add ``ν/((N-1)² k)`` × the two Frobenius norms (N×N) or
-    off-diagonal sums (k×k).  Barlow Twins (``lam``): ``coef`` = ``C_ii`` and ``2 C_ii - 2``,
-    ``base = Σ (1 - C_ii)² - λ Σ C_ii²`` (add ``λ ‖C‖_F²``), with ``C_ii`` from ``diag``
-    (the k×k ``C``'s diagonal, already divided by N) or, without it, from ``stats``."""
+    off-diagonal sums (k×k).  Barlow Twins' N×N path (``lam``): ``coef`` = ``C_ii`` (from
+    ``stats``) and ``2 C_ii - 2``, ``base = Σ (1 - C_ii)² - λ Σ C_ii²`` (add ``λ ‖C‖_F²``)."""
     k = stats.shape[1]
     f32 = torch.float32
     coef = torch.empty((2, k), dtype=f32, device=stats.device)
     base = torch.empty((), dtype=f32, device=stats.device)
-    if diag is None:
-        diag, n_div = stats[8], float(n)
-    else:
-        n_div = 1.0
     kn = float(k) * (n - 1)
     with device_guard(stats):
         colstats_terms_kernel[(1,)](
-            stats, diag, coef, base, k, diag.stride(0), float(n) if vicreg else n_div,
+            stats, coef, base, k, float(n),
             float(eps), -float(mu), 2.0 * kn, float(alpha), float(lam) / (float(n) * k),
             0.5 * float(mu) / k, float(nu) / (kn * (n - 1)) if pairwise else 0.0, float(lam),
             VICREG=bool(vicreg), PAIRWISE=bool(pairwise),

@@ -18,7 +18,7 @@ Passes:
    matrix (with a gradient; without one it is the pairwise pass, which then never
    recomputes): ``S = Z1c Z2cᵀ`` written once (B×B fp32,
    :func:`~minc_kernels.ops.gram.cross_gram_partials` on the transposed views), then
-   :func:`~minc_kernels.kernels.spectral.offdiag_finish_kernel` (row slices summed,
+   :func:`~minc_kernels.ops.gram.gram_finish` (row slices summed,
    diagonal zeroed, ``Σ_{i≠j} S_ij²``, ``S`` rounded to the storage dtype as the pairwise
    kernel and eager autograd round it, and written with its transpose), and
    ``dZ1cᵀ = Z2cᵀ offdiag(S)ᵀ``, ``dZ2cᵀ = Z1cᵀ offdiag(S)`` by one
@@ -50,14 +50,14 @@ import math
 import torch
 
 from ..kernels.spectral import (clip_rows_backward_kernel, clip_rows_dot_kernel,
-                                offdiag_finish_kernel, pairwise_offdiag_kernel)
+                                pairwise_offdiag_kernel)
 from . import configs
 from ._common import (DEVICE_BW, DEVICE_FLOPS, TARGET_PROGRAMS, TARGET_SMS, cdiv, device_guard,
                       interpreting, is_fp32, upcast_bf16_dot)
 from ._grad_in_forward import register_grad_in_forward
 from . import tables
 from .gram import (combine, cross_gram, cross_gram_partials, gram, gram_backend, gram_dot,
-                   gram_pair, rounded, rounds_operand, rowmat_pair)
+                   gram_finish, gram_pair, rounded, rounds_operand, rowmat_pair)
 
 __all__ = ["spectral_loss", "spectral_loss_fwd", "spectral_forward", "choose_algorithm",
            "estimate_seconds", "ALGORITHMS"]
@@ -83,7 +83,7 @@ def _fill(programs: int) -> float:
 
 # ----------------------------------------------------------------------------- cost model
 def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool, *,
-                     round_grams: bool = True, frob_dot: bool = True) -> dict[str, float]:
+                     round_grams: bool = True, finish: bool = False) -> dict[str, float]:
     """Rough H100 time of each algorithm: the larger of its device time, Σ over launches
     of (flops/peak + DRAM bytes/bandwidth) / fill + launch latency, and its host time,
     launches × :data:`_HOST_LAUNCH_S` (small shapes are bound by the host).
@@ -100,9 +100,12 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool, *,
     (``2Bk²`` each; split dots, or with ``round_grams`` native ones on operands rounded to
     bf16 for bf16 rows, as the spectral op and Barlow Twins' k×k path do; VICReg and the
     N×N paths, priced with ``round_grams=False``, keep fp32 operands), the two views of
-    each in one launch.  The rounding: with ``frob_dot`` (the spectral op) a fp32 dot of
-    the Grams for the loss, then both rounded in one op (20k² bytes); without (Barlow
-    Twins' ``Γ`` and ``Γᵀ``) two rounding copies (12k² bytes).
+    each in one launch.  The spectral op's rounding: a fp32 dot of the Grams for the loss,
+    then both rounded in one op (20k² bytes).  ``finish`` (Barlow Twins' and VICReg's k×k
+    paths): the Grams' row slices go through one :func:`~minc_kernels.ops.gram.gram_finish`
+    pass (slices summed, Frobenius partials, ``Γ`` written, rounded where it is: 4 bytes an
+    element either way), in one launch with the Grams' with or without a gradient, and no
+    torch op; Barlow Twins' fp16/fp32 products (two launches) are priced as one.
     Matrix (with gradients; without, it is the pairwise pass): ``S`` (``2B²k``, written
     once), one pass over it (diagonal, ``Σ S²``, rounding) and two ``Zᵀ Sᵀ`` products
     (``2B²k`` each, one native dot per tile), both views in one launch.
@@ -146,40 +149,44 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool, *,
     n_b = cdiv(b, gc["BLOCK_B"])
     g_split = max(1, min(n_b, cdiv(2 * TARGET_SMS, tiles)))  # as ops.gram._gram_launch
     # Without a gradient: G1 written, then G2 only reduced against G1 (two launches).  With
-    # it: both Grams in one launch, then both Z G products in one (views = 2).
-    views = 2 if need_grad else 1
+    # it, or ``finish``: both Grams in one launch, then both Z G products in one (views = 2).
+    views = 2 if need_grad or finish else 1
     t_gram = (2 // views) * launch(views * b * k * (k + gc["BLOCK_K"]), rate_same,
                                    views * (isz * b * k + 4 * k * k * g_split),
                                    views * (n_k + 1) * b * k * isz, views * tiles * g_split)
-    # torch ops: the row slices' sum (one op for both views), the sum of the product's
-    # partials (Σ d² is in the shared combine)
-    torch_ops = (1 if g_split > 1 else 0) + 1
+    if finish:  # one pass: both Grams' slices read, Γ written (4 bytes an element)
+        t_gram += 2 * (4 * g_split + 4) * k * k / DEVICE_BW + _LAUNCH_S
+        torch_ops, gram_launches = 0, 2 + need_grad
+    else:
+        # torch ops: the row slices' sum (one op for both views), the sum of the product's
+        # partials (Σ d² is in the shared combine)
+        torch_ops = (1 if g_split > 1 else 0) + 1
     if need_grad:
         rc = configs.rowmat_config(k, dtype, for_device=True, b=b)
         n_rm, n_rn = cdiv(b, rc["BLOCK_M"]), cdiv(k, rc["BLOCK_N"])
         rounds = round_grams and rounds_operand(dtype)
         g_bytes, rate = (2, rate_same) if rounds else (4, rate_rhs)
-        if rounds:  # <G1, G2>_F by a fp32 dot, then both Grams rounded (8k² + 12k² bytes);
-            # or Barlow Twins' Γ and Γᵀ, two copies (2 × 6k²)
-            t_gram += (20 if frob_dot else 12) * k * k / DEVICE_BW
+        if rounds and not finish:  # <G1, G2>_F by a fp32 dot, then both Grams rounded
+            t_gram += 20 * k * k / DEVICE_BW  # (8k² + 12k² bytes)
             torch_ops += 2
         t_gram += launch(2 * 2.0 * b * k * k, rate,
                          2 * (g_bytes * k * k + 2 * isz * b * k + 4 * b * k),
                          2 * (n_rm * g_bytes * k * k + n_rn * isz * b * k), 2 * n_rm * n_rn)
     t_gram += torch_ops * _LAUNCH_S
-    gram_launches = 2 + torch_ops  # Triton: gram_pair and rowmat, or gram and gram_dot
+    if not finish:
+        gram_launches = 2 + torch_ops  # Triton: gram_pair and rowmat, or gram and gram_dot
     matrix = _matrix_seconds(b, k, dtype, launch) if need_grad else None
     return {"pairwise": pairwise,
-            "matrix": total(matrix, 4) if need_grad else pairwise,
+            "matrix": total(matrix, 3) if need_grad else pairwise,
             "gram": total(t_gram, gram_launches)}
 
 
 def _matrix_seconds(b: int, k: int, dtype: torch.dtype, launch) -> float:
     """The matrix path's device time with gradients (:func:`estimate_seconds`' ``launch``
-    prices each launch; four launches): ``cross_gram`` on the transposed views (rows k,
-    columns B), one pass over its row slices (``offdiag_finish_kernel``; its partials go to
-    the shared combine), and one ``rowmat`` launch of both views (rows k, columns B) and the
-    sum of its partials."""
+    prices each launch; three launches): ``cross_gram`` on the transposed views (rows k,
+    columns B), one pass over its row slices (``gram_finish_kernel``; its partials go to
+    the shared combine), and one ``rowmat`` launch of both views (rows k, columns B), whose
+    own partials are not summed."""
     isz = torch.empty((), dtype=dtype).element_size()
     rate = DEVICE_FLOPS["fp32"] if is_fp32(dtype) else DEVICE_FLOPS["half"]
     xc = configs.cross_gram_config(b, dtype, for_device=True)
@@ -187,12 +194,12 @@ def _matrix_seconds(b: int, k: int, dtype: torch.dtype, launch) -> float:
     split = max(1, min(cdiv(k, xc["BLOCK_B"]), cdiv(2 * TARGET_SMS, n_t * n_t)))
     t = launch(2.0 * k * b * b, rate, 2 * isz * b * k + 4 * b * b * split,
                2 * n_t * b * k * isz, n_t * n_t * split)
-    # offdiag_finish_kernel (the slices read, S' and S'ᵀ written)
+    # gram_finish_kernel (the slices read, S' and S'ᵀ written)
     t += (4 * split + 2 * isz) * b * b / DEVICE_BW + _LAUNCH_S
     rc = configs.rowmat_config(b, dtype, for_device=True, b=k)
     n_m, n_n = cdiv(k, rc["BLOCK_M"]), cdiv(b, rc["BLOCK_N"])
     return t + launch(2 * 2.0 * k * b * b, rate, 2 * (isz * b * b + 2 * isz * b * k + 4 * b * k),
-                      2 * (n_m * isz * b * b + n_n * isz * b * k), 2 * n_m * n_n) + _LAUNCH_S
+                      2 * (n_m * isz * b * b + n_n * isz * b * k), 2 * n_m * n_n)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -263,7 +270,8 @@ def _matrix(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float):
     ``gx = α·offdiag(S) Y + β·Y`` and ``gy = α·offdiag(S)ᵀ X + β·X``, fp32 contiguous (B, k).
 
     The Gram layer on the transposed views: ``S = cross_gram(Xᵀ, Yᵀ)`` (its row-slice
-    partials), then ``offdiag_finish_kernel`` (slices summed, ``S' = offdiag(S)``, ``Σ S'²``,
+    partials), then :func:`~minc_kernels.ops.gram.gram_finish` (slices summed,
+    ``S' = offdiag(S)``, ``Σ S'²``,
     ``S'`` rounded to the storage dtype, as the pairwise kernel and eager autograd round
     ``S``, written with its transpose), and ``gxᵀ = Yᵀ S'ᵀ`` / ``gyᵀ = Xᵀ S'`` by one
     ``rowmat_pair`` launch with rows = features, written through transposed views of the
@@ -277,19 +285,13 @@ def _matrix(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float):
     # one pass: the slices summed, the diagonal zeroed, Σ S'² per program, S' rounded to the
     # storage dtype (the products then take one native dot per tile: rowmat's MODE 4) and
     # written with its transpose, so that both products read G of one layout (one launch)
-    s = torch.empty((b, b), dtype=x.dtype, device=x.device)
-    s_t = torch.empty((b, b), dtype=x.dtype, device=x.device)
-    n_t = cdiv(b, configs.OFFDIAG_BLOCK)
-    sq = torch.empty((n_t * n_t,), dtype=torch.float32, device=x.device)
-    with device_guard(x):
-        offdiag_finish_kernel[(n_t, n_t)](
-            part, s, s_t, sq, b, split, RNE_BF16=interpreting() and x.dtype == torch.bfloat16,
-            BLOCK=configs.OFFDIAG_BLOCK, num_warps=configs.OFFDIAG_WARPS)
-    off = sq
+    sq, (s, s_t) = gram_finish(part.unsqueeze(0), out_dtype=x.dtype, transpose=True)
+    off = sq[:, 0:1]
     gx = torch.empty((b, k), dtype=torch.float32, device=x.device)
     gy = torch.empty((b, k), dtype=torch.float32, device=x.device)
+    # raw: the product's partials are not needed (the loss has Σ S'²), so nor is their sum
     rowmat_pair((y.T, s, y.T, None, gx.T), (x.T, s_t, x.T, None, gy.T), alpha, beta, 0.0,
-                False, True)
+                False, True, raw=True)
     return off, gx, gy
 
 

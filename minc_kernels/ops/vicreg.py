@@ -19,15 +19,18 @@ Passes:
    (N×N) the Gram diagonal's share, i.e. the loss without its Frobenius terms (one launch
    where 25-30 small torch ops were).
 2. Per view (both views in one launch per Gram-layer pass while their matrices are small),
-   ``"gram"``: ``G = Z_cᵀ Z_c`` (k×k fp32, written), ``‖G‖_F²``; with a gradient
-   ``Γ = α offdiag(G) + diag(h)`` in place in ``G`` and ``Z_c Γ`` (:func:`rowmat`).
+   ``"gram"``: ``G = Z_cᵀ Z_c`` (k×k fp32 row-slice partials, written), then one pass
+   (:func:`~minc_kernels.ops.gram.gram_finish`): the slices summed, ``Σ_{i≠j} G_ij²`` per
+   tile and, with a gradient, ``Γ = α offdiag(G) + diag(h)`` in place; then ``Z_c Γ``
+   (:func:`rowmat`).
    ``"pairwise"``: ``H = Z_c Z_cᵀ`` (N×N fp32, written); without a gradient ``‖H‖_F²``;
    with one ``α Z_cᵀ H + diag(h - α Σ zc²) Z_cᵀ`` by ``rowmat`` on the transposed view,
    whose fused partial is ``‖H‖_F²``.
 3. :func:`~minc_kernels.ops.gram.col_stats_backward`: the centring's Jacobian and the
    invariance gradient ``±2λ(z_a - z_b)/(N k)`` in one pass.
 
-Memory beyond tiles: one k×k (``"gram"``) or N×N (``"pairwise"``) fp32 matrix per view
+Memory beyond tiles: one k×k (``"gram"``; its row slices where k is small enough for the
+Gram's tiles alone to leave SMs idle) or N×N (``"pairwise"``) fp32 matrix per view
 (written; reused in place for the gradient; freed once the view's gradient is formed; both
 views' at once, formed and multiplied in one launch each, only while each is at most
 ``PAIR_MAX_BYTES``), centred copies of both views, fp32 gradients (which pass 3 overwrites
@@ -40,8 +43,8 @@ import torch
 
 from ._common import flat_sq
 from ._grad_in_forward import register_grad_in_forward
-from .gram import (col_stats, col_stats_backward, col_terms, combine, gram, gram_pair, rowmat,
-                   rowmat_pair)
+from .gram import (col_stats, col_stats_backward, col_terms, combine, gram, gram_finish,
+                   gram_pair, gram_slices, rowmat, rowmat_pair)
 from .barlow_twins import choose_algorithm
 
 __all__ = ["vicreg_loss", "vicreg_loss_fwd", "vicreg_forward"]
@@ -56,25 +59,23 @@ PAIR_MAX_BYTES = 16 << 20
 
 def _cov_views(xcs: list[torch.Tensor], coefs: torch.Tensor, alpha: float, algorithm: str,
                need_grad: bool) -> tuple[torch.Tensor, list]:
-    """``(Σ over the views of Σ_{i≠j} G_ij² (k×k) or ‖Z_c Z_cᵀ‖_F² (N×N) — a 0-dim sum, or
-    with the N×N pair's gradient the (programs, 1) partials, for ``combine`` —,
-    [∂/∂Z_c or None per view])`` of one centred view or of two (docs/math.md §8), two in
-    one launch per Gram-layer pass; ``coefs``: the views' rows of :func:`col_terms` (``h``, or
-    ``h - α Σ zc²``).  The views' matrices sit in one (views, m, m) buffer, so the sums and
-    the in-place ``Γ`` take one torch op for both views."""
+    """``(Σ over the views of Σ_{i≠j} G_ij² (k×k) or ‖Z_c Z_cᵀ‖_F² (N×N), as partials for
+    :func:`combine` — a 0-dim sum, or a (parts, 1) array —, [∂/∂Z_c or None per view])`` of
+    one centred view or of two (docs/math.md §8), two in one launch per Gram-layer pass;
+    ``coefs``: the views' rows of :func:`col_terms` (``h``, or ``h - α Σ zc²``)."""
     pair = len(xcs) == 2
     if algorithm == "gram":
-        gs = gram_pair(*xcs) if pair else gram(xcs[0]).unsqueeze(0)  # (views, k, k)
-        diag = torch.diagonal(gs, dim1=1, dim2=2)
-        off = flat_sq(gs) - diag.pow(2).sum()
+        # one pass over the Grams' row slices: summed, Σ_{i≠j} G_ij² per tile, and
+        # Γ = α offdiag(G) + diag(h) in place (where a slice sum and six torch ops were)
+        sq, gs = gram_finish(gram_slices(xcs), mul=alpha, diag="coef", coef=coefs,
+                             need_grad=need_grad)
+        off = sq[:, 0:1]
         if not need_grad:
             return off, [None] * len(xcs)
-        gs.mul_(alpha)  # Γ = α offdiag(G) + diag(h), in place, both views
-        diag.copy_(coefs)
         views = [(xc, g, xc, None, None) for xc, g in zip(xcs, gs)]
-        got = rowmat_pair(*views, 1.0, 0.0, 0.0, False, True) if pair else \
-            [rowmat(*views[0][:4], 1.0, 0.0, 0.0, False, True)]
-        return off, [grad for _, _, grad in got]
+        if pair:  # raw: the product's partials are not needed, so nor is their sum
+            return off, rowmat_pair(*views, 1.0, 0.0, 0.0, False, True, raw=True)[1]
+        return off, [rowmat(*views[0][:4], 1.0, 0.0, 0.0, False, True)[2]]
     xts = [xc.T for xc in xcs]  # contiguous (k, N)
     if not need_grad:
         return flat_sq(gram_pair(*xts) if pair else gram(xts[0])), [None] * len(xcs)
@@ -112,12 +113,10 @@ def vicreg_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float, mu
     else:  # one view at a time: the first view's matrix is freed before the second's
         off_a, (gxa,) = _cov_views([xa], coef[:1], alpha, algorithm, need_grad)
         off_b, (gxb,) = _cov_views([xb], coef[1:2], alpha, algorithm, need_grad)
-        off = off_a + off_b
-    # base + ν/((N-1)² k) Σ off: one op on a sum; the N×N pair's per-program partials in
-    # one launch (where their sum and two adds were)
-    scale = nu / ((n - 1) ** 2 * k)
-    loss = (combine(base.view(1), 1.0, off, scale) if off.dim()
-            else torch.add(base, off, alpha=scale))
+        off = torch.cat([off_a.view(-1, 1), off_b.view(-1, 1)])
+    # base + ν/((N-1)² k) Σ off from the partials in one launch (where their sum and two
+    # adds were)
+    loss = combine(base.view(1), 1.0, off, nu / ((n - 1) ** 2 * k))
     if not need_grad:
         return (loss, z_a.new_empty((0,), dtype=torch.float32),
                 z_a.new_empty((0,), dtype=torch.float32))
