@@ -504,7 +504,9 @@ def test_n_by_n_losses_combine_their_partials_in_one_launch(loss):
     """Barlow Twins' and VICReg's N×N paths with the gradient take their loss from the
     pair's partials by one ``combine_kernel`` launch (the partials' sum and one or two
     adds before); the one torch op left in the forward is the N×N Grams' row-slice sum,
-    where ``gram_pair`` splits its rows (launches stubbed)."""
+    where ``gram_pair`` splits its rows (launches stubbed).  Without the gradient too:
+    Barlow Twins from ``gram_dot``'s partials (a sum and an add before), VICReg from one
+    ``gram_finish`` pass over the Grams' slices (a slice sum and a dot before)."""
     from benchmarks.cpu_host_overhead import LaunchStub, count_ops
     from minc_kernels.ops import barlow_twins as ob, vicreg as ov
     g = torch.Generator().manual_seed(6)
@@ -512,10 +514,15 @@ def test_n_by_n_losses_combine_their_partials_in_one_launch(loss):
     zb = torch.randn(9, 24, generator=g).requires_grad_()
     call = (lambda: ob.barlow_twins_loss(za, zb, 5e-3, "pairwise")) if loss == "barlow_twins" \
         else (lambda: ov.vicreg_loss(za, zb, 25.0, 25.0, 1.0, 1e-4, "pairwise"))
-    with LaunchStub() as stub:
-        ops = count_ops(call)
-    assert stub.counts["combine_kernel"] == 1, dict(stub.counts)
-    assert ops["aten_kernel_op_names"] in ({}, {"aten::sum": 1}), ops
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), LaunchStub() as stub:
+            ops = count_ops(call)
+        assert stub.counts["combine_kernel"] == 1, dict(stub.counts)
+        if loss == "vicreg" and not grad:
+            assert stub.counts["gram_finish_kernel"] == 1, dict(stub.counts)
+            assert ops["aten_kernel_op_names"] == {}, ops
+        else:
+            assert ops["aten_kernel_op_names"] in ({}, {"aten::sum": 1}), ops
 
 
 @pytest.mark.parametrize("diag", ["zero", "coef", "barlow"])
@@ -569,8 +576,9 @@ def test_gram_finish_matches_float64(monkeypatch, diag, views, split, out):
 
 def test_gram_finish_names_bad_arguments():
     part = torch.zeros(1, 1, 4, 4, device=DEV)
-    with pytest.raises(ValueError, match="part must be a contiguous float32"):
-        G.gram_finish(part.double())
+    for bad in (part.double(), part[0], part.expand(1, 1, 4, 4).transpose(2, 3)[..., :3]):
+        with pytest.raises(ValueError, match="part must be a contiguous float32"):
+            G.gram_finish(bad)
     with pytest.raises(ValueError, match="diag must be one of"):
         G.gram_finish(part, diag="ones")
     with pytest.raises(ValueError, match=r"coef as a float32 \(1, 4\)"):
@@ -611,3 +619,26 @@ def test_k_by_k_paths_finish_their_grams_in_one_pass(monkeypatch, loss, dtype):
             want["rowmat_kernel"] = 2 if two else 1
             want["colstats_backward_kernel"] = 1
         assert dict(stub.counts) == want, (need_grad, dict(stub.counts))
+
+
+def test_gram_dot_partials_fill_their_own_slots(monkeypatch):
+    """gram_dot's raw per-program partials (for combine): the programs that skip a tile
+    below the diagonal write 0 to their slot, so the buffer needs no zero-fill launch:
+    fresh buffers filled with NaN still sum to <M, XᵀX>_F."""
+    monkeypatch.setenv(G.GRAM_ENV, "triton")
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(40, 37, generator=g).to(DEV)  # 3×3 tiles of 16 on the interpreter
+    m = torch.randn(37, 37, generator=g).to(DEV)
+    m = (m + m.T) / 2
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    part = G.gram_dot(x, m, raw=True)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert part.dim() == 1 and bool(torch.isfinite(part).all())
+    want = (x.double().T @ x.double() * m.double()).sum()
+    torch.testing.assert_close(part.double().sum(), want, rtol=1e-5, atol=1e-5)

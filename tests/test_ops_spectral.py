@@ -231,6 +231,23 @@ def test_gram_path_rounds_the_grams_for_bf16_only(dtype, rowmat_calls):
             assert torch.equal(g, gram(z.detach()).to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("need_grad", [True, False])
+def test_gram_path_sums_its_partials_in_the_combine(dtype, need_grad):
+    """The gram path's loss partials (rowmat's Σ xᵀ G2 x with the gradient, gram_dot's
+    without) go to the loss's combine_kernel unsummed: a torch op fewer each.  What is left
+    in the forward at 40×37 (one row slice): nothing for fp32; for bf16 with the gradient
+    the fp32 dot of the Grams and their rounding."""
+    from benchmarks.cpu_host_overhead import LaunchStub, count_ops
+    z1, z2 = _inputs(40, 37, dtype, "cpu", seed=19)
+    with LaunchStub() as stub:
+        got = count_ops(lambda: ops.spectral_loss_fwd(z1.detach(), z2.detach(), MU, True,
+                                                      "gram", need_grad))
+    want = {"aten::dot": 1, "aten::to": 1} if need_grad and dtype == torch.bfloat16 else {}
+    assert got["aten_kernel_op_names"] == want, got
+    assert stub.counts["combine_kernel"] == 1
+
+
 @pytest.mark.parametrize("b,k", [(96, 24), (130, 7)])
 def test_bf16_gram_path_meets_the_eager_pairwise_bound(kernel_device, b, k):
     """The bf16 gram path (B > k, where ``auto`` takes it) against the stricter eager

@@ -214,12 +214,15 @@ def moment_partial_kernel(
     also writes its mirror (the result is symmetric), halving the work.
     ``DOT_WITH_OTHER`` (one view): ``C_s`` is never stored; instead ``out[pid] = <other,
     C_s>_F`` restricted to this tile and its mirror (``other`` a symmetric, contiguous (K, K)
-    fp32 matrix; the slots of skipped ``a > b`` programs must be pre-zeroed).  Summing
-    ``out`` gives ``<other, XᵀX>_F`` without a k×k write.
+    fp32 matrix; the skipped ``a > b`` programs write 0 to their slots).  Summing ``out``
+    gives ``<other, XᵀX>_F`` without a k×k write.
     """
     pid_a, pid_b = _tile(GROUP)
     pid_s = tl.program_id(2)
     if pid_a > pid_b:
+        if DOT_WITH_OTHER:  # this slot of the partials holds nothing (no pre-zeroed buffer)
+            pid = (pid_s.to(tl.int64) * tl.num_programs(1) + pid_b) * tl.num_programs(0) + pid_a
+            tl.store(out_ptr + pid, 0.0)
         return
     if VIEWS == 2:
         n_s = tl.num_programs(2) // 2

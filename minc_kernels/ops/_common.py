@@ -29,7 +29,6 @@ __all__ = [
     "check_kernel_dtype",
     "device_guard",
     "fast_math",
-    "flat_sq",
     "interpreting",
     "is_fp32",
     "rhs_f32_mode",
@@ -112,12 +111,6 @@ def upcast_bf16_dot(dtype: torch.dtype) -> bool:
 def fast_math(t: torch.Tensor) -> bool:
     """PTX ``.approx`` MUFU ops may be used: NVIDIA GPUs only (not the interpreter/ROCm)."""
     return (t.is_cuda or t.is_meta) and torch.version.hip is None and not interpreting()
-
-
-def flat_sq(t: torch.Tensor) -> torch.Tensor:
-    """``Σ t²`` of a contiguous fp32 tensor (one dot: no temporary of its size)."""
-    v = t.reshape(-1)
-    return torch.dot(v, v)
 
 
 def num_sms(device: torch.device) -> int:

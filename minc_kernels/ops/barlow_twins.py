@@ -103,10 +103,10 @@ def model_estimates(n: int, k: int, dtype: torch.dtype, need_grad: bool,
 def _times_gamma(na: torch.Tensor, nb: torch.Tensor, gam: torch.Tensor, scale: float):
     """``scale·Ẑb Γᵀ`` and ``scale·Ẑa Γ`` (fp32 (N, k)) for the fp32 (k, k) ``Γ``, as
     ``rowmat_pair`` results (the distributed form's backward, whose ``Γ`` arrives from
-    autograd; the local k×k path forms and rounds its own in one pass).  bf16 rows take ``Γ`` and ``Γᵀ`` rounded to bf16 into one
-    (2, k, k) buffer (two copies; one launch, one native dot per tile), as eager autograd
-    rounds ``∂L/∂C``; fp16/fp32 rows the fp32 ``Γ`` and ``Γᵀ`` (two layouts: two
-    launches)."""
+    autograd; the local k×k path forms and rounds its own in one pass).  bf16 rows take
+    ``Γ`` and ``Γᵀ`` rounded to bf16 into one (2, k, k) buffer (two copies; one launch, one
+    native dot per tile), as eager autograd rounds ``∂L/∂C``; fp16/fp32 rows the fp32 ``Γ``
+    and ``Γᵀ`` (two layouts: two launches)."""
     if rounds_operand(na.dtype):
         gam, gam_t = rounded(gam, gam.T, na.dtype)
     else:
@@ -166,9 +166,10 @@ def barlow_twins_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: flo
             loss = combine(base.view(1), 1.0, part[0, :, 0:1], lam / (n * n))
         else:
             g_a = gram(na_t)  # Ẑa Ẑaᵀ (N×N)
-            raw = gram_dot(nb_t, g_a)
+            # base + λ/N² <G_a, Ẑb Ẑbᵀ>_F from gram_dot's partials, one launch
+            part = gram_dot(nb_t, g_a, raw=True)
             del g_a
-            loss = torch.add(base, raw, alpha=lam / (n * n))
+            loss = combine(base.view(1), 1.0, part, lam / (n * n))
     if not need_grad:
         return (loss, z_a.new_empty((0,), dtype=torch.float32),
                 z_a.new_empty((0,), dtype=torch.float32))

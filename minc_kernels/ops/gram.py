@@ -39,7 +39,8 @@ from ._common import (DEVICE_BW, cdiv, device_guard, interpreting, is_fp32, num_
                       next_pow2, rhs_f32_mode, upcast_bf16_dot)
 
 __all__ = ["rowmat", "rowmat_pair", "rowmat_value", "combine", "gram", "gram_pair", "gram_dot",
-           "gram_slices", "gram_finish", "FINISH_DIAG", "cross_gram", "cross_gram_partials", "col_stats", "col_stats_backward", "col_terms",
+           "gram_slices", "gram_finish", "FINISH_DIAG", "cross_gram", "cross_gram_partials",
+           "col_stats", "col_stats_backward", "col_terms",
            "gram_backend", "split_bf16x3", "rounds_operand", "rounded", "GRAM_BACKENDS",
            "GRAM_IMPLS", "WIDE_LAUNCHERS", "gram_impls", "tile_group", "TILE_ORDERS"]
 
@@ -378,7 +379,7 @@ def _gram_launch(x: torch.Tensor, other: torch.Tensor | None, x2: torch.Tensor |
     split, rows_per_split = _row_split(b, cfg["BLOCK_B"], nk * (nk + 1) // 2, x.device)
     views = 1 if x2 is None else 2
     if other is not None:
-        buf = out = torch.zeros(split * nk * nk, dtype=torch.float32, device=x.device)
+        buf = out = torch.empty(split * nk * nk, dtype=torch.float32, device=x.device)
         out2 = None
     elif views == 1:
         buf = out = torch.empty(split, k, k, dtype=torch.float32, device=x.device)
@@ -422,13 +423,14 @@ def gram_pair(x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     return both
 
 
-def gram_dot(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+def gram_dot(x: torch.Tensor, other: torch.Tensor, raw: bool = False) -> torch.Tensor:
     """``<other, Xᵀ X>_F`` (fp32 scalar) for a symmetric contiguous fp32 (k, k) ``other``,
-    without writing ``Xᵀ X``."""
+    without writing ``Xᵀ X``.  ``raw``: the Triton kernel's flat per-program partials
+    instead (a 1-dim fp32 tensor summing to it, for :func:`combine`; cuBLAS: the sum)."""
     if gram_backend("gram_dot", x) == "cublas":
         return (_mm_f32(x.T, x) * other).sum()
     out, _ = _gram_launch(x, other.contiguous())
-    return out.sum()
+    return out if raw else out.sum()
 
 
 def gram_slices(xs: list[torch.Tensor]) -> torch.Tensor:
@@ -463,10 +465,11 @@ def gram_finish(part: torch.Tensor, *, scale: float = 1.0, mul: float = 1.0,
     (views, k, k) view of it (no k×k buffer more).  Else a new contiguous (views, k, k)
     tensor of ``out_dtype``, with ``transpose`` (one view) (2, k, k): ``Γ`` and ``Γᵀ`` (two
     products then read one layout: one ``rowmat_pair`` launch)."""
-    views, split, k = part.shape[0], part.shape[1], part.shape[-1]
-    if part.dtype != torch.float32 or not part.is_contiguous() or part.shape[2:] != (k, k):
+    if (part.dim() != 4 or part.shape[2] != part.shape[3] or part.dtype != torch.float32
+            or not part.is_contiguous()):
         raise ValueError(f"part must be a contiguous float32 (views, S, k, k) tensor, got "
                          f"{part.dtype} {tuple(part.shape)} strides {part.stride()}")
+    views, split, k = part.shape[:3]
     if diag not in FINISH_DIAG:
         raise ValueError(f"diag must be one of {', '.join(map(repr, FINISH_DIAG))}, got {diag!r}")
     if diag == "coef" and (coef is None or coef.shape != (views, k) or coef.stride(-1) != 1

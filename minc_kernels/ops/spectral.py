@@ -158,9 +158,9 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool, *,
         t_gram += 2 * (4 * g_split + 4) * k * k / DEVICE_BW + _LAUNCH_S
         torch_ops, gram_launches = 0, 2 + need_grad
     else:
-        # torch ops: the row slices' sum (one op for both views), the sum of the product's
-        # partials (Σ d² is in the shared combine)
-        torch_ops = (1 if g_split > 1 else 0) + 1
+        # torch ops: the row slices' sum (one op for both views); the product's partials
+        # and gram_dot's go to the shared combine unsummed (so does Σ d²)
+        torch_ops = 1 if g_split > 1 else 0
     if need_grad:
         rc = configs.rowmat_config(k, dtype, for_device=True, b=b)
         n_rm, n_rn = cdiv(b, rc["BLOCK_M"]), cdiv(k, rc["BLOCK_N"])
@@ -296,8 +296,8 @@ def _matrix(x: torch.Tensor, y: torch.Tensor, alpha: float, beta: float):
 
 
 def _gram_grad(x: torch.Tensor, y: torch.Tensor, d: torch.Tensor, alpha: float, beta: float):
-    """``(<G1, G2>_F = Σ_{i,j} S_ij², gx, gy)`` (the diagonal's ``Σ d²`` still in) through
-    the k×k Grams ``G1 = XᵀX``, ``G2 = YᵀY`` (fp32, one launch):
+    """``(<G1, G2>_F = Σ_{i,j} S_ij² — a sum, or partials —, gx, gy)`` (the diagonal's
+    ``Σ d²`` still in) through the k×k Grams ``G1 = XᵀX``, ``G2 = YᵀY`` (fp32, one launch):
     ``gx = α(X G2 - d∘Y) + β·Y = α·offdiag(S) Y + β·Y`` and ``gy = α(Y G1 - d∘X) + β·X``,
     both views in one ``rowmat_pair`` launch, whose fused partial ``Σ xᵀ G2 x = <G1, G2>_F``
     gives the loss, ``<G1, G2>_F - Σ d²`` (in the loss's ``combine``).
@@ -316,10 +316,11 @@ def _gram_grad(x: torch.Tensor, y: torch.Tensor, d: torch.Tensor, alpha: float, 
         frob = torch.dot(grams[0].reshape(-1), grams[1].reshape(-1))
         grams = rounded(grams, None, x.dtype)  # both in one op
     gram1, gram2 = grams
-    (part, _, gx), (_, _, gy) = rowmat_pair((x, gram2, y, d, None), (y, gram1, x, d, None),
-                                            alpha, beta, -alpha, False, True)
+    # raw: the partials unsummed (the loss's combine sums them; no torch op here)
+    part, (gx, gy) = rowmat_pair((x, gram2, y, d, None), (y, gram1, x, d, None),
+                                 alpha, beta, -alpha, False, True, raw=True)
     if not rounds:
-        frob = part  # Σ xᵀ G2 x with the fp32 G2
+        frob = part[0, :, 0:1]  # the first view's Σ xᵀ G2 x partials, with the fp32 G2
     return frob, gx, gy
 
 
@@ -389,8 +390,9 @@ def spectral_forward(z1: torch.Tensor, z2: torch.Tensor, mu: float, clip: bool, 
         if need_grad:
             off, g1, g2 = _gram_grad(z1c, z2c, d, 2.0 * inv, pos)
         else:
-            # <G1, G2>_F reduced tile by tile while G2 is formed: G2 is never written.
-            off = gram_dot(z2c, gram(z1c))
+            # <G1, G2>_F reduced tile by tile while G2 is formed: G2 is never written
+            # (its partials summed by the combine below)
+            off = gram_dot(z2c, gram(z1c), raw=True)
     if need_grad:  # the pairwise path's split partials summed, the clipping Jacobian
         g1, g2 = _finish_grads_(z1, n1, g1, z2, n2, g2, mu, clip)
     # pos·Σ d + inv·(Σ off - Σ d² on the Gram path, whose <G1, G2>_F has the diagonal)

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import torch
 
-from ._common import flat_sq
 from ._grad_in_forward import register_grad_in_forward
 from .gram import (col_stats, col_stats_backward, col_terms, combine, gram, gram_finish,
                    gram_pair, gram_slices, rowmat, rowmat_pair)
@@ -60,7 +59,8 @@ PAIR_MAX_BYTES = 16 << 20
 def _cov_views(xcs: list[torch.Tensor], coefs: torch.Tensor, alpha: float, algorithm: str,
                need_grad: bool) -> tuple[torch.Tensor, list]:
     """``(Σ over the views of Σ_{i≠j} G_ij² (k×k) or ‖Z_c Z_cᵀ‖_F² (N×N), as partials for
-    :func:`combine` — a 0-dim sum, or a (parts, 1) array —, [∂/∂Z_c or None per view])`` of
+    :func:`combine` — a 0-dim sum, or a (parts, 1 or 2) array —, [∂/∂Z_c or None per
+    view])`` of
     one centred view or of two (docs/math.md §8), two in one launch per Gram-layer pass;
     ``coefs``: the views' rows of :func:`col_terms` (``h``, or ``h - α Σ zc²``)."""
     pair = len(xcs) == 2
@@ -77,8 +77,9 @@ def _cov_views(xcs: list[torch.Tensor], coefs: torch.Tensor, alpha: float, algor
             return off, rowmat_pair(*views, 1.0, 0.0, 0.0, False, True, raw=True)[1]
         return off, [rowmat(*views[0][:4], 1.0, 0.0, 0.0, False, True)[2]]
     xts = [xc.T for xc in xcs]  # contiguous (k, N)
-    if not need_grad:
-        return flat_sq(gram_pair(*xts) if pair else gram(xts[0])), [None] * len(xcs)
+    if not need_grad:  # ‖H‖_F²: off-diagonal and diagonal partials of one pass
+        sq, _ = gram_finish(gram_slices(xts), need_grad=False)
+        return sq, [None] * len(xcs)
     hhs = gram_pair(*xts) if pair else [gram(xts[0])]  # Z_c Z_cᵀ (N×N)
     # written through a transposed view: the gradient comes out contiguous (N, k), what the
     # in-place Jacobian pass needs
@@ -113,7 +114,7 @@ def vicreg_forward(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float, mu
     else:  # one view at a time: the first view's matrix is freed before the second's
         off_a, (gxa,) = _cov_views([xa], coef[:1], alpha, algorithm, need_grad)
         off_b, (gxb,) = _cov_views([xb], coef[1:2], alpha, algorithm, need_grad)
-        off = torch.cat([off_a.view(-1, 1), off_b.view(-1, 1)])
+        off = torch.cat([off_a.reshape(-1, 1), off_b.reshape(-1, 1)])
     # base + ν/((N-1)² k) Σ off from the partials in one launch (where their sum and two
     # adds were)
     loss = combine(base.view(1), 1.0, off, nu / ((n - 1) ** 2 * k))
