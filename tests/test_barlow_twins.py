@@ -520,7 +520,7 @@ def test_cost_model_picks_the_smaller_side_from_the_spectral_estimates(monkeypat
     # it is the spectral model's Gram-path estimate, of Zᵀ against Z
     calls = []
 
-    def fake(b, k, dtype, need_grad, round_grams=True, finish=False):
+    def fake(b, k, dtype, need_grad, round_grams=True, finish=0):
         calls.append((b, k, round_grams, finish))
         return {"gram": 1.0 if b == 8 else 2.0, "pairwise": 0.0}
 
@@ -529,12 +529,12 @@ def test_cost_model_picks_the_smaller_side_from_the_spectral_estimates(monkeypat
     request.addfinalizer(ops.model_choice.cache_clear)  # answers in, no fake ones out
     assert ops.choose_algorithm(8, 3, torch.float32, True) == "gram"
     assert ops.choose_algorithm(3, 8, torch.float32, True) == "pairwise"
-    # Zᵀ (the N×N path) keeps its fp32 Grams; Z (the k×k path) finishes its Gram in one
-    # pass, which rounds Γ where rows are bf16
-    assert sorted(calls[:2]) == [(3, 8, False, False), (8, 3, True, True)]
+    # Zᵀ (the N×N path) keeps its fp32 Grams; Z (the k×k path) finishes its C in one pass
+    # (VICReg: its two Grams), which rounds Γ where rows are bf16
+    assert sorted(calls[:2]) == [(3, 8, False, 0), (8, 3, True, 1)]
     calls.clear()  # VICReg's k×k path keeps its fp32 Γ
     ops.choose_algorithm(8, 3, torch.float32, True, loss="vicreg")
-    assert sorted(calls) == [(3, 8, False, False), (8, 3, False, True)]
+    assert sorted(calls) == [(3, 8, False, 0), (8, 3, False, 2)]
     calls.clear()  # cached: the same question asks the model nothing
     assert ops.choose_algorithm(8, 3, torch.float32, True, loss="vicreg") == "gram"
     assert calls == []

@@ -97,7 +97,7 @@ def model_estimates(n: int, k: int, dtype: torch.dtype, need_grad: bool,
     # partial gives the loss)
     return {"pairwise": estimate_seconds(k, n, dtype, need_grad, round_grams=False)["gram"],
             "gram": estimate_seconds(n, k, dtype, need_grad, round_grams=loss == "barlow_twins",
-                                     finish=True)["gram"]}
+                                     finish=1 if loss == "barlow_twins" else 2)["gram"]}
 
 
 def _times_gamma(na: torch.Tensor, nb: torch.Tensor, gam: torch.Tensor, scale: float):

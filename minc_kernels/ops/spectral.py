@@ -83,7 +83,7 @@ def _fill(programs: int) -> float:
 
 # ----------------------------------------------------------------------------- cost model
 def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool, *,
-                     round_grams: bool = True, finish: bool = False) -> dict[str, float]:
+                     round_grams: bool = True, finish: int = 0) -> dict[str, float]:
     """Rough H100 time of each algorithm: the larger of its device time, Σ over launches
     of (flops/peak + DRAM bytes/bandwidth) / fill + launch latency, and its host time,
     launches × :data:`_HOST_LAUNCH_S` (small shapes are bound by the host).
@@ -102,10 +102,12 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool, *,
     N×N paths, priced with ``round_grams=False``, keep fp32 operands), the two views of
     each in one launch.  The spectral op's rounding: a fp32 dot of the Grams for the loss,
     then both rounded in one op (20k² bytes).  ``finish`` (Barlow Twins' and VICReg's k×k
-    paths): the Grams' row slices go through one :func:`~minc_kernels.ops.gram.gram_finish`
-    pass (slices summed, Frobenius partials, ``Γ`` written, rounded where it is: 4 bytes an
-    element either way), in one launch with the Grams' with or without a gradient, and no
-    torch op; Barlow Twins' fp16/fp32 products (two launches) are priced as one.
+    paths: the number of k×k matrices, Barlow Twins' one ``C``, VICReg's two Grams): the
+    Gram launch writes that many matrices' row slices (its flops are the same: ``C`` is
+    not symmetric), one :func:`~minc_kernels.ops.gram.gram_finish` pass reads them and
+    writes ``Γ`` (rounded where it is: 4 bytes an element either way), with or without a
+    gradient, and no torch op; Barlow Twins' fp16/fp32 products (two launches) are priced
+    as one.
     Matrix (with gradients; without, it is the pairwise pass): ``S`` (``2B²k``, written
     once), one pass over it (diagonal, ``Σ S²``, rounding) and two ``Zᵀ Sᵀ`` products
     (``2B²k`` each, one native dot per tile), both views in one launch.
@@ -151,11 +153,12 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool, *,
     # Without a gradient: G1 written, then G2 only reduced against G1 (two launches).  With
     # it, or ``finish``: both Grams in one launch, then both Z G products in one (views = 2).
     views = 2 if need_grad or finish else 1
+    written = finish or views  # k×k matrices written (their row slices)
     t_gram = (2 // views) * launch(views * b * k * (k + gc["BLOCK_K"]), rate_same,
-                                   views * (isz * b * k + 4 * k * k * g_split),
+                                   views * isz * b * k + written * 4 * k * k * g_split,
                                    views * (n_k + 1) * b * k * isz, views * tiles * g_split)
-    if finish:  # one pass: both Grams' slices read, Γ written (4 bytes an element)
-        t_gram += 2 * (4 * g_split + 4) * k * k / DEVICE_BW + _LAUNCH_S
+    if finish:  # one pass: the matrices' slices read, Γ written (4 bytes an element)
+        t_gram += finish * (4 * g_split + 4) * k * k / DEVICE_BW + _LAUNCH_S
         torch_ops, gram_launches = 0, 2 + need_grad
     else:
         # torch ops: the row slices' sum (one op for both views); the product's partials
