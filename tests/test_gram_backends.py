@@ -642,3 +642,35 @@ def test_gram_dot_partials_fill_their_own_slots(monkeypatch):
     assert part.dim() == 1 and bool(torch.isfinite(part).all())
     want = (x.double().T @ x.double() * m.double()).sum()
     torch.testing.assert_close(part.double().sum(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("out", ["in_place", "bf16", "no_grad"])
+def test_gram_finish_pair_dots_the_two_grams(monkeypatch, split, out):
+    """gram_finish(pair=True), the spectral Gram path's pass: each program sums both views'
+    slices in order, writes per tile Σ G_0∘G_1 (summing to <G1, G2>_F in float64) and 0,
+    and stores the Grams themselves: fp32 in place over the first slices (the exact fp32
+    sums) or rounded to bf16 as torch rounds."""
+    from minc_kernels.ops import configs
+    monkeypatch.setattr(configs, "FINISH_BLOCK", 16)
+    k = 37
+    g = torch.Generator().manual_seed(20 + split)
+    part = (torch.randn(2, split, k, k, generator=g) * 2).to(DEV)
+    want = part[:, 0].clone()
+    for s in range(1, split):
+        want = want + part[:, s]
+    first = part[:, 0]
+    sq, gam = G.gram_finish(part, pair=True, need_grad=out != "no_grad",
+                            out_dtype=torch.bfloat16 if out == "bf16" else torch.float32)
+    assert sq.shape == (9, 2)
+    torch.testing.assert_close(sq[:, 0].double().sum(), (want[0].double() * want[1]).sum(),
+                               rtol=1e-5, atol=1e-5)
+    assert not bool(sq[:, 1].any())
+    if out == "no_grad":
+        assert gam is None
+    elif out == "in_place":
+        assert gam.data_ptr() == first.data_ptr() and torch.equal(gam, want)
+    else:
+        assert gam.shape == (2, k, k) and torch.equal(gam, want.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="pair needs two views"):
+        G.gram_finish(part[:1], pair=True)

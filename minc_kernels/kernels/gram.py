@@ -760,8 +760,28 @@ def cross_gram_kernel(
 
 
 @triton.jit
+def _slices_tile(src, idx, mask, SPLIT, kk, scale):
+    """``scale · Σ_s src[s]`` over the tile ``idx`` of SPLIT (K, K) fp32 slices ``kk``
+    elements apart, added in order 0, 1, ..."""
+    acc = tl.load(src + idx, mask=mask, other=0.0)
+    for s in range(1, SPLIT):
+        acc += tl.load(src + s * kk + idx, mask=mask, other=0.0)
+    return acc * scale
+
+
+@triton.jit
+def _store_tile(ptr, idx, val, mask, RNE_BF16: tl.constexpr):
+    """``val`` (fp32) stored in ``ptr``'s dtype (round to nearest even under
+    ``RNE_BF16``: the interpreter's bf16, see :func:`round_bf16_rne`)."""
+    if RNE_BF16:
+        val = round_bf16_rne(val)
+    tl.store(ptr + idx, val.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def gram_finish_kernel(part_ptr, coef_ptr, gam_ptr, gam_t_ptr, sq_ptr, K, SPLIT, gam_views,
-                       scale, mul, DIAG: tl.constexpr, NEED_GRAD: tl.constexpr, TRANSPOSE: tl.constexpr,
+                       scale, mul, DIAG: tl.constexpr, PAIR: tl.constexpr,
+                       NEED_GRAD: tl.constexpr, TRANSPOSE: tl.constexpr,
                        RNE_BF16: tl.constexpr, BLOCK: tl.constexpr):
     """One pass over a k×k Gram's row-slice partials, tile ``(i, j)`` of view ``v`` (grid
     ``(cdiv(K, BLOCK), cdiv(K, BLOCK), views)``): what the Frobenius terms of a loss and its
@@ -776,9 +796,13 @@ def gram_finish_kernel(part_ptr, coef_ptr, gam_ptr, gam_t_ptr, sq_ptr, K, SPLIT,
     path's ``offdiag(S)``), ``coef[v, i]`` (1: VICReg's hinge factor ``h``) or ``2 G_ii - 2``
     (2: Barlow Twins); stored in ``gam``'s dtype into ``gam[v]`` ((K, K) contiguous per view,
     views ``gam_views`` elements apart; it may be ``part[v, 0]`` itself: each program reads
-    its tile's slices before it writes the tile) and, with ``TRANSPOSE``, ``Γᵀ`` into ``gam_t[v]`` (the two products then read
-    operands of one layout).  ``RNE_BF16`` (the interpreter, bf16): round to nearest even
-    as the GPU does (:func:`round_bf16_rne`)."""
+    its tile's slices before it writes the tile) and, with ``TRANSPOSE``, ``Γᵀ`` into
+    ``gam_t[v]`` (the two products then read operands of one layout).  ``RNE_BF16`` (the
+    interpreter, bf16): round to nearest even as the GPU does (:func:`round_bf16_rne`).
+
+    ``PAIR`` (two views, grid axis 2 of size 1: each program does both): ``sq[t] =
+    (Σ G_0∘G_1, 0)`` (the spectral Gram path's ``<G1, G2>_F``) and, with ``NEED_GRAD``, each
+    ``G_v`` itself (``mul``, ``DIAG``, ``TRANSPOSE`` unused) stored into ``gam[v]``."""
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
     v = tl.program_id(2)
@@ -789,36 +813,40 @@ def gram_finish_kernel(part_ptr, coef_ptr, gam_ptr, gam_t_ptr, sq_ptr, K, SPLIT,
     rows = r32.to(tl.int64)
     cols = c32.to(tl.int64)
     mask = (r32 < K)[:, None] & (c32 < K)[None, :]
-    on_diag = r32[:, None] == c32[None, :]
     idx = rows[:, None] * K + cols[None, :]
     kk = K.to(tl.int64) * K
-    src = part_ptr + v.to(tl.int64) * SPLIT * kk
-    acc = tl.load(src + idx, mask=mask, other=0.0)
-    for s in range(1, SPLIT):
-        acc += tl.load(src + s * kk + idx, mask=mask, other=0.0)
-    acc = acc * scale
-    off = tl.where(on_diag, 0.0, acc)
-    if DIAG == 2:
-        dd = tl.where(on_diag & mask, (1.0 - acc) * (1.0 - acc), 0.0)
-    else:
-        dd = tl.where(on_diag, acc * acc, 0.0)
+    acc = _slices_tile(part_ptr + v.to(tl.int64) * SPLIT * kk, idx, mask, SPLIT, kk, scale)
     tile = (v * tl.num_programs(0) + pid_i) * tl.num_programs(1) + pid_j
-    tl.store(sq_ptr + 2 * tile, tl.sum(tl.sum(off * off, axis=1), axis=0))
-    tl.store(sq_ptr + 2 * tile + 1, tl.sum(tl.sum(dd, axis=1), axis=0))
-    if NEED_GRAD:
-        gam = off * mul
-        if DIAG == 1:
-            h = tl.load(coef_ptr + v * K + rows, mask=r32 < K, other=0.0)
-            gam = tl.where(on_diag, h[:, None], gam)
-        elif DIAG == 2:
-            gam = tl.where(on_diag, 2.0 * acc - 2.0, gam)
-        if RNE_BF16:
-            gam = round_bf16_rne(gam)
-        val = gam.to(gam_ptr.dtype.element_ty)
-        dst = v.to(tl.int64) * gam_views
-        tl.store(gam_ptr + dst + idx, val, mask=mask)
-        if TRANSPOSE:
-            tl.store(gam_t_ptr + dst + cols[None, :] * K + rows[:, None], val, mask=mask)
+    if PAIR:
+        acc2 = _slices_tile(part_ptr + SPLIT * kk, idx, mask, SPLIT, kk, scale)
+        tl.store(sq_ptr + 2 * tile, tl.sum(tl.sum(acc * acc2, axis=1), axis=0))
+        tl.store(sq_ptr + 2 * tile + 1, 0.0)
+        if NEED_GRAD:
+            _store_tile(gam_ptr, idx, acc, mask, RNE_BF16)
+            _store_tile(gam_ptr + gam_views, idx, acc2, mask, RNE_BF16)
+    else:
+        on_diag = r32[:, None] == c32[None, :]
+        off = tl.where(on_diag, 0.0, acc)
+        if DIAG == 2:
+            dd = tl.where(on_diag & mask, (1.0 - acc) * (1.0 - acc), 0.0)
+        else:
+            dd = tl.where(on_diag, acc * acc, 0.0)
+        tl.store(sq_ptr + 2 * tile, tl.sum(tl.sum(off * off, axis=1), axis=0))
+        tl.store(sq_ptr + 2 * tile + 1, tl.sum(tl.sum(dd, axis=1), axis=0))
+        if NEED_GRAD:
+            gam = off * mul
+            if DIAG == 1:
+                h = tl.load(coef_ptr + v * K + rows, mask=r32 < K, other=0.0)
+                gam = tl.where(on_diag, h[:, None], gam)
+            elif DIAG == 2:
+                gam = tl.where(on_diag, 2.0 * acc - 2.0, gam)
+            if RNE_BF16:
+                gam = round_bf16_rne(gam)
+            val = gam.to(gam_ptr.dtype.element_ty)
+            dst = v.to(tl.int64) * gam_views
+            tl.store(gam_ptr + dst + idx, val, mask=mask)
+            if TRANSPOSE:
+                tl.store(gam_t_ptr + dst + cols[None, :] * K + rows[:, None], val, mask=mask)
 
 
 @triton.jit

@@ -452,19 +452,26 @@ FINISH_DIAG = {"zero": 0, "coef": 1, "barlow": 2}
 
 def gram_finish(part: torch.Tensor, *, scale: float = 1.0, mul: float = 1.0,
                 diag: str = "zero", coef: torch.Tensor | None = None, need_grad: bool = True,
-                out_dtype: torch.dtype = torch.float32, transpose: bool = False):
+                out_dtype: torch.dtype = torch.float32, transpose: bool = False,
+                pair: bool = False):
     """One launch of :func:`~minc_kernels.kernels.gram.gram_finish_kernel` over the row-slice
     partials ``part`` ((views, S, k, k) fp32 contiguous) of k×k Grams ``G = scale·Σ_s part``:
     ``(sq, gam)``.
 
-    ``sq``: (views·tiles, 2) fp32, per tile ``[Σ_{i≠j} G_ij², Σ_i G_ii²]`` (``diag="barlow"``:
+    ``sq``: (views·tiles, 2) fp32 (``pair``: (tiles, 2)), per tile
+    ``[Σ_{i≠j} G_ij², Σ_i G_ii²]`` (``diag="barlow"``:
     ``Σ_i (1 - G_ii)²`` in the second column), for :func:`combine`.  ``gam`` (``None``
     without ``need_grad``): ``Γ = mul·G`` off the diagonal, and on it 0 (``"zero"``),
     ``coef[v]`` (``"coef"``: a (views, k) fp32 tensor, rows contiguous) or ``2 G_ii - 2``
     (``"barlow"``).  fp32 without ``transpose``: written in place over ``part[:, 0]``, a
     (views, k, k) view of it (no k×k buffer more).  Else a new contiguous (views, k, k)
     tensor of ``out_dtype``, with ``transpose`` (one view) (2, k, k): ``Γ`` and ``Γᵀ`` (two
-    products then read one layout: one ``rowmat_pair`` launch)."""
+    products then read one layout: one ``rowmat_pair`` launch).
+
+    ``pair`` (two views, each program doing both): ``sq`` per tile ``[Σ G_0∘G_1, 0]`` and
+    ``gam`` the two Grams themselves (``mul``, ``diag``, ``transpose`` unused), in place or
+    in ``out_dtype`` as above: the spectral Gram path's ``<G1, G2>_F`` and its Grams
+    rounded for the products (where a slice sum, a dot and a rounding copy did it)."""
     if (part.dim() != 4 or part.shape[2] != part.shape[3] or part.dtype != torch.float32
             or not part.is_contiguous()):
         raise ValueError(f"part must be a contiguous float32 (views, S, k, k) tensor, got "
@@ -478,6 +485,9 @@ def gram_finish(part: torch.Tensor, *, scale: float = 1.0, mul: float = 1.0,
         raise ValueError(f"diag='coef' needs coef as a float32 ({views}, {k}) tensor, got {got}")
     if transpose and views != 1:
         raise ValueError(f"transpose needs one view, got {views}")
+    if pair and (views != 2 or transpose):
+        raise ValueError(f"pair needs two views and no transpose, got {views} views, "
+                         f"transpose={transpose}")
     if not need_grad:
         gam = gam_t = None
     elif out_dtype == torch.float32 and not transpose:
@@ -486,13 +496,14 @@ def gram_finish(part: torch.Tensor, *, scale: float = 1.0, mul: float = 1.0,
         gam = torch.empty((2 if transpose else views, k, k), dtype=out_dtype, device=part.device)
         gam_t = gam[1] if transpose else gam
     n_t = cdiv(k, configs.FINISH_BLOCK)
-    sq = torch.empty((views * n_t * n_t, 2), dtype=torch.float32, device=part.device)
+    programs = 1 if pair else views
+    sq = torch.empty((programs * n_t * n_t, 2), dtype=torch.float32, device=part.device)
     with device_guard(part):
-        gram_finish_kernel[(n_t, n_t, views)](
+        gram_finish_kernel[(n_t, n_t, programs)](
             part, coef if diag == "coef" else sq, gam if need_grad else sq,
             gam_t if need_grad else sq, sq, k, split, gam.stride(0) if need_grad else 0,
-            float(scale), float(mul),
-            DIAG=FINISH_DIAG[diag], NEED_GRAD=bool(need_grad), TRANSPOSE=bool(transpose),
+            float(scale), float(mul), DIAG=FINISH_DIAG[diag], PAIR=bool(pair),
+            NEED_GRAD=bool(need_grad), TRANSPOSE=bool(transpose),
             RNE_BF16=interpreting() and out_dtype == torch.bfloat16,
             BLOCK=configs.FINISH_BLOCK, num_warps=configs.FINISH_WARPS)
     return sq, gam

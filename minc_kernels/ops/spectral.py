@@ -27,8 +27,9 @@ Passes:
    the choice when B < k); gram: ``G1 = Z1cᵀZ1c``,
    ``G2 = Z2cᵀZ2c`` and, for the gradient, ``Z1c G2 - d∘Z2c`` / ``Z2c G1 - d∘Z1c``
    (:mod:`minc_kernels.ops.gram` launchers, both views in one launch each), whose fused
-   partial ``Σ z1cᵀ G2 z1c = <G1, G2>_F`` also gives the loss (bf16: ``<G1, G2>_F`` by a
-   fp32 dot, and the products on the Grams rounded to bf16: :func:`_gram_grad`).
+   partial ``Σ z1cᵀ G2 z1c = <G1, G2>_F`` also gives the loss (bf16: ``<G1, G2>_F`` of the
+   fp32 Grams per tile, in the pass that rounds them to bf16 for the products:
+   :func:`_gram_grad`).
 3. :func:`~minc_kernels.kernels.spectral.clip_rows_backward_kernel`: the clipping Jacobian
    of both views (one launch).
 
@@ -57,7 +58,7 @@ from ._common import (DEVICE_BW, DEVICE_FLOPS, TARGET_PROGRAMS, TARGET_SMS, cdiv
 from ._grad_in_forward import register_grad_in_forward
 from . import tables
 from .gram import (combine, cross_gram, cross_gram_partials, gram, gram_backend, gram_dot,
-                   gram_finish, gram_pair, rounded, rounds_operand, rowmat_pair)
+                   gram_finish, gram_slices, rounds_operand, rowmat_pair)
 
 __all__ = ["spectral_loss", "spectral_loss_fwd", "spectral_forward", "choose_algorithm",
            "estimate_seconds", "ALGORITHMS"]
@@ -100,8 +101,9 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool, *,
     (``2Bk²`` each; split dots, or with ``round_grams`` native ones on operands rounded to
     bf16 for bf16 rows, as the spectral op and Barlow Twins' k×k path do; VICReg and the
     N×N paths, priced with ``round_grams=False``, keep fp32 operands), the two views of
-    each in one launch.  The spectral op's rounding: a fp32 dot of the Grams for the loss,
-    then both rounded in one op (20k² bytes).  ``finish`` (Barlow Twins' and VICReg's k×k
+    each in one launch.  The spectral op with a gradient: one pass over both Grams where
+    their rows are split or they are rounded (the slices summed; bf16: ``<G1, G2>_F`` per
+    tile and both rounded, 4k² bytes written).  ``finish`` (Barlow Twins' and VICReg's k×k
     paths: the number of k×k matrices, Barlow Twins' one ``C``, VICReg's two Grams): the
     Gram launch writes that many matrices' row slices (its flops are the same: ``C`` is
     not symmetric), one :func:`~minc_kernels.ops.gram.gram_finish` pass reads them and
@@ -157,27 +159,30 @@ def estimate_seconds(b: int, k: int, dtype: torch.dtype, need_grad: bool, *,
     t_gram = (2 // views) * launch(views * b * k * (k + gc["BLOCK_K"]), rate_same,
                                    views * isz * b * k + written * 4 * k * k * g_split,
                                    views * (n_k + 1) * b * k * isz, views * tiles * g_split)
+    rounds = need_grad and round_grams and rounds_operand(dtype)
     if finish:  # one pass: the matrices' slices read, Γ written (4 bytes an element)
         t_gram += finish * (4 * g_split + 4) * k * k / DEVICE_BW + _LAUNCH_S
-        torch_ops, gram_launches = 0, 2 + need_grad
+        gram_launches, torch_ops = 2 + need_grad, 0
+    elif need_grad:
+        # the spectral op: one pass over both Grams where their rows are split or they are
+        # rounded (slices summed; bf16: <G1, G2>_F per tile, both rounded, 4k² written)
+        passes = rounds or g_split > 1
+        if passes:
+            t_gram += (8 * g_split + (4 if rounds else 8)) * k * k / DEVICE_BW + _LAUNCH_S
+        gram_launches, torch_ops = 2 + passes, 0
     else:
-        # torch ops: the row slices' sum (one op for both views); the product's partials
-        # and gram_dot's go to the shared combine unsummed (so does Σ d²)
+        # G1's row slices summed by a torch op where split; gram_dot's partials, like the
+        # product's, go to the shared combine unsummed (so does Σ d²)
         torch_ops = 1 if g_split > 1 else 0
+        gram_launches = 2 + torch_ops  # Triton: gram and gram_dot
     if need_grad:
         rc = configs.rowmat_config(k, dtype, for_device=True, b=b)
         n_rm, n_rn = cdiv(b, rc["BLOCK_M"]), cdiv(k, rc["BLOCK_N"])
-        rounds = round_grams and rounds_operand(dtype)
         g_bytes, rate = (2, rate_same) if rounds else (4, rate_rhs)
-        if rounds and not finish:  # <G1, G2>_F by a fp32 dot, then both Grams rounded
-            t_gram += 20 * k * k / DEVICE_BW  # (8k² + 12k² bytes)
-            torch_ops += 2
         t_gram += launch(2 * 2.0 * b * k * k, rate,
                          2 * (g_bytes * k * k + 2 * isz * b * k + 4 * b * k),
                          2 * (n_rm * g_bytes * k * k + n_rn * isz * b * k), 2 * n_rm * n_rn)
     t_gram += torch_ops * _LAUNCH_S
-    if not finish:
-        gram_launches = 2 + torch_ops  # Triton: gram_pair and rowmat, or gram and gram_dot
     matrix = _matrix_seconds(b, k, dtype, launch) if need_grad else None
     return {"pairwise": pairwise,
             "matrix": total(matrix, 3) if need_grad else pairwise,
@@ -307,17 +312,21 @@ def _gram_grad(x: torch.Tensor, y: torch.Tensor, d: torch.Tensor, alpha: float, 
 
     bf16 rows multiply by the Grams **rounded to bf16** (rowmat's MODE 4: one native dot
     per tile, a third of the split MODE 1/3's three), as eager autograd multiplies by
-    ``G`` rounded to the storage dtype; the loss keeps the fp32 Grams (``<G1, G2>_F`` by
-    one fp32 dot, since the rounded Grams would not cancel against ``Σ d²`` to fp32
-    accuracy).  The gradients' error stays that of the output rounding: against a float64
+    ``G`` rounded to the storage dtype; the loss keeps the fp32 Grams (``<G1, G2>_F`` per
+    tile of the fp32 Grams, in the one pass that sums their row slices and rounds them,
+    since the rounded Grams would not cancel against ``Σ d²`` to fp32 accuracy).  The gradients' error stays that of the output rounding: against a float64
     oracle it is 1.0-1.37x the fp32 Grams' and at most eager's at B 1024-8192, k 128-2048
     (random, aligned and collapsed embeddings; docs/math.md §1).
     fp16 keeps the fp32 Grams (two TF32 dots): a fp16 Gram overflows at B·μ > 65504."""
-    grams = gram_pair(x, y)  # (2, k, k): one launch where the views share a layout
+    part = gram_slices([x, y])  # (2, S, k, k) row slices: one launch (same layout)
     rounds = rounds_operand(x.dtype)
-    if rounds:
-        frob = torch.dot(grams[0].reshape(-1), grams[1].reshape(-1))
-        grams = rounded(grams, None, x.dtype)  # both in one op
+    if rounds:  # one pass: the slices summed, <G1, G2>_F per tile, both rounded
+        sq, grams = gram_finish(part, pair=True, out_dtype=x.dtype)
+        frob = sq[:, 0:1]
+    elif part.shape[1] > 1:  # the slices summed in place (the Frobenius dot unused)
+        _, grams = gram_finish(part, pair=True)
+    else:
+        grams = part[:, 0]
     gram1, gram2 = grams
     # raw: the partials unsummed (the loss's combine sums them; no torch op here)
     part, (gx, gy) = rowmat_pair((x, gram2, y, d, None), (y, gram1, x, d, None),
