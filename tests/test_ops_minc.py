@@ -326,6 +326,39 @@ def test_fused_step_runs_three_launches_and_few_torch_ops(kernel_device, monkeyp
     assert got["aten_kernel_op_names"] == want_ops, got
 
 
+@pytest.mark.parametrize("targets", [1, 2, 3])
+def test_moment_update_sums_the_row_slices_in_the_ema_kernel(kernel_device, targets):
+    """The moment step hands the targets' Grams to the EMA kernel as row slices (one
+    ``moment_partial_kernel`` launch for two targets), which adds them in order: no torch
+    sum of the slices, no add per further target (three targets: one cat).  The moment
+    against the float64 EMA of Σ_i h_i h_iᵀ / rows; a NaN row in one target still skips."""
+    from benchmarks.cpu_host_overhead import LaunchStub, count_ops
+    g = torch.Generator().manual_seed(11)
+    hats = [torch.nn.functional.normalize(torch.randn(40, 16, generator=g), dim=1)
+            .to(kernel_device) for _ in range(targets)]
+    m0 = torch.eye(16, device=kernel_device) / 16
+    beta = 0.9
+    if kernel_device.type == "cpu":
+        assert gram.gram_slices(hats[:1]).shape[1] > 1  # the interpreter's tiles split the rows
+        state = (m0.clone(), torch.tensor(3, device=kernel_device),
+                 torch.tensor(0, device=kernel_device))
+        with LaunchStub() as stub:
+            got = count_ops(lambda: ops.moment_update_body(hats, *state, beta, True, True, True))
+        assert stub.counts["moment_partial_kernel"] == (targets + 1) // 2, dict(stub.counts)
+        assert stub.counts["moment_ema_kernel"] == 1
+        want = {"aten::copy_": 1} | ({"aten::cat": 1} if targets == 3 else {})
+        assert got["aten_kernel_op_names"] == want, got
+    m, nu, sk = m0.clone(), torch.tensor(3, device=kernel_device), torch.tensor(0, device=kernel_device)
+    ops.moment_update_body(hats, m, nu, sk, beta, True, True, True)
+    c = sum(h.double().T @ h.double() for h in hats) / (40 * targets)
+    torch.testing.assert_close(m.double(), beta * m0.double() + (1 - beta) * c, rtol=1e-6,
+                               atol=1e-7)
+    assert (int(nu), int(sk)) == (4, 0)
+    hats[-1][5] = float("nan")
+    ops.moment_update_body(hats, m, nu, sk, beta, True, True, True)
+    assert (int(nu), int(sk)) == (4, 1) and bool(torch.isfinite(m).all())
+
+
 @pytest.mark.parametrize("check", ["skip", "ignore"])
 def test_fused_step_skips_a_non_finite_target_on_the_device(kernel_device, check):
     import minc_kernels as mk

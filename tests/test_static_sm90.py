@@ -175,9 +175,11 @@ def test_barlow_twins_and_vicreg_kernels_are_compiled(rows):
             got = {r["kernel"] for r in rows if r["loss"] == loss and r["variant"] == algo
                    and r["grad"] == grad}
             want = fwd | ({"rowmat_kernel", "colstats_backward_kernel"} if grad else set())
-            # the loss from the pair's partials (VICReg's N×N forward: from ‖H‖_F² too)
-            if algo == "pairwise" and (grad or loss == "vicreg"):
-                want = want | {"combine_kernel"}
+            # the N×N loss from the pair's partials, or (without the gradient) from those of
+            # gram_dot (Barlow Twins) or of one pass over the Grams (VICReg)
+            if algo == "pairwise":
+                want = want | {"combine_kernel"} | ({"gram_finish_kernel"}
+                                                    if loss == "vicreg" and not grad else set())
             # plus the first stage of the column statistics' row split where it runs
             split = {"colstats_partial_kernel"} | ({"colstats_backward_partial_kernel"}
                                                    if grad else set())

@@ -87,11 +87,13 @@ def l2_rows_backward_kernel(
 
 @triton.jit
 def moment_ema_kernel(
-    c_ptr, m_ptr, out_ptr, nu_ptr, sk_ptr, new_nu_ptr, N, rows, weight, log_beta, floor,
+    c_ptr, m_ptr, out_ptr, nu_ptr, sk_ptr, new_nu_ptr, N, SPLIT, rows, weight, log_beta, floor,
     UPDATE: tl.constexpr, CHECK: tl.constexpr, BIAS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One block of the flat k×k moment.  ``nu``/``sk``: the int64 update and skip counts
-    before the step.  Program 0 updates ``sk`` in place (no other program reads it) and
+    """One block of the flat k×k moment.  ``C`` = the sum of the SPLIT (k×k) partials at
+    ``c_ptr``, ``N`` elements apart (the Gram's row slices, of one target or two), added in
+    order 0, 1, ... (where a torch sum, and an add per further target, did it).  ``nu``/``sk``:
+    the int64 update and skip counts before the step.  Program 0 updates ``sk`` in place (no other program reads it) and
     writes the new update count to ``new_nu`` (every program reads the old one, so it cannot
     be updated in place here).
 
@@ -105,12 +107,16 @@ def moment_ema_kernel(
     n_upd = tl.load(nu_ptr)
     if UPDATE:
         ok = n_upd >= 0  # True
+        c = tl.load(c_ptr + offs, mask=mask, other=0.0)
+        for s in range(1, SPLIT):
+            c += tl.load(c_ptr + s * N + offs, mask=mask, other=0.0)
         if CHECK:
             c00 = tl.load(c_ptr)
+            for s in range(1, SPLIT):
+                c00 += tl.load(c_ptr + s * N)
             ok = (c00 * 0.0) == 0.0  # False for NaN and ±inf
         # C / rows rounded as torch's div_, then torch.lerp's formula (exact at weight 1)
-        c = tl.div_rn(tl.load(c_ptr + offs, mask=mask, other=0.0),
-                      tl.full((BLOCK,), 1.0, tl.float32) * rows)
+        c = tl.div_rn(c, tl.full((BLOCK,), 1.0, tl.float32) * rows)
         if weight < 0.5:
             new = m + weight * (c - m)
         else:

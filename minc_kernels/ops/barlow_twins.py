@@ -38,11 +38,11 @@ N×N Grams (``"pairwise"``) are written in fp32: the gradient needs the whole ma
 before its product with the other view (a tiles-only form would recompute each Gram
 tile once per output column block; docs/performance.md says why we keep the matrix);
 they are freed before pass 3 (``"gram"``: ``C``'s row slices where k is small enough for
-its tiles alone to leave SMs idle, and with bf16 rows ``Γ`` and ``Γᵀ`` in bf16, 4k² bytes).  Standardised
-copies of both views (2·N·k, storage dtype) and the fp32 gradients (2·N·k), which pass 3
-overwrites in place: with the gradient, at most ``2·N·k·(itemsize + 4)`` bytes plus the
-k×k matrix (``"gram"``, 4k² bytes) or the two N×N ones (8N² bytes); measured by
-``benchmarks/op_memory.py``.  Deterministic (no atomics).
+its tiles alone to leave SMs idle, and with bf16 rows ``Γ`` and ``Γᵀ`` in bf16, 4k²
+bytes).  Standardised copies of both views (2·N·k, storage dtype) and the fp32 gradients
+(2·N·k), which pass 3 overwrites in place: with the gradient, at most
+``2·N·k·(itemsize + 4)`` bytes plus the k×k matrix (``"gram"``, 4k² bytes) or the two N×N
+ones (8N² bytes); measured by ``benchmarks/op_memory.py``.  Deterministic (no atomics).
 """
 from __future__ import annotations
 

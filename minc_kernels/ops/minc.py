@@ -41,7 +41,7 @@ from ..kernels.minc import l2_rows_backward_kernel, l2_rows_kernel, moment_ema_k
 from . import configs
 from ._common import cdiv, device_guard, upcast_bf16_dot
 from ._grad_in_forward import eager_or_op, register_grad_in_forward
-from .gram import gram, rowmat_value
+from .gram import gram, gram_slices, rowmat_value
 
 __all__ = ["minc_loss", "moment_sum", "minc_loss_fwd", "minc_moment_sum", "minc_forward",
            "l2_rows", "l2_rows_backward_", "moment_ema_", "moment_update_body", "moment_step",
@@ -139,11 +139,13 @@ def l2_rows_backward_(x: torch.Tensor, denom: torch.Tensor, g: torch.Tensor) -> 
 def moment_ema_(moment: torch.Tensor, num_updates: torch.Tensor, skips: torch.Tensor,
                 c_sum: torch.Tensor | None, rows: int, beta: float, update: bool, check: bool,
                 bias: bool) -> torch.Tensor | None:
-    """With ``update``: ``M ← lerp(M, c_sum/rows, 1-β)`` in place and ``num_updates += 1``,
+    """With ``update``: ``M ← lerp(M, C/rows, 1-β)`` in place and ``num_updates += 1``,
     or (``check`` and C not finite) M and ``num_updates`` unchanged and ``skips += 1``, all
     on the device.  Returns the bias-corrected ``M / max(1 - β^n, 1 - β)`` (a new fp32
     tensor) when ``bias`` and β > 0, else None (the loss reads ``moment`` itself).
-    ``check`` relies on C being the moment of l2-mapped rows (kernels/minc.py)."""
+    ``c_sum``: C itself, fp32 (k, k), or contiguous (S, k, k) partials that the kernel adds
+    in order (a Gram's row slices).  ``check`` relies on C being the moment of l2-mapped
+    rows (kernels/minc.py)."""
     bias = bool(bias) and beta > 0.0
     if not update and not bias:
         return None
@@ -154,7 +156,8 @@ def moment_ema_(moment: torch.Tensor, num_updates: torch.Tensor, skips: torch.Te
     with device_guard(moment):
         moment_ema_kernel[(cdiv(n, block),)](
             c_sum if update else moment, moment, out, num_updates, skips, new_nu, n,
-            float(max(rows, 1)), 1.0 - beta, math.log(beta) if beta > 0.0 else 0.0, 1.0 - beta,
+            c_sum.shape[0] if update and c_sum.dim() == 3 else 1, float(max(rows, 1)),
+            1.0 - beta, math.log(beta) if beta > 0.0 else 0.0, 1.0 - beta,
             UPDATE=bool(update), CHECK=bool(check), BIAS=bias, BLOCK=block, num_warps=4,
         )
     if update:  # the new count, written by the kernel's first program (skips: in place)
@@ -169,10 +172,10 @@ def moment_update_body(hats: list[torch.Tensor], moment: torch.Tensor,
     targets ``hats`` and the EMA step (:func:`moment_ema_`); returns the bias-corrected M,
     or an empty tensor without bias correction (β = 0 or ``bias`` False: M itself is it)."""
     c = None
-    if update:
-        for h in hats:
-            s = gram(h)
-            c = s if c is None else c.add_(s)
+    if update:  # the targets' Grams as row slices, summed by the EMA kernel (no torch op)
+        k = moment.shape[0]
+        parts = [gram_slices(hats[i:i + 2]).view(-1, k, k) for i in range(0, len(hats), 2)]
+        c = parts[0] if len(parts) == 1 else torch.cat(parts)
     m = moment_ema_(moment, num_updates, skips, c, sum(h.shape[0] for h in hats), beta,
                     update, check, bias)
     return moment.new_empty((0,)) if m is None else m

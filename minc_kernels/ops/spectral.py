@@ -54,7 +54,7 @@ from ..kernels.spectral import (clip_rows_backward_kernel, clip_rows_dot_kernel,
                                 pairwise_offdiag_kernel)
 from . import configs
 from ._common import (DEVICE_BW, DEVICE_FLOPS, TARGET_PROGRAMS, TARGET_SMS, cdiv, device_guard,
-                      interpreting, is_fp32, upcast_bf16_dot)
+                      is_fp32, upcast_bf16_dot)
 from ._grad_in_forward import register_grad_in_forward
 from . import tables
 from .gram import (combine, cross_gram, cross_gram_partials, gram, gram_backend, gram_dot,
@@ -314,9 +314,10 @@ def _gram_grad(x: torch.Tensor, y: torch.Tensor, d: torch.Tensor, alpha: float, 
     per tile, a third of the split MODE 1/3's three), as eager autograd multiplies by
     ``G`` rounded to the storage dtype; the loss keeps the fp32 Grams (``<G1, G2>_F`` per
     tile of the fp32 Grams, in the one pass that sums their row slices and rounds them,
-    since the rounded Grams would not cancel against ``Σ d²`` to fp32 accuracy).  The gradients' error stays that of the output rounding: against a float64
-    oracle it is 1.0-1.37x the fp32 Grams' and at most eager's at B 1024-8192, k 128-2048
-    (random, aligned and collapsed embeddings; docs/math.md §1).
+    since the rounded Grams would not cancel against ``Σ d²`` to fp32 accuracy).  The
+    gradients' error stays that of the output rounding: against a float64 oracle it is
+    1.0-1.37x the fp32 Grams' and at most eager's at B 1024-8192, k 128-2048 (random,
+    aligned and collapsed embeddings; docs/math.md §1).
     fp16 keeps the fp32 Grams (two TF32 dots): a fp16 Gram overflows at B·μ > 65504."""
     part = gram_slices([x, y])  # (2, S, k, k) row slices: one launch (same layout)
     rounds = rounds_operand(x.dtype)
