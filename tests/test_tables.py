@@ -151,11 +151,11 @@ def test_spectral_auto_runs_the_tables_choice(cpu_is_sm90, monkeypatch, winner):
     cpu_is_sm90({"spectral/fp32/grad": _algorithm_grid(winner)})
     calls = []
     real_pairwise, real_matrix = S._pairwise, S._matrix
-    real_gram, real_pair = S.gram, S.gram_pair
+    real_gram, real_gram_grad = S.gram, S._gram_grad
     monkeypatch.setattr(S, "_pairwise", lambda *a: calls.append("pairwise") or real_pairwise(*a))
     monkeypatch.setattr(S, "_matrix", lambda *a: calls.append("matrix") or real_matrix(*a))
     monkeypatch.setattr(S, "gram", lambda *a: calls.append("gram") or real_gram(*a))
-    monkeypatch.setattr(S, "gram_pair", lambda *a: calls.append("gram") or real_pair(*a))
+    monkeypatch.setattr(S, "_gram_grad", lambda *a: calls.append("gram") or real_gram_grad(*a))
     z1, z2 = torch.randn(12, 16), torch.randn(12, 16)
     got = S.spectral_forward(z1, z2, 1.0, True, "auto", True)
     assert set(calls) == {winner}
